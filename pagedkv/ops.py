@@ -1,0 +1,226 @@
+"""The kernel-facing API: paged decode attention, KV writes by slot, block copies.
+
+Every call validates its inputs first (dtype, shape, index ranges) and raises ``ValueError`` naming the
+bad value before anything is written. NumPy inputs run on the host (attention through
+:mod:`pagedkv.reference`); device inputs (CuPy, or anything with ``__cuda_array_interface__`` / DLPack,
+e.g. a CUDA torch tensor, zero-copy) run the CUDA kernels of ``kernels_cu/`` through :mod:`pagedkv.kernels`.
+
+Layouts (one layer; the pool adds a leading ``num_layers`` axis):
+
+    k_cache, v_cache   [num_blocks, num_kv_heads, block_size, head_dim]
+    slot               block_id * block_size + offset_in_block   (-1 in slot_mapping = skip)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import reference
+from .backend import SUPPORTED_DTYPES, is_gpu_array
+
+HEAD_DIMS = (64, 128, 256)
+VERSIONS = (1, 2)
+
+
+def _as_device(a):
+    """A CuPy view of a device array (zero-copy through ``__cuda_array_interface__`` or DLPack)."""
+    import cupy
+
+    if isinstance(a, cupy.ndarray):
+        return a
+    try:
+        return cupy.asarray(a)
+    except Exception:  # e.g. a bfloat16 torch tensor, which __cuda_array_interface__ cannot describe
+        return cupy.from_dlpack(a)
+
+
+def _check_int_array(name: str, a, ndim: int) -> None:
+    if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be a {ndim}-D integer array, got shape {a.shape} dtype {a.dtype}")
+
+
+def check_cache_pair(k_cache, v_cache, ndim: int = 4) -> None:
+    """k/v caches: same shape and dtype, supported dtype, C-contiguous, ``ndim`` dimensions."""
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"k_cache {k_cache.shape} {k_cache.dtype} and v_cache {v_cache.shape} {v_cache.dtype} differ"
+        )
+    if k_cache.ndim != ndim:
+        raise ValueError(f"cache must have {ndim} dimensions, got shape {k_cache.shape}")
+    if np.dtype(k_cache.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {k_cache.dtype}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+
+
+def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int = 2) -> None:
+    """Shape and dtype checks for :func:`paged_attention` (metadata only: no data is read)."""
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    check_cache_pair(k_cache, v_cache)
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    if q.ndim != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [batch, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
+    _check_int_array("block_tables", block_tables, 2)
+    _check_int_array("context_lens", context_lens, 1)
+    if block_tables.shape[0] != q.shape[0] or context_lens.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"batch mismatch: q {q.shape[0]}, block_tables {block_tables.shape[0]}, "
+            f"context_lens {context_lens.shape[0]}"
+        )
+
+
+def check_ranges_host(block_tables, context_lens, num_blocks: int, block_size: int) -> None:
+    """Index checks on host arrays: lengths in ``[1, max_blocks * block_size]``, used entries in range."""
+    block_tables, context_lens = np.asarray(block_tables), np.asarray(context_lens)
+    capacity = block_tables.shape[1] * block_size
+    bad = np.flatnonzero((context_lens < 1) | (context_lens > capacity))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"context_lens[{i}]={int(context_lens[i])} outside [1, {capacity}] (max_blocks * block_size)"
+        )
+    used = np.arange(block_tables.shape[1])[None, :] < -(-context_lens[:, None] // block_size)
+    bad_entry = used & ((block_tables < 0) | (block_tables >= num_blocks))
+    if bad_entry.any():
+        i, j = map(int, np.argwhere(bad_entry)[0])
+        raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=2, out=None,
+                    check=True):
+    """Decode attention: one query token per sequence over its paged K/V.
+
+    Args:
+        q: [batch, num_qo_heads, head_dim], the cache's dtype.
+        k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim].
+        block_tables: [batch, max_blocks] int32; entries past a sequence's blocks are not read.
+        context_lens: [batch] int32, each in ``[1, max_blocks * block_size]``.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        version: 1 (two-pass, correctness first) or 2 (one-pass online softmax, split-K). GPU only;
+            the host path always uses the float64 reference.
+        out: optional [batch, num_qo_heads, head_dim] output, q's dtype.
+        check: validate index ranges (on the GPU: one reduction). Turn off only for benchmarks.
+    Returns:
+        out: [batch, num_qo_heads, head_dim], q's dtype.
+    """
+    if is_gpu_array(q):
+        from . import kernels
+
+        q, k_cache, v_cache = _as_device(q), _as_device(k_cache), _as_device(v_cache)
+        block_tables, context_lens = _as_device(block_tables), _as_device(context_lens)
+        check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version)
+        out = None if out is None else _as_device(out)
+        return kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+                                       scale=scale, version=version, out=out, check=check)
+    check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version)
+    if check:
+        check_ranges_host(block_tables, context_lens, k_cache.shape[0], k_cache.shape[2])
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"out must be {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
+    result = reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+    if out is None:
+        return result.astype(q.dtype)
+    out[...] = result
+    return out
+
+
+def check_write_args(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Shape and dtype checks for :func:`write_kv`."""
+    check_cache_pair(k_cache, v_cache)
+    _, num_kv_heads, _, head_dim = k_cache.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != 3 or x.shape[1:] != (num_kv_heads, head_dim):
+            raise ValueError(
+                f"{name} must be [num_tokens, num_kv_heads={num_kv_heads}, head_dim={head_dim}], got {x.shape}"
+            )
+        if x.dtype != k_cache.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {k_cache.dtype}")
+    _check_int_array("slot_mapping", slot_mapping, 1)
+    if not k.shape[0] == v.shape[0] == slot_mapping.shape[0]:
+        raise ValueError(
+            f"token count mismatch: k {k.shape[0]}, v {v.shape[0]}, slot_mapping {slot_mapping.shape[0]}"
+        )
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
+    """Write each token's K/V into its slot of one layer's cache (slot -1: skip that token).
+
+    Args:
+        k, v: [num_tokens, num_kv_heads, head_dim], the cache's dtype.
+        k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim], written in place.
+        slot_mapping: [num_tokens] int; ``block_id * block_size + offset`` or -1. No slot twice.
+    """
+    if is_gpu_array(k_cache):
+        from . import kernels
+
+        k, v, k_cache, v_cache = map(_as_device, (k, v, k_cache, v_cache))
+        slot_mapping = _as_device(slot_mapping)
+        check_write_args(k, v, k_cache, v_cache, slot_mapping)
+        return kernels.write_kv(k, v, k_cache, v_cache, slot_mapping, check=check)
+    check_write_args(k, v, k_cache, v_cache, slot_mapping)
+    num_blocks, _, block_size, _ = k_cache.shape
+    slots = np.asarray(slot_mapping, dtype=np.int64)
+    if check:
+        check_slots_host(slots, num_blocks * block_size)
+    keep = slots >= 0
+    blocks, offsets = np.divmod(slots[keep], block_size)
+    k_cache[blocks, :, offsets] = k[keep]
+    v_cache[blocks, :, offsets] = v[keep]
+
+
+def check_slots_host(slots: np.ndarray, num_slots: int) -> None:
+    bad = np.flatnonzero((slots < -1) | (slots >= num_slots))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"slot_mapping[{i}]={int(slots[i])} outside [-1, {num_slots})")
+    valid = slots[slots >= 0]
+    if np.unique(valid).size != valid.size:
+        raise ValueError("slot_mapping names a slot twice")
+
+
+def check_copy_args(k_pool, v_pool, src, dst) -> None:
+    """Shape checks for :func:`copy_blocks` (pools carry a leading ``num_layers`` axis)."""
+    check_cache_pair(k_pool, v_pool, ndim=5)
+    _check_int_array("src_block_ids", src, 1)
+    _check_int_array("dst_block_ids", dst, 1)
+    if src.shape != dst.shape:
+        raise ValueError(f"src_block_ids {src.shape} and dst_block_ids {dst.shape} differ in length")
+
+
+def check_copy_ranges_host(src: np.ndarray, dst: np.ndarray, num_blocks: int) -> None:
+    for name, ids in (("src_block_ids", src), ("dst_block_ids", dst)):
+        bad = np.flatnonzero((ids < 0) | (ids >= num_blocks))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{name}[{i}]={int(ids[i])} outside [0, {num_blocks})")
+    if np.unique(dst).size != dst.size:
+        raise ValueError("dst_block_ids names a block twice")
+    if np.intersect1d(src, dst).size:
+        raise ValueError(f"blocks {np.intersect1d(src, dst).tolist()} are both a source and a destination")
+
+
+def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
+    """Copy whole blocks ``src[i] -> dst[i]`` in every layer's K and V pool (copy-on-write).
+
+    Args:
+        k_pool, v_pool: [num_layers, num_blocks, num_kv_heads, block_size, head_dim], in place.
+        src_block_ids, dst_block_ids: [num_pairs] int. Destinations distinct and never a source.
+    """
+    if is_gpu_array(k_pool):
+        from . import kernels
+
+        k_pool, v_pool = _as_device(k_pool), _as_device(v_pool)
+        src, dst = _as_device(src_block_ids), _as_device(dst_block_ids)
+        check_copy_args(k_pool, v_pool, src, dst)
+        return kernels.copy_blocks(k_pool, v_pool, src, dst, check=check)
+    src, dst = np.asarray(src_block_ids), np.asarray(dst_block_ids)
+    check_copy_args(k_pool, v_pool, src, dst)
+    if check:
+        check_copy_ranges_host(src.astype(np.int64), dst.astype(np.int64), k_pool.shape[1])
+    k_pool[:, dst] = k_pool[:, src]
+    v_pool[:, dst] = v_pool[:, src]
