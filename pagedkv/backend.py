@@ -99,6 +99,8 @@ def dtype_of(name: Any) -> np.dtype:
 
     bfloat16 is ``ml_dtypes.bfloat16`` on the host; CuPy (>= 14) uses the same NumPy dtype object.
     """
+    if name is None:
+        raise ValueError("dtype must be float16, bfloat16 or float32, got None")
     try:
         dt = np.dtype(ml_dtypes.bfloat16) if str(name) in ("bfloat16", "bf16") else np.dtype(name)
     except TypeError as exc:

@@ -134,6 +134,8 @@ class BlockManager:
 
 def _as_ids(block_ids: Iterable[int]) -> list:
     """Python ints from any integer-like ids (NumPy ints too); other values are kept and refused later."""
+    if isinstance(block_ids, (str, bytes)) or not hasattr(block_ids, "__iter__"):
+        raise ValueError(f"block ids must be an iterable of ints, got {block_ids!r}")
     out = []
     for b in block_ids:
         try:

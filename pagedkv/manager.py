@@ -64,9 +64,8 @@ class PagedAttentionManager:
         num_tokens = _count("num_tokens", num_tokens)
         self._check_kv(k, v, (num_tokens,))
         with self._lock:
-            seq = Sequence(next(self._next_id))
-            seq.block_table = self.block_manager.allocate(self._blocks_for(num_tokens))
-            seq.num_tokens = num_tokens
+            block_table = self.block_manager.allocate(self._blocks_for(num_tokens))  # raises before any change
+            seq = Sequence(next(self._next_id), block_table, num_tokens)
             self._seqs[seq.seq_id] = seq
             if k is not None:
                 self._write(seq, 0, k, v)
@@ -236,6 +235,8 @@ class PagedAttentionManager:
         c = self.kv_cache
         want = (c.num_layers, *token_shape, c.num_kv_heads, c.head_dim)
         for name, x in (("k", k), ("v", v)):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise ValueError(f"{name} must be an array of shape {want}, got {type(x).__name__}")
             if tuple(x.shape) != want:
                 raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
             if x.dtype != c.dtype:

@@ -53,8 +53,15 @@ def check_cache_pair(k_cache, v_cache, ndim: int = 4) -> None:
             raise ValueError(f"{name} must be C-contiguous")
 
 
+def _check_arrays(**arrays) -> None:
+    for name, a in arrays.items():
+        if not (hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(a, "ndim")):
+            raise ValueError(f"{name} must be an array, got {type(a).__name__}")
+
+
 def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int = 2) -> None:
     """Shape and dtype checks for :func:`paged_attention` (metadata only: no data is read)."""
+    _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     check_cache_pair(k_cache, v_cache)
@@ -131,6 +138,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
 
 def check_write_args(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Shape and dtype checks for :func:`write_kv`."""
+    _check_arrays(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_cache_pair(k_cache, v_cache)
     _, num_kv_heads, _, head_dim = k_cache.shape
     for name, x in (("k", k), ("v", v)):
