@@ -1,0 +1,265 @@
+"""engine_bench: workload W1 through LLMEngine — useful output tokens/s and the decode step at full batch.
+
+W1: 128 requests, seed 0, random prompt token ids, prompt lengths U[64, 512], output lengths U[64, 512],
+ignore_eos, greedy; model llama-1b, random weights, float16. Useful tokens/s = sum of requested output
+lengths / wall time of ``generate`` (after a warm-up that compiles every kernel).
+
+The decode step at full batch: 128 sequences with W1's prompts, timed over many steps:
+
+    step wall        one engine step as generate() runs it: schedule + metadata + forward + argmax +
+                     one device→host copy + appending tokens
+    forward GPU      CUDA events around model.decode (what the GPU spends)
+    GEMMs / attention  the step's matrix products / paged attention alone, CUDA events
+    memory floor     (weight bytes + K/V bytes read) / measured device bandwidth (a 1 GiB copy)
+
+    python -m experiments.engine_bench                       # GPU, W1 (about a minute)
+    python -m experiments.engine_bench --device cpu --model tiny --dtype float32 --num-requests 8 --max-len 64
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+import numpy as np
+
+from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
+from pagedkv.model import get_config
+
+from . import cli
+
+NUM_REQUESTS = 128
+LEN_RANGE = (64, 512)
+BLOCK_SIZE = 16
+KV_BUDGET_BYTES = 8 << 30  # holds all 128 W1 requests at their maximum length: no preemption
+PROFILE_STEPS = 30
+
+
+def workload(num_requests: int, vocab: int, max_len: int, seed: int):
+    """W1's prompts and output lengths (lengths scaled down when ``max_len`` < 512 for CPU smoke runs)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = min(LEN_RANGE[0], max_len // 4), min(LEN_RANGE[1], max_len // 2)
+    prompt_lens = rng.integers(lo, hi + 1, num_requests)
+    output_lens = rng.integers(lo, hi + 1, num_requests)
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in prompt_lens]
+    return prompts, [int(n) for n in output_lens]
+
+
+def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: int = 128) -> LLMEngine:
+    budget = KV_BUDGET_BYTES if args.device != "cpu" else None
+    config = EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=BLOCK_SIZE,
+        kv_memory_bytes=budget, num_blocks=None if budget else 4096, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=16384, max_model_len=args.max_len, scheduling=mode, cuda_graph=cuda_graph)
+    return LLMEngine(config, model_config=get_config(args.model), weights=weights)
+
+
+def sync(engine):
+    if engine.backend.is_gpu:
+        engine.backend.xp.cuda.get_current_stream().synchronize()
+
+
+def run_w1(engine: LLMEngine, prompts, output_lens) -> dict:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    engine.warmup_graphs()
+    engine.generate(prompts[:4], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 4, progress=False)
+    before = engine.metrics().as_dict()
+    sync(engine)
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params, progress=True)
+    sync(engine)
+    wall = time.perf_counter() - start
+    m = engine.metrics().as_dict()
+    delta = {k: m[k] - before[k] for k in ("num_steps", "num_prefill_tokens", "num_decode_tokens",
+                                           "prefill_time_s", "decode_time_s", "num_preemptions")}
+    assert all(len(o.outputs[0].token_ids) == n for o, n in zip(outs, output_lens))
+    return {"wall_s": wall, "useful_tokens": sum(output_lens), "useful_tokens_per_s": sum(output_lens) / wall,
+            **delta, "graph_error": engine.graph_error, "fused_error": engine.model.fused_error,
+            "tokens": [o.outputs[0].token_ids for o in outs]}
+
+
+def bandwidth_gbs(xp) -> float:
+    """Device memory bandwidth: a 1 GiB device-to-device copy, bytes read + written, median of 10."""
+    a = xp.ones(1 << 29, dtype=xp.float16)
+    b = xp.empty_like(a)
+    start, end = xp.cuda.Event(), xp.cuda.Event()
+    times = []
+    for _ in range(12):
+        start.record()
+        b[...] = a
+        end.record()
+        end.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return 2 * a.nbytes / float(np.median(times[2:])) / 1e9
+
+
+def gpu_time(xp, fn, reps: int = 10) -> float:
+    """Median seconds of ``fn`` measured with CUDA events."""
+    start, end = xp.cuda.Event(), xp.cuda.Event()
+    fn()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return float(np.median(times))
+
+
+def _running_decode_inputs(engine: LLMEngine):
+    branches = [b for r in engine.scheduler.running for b in r.active_branches()]
+    seq_ids = [b.seq_id for b in branches]
+    m = engine.manager
+    tokens = np.array([b.output_token_ids[-1] for b in branches], dtype=np.int32)
+    return tokens, m.context_lens(seq_ids), m.block_tables(seq_ids), m.slot_mapping(seq_ids)
+
+
+def _gemms(engine: LLMEngine, batch: int):
+    xp, w, c = engine.backend.xp, engine.model.weights, engine.model_config
+    x = xp.ones((batch, c.hidden_size), dtype=engine.model.dtype)
+    a = xp.ones((batch, c.num_heads * c.head_dim), dtype=engine.model.dtype)
+    g = xp.ones((batch, c.intermediate_size), dtype=engine.model.dtype)
+
+    def run():
+        for lw in w.layers:
+            x @ lw.wqkv, a @ lw.wo, x @ lw.w_gate_up, g @ lw.w_down
+        x @ w.lm_head
+    return run
+
+
+def _attention(engine: LLMEngine, batch):
+    from pagedkv import ops
+
+    xp, c, kv = engine.backend.xp, engine.model_config, engine.kv_cache
+    q = xp.ones((len(batch.context_lens), c.num_heads, c.head_dim), dtype=engine.model.dtype)
+
+    def run():
+        for layer in range(c.num_layers):
+            ops.paged_attention(q, kv.k_cache(layer), kv.v_cache(layer), batch.block_tables, batch.context_lens,
+                                check=False)
+    return run
+
+
+def profile_decode(engine: LLMEngine, prompts, steps: int, bandwidth) -> dict:
+    """Fill the batch with ``prompts`` (all prefilled), then time ``steps`` pure decode steps."""
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    while engine.scheduler.waiting or any(not r.started for r in engine.scheduler.running):
+        engine.step()
+    walls, timings = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine._step()  # what generate() runs: step() minus building RequestOutput objects
+        walls.append(time.perf_counter() - start)
+        timings.append(engine.last_step_timing)
+    tokens, lens, tables, slots = _running_decode_inputs(engine)
+    batch = engine.decode_batch(tokens, lens, tables, slots)
+    xp, model = engine.backend.xp, engine.model
+    out = {"batch": len(tokens), "step_wall_s": float(np.median(walls)),
+           **{k: float(np.median([getattr(t, k) for t in timings])) for k in
+              ("schedule_s", "decode_prepare_s", "decode_issue_s", "decode_sync_sample_s")},
+           "context_tokens": int(lens.sum())}
+    if engine.backend.is_gpu:
+        out["forward_gpu_s"] = gpu_time(xp, lambda: model.decode(batch, engine.kv_cache))
+        if engine.graphs is not None:
+            out["graph_forward_gpu_s"] = gpu_time(xp, lambda: engine.graphs.run(tokens, lens, tables, slots))
+        out["gemm_gpu_s"] = gpu_time(xp, _gemms(engine, len(tokens)))
+        out["attention_gpu_s"] = gpu_time(xp, _attention(engine, batch))
+        issue = []
+        for _ in range(10):
+            sync(engine)
+            t = time.perf_counter()
+            model.decode(batch, engine.kv_cache)
+            issue.append(time.perf_counter() - t)
+        out["forward_issue_s"] = float(np.median(issue))
+        c = engine.model_config
+        kv_bytes = int(lens.sum()) * 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.dtype.itemsize
+        out.update(weight_bytes=model.weights.num_bytes(), kv_bytes_read=kv_bytes, bandwidth_gbs=bandwidth,
+                   memory_floor_s=(model.weights.num_bytes() + kv_bytes) / (bandwidth * 1e9))
+        out["ratio_step_to_floor"] = out["step_wall_s"] / out["memory_floor_s"]
+    while engine.has_unfinished_requests():
+        engine.step()
+    return out
+
+
+def _print(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"engine_bench W1 — {results['info']['device']}")
+    for col in ("run", "useful tok/s", "wall s", "steps", "decode step @B (ms)", "fwd GPU (ms)", "floor (ms)",
+                "ratio"):
+        table.add_column(col, justify="right")
+    for name, r in results["runs"].items():
+        if "error" in r:
+            table.add_row(name, "error", *["-"] * 6)
+            continue
+        p = r.get("profile", {})
+        ms = lambda k: f"{1e3 * p[k]:.2f}" if k in p else "-"
+        fwd = p.get("graph_forward_gpu_s", p.get("forward_gpu_s"))
+        table.add_row(name, f"{r['useful_tokens_per_s']:,.0f}", f"{r['wall_s']:.2f}", str(r["num_steps"]),
+                      f"{1e3 * p['step_wall_s']:.2f} @{p['batch']}" if p else "-",
+                      f"{1e3 * fwd:.2f}" if fwd else "-", ms("memory_floor_s"),
+                      f"{p['ratio_step_to_floor']:.2f}" if "ratio_step_to_floor" in p else "-")
+    Console(width=160).print(table)
+    for name, r in results["runs"].items():
+        Console(width=160).print(f"[bold]{name}[/]: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in {**r, **r.get("profile", {})}.items()
+                                                          if k not in ("profile", "tokens")))
+
+
+@cli.guarded
+def main(argv=None):
+    """Run W1 (continuous; eager and CUDA-graph decode on a GPU; static with --static) and profile the step."""
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    cli.add_common(parser, dtype="float16")
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
+    parser.add_argument("--max-len", type=int, default=1024, help="max_model_len (smaller scales W1 down)")
+    parser.add_argument("--graph", default="both", help="off | on | both (GPU only)")
+    parser.add_argument("--static", action="store_true", help="also run static batching (max_num_seqs 64)")
+    args = parser.parse_args(argv)
+    cli.check_common(args)
+    cli.in_range("--num-requests", args.num_requests, 1, 4096)
+    cli.in_choices("--graph", args.graph, ("off", "on", "both"))
+    backend = cli.resolve_backend(args.device)
+    args.device = backend.name
+    config = get_config(args.model)
+    prompts, output_lens = workload(args.num_requests, config.vocab_size, args.max_len, args.seed)
+    bandwidth = bandwidth_gbs(backend.xp) if backend.is_gpu else None
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.graph] if backend.is_gpu else [False]
+    runs, weights = {}, None
+    plan = [("continuous" + ("+graph" if g else ""), "continuous", g, 128) for g in modes]
+    if args.static:
+        plan.append(("static64" + ("+graph" if modes[-1] else ""), "static", modes[-1], 64))
+    for name, mode, graph, max_num_seqs in plan:
+        try:  # NOTE: one failing configuration must not lose the others' figures
+            engine = make_engine(args, mode, graph, weights, max_num_seqs)
+            weights = engine.model.weights
+            runs[name] = run_w1(engine, prompts, output_lens)
+            if mode == "continuous":
+                steps = min(PROFILE_STEPS, args.max_len // 8)
+                runs[name]["profile"] = profile_decode(engine, prompts[:128], steps, bandwidth)
+        except Exception:
+            traceback.print_exc()
+            runs.setdefault(name, {"error": traceback.format_exc(limit=3)})
+        engine = None
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in {**runs[name], **runs[name].get("profile", {})}.items()
+                                      if k not in ("profile", "tokens")), flush=True)
+    names = [n for n in runs if "tokens" in runs[n]]
+    for name in names[1:]:
+        same = [a == b for a, b in zip(runs[names[0]]["tokens"], runs[name]["tokens"])]
+        runs[name]["requests_identical_to_" + names[0]] = f"{sum(same)}/{len(same)}"
+    for r in runs.values():
+        r.pop("tokens", None)
+    results = {"info": cli.run_info(backend), "workload": {"num_requests": args.num_requests, "seed": args.seed,
+               "model": args.model, "dtype": args.dtype, "useful_tokens": sum(output_lens)}, "runs": runs}
+    _print(results)
+    path = cli.write_json(args.json or cli.default_json("engine_bench", backend), results)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Engine metrics: one :class:`StepMetrics` per step (recorded on demand) and running totals."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class StepMetrics:
+    """What one step did and how the KV pool looked after it (token-slot fields need ``record_steps``).
+
+    ``num_token_slots_used`` counts filled slots of physical blocks (a shared block once);
+    ``num_token_slots_reserved`` is ``num_used_blocks * block_size`` (static batching's reservations included).
+    """
+
+    step: int
+    time_s: float  # since the engine's first step
+    duration_s: float
+    num_running: int  # sequences (branches) decoding or prefilled this step
+    num_waiting: int  # requests
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_preempted: int
+    num_used_blocks: int
+    num_free_blocks: int
+    num_token_slots_used: int = -1
+    num_token_slots_reserved: int = -1
+    utilization: float = float("nan")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class EngineMetrics:
+    """Totals since the engine was built."""
+
+    num_steps: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_generated_tokens: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    num_preemptions: int = 0
+    num_cow_copies: int = 0
+    num_used_blocks: int = 0
+    num_free_blocks: int = 0
+    num_token_slots_used: int = 0  # filled at LLMEngine.metrics() from the pool
+    num_token_slots_reserved: int = 0
+    utilization: float = 1.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.num_prefill_tokens / self.prefill_time_s if self.prefill_time_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.num_decode_tokens / self.decode_time_s if self.decode_time_s else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(prefill_tokens_per_s=self.prefill_tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s)
+        return d
+
+
+@dataclass(slots=True)
+class StepTiming:
+    """Host wall time of one step's phases (seconds). ``decode_issue_s`` is the time to enqueue the decode
+    forward (launch-bound when it exceeds the GPU time); ``decode_sync_sample_s`` waits for the GPU and samples."""
+
+    schedule_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_prepare_s: float = 0.0
+    decode_issue_s: float = 0.0
+    decode_sync_sample_s: float = 0.0

@@ -1,0 +1,380 @@
+"""CUDA kernels of ``kernels_cu/`` loaded from text with ``cupy.RawModule``, and their thin launchers.
+
+One compiled module per option set (file, element type, head_dim, ``-D`` defines), cached for the process
+(CuPy also caches the binary on disk). A compile error raises :class:`KernelCompileError` naming the
+``.cu`` file and carrying the compiler log.
+
+The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.ops`; they check what only
+they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction and
+one small device-to-host read, skipped with ``check=False``), pick the launch shape, and launch.
+
+bfloat16: CuPy arrays of ``ml_dtypes.bfloat16`` are used directly when CuPy accepts them; otherwise pass
+uint16 views and ``kv_dtype="bfloat16"``; the kernels only see raw 16-bit words either way.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+HEAD_DIMS = (64, 128, 256)
+GROUP_TILES = (1, 2, 4, 8)  # query heads per v2 thread block (template parameter GT)
+V2_THREADS = 128
+V2_TILE_BYTES = 4096  # defaults of PAGEDKV_V2_TILE_BYTES / PAGEDKV_V2_STAGES in paged_attention.cu
+V2_STAGES = 4
+MIN_PARTITION_TOKENS = 256  # split-K never cuts a context into pieces shorter than this
+WAVE_EFFICIENCY = 0.95  # split-K: the fewest partitions whose grid fills this share of its last wave
+_U64_MAX = np.iinfo(np.uint64).max
+_DT_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
+
+
+class KernelCompileError(RuntimeError):
+    """A ``kernels_cu/*.cu`` file failed to compile; the message holds the file and the compiler log."""
+
+
+def _cu_dir() -> Path:
+    installed = Path(__file__).parent / "kernels_cu"
+    return installed if installed.is_dir() else Path(__file__).parent.parent / "kernels_cu"
+
+
+def cu_source(filename: str) -> str:
+    """The text of ``kernels_cu/<filename>`` with ``#include "common.cuh"`` inlined (so the cache key
+    covers the header too)."""
+    folder = _cu_dir()
+    common = (folder / "common.cuh").read_text()
+    return (folder / filename).read_text().replace('#include "common.cuh"', common)
+
+
+@lru_cache(maxsize=None)
+def _module(filename: str, name_expressions: tuple[str, ...], defines: tuple[tuple[str, int], ...] = ()):
+    import cupy
+
+    options = ("-std=c++17",) + tuple(f"-D{k}={v}" for k, v in defines)
+    module = cupy.RawModule(code=cu_source(filename), options=options,
+                            name_expressions=list(name_expressions) or None)
+    try:
+        module.compile()
+    except cupy.cuda.compiler.CompileException as exc:
+        raise KernelCompileError(f"compiling {_cu_dir() / filename} {options} failed:\n{exc}") from exc
+    return module
+
+
+def _function(filename, name, name_expressions=(), defines=()):
+    return _module(filename, tuple(name_expressions), tuple(defines)).get_function(name)
+
+
+@lru_cache(maxsize=1)
+def cupy_has_bfloat16() -> bool:
+    """Whether this CuPy allocates ``ml_dtypes.bfloat16`` arrays (CuPy >= 14 is expected to)."""
+    import cupy
+
+    try:
+        cupy.empty(8, dtype=ml_dtypes.bfloat16)
+        return True
+    except Exception:
+        return False
+
+
+def _dt_code(dtype, kv_dtype=None) -> int:
+    dt = np.dtype(ml_dtypes.bfloat16) if str(kv_dtype) in ("bfloat16", "bf16") else np.dtype(kv_dtype or dtype)
+    if dt not in _DT_CODES:
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dt}")
+    return _DT_CODES[dt]
+
+
+@lru_cache(maxsize=None)
+def num_sms(device_id: int) -> int:
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def _int32_contiguous(a):
+    import cupy
+
+    return cupy.ascontiguousarray(a, dtype=cupy.int32)
+
+
+# ---- paged attention ------------------------------------------------------------------------------
+
+def _attention_names(dt: int, head_dim: int) -> tuple[str, ...]:
+    return (f"paged_attention_v1_kernel<{dt}, {head_dim}>",
+            *(f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES),
+            f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>")
+
+
+def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
+                      stages=V2_STAGES, extra_defines: tuple = ()):
+    name = {"v1": f"paged_attention_v1_kernel<{dt}, {head_dim}>",
+            "v2": f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>",
+            "reduce": f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>",
+            "check": "check_block_tables_kernel"}[kind]
+    defines = (("PAGEDKV_V2_TILE_BYTES", tile_bytes), ("PAGEDKV_V2_STAGES", stages), *extra_defines)
+    return _function("paged_attention.cu", name, _attention_names(dt, head_dim), defines)
+
+
+def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: int, dt: int = 1,
+                       head_dim: int = 128) -> None:
+    """GPU-side range check: one reduction kernel, then one 16-byte device-to-host read.
+
+    Raises ``ValueError`` for a length outside ``[1, max_blocks * block_size]`` or a used table entry
+    outside ``[0, num_blocks)``.
+    """
+    import cupy
+
+    batch, max_blocks = block_tables.shape
+    capacity = max_blocks * block_size
+    if max_blocks == 0:
+        raise ValueError("block_tables has 0 columns: no context fits")
+    bad = cupy.full(2, _U64_MAX, dtype=cupy.uint64)
+    total = batch * max_blocks
+    grid = min(max(1, -(-total // 256)), 4 * num_sms(cupy.cuda.Device().id))
+    _attention_kernel("check", dt, head_dim)((grid,), (256,), (
+        block_tables, context_lens, cupy.int32(batch), cupy.int32(max_blocks), cupy.int32(num_blocks),
+        cupy.int32(block_size), bad))
+    bad_len, bad_entry = (int(x) for x in bad.get())
+    if bad_len != _U64_MAX:
+        raise ValueError(f"context_lens[{bad_len}]={int(context_lens[bad_len])} outside [1, {capacity}] "
+                         f"(max_blocks * block_size)")
+    if bad_entry != _U64_MAX:
+        i, j = divmod(bad_entry, max_blocks)
+        raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
+
+
+def v2_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
+    """Mirror of ``V2Shape`` in paged_attention.cu (tile rows, row groups)."""
+    vec = 4 if dt == 0 else 8
+    vpr = head_dim // vec
+    lpr = min(vpr, 32)
+    return {"tile_tokens": tile_bytes // (vpr * 16), "row_groups": V2_THREADS // lpr}
+
+
+def v2_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
+    """Dynamic shared memory of one v2 thread block (mirrors the kernel's carve-up)."""
+    shape = v2_shape(dt, head_dim, tile_bytes)
+    pipe = 2 * stages * tile_bytes
+    red = shape["row_groups"] * gt * head_dim * 4
+    return max(pipe, red) + 4 * (gt * shape["tile_tokens"] + 2 * gt)
+
+
+def choose_num_partitions(batch: int, blocks_per_seq: int, max_context: int, tile_tokens: int,
+                          resident_ctas: int) -> tuple[int, int]:
+    """Split-K: ``(num_partitions, partition_tokens)``.
+
+    Decode attention is one pass over memory, so the grid should fill the GPU in whole waves: take the
+    fewest partitions whose grid (``batch * blocks_per_seq * partitions`` thread blocks) fills at least
+    ``WAVE_EFFICIENCY`` of ``ceil(grid / resident_ctas)`` waves, never cutting pieces shorter than
+    ``MIN_PARTITION_TOKENS``. ``resident_ctas`` = SMs x blocks per SM (from registers and shared memory);
+    ``max_context`` is the table's capacity (max_blocks * block_size), known without a device read.
+    """
+    units = batch * blocks_per_seq
+    best = None
+    for parts in range(1, max(1, max_context // MIN_PARTITION_TOKENS) + 1):
+        partition_tokens = -(-(-(-max_context // parts)) // tile_tokens) * tile_tokens
+        parts = -(-max_context // partition_tokens)
+        grid = units * parts
+        efficiency = grid / (resident_ctas * -(-grid // resident_ctas))
+        if best is None or efficiency > best[0] + 1e-9:
+            best = (efficiency, parts, partition_tokens)
+        if efficiency >= WAVE_EFFICIENCY:
+            break
+    return best[1], best[2]
+
+
+@lru_cache(maxsize=None)
+def resident_ctas(kernel_key, num_regs: int, smem: int, device_id: int) -> int:
+    """Thread blocks of V2_THREADS that fit on the whole GPU at once (registers and shared memory)."""
+    import cupy
+
+    attrs = cupy.cuda.Device(device_id).attributes
+    regs_per_warp = -(-num_regs * 32 // 256) * 256
+    by_regs = attrs["MaxRegistersPerMultiprocessor"] // (regs_per_warp * (V2_THREADS // 32))
+    by_smem = attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024)
+    by_threads = attrs["MaxThreadsPerMultiProcessor"] // V2_THREADS
+    return max(1, min(by_regs, by_smem, by_threads, 32)) * attrs["MultiProcessorCount"]
+
+
+def group_tile(group_size: int) -> int:
+    return min(8, 1 << (group_size - 1).bit_length())
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=2, out=None,
+                    check=True, kv_dtype=None, num_partitions=None, tile_bytes=V2_TILE_BYTES,
+                    stages=V2_STAGES, extra_defines: tuple = ()):
+    """Launch paged decode attention (see :func:`pagedkv.ops.paged_attention` for shapes).
+
+    ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`);
+    ``tile_bytes`` / ``stages`` / ``extra_defines`` (e.g. ``(("PAGEDKV_V2_BUTTERFLY", 0),)``) pick a v2
+    compile-time variant (benchmarks).
+    """
+    import cupy
+
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    batch, num_qo_heads, _ = q.shape
+    dt = _dt_code(q.dtype, kv_dtype)
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
+        raise ValueError(f"block_size must be a power of two in [1, 1024], got {block_size}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.c_contiguous or c.data.ptr % 16:
+            raise ValueError(f"{name} must be C-contiguous and 16-byte aligned")
+    q = cupy.ascontiguousarray(q)
+    if q.data.ptr % 16:
+        q = q.copy()
+    block_tables, context_lens = _int32_contiguous(block_tables), _int32_contiguous(context_lens)
+    if out is None:
+        out = cupy.empty(q.shape, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
+    if check:
+        check_block_tables(block_tables, context_lens, num_blocks, block_size, dt, head_dim)
+    if batch == 0:
+        return out
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    log2_bs = cupy.int32(block_size.bit_length() - 1)
+    max_blocks = block_tables.shape[1]
+    if version == 1:
+        logits = cupy.empty((batch, num_qo_heads, max_blocks * block_size), dtype=cupy.float32)
+        _attention_kernel("v1", dt, head_dim)((num_qo_heads, batch), (128,), (
+            out, logits, q, k_cache, v_cache, block_tables, context_lens, cupy.int32(num_qo_heads),
+            cupy.int32(num_kv_heads), log2_bs, cupy.int32(max_blocks), cupy.float32(scale)))
+        return out
+    _launch_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
+               tile_bytes, stages, extra_defines)
+    return out
+
+
+def v2_launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, num_partitions=None,
+                   tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()) -> dict:
+    """How kernel 2 will be launched: group tile, split-K partitions, shared memory (compiles if needed)."""
+    import cupy
+
+    batch, num_qo_heads, _ = q_shape
+    _, num_kv_heads, block_size, head_dim = cache_shape
+    group = num_qo_heads // num_kv_heads
+    gt = group_tile(group)
+    q_tiles = -(-group // gt)
+    tile_tokens = v2_shape(dt, head_dim, tile_bytes)["tile_tokens"]
+    max_context = max_blocks * block_size
+    kernel = _attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines)
+    smem = v2_smem_bytes(dt, head_dim, gt, tile_bytes, stages)
+    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
+    resident = resident_ctas((dt, head_dim, gt, tile_bytes, stages, extra_defines), kernel.num_regs, smem,
+                             cupy.cuda.Device().id)
+    if num_partitions is None:
+        parts, part_tokens = choose_num_partitions(batch, num_kv_heads * q_tiles, max_context, tile_tokens,
+                                                   resident)
+    else:
+        part_tokens = -(-(-(-max_context // num_partitions)) // tile_tokens) * tile_tokens
+        parts = -(-max_context // part_tokens)
+    return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": q_tiles, "parts": parts,
+            "part_tokens": part_tokens, "smem": smem, "resident_ctas": resident, "num_regs": kernel.num_regs}
+
+
+def _launch_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
+               tile_bytes, stages, extra_defines=()):
+    import cupy
+
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    batch, num_qo_heads, _ = q.shape
+    max_blocks = block_tables.shape[1]
+    plan = v2_launch_plan(q.shape, k_cache.shape, max_blocks, dt, num_partitions, tile_bytes, stages,
+                          extra_defines)
+    parts = plan["parts"]
+    if parts == 1:
+        part_out = part_max = part_sum = cupy.empty(1, dtype=cupy.float32)
+    else:
+        part_out = cupy.empty((batch, num_qo_heads, parts, head_dim), dtype=cupy.float32)
+        part_max = cupy.empty((batch, num_qo_heads, parts), dtype=cupy.float32)
+        part_sum = cupy.empty((batch, num_qo_heads, parts), dtype=cupy.float32)
+    plan["kernel"]((parts, num_kv_heads * plan["q_tiles"], batch), (V2_THREADS,), (
+        out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, context_lens,
+        cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
+        cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.int32(plan["part_tokens"]),
+        cupy.float32(scale * math.log2(math.e))), shared_mem=plan["smem"])
+    if parts > 1:
+        _attention_kernel("reduce", dt, head_dim, 0, tile_bytes, stages, extra_defines)((num_qo_heads, batch), (128,), (
+            out, part_out, part_max, part_sum, context_lens, cupy.int32(num_qo_heads), cupy.int32(parts),
+            cupy.int32(plan["part_tokens"])), shared_mem=4 * parts)
+
+
+# ---- cache ops ------------------------------------------------------------------------------------
+
+def _cache_kernel(name: str):
+    return _function("cache_ops.cu", name)
+
+
+def _word_bytes(row_bytes: int, arrays) -> int:
+    """The widest word (16, 4 or 2 bytes) dividing a row and every array's start address."""
+    for w in (16, 4, 2):
+        if row_bytes % w == 0 and all(a.data.ptr % w == 0 for a in arrays):
+            return w
+    raise ValueError(f"rows of {row_bytes} bytes cannot be copied in 2-byte words")
+
+
+def check_index_range(ids, lo: int, hi: int, name: str) -> None:
+    """GPU-side: raise ``ValueError`` naming the first entry of int64 ``ids`` outside ``[lo, hi)``."""
+    import cupy
+
+    n = ids.size
+    if n == 0:
+        return
+    bad = cupy.full(1, _U64_MAX, dtype=cupy.uint64)
+    grid = min(-(-n // 256), 4 * num_sms(cupy.cuda.Device().id))
+    _cache_kernel("check_index_kernel")((grid,), (256,), (ids, cupy.int64(n), cupy.int64(lo), cupy.int64(hi), bad))
+    i = int(bad.get()[0])
+    if i != _U64_MAX:
+        raise ValueError(f"{name}[{i}]={int(ids[i])} outside [{lo}, {hi})")
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
+    """Write K/V rows into their slots (see :func:`pagedkv.ops.write_kv`).
+
+    With ``check`` the slot range is verified on the GPU; duplicate slots are *not* detected on the GPU
+    (the caller's contract; the host path checks them).
+    """
+    import cupy
+
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+    k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+    slots = cupy.ascontiguousarray(slot_mapping, dtype=cupy.int64)
+    if check:
+        check_index_range(slots, -1, num_blocks * block_size, "slot_mapping")
+    if slots.size == 0:
+        return
+    word = _word_bytes(head_dim * k_cache.itemsize, (k, v, k_cache, v_cache))
+    _cache_kernel(f"write_kv_w{word}")((slots.size,), (128,), (
+        k_cache, v_cache, k, v, slots, cupy.int32(num_kv_heads), cupy.int32(block_size),
+        cupy.int32(head_dim * k_cache.itemsize // word)))
+
+
+def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
+    """``pool[:, dst[i]] = pool[:, src[i]]`` for K and V, every layer, one launch.
+
+    With ``check`` the (few) ids are read back once and checked on the host: ranges, distinct
+    destinations, no id both a source and a destination.
+    """
+    import cupy
+
+    from .ops import check_copy_ranges_host
+
+    num_layers, num_blocks = k_pool.shape[:2]
+    src = cupy.ascontiguousarray(src_block_ids, dtype=cupy.int64)
+    dst = cupy.ascontiguousarray(dst_block_ids, dtype=cupy.int64)
+    if check:
+        ids = cupy.concatenate([src, dst]).get()
+        check_copy_ranges_host(ids[: src.size], ids[src.size:], num_blocks)
+    if src.size == 0 or num_layers == 0:
+        return
+    block_bytes = math.prod(k_pool.shape[2:]) * k_pool.itemsize
+    word = _word_bytes(block_bytes, (k_pool, v_pool))
+    _cache_kernel(f"copy_blocks_w{word}")((src.size, num_layers, 2), (256,), (
+        k_pool, v_pool, src, dst, cupy.int64(num_blocks), cupy.int64(block_bytes // word)))

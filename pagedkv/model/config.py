@@ -1,0 +1,76 @@
+"""Model configuration: a Llama-architecture decoder (Llama and Qwen2 families) and named presets."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Shapes and hyper-parameters of a Llama-architecture decoder.
+
+    ``num_heads`` query heads share ``num_kv_heads`` K/V heads (GQA); ``qkv_bias`` adds q/k/v biases
+    (the Qwen2 family); ``tie_word_embeddings`` reuses the embedding as the LM head.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position_embeddings: int = 4096
+    # Llama 3.x frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_position), or None
+    rope_llama3_scaling: tuple[float, float, float, int] | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError(f"rope_theta and rms_norm_eps must be > 0, got {self.rope_theta}, {self.rms_norm_eps}")
+
+    @property
+    def qkv_size(self) -> int:
+        """Width of the fused q|k|v projection: ``(num_heads + 2 * num_kv_heads) * head_dim``."""
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count (a tied LM head counted once)."""
+        h, i = self.hidden_size, self.intermediate_size
+        per_layer = h * self.qkv_size + self.num_heads * self.head_dim * h + 3 * h * i + 2 * h
+        per_layer += self.qkv_size if self.qkv_bias else 0
+        head = 0 if self.tie_word_embeddings else h * self.vocab_size
+        return self.vocab_size * h + self.num_layers * per_layer + h + head
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # tiny: for CPU tests (float32, a few ms per step)
+    "tiny": ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                        intermediate_size=128, rope_theta=10000.0, max_position_embeddings=1024),
+    # llama-1b: the Llama-3.2-1B shapes (issue 4), tied embeddings
+    "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                            head_dim=64, intermediate_size=8192, rope_theta=500000.0,
+                            tie_word_embeddings=True, max_position_embeddings=131072),
+}
+
+
+def get_config(name_or_config: str | ModelConfig, **overrides) -> ModelConfig:
+    """A preset by name (``"tiny"``, ``"llama-1b"``) or a config, with field overrides."""
+    if isinstance(name_or_config, ModelConfig):
+        config = name_or_config
+    elif name_or_config in PRESETS:
+        config = PRESETS[name_or_config]
+    else:
+        raise ValueError(f"unknown model preset {name_or_config!r}; presets: {sorted(PRESETS)}")
+    return replace(config, **overrides) if overrides else config

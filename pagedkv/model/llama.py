@@ -1,0 +1,161 @@
+"""The Llama-architecture decoder on a paged KV cache: batched prefill and batched decode.
+
+One layer, for ``T`` tokens (prefill: the new tokens of several sequences concatenated; decode: one per
+sequence)::
+
+    h = rms_norm(x)
+    q|k|v = h @ wqkv (+ bqkv)  ─► RoPE(q, k) at positions
+    write_kv(k, v, slot_mapping)                          # into the paged pool, layer ``l``
+    attn = per-sequence causal attention (prefill) | paged_attention (decode)
+    x = x + attn @ wo
+    x = x + silu(h2 @ w_gate) * (h2 @ w_up) @ w_down       # h2 = rms_norm(x), gate|up fused
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..backend import Backend
+from .config import ModelConfig
+from .layers import Rope, causal_attention, rms_norm, silu_mul, varlen_causal_attention, varlen_plan
+from .weights import ModelWeights
+
+
+@dataclass(slots=True)
+class PrefillBatch:
+    """Host metadata of a batched prefill: the new tokens of each sequence, concatenated.
+
+    ``num_cached[i]`` tokens of sequence ``i`` are already in the cache (a forked or shared prefix); its
+    ``seq_lens[i]`` new tokens sit at positions ``num_cached[i] ..`` and are written to ``slot_mapping``.
+    """
+
+    token_ids: np.ndarray  # [T] int
+    positions: np.ndarray  # [T] int
+    slot_mapping: np.ndarray  # [T] int64
+    seq_lens: list[int]
+    num_cached: list[int]
+    block_tables: list[list[int]]
+
+    def __post_init__(self):
+        total = sum(self.seq_lens)
+        if not len(self.token_ids) == len(self.positions) == len(self.slot_mapping) == total:
+            raise ValueError(f"prefill batch: {len(self.token_ids)} tokens, {len(self.positions)} positions, "
+                             f"{len(self.slot_mapping)} slots, seq_lens sum {total}")
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """Device metadata of a batched decode step (one new token per sequence)."""
+
+    token_ids: object  # [B] int
+    positions: object  # [B] int
+    slot_mapping: object  # [B] int64
+    block_tables: object  # [B, max_blocks] int32
+    context_lens: object  # [B] int32, the new token included
+
+
+class ElementwiseOps:
+    """RMSNorm, q/k/v split + bias + RoPE, SwiGLU, written with plain array operations (any backend)."""
+
+    def __init__(self, config: ModelConfig, rope: Rope):
+        self.config, self.rope = config, rope
+
+    def norm(self, x, weight):
+        return rms_norm(x, weight, self.config.rms_norm_eps)
+
+    def qkv_rope(self, qkv, bias, positions):
+        """Split ``qkv`` [T, qkv_size] into contiguous q [T, Hq, D], k, v [T, Hkv, D]; rotate q and k."""
+        c = self.config
+        if bias is not None:
+            qkv = qkv + bias
+        nq, nkv, d = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.head_dim
+        q = self.rope(qkv[:, :nq].reshape(-1, c.num_heads, d), positions)
+        k = self.rope(qkv[:, nq:nq + nkv].reshape(-1, c.num_kv_heads, d), positions)
+        v = qkv[:, nq + nkv:].reshape(-1, c.num_kv_heads, d).copy()
+        return q, k, v
+
+    def act(self, gate_up):
+        return silu_mul(gate_up)
+
+
+class LlamaModel:
+    """A decoder of the Llama architecture (Llama, Qwen2) whose attention reads the paged KV cache.
+
+    Args:
+        config: the model shapes; weights: on ``backend``, in one dtype.
+        max_positions: rotary tables are built for positions ``[0, max_positions)``.
+        fused: on a GPU, use fused elementwise kernels (``pagedkv.model.fused``) when they self-check.
+    """
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend, *,
+                 max_positions: int | None = None, fused: bool = True):
+        self.config, self.weights, self.backend, self.xp = config, weights, backend, backend.xp
+        self.dtype = np.dtype(weights.embed.dtype)
+        self.rope = Rope(config.head_dim, config.rope_theta, max_positions or config.max_position_embeddings,
+                         self.xp, config.rope_llama3_scaling)
+        self.scale = config.head_dim ** -0.5
+        self.ops = ElementwiseOps(config, self.rope)
+        self.fused_error = None
+        if backend.is_gpu and fused:
+            from .fused import make_fused_ops
+
+            self.ops, self.fused_error = make_fused_ops(config, self.rope, self.dtype, self.ops)
+        self.check = not backend.is_gpu  # NOTE: range checks sync the GPU; the engine's metadata is trusted
+
+    # ----------------------------------------------------------------------------------------- prefill
+    def prefill(self, batch: PrefillBatch, kv_cache):
+        """Run the new tokens of each sequence, write their K/V, return logits of each last token [B, vocab]."""
+        xp = self.xp
+        positions = xp.asarray(np.asarray(batch.positions, dtype=np.int64))
+        slots = xp.asarray(np.asarray(batch.slot_mapping, dtype=np.int64))
+        x = self.weights.embed[xp.asarray(np.asarray(batch.token_ids, dtype=np.int64))]
+        starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int64)
+
+        c = self.config
+        plan = None if any(batch.num_cached) else varlen_plan(batch.seq_lens, c.num_heads, c.num_kv_heads, xp)
+
+        def attend(layer, q, k, v):
+            if plan is not None:
+                return varlen_causal_attention(q, k, v, plan, self.scale)
+            out = xp.empty_like(q)
+            for i, (a, b) in enumerate(itertools.pairwise(starts)):
+                if batch.num_cached[i]:
+                    ctx = batch.num_cached[i] + batch.seq_lens[i]
+                    kc, vc = kv_cache.gather(layer, batch.block_tables[i], ctx)
+                else:
+                    kc, vc = k[a:b], v[a:b]
+                out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
+            return out
+
+        x = self._layers(x, positions, slots, kv_cache, attend)
+        return self._logits(x[xp.asarray(starts[1:] - 1)])
+
+    # ------------------------------------------------------------------------------------------ decode
+    def decode(self, batch: DecodeBatch, kv_cache):
+        """One token per sequence through the paged cache; returns logits [B, vocab] (model dtype)."""
+        def attend(layer, q, k, v):
+            return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
+                                       batch.context_lens, scale=self.scale, check=self.check)
+
+        x = self.weights.embed[batch.token_ids]
+        x = self._layers(x, batch.positions, batch.slot_mapping, kv_cache, attend)
+        return self._logits(x)
+
+    # ---------------------------------------------------------------------------------------- shared
+    def _layers(self, x, positions, slots, kv_cache, attend):
+        c = self.config
+        for layer, lw in enumerate(self.weights.layers):
+            h = self.ops.norm(x, lw.input_norm)
+            q, k, v = self.ops.qkv_rope(h @ lw.wqkv, lw.bqkv, positions)
+            ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check)
+            attn = attend(layer, q, k, v)
+            x = x + attn.reshape(-1, c.num_heads * c.head_dim) @ lw.wo
+            h = self.ops.norm(x, lw.post_norm)
+            x = x + self.ops.act(h @ lw.w_gate_up) @ lw.w_down
+        return x
+
+    def _logits(self, x):
+        return self.ops.norm(x, self.weights.final_norm) @ self.weights.lm_head

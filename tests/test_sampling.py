@@ -1,0 +1,52 @@
+"""SamplingParams validation and the sampler's distributions."""
+import numpy as np
+import pytest
+
+from pagedkv.engine.sampling import SamplingParams, probabilities, sample
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n": 0}, "n must be"), ({"n": 1.5}, "n must be"), ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -3}, "max_tokens"), ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": 2.5}, "top_k"), ({"seed": -1}, "seed"),
+])
+def test_bad_sampling_params_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_greedy_is_argmax_and_draws_nothing():
+    logits = np.array([0.1, 3.0, -1.0, 2.9])
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert sample(logits, SamplingParams(temperature=0), rng) == 1
+    assert rng.bit_generator.state == state
+
+
+def test_top_k_and_top_p_filter():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    p = probabilities(logits, SamplingParams(top_k=2))
+    np.testing.assert_allclose(p, [0.625, 0.375, 0, 0])
+    p = probabilities(logits, SamplingParams(top_p=0.79))  # smallest prefix with mass >= 0.79
+    np.testing.assert_allclose(p, [0.625, 0.375, 0, 0])
+    p = probabilities(logits, SamplingParams(top_p=0.81))
+    np.testing.assert_allclose(p, np.array([0.5, 0.3, 0.15, 0]) / 0.95)
+    assert sample(logits, SamplingParams(top_k=1), np.random.default_rng(1)) == 0
+    assert sample(logits, SamplingParams(top_p=0.01), np.random.default_rng(1)) == 0
+
+
+def test_temperature_sharpens_and_sampling_follows_the_distribution():
+    logits = np.array([1.0, 2.0, 0.0])
+    cold, hot = (probabilities(logits, SamplingParams(temperature=t)) for t in (0.5, 2.0))
+    assert cold[1] > hot[1]
+    rng = np.random.default_rng(0)
+    draws = np.bincount([sample(logits, SamplingParams(), rng) for _ in range(4000)], minlength=3) / 4000
+    np.testing.assert_allclose(draws, probabilities(logits, SamplingParams()), atol=0.03)
+
+
+def test_seeded_rngs_are_reproducible_and_independent_per_branch():
+    a, b = SamplingParams(n=3, seed=7).rngs(), SamplingParams(n=3, seed=7).rngs()
+    ra = [[g.random() for _ in range(3)] for g in a]
+    assert ra == [[g.random() for _ in range(3)] for g in b]
+    assert ra[0] != ra[1]
