@@ -74,6 +74,7 @@ def run_w1(engine: LLMEngine, prompts, output_lens) -> dict:
     assert all(len(o.outputs[0].token_ids) == n for o, n in zip(outs, output_lens))
     return {"wall_s": wall, "useful_tokens": sum(output_lens), "useful_tokens_per_s": sum(output_lens) / wall,
             **delta, "graph_error": engine.graph_error, "fused_error": engine.model.fused_error,
+            "gemm_error": engine.model.gemm_error,
             "tokens": [o.outputs[0].token_ids for o in outs]}
 
 
@@ -93,7 +94,7 @@ def bandwidth_gbs(xp) -> float:
 
 
 def gpu_time(xp, fn, reps: int = 10) -> float:
-    """Median seconds of ``fn`` measured with CUDA events."""
+    """Median seconds of ``fn`` measured with CUDA events (host launch gaps included)."""
     start, end = xp.cuda.Event(), xp.cuda.Event()
     fn()
     times = []
@@ -104,6 +105,32 @@ def gpu_time(xp, fn, reps: int = 10) -> float:
         end.synchronize()
         times.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
     return float(np.median(times))
+
+
+def graph_time(xp, fn, reps: int = 10) -> float | None:
+    """Median seconds of ``fn`` replayed as one CUDA graph (the GPU's own time, no launch gaps);
+    None when ``fn`` cannot be captured."""
+    stream = xp.cuda.Stream(non_blocking=True)
+    try:
+        with stream:
+            fn()
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                fn()
+            finally:
+                graph = stream.end_capture()
+    except Exception:
+        return None
+    start, end = xp.cuda.Event(), xp.cuda.Event()
+    times = []
+    for _ in range(reps + 1):
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(xp.cuda.get_elapsed_time(start, end) / 1e3)
+    return float(np.median(times[1:]))
 
 
 def _running_decode_inputs(engine: LLMEngine):
@@ -120,10 +147,12 @@ def _gemms(engine: LLMEngine, batch: int):
     a = xp.ones((batch, c.num_heads * c.head_dim), dtype=engine.model.dtype)
     g = xp.ones((batch, c.intermediate_size), dtype=engine.model.dtype)
 
+    mm = engine.model.matmul
+
     def run():
         for lw in w.layers:
-            x @ lw.wqkv, a @ lw.wo, x @ lw.w_gate_up, g @ lw.w_down
-        x @ w.lm_head
+            mm(x, lw.wqkv), mm(a, lw.wo), mm(x, lw.w_gate_up), mm(g, lw.w_down)
+        mm(x, w.lm_head)
     return run
 
 
@@ -138,6 +167,34 @@ def _attention(engine: LLMEngine, batch):
             ops.paged_attention(q, kv.k_cache(layer), kv.v_cache(layer), batch.block_tables, batch.context_lens,
                                 check=False)
     return run
+
+
+def profile_prefill(engine: LLMEngine, prompts) -> dict:
+    """One prefill forward of ``prompts`` (CUDA events), and the share of its causal attention."""
+    from pagedkv.model import PrefillBatch
+    from pagedkv.model.layers import varlen_causal_attention, varlen_plan
+
+    xp, m, c = engine.backend.xp, engine.manager, engine.model_config
+    seq_ids = [m.add_sequence(len(p)) for p in prompts]
+    try:
+        lens = [len(p) for p in prompts]
+        batch = PrefillBatch(token_ids=np.concatenate(prompts), positions=np.concatenate([np.arange(n) for n in lens]),
+                             slot_mapping=np.concatenate([m.slots(s, 0, n) for s, n in zip(seq_ids, lens)]),
+                             seq_lens=lens, num_cached=[0] * len(lens), block_tables=[m.block_table(s) for s in seq_ids])
+        forward = gpu_time(xp, lambda: engine.model.prefill(batch, engine.kv_cache), reps=3)
+        total = sum(lens)
+        q = xp.ones((total, c.num_heads, c.head_dim), dtype=engine.model.dtype)
+        kv = xp.ones((total, c.num_kv_heads, c.head_dim), dtype=engine.model.dtype)
+
+        def attention():
+            plan = varlen_plan(lens, c.num_heads, c.num_kv_heads, xp)
+            for _ in range(c.num_layers):
+                varlen_causal_attention(q, kv, kv, plan, engine.model.scale)
+        return {"prefill_tokens": total, "prefill_forward_s": forward,
+                "prefill_attention_s": gpu_time(xp, attention, reps=3)}
+    finally:
+        for s in seq_ids:
+            m.free_sequence(s)
 
 
 def profile_decode(engine: LLMEngine, prompts, steps: int, bandwidth) -> dict:
@@ -166,6 +223,9 @@ def profile_decode(engine: LLMEngine, prompts, steps: int, bandwidth) -> dict:
             out["graph_forward_gpu_s"] = gpu_time(xp, lambda: engine.graphs.run(tokens, lens, tables, slots))
         out["gemm_gpu_s"] = gpu_time(xp, _gemms(engine, len(tokens)))
         out["attention_gpu_s"] = gpu_time(xp, _attention(engine, batch))
+        for name, fn in (("forward", lambda: model.decode(batch, engine.kv_cache)), ("gemm", _gemms(engine, len(tokens))),
+                         ("attention", _attention(engine, batch))):
+            out[f"{name}_graph_gpu_s"] = graph_time(xp, fn)  # GPU time alone (None: not capturable)
         issue = []
         for _ in range(10):
             sync(engine)
@@ -241,6 +301,8 @@ def main(argv=None):
             if mode == "continuous":
                 steps = min(PROFILE_STEPS, args.max_len // 8)
                 runs[name]["profile"] = profile_decode(engine, prompts[:128], steps, bandwidth)
+                if engine.backend.is_gpu:
+                    runs[name]["profile"].update(profile_prefill(engine, prompts[:48]))
         except Exception:
             traceback.print_exc()
             runs.setdefault(name, {"error": traceback.format_exc(limit=3)})

@@ -204,13 +204,13 @@ def main(argv=None) -> int:
     group.add_argument("--throughput-json", metavar="PATH", help="a throughput JSON")
     p.add_argument("--out", required=True, metavar="PATH", help="the PNG to write")
     args = p.parse_args(argv)
-    check_available("--out")
     flag, src = next((f, v) for f, v in (("--kernel-json", args.kernel_json), ("--memory-json", args.memory_json),
                                          ("--throughput-json", args.throughput_json)) if v)
     try:
         payload = json.loads(Path(src).read_text())
     except (OSError, ValueError) as exc:
         raise cli.FlagError(f"{flag} must be a readable JSON file, got {src} ({type(exc).__name__})") from None
+    check_available("--out")  # NOTE: after the input check, so a bad path is reported the same with or without it
     draw = {"--kernel-json": kernel_bandwidth, "--memory-json": memory_share, "--throughput-json": throughput}[flag]
     print(f"wrote {draw(payload, args.out)}")
     return 0

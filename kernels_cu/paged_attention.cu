@@ -408,37 +408,70 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 //   out                         [batch, num_qo_heads, HEAD_DIM]
 //   part_out, part_max, part_sum: as written by paged_attention_v2_kernel
 //   only the first ceil(context_len / partition_tokens) partitions of a sequence are read
-// grid: (num_qo_heads, batch), block: 128, dynamic shared memory: num_partitions floats
+// grid: (num_qo_heads, batch), block: PAGEDKV_REDUCE_THREADS, dynamic shared memory: num_partitions floats
+//
+//   out = sum_p w_p * part_out[p] / sum_p w_p * part_sum[p],   w_p = exp2(part_max[p] - max_p part_max[p])
+//
+// Thread layout of the weighted sum: TPR = HEAD_DIM / 4 threads read one partition's row with 16-byte
+// loads; the block reads RPB = THREADS / TPR partitions at once (8 for HEAD_DIM 128), so a 64-partition
+// merge waits out a few memory latencies, not 64. The RPB partial sums meet in shared memory at the end.
 // ================================================================================================
+#define PAGEDKV_REDUCE_THREADS 256
+
 template <int DT, int HEAD_DIM>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(PAGEDKV_REDUCE_THREADS)
 paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const float* __restrict__ part_out,
                                  const float* __restrict__ part_max, const float* __restrict__ part_sum,
                                  const int* __restrict__ context_lens, int num_qo_heads, int num_partitions,
                                  int partition_tokens) {
-  extern __shared__ float s_w[];
+  constexpr int TPR = HEAD_DIM / 4, RPB = PAGEDKV_REDUCE_THREADS / TPR;
+  static_assert(HEAD_DIM % 4 == 0 && PAGEDKV_REDUCE_THREADS % TPR == 0, "a row must split into float4s");
+  extern __shared__ float s_w[];  // [num_partitions] weights w_p
   __shared__ float s_red[32];
-  const int head = blockIdx.x, seq = blockIdx.y;
+  __shared__ float4 s_acc[RPB][TPR];
+  const int head = blockIdx.x, seq = blockIdx.y, tid = threadIdx.x;
   const long long head_row = (long long)seq * num_qo_heads + head;
   const int n = (context_lens[seq] + partition_tokens - 1) / partition_tokens;
   const float* pm = part_max + head_row * num_partitions;
   const float* ps = part_sum + head_row * num_partitions;
 
+  // global max over the partitions, then each partition's weight and the total sum
   float m = PAGEDKV_NEG_INF;
-  for (int p = threadIdx.x; p < n; p += blockDim.x) m = fmaxf(m, pm[p]);
+  for (int p = tid; p < n; p += PAGEDKV_REDUCE_THREADS) m = fmaxf(m, pm[p]);
   m = pagedkv::block_reduce<true>(m, s_red);
   float l = 0.f;
-  for (int p = threadIdx.x; p < n; p += blockDim.x) {
+  for (int p = tid; p < n; p += PAGEDKV_REDUCE_THREADS) {
     const float w = exp2f(pm[p] - m);
     s_w[p] = w;
     l += w * ps[p];
   }
   const float inv_l = 1.f / pagedkv::block_reduce<false>(l, s_red);  // its barriers also publish s_w
-  for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 8  // NOTE: 8 independent loads in flight; a plain loop waits out one L2 latency per partition
-    for (int p = 0; p < n; ++p) acc += s_w[p] * part_out[(head_row * num_partitions + p) * HEAD_DIM + d];
-    out[head_row * HEAD_DIM + d] = KV<DT>::from_float(acc * inv_l);
+
+  // weighted sum of the partial outputs: thread (r, c) adds columns 4c..4c+3 of partitions r, r + RPB, ...
+  const int r = tid / TPR, c = tid % TPR;
+  const float4* rows = reinterpret_cast<const float4*>(part_out + head_row * num_partitions * HEAD_DIM) + c;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4  // NOTE: independent loads in flight; the partitions' order of summation is fixed
+  for (int p = r; p < n; p += RPB) {
+    const float w = s_w[p];
+    const float4 x = rows[(long long)p * TPR];
+    acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
+    acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+  }
+  s_acc[r][c] = acc;
+  __syncthreads();
+  if (tid < TPR) {
+    float4 sum = s_acc[0][tid];
+#pragma unroll
+    for (int i = 1; i < RPB; ++i) {
+      const float4 x = s_acc[i][tid];
+      sum.x += x.x; sum.y += x.y; sum.z += x.z; sum.w += x.w;
+    }
+    typename KV<DT>::T* o = out + head_row * HEAD_DIM + 4 * tid;
+    o[0] = KV<DT>::from_float(sum.x * inv_l);
+    o[1] = KV<DT>::from_float(sum.y * inv_l);
+    o[2] = KV<DT>::from_float(sum.z * inv_l);
+    o[3] = KV<DT>::from_float(sum.w * inv_l);
   }
 }
 

@@ -23,6 +23,7 @@ import numpy as np
 HEAD_DIMS = (64, 128, 256)
 GROUP_TILES = (1, 2, 4, 8)  # query heads per v2 thread block (template parameter GT)
 V2_THREADS = 128
+REDUCE_THREADS = 256  # PAGEDKV_REDUCE_THREADS in paged_attention.cu
 V2_TILE_BYTES = 4096  # defaults of PAGEDKV_V2_TILE_BYTES / PAGEDKV_V2_STAGES in paged_attention.cu
 V2_STAGES = 4
 MIN_PARTITION_TOKENS = 256  # split-K never cuts a context into pieces shorter than this
@@ -129,7 +130,8 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
     capacity = max_blocks * block_size
     if max_blocks == 0:
         raise ValueError("block_tables has 0 columns: no context fits")
-    bad = cupy.full(2, _U64_MAX, dtype=cupy.uint64)
+    bad = cupy.empty(2, dtype=cupy.uint64)
+    cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, bad.nbytes, cupy.cuda.get_current_stream().ptr)  # UINT64_MAX
     total = batch * max_blocks
     grid = min(max(1, -(-total // 256)), 4 * num_sms(cupy.cuda.Device().id))
     _attention_kernel("check", dt, head_dim)((grid,), (256,), (
@@ -230,22 +232,37 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         out = cupy.empty(q.shape, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
-    if check:
-        check_block_tables(block_tables, context_lens, num_blocks, block_size, dt, head_dim)
     if batch == 0:
+        if check:
+            check_block_tables(block_tables, context_lens, num_blocks, block_size, dt, head_dim)
         return out
     scale = head_dim**-0.5 if scale is None else float(scale)
-    log2_bs = cupy.int32(block_size.bit_length() - 1)
-    max_blocks = block_tables.shape[1]
     if version == 1:
-        logits = cupy.empty((batch, num_qo_heads, max_blocks * block_size), dtype=cupy.float32)
-        _attention_kernel("v1", dt, head_dim)((num_qo_heads, batch), (128,), (
-            out, logits, q, k_cache, v_cache, block_tables, context_lens, cupy.int32(num_qo_heads),
-            cupy.int32(num_kv_heads), log2_bs, cupy.int32(max_blocks), cupy.float32(scale)))
-        return out
-    _launch_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
-               tile_bytes, stages, extra_defines)
+        launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
+    else:
+        launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
+                             tile_bytes, stages, extra_defines)
+    # NOTE: the range check makes the host wait for the GPU, so every host-side step of the launch (plan,
+    # scratch buffers) is done before it: only the launch itself follows the wait.
+    if check:
+        check_block_tables(block_tables, context_lens, num_blocks, block_size, dt, head_dim)
+    launch()
     return out
+
+
+def _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt):
+    """Kernel 1's launch as a closure (scratch logits allocated now)."""
+    import cupy
+
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    batch, num_qo_heads, _ = q.shape
+    max_blocks = block_tables.shape[1]
+    logits = cupy.empty((batch, num_qo_heads, max_blocks * block_size), dtype=cupy.float32)
+    kernel = _attention_kernel("v1", dt, head_dim)
+    args = (out, logits, q, k_cache, v_cache, block_tables, context_lens, cupy.int32(num_qo_heads),
+            cupy.int32(num_kv_heads), cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
+            cupy.float32(scale))
+    return lambda: kernel((num_qo_heads, batch), (128,), args)
 
 
 def v2_launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, num_partitions=None,
@@ -276,8 +293,9 @@ def v2_launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, num_partition
             "part_tokens": part_tokens, "smem": smem, "resident_ctas": resident, "num_regs": kernel.num_regs}
 
 
-def _launch_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
-               tile_bytes, stages, extra_defines=()):
+def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
+                tile_bytes, stages, extra_defines=()):
+    """Kernel 2's launch (and the split-K merge when the plan splits) as a closure."""
     import cupy
 
     _, num_kv_heads, block_size, head_dim = k_cache.shape
@@ -292,15 +310,21 @@ def _launch_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, 
         part_out = cupy.empty((batch, num_qo_heads, parts, head_dim), dtype=cupy.float32)
         part_max = cupy.empty((batch, num_qo_heads, parts), dtype=cupy.float32)
         part_sum = cupy.empty((batch, num_qo_heads, parts), dtype=cupy.float32)
-    plan["kernel"]((parts, num_kv_heads * plan["q_tiles"], batch), (V2_THREADS,), (
-        out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, context_lens,
-        cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
-        cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.int32(plan["part_tokens"]),
-        cupy.float32(scale * math.log2(math.e))), shared_mem=plan["smem"])
-    if parts > 1:
-        _attention_kernel("reduce", dt, head_dim, 0, tile_bytes, stages, extra_defines)((num_qo_heads, batch), (128,), (
-            out, part_out, part_max, part_sum, context_lens, cupy.int32(num_qo_heads), cupy.int32(parts),
-            cupy.int32(plan["part_tokens"])), shared_mem=4 * parts)
+    main_args = (out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, context_lens,
+                 cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
+                 cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.int32(plan["part_tokens"]),
+                 cupy.float32(scale * math.log2(math.e)))
+    grid = (parts, num_kv_heads * plan["q_tiles"], batch)
+    if parts == 1:
+        return lambda: plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
+    reduce = _attention_kernel("reduce", dt, head_dim, 0, tile_bytes, stages, extra_defines)
+    reduce_args = (out, part_out, part_max, part_sum, context_lens, cupy.int32(num_qo_heads), cupy.int32(parts),
+                   cupy.int32(plan["part_tokens"]))
+
+    def launch():
+        plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
+        reduce((num_qo_heads, batch), (REDUCE_THREADS,), reduce_args, shared_mem=4 * parts)
+    return launch
 
 
 # ---- cache ops ------------------------------------------------------------------------------------

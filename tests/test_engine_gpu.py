@@ -70,7 +70,7 @@ def test_greedy_tokens_match_transformers(tmp_path, arch, cuda_graph):
                                                               cuda_graph=cuda_graph))
     assert engine.model.config.qkv_bias == (arch == "qwen2")
     assert (engine.model.config.rope_llama3_scaling is not None) == (arch == "llama3-rope")
-    assert engine.model.fused_error is None
+    assert engine.model.fused_error is None and engine.model.gemm_error is None
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     outs = engine.generate(prompts, params, progress=False)
     assert engine.graph_error is None

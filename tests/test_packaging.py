@@ -31,7 +31,7 @@ def test_installed_distribution_ships_the_cu_files(tmp_path):
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout)
     installed = Path(found["package"]).resolve().parent
-    if REPO in installed.parents or installed == REPO / "pagedkv":
+    if installed == REPO / "pagedkv":
         pytest.skip("pagedkv is installed in editable mode: it reads kernels_cu/ from the checkout")
     assert Path(found["folder"]) == installed / "kernels_cu", found  # importable as pagedkv.kernels_cu
     missing = [name for name in sources if name not in found["files"]]

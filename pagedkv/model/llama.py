@@ -13,6 +13,7 @@ sequence)::
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,9 @@ class LlamaModel:
         config: the model shapes; weights: on ``backend``, in one dtype.
         max_positions: rotary tables are built for positions ``[0, max_positions)``.
         fused: on a GPU, use fused elementwise kernels (``pagedkv.model.fused``) when they self-check.
+
+    On a GPU the matrix products go through :mod:`pagedkv.model.cublas` (capturable into CUDA graphs) when it
+    loads and self-checks; ``gemm_error`` / ``fused_error`` say why a fallback was taken (None: none was).
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend, *,
@@ -103,6 +107,11 @@ class LlamaModel:
             from .fused import make_fused_ops
 
             self.ops, self.fused_error = make_fused_ops(config, self.rope, self.dtype, self.ops)
+        self.matmul, self.gemm_error = operator.matmul, None
+        if backend.is_gpu:
+            from .cublas import make_gemm
+
+            self.matmul, self.gemm_error = make_gemm(self.dtype)
         self.check = not backend.is_gpu  # NOTE: range checks sync the GPU; the engine's metadata is trusted
 
     # ----------------------------------------------------------------------------------------- prefill
@@ -149,13 +158,13 @@ class LlamaModel:
         c = self.config
         for layer, lw in enumerate(self.weights.layers):
             h = self.ops.norm(x, lw.input_norm)
-            q, k, v = self.ops.qkv_rope(h @ lw.wqkv, lw.bqkv, positions)
+            q, k, v = self.ops.qkv_rope(self.matmul(h, lw.wqkv), lw.bqkv, positions)
             ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check)
             attn = attend(layer, q, k, v)
-            x = x + attn.reshape(-1, c.num_heads * c.head_dim) @ lw.wo
+            x = x + self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo)
             h = self.ops.norm(x, lw.post_norm)
-            x = x + self.ops.act(h @ lw.w_gate_up) @ lw.w_down
+            x = x + self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down)
         return x
 
     def _logits(self, x):
-        return self.ops.norm(x, self.weights.final_norm) @ self.weights.lm_head
+        return self.matmul(self.ops.norm(x, self.weights.final_norm), self.weights.lm_head)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Every GPU run of the project, in named stages, for one device call (from the repository root):
+#
+#   bash experiments/gpu_run.sh STAGE...        e.g.  bash experiments/gpu_run.sh probe ktests kbench
+#
+# Stages (each under its own time limit, seconds, override with T_<STAGE>=...):
+#   probe       GPU, driver, CuPy / torch / transformers versions, tools on the PATH
+#   ktests      pytest -m gpu tests/test_kernels.py (the full grid; 4 workers share the GPU)
+#   sanitize    compute-sanitizer memcheck and racecheck over tests/test_kernels.py on the reduced grid
+#   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
+#   ncu         Nsight Compute on kernel 2 (and the split-K merge) for cases 32 x 8192 and 1 x 32768
+#   etests      pytest -m gpu tests/test_gemm_gpu.py tests/test_engine_gpu.py (cuBLAS capture, transformers parity)
+#   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16)
+#   memory      python -m experiments.memory_share at full size
+#   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
+#   plots       the PNGs of docs/ from the JSON of this run
+# Logs go to $OUT/<stage>.log; at the end every log, JSON and PNG of the run is packed into $OUT/results.tgz
+# (the device tool brings back at most 8 files). Exit status: 1 if any stage failed or ran out of time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/pagedkv_gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT/logs" benchmarks/results docs
+status=0
+
+run() {  # run STAGE LIMIT CMD...: one command, its output tee'd to $OUT/logs/STAGE.log
+    local stage=$1 limit=$2
+    shift 2
+    echo "=== $stage: $* (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$OUT/logs/$stage.log"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/logs/$stage.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $stage: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/logs/$stage.log" "$OUT/logs/summary.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+plot() {  # plot FLAG JSON PNG
+    [ -f "$2" ] && run plots 60 "$PY" -m experiments.plots "$1" "$2" --out "$3"
+}
+
+for stage in "$@"; do
+    case $stage in
+    probe)
+        run probe 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem --format=csv;
+            $PY -c 'import cupy, numpy, torch, transformers; print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__, \"transformers\", transformers.__version__)';
+            which compute-sanitizer ncu nvcc; nproc" ;;
+    ktests)
+        run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider -n 4 \
+            --durations=10 -rs ;;
+    sanitize)
+        for tool in memcheck racecheck; do
+            PAGEDKV_SANITIZER_GRID=1 run "$tool" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
+                "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
+                -k 'grid or hypothesis or exact or errors'
+        done ;;
+    kbench)
+        run kbench "${T_KBENCH:-240}" "$PY" -m experiments.kernel_bench ;;
+    ncu)
+        for case in "32 8192 32 8" "1 32768 32 8"; do
+            run "ncu_${case// /_}" "${T_NCU:-90}" ncu --clock-control none --kernel-name regex:paged_attention_v2 \
+                --launch-skip 8 --launch-count 2 --section SpeedOfLight --section Occupancy \
+                --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" -c "
+import cupy, numpy as np
+from experiments.kernel_bench import build_case
+from pagedkv import kernels
+q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), *map(int, '$case'.split()))
+for _ in range(6): kernels.paged_attention(q, k, v, bt, cl, check=False)
+cupy.cuda.runtime.deviceSynchronize()"
+        done ;;
+    etests)
+        run etests "${T_ETESTS:-180}" "$PY" -m pytest -m gpu tests/test_gemm_gpu.py tests/test_engine_gpu.py -q -p no:cacheprovider -rs ;;
+    ebench)
+        run ebench "${T_EBENCH:-240}" "$PY" -m experiments.engine_bench --device gpu --static \
+            --json benchmarks/results/engine_bench_gpu.json ;;
+    memory)
+        # llama-1b's K/V shape (16 layers x 8 KV heads x 64, fp16) really allocated for every request
+        run memory "${T_MEMORY:-150}" "$PY" -m experiments.memory_share --device gpu --dtype float16 \
+            --block-size 16 --num-requests 256 --prompt-len 4000 --suffix-len 32 --gen-len 128 --num-branches 64 \
+            --json benchmarks/results/memory_share_gpu.json ;;
+    throughput)
+        for workload in w1 longtail; do
+            run "throughput_$workload" "${T_THROUGHPUT:-150}" "$PY" -m experiments.throughput --device gpu \
+                --model llama-1b --dtype float16 --workload "$workload" --num-requests 128 --scale 1 \
+                --kv-budget-mb 512 --max-num-seqs 256 --block-size 16 --cuda-graph on \
+                --json "benchmarks/results/throughput_${workload}_gpu.json"
+        done ;;
+    plots)
+        plot --memory-json benchmarks/results/memory_share_gpu.json docs/memory_share.png
+        plot --throughput-json benchmarks/results/throughput_w1_gpu.json docs/throughput_w1.png
+        plot --throughput-json benchmarks/results/throughput_longtail_gpu.json docs/throughput_longtail.png
+        kernel_json=$(ls -t benchmarks/results/kernel_bench_*.json 2>/dev/null | head -1)
+        [ -n "$kernel_json" ] && plot --kernel-json "$kernel_json" docs/kernel_bandwidth.png ;;
+    *)
+        echo "unknown stage $stage" | tee -a "$OUT/logs/summary.log"; status=1 ;;
+    esac
+done
+
+# NOTE: one archive, so that every log, JSON and PNG comes back (the device tool returns at most 8 files)
+tar czf "$OUT/results.tgz" -C "$OUT" logs -C "$PWD" benchmarks/results docs && cp "$OUT/logs/summary.log" "$OUT/" \
+    && rm -rf "$OUT/logs"
+cat "$OUT/summary.log" 2>/dev/null || cat "$OUT/logs/summary.log"
+exit "$status"
