@@ -13,6 +13,7 @@
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16)
 #   memory      python -m experiments.memory_share at full size
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
+#   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   plots       the PNGs of docs/ from the JSON of this run
 # Logs go to $OUT/<stage>.log; at the end every log, JSON and PNG of the run is packed into $OUT/results.tgz
 # (the device tool brings back at most 8 files). Exit status: 1 if any stage failed or ran out of time.
@@ -76,7 +77,7 @@ cupy.cuda.runtime.deviceSynchronize()"
     memory)
         # llama-1b's K/V shape (16 layers x 8 KV heads x 64, fp16) really allocated for every request
         run memory "${T_MEMORY:-150}" "$PY" -m experiments.memory_share --device gpu --dtype float16 \
-            --block-size 16 --num-requests 256 --prompt-len 4000 --suffix-len 32 --gen-len 128 --num-branches 64 \
+            --block-size 16 --num-requests 256 --prompt-len 4010 --suffix-len 32 --gen-len 128 --num-branches 64 \
             --json benchmarks/results/memory_share_gpu.json ;;
     throughput)
         for workload in w1 longtail; do
@@ -85,6 +86,11 @@ cupy.cuda.runtime.deviceSynchronize()"
                 --kv-budget-mb 512 --max-num-seqs 256 --block-size 16 --cuda-graph on \
                 --json "benchmarks/results/throughput_${workload}_gpu.json"
         done ;;
+    unpadded)
+        run throughput_w1_unpadded "${T_THROUGHPUT:-150}" "$PY" -m experiments.throughput --device gpu \
+            --model llama-1b --dtype float16 --workload w1 --num-requests 128 --scale 1 --kv-budget-mb 512 \
+            --max-num-seqs 256 --block-size 16 --cuda-graph on --static-padding off \
+            --json benchmarks/results/throughput_w1_unpadded_gpu.json ;;
     plots)
         plot --memory-json benchmarks/results/memory_share_gpu.json docs/memory_share.png
         plot --throughput-json benchmarks/results/throughput_w1_gpu.json docs/throughput_w1.png

@@ -1,7 +1,9 @@
 """throughput: static vs continuous batching of the same requests under the same KV memory budget.
 
-    static       fixed batches in arrival order; each request reserves prompt + max_tokens up front and the
-                 batch runs until its longest request ends (finished requests keep their memory until then)
+    static       fixed batches in arrival order; memory reserved up front as a dense [batch, max_len] KV tensor
+                 does: every request of a batch holds the batch's longest prompt + max_tokens (--static-padding
+                 off: only its own), and the batch runs until its longest request ends (finished requests keep
+                 their memory until then)
     continuous   pages on demand; a finished request frees its blocks at once and a waiting one takes its place
                  (iteration-level batching, preemption by recompute when a block is missing)
 
@@ -124,6 +126,7 @@ def engine_config(mode: str, args, workload: Workload):
     from pagedkv.engine import EngineConfig
 
     extra = {"cuda_graph": True} if args.cuda_graph == "on" else {}
+    extra["static_padding"] = args.static_padding == "on"
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
                         block_size=args.block_size, kv_memory_bytes=args.kv_budget_bytes,
                         max_num_seqs=args.max_num_seqs, max_model_len=workload.max_len,
@@ -225,6 +228,9 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in a batch, both modes (default 256)")
     p.add_argument("--block-size", type=int, default=16, help="8 | 16 | 32 (default 16)")
     p.add_argument("--cuda-graph", default="off", help="off | on: replay decode steps as CUDA graphs (GPU)")
+    p.add_argument("--static-padding", default="on",
+                   help="on | off: a static batch reserves the batch's longest length for every request (on, as a "
+                        "dense [batch, max_len] cache does) or each request's own (default on)")
     cli.add_common(p, dtype="auto")
     args = p.parse_args(argv)
     check_args(args)
@@ -245,6 +251,7 @@ def check_args(args) -> None:
     cli.in_range("--max-num-seqs", args.max_num_seqs, 1, 4096)
     cli.in_choices("--block-size", args.block_size, (8, 16, 32))
     cli.in_choices("--cuda-graph", args.cuda_graph, ("off", "on"))
+    cli.in_choices("--static-padding", args.static_padding, ("on", "off"))
     if args.kv_budget_mb is not None and args.kv_budget_bytes is not None:
         raise cli.FlagError("give --kv-budget-mb or --kv-budget-bytes, not both")
     if args.kv_budget_mb is not None:
@@ -327,7 +334,9 @@ def render_table(r: dict, args):
                        f"{w['output_len_max']} tokens (scale {args.scale:g}); KV pool "
                        f"{args.kv_budget_bytes / 2**20:.1f} MiB = {r['pool_token_slots']:,} token slots "
                        f"({r['pool_token_slots'] / need:.0%} of all requests at full length); max_num_seqs "
-                       f"{args.max_num_seqs}; decode: {r['modes']['continuous']['decode']}"))
+                       f"{args.max_num_seqs}; static reservations "
+                       f"{'padded to the batch longest' if args.static_padding == 'on' else 'per request'}; decode: "
+                       f"{r['modes']['continuous']['decode']}"))
     for col in ("metric", "static", "continuous", "continuous / static"):
         t.add_column(col, justify="left" if col == "metric" else "right")
     s, c = r["modes"]["static"], r["modes"]["continuous"]

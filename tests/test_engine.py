@@ -60,6 +60,34 @@ def test_static_batches_run_until_the_longest_finishes():
     assert prefill_steps == [1, 7]  # the third request waits for the whole first batch (6 tokens)
 
 
+@pytest.mark.parametrize("padding", [True, False])
+def test_static_reservations_padded_to_the_batch_longest_or_own_length(padding):
+    # block_size 4: request A needs 4 + 4 = 8 tokens (2 blocks), B 4 + 20 = 24 tokens (6 blocks)
+    eng = engine(num_blocks=10, scheduling="static", static_padding=padding, record_steps=True)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (4, 20)]
+    eng.add_request([1, 2, 3, 4], params[0])
+    eng.add_request([5, 6, 7, 8], params[1])
+    eng.step()
+    first = eng.step_metrics[0]
+    if padding:  # A padded to B's 24 tokens: 6 + 6 = 12 blocks > 10, so B waits for the next batch
+        assert (first.num_running, first.num_used_blocks) == (1, 2)
+    else:  # 2 + 6 = 8 blocks: both run at once
+        assert (first.num_running, first.num_used_blocks) == (2, 8)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.manager.block_manager.num_free_blocks == 10
+    assert tokens(eng.generate([[1, 2, 3, 4], [5, 6, 7, 8]], params, progress=False)) == \
+        tokens(engine().generate([[1, 2, 3, 4], [5, 6, 7, 8]], params, progress=False))
+
+
+def test_padded_static_batch_reserves_the_longest_for_every_request():
+    eng = engine(num_blocks=64, scheduling="static", record_steps=True)
+    eng.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]], [SamplingParams(temperature=0, max_tokens=m)
+                                                                for m in (2, 11)], progress=False)
+    # longest = 9 + 11 = 20 tokens = 5 blocks of 4, reserved by both requests
+    assert eng.step_metrics[0].num_used_blocks == 10
+
+
 def test_parallel_greedy_branches_are_identical_and_share_the_prompt():
     eng = engine()
     prompt = list(range(1, 9))  # two full blocks of 4

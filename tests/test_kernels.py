@@ -134,6 +134,8 @@ def test_attention_grid(dtype, head_dim, block_size, heads):
     lens = [1, block_size, block_size + 1, long]
     check_attention(rng, dtype, head_dim, block_size, heads, lens)
     check_attention(rng, dtype, head_dim, block_size, heads, lens, versions=(2,), num_partitions=1)
+    # forced split-K: three partitions, some past the end of the short sequences, merged by the reduce kernel
+    check_attention(rng, dtype, head_dim, block_size, heads, lens, versions=(2,), num_partitions=3)
 
 
 @pytest.mark.skipif(SANITIZER, reason="long contexts are skipped under compute-sanitizer")

@@ -39,10 +39,10 @@ def recompute_greedy(config, weights, prompt, num_tokens):
     return tokens[len(prompt):]
 
 
-def make(config_overrides=None, num_blocks=64, block_size=4, seed=0):
+def make(config_overrides=None, num_blocks=64, block_size=4, seed=0, paged_prefill=False):
     config = get_config("tiny", **(config_overrides or {}))
     weights = random_weights(config, seed=seed, dtype="float32", device="cpu")
-    model = LlamaModel(config, weights, CPU)
+    model = LlamaModel(config, weights, CPU, paged_prefill=paged_prefill)
     cache = KVCache(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, "float32", "cpu")
     return config, weights, model, PagedAttentionManager(cache)
 
@@ -71,15 +71,17 @@ def test_paged_incremental_greedy_equals_dense_recompute(overrides):
         assert out.outputs[0].token_ids == recompute_greedy(config, weights, prompt, 10)
 
 
-def test_prefill_logits_match_dense_forward():
-    config, weights, model, manager = make()
+@pytest.mark.parametrize("paged_prefill", [False, True], ids=["dense", "paged"])
+def test_prefill_logits_match_dense_forward(paged_prefill):
+    config, weights, model, manager = make(paged_prefill=paged_prefill)
     tokens = [5, 17, 200, 3, 3, 90, 41, 8, 77]
     _, logits = prefill(model, manager, tokens)
     np.testing.assert_allclose(logits[0], dense_forward(config, weights, tokens)[-1], rtol=1e-4, atol=1e-4)
 
 
-def test_prefill_over_a_forked_cached_prefix():
-    config, weights, model, manager = make()
+@pytest.mark.parametrize("paged_prefill", [False, True], ids=["dense", "paged"])
+def test_prefill_over_a_forked_cached_prefix(paged_prefill):
+    config, weights, model, manager = make(paged_prefill=paged_prefill)
     prefix, a, b = [9, 8, 7, 6, 5, 4], [11, 12, 13], [21, 22]
     parent, _ = prefill(model, manager, prefix)
     child = manager.fork_sequence(parent)
@@ -90,8 +92,9 @@ def test_prefill_over_a_forked_cached_prefix():
     assert manager.num_cow_copies == 1  # the shared partial block was copied once, for the first writer
 
 
-def test_batched_prefill_and_decode_match_dense():
-    config, weights, model, manager = make()
+@pytest.mark.parametrize("paged_prefill", [False, True], ids=["dense", "paged"])
+def test_batched_prefill_and_decode_match_dense(paged_prefill):
+    config, weights, model, manager = make(paged_prefill=paged_prefill)
     seqs = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16]]
     ids = [manager.add_sequence(len(s)) for s in seqs]
     batch = PrefillBatch(np.concatenate(seqs), np.concatenate([np.arange(len(s)) for s in seqs]),

@@ -14,7 +14,7 @@ class EngineConfig:
     The KV pool is sized by ``num_blocks`` or by ``kv_memory_bytes`` (K and V of every layer), never both;
     with neither, 1024 blocks on the CPU and 40% of the free GPU memory on a GPU.
     ``scheduling`` is ``"continuous"`` (iteration-level batching, preemption by recompute) or ``"static"``
-    (fixed batches in arrival order, each request reserving prompt + max_tokens up front).
+    (fixed batches in arrival order, memory reserved up front: see :mod:`pagedkv.engine.scheduler`).
     """
 
     model: str | ModelConfig = "tiny"
@@ -29,6 +29,7 @@ class EngineConfig:
     max_model_len: int = 2048
     scheduling: str = "continuous"
     watermark: float = 0.01
+    static_padding: bool = True  # static: every request of a batch reserves the batch's longest length
     eos_token_id: int | None = None
     record_steps: bool = False  # keep a StepMetrics per step, with the pool's exact slot usage
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
@@ -43,4 +44,5 @@ class EngineConfig:
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=self.max_model_len, mode=self.scheduling, watermark=self.watermark)
+                               max_model_len=self.max_model_len, mode=self.scheduling, watermark=self.watermark,
+                               static_padding=self.static_padding)

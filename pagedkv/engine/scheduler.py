@@ -8,6 +8,13 @@ Each :meth:`Scheduler.schedule` is one engine step, in named phases::
     static:      batch running ─► reserve decode slots from the batch's own reservation
                  batch finished ─► release it, admit the next batch in arrival order
 
+Static batching reserves memory the way a dense ``[batch, max_len]`` KV tensor does (Hugging Face ``generate``,
+FasterTransformer): every request of a batch holds ``prompt + max_tokens`` of the batch's longest request
+(``static_padding=True``, the default), or only its own ``prompt + max_tokens`` (``static_padding=False``)::
+
+    padded     A [prompt | out ...... | pad ]      unpadded   A [prompt | out ...... ]
+               B [prompt | out .. | pad ..... ]               B [prompt | out .. ]
+
 Preemption is by recompute: the newest running request frees all its blocks and goes to the *front* of the
 waiting queue; on re-admission each unfinished branch prefills ``prompt + generated`` and continues.
 """
@@ -29,6 +36,7 @@ class SchedulerConfig:
     max_model_len: int = 4096
     mode: str = "continuous"
     watermark: float = 0.01  # fraction of blocks kept free when admitting (continuous mode)
+    static_padding: bool = True  # static mode: each request reserves the batch's longest prompt + max_tokens
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -165,38 +173,60 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------- admission
     def _admit(self, out: SchedulerOutput) -> None:
-        if not self.waiting:
+        if self.config.mode == "static":
+            self._admit_static_batch(out)
             return
         num_seqs = sum(len(r.active_branches()) for r in self.running)
         num_tokens = len(out.decodes)
         while self.waiting:
-            request = self.waiting[0]
-            blocks, tokens, seqs = self._admission_cost(request)
+            blocks, tokens, seqs = self._admission_cost(self.waiting[0])
             if num_seqs + seqs > self.config.max_num_seqs:
                 break
             if num_tokens + tokens > self.config.max_num_batched_tokens and out.prefills:
                 break
-            if self.config.mode == "continuous" and \
-                    self.manager.block_manager.num_free_blocks - blocks < self.watermark_blocks:
+            if self.manager.block_manager.num_free_blocks - blocks < self.watermark_blocks:
                 break
-            if self.config.mode == "static" and not self.manager.block_manager.can_allocate(blocks):
-                break
-            self.waiting.popleft()
-            self._start(request, out)
+            self._start(self.waiting.popleft(), out)
             num_seqs, num_tokens = num_seqs + seqs, num_tokens + tokens
 
+    def _admit_static_batch(self, out: SchedulerOutput) -> None:
+        """The longest prefix of the waiting queue whose reservation fits the free blocks (arrival order)."""
+        batch, longest = [], 0
+        for request in self.waiting:
+            length = max(longest, request.max_len) if self.config.static_padding else request.max_len
+            candidate = batch + [request]
+            if len(candidate) > self.config.max_num_seqs or (
+                    batch and sum(len(r.prompt_token_ids) for r in candidate) > self.config.max_num_batched_tokens):
+                break
+            if not self.manager.block_manager.can_allocate(self._static_blocks(candidate, length)):
+                break
+            batch, longest = candidate, max(longest, request.max_len)
+        for request in batch:
+            self.waiting.popleft()
+            self._start(request, out, longest if self.config.static_padding else request.max_len)
+
+    def _static_blocks(self, batch: list[Request], length: int) -> int:
+        """Blocks a static batch reserves: every branch of every request at ``length`` tokens (padded) or at
+        its own maximum length; a request's prompt blocks are shared by its branches."""
+        total = 0
+        for r in batch:
+            own = length if self.config.static_padding else r.max_len
+            total += r.params.n * -(-own // self.block_size) - (r.params.n - 1) * (len(r.prompt_token_ids) // self.block_size)
+        return total
+
     def _admission_cost(self, request: Request) -> tuple[int, int, int]:
-        """(blocks, prefill tokens, sequences) to admit a request now."""
+        """(blocks, prefill tokens, sequences) to admit a request now (continuous mode)."""
         branches = request.active_branches()
-        if self.config.mode == "static":
-            return self.max_blocks(request), len(request.prompt_token_ids), len(branches)
         if not request.started:
             return -(-len(request.prompt_token_ids) // self.block_size), len(request.prompt_token_ids), len(branches)
         lens = [len(request.token_ids(b)) for b in branches]
         return sum(-(-n // self.block_size) for n in lens), sum(lens), len(branches)
 
-    def _start(self, request: Request, out: SchedulerOutput) -> None:
-        """Allocate a request's sequences; fresh branches fork the prompt's blocks (shared, ref count n)."""
+    def _start(self, request: Request, out: SchedulerOutput, static_len: int = 0) -> None:
+        """Allocate a request's sequences; fresh branches fork the prompt's blocks (shared, ref count n).
+
+        Static mode also reserves, up front, the blocks every branch needs to reach ``static_len`` tokens.
+        """
         branches = request.active_branches()
         if request.started:  # resumed after preemption: recompute each branch on its own
             for b in branches:
@@ -212,8 +242,9 @@ class Scheduler:
                 b.num_reserved = len(request.prompt_token_ids)
             out.prefills.append(PrefillWork(request, branches, list(request.prompt_token_ids)))
         if self.config.mode == "static":
-            extra = self.max_blocks(request) - -(-len(request.prompt_token_ids) // self.block_size)
-            request.reserved_block_ids = self.manager.block_manager.allocate(extra)
+            used = -(-len(request.prompt_token_ids) // self.block_size)
+            request.reserved_block_ids = self.manager.block_manager.allocate(
+                self._static_blocks([request], static_len) - used)
         self.running.append(request)
 
     # ------------------------------------------------------------------------------------------ finish

@@ -89,18 +89,21 @@ class LlamaModel:
         config: the model shapes; weights: on ``backend``, in one dtype.
         max_positions: rotary tables are built for positions ``[0, max_positions)``.
         fused: on a GPU, use fused elementwise kernels (``pagedkv.model.fused``) when they self-check.
+        paged_prefill: prefill attention through the paged decode kernel (default: on a GPU) instead of dense
+            matrix products (default on the CPU, where the decode path is the float64 reference).
 
     On a GPU the matrix products go through :mod:`pagedkv.model.cublas` (capturable into CUDA graphs) when it
     loads and self-checks; ``gemm_error`` / ``fused_error`` say why a fallback was taken (None: none was).
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend, *,
-                 max_positions: int | None = None, fused: bool = True):
+                 max_positions: int | None = None, fused: bool = True, paged_prefill: bool | None = None):
         self.config, self.weights, self.backend, self.xp = config, weights, backend, backend.xp
         self.dtype = np.dtype(weights.embed.dtype)
         self.rope = Rope(config.head_dim, config.rope_theta, max_positions or config.max_position_embeddings,
                          self.xp, config.rope_llama3_scaling)
         self.scale = config.head_dim ** -0.5
+        self.paged_prefill = paged_prefill
         self.ops = ElementwiseOps(config, self.rope)
         self.fused_error = None
         if backend.is_gpu and fused:
@@ -122,8 +125,39 @@ class LlamaModel:
         slots = xp.asarray(np.asarray(batch.slot_mapping, dtype=np.int64))
         x = self.weights.embed[xp.asarray(np.asarray(batch.token_ids, dtype=np.int64))]
         starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int64)
+        paged = self.backend.is_gpu if self.paged_prefill is None else self.paged_prefill
+        attend = self._paged_prefill(batch, kv_cache) if paged else self._dense_prefill(batch, kv_cache, starts)
+        x = self._layers(x, positions, slots, kv_cache, attend)
+        return self._logits(x[xp.asarray(starts[1:] - 1)])
 
-        c = self.config
+    def _paged_prefill(self, batch: PrefillBatch, kv_cache):
+        """Causal attention as decode attention: each new token is one query over its own prefix.
+
+        ``_layers`` writes a layer's K/V into the cache before it attends, so token ``t`` of a sequence reads
+        positions ``[0, t]`` through the sequence's block table (a cached, forked prefix included) with one
+        launch of the paged decode kernel per layer::
+
+            tokens        a0 a1 a2 | b0 b1          (sequence b had 4 cached tokens)
+            block table   A  A  A  | B  B           (each sequence's row, repeated per token)
+            context_lens  1  2  3  | 5  6
+        """
+        xp = self.xp
+        width = max(len(t) for t in batch.block_tables)
+        tables = np.zeros((len(batch.block_tables), width), dtype=np.int32)
+        for row, table in zip(tables, batch.block_tables):
+            row[: len(table)] = table
+        block_tables = xp.asarray(np.repeat(tables, batch.seq_lens, axis=0))
+        context_lens = xp.asarray(np.asarray(batch.positions, dtype=np.int32) + 1)
+
+        def attend(layer, q, k, v):
+            return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), block_tables,
+                                       context_lens, scale=self.scale, check=self.check)
+        return attend
+
+    def _dense_prefill(self, batch: PrefillBatch, kv_cache, starts):
+        """Causal attention with dense matrix products: padded groups of sequences, or per sequence over its
+        gathered context when it has cached tokens (the CPU path, and the reference for the paged one)."""
+        xp, c = self.xp, self.config
         plan = None if any(batch.num_cached) else varlen_plan(batch.seq_lens, c.num_heads, c.num_kv_heads, xp)
 
         def attend(layer, q, k, v):
@@ -138,9 +172,7 @@ class LlamaModel:
                     kc, vc = k[a:b], v[a:b]
                 out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
             return out
-
-        x = self._layers(x, positions, slots, kv_cache, attend)
-        return self._logits(x[xp.asarray(starts[1:] - 1)])
+        return attend
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, batch: DecodeBatch, kv_cache):
