@@ -14,6 +14,7 @@
 #   memory      python -m experiments.memory_share at full size
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
+#   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
 #   plots       the PNGs of docs/ from the JSON of this run
 # Logs go to $OUT/<stage>.log; at the end every log, JSON and PNG of the run is packed into $OUT/results.tgz
 # (the device tool brings back at most 8 files). Exit status: 1 if any stage failed or ran out of time.
@@ -91,6 +92,9 @@ cupy.cuda.runtime.deviceSynchronize()"
             --model llama-1b --dtype float16 --workload w1 --num-requests 128 --scale 1 --kv-budget-mb 512 \
             --max-num-seqs 256 --block-size 16 --cuda-graph on --static-padding off \
             --json benchmarks/results/throughput_w1_unpadded_gpu.json ;;
+    profile)
+        run profile "${T_PROFILE:-120}" "$PY" -m experiments.profile_engine --device gpu --workload w1 \
+            --mode continuous --kv-budget-mb 512 --top 45 ;;
     plots)
         plot --memory-json benchmarks/results/memory_share_gpu.json docs/memory_share.png
         plot --throughput-json benchmarks/results/throughput_w1_gpu.json docs/throughput_w1.png
