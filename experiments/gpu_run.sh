@@ -9,7 +9,7 @@
 #   sanitize    compute-sanitizer memcheck and racecheck over tests/test_kernels.py on the reduced grid
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
 #   ncu         Nsight Compute on kernel 2 (and the split-K merge) for cases 32 x 8192 and 1 x 32768
-#   etests      pytest -m gpu tests/test_gemm_gpu.py tests/test_engine_gpu.py (cuBLAS capture, transformers parity)
+#   etests      pytest -m gpu tests/test_model_gpu.py tests/test_engine_gpu.py (cuBLAS capture, transformers parity)
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16)
 #   memory      python -m experiments.memory_share at full size
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
@@ -71,7 +71,7 @@ for _ in range(6): kernels.paged_attention(q, k, v, bt, cl, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
     etests)
-        run etests "${T_ETESTS:-180}" "$PY" -m pytest -m gpu tests/test_gemm_gpu.py tests/test_engine_gpu.py -q -p no:cacheprovider -rs ;;
+        run etests "${T_ETESTS:-180}" "$PY" -m pytest -m gpu tests/test_model_gpu.py tests/test_engine_gpu.py -q -p no:cacheprovider -rs ;;
     ebench)
         run ebench "${T_EBENCH:-240}" "$PY" -m experiments.engine_bench --device gpu --static \
             --json benchmarks/results/engine_bench_gpu.json ;;

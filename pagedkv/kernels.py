@@ -63,6 +63,7 @@ def _module(filename: str, name_expressions: tuple[str, ...], defines: tuple[tup
     return module
 
 
+@lru_cache(maxsize=None)
 def _function(filename, name, name_expressions=(), defines=()):
     return _module(filename, tuple(name_expressions), tuple(defines)).get_function(name)
 
@@ -267,9 +268,18 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
 
 def v2_launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, num_partitions=None,
                    tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()) -> dict:
-    """How kernel 2 will be launched: group tile, split-K partitions, shared memory (compiles if needed)."""
+    """How kernel 2 will be launched: group tile, split-K partitions, shared memory (compiles if needed).
+
+    Cached per shape and device: the engine asks for the same plan every layer of every step.
+    """
     import cupy
 
+    return dict(_v2_plan(tuple(q_shape), tuple(cache_shape), int(max_blocks), dt, num_partitions, tile_bytes, stages,
+                         tuple(extra_defines), cupy.cuda.Device().id))
+
+
+@lru_cache(maxsize=4096)
+def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, stages, extra_defines, device_id):
     batch, num_qo_heads, _ = q_shape
     _, num_kv_heads, block_size, head_dim = cache_shape
     group = num_qo_heads // num_kv_heads
@@ -282,7 +292,7 @@ def v2_launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, num_partition
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
     resident = resident_ctas((dt, head_dim, gt, tile_bytes, stages, extra_defines), kernel.num_regs, smem,
-                             cupy.cuda.Device().id)
+                             device_id)
     if num_partitions is None:
         parts, part_tokens = choose_num_partitions(batch, num_kv_heads * q_tiles, max_context, tile_tokens,
                                                    resident)
@@ -325,6 +335,17 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
         plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
         reduce((num_qo_heads, batch), (REDUCE_THREADS,), reduce_args, shared_mem=4 * parts)
     return launch
+
+
+# ---- RMSNorm (the model's fused ops) ---------------------------------------------------------------
+
+NORM_THREADS = 256  # PAGEDKV_NORM_THREADS in rms_norm.cu
+_NORM_SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
+
+
+def rms_norm_kernel(dtype):
+    """The ``rms_norm_<f32|f16|bf16>`` kernel of ``kernels_cu/rms_norm.cu`` for ``dtype``."""
+    return _function("rms_norm.cu", f"rms_norm_{_NORM_SUFFIX[_dt_code(dtype)]}")
 
 
 # ---- cache ops ------------------------------------------------------------------------------------

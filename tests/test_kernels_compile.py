@@ -52,6 +52,7 @@ def ptxas_report(log: str) -> dict[str, tuple[int, int, int]]:
 @pytest.mark.parametrize("filename,kernel_names", [
     ("cache_ops.cu", {"write_kv_w16", "write_kv_w2", "copy_blocks_w16", "check_index_kernel"}),
     ("bench_ops.cu", {"read_ceiling_kernel1"}),
+    ("rms_norm.cu", {"rms_norm_f32", "rms_norm_f16", "rms_norm_bf16"}),
 ])
 def test_plain_kernels_compile(tmp_path, arch, filename, kernel_names):
     report = ptxas_report(_compile(tmp_path, filename, arch))

@@ -28,6 +28,10 @@ CUBLAS_COMPUTE_32F = 68
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 CUBLAS_GEMM_DEFAULT = -1
 WORKSPACE_BYTES = 32 << 20
+# NOTE: cuBLAS picks an algorithm per shape on the host (~0.1 ms a call for a shape it has not seen); prefill row
+# counts vary with every batch, so above PAD_ABOVE rows they are rounded up to a multiple of PAD_ROWS (the extra
+# rows are zeros and their outputs are dropped) and cuBLAS's heuristics cache answers instead.
+PAD_ROWS, PAD_ABOVE = 64, 256
 
 
 def _libcublas_path() -> str:
@@ -86,6 +90,10 @@ class CublasGemm:
                              f"{w.shape} {w.dtype}")
         x = cp.ascontiguousarray(x)
         m, k = x.shape
+        if m > PAD_ABOVE and m % PAD_ROWS:
+            padded = cp.zeros((-(-m // PAD_ROWS) * PAD_ROWS, k), dtype=x.dtype)
+            padded[:m] = x
+            return self(padded, w)[:m]
         n = w.shape[1]
         out = cp.empty((m, n), dtype=x.dtype)
         if m == 0:

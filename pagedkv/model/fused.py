@@ -2,7 +2,7 @@
 
 Each replaces several array operations (and their launches) of :class:`~pagedkv.model.llama.ElementwiseOps`:
 
-    norm      sum of squares per row (1 reduction) + scale by weight (1 elementwise)   instead of ~6
+    norm      RMSNorm, one launch of kernels_cu/rms_norm.cu                            instead of ~6
     qkv_rope  bias + split q|k|v + rotary embedding, contiguous outputs (1 launch)     instead of ~15
     act       silu(gate) * up over the fused gate|up GEMM output (1 launch)             instead of ~5
 
@@ -23,11 +23,6 @@ def _kernels() -> dict:
 
     kernels = {}
 
-    kernels["sumsq"] = cp.ReductionKernel(
-        "T x", "float32 y", "(float)x * (float)x", "a + b", "y = a", "0", "pagedkv_sumsq", reduce_type="float")
-    kernels["scale"] = cp.ElementwiseKernel(
-        "T x, float32 ss, T w, float32 inv_n, float32 eps", "T y",
-        "y = (T)((float)(T)((float)x * rsqrtf(ss * inv_n + eps)) * (float)w)", "pagedkv_rms_scale")
     kernels["silu_mul"] = cp.ElementwiseKernel(
         "raw T gu, int32 inter", "T y",
         """const ptrdiff_t row = i / inter, col = i % inter;
@@ -71,8 +66,16 @@ class FusedOps:
         self.no_bias = cp.zeros(1, dtype=dtype)
 
     def norm(self, x, weight):
-        ss = self.k["sumsq"](x, axis=-1, keepdims=True)
-        return self.k["scale"](x, ss, weight, np.float32(1.0 / x.shape[-1]), self.eps)
+        """RMSNorm of ``x`` [rows, hidden]: one launch of ``kernels_cu/rms_norm.cu``."""
+        from .. import kernels
+
+        x = self.cp.ascontiguousarray(x)
+        out = self.cp.empty_like(x)
+        rows, hidden = x.shape
+        if rows:
+            kernels.rms_norm_kernel(x.dtype)((rows,), (kernels.NORM_THREADS,), (
+                out, x, weight, np.int32(hidden), np.float32(1.0 / hidden), self.eps))
+        return out
 
     def qkv_rope(self, qkv, bias, positions):
         c, cp = self.config, self.cp

@@ -1,5 +1,6 @@
-"""GPU: the ctypes cuBLAS product of pagedkv.model.cublas against a float64 reference, eager and replayed
-from a CUDA graph (the reason it exists: CuPy's own matmul cannot be captured)."""
+"""GPU pieces of the model against float64 references: the ctypes cuBLAS product of pagedkv.model.cublas,
+eager and replayed from a CUDA graph (the reason it exists: CuPy's own matmul cannot be captured), and the
+RMSNorm kernel of kernels_cu/rms_norm.cu."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def _gemm():
 
 @pytest.mark.parametrize("dtype", list(RTOL), ids=str)
 @pytest.mark.parametrize("layout", ["c", "f"])
-@pytest.mark.parametrize("m", [1, 7, 128, 300])
+@pytest.mark.parametrize("m", [1, 7, 128, 300, 513])  # 300 and 513 rows are padded to multiples of 64
 def test_gemm_matches_float64(dtype, layout, m):
     import cupy as cp
 
@@ -62,3 +63,25 @@ def test_gemm_refuses_bad_shapes():
 
     with pytest.raises(ValueError, match="gemm needs"):
         _gemm()(cp.ones((3, 4), np.float16), cp.ones((5, 6), np.float16))
+
+
+@pytest.mark.parametrize("dtype", list(RTOL), ids=str)
+@pytest.mark.parametrize("hidden", [64, 2048, 3000])
+def test_rms_norm_kernel_matches_float64(dtype, hidden):
+    import cupy as cp
+
+    from pagedkv import kernels
+
+    rng = np.random.default_rng(hidden)
+    x = (3 * rng.standard_normal((37, hidden))).astype(np.float32).astype(dtype)
+    w = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32).astype(dtype)
+    dx, dw = cp.asarray(x.view(np.uint16) if dtype == BF16 else x), cp.asarray(w.view(np.uint16) if dtype == BF16 else w)
+    out = cp.full(dx.shape, np.nan, dtype=np.float32).astype(dx.dtype) if dtype != BF16 else cp.full(dx.shape, 0x7FC0, np.uint16)
+    kernels.rms_norm_kernel(dtype)((x.shape[0],), (kernels.NORM_THREADS,), (
+        out, dx, dw, np.int32(hidden), np.float32(1.0 / hidden), np.float32(1e-5)))
+    got = out.get()
+    got = (got.view(BF16) if dtype == BF16 else got).astype(np.float64)
+    x64 = x.astype(np.float64)
+    ref = w.astype(np.float64) * x64 / np.sqrt((x64 ** 2).mean(axis=-1, keepdims=True) + 1e-5)
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= RTOL[dtype]
