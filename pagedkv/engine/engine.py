@@ -51,12 +51,15 @@ class LLMEngine:
         self.step_metrics: list[StepMetrics] = []
         self._next_id, self._t0 = 0, None
         self.last_step_timing = StepTiming()
-        self.graphs, self.graph_error = None, None
+        self.graphs = self.prefill_graphs = self.graph_error = None
         if config.cuda_graph and self.backend.is_gpu:
-            from .cuda_graph import DecodeGraphs
+            from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, DecodeGraphs
 
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs,
-                                       -(-config.max_model_len // config.block_size))
+            max_blocks = -(-config.max_model_len // config.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.max_num_seqs, max_blocks)
+            self.prefill_graphs = DecodeGraphs(self.model, self.kv_cache,
+                                               min(PREFILL_BUCKETS[-1], config.max_num_batched_tokens), max_blocks,
+                                               PREFILL_BUCKETS, PREFILL_LOGIT_ROWS)
 
     @classmethod
     def from_checkpoint(cls, folder, config: EngineConfig | None = None) -> LLMEngine:
@@ -140,7 +143,9 @@ class LLMEngine:
                                              for s, w in zip(seq_ids, chunk)]),
                 seq_lens=[len(w.token_ids) for w in chunk], num_cached=[0] * len(chunk),
                 block_tables=[self.manager.block_table(s) for s in seq_ids])
-            logits = self.model.prefill(batch, self.kv_cache)
+            logits = self._prefill_graph(batch) if self.prefill_graphs is not None else None
+            if logits is None:
+                logits = self.model.prefill(batch, self.kv_cache)
             rows = [(w.request, b, i) for i, w in enumerate(chunk) for b in w.branches]
             self._sample(logits, rows, advanced)
 
@@ -167,16 +172,33 @@ class LLMEngine:
         try:
             return self.graphs.run(tokens, lens, tables, slots)
         except Exception as exc:  # NOTE: capture can fail on some stacks; fall back to eager launches
-            self.graph_error, self.graphs = f"{type(exc).__name__}: {exc}", None
+            self._drop_graphs(exc)
             return None
 
+    def _prefill_graph(self, batch: PrefillBatch):
+        """A prefill chunk replayed as one graph (rows = tokens), or None when it does not fit the buckets."""
+        g = self.prefill_graphs
+        tables = batch.token_block_tables()
+        if not g.fits(len(batch.token_ids), len(batch.seq_lens)) or tables.shape[1] > g.max_blocks:
+            return None
+        try:
+            return g.run(np.asarray(batch.token_ids, dtype=np.int32), np.asarray(batch.positions, dtype=np.int32) + 1,
+                         tables, batch.slot_mapping, np.cumsum(batch.seq_lens) - 1)
+        except Exception as exc:  # NOTE: as in _decode_graph
+            self._drop_graphs(exc)
+            return None
+
+    def _drop_graphs(self, exc: Exception) -> None:
+        self.graph_error, self.graphs, self.prefill_graphs = f"{type(exc).__name__}: {exc}", None, None
+
     def warmup_graphs(self) -> None:
-        """Capture the decode graph of every batch-size bucket now (else lazily, at first use)."""
-        if self.graphs is not None:
-            try:
-                self.graphs.capture_all()
-            except Exception as exc:  # NOTE: as in _decode_graph: fall back to eager launches
-                self.graph_error, self.graphs = f"{type(exc).__name__}: {exc}", None
+        """Capture the decode and prefill graphs of every bucket now (else lazily, at first use)."""
+        try:
+            for runner in (self.graphs, self.prefill_graphs):
+                if runner is not None:
+                    runner.capture_all()
+        except Exception as exc:  # NOTE: as in _decode_graph: fall back to eager launches
+            self._drop_graphs(exc)
 
     def decode_batch(self, tokens, lens, tables, slots) -> DecodeBatch:
         """Device metadata of one decode step: int32 token ids, positions, context lengths and block tables

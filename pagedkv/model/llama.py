@@ -40,6 +40,14 @@ class PrefillBatch:
     num_cached: list[int]
     block_tables: list[list[int]]
 
+    def token_block_tables(self) -> np.ndarray:
+        """int32 ``[T, max_blocks]``: each token's row is its sequence's block table (padded with 0)."""
+        width = max(len(t) for t in self.block_tables)
+        tables = np.zeros((len(self.block_tables), width), dtype=np.int32)
+        for row, table in zip(tables, self.block_tables):
+            row[: len(table)] = table
+        return np.repeat(tables, self.seq_lens, axis=0)
+
     def __post_init__(self):
         total = sum(self.seq_lens)
         if not len(self.token_ids) == len(self.positions) == len(self.slot_mapping) == total:
@@ -49,13 +57,19 @@ class PrefillBatch:
 
 @dataclass(slots=True)
 class DecodeBatch:
-    """Device metadata of a batched decode step (one new token per sequence)."""
+    """Device metadata of a batched decode step: one row per query token, each attending its own prefix.
+
+    A decode step has one row per sequence. A prefill can be given as rows too (one per prompt token, the
+    sequence's block table repeated, ``context_lens = positions + 1``); ``logit_rows`` then picks the rows
+    whose logits are wanted (each sequence's last token).
+    """
 
     token_ids: object  # [B] int
     positions: object  # [B] int
     slot_mapping: object  # [B] int64
     block_tables: object  # [B, max_blocks] int32
     context_lens: object  # [B] int32, the new token included
+    logit_rows: object = None  # [S] int64, or None for every row
 
 
 class ElementwiseOps:
@@ -142,11 +156,7 @@ class LlamaModel:
             context_lens  1  2  3  | 5  6
         """
         xp = self.xp
-        width = max(len(t) for t in batch.block_tables)
-        tables = np.zeros((len(batch.block_tables), width), dtype=np.int32)
-        for row, table in zip(tables, batch.block_tables):
-            row[: len(table)] = table
-        block_tables = xp.asarray(np.repeat(tables, batch.seq_lens, axis=0))
+        block_tables = xp.asarray(batch.token_block_tables())
         context_lens = xp.asarray(np.asarray(batch.positions, dtype=np.int32) + 1)
 
         def attend(layer, q, k, v):
@@ -176,14 +186,14 @@ class LlamaModel:
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, batch: DecodeBatch, kv_cache):
-        """One token per sequence through the paged cache; returns logits [B, vocab] (model dtype)."""
+        """One token per row through the paged cache; returns logits [B (or S), vocab] (model dtype)."""
         def attend(layer, q, k, v):
             return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
                                        batch.context_lens, scale=self.scale, check=self.check)
 
         x = self.weights.embed[batch.token_ids]
         x = self._layers(x, batch.positions, batch.slot_mapping, kv_cache, attend)
-        return self._logits(x)
+        return self._logits(x if batch.logit_rows is None else x[batch.logit_rows])
 
     # ---------------------------------------------------------------------------------------- shared
     def _layers(self, x, positions, slots, kv_cache, attend):
