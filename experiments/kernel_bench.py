@@ -14,7 +14,6 @@ Writes ``benchmarks/results/kernel_bench_<gpu>_<date>.json``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import re
@@ -22,6 +21,8 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+
+from . import cli
 
 SEED = 0
 RUNS = 50
@@ -177,17 +178,28 @@ def run_case(cupy, kernels, timer, rng, batch, context, num_qo_heads, num_kv_hea
     return row
 
 
+@cli.guarded
 def main(argv=None) -> dict:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, nargs="*", help="indices into CASES (default: all)")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="also draw the bandwidth PNG (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.plot:
+        from . import plots
+
+        plots.check_available("--plot")  # before minutes of measuring, not after
+    from pagedkv.backend import gpu_status
+
+    usable, reason = gpu_status()
+    if not usable:  # one line and exit code 2, no traceback
+        raise cli.FlagError(f"kernel_bench measures a GPU and none is usable: {reason}")
+
     import cupy
     from rich.console import Console
     from rich.table import Table
 
     from pagedkv import kernels
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, nargs="*", help="indices into CASES (default: all)")
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    args = parser.parse_args(argv)
 
     rng = np.random.default_rng(SEED)
     cupy.random.seed(SEED)
@@ -230,6 +242,10 @@ def main(argv=None) -> dict:
     path = out_dir / f"kernel_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+    if args.plot:
+        from . import plots
+
+        print(f"wrote {plots.kernel_bandwidth(result, args.plot)}")
     return result
 
 

@@ -161,3 +161,14 @@ def test_plot_without_matplotlib_is_one_line_error():
     proc = run_cli(None, "--device", "cpu", "--plot", "x.png", code=code)
     assert proc.returncode == 2
     assert proc.stderr == "error: --plot needs matplotlib, which is not installed (pip install matplotlib)\n"
+
+
+def test_kernel_bench_without_a_gpu_is_one_line_error():
+    from pagedkv.backend import gpu_status
+
+    if gpu_status()[0]:
+        pytest.skip("a GPU is usable here: kernel_bench would run")
+    proc = run_cli("kernel_bench")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: kernel_bench measures a GPU and none is usable")
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
