@@ -193,25 +193,25 @@ class Scheduler:
         """The longest prefix of the waiting queue whose reservation fits the free blocks (arrival order)."""
         batch, longest = [], 0
         for request in self.waiting:
-            length = max(longest, request.max_len) if self.config.static_padding else request.max_len
-            candidate = batch + [request]
+            candidate, length = batch + [request], max(longest, request.max_len)
             if len(candidate) > self.config.max_num_seqs or (
                     batch and sum(len(r.prompt_token_ids) for r in candidate) > self.config.max_num_batched_tokens):
                 break
             if not self.manager.block_manager.can_allocate(self._static_blocks(candidate, length)):
                 break
-            batch, longest = candidate, max(longest, request.max_len)
+            batch, longest = candidate, length
         for request in batch:
             self.waiting.popleft()
-            self._start(request, out, longest if self.config.static_padding else request.max_len)
+            self._start(request, out, longest)
 
-    def _static_blocks(self, batch: list[Request], length: int) -> int:
-        """Blocks a static batch reserves: every branch of every request at ``length`` tokens (padded) or at
-        its own maximum length; a request's prompt blocks are shared by its branches."""
+    def _static_blocks(self, batch: list[Request], longest: int) -> int:
+        """Blocks a static batch reserves: every branch of every request at the batch's ``longest`` length
+        (padded) or at its own maximum length (unpadded); a request's prompt blocks are shared by its branches."""
         total = 0
         for r in batch:
-            own = length if self.config.static_padding else r.max_len
-            total += r.params.n * -(-own // self.block_size) - (r.params.n - 1) * (len(r.prompt_token_ids) // self.block_size)
+            length = longest if self.config.static_padding else r.max_len
+            shared_prompt_blocks = len(r.prompt_token_ids) // self.block_size
+            total += r.params.n * -(-length // self.block_size) - (r.params.n - 1) * shared_prompt_blocks
         return total
 
     def _admission_cost(self, request: Request) -> tuple[int, int, int]:
@@ -222,10 +222,11 @@ class Scheduler:
         lens = [len(request.token_ids(b)) for b in branches]
         return sum(-(-n // self.block_size) for n in lens), sum(lens), len(branches)
 
-    def _start(self, request: Request, out: SchedulerOutput, static_len: int = 0) -> None:
+    def _start(self, request: Request, out: SchedulerOutput, static_longest: int = 0) -> None:
         """Allocate a request's sequences; fresh branches fork the prompt's blocks (shared, ref count n).
 
-        Static mode also reserves, up front, the blocks every branch needs to reach ``static_len`` tokens.
+        Static mode also reserves, up front, what :meth:`_static_blocks` says for a batch whose longest
+        request is ``static_longest`` tokens.
         """
         branches = request.active_branches()
         if request.started:  # resumed after preemption: recompute each branch on its own
@@ -244,7 +245,7 @@ class Scheduler:
         if self.config.mode == "static":
             used = -(-len(request.prompt_token_ids) // self.block_size)
             request.reserved_block_ids = self.manager.block_manager.allocate(
-                self._static_blocks([request], static_len) - used)
+                self._static_blocks([request], static_longest) - used)
         self.running.append(request)
 
     # ------------------------------------------------------------------------------------------ finish

@@ -1,4 +1,4 @@
-"""Fused elementwise GPU kernels for the decoder (CuPy ``ElementwiseKernel`` / ``ReductionKernel``).
+"""Fused elementwise GPU kernels for the decoder (CuPy ``ElementwiseKernel``, and kernels_cu/rms_norm.cu).
 
 Each replaces several array operations (and their launches) of :class:`~pagedkv.model.llama.ElementwiseOps`:
 
