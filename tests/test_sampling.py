@@ -45,8 +45,27 @@ def test_temperature_sharpens_and_sampling_follows_the_distribution():
     np.testing.assert_allclose(draws, probabilities(logits, SamplingParams()), atol=0.03)
 
 
-def test_seeded_rngs_are_reproducible_and_independent_per_branch():
-    a, b = SamplingParams(n=3, seed=7).rngs(), SamplingParams(n=3, seed=7).rngs()
-    ra = [[g.random() for _ in range(3)] for g in a]
-    assert ra == [[g.random() for _ in range(3)] for g in b]
-    assert ra[0] != ra[1]
+def test_branch_seeds_are_reproducible_and_independent_per_branch():
+    a, b = SamplingParams(n=3, seed=7), SamplingParams(n=3, seed=7)
+    assert [a.branch_seed(i) for i in range(3)] == [b.branch_seed(i) for i in range(3)]
+    assert len({a.branch_seed(i) for i in range(3)}) == 3
+    assert SamplingParams(n=3).branch_seed(1) is None
+
+
+def test_sampling_params_are_frozen_and_normalised():
+    p = SamplingParams(stop="###", stop_token_ids=[np.int64(3)], max_tokens=np.int32(4))
+    assert p.stop == ("###",) and p.stop_token_ids == (3,) and type(p.max_tokens) is int
+    with pytest.raises(AttributeError):
+        p.max_tokens = 100
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n": True}, "n must be"), ({"n": 10**6}, "n must be"), ({"temperature": 5e-324}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"min_p": 1.5}, "min_p"), ({"top_k": -2}, "top_k"),
+    ({"logprobs": 21}, "logprobs"), ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"stop": [""]}, "stop"),
+    ({"stop": 3}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"ignore_eos": 1}, "ignore_eos"),
+    ({"seed": True}, "seed"),
+])
+def test_more_bad_sampling_params_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)

@@ -1,16 +1,42 @@
 """A request and its branches (sequences), and the outputs handed to callers."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .sampling import SamplingParams
+
+FINISH_REASONS = ("stop", "length", "abort")
 
 
 @dataclass(slots=True)
 class CompletionOutput:
+    """One branch's output so far (cumulative: ``token_ids`` and ``text`` only grow while it runs).
+
+    ``logprobs[i]`` maps token ids to log-probabilities at generated position ``i``: the sampled token and the
+    ``SamplingParams.logprobs`` most likely ones. ``stop_reason`` is the stop token id or stop string that ended
+    the branch (None for EOS, length or abort).
+    """
+
     index: int  # branch number in [0, n)
     token_ids: list[int]
-    finish_reason: str | None  # None while running; "stop" (EOS or a stop token) or "length"
+    finish_reason: str | None  # None while running; "stop" (EOS, a stop token or string), "length" or "abort"
+    text: str = ""  # detokenized output (needs a tokenizer on the engine); a stop string is cut from it
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Wall-clock times (``time.perf_counter`` seconds) of a request's life in the engine."""
+
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
 
 
 @dataclass(slots=True)
@@ -20,6 +46,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_preemptions: int = 0
+    prompt: str | None = None  # the prompt's text when it was given as text
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # None at position 0 (nothing predicts it)
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not computed)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
 
 class Branch:
@@ -53,7 +83,7 @@ class Request:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        self.branches = [Branch(i, rng) for i, rng in enumerate(params.rngs())]
+        self.branches = [Branch(i, np.random.default_rng(params.branch_seed(i))) for i in range(params.n)]
         self.num_preemptions = 0
         self.reserved_block_ids: list[int] = []  # static batching: blocks held for future tokens
 
