@@ -21,7 +21,7 @@ from ..model import DecodeBatch, PrefillBatch
 from .logprobs import token_logprobs
 from .metrics import StepTiming
 from .sampling import sample
-from .scheduler import ScheduledSeq, SchedulerOutput
+from .step_plan import ScheduledSeq, SchedulerOutput
 
 
 @dataclass(slots=True)
