@@ -78,6 +78,14 @@ __device__ __forceinline__ float gumbel(unsigned w) {
   return -logf(-logf(u));
 }
 
+// *(hi:lo) += q with two native 32-bit shared atomics (a 64-bit shared atomic add is a compare-and-swap
+// loop); the carry out of the low word is counted exactly, so the sum is exact and order-independent.
+__device__ __forceinline__ void atomic_add_split(unsigned* lo, unsigned* hi, unsigned long long q) {
+  const unsigned ql = (unsigned)q, old = atomicAdd(lo, ql);
+  const unsigned qh = (unsigned)(q >> 32) + (old + ql < old ? 1u : 0u);
+  if (qh) atomicAdd(hi, qh);
+}
+
 __device__ __forceinline__ unsigned long long mass_of(float z_minus_m) {
   return __float2ull_rn(expf(z_minus_m) * PAGEDKV_MASS_SCALE);
 }
@@ -213,6 +221,7 @@ __device__ __forceinline__ void pick_digit(const C* v, C base, C target, int* s_
 struct SampleShared {
   float tmax[PAGEDKV_SAMPLE_THREADS];  // each thread's largest logit, then sorted descending
   unsigned count[PAGEDKV_SAMPLE_BINS];
+  unsigned mass_lo[PAGEDKV_SAMPLE_BINS], mass_hi[PAGEDKV_SAMPLE_BINS];  // 64-bit sums as two 32-bit words
   unsigned long long mass[PAGEDKV_SAMPLE_BINS];
   unsigned long long red64[32];
   float red[32];
@@ -325,7 +334,7 @@ __device__ __forceinline__ void sample_kernel1(int* __restrict__ out, const type
       unsigned long long base = 0, target = 0;
       for (int shift = key::BITS - 8; shift >= 0; shift -= 8) {
         for (;;) {
-          if (tid < PAGEDKV_SAMPLE_BINS) sh.mass[tid] = 0;
+          if (tid < PAGEDKV_SAMPLE_BINS) { sh.mass_lo[tid] = 0; sh.mass_hi[tid] = 0; }
           __syncthreads();
           unsigned long long s_part = 0;
           for (int c = tid; c < num_chunks; c += PAGEDKV_SAMPLE_THREADS) {
@@ -339,13 +348,15 @@ __device__ __forceinline__ void sample_kernel1(int* __restrict__ out, const type
               if (mask != 0 && !in_hist) continue;
               const unsigned long long q = mass_of(d);
               s_part += q;
-              if (in_hist) atomicAdd(&sh.mass[(kk >> shift) & 255u], q);
+              if (in_hist) atomic_add_split(&sh.mass_lo[(kk >> shift) & 255u], &sh.mass_hi[(kk >> shift) & 255u], q);
             }
           }
           if (mask == 0) {  // first digit: the exact sum S over A and the integer target
             const unsigned long long s_int = block_sum_u64(s_part, sh.red64);
             target = (unsigned long long)ceil(__ull2double_rn(s_int) * (double)p);
           }
+          __syncthreads();
+          if (tid < PAGEDKV_SAMPLE_BINS) sh.mass[tid] = ((unsigned long long)sh.mass_hi[tid] << 32) | sh.mass_lo[tid];
           __syncthreads();
           unsigned long long total = 0;
           if (tid < 32) {
