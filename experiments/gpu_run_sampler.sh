@@ -18,14 +18,14 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/probe.log"
 $PY -c 'import cupy, numpy; print("cupy", cupy.__version__, "numpy", numpy.__version__)' 2>&1 | tee -a "$OUT/probe.log"
 
-timeout "${T_TESTS:-150}" $PY -m pytest tests/test_sampler.py -q -s -p no:cacheprovider -rs --durations=6 2>&1 \
+timeout "${T_TESTS:-110}" $PY -m pytest tests/test_sampler.py -q -s -p no:cacheprovider -rs --durations=6 2>&1 \
     | tee "$OUT/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 awk '/^agreement/ { split($NF, a, "/"); ok += a[1]; n += a[2] }
      END { if (n) printf "agreement total: %d / %d = %.4f%%\n", ok, n, 100 * ok / n }' "$OUT/tests.log" \
     | tee -a "$OUT/tests.log"
 
-timeout "${T_BENCH:-120}" $PY - "$OUT/sampler_bench.json" <<'EOF' 2>&1 | tee "$OUT/bench.log"
+timeout "${T_BENCH:-60}" $PY - "$OUT/sampler_bench.json" <<'EOF' 2>&1 | tee "$OUT/bench.log"
 import json, sys
 import cupy, numpy as np
 from rich.console import Console
