@@ -13,6 +13,10 @@
 //                                            only tokens above a bound from the sorted thread maxima take part
 //                                            (the pass falls back to every token when the bound was too high);
 //                      draw                1 pass: argmax over kept tokens of logit / T + Gumbel noise
+//                    Measured (experiments/gpu_run_sampler.sh; H200, V = 128256 float16, L2 flushed, launch
+//                    included), B = 128: greedy 20 us, T=1 64 us, top-k 50 70 us, min-p 34 us, top-p 0.95 153 us
+//                    (cupy.argmax: 189 us). NOTE: one block per row, so B = 1 costs as much as B = 128 (one SM
+//                    does the row's work); splitting a row over several blocks would cut small-batch latency.
 //
 // The distribution (pagedkv/engine/sampler.py implements the same steps in NumPy, the test reference):
 //   x = logits as float32, z = x * (1 / T) (float32 reciprocal, then multiply), m = max(x) * (1 / T)

@@ -122,6 +122,16 @@ def test_top_p_keeps_a_value_while_the_mass_above_it_is_below_top_p():
         assert np.flatnonzero(kept_mask(x, 1.0, -1, p_hi, 0.0)).tolist() == list(range(first)) + group
 
 
+def test_top_p_drops_a_value_whose_mass_above_equals_the_target():
+    """Masses 2^40 | 2^39 + 2^39 | 0 (exp(-0.6931472) is 0.5 in float32): S = 2^41, top_p 0.5 gives target 2^40,
+    exactly the mass above the tie at -0.693, so it goes; one float32 step more and it stays."""
+    half = np.float32(-0.6931472)
+    x = np.array([0.0, half, half, -200.0], np.float32)
+    assert np.exp(np.array([half]))[0] == np.float32(0.5)
+    assert np.flatnonzero(kept_mask(x, 1.0, -1, np.float32(0.5), 0.0)).tolist() == [0]
+    assert np.flatnonzero(kept_mask(x, 1.0, -1, np.nextafter(np.float32(0.5), np.float32(1)), 0.0)).tolist() == [0, 1, 2]
+
+
 def test_min_p_is_relative_to_the_most_likely_token():
     x = np.log(np.array([0.5, 0.25, 0.125, 0.1, 0.025], np.float64)).astype(np.float32)  # ratios 1 .5 .25 .2 .05
     assert np.flatnonzero(kept_mask(x, 1.0, -1, 1.0, np.float32(0.22))).tolist() == [0, 1, 2]

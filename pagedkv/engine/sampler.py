@@ -24,6 +24,7 @@ copy of 32 bytes a row; padding rows become greedy). ``rows[i] = (params, seed, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter, itemgetter
 from typing import Any, Sequence
 
 import ml_dtypes
@@ -39,6 +40,7 @@ _LAYOUT = (("seed", np.uint64), ("step", np.int64), ("temperature", np.float32),
 ROW_BYTES = sum(np.dtype(dt).itemsize for _, dt in _LAYOUT)
 _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _MASK32 = np.uint64(0xFFFFFFFF)
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P = (attrgetter(a) for a in ("temperature", "top_k", "top_p", "min_p"))
 
 
 def branch_seed(params: SamplingParams, index: int, rng: np.random.Generator) -> int:
@@ -115,22 +117,23 @@ class SamplingTensors:
         n = len(rows)
         if n > self.num_rows:
             raise ValueError(f"{n} rows do not fit SamplingTensors of {self.num_rows} rows")
-        if not all(isinstance(r[0], SamplingParams) for r in rows):
+        params = list(map(itemgetter(0), rows))
+        if not set(map(type, params)) <= {SamplingParams}:
             raise ValueError("each row must be (SamplingParams, seed, step)")
         try:
-            seed = np.array([r[1] for r in rows], dtype=np.uint64)
-            step = np.array([r[2] for r in rows], dtype=np.int64)
+            seed = np.fromiter(map(itemgetter(1), rows), dtype=np.uint64, count=n)
+            step = np.fromiter(map(itemgetter(2), rows), dtype=np.int64, count=n)
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"seeds must be ints in [0, 2**64) and steps ints in [0, 2**63): {exc}") from None
         if n and step.min() < 0:
             raise ValueError(f"step must be >= 0, got {int(step.min())}")
-        top_k = np.array([r[0].top_k for r in rows], dtype=np.int64).clip(-1, 2**31 - 1)
         self.raw[...] = 0
         self.top_p[...] = 1
-        self.seed[:n], self.step[:n], self.top_k[:n] = seed, step, top_k
-        self.temperature[:n] = [r[0].temperature for r in rows]
-        self.top_p[:n] = [r[0].top_p for r in rows]
-        self.min_p[:n] = [r[0].min_p for r in rows]
+        self.seed[:n], self.step[:n] = seed, step
+        self.top_k[:n] = np.minimum(np.fromiter(map(_TOP_K, params), np.int64, n), 2**31 - 1)  # top_k >= -1
+        self.temperature[:n] = np.fromiter(map(_TEMPERATURE, params), np.float32, n)
+        self.top_p[:n] = np.fromiter(map(_TOP_P, params), np.float32, n)
+        self.min_p[:n] = np.fromiter(map(_MIN_P, params), np.float32, n)
 
     def copy_to(self, other: SamplingTensors) -> None:
         """Copy every row into ``other`` (host→device: one copy on the current stream)."""
