@@ -364,3 +364,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+# -- issue 8, finding 8: check_invariants checks under python -O ---------------------------------------
+def test_check_invariants_raises_under_python_O():
+    """Asserts vanish under ``python -O``; the checker must raise a real exception there too."""
+    import subprocess
+    import sys
+    code = ("from pagedkv.block_manager import BlockManager\n"
+            "bm = BlockManager(4, 4); bm.allocate(2); bm._ref_counts[0] = 0\n"
+            "try:\n    bm.check_invariants()\nexcept Exception as e:\n    print('raised', type(e).__name__)\n"
+            "else:\n    print('nothing')\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "raised InvariantError", out.stdout + out.stderr

@@ -742,3 +742,26 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 TestManagerMachine = ManagerMachine.TestCase
+
+
+# -- issue 8, finding 8: ids must be real ints ---------------------------------------------------------
+@pytest.mark.parametrize("call", [
+    lambda m, s, q: m.append_token(s), lambda m, s, q: m.append_slots(s, 1), lambda m, s, q: m.fork_sequence(s),
+    lambda m, s, q: m.free_sequence(s), lambda m, s, q: m.context_len(s), lambda m, s, q: m.block_table(s),
+    lambda m, s, q: m.slots(s, 0, 1), lambda m, s, q: m.can_append(s), lambda m, s, q: m.block_tables([0, s]),
+    lambda m, s, q: m.context_lens([s]), lambda m, s, q: m.slot_mapping([0, s]),
+    lambda m, s, q: m.attention(q, [0, s], 0),
+])
+@pytest.mark.parametrize("bad_id", [True, False, 1.0, 0.0, "1"])
+def test_sequence_ids_must_be_real_ints(busy, call, bad_id):
+    """``free_sequence(True)`` used to free sequence 1 (True == 1 as a dict key); 1.0 did the same."""
+    m, _, rng = busy
+    q = rng.standard_normal((2, H, D)).astype(np.float32)
+    assert_refused(m, ValueError, call, m, bad_id, q, value=repr(bad_id))
+
+
+def test_numpy_integer_sequence_ids_are_accepted(busy):
+    m, (p, c, _o), _ = busy
+    assert m.context_len(np.int64(p)) == 6 and m.block_table(np.int32(c)) == m.block_table(c)
+    m.free_sequence(np.int64(c))
+    assert c not in m.seq_ids
