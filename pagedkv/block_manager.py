@@ -321,8 +321,8 @@ class BlockManager:
         if any(not 0 <= b < self.num_blocks for b in unused):
             problems.append("the free list or the LRU holds an id outside the pool")
         used = [b for b in range(self.num_blocks) if b not in unused_set]
-        if len(unused_set) + len(used) != self.num_blocks:
-            problems.append("free + evictable + used != num_blocks")
+        if len(unused_set) + sum(r >= 1 for r in refs) != self.num_blocks:
+            problems.append("free + evictable + used (ref_count >= 1) != num_blocks: a block is lost")
         if any(refs[b] < 1 for b in used):
             problems.append("a used block has ref_count < 1")
         if any(refs[b] != 0 for b in unused if 0 <= b < self.num_blocks):
