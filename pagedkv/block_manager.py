@@ -32,19 +32,23 @@ class BlockManager:
 
     States of a block (``ref_count`` = how many block tables hold it)::
 
-        +-----------+  allocate (free list first, FIFO)  +-------------+  share / acquire: ref + 1
-        |   free    | ---------------------------------> |    used     |  free: ref - 1 (while > 0)
-        |   ref 0   | <--------------------------------- |   ref >= 1  |  register(hash): a full block's
-        |  no hash  |    free: ref -> 0, no hash         | hash or not |  content now has a name
-        +-----------+                                    +-------------+
-                                                           |    ^    ^
-                                 free: ref -> 0, hashed    |    |    | allocate with no free block left:
-                                                           v    |    | evict the LRU one, DROP its hash
-                                                    +-------------+  | (then it is an ordinary used block)
-                             acquire (a cache hit): |  evictable  |  |
-                             leaves the LRU, keeps  |    ref 0    |--+
-                             its hash and its K/V   |   hashed    |
-                                                    +-------------+
+        +-----------+  allocate: free list first (FIFO)  +-------------+  share / acquire: ref + 1
+        |   free    | ---------------------------------> |    used     |  free: ref - 1
+        |   ref 0   |                                    |  ref >= 1   |  register(hash): names a full
+        |  no hash  | <--------------------------------- | hash or not |  block's content
+        +-----------+   free: ref -> 0, no hash          +-------------+
+                                                           |    ^     ^
+                                                       (1) |    | (2) | (3)
+                                                           v    |     |
+                                                         +-------------+
+                                                         |  evictable  |
+                                                         |    ref 0    |
+                                                         |   hashed    |
+                                                         +-------------+
+
+        (1) free: ref -> 0 with a hash: joins the back of the LRU (keeps its hash and its K/V)
+        (2) acquire, a cache hit: leaves the LRU, ref 1, hash kept
+        (3) allocate with the free list empty: the LRU's front is evicted, its hash DROPPED at that moment
 
     Invariants (checked by :meth:`check_invariants`, which raises :class:`InvariantError`; kept under one
     ``threading.Lock``):

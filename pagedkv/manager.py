@@ -30,9 +30,10 @@ class PagedAttentionManager:
     :meth:`register_blocks` names a sequence's full blocks by their hashes once their K/V is written, so
     that later sequences find them. Cached blocks are full, so they are never written and never copied::
 
-        hashes   h0 -> h1 -> h2          (pagedkv.block_hash: each chained on its parent)
-        lookup([h0, h1, h2]) -> [5, 9]   h2 not cached: the prefix is blocks 5 and 9 (32 tokens, bs 16)
-        add_sequence(40, cached_block_ids=[5, 9])   table [5 9 | 12]; only t32..t39 are computed
+        hashes  h0 -> h1 -> h2                 (pagedkv.block_hash: each chained on its parent; bs 16)
+        lookup([h0, h1, h2], 50) -> [5, 9]     h2 is not cached: the prefix is blocks 5 and 9 (32 tokens)
+        add_sequence(50, cached_block_ids=[5, 9])   table [5 9 | 12 3]; only t32..t49 are computed
+        register_blocks(seq, [h0, h1, h2])     names block 12 h2 once its K/V is written (5, 9 already are)
 
     Every method is thread-safe (one re-entrant lock, :attr:`lock`) and all-or-nothing: a call that
     raises ``ValueError`` (``OutOfBlocksError`` included) leaves the manager, the allocator and the
