@@ -208,14 +208,14 @@ class LLMEngine:
         for request, position, entries in result.prompt_logprobs:
             if len(request.prompt_logprobs) == position:
                 request.prompt_logprobs.append(entries)
-        for s, sampled in zip(out.seqs, result.sampled):
+        for s, tokens, logprobs in zip(out.seqs, result.sampled, result.logprobs):
             self.scheduler.computed(s.request, s.branch, s.end)
-            if not sampled:
+            if not tokens:
                 continue
             if not s.request.started and s.request.params.n > 1:
                 self.scheduler.fork(s.request)
-            for branch, token in zip(s.sample_branches, sampled):
-                if self.output_processor.append(s.request, branch, token, now):
+            for j, (branch, token) in enumerate(zip(s.sample_branches, tokens)):
+                if self.output_processor.append(s.request, branch, token, logprobs and logprobs[j], now):
                     self._finish_branch(s.request, branch, now)
             advanced[s.request.request_id] = s.request
         return advanced

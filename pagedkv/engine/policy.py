@@ -39,7 +39,7 @@ class ContinuousPolicy:
         do not fit this step wait in the running list for the next steps' prefill phase.
         """
         s = self.s
-        if out.preempted:
+        if out.preempted or not s.waiting:
             return
         bm, now, cache = s.manager.block_manager, time.perf_counter(), s.prefix_cache
         num_seqs = sum(r.num_seqs() for r in s.running)

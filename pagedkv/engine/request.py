@@ -120,6 +120,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
         self.aborted = False
+        self.started = False  # a token was sampled: from then on every unfinished branch computes on its own
 
     def materialize(self) -> None:
         """Make the ``n`` branches (at first admission)."""
@@ -136,10 +137,6 @@ class Request:
     def max_len(self) -> int:
         return len(self.prompt_token_ids) + self.params.max_tokens
 
-    @property
-    def started(self) -> bool:
-        """True once a token was sampled (then every unfinished branch computes on its own)."""
-        return bool(self.branches) and any(b.output_token_ids for b in self.branches)
 
     @property
     def finished(self) -> bool:

@@ -116,13 +116,22 @@ class Scheduler:
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        """One token for every sequence with one pending (the hot path: no lookup, a block at most)."""
         for request in list(self.running):
             if request in out.preempted_set:  # by an older request of this step
                 continue
-            for branch in request.computing_branches():
-                if branch.seq_id is not None and request.num_tokens(branch) - branch.num_computed == 1:
-                    if not self.schedule_branch(request, branch, out):
-                        break
+            started, prompt_len = request.started, request.prompt_len
+            for branch in (request.active_branches() if started else request.branches[:1]):
+                start = branch.num_computed
+                if branch.seq_id is None or prompt_len + len(branch.output_token_ids) - start != 1:
+                    continue
+                if out.budget == 0:
+                    return
+                if start >= branch.num_reserved and not self._append(request, branch, start, start + 1, out, True):
+                    break
+                samples = [branch] if started else request.active_branches()
+                out.seqs.append(ScheduledSeq(request, branch, start, 1, samples, started))
+                out.budget -= 1
 
     def _schedule_prefills(self, out: SchedulerOutput) -> None:
         for request in list(self.running):
@@ -260,7 +269,7 @@ class Scheduler:
     def computed(self, request: Request, branch: Branch, end: int) -> None:
         """A step wrote the K/V of the branch's tokens up to ``end``: full blocks get their names."""
         branch.num_computed = end
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and end // self.block_size > branch.num_registered:
             self.prefix_cache.register(request, branch)
 
     def finish_branch(self, request: Request, branch: Branch) -> None:
