@@ -9,7 +9,7 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 what="${1:-tests}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "$what" = tests ]; then
-    timeout 240 python3 -m pytest -q -s -x -p no:cacheprovider tests/test_engine_gpu.py tests/test_model_gpu.py \
+    timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_gpu.py tests/test_model_gpu.py \
         2>&1 | tail -n 80 | tee "$OUT/pytest_gpu.log"
     timeout 50 python3 - <<'PY' 2>&1 | tee "$OUT/fp16_agreement.log"
 import json, os, sys
