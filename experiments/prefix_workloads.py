@@ -124,6 +124,7 @@ def shared_workload(args) -> dict:
     max_len = args.shared_len + args.own_len + args.output_len
     out, tokens = {}, {}
     for name, caching in (("caching_on", True), ("caching_off", False)):
+        print(f"shared: {name} ...", flush=True)
         out[name], tokens[name] = run(make_engine(args, max_len, enable_prefix_caching=caching,
                                                   max_num_batched_tokens=max(8192, max_len)), prompts, lens)
     bs = 16
@@ -153,6 +154,7 @@ def long_workload(args) -> dict:
             "unchunked": dict(enable_chunked_prefill=False, max_num_batched_tokens=whole)}
     out, tokens = {}, {}
     for name, overrides in runs.items():
+        print(f"long: {name} ...", flush=True)
         out[name], tokens[name] = run(make_engine(args, max_len, enable_prefix_caching=False, **overrides),
                                       prompts, lens)
         out[name]["max_num_batched_tokens"] = overrides["max_num_batched_tokens"]
@@ -169,10 +171,12 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     result = {"args": vars(args)}
-    if args.workload in ("shared", "both"):
-        result["shared"] = shared_workload(args)
-    if args.workload in ("long", "both"):
-        result["long"] = long_workload(args)
+    for name, fn in (("shared", shared_workload), ("long", long_workload)):
+        if args.workload in (name, "both"):
+            result[name] = fn(args)
+            if args.output_json:  # NOTE: written after each workload, so a cut-off run keeps what it measured
+                with open(args.output_json, "w") as f:
+                    json.dump(result, f, indent=1)
     console = Console()
     for workload in ("shared", "long"):
         if workload not in result:
@@ -189,9 +193,6 @@ def main(argv=None) -> int:
                                  for m in modes))
         console.print(table)
         console.print({k: v for k, v in r.items() if k not in modes})
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 
