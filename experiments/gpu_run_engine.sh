@@ -27,6 +27,7 @@ for name, v in VARIANTS.items():
 json.dump({"num_requests": len(want), "agree": rows}, open(os.path.join(os.environ.get("OUT", "/tmp"), "fp16_agreement.json"), "w"))
 PY
 else
-    timeout 280 python3 -m experiments.prefix_workloads --device gpu --output-json "$OUT/prefix_workloads.json" \
+    timeout 280 python3 -m experiments.prefix_workloads --device gpu --kv-memory-gb 40 \
+        --output-json "$OUT/prefix_workloads.json" \
         2>&1 | tail -n 60 | tee "$OUT/prefix_workloads.log"
 fi
