@@ -34,6 +34,9 @@ class EngineConfig:
     prefilled over several steps (off: a prompt is prefilled whole, so ``max_num_batched_tokens`` must be at
     least ``max_model_len``). ``enable_prefix_caching``: a new sequence starts on the longest run of cached full
     blocks of its tokens (continuous scheduling; see :mod:`pagedkv.engine.prefix_cache`).
+    ``async_scheduling``: each step call launches the next step before waiting for the current one's tokens
+    (see :mod:`pagedkv.engine.engine`); None: on when the model runs on a GPU (on the CPU the forward runs
+    while it is launched, so there is nothing to overlap).
     """
 
     model: str | ModelConfig = "tiny"
@@ -55,6 +58,7 @@ class EngineConfig:
     record_steps: bool = False  # keep a StepMetrics per step, with the pool's exact slot usage
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
+    async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
@@ -77,6 +81,8 @@ class EngineConfig:
                      "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be None or a bool, got {self.async_scheduling!r}")
         w = self.watermark
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
             raise ValueError(f"watermark must be a number in [0, 1), got {w!r}")

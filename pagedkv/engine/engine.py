@@ -3,17 +3,35 @@
 One :meth:`LLMEngine.step`::
 
     Scheduler.schedule()     the policy: decodes, prefill chunks, admission, preemption   (host, Python ints)
-    ModelRunner.execute()    one forward over every scheduled token, logits, sampling
-    OutputProcessor          append tokens, logprobs, text; stop on EOS / stop ids / stop strings / length
+    ModelRunner.launch()     the step's forward and sampling enqueued on the device; the engine commits it:
+                             computed positions, forks, a placeholder for each token being sampled
+    ModelRunner.wait()       the sampled tokens (one device→host copy) of the step being retired
+    OutputProcessor          fill tokens, logprobs, text; stop on EOS / stop ids / stop strings / length
     outputs                  every request that got tokens (or finished); a finished one is then released
+
+Asynchronous scheduling (``EngineConfig.async_scheduling``, on by default on a GPU): a step call launches step
+``N + 1`` *before* it waits for step ``N``'s tokens, so the host schedules, builds metadata and processes outputs
+while the device computes::
+
+    host     | schedule N+1 | launch N+1 | wait N | retire N || schedule N+2 | launch N+2 | wait N+1 | ...
+    device   |======== step N ==========|========= step N+1 ==============|======== step N+2 ...
+
+Step ``N + 1`` is scheduled while step ``N``'s tokens are placeholders: a decode row feeds its token from the
+device buffer of sampled tokens, and a branch whose token ``N`` certainly ends it (``max_tokens``) is finished
+for the scheduler when step ``N + 1`` launches, so the schedule is the synchronous engine's. Only an end that
+depends on a value (EOS, a stop token, a stop string) is known one step late: that branch is in step ``N + 1``
+too (one wasted row), its token ``N + 1`` is dropped and its blocks are freed at retire ``N`` — outputs are
+the same. (vLLM's async scheduling makes the same trade; the one-step-late launch order ``launch N, process
+N - 1`` would hide the output processing only, not the scheduling and metadata of the next step.)
 
 Promises (tested in tests/test_engine_lifecycle.py):
 
 - A request is validated before anything changes (``ValueError`` naming the problem); one that could never
   run (``n > max_num_seqs``, longer than ``max_model_len``, more blocks than the pool) is refused, never queued.
-- A step that raises (a forward error, ``KeyboardInterrupt``) aborts the requests it scheduled, frees their
-  blocks and re-raises; their final outputs (finish_reason "abort") come with the next ``step()``. An exception
-  inside ``generate`` aborts that call's requests. The engine stays usable.
+- A step that raises (a forward error, ``KeyboardInterrupt``) aborts the requests it scheduled (and, when
+  retiring fails, those of the step in flight), frees their blocks and re-raises; their final outputs
+  (finish_reason "abort") come with the next ``step()``. An exception inside ``generate`` aborts that call's
+  requests. The engine stays usable.
 - Single-threaded: every method is called from one thread (a server runs one engine loop and queues to it).
 """
 from __future__ import annotations
@@ -32,7 +50,7 @@ from .build import build_kv_cache, default_params, read_generation, resolve_max_
 from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
-from .model_runner import ModelRunner, StepResult
+from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Branch, Request, RequestOutput
@@ -74,7 +92,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager, prefix_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, self.manager, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, cuda_graph=config.cuda_graph)
+                                  max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed)
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
+            self.backend.is_gpu
+        self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)
         self.eos_token_ids = config.eos_token_ids
         self.output_processor = OutputProcessor(self.eos_token_ids, tokenizer)
         self.default_params = SamplingParams()
@@ -84,7 +105,7 @@ class LLMEngine:
         self.totals = EngineMetrics()
         self.step_metrics: list[StepMetrics] = []
         self._t0 = None
-        self._schedule_s = 0.0
+        self.last_step_timing = StepTiming()
 
     @classmethod
     def from_checkpoint(cls, folder, config: EngineConfig | None = None, *, tokenizer=None) -> LLMEngine:
@@ -167,14 +188,17 @@ class LLMEngine:
         self.scheduler.abort(request)
         request.aborted = True
         for b in request.branches:
+            b.drop_placeholders()
             if not b.finished:
                 b.finish_reason = "abort"
                 self.output_processor.flush(b)
         request.metrics.finished_time = time.perf_counter()
 
     def has_unfinished_requests(self) -> bool:
-        """True while a request waits, runs, or has output that ``step()`` has not returned yet."""
-        return self.scheduler.has_unfinished or bool(self._unreported)
+        """True while a request waits, runs, has tokens in flight or output that ``step()`` has not returned yet."""
+        if self.scheduler.has_unfinished or self._unreported:
+            return True
+        return self._inflight is not None and any(not r.aborted for r, _, _, _ in self._inflight.samples)
 
     # -------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -185,46 +209,102 @@ class LLMEngine:
         return [r.output() for r in reported.values()]
 
     def _step(self) -> dict:
+        """Launch the next step (with asynchronous scheduling: while the one in flight runs), retire the one in
+        flight; returns the requests its tokens advanced."""
         start = time.perf_counter()
         self._t0 = start if self._t0 is None else self._t0
+        timing = StepTiming()
+        if self._inflight is None:
+            self._inflight = self._launch_next(timing)
+            if self._inflight is None:
+                return {}
+        retired = self._inflight
+        following = self._launch_next(timing) if self.async_scheduling else None
+        self._inflight = following
+        try:
+            advanced = self._retire(retired, timing)
+        except BaseException:
+            self._abort_failed(_requests_of(retired, following))
+            self._inflight = None
+            raise
+        newest = following or retired
+        t0 = time.perf_counter()
+        for s in newest.out.seqs if following is not None else ():
+            self.scheduler.register(s.request, s.branch)  # blocks whose last token value came with this retire
+        self._apply_endings(newest)
+        timing.process_s += time.perf_counter() - t0
+        self._unreported.update(advanced)
+        self._account(retired.out, start, time.perf_counter())
+        self.last_step_timing = timing
+        return advanced
+
+    def _launch_next(self, timing: StepTiming) -> InFlight | None:
+        """Schedule and launch a step (None when there is nothing to run), committed: see :meth:`_commit`."""
+        t0 = time.perf_counter()
         try:
             out = self.scheduler.schedule()
         except BaseException:
             self._abort_failed(list(self.scheduler.running))
             raise
-        self._schedule_s = time.perf_counter() - start
+        timing.schedule_s += time.perf_counter() - t0
+        if not out.seqs:
+            return None
         try:
-            advanced = self._apply(out, self.runner.execute(out))
+            flight = self.runner.launch(out, self.scheduler.drain_table_changes())
+            self._commit(flight)
         except BaseException:
             self._abort_failed(list({id(s.request): s.request for s in out.seqs}.values()))
             raise
-        self._unreported.update(advanced)
-        self._account(out, start, time.perf_counter())
-        return advanced
+        timing.prepare_s += flight.timing.prepare_s
+        timing.launch_s += flight.timing.launch_s
+        return flight
 
-    def _apply(self, out: SchedulerOutput, result: StepResult) -> dict:
-        """The forward succeeded: computed tokens move forward, forks happen, sampled tokens are appended."""
-        now, advanced = time.perf_counter(), {}
-        for request, position, entries in result.prompt_logprobs:
-            if len(request.prompt_logprobs) == position:
-                request.prompt_logprobs.append(entries)
-        for s, tokens, logprobs in zip(out.seqs, result.sampled, result.logprobs):
+    def _commit(self, flight: InFlight) -> None:
+        """The step is on its way: positions count as computed, first tokens fork ``n > 1`` requests, each
+        token being sampled is a placeholder; branches that this token certainly ends are noted."""
+        for s, positions in zip(flight.out.seqs, flight.positions):
             self.scheduler.computed(s.request, s.branch, s.end)
-            if not tokens:
+            if not s.sample_branches:
                 continue
             if not s.request.started and s.request.params.n > 1:
                 self.scheduler.fork(s.request)
-            for j, (branch, token) in enumerate(zip(s.sample_branches, tokens)):
-                if self.output_processor.append(s.request, branch, token, logprobs and logprobs[j], now):
-                    self._finish_branch(s.request, branch, now)
-            advanced[s.request.request_id] = s.request
+            for branch, pos in zip(s.sample_branches, positions):
+                branch.sample_pos = pos
+                flight.samples.append((s.request, branch, len(branch.output_token_ids), pos))
+                if self.output_processor.place(s.request, branch):
+                    flight.endings.append((s.request, branch))
+
+    def _retire(self, flight: InFlight, timing: StepTiming) -> dict:
+        """Wait for the step's tokens and fill them in (stop rules, logprobs, text); returns advanced requests."""
+        result = self.runner.wait(flight)
+        timing.wait_s, timing.gpu_s = flight.timing.wait_s, flight.timing.gpu_s
+        now, advanced = time.perf_counter(), {}
+        for request, position, entries in result.prompt_logprobs:
+            if not request.aborted and len(request.prompt_logprobs) == position:
+                request.prompt_logprobs.append(entries)
+        tokens, logprobs = result.tokens.tolist(), result.logprobs
+        for request, branch, index, pos in flight.samples:
+            if request.aborted:
+                continue
+            ended = self.output_processor.fill(request, branch, index, tokens[pos], logprobs.get(pos), now)
+            if ended is None:
+                continue
+            advanced[request.request_id] = request
+            if ended:
+                self.scheduler.finish_branch(request, branch)
+        for request in advanced.values():
+            if request.finished:
+                request.metrics.finished_time = now
+                self.requests.pop(request.request_id, None)
+        timing.process_s += time.perf_counter() - now
         return advanced
 
-    def _finish_branch(self, request: Request, branch: Branch, now: float) -> None:
-        self.scheduler.finish_branch(request, branch)
-        if request.finished:
-            request.metrics.finished_time = now
-            self.requests.pop(request.request_id, None)
+    def _apply_endings(self, flight: InFlight) -> None:
+        """Branches whose last token is in ``flight`` get no more work (their blocks are freed now)."""
+        for request, branch in flight.endings:
+            if not request.aborted:
+                self.scheduler.finish_branch(request, branch)
+        flight.endings = []
 
     def _abort_failed(self, requests: list[Request], report: bool = True) -> None:
         """After a failure: abort ``requests`` (their outputs reported by the next step) and free any sequence
@@ -234,10 +314,7 @@ class LLMEngine:
                 self._abort(request)
                 if report:
                     self._unreported[request.request_id] = request
-        live = self.scheduler.live_seq_ids()
-        for seq_id in self.manager.seq_ids:
-            if seq_id not in live:
-                self.manager.free_sequence(seq_id)
+        self.scheduler.free_orphans()
 
     # -------------------------------------------------------------------------------------- generate
     def generate(self, prompts, params=None, *, progress: bool = True) -> list[RequestOutput]:
@@ -295,12 +372,6 @@ class LLMEngine:
         account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.block_manager)
         return t
 
-    @property
-    def last_step_timing(self) -> StepTiming:
-        timing = self.runner.last_timing
-        timing.schedule_s = self._schedule_s
-        return timing
-
     # ------------------------------------------------------------------ the model runner's CUDA graphs
     @property
     def graphs(self):
@@ -317,5 +388,7 @@ class LLMEngine:
     def warmup_graphs(self) -> None:
         self.runner.warmup_graphs()
 
-    def decode_batch(self, tokens, lens, tables, slots):
-        return self.runner.decode_batch(tokens, lens, tables, slots)
+
+def _requests_of(*flights) -> list[Request]:
+    """The requests of the launched steps (None entries skipped), each once."""
+    return list({id(s.request): s.request for f in flights if f is not None for s in f.out.seqs}.values())

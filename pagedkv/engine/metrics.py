@@ -88,14 +88,25 @@ class EngineMetrics:
 
 @dataclass(slots=True)
 class StepTiming:
-    """Host wall time of one step's phases (seconds). ``decode_issue_s`` is the time to enqueue the decode
-    forward (launch-bound when it exceeds the GPU time); ``decode_sync_sample_s`` waits for the GPU and samples."""
+    """Host wall time of one ``step()`` call's phases (seconds), and the device time of the step it retired.
+
+    ``schedule_s``, ``prepare_s`` (batch metadata into the input buffer), ``launch_s`` (enqueue the forward,
+    sampling and copies) belong to the step launched by the call; ``wait_s`` is the host blocked on the device
+    for the retired step's tokens; ``process_s`` fills its outputs. ``gpu_s``: the device time of the retired
+    step (CUDA events around its copies, forward and sampling; None unless ``runner.record_gpu_time``).
+    Host work the device overlapped = host time - exposed, where exposed = wall - gpu_s (the device idle).
+    """
 
     schedule_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_prepare_s: float = 0.0
-    decode_issue_s: float = 0.0
-    decode_sync_sample_s: float = 0.0
+    prepare_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
+    process_s: float = 0.0
+    gpu_s: float | None = None
+
+    @property
+    def host_s(self) -> float:
+        return self.schedule_s + self.prepare_s + self.launch_s + self.process_s
 
 
 def account_step(t: EngineMetrics, out: SchedulerOutput, duration_s: float) -> None:

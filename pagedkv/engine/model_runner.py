@@ -1,13 +1,16 @@
-"""The model runner: one scheduled step in, one forward and the sampled tokens out.
+"""The model runner: a scheduled step in, its forward and sampling enqueued on the device, the tokens out later.
 
-    SchedulerOutput ─► batch metadata ─► forward ─► logits of the rows that want them ─► samples
-                       (host arrays)      decode-only step: ``model.decode`` (a CUDA graph per batch bucket)
-                                          otherwise: ``model.prefill`` over every sequence's new tokens, decode
-                                          rows included (a CUDA graph per token bucket where it fits)
+    launch(out)   host: the step's layout (:mod:`batch_layout`) from the persistent per-sequence rows
+                  (:mod:`seq_tables`) into one packed input buffer, one host→device copy (:mod:`step_inputs`)
+                  device, in stream order: the forward (a CUDA graph where it fits), sampling on the device,
+                  extra branches and logprobs (eager), one device→host copy of the sampled tokens, an event
+    wait(flight)  blocks on that event; returns the tokens (and logprobs) of the step
 
-Rows that want logits: the last token of every sequence that samples (a decode, or a prompt's last chunk),
-and, for requests asking for ``prompt_logprobs``, every prompt token whose successor is a prompt token.
-The runner reads the scheduler's work and returns values; it changes no request.
+``launch`` returns as soon as the work is enqueued, so the engine can schedule and launch the next step while
+the device runs this one. A row whose token the step before is still sampling reads it on the device from the
+buffer of sampled tokens (nothing waits for the host). Rows that want logits: the last token of every sequence
+that samples (a decode, or a prompt's last chunk) and, for requests asking for ``prompt_logprobs``, every prompt
+token whose successor is a prompt token. The runner reads the scheduler's work and changes no request.
 """
 from __future__ import annotations
 
@@ -16,190 +19,228 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import to_numpy
 from ..model import DecodeBatch, PrefillBatch
-from .logprobs import token_logprobs
+from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, prefill_layout
+from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
+from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
-from .sampling import sample
-from .step_plan import ScheduledSeq, SchedulerOutput
+from .sampler import SamplingTensors, sample
+from .seq_tables import SequenceTables
+from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
+from .step_plan import SchedulerOutput
 
 
 @dataclass(slots=True)
 class StepResult:
-    """``sampled[i][j]``: the token of ``seqs[i].sample_branches[j]``; ``logprobs[i][j]``: its ``(entries,
-    logprob)`` when the params ask for logprobs (``logprobs[i]`` None when none of them does);
-    ``prompt_logprobs``: ``(request, position, entries)`` for prompt tokens."""
+    """``tokens[pos]``: the token sampled at position ``pos`` of the step's sampled buffer; ``logprobs[pos]``:
+    its ``(entries, logprob)`` when its params ask; ``prompt_logprobs``: ``(request, position, entries)``."""
 
-    sampled: list[list[int]] = field(default_factory=list)
-    logprobs: list[list | None] = field(default_factory=list)
-    prompt_logprobs: list[tuple] = field(default_factory=list)
+    tokens: np.ndarray
+    logprobs: dict = field(default_factory=dict)
+    prompt_logprobs: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A launched step. ``positions[i]``: sampled positions of ``out.seqs[i]``'s sample branches; ``samples`` and
+    ``endings`` are the engine's (the placeholders it made, the branches that end with this step)."""
+
+    out: SchedulerOutput
+    positions: list
+    tokens: np.ndarray
+    copies: HostCopy
+    logprobs: LogprobRequests
+    keep: tuple = ()  # buffers the device still reads or writes (freed at retire)
+    samples: list = field(default_factory=list)
+    endings: list = field(default_factory=list)
+    timing: StepTiming = field(default_factory=StepTiming)
+    events: tuple | None = None
 
 
 class ModelRunner:
     """Runs scheduled steps of ``model`` on ``kv_cache`` (sequences and block tables from ``manager``).
 
     Args:
-        max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (CUDA-graph buffer sizes).
-        cuda_graph: replay decode (and small prefill) forwards as CUDA graphs on a GPU.
+        max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (buffer sizes).
+        cuda_graph: replay decode (and small prefill) steps as CUDA graphs on a GPU.
+        seed: draws the sampling seeds of requests that have none.
     """
 
     def __init__(self, model, kv_cache, manager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, cuda_graph: bool):
+                 max_model_len: int, cuda_graph: bool, seed: int = 0):
         self.model, self.kv_cache, self.manager = model, kv_cache, manager
-        self.backend, self.block_size = model.backend, manager.block_size
-        self.last_timing = StepTiming()
-        self.graphs = self.prefill_graphs = self.graph_error = None
+        self.backend, self.xp = model.backend, model.backend.xp
+        self.max_blocks = -(-max_model_len // manager.block_size)
+        self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
+        capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
+        self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
+        self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
+        self._turn = 0
+        self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
+        self.last_timing, self.record_gpu_time = StepTiming(), False
+        self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
         if cuda_graph and self.backend.is_gpu:
-            from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, DecodeGraphs
+            self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
+                                     lambda rows: self.sampled[:rows], max_num_seqs)
+            rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
+            self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
+                                                        PREFILL_LOGIT_ROWS + max_num_seqs), self.xp)
+            self.prefill_graphs = CudaGraphs(
+                lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
+                lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
 
-            max_blocks = -(-max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(model, kv_cache, max_num_seqs, max_blocks)
-            self.prefill_graphs = DecodeGraphs(model, kv_cache, min(PREFILL_BUCKETS[-1], max_num_batched_tokens),
-                                               max_blocks, PREFILL_BUCKETS, PREFILL_LOGIT_ROWS)
-
-    # -------------------------------------------------------------------------------------------- step
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        """One forward over every scheduled sequence, then sampling. Raises whatever the forward raises."""
-        timing = self.last_timing = StepTiming()
-        if not out.seqs:
-            return StepResult()
+    # ------------------------------------------------------------------------------------------- launch
+    def launch(self, out: SchedulerOutput, changes=((), ())) -> InFlight:
+        """Enqueue one step (``out.seqs`` non-empty); ``changes``: the scheduler's (changed, freed) sequence ids
+        since the last launch. Raises whatever the forward raises (nothing of this step is then enqueued)."""
         t0 = time.perf_counter()
-        if all(s.num_tokens == 1 and s.sample_branches for s in out.seqs) and not self._wants_prompt_logprobs(out):
-            logits, rows = self._decode(out.seqs, timing)
-            prompt_rows = []
+        self.tables.update(*changes)
+        events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
+        seqs = out.seqs
+        decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
+        lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
+        if self.backend.is_gpu:
+            logits, positions, v, keep, t1 = self._launch_gpu(lay, seqs, decode)
         else:
-            logits, rows, prompt_rows = self._prefill(out.seqs)
-            timing.prefill_s = time.perf_counter() - t0
+            logits, positions, v, keep, t1 = self._launch_cpu(lay, seqs, decode)
+        num_logits = logits.shape[0]
+        num_sampled = self._sample_extras(logits, positions, seqs, v, num_logits)
+        logprobs = LogprobRequests(self.xp, logits, self.sampled, positions, seqs, lay.prompt_rows)
+        copies = HostCopy(self.xp)
+        logprobs.enqueue(copies)
+        tokens = self._read_back(num_sampled, copies)
+        copies.record()
+        if events is not None:
+            events[1].record()
+        flight = InFlight(out, positions, tokens, copies, logprobs, keep, events=events)
+        flight.timing.prepare_s, flight.timing.launch_s = t1 - t0, time.perf_counter() - t1
+        return flight
+
+    def _launch_gpu(self, lay: Layout, seqs, decode: bool):
+        """Fill and upload the inputs, replay a graph (or run eagerly); returns logits and the sample positions."""
+        graphs = self.graphs if decode else self.prefill_graphs
+        fits = graphs is not None and lay.num_rows <= graphs.max_rows and (
+            decode or len(lay.logit_rows) <= PREFILL_LOGIT_ROWS)
+        if decode:
+            inputs = self.decode_inputs
+        elif fits:
+            inputs = self.prefill_inputs
+        else:
+            inputs = StepInputs(InputShape(lay.num_rows, self.max_blocks, lay.num_logits,
+                                           lay.num_logits + len(seqs) + sum(len(s.sample_branches) for s in seqs)),
+                                self.xp, buffers=1)
+        rows = graphs.bucket(lay.num_rows) if fits else lay.num_rows
+        num_logits = rows if decode else (PREFILL_LOGIT_ROWS if fits else lay.num_logits)
+        v = inputs.begin()
+        fill_rows(v, lay, self.tables, rows, with_tables=True)
+        positions = fill_samples(v, lay, seqs, self.tables, num_logits)
+        inputs.upload(lay.num_rows)
         t1 = time.perf_counter()
-        result = self._sample(logits, out.seqs, rows, prompt_rows)
-        timing.decode_sync_sample_s = time.perf_counter() - t1
-        return result
-
-    @staticmethod
-    def _wants_prompt_logprobs(out: SchedulerOutput) -> bool:
-        return any(s.request.params.prompt_logprobs is not None and s.start < s.request.prompt_len - 1
-                   for s in out.seqs)
-
-    def _decode(self, seqs: list[ScheduledSeq], timing: StepTiming):
-        """A decode-only step: one row per sequence; logits [B, vocab], row ``i`` for ``seqs[i]``."""
-        t0 = time.perf_counter()
-        seq_ids = [s.branch.seq_id for s in seqs]
-        tokens = np.array([s.request.token_slice(s.branch, s.start, s.end)[0] for s in seqs], dtype=np.int32)
-        positions = np.array([s.start for s in seqs], dtype=np.int32)
-        tables = self.manager.block_tables(seq_ids)
-        bs = self.block_size
-        slots = tables[np.arange(len(seq_ids)), positions // bs].astype(np.int64) * bs + positions % bs
-        lens = positions + 1
-        t1 = time.perf_counter()
-        logits = self._decode_graph(tokens, lens, tables, slots) if self.graphs is not None else None
+        logits = self._replay(graphs, rows) if fits else None
         if logits is None:
-            logits = self.model.decode(self.decode_batch(tokens, lens, tables, slots), self.kv_cache)
-        timing.decode_prepare_s, timing.decode_issue_s = t1 - t0, time.perf_counter() - t1
-        return logits, list(range(len(seqs)))
+            logits = self._forward(inputs, lay.num_rows if not fits else rows, None if decode else num_logits,
+                                   self.sampled)
+        return logits, positions, inputs.device, (inputs,), t1
 
-    def _prefill(self, seqs: list[ScheduledSeq]):
-        """Every sequence's new tokens in one forward; returns (logits, logits row of each sampling sequence
-        (or -1), [(logits row, request, prompt position)] for prompt logprobs)."""
-        batch_rows, sample_rows, prompt_rows, offset = [], [], [], 0
-        for s in seqs:
-            for p in self._prompt_logprob_positions(s):
-                prompt_rows.append((len(batch_rows), s.request, p + 1))
-                batch_rows.append(offset + p - s.start)
-            sample_rows.append(len(batch_rows) if s.sample_branches else -1)
-            if s.sample_branches:
-                batch_rows.append(offset + s.num_tokens - 1)
-            offset += s.num_tokens
-        if not batch_rows:  # NOTE: no row samples (mid-prompt chunks only): one row anyway, never an empty product
-            batch_rows.append(offset - 1)
-        batch = PrefillBatch(
-            token_ids=np.concatenate([np.asarray(s.token_ids(), dtype=np.int64) for s in seqs]),
-            positions=np.concatenate([np.arange(s.start, s.end, dtype=np.int64) for s in seqs]),
-            slot_mapping=np.concatenate([self.manager.slots(s.branch.seq_id, s.start, s.end) for s in seqs]),
-            seq_lens=[s.num_tokens for s in seqs], num_cached=[s.start for s in seqs],
-            block_tables=[self.manager.block_table(s.branch.seq_id) for s in seqs],
-            logit_rows=np.asarray(batch_rows, dtype=np.int64))
-        logits = self._prefill_graph(batch) if self.prefill_graphs is not None else None
-        if logits is None:
-            logits = self.model.prefill(batch, self.kv_cache)
-        return logits, sample_rows, prompt_rows
-
-    @staticmethod
-    def _prompt_logprob_positions(s: ScheduledSeq) -> range:
-        """Positions of this chunk whose logits score the next prompt token (not yet scored)."""
-        r = s.request
-        if r.params.prompt_logprobs is None or r.prompt_logprobs is None:
-            return range(0)
-        first = max(s.start, len(r.prompt_logprobs) - 1)
-        return range(first, min(s.end, r.prompt_len - 1))
-
-    # --------------------------------------------------------------------------------------- graphs
-    def _decode_graph(self, tokens, lens, tables, slots):
+    def _replay(self, graphs: CudaGraphs, rows: int):
         try:
-            return self.graphs.run(tokens, lens, tables, slots)
+            return graphs.replay(rows)
         except Exception as exc:  # NOTE: capture can fail on some stacks; fall back to eager launches
             self._drop_graphs(exc)
             return None
 
-    def _prefill_graph(self, batch: PrefillBatch):
-        """A prefill (or mixed) step replayed as one graph (rows = tokens), or None when it does not fit."""
-        g = self.prefill_graphs
-        tables = batch.token_block_tables()
-        rows = batch.rows()
-        if not g.fits(len(batch.token_ids), len(rows)) or tables.shape[1] > g.max_blocks:
-            return None
-        try:
-            return g.run(np.asarray(batch.token_ids, dtype=np.int32), np.asarray(batch.positions, dtype=np.int32) + 1,
-                         tables, batch.slot_mapping, rows)
-        except Exception as exc:  # NOTE: as in _decode_graph
-            self._drop_graphs(exc)
-            return None
+    def _forward(self, inputs: StepInputs, rows: int, num_logits: int | None, out):
+        """Feed, forward and sample on the device views of ``inputs`` (captured as one graph per bucket)."""
+        d = inputs.device
+        feed_tokens(d.token_ids[:rows], d.src_rows[:rows], self.sampled)
+        batch = DecodeBatch(token_ids=d.token_ids[:rows], positions=d.positions[:rows],
+                            slot_mapping=d.slot_mapping[:rows], block_tables=d.block_tables[:rows],
+                            context_lens=d.context_lens[:rows],
+                            logit_rows=None if num_logits is None else d.logit_rows[:num_logits])
+        logits = self.model.decode(batch, self.kv_cache)
+        sample(logits, d.sampling, out=out[:logits.shape[0]])
+        return logits
 
+    def _launch_cpu(self, lay: Layout, seqs, decode: bool):
+        """The host path: the same layout, model.decode (decode steps) or model.prefill (others), NumPy sampler."""
+        if decode:
+            inputs = self.decode_inputs
+        else:
+            num = lay.num_logits + sum(len(s.sample_branches) for s in seqs)
+            inputs = StepInputs(InputShape(lay.num_rows, 1, lay.num_logits, num), np, buffers=1)
+        v = inputs.begin()
+        fill_rows(v, lay, self.tables, lay.num_rows, with_tables=decode)
+        positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
+        t1 = time.perf_counter()
+        if decode:
+            return self._forward(inputs, lay.num_rows, None, self.sampled), positions, v, (), t1
+        feed_tokens(v.token_ids[:lay.num_rows], v.src_rows[:lay.num_rows], self.sampled)
+        batch = PrefillBatch(token_ids=v.token_ids[:lay.num_rows].astype(np.int64), positions=lay.positions,
+                             slot_mapping=v.slot_mapping[:lay.num_rows].copy(),
+                             seq_lens=[s.num_tokens for s in seqs], num_cached=[s.start for s in seqs],
+                             block_tables=[self.manager.block_table(s.branch.seq_id) for s in seqs],
+                             logit_rows=lay.logit_rows)
+        logits = self.model.prefill(batch, self.kv_cache)
+        sample(logits, v.sampling, out=self.sampled[:logits.shape[0]])
+        return logits, positions, v, (), t1
+
+    def _sample_extras(self, logits, positions, seqs, v, num_logits: int) -> int:
+        """Sample the extra branches (eager, after the forward); returns the sampled buffer's used length."""
+        extra = [(p, pos[0]) for pos in positions if len(pos) > 1 for p in pos[1:]]
+        if not extra:
+            return num_logits
+        first, stop = num_logits, num_logits + len(extra)
+        rows = self.xp.asarray(np.array([row for _, row in extra], dtype=np.int64))
+        tensors = SamplingTensors(**{name: getattr(v.sampling, name)[first:stop] for name in
+                                     ("temperature", "top_k", "top_p", "min_p", "seed", "step")})
+        sample(logits[rows], tensors, out=self.sampled[first:stop])
+        return stop
+
+    def _read_back(self, num: int, copies: HostCopy) -> np.ndarray:
+        """The one device→host copy of the step's sampled tokens (a copy on the CPU too: the next step reuses
+        the buffer before this one is retired)."""
+        if self._host_tokens is None:
+            return self.sampled[:num].copy()
+        self._turn ^= 1
+        return copies(self.sampled[:num], out=self._host_tokens[self._turn][:num])
+
+    def _events(self):
+        start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
+        start.record()
+        return start, end
+
+    # --------------------------------------------------------------------------------------------- wait
+    def wait(self, flight: InFlight) -> StepResult:
+        """Block until the step's tokens are on the host; its tokens and logprobs."""
+        t0 = time.perf_counter()
+        flight.copies.wait()
+        flight.timing.wait_s = time.perf_counter() - t0
+        if flight.events is not None:
+            flight.timing.gpu_s = self.xp.cuda.get_elapsed_time(*flight.events) / 1e3
+        self.last_timing = flight.timing
+        flight.keep = ()
+        return StepResult(flight.tokens, *flight.logprobs.results(flight.tokens))
+
+    # --------------------------------------------------------------------------------------- graphs
     def _drop_graphs(self, exc: Exception) -> None:
         self.graph_error, self.graphs, self.prefill_graphs = f"{type(exc).__name__}: {exc}", None, None
 
     def warmup_graphs(self) -> None:
         """Capture the decode and prefill graphs of every bucket now (else lazily, at first use)."""
         try:
-            for runner in (self.graphs, self.prefill_graphs):
-                if runner is not None:
-                    runner.capture_all()
-        except Exception as exc:  # NOTE: as in _decode_graph: fall back to eager launches
+            for graphs, inputs in ((self.graphs, self.decode_inputs), (self.prefill_graphs, self.prefill_inputs)):
+                if graphs is not None:
+                    inputs.reset()  # NOTE: the warm-up runs write K/V of every row with a slot: none may have one
+                    graphs.capture_all()
+        except Exception as exc:  # NOTE: as in _replay: fall back to eager launches
             self._drop_graphs(exc)
 
-    def decode_batch(self, tokens, lens, tables, slots) -> DecodeBatch:
-        """Device metadata of one decode step: int32 token ids, positions, context lengths and block tables
-        in one host→device copy, int64 slots in another."""
-        xp, num = self.backend.xp, len(tokens)
-        packed = xp.asarray(np.concatenate([tokens, lens - 1, lens, tables.ravel()]).astype(np.int32))
-        return DecodeBatch(token_ids=packed[:num], positions=packed[num:2 * num], slot_mapping=xp.asarray(slots),
-                           context_lens=packed[2 * num:3 * num], block_tables=packed[3 * num:].reshape(tables.shape))
 
-    # -------------------------------------------------------------------------------------- sampling
-    def _sample(self, logits, seqs: list[ScheduledSeq], rows: list[int], prompt_rows: list) -> StepResult:
-        """Greedy rows: argmax on the device; others (and logprobs): their logits to the host."""
-        xp = self.backend.xp
-        greedy = to_numpy(xp.argmax(logits, axis=-1)).tolist() if len(rows) else []
-        wanted = sorted({rows[i] for i, s in enumerate(seqs) if s.sample_branches and _needs_host(s)} |
-                        {row for row, _, _ in prompt_rows})
-        host = {}
-        if wanted:
-            host = dict(zip(wanted, to_numpy(logits[xp.asarray(np.array(wanted))].astype(np.float32))))
-        result = StepResult()
-        for s, row in zip(seqs, rows):
-            params = s.request.params
-            if params.greedy:
-                tokens = [greedy[row]] * len(s.sample_branches)
-            else:
-                tokens = [sample(host[row], params, b.rng) for b in s.sample_branches]
-            result.sampled.append(tokens)
-            result.logprobs.append(None if params.logprobs is None else
-                                   [token_logprobs(host[row], t, params.logprobs) for t in tokens])
-        for row, request, position in prompt_rows:
-            num_top = request.params.prompt_logprobs
-            entries, _ = token_logprobs(host[row], request.prompt_token_ids[position], num_top)
-            result.prompt_logprobs.append((request, position, entries))
-        return result
+def _wants_prompt_logprobs(out: SchedulerOutput) -> bool:
+    return any(s.request.params.prompt_logprobs is not None and s.start < s.request.prompt_len - 1 for s in out.seqs)
 
 
-def _needs_host(s: ScheduledSeq) -> bool:
-    return not s.request.params.greedy or s.request.params.logprobs is not None
+def _pinned(xp, num: int) -> np.ndarray:
+    import cupyx
+
+    return cupyx.empty_pinned(num, dtype=np.int32)

@@ -8,10 +8,15 @@ A branch ends, checked in this order after each new token (vLLM's order):
     length        max_tokens reached                                   finish "length"
 
 EOS and stop tokens are kept in ``token_ids`` but not fed to the detokenizer (their text is not output).
+
+A token is placed when the step that samples it is launched (:meth:`OutputProcessor.place`: a placeholder, and
+``started``) and filled when its value is read back (:meth:`OutputProcessor.fill`: the stop rules). With the
+engine's asynchronous scheduling a branch that ends on step ``N`` may already be in step ``N + 1``: that
+token is dropped, never reported.
 """
 from __future__ import annotations
 
-from .request import Branch, Request
+from .request import PLACEHOLDER, Branch, Request
 
 
 class OutputProcessor:
@@ -24,12 +29,21 @@ class OutputProcessor:
     def __init__(self, eos_token_ids: frozenset[int], tokenizer=None):
         self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
 
-    def append(self, request: Request, branch: Branch, token: int, logprobs, now: float) -> bool:
-        """Add one token to ``branch`` (``logprobs``: its ``(entries, logprob)`` or None); returns True when the
-        branch ended with it."""
-        p = request.params
-        branch.output_token_ids.append(token)
+    @staticmethod
+    def place(request: Request, branch: Branch) -> bool:
+        """A launched step samples the branch's next token: a placeholder until its value is read back. Returns
+        True when that token is certainly the branch's last (``max_tokens`` reached, whatever its value)."""
+        branch.output_token_ids.append(PLACEHOLDER)
         request.started = True
+        return len(branch.output_token_ids) >= request.params.max_tokens
+
+    def fill(self, request: Request, branch: Branch, index: int, token: int, logprobs, now: float) -> bool | None:
+        """The value of output ``index`` (``logprobs``: its ``(entries, logprob)`` or None). Returns None when the
+        token is discarded (the branch ended before it, or was aborted), else True when the branch ended with it."""
+        ids, p = branch.output_token_ids, request.params
+        if branch.finished or index >= len(ids) or ids[index] != PLACEHOLDER:
+            return None
+        ids[index] = token
         if logprobs is not None:
             entries, logprob = logprobs
             if branch.logprobs is None:
@@ -47,9 +61,10 @@ class OutputProcessor:
             matched = self._detokenize(request, branch, token)
             if matched is not None:
                 branch.finish_reason, branch.stop_reason = "stop", matched
-            elif len(branch.output_token_ids) >= p.max_tokens:
+            elif index + 1 >= p.max_tokens:
                 branch.finish_reason = "length"
         if branch.finished:
+            del ids[index + 1:]  # NOTE: a later step may have sampled for it already: never reported
             self.flush(branch)
         return branch.finished
 

@@ -79,9 +79,7 @@ class ContinuousPolicy:
         return True
 
     def on_branch_finished(self, branch: Branch) -> None:
-        if branch.seq_id is not None:
-            self.s.manager.free_sequence(branch.seq_id)
-            branch.seq_id = None
+        self.s.free_branch(branch)
 
     def on_request_finished(self, request: Request, aborted: bool = False) -> None:
         pass

@@ -123,9 +123,9 @@ class PrefixCache:
         if not request.started and branch is request.branches[0]:
             request.num_cached_tokens = cached
 
-    def register(self, request: Request, branch: Branch) -> None:
-        """Name the branch's blocks whose tokens are all computed now (K/V written by the step that ran)."""
-        full = branch.num_computed // self.block_size
+    def register(self, request: Request, branch: Branch, full: int | None = None) -> None:
+        """Name the branch's first ``full`` blocks (default: every block whose tokens are all computed)."""
+        full = branch.num_computed // self.block_size if full is None else full
         if full <= branch.num_registered:
             return
         hashes, bs = self._hashes(request, branch, full), self.block_size

@@ -4,11 +4,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .sampling import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")
+PLACEHOLDER = -1  # an output token sampled by a step still running on the device (its value comes at retire)
 
 
 @dataclass(slots=True)
@@ -56,21 +55,29 @@ class RequestOutput:
 class Branch:
     """One of a request's ``n`` sampled continuations; ``seq_id`` is its manager sequence while it has one.
 
-    ``num_computed`` tokens of ``prompt + output`` have K/V in the cache; the rest are *pending* and are fed by
-    the next steps (a whole or chunked prefill, then one token per decode step: the last sampled one).
-    Positions are reserved in the manager ahead of what is computed (``num_reserved``, the sequence's
-    context_len): exactly for prefill chunks, to the end of the block for decodes (one call per block)::
+    ``num_computed`` tokens of ``prompt + output`` have K/V in the cache (or are being written by a step on the
+    device); the rest are *pending* and are fed by the next steps (a whole or chunked prefill, then one token per
+    decode step: the last sampled one). Positions are reserved in the manager ahead of what is computed
+    (``num_reserved``, the sequence's context_len): exactly for prefill chunks, to the end of the block for
+    decodes (one call per block)::
 
         block_size 4, tokens t0..t5 (t5 just sampled)     cache: [t0 t1 t2 t3][t4 .  .  . ]   num_computed 5
                                                           reserved to the block's end          num_reserved 8
+
+    A token sampled by a step that is still running is a :data:`PLACEHOLDER` at the end of ``output_token_ids``
+    (at most two: the step being retired and the one launched after it); ``sample_pos`` is where the newest
+    one lies in the runner's device buffer of sampled tokens, from which the next step feeds it.
+    ``done``: the scheduler gives the branch no more work (its last token is computed or in flight);
+    ``finish_reason`` is set when that last token's value is known (an output, see :attr:`finished`).
+    ``seed``: the sampler's 64-bit seed of this branch (None until the runner first needs one).
     """
 
-    __slots__ = ("_rng", "block_hashes", "detokenizer", "finish_reason", "index", "logprobs", "cumulative_logprob",
-                 "num_computed", "num_registered", "num_reserved", "output_token_ids", "seed", "seq_id",
-                 "stop_reason")
+    __slots__ = ("block_hashes", "detokenizer", "done", "finish_reason", "index", "logprobs", "cumulative_logprob",
+                 "num_computed", "num_registered", "num_reserved", "output_token_ids", "sample_pos", "seed",
+                 "seq_id", "stop_reason")
 
     def __init__(self, index: int, seed: int | None):
-        self.index, self.seed, self._rng = index, seed, None
+        self.index, self.seed, self.sample_pos, self.done = index, seed, -1, False
         self.output_token_ids: list[int] = []
         self.seq_id: int | None = None
         self.finish_reason: str | None = None
@@ -84,15 +91,21 @@ class Branch:
         self.detokenizer = None  # made at the first token when the engine has a tokenizer
 
     @property
-    def rng(self) -> np.random.Generator:
-        """The branch's own generator (made at first use: most branches are greedy or never sample here)."""
-        if self._rng is None:
-            self._rng = np.random.default_rng(self.seed)
-        return self._rng
-
-    @property
     def finished(self) -> bool:
+        """The branch's output is final (its finish reason is known)."""
         return self.finish_reason is not None
+
+    def num_known_outputs(self) -> int:
+        """Output tokens whose value is known (the trailing placeholders excluded)."""
+        ids = self.output_token_ids
+        n = len(ids)
+        while n and ids[n - 1] == PLACEHOLDER:
+            n -= 1
+        return n
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens still in flight (the branch ended before them: they are never reported)."""
+        del self.output_token_ids[self.num_known_outputs():]
 
     def forget_cache(self) -> None:
         """The branch lost its sequence (preempted): everything is pending again (its hashes stay valid)."""
@@ -140,10 +153,17 @@ class Request:
 
     @property
     def finished(self) -> bool:
+        """Every branch's output is final."""
         return bool(self.branches) and all(b.finished for b in self.branches)
 
+    @property
+    def done(self) -> bool:
+        """The scheduler has no more work for any branch (the last tokens may still be in flight)."""
+        return bool(self.branches) and all(b.done for b in self.branches)
+
     def active_branches(self) -> list[Branch]:
-        return [b for b in self.branches if not b.finished]
+        """Branches the scheduler still gives work to."""
+        return [b for b in self.branches if not b.done]
 
     def computing_branches(self) -> list[Branch]:
         """Branches that compute their own tokens: branch 0 alone until the first token, then every active one."""
@@ -182,7 +202,7 @@ class Request:
 
 def _completion(b: Branch) -> CompletionOutput:
     text = b.detokenizer.text if b.detokenizer is not None else ""
-    return CompletionOutput(b.index, list(b.output_token_ids), b.finish_reason, text,
+    return CompletionOutput(b.index, b.output_token_ids[:b.num_known_outputs()], b.finish_reason, text,
                             None if b.logprobs is None else list(b.logprobs), b.cumulative_logprob, b.stop_reason)
 
 

@@ -77,6 +77,10 @@ class Scheduler:
         self.running: list[Request] = []  # admission order: the last is the newest
         self.held: list[Request] = []  # static: finished requests whose blocks wait for their batch's end
         self.num_preemptions = 0
+        # sequences whose block table changed (new, grown, copied-on-write) / that were freed, since the model
+        # runner last drained them (its persistent block tables are updated from these alone)
+        self.changed_seq_ids: set[int] = set()
+        self.freed_seq_ids: list[int] = []
         self.watermark_blocks = int(config.watermark * manager.block_manager.num_blocks)
         self.policy = StaticPolicy(self) if config.mode == "static" else ContinuousPolicy(self)
         # NOTE: static batches reserve and compute everything (the dense-tensor baseline): no prefix cache
@@ -202,10 +206,12 @@ class Scheduler:
         if src is None:
             branch.seq_id = m.add_sequence(end, cached_block_ids=hit.block_ids) if hit.block_ids else \
                 m.add_sequence(end)
+            self.changed_seq_ids.add(branch.seq_id)
             return
         m.block_manager.acquire([src])
         try:
             branch.seq_id = m.add_sequence(end, cached_block_ids=hit.block_ids)
+            self.changed_seq_ids.add(branch.seq_id)
             m.kv_cache.copy_blocks([src], [m.block_table(branch.seq_id)[len(hit.block_ids)]])
         finally:
             m.block_manager.free([src])
@@ -225,6 +231,7 @@ class Scheduler:
             return False
         self.manager.append_slots(branch.seq_id, count)
         branch.num_reserved = target
+        self.changed_seq_ids.add(branch.seq_id)
         return True
 
     def _blocks_to_append(self, branch: Branch, count: int) -> int:
@@ -262,40 +269,83 @@ class Scheduler:
             raise RuntimeError(f"branch 0 reserved {first.num_reserved} positions but computed {first.num_computed}")
         for b in request.branches[1:]:
             b.seq_id = self.manager.fork_sequence(first.seq_id)
+            self.changed_seq_ids.add(b.seq_id)
             b.num_computed = b.num_reserved = first.num_computed
             if self.prefix_cache is not None:
                 self.prefix_cache.fork(first, b)
 
     def computed(self, request: Request, branch: Branch, end: int) -> None:
-        """A step wrote the K/V of the branch's tokens up to ``end``: full blocks get their names."""
+        """A launched step writes the K/V of the branch's tokens up to ``end``: full blocks get their names."""
         branch.num_computed = end
-        if self.prefix_cache is not None and end // self.block_size > branch.num_registered:
-            self.prefix_cache.register(request, branch)
+        self.register(request, branch)
+
+    def register(self, request: Request, branch: Branch) -> None:
+        """Name the branch's computed full blocks whose tokens are all known (no placeholder among them).
+
+        NOTE: a block may be named while the step writing it still runs: any step that reads it through the
+        cache is launched later on the same stream, so it reads the written K/V.
+        """
+        if self.prefix_cache is None or branch.num_computed // self.block_size <= branch.num_registered or \
+                branch.seq_id is None or branch.done:
+            return
+        known = request.prompt_len + branch.num_known_outputs()
+        full = min(branch.num_computed, known) // self.block_size
+        if full > branch.num_registered:
+            self.prefix_cache.register(request, branch, full)
 
     def finish_branch(self, request: Request, branch: Branch) -> None:
-        """A branch ended: its blocks are freed now (continuous) or when its batch ends (static)."""
+        """A branch ends (no more work): its blocks are freed now (continuous) or when its batch ends (static)."""
+        if branch.done:
+            return
+        branch.done = True
         self.policy.on_branch_finished(branch)
-        if request.finished:
+        if not request.done:
+            return
+        if request in self.running:
             self.running.remove(request)
             self.policy.on_request_finished(request)
+        elif request in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(request)
 
     def abort(self, request: Request) -> None:
         """Drop a waiting or running request and free its blocks now."""
+        for b in request.branches:
+            b.done = True
         if request in self.running:
             self.running.remove(request)
             self.free_request(request)
             self.policy.on_request_finished(request, aborted=True)
         elif request in self.waiting:
             self.waiting.remove(request)
+            self.free_request(request)
 
     def free_request(self, request: Request) -> None:
         for b in request.branches:
-            if b.seq_id is not None:
-                self.manager.free_sequence(b.seq_id)
-                b.seq_id = None
+            self.free_branch(b)
         if request.reserved_block_ids:
             self.manager.block_manager.free(request.reserved_block_ids)
             request.reserved_block_ids = []
+
+    def free_branch(self, branch: Branch) -> None:
+        """Free the branch's sequence (if it has one)."""
+        if branch.seq_id is not None:
+            self.manager.free_sequence(branch.seq_id)
+            self.freed_seq_ids.append(branch.seq_id)
+            branch.seq_id = None
+
+    def free_orphans(self) -> None:
+        """Free every sequence of the manager that no request holds (after a failure)."""
+        live = self.live_seq_ids()
+        for seq_id in self.manager.seq_ids:
+            if seq_id not in live:
+                self.manager.free_sequence(seq_id)
+                self.freed_seq_ids.append(seq_id)
+
+    def drain_table_changes(self) -> tuple[set[int], list[int]]:
+        """(sequences whose block table changed, sequences freed) since the last call."""
+        changed, freed = self.changed_seq_ids, self.freed_seq_ids
+        self.changed_seq_ids, self.freed_seq_ids = set(), []
+        return changed, freed
 
     def release_held(self) -> None:
         for request in self.held:
