@@ -1,5 +1,6 @@
 """A Hypothesis fuzz of the engine (issue 8, issue 10): random configs, pools, n, lengths, both policies, chunk
-sizes, prefix caching on or off over prompts sharing prefixes, aborts and failing forwards. Every call returns or
+sizes, prefix caching on or off over prompts sharing prefixes, synchronous or asynchronous scheduling, aborts
+and failing forwards. Every call returns or
 raises ValueError promptly, every step hands the model live blocks and never writes a cached one, every accepted
 request finishes exactly once, and the pool ends all free (or cached and evictable)."""
 import signal
@@ -33,6 +34,7 @@ configs = st.fixed_dictionaries({
     "enable_chunked_prefill": st.booleans(),
     "watermark": st.sampled_from([0.0, 0.01, 0.2]),
     "enable_prefix_caching": st.booleans(),
+    "async_scheduling": st.booleans(),
 })
 # (shared prefix length, own tokens, n, max_tokens, temperature, abort step code)
 requests = st.lists(st.tuples(st.integers(0, 32), st.integers(1, 16), st.integers(1, 3), st.integers(1, 16),

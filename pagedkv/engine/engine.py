@@ -198,7 +198,7 @@ class LLMEngine:
         """True while a request waits, runs, has tokens in flight or output that ``step()`` has not returned yet."""
         if self.scheduler.has_unfinished or self._unreported:
             return True
-        return self._inflight is not None and any(not r.aborted for r, _, _, _ in self._inflight.samples)
+        return self._inflight is not None and any(not (r.aborted or r.finished) for r, _, _, _ in self._inflight.samples)
 
     # -------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -218,6 +218,7 @@ class LLMEngine:
             self._inflight = self._launch_next(timing)
             if self._inflight is None:
                 return {}
+            self._apply_endings(self._inflight)  # nothing runs before it: its certain ends hold for the next step
         retired = self._inflight
         following = self._launch_next(timing) if self.async_scheduling else None
         self._inflight = following
