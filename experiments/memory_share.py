@@ -5,6 +5,8 @@ Two scenarios, each run in two modes on two pools, in lockstep:
     shared-prompt      N requests = one long system prompt (a RAG document) + a short distinct suffix,
                        each then generates G tokens
     parallel-sampling  n branches of one prompt, each generates G tokens
+    beam-search        one beam search per width (--beam-widths 2 4 8) through a tiny random Llama: beams
+                       sharing blocks (fork) vs each beam holding its own copy (``experiments.memory_beam``)
 
     naive   every request writes its own copy of the prompt's K/V       (add_sequence(P, k=, v=) × N)
               pool: [ doc ][ doc ][ doc ] ... [ doc ]   + suffix and generated tokens of each
@@ -33,7 +35,7 @@ import numpy as np
 from pagedkv import KVCache, PagedAttentionManager
 from pagedkv.backend import to_numpy
 
-from . import cli
+from . import cli, memory_beam
 
 BLOCK_SIZES = (8, 16, 32)
 ALLOC_SHAPES = ("auto", "small", "llama-1b")
@@ -328,6 +330,7 @@ def parse_args(argv=None):
                    help="K/V shape allocated: auto (llama-1b on GPU, small on CPU) | small | llama-1b")
     p.add_argument("--skip-model-check", action="store_true",
                    help="skip the generated-token check with a tiny random Llama (pagedkv.model)")
+    memory_beam.add_flags(p)
     cli.add_common(p)
     args = p.parse_args(argv)
     check_args(args)
@@ -348,6 +351,7 @@ def check_args(args) -> None:
     cli.in_choices("--block-size", args.block_size, BLOCK_SIZES)
     cli.in_choices("--alloc-shape", args.alloc_shape, ALLOC_SHAPES)
     cli.in_range("--num-blocks", args.num_blocks, 0, 10**7)
+    memory_beam.check_flags(args, cli.in_range)
     if args.num_blocks:
         pool_tokens = args.num_blocks * args.block_size
         cli.in_range("--prompt-len", args.prompt_len, 1, pool_tokens,
@@ -438,9 +442,13 @@ def main(argv=None) -> int:
         if r["model_check"]["ran"]:  # the same token counts must take the same blocks, whatever the K/V
             assert r["model_check"]["naive_used_blocks"] == r["naive"]["num_used_blocks"]
             assert r["model_check"]["shared_used_blocks"] == r["shared"]["num_used_blocks"]
+    report_bytes = LLAMA_1B.bytes_per_block(args.block_size, args.dtype)
+    memory_beam.resolve(args, backend)
+    beams = [memory_beam.run_beam_scenario(sc, args, backend, report_bytes) for sc in memory_beam.scenarios(args)]
     payload = {"experiment": "memory_share", "run": cli.run_info(backend), "config": vars(args),
                "allocated_shape": _shape_info(shape, args), "reported_shape": _shape_info(LLAMA_1B, args),
-               "scenarios": results, "verdicts": [verdict(r) for r in results],
+               "scenarios": results, "beam_search": beams,
+               "verdicts": [verdict(r) for r in results] + [memory_beam.verdict(r, fmt_bytes) for r in beams],
                "elapsed_s": round(time.perf_counter() - start, 2)}
     return report(payload, args, "memory_share", backend)
 
@@ -448,6 +456,8 @@ def main(argv=None) -> int:
 def report(payload: dict, args, experiment: str, backend) -> int:
     console = cli.console()
     console.print(render_table(payload))
+    if payload["beam_search"]:
+        console.print(memory_beam.render_table(payload["beam_search"]))
     for line in payload["verdicts"]:
         console.print(line, soft_wrap=True)
     path = cli.write_json(args.json or cli.default_json(experiment, backend), payload)
@@ -456,7 +466,8 @@ def report(payload: dict, args, experiment: str, backend) -> int:
         from . import plots
 
         console.print(f"wrote {plots.memory_share(payload, args.plot)}", soft_wrap=True)
-    return 0 if all(identical(r) for r in payload["scenarios"]) else 1
+    same = all(identical(r) for r in payload["scenarios"]) and all(r["identical"] for r in payload["beam_search"])
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
