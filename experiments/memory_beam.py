@@ -11,12 +11,20 @@ beam runs ``gen_len`` tokens) runs twice on one pool, per beam width:
 The pool's used blocks (``BlockManager.num_used_blocks``) are read after the prefill and after every step;
 peak and mean come from that timeline. Both runs must return the same beams, bit for bit (tokens and
 cumulative log-probabilities), or the run fails.
+
+    python -m experiments.memory_beam                                     # this scenario alone (CPU: seconds)
+    python -m experiments.memory_share --beam-widths 2 4 8                # with memory_share's other scenarios
+    python -m experiments.memory_beam --beam-prompt-len 19 --beam-gen-len 58 --beam-num-prompts 4   # Alpaca's means
 """
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from . import cli
 
 BEAM_WIDTHS = (2, 4, 8)
 # NOTE: sizes default per device. On a GPU: a shared prompt of a few hundred tokens, 128 generated tokens, 4 prompts;
@@ -169,3 +177,47 @@ def render_table(results: list[dict]):
                   f"{c['mean_used_blocks']:,.1f}", f"{s['mean_used_blocks']:,.1f}", f"{r['mean_saved_pct']:.1f}%",
                   f"{s['num_cow_copies']:,}", "identical" if r["identical"] else "DIFFER")
     return t
+
+
+# -- command line (this scenario alone) ----------------------------------------------------------------------
+def parse_args(argv=None):
+    p = cli.Parser(prog="python -m experiments.memory_beam",
+                   description="KV blocks of beam search: beams sharing blocks vs each beam holding its own copy, "
+                               "measured from the pool (also run by experiments.memory_share).")
+    p.add_argument("--block-size", type=int, default=16, choices=(8, 16, 32), help="tokens per block (default 16)")
+    add_flags(p)
+    cli.add_common(p)
+    args = p.parse_args(argv)
+    cli.check_common(args)
+    check_flags(args, cli.in_range)
+    if getattr(args, "plot", None):
+        raise cli.FlagError("--plot: this experiment draws no plot (python -m experiments.plots draws memory_share's)")
+    return args
+
+
+@cli.guarded
+def main(argv=None) -> int:
+    from .memory_share import LLAMA_1B, fmt_bytes
+
+    args = parse_args(argv)
+    backend = cli.resolve_backend(args.device)
+    args.device = backend.name
+    resolve(args, backend)
+    start, report_bytes = time.perf_counter(), LLAMA_1B.bytes_per_block(args.block_size, args.dtype)
+    results = [run_beam_scenario(sc, args, backend, report_bytes) for sc in scenarios(args)]
+    payload = {"experiment": "memory_beam", "run": cli.run_info(backend), "config": vars(args),
+               "reported_shape": {"name": LLAMA_1B.name, "dtype": args.dtype, "bytes_per_block": report_bytes},
+               "beam_search": results, "verdicts": [verdict(r, fmt_bytes) for r in results],
+               "elapsed_s": round(time.perf_counter() - start, 2)}
+    console = cli.console()
+    if results:
+        console.print(render_table(results))
+    for line in payload["verdicts"]:
+        console.print(line, soft_wrap=True)
+    if args.json:
+        console.print(f"wrote {cli.write_json(args.json, payload)}", soft_wrap=True)
+    return 0 if all(r["identical"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,3 +72,18 @@ def test_bad_beam_flags_are_one_line_errors(capsys, flag, value):
         memory_share.main(ARGS + ["--device", "cpu", flag, value])
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {flag} must be in")
+
+
+def test_the_scenario_alone(tmp_path, capsys):
+    from experiments import memory_beam
+
+    path = tmp_path / "beam.json"
+    args = ARGS[ARGS.index("--block-size"):ARGS.index("--block-size") + 2] + ARGS[ARGS.index("--beam-widths"):]
+    assert memory_beam.main(args + ["--device", "cpu", "--json", str(path)]) == 0
+    alone = json.loads(path.read_text())
+    assert [r["scenario"]["beam_width"] for r in alone["beam_search"]] == [2, 3]
+    assert all(r["identical"] for r in alone["beam_search"])
+    assert "KV blocks of beam search" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        memory_beam.main(["--device", "cpu", "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
