@@ -206,6 +206,34 @@ def test_shared_and_copied_blocks_give_the_same_beams():
     assert engine.manager.block_manager.num_used_blocks == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_gpu_beams_equal_the_float64_reference(cuda_graph):
+    """The device path (float32 cuBLAS without TF32, paged kernels, CuPy argpartition; CUDA graphs) on the
+    CPU engine's weights. Margins checked on the CPU: > 4e-3 for these inputs (seed 4, head_dim 32)."""
+    import cupy as cp
+
+    from pagedkv.model import get_config
+    from pagedkv.model.weights import LayerWeights, ModelWeights
+
+    config = get_config("tiny", head_dim=32)  # the GPU kernels' smallest head_dim
+    cpu = LLMEngine(EngineConfig(model=config, device="cpu", seed=4, num_blocks=128, block_size=16))
+    w, dev = cpu.model.weights, (lambda a: None if a is None else cp.asarray(a))  # noqa: E731
+    layers = [LayerWeights(*(dev(getattr(lw, f)) for f in LayerWeights.__slots__)) for lw in w.layers]
+    weights = ModelWeights(dev(w.embed), layers, dev(w.final_norm), dev(w.lm_head), w.tied)
+    gpu = LLMEngine(EngineConfig(model=config, device="gpu", dtype="float32", num_blocks=128, block_size=16,
+                                 cuda_graph=cuda_graph), model_config=config, weights=weights)
+    ref = Reference64(cpu)
+    wants = [reference_beam_search(ref, p, 3, 6) for p in PROMPTS]
+    assert min(margin for _, margin in wants) > 4e-3
+    for out, (want, _) in zip(beam_search(gpu, PROMPTS, 3, 6), wants):
+        assert_same_beams(out, want)
+    assert gpu.manager.block_manager.num_used_blocks == 0
+    greedy = gpu.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6), progress=False)
+    assert [o.sequences[0].token_ids for o in beam_search(gpu, PROMPTS, 1, 6)] == \
+        [g.outputs[0].token_ids for g in greedy]
+
+
 # --------------------------------------------------------------------------------------------- blocks
 def check_blocks(search: BeamGroup, manager, cow_before: int) -> None:
     """Live beams own exactly the manager's sequences; the pool's used blocks are one per distinct token

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import array_module, to_numpy
 from ..model import PrefillBatch
 
 
@@ -67,8 +67,6 @@ def top_candidates(logits, num: int) -> tuple[np.ndarray, np.ndarray]:
         host arrays ids [rows, num] int64 and logprobs [rows, num] float32 (log-softmax in float32, computed
         on the device; only the ``rows x num`` candidates are copied to the host).
     """
-    from ..backend import array_module
-
     xp = array_module(logits)
     x = logits.astype(np.float32)
     x = x - x.max(axis=-1, keepdims=True)
