@@ -176,14 +176,16 @@ async def _stream(state: ServerState, builder: ResponseBuilder, sink: Sink):
 
 
 async def _complete(state: ServerState, request: Request, builder: ResponseBuilder, sink: Sink):
-    pending = None
+    pending, next_poll = None, time.monotonic() + DISCONNECT_POLL_S
     try:
         while not builder.finished:
             pending = pending or asyncio.ensure_future(sink.get_all())
             done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
-            if not done:
+            if time.monotonic() >= next_poll:  # NOTE: polled on a clock: outputs may never pause long enough
                 if await request.is_disconnected():
                     return Response(status_code=499)  # nobody reads it; the finally clause aborts
+                next_poll = time.monotonic() + DISCONNECT_POLL_S
+            if not done:
                 continue
             items, pending = pending.result(), None
             error = _take(builder, items)

@@ -1,0 +1,252 @@
+"""The OpenAI-compatible server, live on a free port, driven by the official ``openai`` client: completions, chat,
+streaming, ``n``, ``stop``, ``logprobs``, errors, client disconnects and 32 concurrent streams, on a tiny random
+checkpoint with a tokenizer trained on the spot."""
+import asyncio
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+for _name in ("tokenizers", "jinja2", "fastapi", "uvicorn", "openai", "httpx"):
+    pytest.importorskip(_name)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+from test_text_support import LiveServer, write_checkpoint  # noqa: E402
+
+from pagedkv.engine import SamplingParams  # noqa: E402
+from pagedkv.llm import LLM  # noqa: E402
+from pagedkv.serve.app import create_app  # noqa: E402
+from pagedkv.serve.cli import build_state  # noqa: E402
+
+MODEL = "tiny-chat"
+ENGINE = dict(device="cpu", num_blocks=96, block_size=16, max_model_len=256, max_num_seqs=64)
+CHAT = [{"role": "user", "content": "Write a haiku about paged memory."}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    state = build_state(LLM(str(checkpoint), **ENGINE), MODEL)
+    live = LiveServer(create_app(state))
+    yield SimpleNamespace(url=live.url, base=live.base, state=state, loop=state.loop)
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(checkpoint):
+    return LLM(str(checkpoint), **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+
+def pool_idle(server, timeout=10.0) -> bool:
+    """Wait until the engine has no request and every block is free (or cached and evictable)."""
+    deadline = time.monotonic() + timeout
+    probe = lambda e: (not e.has_unfinished_requests(),  # noqa: E731
+                       e.manager.block_manager.num_free_blocks == e.manager.block_manager.num_blocks)
+    while not all(server.loop.call(probe).result(10)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.base + "/health").status_code == 200
+    card = httpx.get(server.url + "/models").json()["data"][0]
+    assert card["object"] == "model" and card["max_model_len"] == 256
+
+
+def test_completion_matches_offline_generate(client, offline):
+    prompt = "The block table maps"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    ref = offline.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0]
+    choice = r.choices[0]
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL
+    assert choice.index == 0 and choice.text == ref.outputs[0].text
+    assert choice.finish_reason == ref.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_token_id_prompts_and_several_prompts(client, offline):
+    ids = offline.tokenizer.encode("Copy on write")
+    r = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    text = client.completions.create(model=MODEL, prompt="Copy on write", max_tokens=6, temperature=0)
+    assert r.choices[0].text == text.choices[0].text  # a text prompt and its token ids: the same completion
+    assert r.usage.prompt_tokens == len(ids) + 2
+
+
+def test_streamed_deltas_concatenate_to_the_whole_text(client):
+    for kwargs in (dict(temperature=0), dict(temperature=1.0, seed=11, top_p=0.9)):
+        whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, **kwargs)
+        chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=20, stream=True,
+                                                **kwargs))
+        assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+        assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+        assert len({c.id for c in chunks}) == 1 and chunks[0].object == "text_completion"
+
+
+def test_chat_and_chat_stream(client, offline):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, seed=3)
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    assert whole.choices[0].message.role == "assistant"
+    ref = offline.chat(CHAT, SamplingParams(max_tokens=16, seed=3))[0]
+    assert whole.choices[0].message.content == ref.outputs[0].text
+    assert whole.usage.prompt_tokens == len(offline.tokenizer.apply_chat_template(CHAT, tokenize=True))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, seed=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_choices_are_seeded_branches(client):
+    r = client.completions.create(model=MODEL, prompt="Parallel sampling", max_tokens=8, n=3, seed=5)
+    again = client.completions.create(model=MODEL, prompt="Parallel sampling", max_tokens=8, n=3, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in r.choices}) > 1
+    assert r.usage.completion_tokens == 3 * 8 or any(c.finish_reason == "stop" for c in r.choices)
+    chunks = list(client.completions.create(model=MODEL, prompt="Parallel sampling", max_tokens=8, n=3, seed=5,
+                                            stream=True))
+    for i in range(3):
+        assert "".join(c.text for ch in chunks for c in ch.choices if c.index == i) == r.choices[i].text
+
+
+def test_stop_string_cuts_the_text(client):
+    whole = client.completions.create(model=MODEL, prompt="Stop here", max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    text = whole.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), f"degenerate output {text!r}"
+    cut = client.completions.create(model=MODEL, prompt="Stop here", max_tokens=24, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="Stop here", max_tokens=24, temperature=0, stop=stop,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_completion_logprobs(client):
+    r = client.completions.create(model=MODEL, prompt="Log probabilities", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 1 <= len(top) <= 3
+        assert value == pytest.approx(max(top.values()))  # greedy: the sampled token is the most likely
+    assert "".join(lp.tokens).startswith(r.choices[0].text)
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5, logprobs=True, top_logprobs=2,
+                                       temperature=0)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 and c.bytes == list(c.token.encode()) for c in content)
+
+
+@pytest.mark.parametrize("call, param", [
+    (dict(model="nope", prompt="hi"), "model"),
+    (dict(model=MODEL, prompt="hi", max_tokens=-1), "max_tokens"),
+    (dict(model=MODEL, prompt="hi " * 300, max_tokens=4), "prompt"),
+    (dict(model=MODEL, prompt="hi", max_tokens=256), "prompt"),
+    (dict(model=MODEL, prompt="hi", temperature=-1), "temperature"),
+    (dict(model=MODEL, prompt="hi", echo=True), "echo"),
+    (dict(model=MODEL, prompt="hi", logprobs=99), "logprobs"),
+])
+def test_caller_mistakes_are_400_with_openai_error_json(client, server, call, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(**call)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["param"] == param and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert pool_idle(server)
+    assert client.completions.create(model=MODEL, prompt="still alive", max_tokens=2).choices[0].text is not None
+
+
+def test_malformed_bodies_are_400(server):
+    r = httpx.post(server.url + "/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(server.url + "/completions", json={"model": MODEL})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(server.url + "/chat/completions", json={"model": MODEL, "messages": [{"content": "x"}]})
+    assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/chat/completions", json={"model": MODEL, "messages": CHAT, "n": 10_000})
+    assert r.status_code == 400 and "n" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/nowhere").json()["error"]["type"] == "not_found_error"
+
+
+def test_chat_template_refusal_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs"):
+        client.chat.completions.create(model=MODEL, messages=CHAT, extra_body={"chat_template_kwargs":
+                                                                               {"tokenize": True}})
+
+
+@pytest.fixture
+def slow_steps(server):
+    """Each engine step takes at least 20 ms while the test runs (a client can leave mid-request)."""
+    def slow(engine):
+        step = engine.step
+
+        def slow_step():
+            time.sleep(0.02)
+            return step()
+        engine.step = slow_step
+        return step
+
+    step = server.loop.call(slow).result(10)
+    yield
+    server.loop.call(lambda e: setattr(e, "step", step)).result(10)
+
+
+def test_client_disconnect_mid_stream_frees_every_block(server, slow_steps):
+    body = {"model": MODEL, "prompt": "A long story", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server.url + "/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+            assert got and json.loads(got[0][6:])["choices"]
+        assert not pool_idle(server, timeout=0)  # still running: the abort below is the client's leaving
+    assert pool_idle(server, timeout=2)  # 200 tokens take >= 4 s: only the abort frees the blocks sooner
+
+
+def test_non_streamed_client_disconnect_aborts(server, slow_steps):
+    body = {"model": MODEL, "prompt": "Forever", "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/completions", json=body, timeout=0.3)
+    assert not pool_idle(server, timeout=0)
+    assert pool_idle(server, timeout=2)  # 200 tokens take >= 4 s: only the abort frees the blocks sooner
+
+
+def test_32_concurrent_streams_each_get_their_whole_answer(server, offline):
+    prompts = [f"Client {i} says" for i in range(32)]
+    params = [SamplingParams(max_tokens=12 + i % 5, seed=i) for i in range(32)]
+
+    async def one(aclient, prompt, p):
+        stream = await aclient.completions.create(model=MODEL, prompt=prompt, max_tokens=p.max_tokens, seed=p.seed,
+                                                  stream=True)
+        return "".join([c.choices[0].text async for c in stream])
+
+    async def all_of_them():
+        async with openai.AsyncOpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60) as aclient:
+            return await asyncio.gather(*(one(aclient, prompt, p) for prompt, p in zip(prompts, params)))
+
+    streamed = asyncio.run(all_of_them())
+    expected = [out.outputs[0].text for out in offline.generate(prompts, params)]
+    assert streamed == expected and all(expected)
+    assert pool_idle(server)
