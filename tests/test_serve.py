@@ -221,7 +221,7 @@ def test_client_disconnect_mid_stream_frees_every_block(server, slow_steps):
             lines = response.iter_lines()
             got = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
             assert got and json.loads(got[0][6:])["choices"]
-        assert not pool_idle(server, timeout=0)  # still running: the abort below is the client's leaving
+            assert not pool_idle(server, timeout=0)  # still running: what frees it below is the client leaving
     assert pool_idle(server, timeout=2)  # 200 tokens take >= 4 s: only the abort frees the blocks sooner
 
 
