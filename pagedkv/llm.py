@@ -64,6 +64,10 @@ class LLM:
         else:
             self.engine = LLMEngine(EngineConfig(model=model, **engine_options), tokenizer=self.tokenizer)
             self.default_sampling_params = SamplingParams()
+        vocab = self.engine.model_config.vocab_size
+        if self.tokenizer is not None and self.tokenizer.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary has "
+                             f"{vocab}: they do not belong together")
 
     # ------------------------------------------------------------------------------------------ prompts
     def _require_tokenizer(self, what: str):
