@@ -39,6 +39,7 @@ class ServerState:
     max_model_len: int
     defaults: SamplingParams = field(default_factory=SamplingParams)
     root: str = ""
+    vocab_size: int | None = None  # the model's (an extension field of the /v1/models card, for benchmarks)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -67,7 +68,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "pagedkv",
-                "root": state.root or state.model_name, "parent": None, "max_model_len": state.max_model_len}
+                "root": state.root or state.model_name, "parent": None, "max_model_len": state.max_model_len, "vocab_size": state.vocab_size}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
