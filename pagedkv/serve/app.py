@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API on FastAPI: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
-``/health``.
+``/health`` and ``/metrics`` (Prometheus text: requests in the engine, free KV blocks).
 
 A request is validated (body, model name, unsupported options, context length, then the engine's own
 ``check_request``) before anything is queued, so a caller's mistake is a 400 with OpenAI's error JSON and
@@ -65,6 +65,18 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         return Response(status_code=200 if state.loop.is_alive else 503)
 
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text: requests in the engine and the KV pool's blocks (read on the engine thread)."""
+        try:
+            stats = await asyncio.wrap_future(state.loop.call(engine_stats))
+        except EngineError as exc:
+            raise OpenAIError(str(exc), status=503, type="service_unavailable") from None
+        stats["pagedkv_engine_step_errors_total"] = state.loop.num_step_errors
+        lines = [f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}\n{name} {value}"
+                 for name, value in stats.items()]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models():
         card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "pagedkv",
@@ -85,6 +97,14 @@ def create_app(state: ServerState) -> FastAPI:
                                body.num_logprobs)
 
     return app
+
+
+def engine_stats(engine) -> dict:
+    """Gauges of the engine's state (call on the engine thread)."""
+    bm = engine.manager.block_manager
+    return {"pagedkv_num_requests_running": len(engine.scheduler.running),
+            "pagedkv_num_requests_waiting": len(engine.scheduler.waiting),
+            "pagedkv_kv_num_blocks": bm.num_blocks, "pagedkv_kv_num_free_blocks": bm.num_free_blocks}
 
 
 # -------------------------------------------------------------------------------------------- prompts
