@@ -31,7 +31,8 @@ def _as_prompt_list(prompts) -> list:
         return [prompts]
     if isinstance(prompts, (list, tuple)) and prompts:
         return list(prompts)
-    raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; got {prompts!r:.80}")
+    raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
+                     f"got {prompts!r:.80}")
 
 
 def _is_conversation(messages) -> bool:

@@ -11,7 +11,6 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 
 from pagedkv.text import Tokenizer  # noqa: E402
-from pagedkv.text.chat_template import ChatTemplateError  # noqa: E402
 from pagedkv.text.train import CHATML_TEMPLATE, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +112,8 @@ def test_trim_blocks_and_lstrip_blocks(folder):
 
 
 def test_named_templates_and_template_file(folder, tmp_path):
-    named = [{"name": "default", "template": CHATML_TEMPLATE}, {"name": "plain", "template": "{{ messages[0]['content'] }}"}]
+    named = [{"name": "default", "template": CHATML_TEMPLATE},
+             {"name": "plain", "template": "{{ messages[0]['content'] }}"}]
     tok = Tokenizer.from_folder(edit_config(folder, tmp_path, chat_template=named))
     assert tok.apply_chat_template(CONVERSATION, chat_template="plain") == "Be brief."
     assert tok.apply_chat_template(CONVERSATION).startswith("<|im_start|>system")

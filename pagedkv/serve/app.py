@@ -80,7 +80,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "pagedkv",
-                "root": state.root or state.model_name, "parent": None, "max_model_len": state.max_model_len, "vocab_size": state.vocab_size}
+                "root": state.root or state.model_name, "parent": None, "max_model_len": state.max_model_len,
+                "vocab_size": state.vocab_size}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")

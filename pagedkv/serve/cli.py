@@ -45,13 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "name (random weights: needs --tokenizer)")
     p.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json (default: the model folder)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--port", type=_port, default=8000, help="default 8000")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights and KV cache (default: the checkpoint's)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default auto: a usable GPU, else the CPU")
     p.add_argument("--max-model-len", type=_positive, default=None,
                    help="longest prompt + completion (default: the engine's)")
-    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None, help="tokens per KV block (default: the engine's)")
+    p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
+                   help="tokens per KV block (default: the engine's)")
     p.add_argument("--num-gpu-blocks-override", type=_positive, default=None,
                    help="KV blocks in the pool (default: sized from free memory on a GPU)")
     p.add_argument("--kv-cache-memory-bytes", type=_positive, default=None, help="KV pool size in bytes")

@@ -3,7 +3,7 @@
 ::
 
     asyncio handlers (event loop thread)              engine thread (EngineLoop._run)
-    ─────────────────────────────────────              ──────────────────────────────────────────
+    ------------------------------------              --------------------------------------------
     await loop.submit(prompts, params) ── command ──►  check_request every prompt, then add_request each
          ◄── request ids (or ValueError: a 400) ──────
     async for out in sink: ...         ◄── outputs ──  step(); each RequestOutput to its sink's asyncio.Queue

@@ -102,7 +102,8 @@ class ResponseBuilder:
             text = self.tokenizer.token_text(token_id)
             return {"token": text, "logprob": _lp(value), "bytes": list(text.encode("utf-8"))}
 
-        content = [{**item(t, e.get(t, MIN_LOGPROB)), "top_logprobs": [item(i, v) for i, v in _top(e, self.num_logprobs)]}
+        content = [{**item(t, e.get(t, MIN_LOGPROB)),
+                    "top_logprobs": [item(i, v) for i, v in _top(e, self.num_logprobs)]}
                    for t, e in zip(s.token_ids[start:], s.logprobs[start:])]
         return {"content": content, "refusal": None}
 

@@ -75,7 +75,8 @@ class Tokenizer:
             if token is not None and self.backend.token_to_id(token) is None:
                 raise ValueError(f"{name} {token!r} of tokenizer_config.json is not in the tokenizer's vocabulary")
         bos = self.bos_token_id
-        self._post_processor_adds_bos = bos is not None and self.backend.encode("", add_special_tokens=True).ids[:1] == [bos]
+        self._post_processor_adds_bos = bos is not None and \
+            self.backend.encode("", add_special_tokens=True).ids[:1] == [bos]
 
     @classmethod
     def from_folder(cls, folder) -> Tokenizer:
@@ -168,7 +169,8 @@ class Tokenizer:
         if name is not None and name not in self.chat_templates:
             if "{" in name:  # jinja2 source given directly
                 return name
-            raise ChatTemplateError(f"no chat template named {name!r}; this tokenizer has {sorted(self.chat_templates)}")
+            raise ChatTemplateError(f"no chat template named {name!r}; this tokenizer has "
+                                    f"{sorted(self.chat_templates)}")
         if name is None:
             if not self.chat_templates:
                 raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' "
