@@ -111,10 +111,11 @@ class LLM:
         if not isinstance(conversations, (list, tuple)) or not conversations or \
                 not all(_is_conversation(c) for c in conversations):
             raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a list of them")
-        ids = [self.chat_prompt(c, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                                **template_kwargs) for c in conversations]
-        return self._generate(ids, [self.tokenizer.decode(i, skip_special_tokens=False) for i in ids],
-                              sampling_params, progress)
+        tok = self._require_tokenizer("chat")
+        texts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                                         **template_kwargs) for c in conversations]
+        ids = [tok.encode(text, add_special_tokens=False) for text in texts]  # the template wrote them
+        return self._generate(ids, texts, sampling_params, progress)
 
     def _generate(self, ids, texts, sampling_params, progress) -> list[RequestOutput]:
         params = self.default_sampling_params if sampling_params is None else sampling_params

@@ -52,7 +52,7 @@ def test_defaults_come_from_the_generation_config(llm):
 def test_chat_renders_the_template(llm):
     out = llm.chat(CHAT, SamplingParams(max_tokens=8, seed=1))[0]
     assert out.prompt_token_ids == llm.tokenizer.apply_chat_template(CHAT, tokenize=True)
-    assert llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert out.prompt == llm.tokenizer.apply_chat_template(CHAT) and out.prompt.endswith("<|im_start|>assistant\n")
     both = llm.chat([CHAT, CHAT[1:]], SamplingParams(max_tokens=8, seed=1))
     assert [o.outputs[0].text for o in both][0] == out.outputs[0].text and len(both) == 2
 
