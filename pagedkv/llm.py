@@ -13,7 +13,6 @@ A preset name (``"tiny"``, ``"llama-1b"``) builds random weights and has no toke
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,12 +58,13 @@ class LLM:
                              f"got {model!r}")
         self.tokenizer = _load_tokenizer(tokenizer, folder if is_checkpoint else None)
         self.model_name = str(model)
-        if is_checkpoint:
+        if is_checkpoint:  # dtype, EOS ids and sampling defaults: the checkpoint's (generation_config.json)
             self.engine = LLMEngine.from_checkpoint(folder, EngineConfig(**engine_options), tokenizer=self.tokenizer)
-            self.default_sampling_params = _checkpoint_defaults(folder)
         else:
+            if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+                engine_options.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             self.engine = LLMEngine(EngineConfig(model=model, **engine_options), tokenizer=self.tokenizer)
-            self.default_sampling_params = SamplingParams()
+        self.default_sampling_params = self.engine.default_params
         vocab = self.engine.model_config.vocab_size
         if self.tokenizer is not None and self.tokenizer.vocab_size > vocab:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary has "
@@ -172,12 +172,3 @@ def _load_tokenizer(tokenizer, folder: Path | None):
     if folder is not None and (folder / "tokenizer.json").is_file():
         return Tokenizer.from_folder(folder)
     return None
-
-
-def _checkpoint_defaults(folder: Path) -> SamplingParams:
-    """SamplingParams from the checkpoint's generation config (fields SamplingParams does not have are ignored)."""
-    from .model.generation_config import read_generation_config
-
-    defaults = read_generation_config(folder).defaults
-    names = {f.name for f in dataclasses.fields(SamplingParams)}
-    return SamplingParams(**{k: v for k, v in defaults.items() if k in names})

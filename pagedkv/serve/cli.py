@@ -85,7 +85,7 @@ def build_state(llm, served_model_name: str | None = None, root: str = ""):
         raise ValueError(f"model {llm.model_name!r} has no tokenizer: pass --tokenizer DIR (a folder with "
                          f"tokenizer.json)")
     return ServerState(loop=EngineLoop(llm.engine), tokenizer=llm.tokenizer,
-                       model_name=served_model_name or llm.model_name, max_model_len=llm.engine.config.max_model_len,
+                       model_name=served_model_name or llm.model_name, max_model_len=llm.engine.max_model_len,
                        defaults=llm.default_sampling_params, root=root or llm.model_name,
                        vocab_size=llm.engine.model_config.vocab_size)
 
