@@ -12,8 +12,8 @@ Requests leave at exponential gaps of mean ``1 / rate`` (``inf``: all at once); 
 
     python -m pagedkv.serve --model DIR &                               # then:
     python -m experiments.serve_bench --base-url http://127.0.0.1:8000 --request-rate 1 4 inf
-    python -m experiments.serve_bench --in-process --model tiny --device cpu --num-prompts 16 \\
-        --random-input-len 32 --random-output-len 16                     # the engine loop without HTTP
+    python -m experiments.serve_bench                                   # in-process: the engine loop, no HTTP
+                                                                        # (llama-1b on a GPU; tiny, small on a CPU)
 """
 from __future__ import annotations
 
@@ -30,36 +30,44 @@ from . import cli
 PERCENTILES = (50, 90, 99)
 
 
+IN_PROCESS_ONLY = ("tokenizer", "device", "dtype", "max_model_len", "enforce_eager")
+CPU_SIZES = {"num_prompts": 16, "random_input_len": 32, "random_output_len": 16}  # a bare CPU run: seconds
+GPU_SIZES = {"num_prompts": 200, "random_input_len": 256, "random_output_len": 128}
+
+
 def parse_args(argv):
     p = cli.Parser(prog="python -m experiments.serve_bench", description=__doc__.split("\n\n")[0])
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--base-url", help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8000")
-    target.add_argument("--in-process", action="store_true", help="run --model in this process (engine loop, no HTTP)")
-    p.add_argument("--model", default=None, help="HTTP: the served model id (default: the server's first); "
-                   "in-process: a checkpoint folder or a preset")
-    p.add_argument("--tokenizer", default=None, help="in-process: a folder with tokenizer.json")
-    p.add_argument("--num-prompts", type=int, default=200, help="requests per arrival rate (default 200)")
+    p.add_argument("--base-url", default=None, help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8000 "
+                   "(default: none; the engine runs in this process behind its engine loop, without HTTP)")
+    p.add_argument("--model", default=None, help="with --base-url: the served model id (default: the server's "
+                   "first); in-process: a checkpoint folder or a preset (default llama-1b on a GPU, tiny on a CPU)")
+    p.add_argument("--num-prompts", type=int, default=None, help="requests per arrival rate (default 200; CPU 16)")
     p.add_argument("--request-rate", nargs="+", default=["inf"], help="requests per second, one run each; inf: all "
                    "at once (default inf)")
-    p.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (default 256)")
-    p.add_argument("--random-output-len", type=int, default=128, help="output tokens (default 128)")
+    p.add_argument("--random-input-len", type=int, default=None, help="prompt tokens (default 256; CPU 32)")
+    p.add_argument("--random-output-len", type=int, default=None, help="output tokens (default 128; CPU 16)")
     p.add_argument("--random-range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)] (default 0: fixed)")
     p.add_argument("--vocab-size", type=int, default=None, help="token ids are drawn in [0, this) (default: the "
-                   "model's; HTTP: the server's /v1/models card)")
+                   "model's; with --base-url: the server's /v1/models card)")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: no cap)")
     p.add_argument("--seed", type=int, default=0, help="prompts and arrival times (default 0)")
-    p.add_argument("--device", default="auto", help="in-process: auto | cpu | gpu (default auto)")
-    p.add_argument("--dtype", default=None, help="in-process: float16 | bfloat16 | float32 (default: the model's)")
-    p.add_argument("--max-model-len", type=int, default=None, help="in-process: longest prompt + output")
     p.add_argument("--output-json", default=None, metavar="PATH", help="also write the results here")
+    local = p.add_argument_group("in-process runs (no --base-url)")
+    local.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json (not needed: prompts are ids)")
+    local.add_argument("--device", default=None, help="auto | cpu | gpu (default auto)")
+    local.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: a checkpoint's; "
+                       "presets float16 on a GPU, float32 on a CPU)")
+    local.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the "
+                       "engine's)")
+    local.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     args = p.parse_args(argv)
     check(args)
     return args
 
 
 def check(args) -> None:
-    """Every flag checked before any work (one ``error:`` line, exit code 2)."""
+    """Every flag checked before any work (one ``error:`` line, exit code 2); in-process defaults resolved."""
     rates = []
     for r in args.request_rate:
         try:
@@ -69,23 +77,30 @@ def check(args) -> None:
         if not rates[-1] > 0:
             raise cli.FlagError(f"--request-rate values must be > 0, got {r}")
     args.request_rate = rates
+    if args.base_url is not None:
+        given = [f"--{n.replace('_', '-')}" for n in IN_PROCESS_ONLY if getattr(args, n) not in (None, False)]
+        if given:
+            raise cli.FlagError(f"{given[0]} is for in-process runs; the server at --base-url has its own")
+        if not args.base_url.startswith(("http://", "https://")):
+            raise cli.FlagError(f"--base-url must start with http:// or https://, got {args.base_url}")
+        gpu = True
+    else:
+        args.device = cli.in_choices("--device", args.device or "auto", cli.DEVICES)
+        if args.dtype is not None:
+            cli.in_choices("--dtype", args.dtype, cli.DTYPES)
+        gpu = cli.resolve_backend(args.device).is_gpu
+        args.model = args.model or ("llama-1b" if gpu else "tiny")
+    for name, default in (GPU_SIZES if gpu else CPU_SIZES).items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     cli.in_range("--num-prompts", args.num_prompts, 1, 100_000)
     cli.in_range("--random-input-len", args.random_input_len, 1, 1 << 20)
     cli.in_range("--random-output-len", args.random_output_len, 1, 1 << 20)
     cli.in_range("--random-range-ratio", args.random_range_ratio, 0.0, 0.99)
     cli.in_range("--seed", args.seed, 0, 2**32 - 1)
-    if args.max_concurrency is not None:
-        cli.in_range("--max-concurrency", args.max_concurrency, 1, 100_000)
-    if args.vocab_size is not None:
-        cli.in_range("--vocab-size", args.vocab_size, 1, 1 << 24)
-    if args.in_process:
-        if args.model is None:
-            raise cli.FlagError("--in-process needs --model (a checkpoint folder or a preset)")
-        cli.in_choices("--device", args.device, cli.DEVICES)
-        if args.dtype is not None:
-            cli.in_choices("--dtype", args.dtype, cli.DTYPES)
-    elif not args.base_url.startswith(("http://", "https://")):
-        raise cli.FlagError(f"--base-url must start with http:// or https://, got {args.base_url}")
+    for flag, value in (("--max-concurrency", args.max_concurrency), ("--vocab-size", args.vocab_size),
+                        ("--max-model-len", args.max_model_len)):
+        if value is not None:
+            cli.in_range(flag, value, 1, 1 << 24)
 
 
 # ------------------------------------------------------------------------------------------- workload
@@ -243,17 +258,21 @@ async def http_target(args):
 
 def in_process_target(args):
     from pagedkv.llm import LLM
+    from pagedkv.model.config import PRESETS
     from pagedkv.serve import EngineLoop
 
-    options = {"device": args.device} | ({"dtype": args.dtype} if args.dtype else {}) | \
-        ({"max_model_len": args.max_model_len} if args.max_model_len else {})
+    options = {"device": args.device, "cuda_graph": not args.enforce_eager}
+    if args.dtype or args.model in PRESETS:  # NOTE: random weights default to float32: half on a GPU, as served
+        options["dtype"] = args.dtype or ("float16" if cli.resolve_backend(args.device).is_gpu else "float32")
+    if args.max_model_len:
+        options["max_model_len"] = args.max_model_len
     llm = LLM(args.model, tokenizer=args.tokenizer, **options)
     loop = EngineLoop(llm.engine).start()
     return loop, args.vocab_size or llm.engine.model_config.vocab_size
 
 
 async def bench(args) -> tuple[list[dict], str]:
-    if args.in_process:
+    if args.base_url is None:
         loop, vocab = in_process_target(args)
         send, closer, target = (lambda prompt, n: engine_request(loop, prompt, n)), loop.shutdown, args.model
     else:

@@ -25,13 +25,14 @@ def test_help_runs_without_a_gpu():
 
 @pytest.mark.parametrize("argv, message", [
     (["--base-url", "localhost:8000"], "--base-url must start with http"),
-    (["--in-process"], "--in-process needs --model"),
-    (["--in-process", "--model", "tiny", "--request-rate", "fast"], "--request-rate values must be numbers"),
-    (["--in-process", "--model", "tiny", "--request-rate", "-1"], "--request-rate values must be > 0"),
-    (["--in-process", "--model", "tiny", "--num-prompts", "0"], "--num-prompts must be in"),
-    (["--in-process", "--model", "tiny", "--random-range-ratio", "1.5"], "--random-range-ratio must be in"),
-    (["--in-process", "--model", "tiny", "--device", "tpu"], "--device must be in"),
-    (["--in-process", "--base-url", "http://x"], "not allowed with argument"),
+    (["--base-url", "http://x", "--device", "cpu"], "--device is for in-process runs"),
+    (["--base-url", "http://x", "--enforce-eager"], "--enforce-eager is for in-process runs"),
+    (["--request-rate", "fast"], "--request-rate values must be numbers"),
+    (["--request-rate", "-1"], "--request-rate values must be > 0"),
+    (["--device", "cpu", "--num-prompts", "0"], "--num-prompts must be in"),
+    (["--device", "cpu", "--random-range-ratio", "1.5"], "--random-range-ratio must be in"),
+    (["--device", "tpu"], "--device must be in"),
+    (["--device", "cpu", "--dtype", "int4"], "--dtype must be in"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -59,10 +60,18 @@ def check_rows(payload, rates):
 
 def test_in_process_run(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["--in-process", "--model", "tiny", "--device", "cpu", "--request-rate", "100", "inf",
-            "--output-json", str(out), *SMALL]
+    argv = ["--model", "tiny", "--device", "cpu", "--request-rate", "100", "inf", "--output-json", str(out), *SMALL]
     assert serve_bench.main(argv) == 0
-    check_rows(json.loads(out.read_text()), [100.0, "inf"])
+    payload = json.loads(out.read_text())
+    check_rows(payload, [100.0, "inf"])
+    assert payload["config"]["random_output_len"] == 5 and payload["target"] == "tiny"
+
+
+def test_bare_cpu_run_is_small():
+    args = serve_bench.parse_args(["--device", "cpu"])
+    assert (args.model, args.num_prompts, args.random_input_len, args.random_output_len) == ("tiny", 16, 32, 16)
+    args = serve_bench.parse_args(["--base-url", "http://127.0.0.1:1"])
+    assert (args.model, args.num_prompts, args.random_input_len, args.random_output_len) == (None, 200, 256, 128)
 
 
 def test_http_run_against_a_live_server(tmp_path):
