@@ -60,15 +60,13 @@ class LLM:
         self.model_name = str(model)
         if is_checkpoint:  # dtype, EOS ids and sampling defaults: the checkpoint's (generation_config.json)
             self.engine = LLMEngine.from_checkpoint(folder, EngineConfig(**engine_options), tokenizer=self.tokenizer)
+            _check_vocab(self.tokenizer, self.engine.model_config.vocab_size)
         else:
+            _check_vocab(self.tokenizer, _preset_vocab(model))  # before building random weights
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
                 engine_options.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             self.engine = LLMEngine(EngineConfig(model=model, **engine_options), tokenizer=self.tokenizer)
         self.default_sampling_params = self.engine.default_params
-        vocab = self.engine.model_config.vocab_size
-        if self.tokenizer is not None and self.tokenizer.vocab_size > vocab:
-            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocabulary has "
-                             f"{vocab}: they do not belong together")
 
     # ------------------------------------------------------------------------------------------ prompts
     def _require_tokenizer(self, what: str):
@@ -160,6 +158,18 @@ def _presets() -> list[str]:
     from .model.config import PRESETS
 
     return sorted(PRESETS)
+
+
+def _preset_vocab(name: str) -> int:
+    from .model.config import PRESETS
+
+    return PRESETS[name].vocab_size
+
+
+def _check_vocab(tokenizer, vocab_size: int) -> None:
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary has {vocab_size}: "
+                         f"they do not belong together")
 
 
 def _load_tokenizer(tokenizer, folder: Path | None):
