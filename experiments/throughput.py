@@ -143,7 +143,7 @@ def run_mode(mode: str, workload: Workload, args, progress=None) -> tuple[ModeRe
     preempted_before = engine.metrics().num_preemptions
     ids = [engine.add_request(list(p), SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
            for p, m in zip(workload.prompts, workload.max_tokens)]
-    finish, timeline, elapsed, held = {}, Timeline(), 0.0, []
+    finish, timeline, elapsed = {}, Timeline(), 0.0
     task = progress.add_task(f"{workload.name} {mode}", total=len(ids)) if progress else None
     while engine.has_unfinished_requests():
         start = time.perf_counter()
@@ -151,8 +151,7 @@ def run_mode(mode: str, workload: Workload, args, progress=None) -> tuple[ModeRe
         elapsed += time.perf_counter() - start
         done = [o for o in outs if o.finished]
         # static: a finished request keeps its blocks until the batch ends (no request left running)
-        held = [] if mode == "continuous" or not engine.scheduler.running else \
-            held + [engine.requests[o.request_id] for o in done]
+        held = list(engine.scheduler.held)  # static: finished requests whose blocks wait for their batch's end
         timeline.sample(engine, elapsed, held)
         for o in done:
             finish[o.request_id] = (elapsed, len(timeline.time_s), o.outputs[0].token_ids)

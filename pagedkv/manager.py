@@ -1,13 +1,14 @@
-"""PagedAttentionManager: sequences on a paged KV cache, with fork and copy-on-write."""
+"""PagedAttentionManager: sequences on a paged KV cache, with fork, copy-on-write and cached prefixes."""
 from __future__ import annotations
 
+import operator
 import threading
 from itertools import count
 
 import numpy as np
 
 from . import ops
-from .block_manager import BlockManager, OutOfBlocksError
+from .block_manager import BlockManager, OutOfBlocksError, _as_hashes, _as_ids
 from .kv_cache import KVCache
 from .sequence import Sequence
 from .usage import Usage
@@ -24,15 +25,26 @@ class PagedAttentionManager:
         parent [ A: t0..t3 ][ B: t4 t5 . . ]      fork ->  child shares A (ref 2) and B (ref 2)
         child.append_token  ->  B' = copy of B;  child [ A ][ B': t4 t5 t6' . ];  B ref 1
 
-    Every method is thread-safe (one re-entrant lock) and all-or-nothing: a call that raises
-    ``ValueError`` (``OutOfBlocksError`` included) leaves the manager, the allocator and the cache
-    exactly as they were.
+    Prefix caching (``enable_prefix_caching=True``): a sequence may start on cached full blocks found by
+    :meth:`lookup` (``add_sequence(..., cached_block_ids=...)``; their K/V is not written again), and
+    :meth:`register_blocks` names a sequence's full blocks by their hashes once their K/V is written, so
+    that later sequences find them. Cached blocks are full, so they are never written and never copied::
+
+        hashes  h0 -> h1 -> h2                 (pagedkv.block_hash: each chained on its parent; bs 16)
+        lookup([h0, h1, h2], 50) -> [5, 9]     h2 is not cached: the prefix is blocks 5 and 9 (32 tokens)
+        add_sequence(50, cached_block_ids=[5, 9])   table [5 9 | 12 3]; only t32..t49 are computed
+        register_blocks(seq, [h0, h1, h2])     names block 12 h2 once its K/V is written (5, 9 already are)
+
+    Every method is thread-safe (one re-entrant lock, :attr:`lock`) and all-or-nothing: a call that
+    raises ``ValueError`` (``OutOfBlocksError`` included) leaves the manager, the allocator and the
+    cache exactly as they were. Sequence ids must be ints (NumPy ints too), never bools or floats.
     """
 
-    def __init__(self, kv_cache: KVCache):
+    def __init__(self, kv_cache: KVCache, *, enable_prefix_caching: bool = False):
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size)
+        self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size,
+                                          enable_prefix_caching=enable_prefix_caching)
         self._seqs: dict[int, Sequence] = {}
         self._next_id = count()
         self._lock = threading.RLock()
@@ -40,8 +52,14 @@ class PagedAttentionManager:
 
     @classmethod
     def create(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16",
-               device="auto") -> "PagedAttentionManager":
-        return cls(KVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device))
+               device="auto", *, enable_prefix_caching: bool = False) -> "PagedAttentionManager":
+        return cls(KVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device),
+                   enable_prefix_caching=enable_prefix_caching)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Hold it across :meth:`lookup` and :meth:`add_sequence` when other threads may allocate meanwhile."""
+        return self._lock
 
     # -- sequences ----------------------------------------------------------------------------------
     @property
@@ -49,27 +67,85 @@ class PagedAttentionManager:
         with self._lock:
             return list(self._seqs)
 
-    def can_add(self, num_tokens: int) -> bool:
-        return self.block_manager.can_allocate(self._blocks_for(_count("num_tokens", num_tokens)))
+    def lookup(self, block_hashes, num_tokens: int) -> list[int]:
+        """Cached blocks a new sequence of ``num_tokens`` tokens can start on (no state changes).
 
-    def add_sequence(self, num_tokens: int, *, k=None, v=None) -> int:
-        """Register a sequence of ``num_tokens`` tokens and reserve ``ceil(num_tokens / block_size)`` blocks.
+        Args:
+            block_hashes: the hashes of the sequence's full blocks, in order (extra ones are ignored).
+        Returns:
+            block ids of the longest cached prefix, at most ``(num_tokens - 1) // block_size`` blocks, so
+            that at least one token is always computed (a fully cached prompt recomputes its last block).
+        """
+        num_tokens = _count("num_tokens", num_tokens)
+        block_hashes = _as_hashes(block_hashes)
+        return self.block_manager.lookup(block_hashes[: (num_tokens - 1) // self.block_size])
+
+    def num_blocks_to_add(self, num_tokens: int, *, cached_block_ids=()) -> int:
+        """How far ``num_free_blocks`` drops if this sequence is added now (fresh + evictable cached blocks)."""
+        num_tokens = _count("num_tokens", num_tokens)
+        cached = self._cached_ids(cached_block_ids, num_tokens)
+        with self._lock:
+            return self._blocks_for(num_tokens) - len(cached) + self.block_manager.count_evictable(cached)
+
+    def can_add(self, num_tokens: int, *, cached_block_ids=()) -> bool:
+        return self.block_manager.can_allocate(self.num_blocks_to_add(num_tokens, cached_block_ids=cached_block_ids))
+
+    def add_sequence(self, num_tokens: int, *, k=None, v=None, cached_block_ids=()) -> int:
+        """Register a sequence of ``num_tokens`` tokens and reserve ``ceil(num_tokens / block_size)`` blocks,
+        the first ones being ``cached_block_ids`` (acquired: ref + 1, their K/V already in the cache)::
+
+            cached_block_ids = [5, 9], block_size 4, num_tokens 10
+            block_table [ 5: t0..t3 | 9: t4..t7 | fresh: t8 t9 . . ]    k, v hold t8 t9 only
 
         Args:
             num_tokens: >= 1.
-            k, v: optional ``[num_layers, num_tokens, num_kv_heads, head_dim]`` K/V to write.
+            k, v: optional ``[num_layers, num_tokens - num_cached_tokens, num_kv_heads, head_dim]`` K/V of
+                the tokens after the cached prefix (``num_cached_tokens = len(cached_block_ids) * block_size``).
+            cached_block_ids: blocks from :meth:`lookup`, in order, with no allocation since (single thread,
+                or hold :attr:`lock` across both calls).
         Returns:
             the new sequence id.
+        Raises:
+            ValueError: a cached id is not a cached block, appears twice, or covers more than num_tokens.
+            OutOfBlocksError: the fresh blocks do not fit (nothing acquired, nothing allocated).
         """
         num_tokens = _count("num_tokens", num_tokens)
-        self._check_kv(k, v, (num_tokens,))
+        cached = self._cached_ids(cached_block_ids, num_tokens)
+        num_cached_tokens = len(cached) * self.block_size
+        self._check_kv(k, v, (num_tokens - num_cached_tokens,))
         with self._lock:
-            block_table = self.block_manager.allocate(self._blocks_for(num_tokens))  # raises before any change
-            seq = Sequence(next(self._next_id), block_table, num_tokens)
+            fresh = self._blocks_for(num_tokens) - len(cached)
+            block_table = self.block_manager.acquire_and_allocate(cached, fresh)  # raises before any change
+            seq = Sequence(next(self._next_id), block_table, num_tokens, num_cached_tokens)
             self._seqs[seq.seq_id] = seq
-            if k is not None:
-                self._write(seq, 0, k, v)
+            if k is not None and k.shape[1]:
+                self._write(seq, num_cached_tokens, k, v)
             return seq.seq_id
+
+    def register_blocks(self, seq_id: int, block_hashes) -> int:
+        """Name a sequence's first ``len(block_hashes)`` blocks by their content hashes (their K/V is written).
+
+        A block already named so (it came from the cache) is left alone; a hash that already names another
+        block (the same tokens computed twice) leaves this copy unnamed.
+
+        Returns:
+            how many blocks were newly named.
+        Raises:
+            ValueError: caching is off, more hashes than full blocks, or a block named differently before.
+        """
+        block_hashes = _as_hashes(block_hashes)
+        with self._lock:
+            seq, bm = self._get(seq_id), self.block_manager
+            if not bm.enable_prefix_caching:
+                raise ValueError("cannot register block hashes: prefix caching is disabled")
+            if len(block_hashes) > seq.num_tokens // self.block_size:
+                raise ValueError(f"{len(block_hashes)} hashes but sequence {seq.seq_id} has only "
+                                 f"{seq.num_tokens // self.block_size} full blocks")
+            pairs = list(zip(seq.block_table, block_hashes))
+            for b, h in pairs:  # validate all first: all-or-nothing
+                if bm.block_hash(b) not in (None, h):
+                    raise ValueError(f"block {b} of sequence {seq.seq_id} already holds other content")
+            return sum(bm.block_hash(b) is None and bm.register(b, h) for b, h in pairs)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         with self._lock:
@@ -101,7 +177,7 @@ class PagedAttentionManager:
         with self._lock:
             slot = int(self.append_slots(seq_id, 1)[0])
             if k is not None:
-                seq = self._seqs[seq_id]
+                seq = self._get(seq_id)
                 self._write(seq, seq.num_tokens - 1, k[:, None], v[:, None])
             return slot
 
@@ -110,20 +186,32 @@ class PagedAttentionManager:
         with self._lock:
             parent = self._get(seq_id)
             self.block_manager.share(parent.block_table)
-            child = Sequence(next(self._next_id), list(parent.block_table), parent.num_tokens)
+            child = Sequence(next(self._next_id), list(parent.block_table), parent.num_tokens,
+                             parent.num_cached_tokens)
             self._seqs[child.seq_id] = child
             return child.seq_id
 
     def free_sequence(self, seq_id: int) -> None:
+        """Drop the sequence and one reference to each of its blocks.
+
+        With prefix caching the table is released last block first, so a chain's tail joins the LRU
+        before its head and is evicted first (a head evicted first would strand its whole tail).
+        """
         with self._lock:
             seq = self._get(seq_id)
-            self.block_manager.free(seq.block_table)
-            del self._seqs[seq_id]
+            table = seq.block_table[::-1] if self.block_manager.enable_prefix_caching else seq.block_table
+            self.block_manager.free(table)
+            del self._seqs[seq.seq_id]
 
     # -- per-sequence queries -----------------------------------------------------------------------
     def context_len(self, seq_id: int) -> int:
         with self._lock:
             return self._get(seq_id).num_tokens
+
+    def num_cached_tokens(self, seq_id: int) -> int:
+        """Tokens whose K/V came from the prefix cache when the sequence was added."""
+        with self._lock:
+            return self._get(seq_id).num_cached_tokens
 
     def block_table(self, seq_id: int) -> list[int]:
         with self._lock:
@@ -174,13 +262,14 @@ class PagedAttentionManager:
 
     # -- accounting ---------------------------------------------------------------------------------
     def usage(self) -> Usage:
+        """Pool figures; evictable cached blocks count as free (``allocate`` may hand them out), not used."""
         with self._lock:
             filled: dict[int, int] = {}
             for s in self._seqs.values():
                 for i, b in enumerate(s.block_table):
                     filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_tokens - i * self.block_size))
             bm = self.block_manager
-            _, refs = bm.snapshot()
+            refs = bm.snapshot().ref_counts
             return Usage(
                 num_blocks=bm.num_blocks, num_used_blocks=bm.num_used_blocks, num_free_blocks=bm.num_free_blocks,
                 num_token_slots_used=sum(filled.values()),
@@ -242,9 +331,24 @@ class PagedAttentionManager:
             if x.dtype != c.dtype:
                 raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {c.dtype}")
 
+    def _cached_ids(self, cached_block_ids, num_tokens: int) -> list[int]:
+        cached = _as_ids(cached_block_ids)
+        for b in cached:
+            if isinstance(b, bool) or not isinstance(b, int):
+                raise ValueError(f"cached block id {b!r} is not an int")
+        if len(set(cached)) != len(cached):
+            raise ValueError(f"cached_block_ids {cached!r} name a block twice")
+        if len(cached) * self.block_size > num_tokens:
+            raise ValueError(f"{len(cached)} cached blocks hold {len(cached) * self.block_size} tokens, "
+                             f"more than num_tokens={num_tokens}")
+        return cached
+
     def _get(self, seq_id) -> Sequence:
+        """The sequence of an int id (a bool or a float is refused, although ``True == 1 == 1.0``)."""
         try:
-            return self._seqs[seq_id]
+            if isinstance(seq_id, bool):
+                raise TypeError
+            return self._seqs[operator.index(seq_id)]
         except (KeyError, TypeError):
             raise ValueError(f"unknown sequence id {seq_id!r}") from None
 

@@ -157,10 +157,11 @@ def test_bad_requests_are_refused_without_disturbing_running_ones(prompt, params
     with pytest.raises(ValueError, match=match):
         eng.generate([[7, 8], prompt], [GREEDY, params], progress=False)
     assert (list(eng.scheduler.waiting), list(eng.scheduler.running), eng.manager.snapshot()) == before
+    final = {}
     while eng.has_unfinished_requests():
-        eng.step()
+        final.update((o.request_id, o) for o in eng.step())
     alone = engine().generate([[4, 5, 6]], GREEDY, progress=False)
-    assert eng.requests[rid].output().outputs == alone[0].outputs
+    assert final[rid].outputs == alone[0].outputs and rid not in eng.requests  # released once returned
 
 
 def test_bad_sampling_params_and_config():

@@ -1,13 +1,16 @@
 """PagedAttentionManager: the API step by step, copy-on-write, usage figures, batch outputs, bad input that
 changes nothing, and a Hypothesis state machine proving every sequence reads back exactly what it wrote."""
+import hashlib
 import re
 
 import numpy as np
 import pytest
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pagedkv import KVCache, OutOfBlocksError, PagedAttentionManager
+from pagedkv.block_hash import BlockHasher
 from pagedkv.reference import dense_attention
 
 L, H, D = 2, 2, 4  # layers, kv heads, head dim of the small managers below
@@ -712,7 +715,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def allocator_invariants(self):
         bm = self.m.block_manager
         bm.check_invariants()
-        free, counts = bm.snapshot()
+        free, counts = bm.snapshot()[:2]
         assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
         assert len(set(free)) == len(free)
         tables = [self.m.block_table(s) for s in self.rows]
@@ -727,7 +730,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @invariant()
     def usage_is_consistent(self):
         u, bm, bs = self.m.usage(), self.m.block_manager, self.bs
-        _, counts = bm.snapshot()
+        _, counts = bm.snapshot()[:2]
         filled = {}
         for s, (ks, _) in self.rows.items():
             for i, b in enumerate(self.m.block_table(s)):
@@ -742,3 +745,447 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 TestManagerMachine = ManagerMachine.TestCase
+
+
+# -- issue 8, finding 8: ids must be real ints ---------------------------------------------------------
+@pytest.mark.parametrize("call", [
+    lambda m, s, q: m.append_token(s), lambda m, s, q: m.append_slots(s, 1), lambda m, s, q: m.fork_sequence(s),
+    lambda m, s, q: m.free_sequence(s), lambda m, s, q: m.context_len(s), lambda m, s, q: m.block_table(s),
+    lambda m, s, q: m.slots(s, 0, 1), lambda m, s, q: m.can_append(s), lambda m, s, q: m.block_tables([0, s]),
+    lambda m, s, q: m.context_lens([s]), lambda m, s, q: m.slot_mapping([0, s]),
+    lambda m, s, q: m.attention(q, [0, s], 0), lambda m, s, q: m.num_cached_tokens(s),
+    lambda m, s, q: m.register_blocks(s, []),
+])
+@pytest.mark.parametrize("bad_id", [True, False, 1.0, 0.0, "1"])
+def test_sequence_ids_must_be_real_ints(busy, call, bad_id):
+    """``free_sequence(True)`` used to free sequence 1 (True == 1 as a dict key); 1.0 did the same."""
+    m, _, rng = busy
+    q = rng.standard_normal((2, H, D)).astype(np.float32)
+    assert_refused(m, ValueError, call, m, bad_id, q, value=repr(bad_id))
+
+
+def test_numpy_integer_sequence_ids_are_accepted(busy):
+    m, (p, c, _o), _ = busy
+    assert m.context_len(np.int64(p)) == 6 and m.block_table(np.int32(c)) == m.block_table(c)
+    m.free_sequence(np.int64(c))
+    assert c not in m.seq_ids
+
+
+# == prefix caching ===================================================================================
+HASHER = BlockHasher.for_model("test", "float32", 4)
+
+
+def make_caching(num_blocks=8, block_size=4, **kwargs):
+    m = PagedAttentionManager.create(kwargs.get("num_layers", L), num_blocks, block_size,
+                                     kwargs.get("num_kv_heads", H), kwargs.get("head_dim", D), "float32", "cpu",
+                                     enable_prefix_caching=True)
+    m.kv_cache.k_pool[...] = np.nan
+    m.kv_cache.v_pool[...] = np.nan
+    return m
+
+
+class PrefixKV:
+    """What a model would write: the K/V of position t is a function of tokens[0..t] (so equal prefixes
+    give equal K/V and a block from the cache is right exactly when its prefix is)."""
+
+    def __init__(self, m):
+        c = m.kv_cache
+        self.shape = (c.num_layers, c.num_kv_heads, c.head_dim)
+        self.rows: dict[tuple, tuple] = {}
+
+    def row(self, prefix: tuple):
+        if prefix not in self.rows:
+            seed = int.from_bytes(hashlib.sha256(np.array(prefix, "<i8").tobytes()).digest()[:8], "little")
+            k, v = np.random.default_rng(seed).standard_normal((2, *self.shape)).astype(np.float32)
+            self.rows[prefix] = k, v
+        return self.rows[prefix]
+
+    def __call__(self, tokens):
+        """``k, v: [num_layers, len(tokens), num_kv_heads, head_dim]``."""
+        key = ("all", *tokens)
+        if key not in self.rows:
+            rows = [self.row(tuple(tokens[: t + 1])) for t in range(len(tokens))]
+            self.rows[key] = tuple(np.stack([r[i] for r in rows], axis=1) for i in (0, 1))
+        return self.rows[key]
+
+
+def lru(m):
+    return list(m.block_manager.snapshot().evictable_ids)
+
+
+def reads_exactly(m, table, n, k, v) -> bool:
+    """Whether gathering ``n`` tokens through ``table`` gives ``k, v: [num_layers, n, H, D]`` bit for bit
+    (a fast check for the state machine; NaN, i.e. a slot nobody wrote, never matches)."""
+    return all(np.array_equal(gk, k[layer]) and np.array_equal(gv, v[layer])
+               for layer in range(m.kv_cache.num_layers) for gk, gv in [m.kv_cache.gather(layer, table, n)])
+
+
+def test_cached_prefix_step_by_step():
+    m = make_caching(8, 4)
+    kvf = PrefixKV(m)
+    doc = list(range(100, 108))                      # two full blocks of a shared document
+    a_tokens = doc + [1, 2]
+    ka, va = kvf(a_tokens)
+    a = m.add_sequence(10, k=ka, v=va)
+    # a: [ 0: t0..t3 ][ 1: t4..t7 ][ 2: t8 t9 . . ]      free: [3 4 5 6 7]
+    hashes = HASHER.hash_full_blocks(a_tokens, 4)
+    assert len(hashes) == 2 and m.lookup(hashes, 10) == []     # computed, not named yet
+    assert m.register_blocks(a, hashes) == 2
+    assert m.lookup(hashes, 10) == [0, 1] and m.register_blocks(a, hashes) == 0   # idempotent
+    m.free_sequence(a)
+    # released last block first:   free: [3 4 5 6 7 2]    lru: [1 0]   (the chain's tail is evicted first)
+    assert m.block_manager.snapshot().free_ids == (3, 4, 5, 6, 7, 2) and lru(m) == [1, 0]
+    u = m.usage()
+    assert (u.num_used_blocks, u.num_free_blocks, m.block_manager.num_evictable_blocks) == (0, 8, 2)
+
+    b_tokens = doc + [7, 8, 9]
+    kb, vb = kvf(b_tokens)
+    ids = m.lookup(HASHER.hash_full_blocks(b_tokens, 4), 11)
+    assert ids == [0, 1]
+    assert m.num_blocks_to_add(11, cached_block_ids=ids) == 3       # 1 fresh + 2 leaving the LRU
+    pools = m.kv_cache.k_pool.copy(), m.kv_cache.v_pool.copy()
+    b = m.add_sequence(11, k=kb[:, 8:], v=vb[:, 8:], cached_block_ids=ids)
+    # b: [ 0 (cached) ][ 1 (cached) ][ 3: t8 t9 t10 . ]    free: [4 5 6 7 2]   lru: []
+    assert m.block_table(b) == [0, 1, 3] and m.num_cached_tokens(b) == 8 and lru(m) == []
+    assert changed_blocks(pools[0], m.kv_cache.k_pool) == {3} == changed_blocks(pools[1], m.kv_cache.v_pool)
+    assert_reads(m, b, kb, vb)                                     # the cached prefix reads back exactly
+    assert refs(m)[:4] == [1, 1, 0, 1]
+    m.block_manager.check_invariants()
+
+
+def test_fully_cached_prompt_recomputes_its_last_block():
+    """At least one token is computed (for the logits): the last full block is not taken from the cache."""
+    m = make_caching(8, 4)
+    kvf = PrefixKV(m)
+    tokens = list(range(8))
+    k, v = kvf(tokens)
+    a = m.add_sequence(8, k=k, v=v)
+    hashes = HASHER.hash_full_blocks(tokens, 4)
+    m.register_blocks(a, hashes)
+    # a: [ 0: h0 ][ 1: h1 ]
+    assert m.lookup(hashes, 8) == [0]           # 8 tokens: t0..t3 cached, t4..t7 recomputed
+    assert m.lookup(hashes, 9) == [0, 1]        # one more token: both blocks usable, t8 computed
+    assert m.lookup(hashes, 4) == [] and m.lookup(hashes, 5) == [0]
+    b = m.add_sequence(8, k=k[:, 4:], v=v[:, 4:], cached_block_ids=m.lookup(hashes, 8))
+    assert m.block_table(b) == [0, 2] and m.num_cached_tokens(b) == 4
+    assert_reads(m, b, k, v)
+    assert m.register_blocks(b, hashes) == 0    # block 2 holds h1's tokens again, but 1 is named h1
+    assert m.block_manager.block_hash(2) is None
+
+
+def test_eviction_takes_the_tail_of_a_chain_first():
+    m = make_caching(4, 2)
+    hasher = BlockHasher.for_model("test", "float32", 2)
+    tokens = [5, 6, 7, 8, 9, 10]
+    a = m.add_sequence(6)
+    hashes = hasher.hash_full_blocks(tokens, 2)
+    m.register_blocks(a, hashes)
+    m.free_sequence(a)
+    # free: [3]     lru: [2 1 0]
+    assert lru(m) == [2, 1, 0]
+    b = m.add_sequence(4)                       # takes 3, then evicts 2 (the tail, t4 t5)
+    assert m.block_table(b) == [3, 2] and m.block_manager.num_evictions == 1
+    assert m.lookup(hashes, 7) == [0, 1]        # the head of the chain still serves a prefix
+
+
+def test_usage_counts_evictable_blocks_as_free():
+    m = make_caching(6, 4)
+    a = m.add_sequence(9)
+    m.register_blocks(a, HASHER.hash_full_blocks(list(range(9)), 4))
+    c = m.add_sequence(3)
+    m.free_sequence(a)
+    # used: 3 (c)    lru: [1 0]    free: [4 5 2]
+    u = m.usage()
+    assert (u.num_used_blocks, u.num_free_blocks, u.num_sequences) == (1, 5, 1)
+    assert (u.num_token_slots_used, u.num_token_slots_reserved, u.num_logical_tokens) == (3, 4, 3)
+    bm = m.block_manager
+    assert (bm.num_evictable_blocks, bm.num_cached_blocks, bm.num_evictions) == (2, 2, 0)
+    assert m.block_table(c) == [3]
+
+
+@pytest.fixture
+def cached():
+    """A caching manager: sequence a (10 tokens, blocks 0 1 named, 2 partial) and sequence c (4 tokens,
+    block 3 unnamed); a second named chain freed into the LRU (blocks 4 5)."""
+    rng = np.random.default_rng(12)
+    m = make_caching(8, 4)
+    k, v = kv(rng, m, 10)
+    a = m.add_sequence(10, k=k, v=v)
+    m.register_blocks(a, HASHER.hash_full_blocks(list(range(10)), 4))
+    c = m.add_sequence(4)
+    e = m.add_sequence(8)
+    m.register_blocks(e, HASHER.hash_full_blocks(list(range(50, 58)), 4))
+    m.free_sequence(e)
+    # a: [0 h][1 h][2]   c: [3]    lru: [5 4]    free: [6 7]
+    assert lru(m) == [5, 4] and m.block_table(a) == [0, 1, 2]
+    return m, a, c, rng
+
+
+@pytest.mark.parametrize("ids, n, bad", [
+    ([3], 8, 3),              # used, never named: holds no cached content
+    ([6], 8, 6),              # free
+    ([4, 4], 9, "twice"),     # duplicates
+    ([0, 1], 7, 8),           # 8 cached tokens for a 7-token sequence
+    ([True], 8, "True"),
+    ([9], 8, 9),
+    ([4, 7], 12, 7),          # all-or-nothing: 4 stays in the LRU
+])
+def test_bad_cached_block_ids_change_nothing(cached, ids, n, bad):
+    m, *_ = cached
+    assert_refused(m, ValueError, m.add_sequence, n, cached_block_ids=ids, value=bad)
+    assert lru(m) == [5, 4]
+
+
+def test_kv_after_a_cached_prefix_has_only_the_new_tokens(cached):
+    m, _a, _c, rng = cached
+    k, v = kv(rng, m, 9)
+    assert_refused(m, ValueError, m.add_sequence, 9, k=k, v=v, cached_block_ids=[0, 1], value=1)  # wants 1 token
+    s = m.add_sequence(9, k=k[:, 8:], v=v[:, 8:], cached_block_ids=[0, 1])
+    assert m.num_cached_tokens(s) == 8 and m.block_table(s)[:2] == [0, 1]
+
+
+def test_out_of_blocks_counts_the_evictable_cached_blocks(cached):
+    m, _a, c, _ = cached
+    m.add_sequence(8)
+    # free: []     lru: [5 4]  -> 2 free blocks
+    assert m.block_manager.num_free_blocks == 2
+    # 4 (evictable) + 2 fresh: 3 of 2 free (allocating only the 2 fresh ones would have evicted 4 itself)
+    assert m.num_blocks_to_add(12, cached_block_ids=[4]) == 3 and not m.can_add(12, cached_block_ids=[4])
+    assert_refused(m, OutOfBlocksError, m.add_sequence, 12, cached_block_ids=[4], value=3)
+    assert m.can_add(8, cached_block_ids=[4])
+    s = m.add_sequence(8, cached_block_ids=[4])
+    # fresh block: the free list is empty, so 5 is evicted (lru was [5] after 4 left it)
+    assert m.block_table(s) == [4, 5] and m.block_manager.block_hash(5) is None and lru(m) == []
+
+
+def test_register_blocks_errors_change_nothing(cached):
+    m, a, c, _ = cached
+    hashes = HASHER.hash_full_blocks(list(range(12)), 4)
+    assert_refused(m, ValueError, m.register_blocks, a, hashes, value=3)      # 3 hashes, 2 full blocks
+    other = HASHER.hash_full_blocks(list(range(1, 9)), 4)
+    assert_refused(m, ValueError, m.register_blocks, a, other, value=0)       # block 0 holds other content
+    assert_refused(m, ValueError, m.register_blocks, a, [hashes[0], "x"], value="'x'")
+    assert_refused(m, ValueError, m.register_blocks, a, hashes[0], value="bytes")  # one hash, not a list
+    assert_refused(m, ValueError, m.register_blocks, 99, hashes[:1], value=99)
+    plain = make(4, 4)
+    s = plain.add_sequence(4)
+    assert_refused(plain, ValueError, plain.register_blocks, s, hashes[:1], value="disabled")
+    assert plain.lookup(hashes, 9) == []
+
+
+def test_the_same_tokens_computed_twice_stay_one_cached_copy():
+    m = make_caching(8, 4)
+    tokens = list(range(8))
+    hashes = HASHER.hash_full_blocks(tokens, 4)
+    a, b = m.add_sequence(8), m.add_sequence(8)         # both prefilled before either was named
+    assert m.register_blocks(a, hashes) == 2 and m.register_blocks(b, hashes) == 0
+    m.free_sequence(b)
+    # b's copies were never named: truly free        free: [4 5 6 7 3 2]
+    assert m.block_manager.snapshot().free_ids[-2:] == (3, 2) and lru(m) == []
+    m.free_sequence(a)
+    assert lru(m) == [1, 0] and m.block_manager.num_cached_blocks == 2
+
+
+def test_copy_on_write_is_unchanged_with_a_cached_prefix():
+    m = make_caching(8, 4)
+    kvf = PrefixKV(m)
+    tokens = list(range(6))
+    k, v = kvf(tokens)
+    a = m.add_sequence(6, k=k, v=v)
+    m.register_blocks(a, HASHER.hash_full_blocks(tokens, 4))
+    b = m.add_sequence(6, k=k[:, 4:], v=v[:, 4:], cached_block_ids=m.lookup(HASHER.hash_full_blocks(tokens, 4), 6))
+    # a: [0 h0][1: t4 t5 . .]      b: [0 h0][2: t4 t5 . .]
+    c = m.fork_sequence(b)
+    assert m.num_cached_tokens(c) == 4 and refs(m)[:3] == [3, 1, 2]
+    kc, vc = kvf(tokens + [9])
+    m.append_token(c, k=kc[:, 6], v=vc[:, 6])
+    # c: [0 h0][3: copy of 2, t6' .]    only the partial block is copied; block 0 is never written
+    assert m.block_table(c) == [0, 3] and m.usage().num_cow_copies == 1
+    assert refs(m)[:4] == [3, 1, 1, 1] and m.block_manager.block_hash(0) is not None
+    assert_reads(m, c, kc, vc)
+    assert_reads(m, b, k, v)
+
+
+class CachingManagerMachine(RuleBasedStateMachine):
+    """A caching manager driven like the engine drives it: each sequence has token ids (from a two-token
+    vocabulary, so prefixes repeat), its K/V is a function of its prefixes (``PrefixKV``), a new sequence
+    starts on the longest cached prefix :meth:`lookup` finds, and full blocks get named.
+
+    After every step: each sequence reads back exactly the K/V of its own tokens (cached prefix or not),
+    every named block (used or evictable) holds the K/V of the tokens its hash names (no stale hash), ref
+    counts equal the tables holding a block, and named blocks sit only at full positions. At the end every
+    sequence is freed and each block is free or evictable.
+    """
+
+    @initialize(num_blocks=st.integers(2, 14), block_size=st.sampled_from([1, 2, 4]),
+                num_layers=st.integers(1, 2), num_kv_heads=st.sampled_from([1, 2]))
+    def setup(self, num_blocks, block_size, num_layers, num_kv_heads):
+        self.m = make_caching(num_blocks, block_size, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=4)
+        self.bs = block_size
+        self.hasher = BlockHasher.for_model("machine", "float32", block_size)
+        self.kvf = PrefixKV(self.m)
+        self.tokens: dict[int, list[int]] = {}
+        self.named: dict[bytes, tuple] = {}   # every hash ever computed -> the tokens it names
+        self.copies = 0
+
+    def _hashes(self, tokens):
+        hashes = self.hasher.hash_full_blocks(tokens, self.bs)
+        for i, h in enumerate(hashes):
+            self.named[h] = tuple(tokens[: (i + 1) * self.bs])
+        return hashes
+
+    def _refused(self, exc_type, fn, *args, **kwargs):
+        before = state(self.m)
+        with pytest.raises(exc_type):
+            fn(*args, **kwargs)
+        assert_same_state(self.m, before)
+
+    @precondition(lambda self: self.named)
+    @rule(data=st.data(), suffix=st.lists(st.sampled_from([0, 1]), max_size=4), register=st.booleans())
+    def add_on_a_known_prefix(self, data, suffix, register):
+        """A prompt that starts like an earlier one (a shared document), so the cache can serve it."""
+        prefix = data.draw(st.sampled_from(sorted(self.named.values())), "prefix")
+        self.add(list(prefix) + suffix or [0], register)
+
+    @rule(tokens=st.lists(st.sampled_from([0, 1]), min_size=1, max_size=12), register=st.booleans())
+    def add(self, tokens, register):
+        n, hashes = len(tokens), self._hashes(tokens)
+        ids = self.m.lookup(hashes, n)
+        snap = self.m.block_manager.snapshot()
+        owner = {h: b for b, h in enumerate(snap.block_hashes) if h is not None}
+        expected = []
+        for h in hashes[: (n - 1) // self.bs]:   # at least one token left to compute
+            if h not in owner:
+                break
+            expected.append(owner[h])
+        assert ids == expected
+        need = -(-n // self.bs) - len(ids) + sum(1 for b in ids if b in snap.evictable_ids)
+        assert self.m.num_blocks_to_add(n, cached_block_ids=ids) == need
+        k, v = self.kvf(tokens)
+        nc = len(ids) * self.bs
+        if need > self.m.block_manager.num_free_blocks:
+            self._refused(OutOfBlocksError, self.m.add_sequence, n, k=k[:, nc:], v=v[:, nc:], cached_block_ids=ids)
+            return
+        pools = self.m.kv_cache.k_pool.copy(), self.m.kv_cache.v_pool.copy()
+        s = self.m.add_sequence(n, k=k[:, nc:], v=v[:, nc:], cached_block_ids=ids)
+        table = self.m.block_table(s)
+        assert table[: len(ids)] == ids and self.m.num_cached_tokens(s) == nc
+        for before, after in zip(pools, (self.m.kv_cache.k_pool, self.m.kv_cache.v_pool)):
+            assert changed_blocks(before, after) <= set(table[len(ids):])   # cached blocks never written
+        self.tokens[s] = list(tokens)
+        if ids:
+            event("add: cached prefix")
+        if self.m.block_manager.num_evictions > snap.num_evictions:
+            event("add: evicted a cached block")
+        if register:
+            self.m.register_blocks(s, hashes)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), token=st.sampled_from([0, 1]))
+    def append(self, data, token):
+        s = data.draw(st.sampled_from(sorted(self.tokens)), "seq")
+        n, table = len(self.tokens[s]), self.m.block_table(s)
+        partial = n % self.bs != 0
+        shared = partial and self.m.block_manager.ref_count(table[-1]) > 1
+        k, v = self.kvf(self.tokens[s] + [token])
+        if int(not partial) + int(shared) > self.m.block_manager.num_free_blocks:
+            self._refused(OutOfBlocksError, self.m.append_token, s, k=k[:, n], v=v[:, n])
+            return
+        if partial:
+            assert self.m.block_manager.block_hash(table[-1]) is None   # a partial block is never named
+        self.m.append_token(s, k=k[:, n], v=v[:, n])
+        self.copies += shared
+        self.tokens[s].append(token)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def fork(self, data):
+        s = data.draw(st.sampled_from(sorted(self.tokens)), "seq")
+        c = self.m.fork_sequence(s)
+        self.tokens[c] = list(self.tokens[s])
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def free(self, data):
+        s = data.draw(st.sampled_from(sorted(self.tokens)), "seq")
+        self.m.free_sequence(s)
+        del self.tokens[s]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def register(self, data):
+        """Name the first blocks of a sequence (its decode blocks too, as they fill)."""
+        s = data.draw(st.sampled_from(sorted(self.tokens)), "seq")
+        hashes = self._hashes(self.tokens[s])
+        hashes = hashes[: data.draw(st.integers(0, len(hashes)), "count")]
+        snap = self.m.block_manager.snapshot()
+        owned = set(h for h in snap.block_hashes if h is not None)
+        table = self.m.block_table(s)
+        expected = sum(1 for b, h in zip(table, hashes) if snap.block_hashes[b] is None and h not in owned)
+        assert self.m.register_blocks(s, hashes) == expected
+        for b, h in zip(table, hashes):
+            assert self.m.block_manager.block_hash(b) in (h, None)
+        if hashes:
+            too_many = self._hashes(self.tokens[s] + [0] * self.bs)
+            self._refused(ValueError, self.m.register_blocks, s, too_many[: len(table) + 1])
+
+    @rule(bad=st.sampled_from([-1, 10_000, True, 0.0]),
+          call=st.sampled_from(["append_token", "fork_sequence", "free_sequence", "register_blocks"]))
+    def bad_ids(self, bad, call):
+        args = (bad, []) if call == "register_blocks" else (bad,)
+        self._refused(ValueError, getattr(self.m, call), *args)
+
+    # -- invariants --------------------------------------------------------------------------------
+    @invariant()
+    def every_sequence_reads_the_kv_of_its_tokens(self):
+        for s, tokens in self.tokens.items():
+            assert self.m.context_len(s) == len(tokens)
+            k, v = self.kvf(tokens)
+            if not reads_exactly(self.m, self.m.block_table(s), len(tokens), k, v):
+                assert_reads(self.m, s, k, v)  # fails, with the arrays in the message
+
+    @invariant()
+    def every_named_block_holds_its_tokens(self):
+        """The stale-hash guard: what a lookup can return is exactly the K/V its hash names."""
+        snap, bs = self.m.block_manager.snapshot(), self.bs
+        for b, h in enumerate(snap.block_hashes):
+            if h is None:
+                continue
+            k, v = self.kvf(self.named[h])
+            assert reads_exactly(self.m, [b], bs, k[:, -bs:], v[:, -bs:]), f"block {b} does not hold its tokens"
+
+    @invariant()
+    def allocator_agrees_with_the_tables(self):
+        bm = self.m.block_manager
+        bm.check_invariants()
+        snap = bm.snapshot()
+        holders = {}
+        for s, tokens in self.tokens.items():
+            for i, b in enumerate(self.m.block_table(s)):
+                holders[b] = holders.get(b, 0) + 1
+                if snap.block_hashes[b] is not None:
+                    assert i < len(tokens) // self.bs     # named blocks are full
+        assert list(snap.ref_counts) == [holders.get(b, 0) for b in range(bm.num_blocks)]
+        u = self.m.usage()
+        assert (u.num_used_blocks, u.num_free_blocks) == (len(holders), bm.num_blocks - len(holders))
+        assert u.num_cow_copies == self.copies
+
+    def teardown(self):
+        """Idle pool: after freeing everything, each block is free or evictable and the cache still serves."""
+        if not hasattr(self, "m"):
+            return
+        for s in list(self.tokens):
+            self.m.free_sequence(s)
+        bm = self.m.block_manager
+        bm.check_invariants()
+        assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks
+        snap = bm.snapshot()
+        assert sorted(snap.free_ids + snap.evictable_ids) == list(range(bm.num_blocks))
+        self.tokens = {}
+        self.every_named_block_holds_its_tokens()
+
+
+TestCachingManagerMachine = CachingManagerMachine.TestCase
+# NOTE: each step checks every sequence and every named block; half the profile's examples keep CI at ~7 s
+TestCachingManagerMachine.settings = settings(settings.default,
+                                              max_examples=max(10, settings.default.max_examples // 2))

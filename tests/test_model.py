@@ -154,3 +154,34 @@ def test_varlen_attention_matches_per_sequence_attention():
         assert (len(plan) == 1) == (max_elements > 1000)
         np.testing.assert_allclose(varlen_causal_attention(q, k, v, plan, 0.3), want,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("paged_prefill", [None, False, True], ids=["reference", "dense", "paged"])
+def test_mixed_step_chunk_and_decode_rows_with_chosen_logit_rows(paged_prefill):
+    """One forward holding a prompt's second chunk, a decode row and a whole prompt; logits of chosen rows."""
+    config, weights, model, manager = make(paged_prefill=paged_prefill)
+    a, b, c = [4, 8, 15, 16, 23, 42, 7], [9, 9, 3, 1], [100, 101, 102]
+    sa, _ = prefill(model, manager, a[:3])  # a's first chunk
+    sb, _ = prefill(model, manager, b[:3])  # b decodes its 4th token
+    sc = manager.add_sequence(len(c))
+    slots = np.concatenate([manager.append_slots(sa, 4), manager.append_slots(sb, 1), manager.slots(sc, 0, 3)])
+    batch = PrefillBatch(np.array(a[3:] + b[3:] + c), np.array([3, 4, 5, 6, 3, 0, 1, 2]), slots, [4, 1, 3],
+                         [3, 3, 0], [manager.block_table(s) for s in (sa, sb, sc)], logit_rows=np.array([1, 3, 4, 7]))
+    logits = model.prefill(batch, manager.kv_cache)
+    want = [dense_forward(config, weights, a)[4], dense_forward(config, weights, a)[-1],
+            dense_forward(config, weights, b)[-1], dense_forward(config, weights, c)[-1]]
+    np.testing.assert_allclose(logits, np.array(want), rtol=1e-4, atol=1e-4)
+
+
+def test_host_products_do_not_depend_on_the_batch():
+    from pagedkv.model.llama import host_matmul
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    whole = host_matmul(x, w)
+    for rows in (slice(0, 1), slice(5, 6), slice(3, 20)):
+        np.testing.assert_array_equal(host_matmul(x[rows], w), whole[rows])
+    import ml_dtypes
+
+    assert host_matmul(x.astype(ml_dtypes.bfloat16), w.astype(ml_dtypes.bfloat16)).dtype == ml_dtypes.bfloat16

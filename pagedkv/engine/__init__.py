@@ -1,10 +1,11 @@
-"""The inference engine: sampling, requests, continuous/static scheduling with preemption, LLMEngine."""
+"""The inference engine: sampling, requests, scheduling (continuous or static, chunked prefill), the model runner
+and LLMEngine, the request loop."""
 from .config import EngineConfig
 from .engine import LLMEngine
 from .metrics import EngineMetrics, StepMetrics
-from .request import CompletionOutput, RequestOutput
+from .request import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["CompletionOutput", "EngineConfig", "EngineMetrics", "LLMEngine", "RequestOutput", "SamplingParams",
-           "Scheduler", "SchedulerConfig", "StepMetrics"]
+__all__ = ["CompletionOutput", "EngineConfig", "EngineMetrics", "LLMEngine", "RequestMetrics", "RequestOutput",
+           "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics"]

@@ -1,24 +1,42 @@
-"""EngineConfig: model, dtype, device, KV pool size and the scheduler's limits in one value."""
+"""EngineConfig: model, dtype, device, KV pool size and the scheduler's limits in one value, validated."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from ..model.config import ModelConfig
+import numpy as np
+
+from ..backend import DEVICES, dtype_of
+from ..model.config import PRESETS, ModelConfig
 from .scheduler import MODES, SchedulerConfig
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    """How an :class:`~pagedkv.engine.LLMEngine` is built.
+    """How an :class:`~pagedkv.engine.LLMEngine` is built. Every field is checked for type and range.
 
     The KV pool is sized by ``num_blocks`` or by ``kv_memory_bytes`` (K and V of every layer), never both;
     with neither, 1024 blocks on the CPU and 40% of the free GPU memory on a GPU.
+    ``dtype`` None: the weights' own (a checkpoint's ``torch_dtype``; float32 for random weights).
+    ``max_model_len`` None: the model's ``max_position_embeddings``, bounded by what the pool can hold for one
+    sequence (minus the watermark). ``eos_token_id``: one id or several (Llama 3 lists a few); None: none.
     ``scheduling`` is ``"continuous"`` (iteration-level batching, preemption by recompute) or ``"static"``
     (fixed batches in arrival order, memory reserved up front: see :mod:`pagedkv.engine.scheduler`).
+    ``enable_chunked_prefill``: a prompt longer than what is left of a step's ``max_num_batched_tokens`` is
+    prefilled over several steps (off: a prompt is prefilled whole, so ``max_num_batched_tokens`` must be at
+    least ``max_model_len``).
     """
 
     model: str | ModelConfig = "tiny"
-    dtype: str = "float32"
+    dtype: str | None = None
     device: str = "auto"
     seed: int = 0  # random weights
     block_size: int = 16
@@ -26,23 +44,64 @@ class EngineConfig:
     kv_memory_bytes: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    max_model_len: int = 2048
+    max_model_len: int | None = None
     scheduling: str = "continuous"
     watermark: float = 0.01
     static_padding: bool = True  # static: every request of a batch reserves the batch's longest length
-    eos_token_id: int | None = None
+    enable_chunked_prefill: bool = True
+    eos_token_id: int | tuple[int, ...] | None = None
     record_steps: bool = False  # keep a StepMetrics per step, with the pool's exact slot usage
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
 
     def __post_init__(self):
+        if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
+            raise ValueError(f"model must be a preset name {sorted(PRESETS)} or a ModelConfig, got {self.model!r}")
+        if self.dtype is not None:
+            dtype_of(self.dtype)  # raises ValueError naming the dtype
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if not _is_int(self.block_size) or not 1 <= self.block_size <= 1024 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two in [1, 1024], got {self.block_size!r}")
+        for name in ("num_blocks", "kv_memory_bytes", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.num_blocks is not None and self.kv_memory_bytes is not None:
             raise ValueError("give num_blocks or kv_memory_bytes, not both")
-        if self.scheduling not in MODES:
-            raise ValueError(f"scheduling must be one of {MODES}, got {self.scheduling!r}")
-        self.scheduler_config()  # validates the limits
+        for name in ("static_padding", "enable_chunked_prefill", "record_steps", "fused", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        w = self.watermark
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
+            raise ValueError(f"watermark must be a number in [0, 1), got {w!r}")
+        self.eos_token_id = _eos_ids(self.eos_token_id)
+        self.scheduler_config(self.max_model_len or 1)  # validates the limits and the mode
 
-    def scheduler_config(self) -> SchedulerConfig:
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.eos_token_id or ())
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's limits, with ``max_model_len`` resolved by the engine."""
         return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=self.max_model_len, mode=self.scheduling, watermark=self.watermark,
-                               static_padding=self.static_padding)
+                               max_model_len=max_model_len, mode=self.scheduling, watermark=float(self.watermark),
+                               static_padding=self.static_padding, enable_chunked_prefill=self.enable_chunked_prefill)
+
+
+def _eos_ids(value) -> tuple[int, ...] | None:
+    """None, one id or a sequence of ids → None or a tuple of non-negative ints."""
+    if value is None:
+        return None
+    ids = (value,) if isinstance(value, (int, np.integer)) else value
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"eos_token_id must be an int, a sequence of ints or None, got {value!r}")
+    ids = tuple(ids)
+    if not all(_is_token_id(t) for t in ids):
+        raise ValueError(f"eos_token_id must hold non-negative ints, got {value!r}")
+    return tuple(int(t) for t in ids)
+
+
+__all__ = ["MODES", "EngineConfig"]

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -72,3 +76,36 @@ class StepTiming:
     decode_prepare_s: float = 0.0
     decode_issue_s: float = 0.0
     decode_sync_sample_s: float = 0.0
+
+
+def account_step(t: EngineMetrics, out: SchedulerOutput, duration_s: float) -> None:
+    """Add one step's tokens and time to the totals."""
+    t.num_steps += 1
+    t.num_prefill_tokens += out.num_prefill_tokens
+    t.num_decode_tokens += out.num_decode_tokens
+    t.num_generated_tokens += out.num_sampled
+    if out.has_prefill:  # NOTE: a mixed step is one forward: its time counts as prefill time
+        t.prefill_time_s += duration_s
+    else:
+        t.decode_time_s += duration_s
+
+
+def slot_usage(scheduler: Scheduler):
+    """(pool usage, filled token slots): positions reserved ahead of what is computed are not filled."""
+    usage = scheduler.manager.usage()
+    ahead = sum(b.num_reserved - b.num_computed for r in (*scheduler.running, *scheduler.held)
+                for b in r.branches if b.seq_id is not None)
+    return usage, usage.num_token_slots_used - ahead
+
+
+def step_metrics(scheduler: Scheduler, out: SchedulerOutput, step: int, time_s: float,
+                 duration_s: float) -> StepMetrics:
+    usage, used = slot_usage(scheduler)
+    return StepMetrics(
+        step=step, time_s=time_s, duration_s=duration_s,
+        num_running=sum(len(r.active_branches()) for r in scheduler.running),
+        num_waiting=len(scheduler.waiting), num_prefill_tokens=out.num_prefill_tokens,
+        num_decode_tokens=out.num_decode_tokens, num_preempted=len(out.preempted),
+        num_used_blocks=usage.num_used_blocks, num_free_blocks=usage.num_free_blocks,
+        num_token_slots_used=used, num_token_slots_reserved=usage.num_token_slots_reserved,
+        utilization=used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0)

@@ -1,6 +1,7 @@
 """A request and its branches (sequences), and the outputs handed to callers."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class RequestOutput:
-    request_id: int
+    request_id: int | str
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
@@ -53,39 +54,80 @@ class RequestOutput:
 
 
 class Branch:
-    """One of a request's ``n`` sampled continuations; ``seq_id`` is its manager sequence while it runs.
+    """One of a request's ``n`` sampled continuations; ``seq_id`` is its manager sequence while it has one.
 
-    While running, the cache holds K/V for every token but the last sampled one (fed by the next step).
-    Positions are reserved in the manager up to the end of the last block (one call per block, not per
-    token)::
+    ``num_computed`` tokens of ``prompt + output`` have K/V in the cache; the rest are *pending* and are fed by
+    the next steps (a whole or chunked prefill, then one token per decode step: the last sampled one).
+    Positions are reserved in the manager ahead of what is computed (``num_reserved``, the sequence's
+    context_len): exactly for prefill chunks, to the end of the block for decodes (one call per block)::
 
-        block_size 4, tokens t0..t5 (t5 just sampled)     reserved: [t0 t1 t2 t3][t4 t5 .  . ]  num_reserved 8
+        block_size 4, tokens t0..t5 (t5 just sampled)     cache: [t0 t1 t2 t3][t4 .  .  . ]   num_computed 5
+                                                          reserved to the block's end          num_reserved 8
     """
 
-    __slots__ = ("finish_reason", "index", "num_reserved", "output_token_ids", "rng", "seq_id")
+    __slots__ = ("_rng", "detokenizer", "finish_reason", "index", "logprobs", "cumulative_logprob",
+                 "num_computed", "num_reserved", "output_token_ids", "seed", "seq_id", "stop_reason")
 
-    def __init__(self, index: int, rng):
-        self.index, self.rng = index, rng
+    def __init__(self, index: int, seed: int | None):
+        self.index, self.seed, self._rng = index, seed, None
         self.output_token_ids: list[int] = []
         self.seq_id: int | None = None
         self.finish_reason: str | None = None
-        self.num_reserved = 0  # positions reserved in the manager (its context_len), up to a block's end
+        self.stop_reason: int | str | None = None
+        self.num_computed = 0
+        self.num_reserved = 0
+        self.logprobs: list[dict[int, float]] | None = None
+        self.cumulative_logprob: float | None = None
+        self.detokenizer = None  # made at the first token when the engine has a tokenizer
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The branch's own generator (made at first use: most branches are greedy or never sample here)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def forget_cache(self) -> None:
+        """The branch lost its sequence (preempted): everything is pending again."""
+        self.seq_id, self.num_computed, self.num_reserved = None, 0, 0
+
 
 class Request:
-    """A prompt, its sampling parameters and its branches, as the scheduler moves it between queues."""
+    """A prompt, its sampling parameters and its branches, as the scheduler moves it between queues.
 
-    def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams):
+    Branches are made when the request is first admitted (``materialize``), so accepting a request costs O(1)
+    in ``n``. Until its first token, only branch 0 computes: the prompt is prefilled once, and the other
+    branches are forked from it (sharing every block) when the prompt's last logits are sampled.
+    """
+
+    def __init__(self, request_id, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
+                 arrival_time: float | None = None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        self.prompt = prompt
         self.params = params
-        self.branches = [Branch(i, np.random.default_rng(params.branch_seed(i))) for i in range(params.n)]
+        self.branches: list[Branch] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache at the first admission
         self.reserved_block_ids: list[int] = []  # static batching: blocks held for future tokens
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
+        self.aborted = False
+
+    def materialize(self) -> None:
+        """Make the ``n`` branches (at first admission)."""
+        if not self.branches:
+            self.branches = [Branch(i, self.params.branch_seed(i)) for i in range(self.params.n)]
+            if self.params.prompt_logprobs is not None:
+                self.prompt_logprobs = [None]
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
 
     @property
     def max_len(self) -> int:
@@ -93,19 +135,56 @@ class Request:
 
     @property
     def started(self) -> bool:
-        """True once a token was generated (a preempted request resumes by recomputing its tokens)."""
-        return any(b.output_token_ids for b in self.branches)
+        """True once a token was sampled (then every unfinished branch computes on its own)."""
+        return bool(self.branches) and any(b.output_token_ids for b in self.branches)
 
     @property
     def finished(self) -> bool:
-        return all(b.finished for b in self.branches)
+        return bool(self.branches) and all(b.finished for b in self.branches)
 
     def active_branches(self) -> list[Branch]:
         return [b for b in self.branches if not b.finished]
 
+    def computing_branches(self) -> list[Branch]:
+        """Branches that compute their own tokens: branch 0 alone until the first token, then every active one."""
+        return self.active_branches() if self.started else self.branches[:1]
+
+    def num_seqs(self) -> int:
+        """Sequences the request runs at once: n before its first token, then its unfinished branches."""
+        return len(self.active_branches()) if self.branches else self.params.n
+
+    def num_tokens(self, branch: Branch) -> int:
+        return len(self.prompt_token_ids) + len(branch.output_token_ids)
+
     def token_ids(self, branch: Branch) -> list[int]:
         return self.prompt_token_ids + branch.output_token_ids
 
+    def token_slice(self, branch: Branch, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of ``prompt + output`` (no copy of the whole sequence)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return branch.output_token_ids[start - p:end - p]
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + branch.output_token_ids[:end - p]
+
     def output(self) -> RequestOutput:
-        outs = [CompletionOutput(b.index, list(b.output_token_ids), b.finish_reason) for b in self.branches]
-        return RequestOutput(self.request_id, list(self.prompt_token_ids), outs, self.finished, self.num_preemptions)
+        if self.branches:
+            outs = [_completion(b) for b in self.branches]
+        else:  # never admitted: n empty branches (aborted while waiting, or not yet run)
+            reason = "abort" if self.aborted else None
+            outs = [CompletionOutput(i, [], reason) for i in range(self.params.n)]
+        return RequestOutput(self.request_id, list(self.prompt_token_ids), outs, self.finished or self.aborted,
+                             self.num_preemptions, self.prompt,
+                             None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+                             self.num_cached_tokens, RequestMetrics(*_fields(self.metrics)))
+
+
+def _completion(b: Branch) -> CompletionOutput:
+    text = b.detokenizer.text if b.detokenizer is not None else ""
+    return CompletionOutput(b.index, list(b.output_token_ids), b.finish_reason, text,
+                            None if b.logprobs is None else list(b.logprobs), b.cumulative_logprob, b.stop_reason)
+
+
+def _fields(m: RequestMetrics) -> tuple:
+    return m.arrival_time, m.first_scheduled_time, m.first_token_time, m.last_token_time, m.finished_time

@@ -6,14 +6,13 @@ sequence)::
     h = rms_norm(x)
     q|k|v = h @ wqkv (+ bqkv)  ─► RoPE(q, k) at positions
     write_kv(k, v, slot_mapping)                          # into the paged pool, layer ``l``
-    attn = per-sequence causal attention (prefill) | paged_attention (decode)
+    attn = attention of each new token over its sequence's cache (prefill: prefix + new; decode: paged_attention)
     x = x + attn @ wo
     x = x + silu(h2 @ w_gate) * (h2 @ w_up) @ w_down       # h2 = rms_norm(x), gate|up fused
 """
 from __future__ import annotations
 
 import itertools
-import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +28,13 @@ from .weights import ModelWeights
 class PrefillBatch:
     """Host metadata of a batched prefill: the new tokens of each sequence, concatenated.
 
-    ``num_cached[i]`` tokens of sequence ``i`` are already in the cache (a forked or shared prefix); its
-    ``seq_lens[i]`` new tokens sit at positions ``num_cached[i] ..`` and are written to ``slot_mapping``.
+    ``num_cached[i]`` tokens of sequence ``i`` are already in the cache (a shared prefix, earlier chunks of a
+    chunked prefill, or the whole context of a decode row); its ``seq_lens[i]`` new tokens sit at positions
+    ``num_cached[i] ..`` and are written to ``slot_mapping``. ``logit_rows`` picks the token rows whose logits
+    are returned (default: each sequence's last)::
+
+        tokens        a0 a1 a2 | b5 | c8 c9        seq_lens [3, 1, 2]   num_cached [0, 5, 8]
+        logit_rows    [2, 3, 5]  (default)
     """
 
     token_ids: np.ndarray  # [T] int
@@ -39,6 +43,14 @@ class PrefillBatch:
     seq_lens: list[int]
     num_cached: list[int]
     block_tables: list[list[int]]
+    logit_rows: np.ndarray | None = None  # [R] int64 rows of the batch, or None for each sequence's last
+
+    def last_rows(self) -> np.ndarray:
+        """int64 [S]: each sequence's last row."""
+        return np.cumsum(np.asarray(self.seq_lens, dtype=np.int64)) - 1
+
+    def rows(self) -> np.ndarray:
+        return self.last_rows() if self.logit_rows is None else np.asarray(self.logit_rows, dtype=np.int64)
 
     def token_block_tables(self) -> np.ndarray:
         """int32 ``[T, max_blocks]``: each token's row is its sequence's block table (padded with 0)."""
@@ -103,11 +115,13 @@ class LlamaModel:
         config: the model shapes; weights: on ``backend``, in one dtype.
         max_positions: rotary tables are built for positions ``[0, max_positions)``.
         fused: on a GPU, use fused elementwise kernels (``pagedkv.model.fused``) when they self-check.
-        paged_prefill: prefill attention through the paged decode kernel (default: on a GPU) instead of dense
-            matrix products (default on the CPU, where the decode path is the float64 reference).
+        paged_prefill: prefill attention through the paged decode kernel, one query row per token (default on
+            a GPU); False: dense float32 products over padded groups; None on the CPU: the float64 reference
+            over each sequence's cache, the same arithmetic for a decode row, a prefill chunk or a whole prompt.
 
     On a GPU the matrix products go through :mod:`pagedkv.model.cublas` (capturable into CUDA graphs) when it
     loads and self-checks; ``gemm_error`` / ``fused_error`` say why a fallback was taken (None: none was).
+    On the CPU they accumulate in float64 and round to the activations' dtype (:func:`host_matmul`).
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend, *,
@@ -124,7 +138,7 @@ class LlamaModel:
             from .fused import make_fused_ops
 
             self.ops, self.fused_error = make_fused_ops(config, self.rope, self.dtype, self.ops)
-        self.matmul, self.gemm_error = operator.matmul, None
+        self.matmul, self.gemm_error = host_matmul, None
         if backend.is_gpu:
             from .cublas import make_gemm
 
@@ -139,10 +153,34 @@ class LlamaModel:
         slots = xp.asarray(np.asarray(batch.slot_mapping, dtype=np.int64))
         x = self.weights.embed[xp.asarray(np.asarray(batch.token_ids, dtype=np.int64))]
         starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int64)
-        paged = self.backend.is_gpu if self.paged_prefill is None else self.paged_prefill
-        attend = self._paged_prefill(batch, kv_cache) if paged else self._dense_prefill(batch, kv_cache, starts)
-        x = self._layers(x, positions, slots, kv_cache, attend)
-        return self._logits(x[xp.asarray(starts[1:] - 1)])
+        x = self._layers(x, positions, slots, kv_cache, self.prefill_attention(batch, kv_cache, starts))
+        return self._logits(x[xp.asarray(batch.rows())])
+
+    def prefill_attention(self, batch: PrefillBatch, kv_cache, starts):
+        """The one attention function of a prefill (or mixed prefill + decode) forward: ``attend(layer, q, k, v)``
+        with each sequence's new K/V already written to the cache."""
+        if self.paged_prefill or (self.paged_prefill is None and self.backend.is_gpu):
+            return self._paged_prefill(batch, kv_cache)
+        if self.paged_prefill is None:
+            return self._reference_prefill(batch, kv_cache, starts)
+        return self._dense_prefill(batch, kv_cache, starts)
+
+    def _reference_prefill(self, batch: PrefillBatch, kv_cache, starts):
+        """Float64 attention of each sequence's new tokens over its whole cached context (the CPU default).
+
+        NOTE: the same float64 arithmetic as the CPU decode path, so a token's logits do not depend on whether
+        it was computed in a whole prompt, a chunk, a decode row or a mixed step (greedy outputs agree).
+        """
+        from ..reference import dense_attention
+
+        def attend(layer, q, k, v):
+            out = np.empty_like(q)
+            for i, (a, b) in enumerate(itertools.pairwise(starts)):
+                ctx = batch.num_cached[i] + batch.seq_lens[i]
+                kc, vc = kv_cache.gather(layer, batch.block_tables[i], ctx)
+                out[a:b] = dense_attention(q[a:b], kc, vc, scale=self.scale, causal=True)
+            return out
+        return attend
 
     def _paged_prefill(self, batch: PrefillBatch, kv_cache):
         """Causal attention as decode attention: each new token is one query over its own prefix.
@@ -210,3 +248,13 @@ class LlamaModel:
 
     def _logits(self, x):
         return self.matmul(self.ops.norm(x, self.weights.final_norm), self.weights.lm_head)
+
+
+def host_matmul(x, w):
+    """``x @ w`` on the host, accumulated in float64 and rounded to ``x``'s dtype.
+
+    NOTE: a float32 BLAS product may round a row differently with the batch's row count (blocking, gemv for
+    one row); float64 accumulation rounded once makes each row's result independent of the batch, and gives
+    bfloat16 / float16 a product NumPy otherwise returns in float32.
+    """
+    return (x.astype(np.float64) @ w.astype(np.float64)).astype(x.dtype)

@@ -1,0 +1,92 @@
+"""What an engine is built from: the KV pool's size, the longest sequence it serves, a checkpoint's generation
+settings (EOS ids, default sampling parameters)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..kv_cache import KVCache
+from ..model.config import ModelConfig
+from .config import EngineConfig
+from .sampling import SamplingParams
+
+CPU_DEFAULT_BLOCKS = 1024
+GPU_FREE_MEMORY_SHARE = 0.4
+
+
+def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend) -> KVCache:
+    """The pool from ``num_blocks``, or ``kv_memory_bytes``, or a default (1024 blocks on the CPU, 40% of the
+    free GPU memory)."""
+    shape = dict(num_layers=model.num_layers, block_size=config.block_size, num_kv_heads=model.num_kv_heads,
+                 head_dim=model.head_dim, dtype=dtype, device=backend.name)
+    budget = config.kv_memory_bytes
+    if config.num_blocks is None and budget is None:
+        if not backend.is_gpu:
+            return KVCache(num_blocks=CPU_DEFAULT_BLOCKS, **shape)
+        budget = int(GPU_FREE_MEMORY_SHARE * backend.xp.cuda.Device().mem_info[0])
+    if budget is not None:
+        return KVCache.from_memory_budget(budget, **shape)
+    return KVCache(num_blocks=config.num_blocks, **shape)
+
+
+def resolve_max_model_len(config: EngineConfig, model: ModelConfig, num_blocks: int) -> int:
+    """``config.max_model_len``, checked against the model's positions and the pool (one sequence alone, minus
+    the watermark), or by default the largest both allow (and, without chunked prefill, the token budget)."""
+    usable = (num_blocks - int(config.watermark * num_blocks)) * config.block_size
+    if config.max_model_len is None:
+        longest = min(model.max_position_embeddings, usable)
+        return longest if config.enable_chunked_prefill else min(longest, config.max_num_batched_tokens)
+    if config.max_model_len > model.max_position_embeddings:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
+                         f"{model.max_position_embeddings}")
+    if config.max_model_len > usable:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds what the KV pool holds for one sequence "
+                         f"({usable} token slots: {num_blocks} blocks of {config.block_size}, minus the watermark)")
+    return config.max_model_len
+
+
+@dataclass(slots=True)
+class Generation:
+    """A checkpoint's generation settings: EOS ids, and default sampling parameters (SamplingParams names)."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    defaults: dict = field(default_factory=dict)
+
+
+def read_generation(folder) -> Generation:
+    """EOS ids and defaults through the loader's ``read_generation_config`` (config.json, then
+    generation_config.json), or, where that module is absent, the EOS ids of those two files."""
+    try:
+        from ..model.generation_config import read_generation_config
+    except ImportError:
+        return Generation(_eos_from_files(Path(folder)))
+    g = read_generation_config(folder)
+    return Generation(tuple(g.eos_token_ids), dict(g.defaults))
+
+
+def _eos_from_files(folder: Path) -> tuple[int, ...]:
+    """``eos_token_id`` (an int or a list) of generation_config.json, else of config.json; () if neither says."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        value = json.loads(path.read_text()).get("eos_token_id")
+        if value is None:
+            continue
+        ids = [value] if isinstance(value, int) else value
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                for t in ids):
+            raise ValueError(f"{path}: eos_token_id must be a non-negative int or a list of them, got {value!r}")
+        return tuple(ids)
+    return ()
+
+
+def default_params(defaults: dict, source) -> SamplingParams:
+    """SamplingParams from a checkpoint's defaults (unknown names ignored); bad values raise ``ValueError``."""
+    names = {f.name for f in fields(SamplingParams)}
+    try:
+        return SamplingParams(**{k: v for k, v in defaults.items() if k in names})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: generation defaults {defaults!r} are not valid sampling parameters: "
+                         f"{exc}") from None
