@@ -165,26 +165,27 @@ async def http_request(client, url: str, model: str, prompt, max_tokens: int) ->
 
 
 async def engine_request(loop, prompt, max_tokens: int) -> RequestResult:
+    """One request through the engine loop. Times are the engine's own (``RequestOutput.metrics``, stamped when
+    each step produced its token), so they do not depend on when this coroutine got to read them."""
     from pagedkv.engine import SamplingParams
 
     result = RequestResult(len(prompt))
     start = last = time.perf_counter()
     sink = await loop.submit([prompt], [SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)])
-    while result.output_len < max_tokens:
-        items = await sink.get_all()
-        now = time.perf_counter()
-        if items[-1][0] is None:
-            result.error = str(items[-1][1])
-            break
-        n = len(items[-1][1].outputs[0].token_ids)
-        if n > result.output_len:
-            if result.ttft is None:
-                result.ttft = now - start
-            else:
-                result.itl.append(now - last)
-            result.output_len, last = n, now
-        if items[-1][1].finished:
-            break
+    finished = False
+    while not finished:
+        for index, item in await sink.get_all():
+            if index is None:
+                result.error, finished = str(item), True
+                break
+            n, t = len(item.outputs[0].token_ids), item.metrics.last_token_time
+            if n > result.output_len and t is not None:
+                if result.ttft is None:
+                    result.ttft = t - start
+                else:
+                    result.itl.extend([(t - last) / (n - result.output_len)] * (n - result.output_len))
+                result.output_len, last = n, t
+            finished = item.finished
     result.latency = time.perf_counter() - start
     return result
 

@@ -48,13 +48,17 @@ def test_poisson_arrivals_have_the_requested_rate():
     assert serve_bench.arrival_times(float("inf"), 3, 0) == [0.0, 0.0, 0.0]
 
 
-def check_rows(payload, rates):
+def check_rows(payload, rates, exact_times=True):
+    """Counts are exact; in-process times are the engine's own stamps (every token has an ITL after the first),
+    over HTTP a burst of tokens may arrive as one chunk (one ITL sample)."""
     rows = payload["results"]
     assert [r["request_rate"] for r in rows] == rates
     for r in rows:
         assert r["completed"] == 6 and r["failed"] == 0
         assert 6 * 2 <= r["total_output_tokens"] <= 6 * 7  # every request got exactly its own output length
-        assert r["ttft_ms"]["p50"] > 0 and r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0
+        assert r["ttft_ms"]["p50"] > 0 and r["e2el_ms"]["p50"] >= r["ttft_ms"]["p50"]
+        if exact_times:
+            assert r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0
         assert r["output_throughput"] > 0
 
 
@@ -90,7 +94,7 @@ def test_http_run_against_a_live_server(tmp_path):
         assert serve_bench.main(["--base-url", live.base, "--request-rate", "inf", "--output-json", str(out),
                                  *SMALL]) == 0
         payload = json.loads(out.read_text())
-        check_rows(payload, ["inf"])
+        check_rows(payload, ["inf"], exact_times=False)
         assert "bench-model" in payload["target"]
     finally:
         live.stop()
