@@ -17,10 +17,17 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PY=python3
 
+SERVE_PACKAGES="fastapi uvicorn openai httpx jinja2"
 if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" 2>/dev/null; then
-    $PY -m venv --system-site-packages "$WORK/venv" || exit 1
-    PY="$WORK/venv/bin/python"
-    $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" fastapi uvicorn openai httpx jinja2 \
+    # shellcheck disable=SC2086
+    if $PY -m venv --system-site-packages "$WORK/venv" 2>/dev/null; then
+        PY="$WORK/venv/bin/python"
+        $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" $SERVE_PACKAGES
+    else  # no venv module: a target folder ahead of the system packages
+        $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" --target "$WORK/site" $SERVE_PACKAGES
+        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" \
         || { echo "could not install the [serve] wheels from ${WHEELS:-.whl}" | tee "$OUT/env.txt"; exit 1; }
 fi
 {
