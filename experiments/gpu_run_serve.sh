@@ -13,6 +13,10 @@ OUT=${OUT:-/tmp/pagedkv_serve_out}
 PORT=${PORT:-8011}
 RATES=${RATES:-"4 16 inf"}
 NUM_PROMPTS=${NUM_PROMPTS:-100}
+MODEL=${MODEL:-llama-1b}      # a preset (a tokenizer is trained for it) or a checkpoint folder with its own
+DEVICE=${DEVICE:-gpu}
+DTYPE=${DTYPE:-float16}
+MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PY=python3
@@ -31,16 +35,20 @@ if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" 2>/dev/null; then
         || { echo "could not install the [serve] wheels from ${WHEELS:-.whl}" | tee "$OUT/env.txt"; exit 1; }
 fi
 {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"
     $PY -c "import sys, cupy, fastapi, uvicorn, openai, tokenizers; print('python', sys.version.split()[0], \
 'cupy', cupy.__version__, 'fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'openai', \
 openai.__version__, 'tokenizers', tokenizers.__version__)"
-    $PY -c "from pagedkv.text.train import train_tokenizer; \
-print('tokenizer ids', train_tokenizer('$WORK/tok', 128256).vocab_size)"
+    if [ ! -d "$MODEL" ]; then
+        $PY -c "from pagedkv.model import get_config; from pagedkv.text.train import train_tokenizer; \
+print('tokenizer ids', train_tokenizer('$WORK/tok', get_config('$MODEL').vocab_size).vocab_size)"
+    fi
 } 2>&1 | tee "$OUT/env.txt"
+TOKENIZER=()
+[ -d "$MODEL" ] || TOKENIZER=(--tokenizer "$WORK/tok")
 
-$PY -m pagedkv.serve --model llama-1b --tokenizer "$WORK/tok" --served-model-name llama-1b-random \
-    --dtype float16 --device gpu --max-model-len 2048 --port "$PORT" > "$OUT/server.log" 2>&1 &
+$PY -m pagedkv.serve --model "$MODEL" "${TOKENIZER[@]}" --served-model-name "$(basename "$MODEL")-served" \
+    --dtype "$DTYPE" --device "$DEVICE" --max-model-len "$MAX_MODEL_LEN" --port "$PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
 

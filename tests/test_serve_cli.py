@@ -27,9 +27,17 @@ def test_bad_flags_exit_2(argv, capsys):
 
 
 def test_engine_options_pass_only_the_flags_given():
-    args = build_parser().parse_args(["--model", "m", "--max-model-len", "512", "--num-gpu-blocks-override", "64",
-                                      "--enforce-eager"])
-    assert engine_options(args) == {"max_model_len": 512, "num_blocks": 64, "device": "auto", "cuda_graph": False}
+    args = build_parser().parse_args(["--model", "tiny", "--max-model-len", "512", "--num-gpu-blocks-override", "64",
+                                      "--enforce-eager", "--device", "cpu"])
+    assert engine_options(args) == {"max_model_len": 512, "num_blocks": 64, "device": "cpu", "cuda_graph": False,
+                                    "dtype": "float32"}  # a preset on a CPU: float32 random weights
+
+
+def test_a_checkpoint_keeps_its_own_dtype(tmp_path):
+    args = build_parser().parse_args(["--model", str(tmp_path), "--device", "cpu"])
+    assert "dtype" not in engine_options(args)
+    args = build_parser().parse_args(["--model", str(tmp_path), "--device", "cpu", "--dtype", "bfloat16"])
+    assert engine_options(args)["dtype"] == "bfloat16"
 
 
 def test_a_model_without_tokenizer_is_refused_before_serving(capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..text.extras import require
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
     p.add_argument("--port", type=_port, default=8000, help="default 8000")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="weights and KV cache (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights and KV cache (default: the checkpoint's; a preset: float16 on a GPU, else float32)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default auto: a usable GPU, else the CPU")
     p.add_argument("--max-model-len", type=_positive, default=None,
                    help="longest prompt + completion (default: the engine's)")
@@ -73,6 +75,10 @@ def engine_options(args) -> dict:
     options = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
     options["device"] = args.device
     options["cuda_graph"] = not args.enforce_eager
+    if args.dtype is None and not Path(args.model).is_dir():  # NOTE: random weights would be float32
+        from ..backend import get_backend
+
+        options["dtype"] = "float16" if get_backend(args.device).is_gpu else "float32"
     return options
 
 
