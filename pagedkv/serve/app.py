@@ -86,6 +86,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        _precheck(state, body)
         prompts = body.prompts()
         ids = [_encode(state, p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
@@ -93,6 +94,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _precheck(state, body)
         ids = [_chat_prompt(state, body)]
         return await _generate(state, request, body, "chat", ids, [None], body.requested_max_tokens,
                                body.num_logprobs)
@@ -148,12 +150,16 @@ def _context_error(state: ServerState, prompt_len: int, max_tokens: int) -> Open
 
 
 # --------------------------------------------------------------------------------------------- generate
-async def _generate(state: ServerState, request: Request, body, kind: str, ids, texts, requested_max_tokens,
-                    num_logprobs):
+def _precheck(state: ServerState, body) -> None:
+    """The model name and the options this server cannot honour, before any tokenizing."""
     if body.model != state.model_name:
         raise OpenAIError(f"The model `{body.model}` does not exist; this server serves `{state.model_name}`.",
                           param="model", code="model_not_found")
     body.refuse_unsupported()
+
+
+async def _generate(state: ServerState, request: Request, body, kind: str, ids, texts, requested_max_tokens,
+                    num_logprobs):
     params = [_params(state, body, requested_max_tokens, num_logprobs, len(p)) for p in ids]
     try:
         sink = await state.loop.submit(ids, params, texts)
