@@ -111,3 +111,31 @@ def test_shutdown_fails_requests_in_flight(tok):
     assert not engine_loop.is_alive
     with pytest.raises(EngineError):
         engine_loop.call(lambda e: None).result(5)
+
+
+def test_a_failed_step_is_a_500_and_the_server_serves_on(tok):
+    for name in ("fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(name)
+    import httpx
+    from test_text_support import LiveServer
+
+    from pagedkv.serve.app import ServerState, create_app
+
+    state = ServerState(loop=EngineLoop(FakeEngine(tok, max_model_len=64)), tokenizer=tok, model_name="fake",
+                        max_model_len=64)
+    live = LiveServer(create_app(state))
+    body = {"model": "fake", "prompt": "hello", "max_tokens": 5}
+    try:
+        state.loop.call(lambda e: setattr(e, "fail_steps", 1)).result(5)
+        r = httpx.post(live.url + "/completions", json=body, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
+        assert "injected step failure" in r.json()["error"]["message"]
+        state.loop.call(lambda e: setattr(e, "fail_steps", 1)).result(5)
+        lines = [line for line in httpx.post(live.url + "/completions", json={**body, "stream": True},
+                                             timeout=30).text.splitlines() if line]
+        assert "injected step failure" in lines[-2] and lines[-1] == "data: [DONE]"
+        r = httpx.post(live.url + "/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(live.base + "/health").status_code == 200
+    finally:
+        live.stop()

@@ -111,9 +111,14 @@ class FakeEngine:
         return self.num_blocks - used
 
     def step(self):
+        """One token per running branch; an injected failure aborts every request (as a failed forward does to
+        the requests it scheduled) and reports them with the next step."""
         self.num_steps += 1
         if self.fail_steps:
             self.fail_steps -= 1
+            for r in self.requests.values():
+                for b in r["branches"]:
+                    b["finish"] = b["finish"] or "abort"
             raise RuntimeError("injected step failure")
         outputs = []
         for rid in list(self.requests):

@@ -10,8 +10,9 @@
                                                        (loop.call_soon_threadsafe)
     client gone: loop.abort(ids)       ── command ──►  abort_request: blocks freed at once
 
-The engine is never touched outside its thread (it is single-threaded by contract). A step that raises fails
-only the requests in flight (each is aborted and its sink gets the error); the loop keeps serving.
+The engine is never touched outside its thread (it is single-threaded by contract). A step that raises aborts
+the requests it scheduled (the engine's contract) and reports them with the next step as "abort" outputs: their
+sinks get the step's error, the other requests go on, and the loop keeps serving.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ class EngineLoop:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pagedkv-engine-loop", daemon=True)
         self.num_step_errors = 0
+        self._step_error: EngineError | None = None  # the last failed step's, for the requests it aborted
 
     # ----------------------------------------------------------------------------------- any thread
     def start(self) -> EngineLoop:
@@ -169,19 +171,22 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:
+        except Exception as exc:  # NOTE: the engine aborted what that step scheduled; it reports them next step
             self.num_step_errors += 1
-            logger.exception("engine step failed; aborting the requests in flight")
-            self._fail_all(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
+            self._step_error = EngineError(f"engine step failed: {type(exc).__name__}: {exc}")
+            logger.exception("engine step failed; its requests are aborted")
             return
         for out in outputs:
             entry = self._sinks.get(out.request_id)
             if entry is None:
                 continue
             sink, index = entry
-            sink.put((index, out))
             if out.finished:
                 del self._sinks[out.request_id]
+                if any(c.finish_reason == "abort" for c in out.outputs):  # not ours: ours left _sinks first
+                    sink.put((None, self._step_error or EngineError("the engine aborted the request")))
+                    continue
+            sink.put((index, out))
 
     def _fail_all(self, error: EngineError) -> None:
         sinks = {id(s): s for s, _ in self._sinks.values()}
