@@ -1,11 +1,14 @@
 """A Hypothesis fuzz of the engine (issue 8, issue 10): random configs, pools, n, lengths, both policies, chunk
-sizes, aborts and failing forwards. Every call returns or raises ValueError promptly, every accepted request
-finishes exactly once, and the pool ends all free."""
+sizes, prefix caching on or off over prompts sharing prefixes, aborts and failing forwards. Every call returns or
+raises ValueError promptly, every step hands the model live blocks and never writes a cached one, every accepted
+request finishes exactly once, and the pool ends all free (or cached and evictable)."""
 import signal
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+
+from test_engine_prefix import checked
 
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.model import ModelConfig
@@ -22,22 +25,25 @@ class Boom(Exception):
 
 configs = st.fixed_dictionaries({
     "block_size": st.sampled_from([1, 2, 4, 8]),
-    "num_blocks": st.one_of(st.integers(1, 16), st.integers(16, 160)),
-    "max_num_seqs": st.integers(1, 8),
+    "num_blocks": st.one_of(st.integers(1, 16), st.integers(16, 400)),
+    "max_num_seqs": st.integers(1, 10),
     "extra_budget": st.integers(0, 64),
     "max_model_len": st.one_of(st.none(), st.integers(1, 160)),
     "scheduling": st.sampled_from(["continuous", "static"]),
     "enable_chunked_prefill": st.booleans(),
     "watermark": st.sampled_from([0.0, 0.01, 0.2]),
+    "enable_prefix_caching": st.booleans(),
 })
-requests = st.lists(st.tuples(st.integers(0, 40), st.integers(1, 4), st.integers(1, 16), st.sampled_from([0.0, 1.0]),
-                              st.integers(0, 40)), min_size=1, max_size=8)
+# (shared prefix length, own tokens, n, max_tokens, temperature, abort step code)
+requests = st.lists(st.tuples(st.integers(0, 32), st.integers(1, 16), st.integers(1, 3), st.integers(1, 16),
+                              st.sampled_from([0.0, 1.0]), st.integers(0, 40)), min_size=1, max_size=8)
+SHARED = [(13 * j + 5) % 64 for j in range(32)]
 
 
 def build(c):
     kwargs = dict(c)
     kwargs["max_num_batched_tokens"] = kwargs["max_num_seqs"] + kwargs.pop("extra_budget")
-    return LLMEngine(EngineConfig(model=MICRO, device="cpu", dtype="float32", **kwargs))
+    return checked(LLMEngine(EngineConfig(model=MICRO, device="cpu", dtype="float32", **kwargs)))
 
 
 def alarm(*_):
@@ -63,10 +69,10 @@ def test_engine_fuzz_every_request_finishes_and_nothing_leaks(config, reqs, fail
 
 def _drive(eng, reqs, fail_at):
     accepted, aborts = {}, {}
-    for i, (length, n, max_tokens, temperature, abort_step) in enumerate(reqs):
+    for i, (shared, own, n, max_tokens, temperature, abort_step) in enumerate(reqs):
         params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, seed=i, ignore_eos=True)
         try:
-            rid = eng.add_request([(i * 7 + j) % 64 for j in range(length)], params)
+            rid = eng.add_request(SHARED[:shared] + [(i * 7 + j) % 64 for j in range(own)], params)
         except ValueError as exc:
             event(f"request refused: {str(exc).split()[-1]}")
             continue

@@ -81,3 +81,57 @@ def test_greedy_tokens_match_transformers(tmp_path, arch, cuda_graph):
         want = _hf_greedy(model, prompt, device)
         assert len(want) > 0
         assert out.outputs[0].token_ids[:len(want)] == want, f"prompt of {len(prompt)} tokens"
+
+
+# -- issue 10 on the device: chunked prefill, prefix caching and CUDA graphs give the reference's tokens ------
+GPU_MODEL = dict(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                 intermediate_size=512, max_position_embeddings=512)
+REFERENCE = dict(enable_prefix_caching=False, enable_chunked_prefill=False, cuda_graph=False,
+                 max_num_batched_tokens=4096)
+VARIANTS = {
+    "chunked": dict(max_num_batched_tokens=48),
+    "cached": dict(enable_chunked_prefill=False, max_num_batched_tokens=4096),
+    "graphs": dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096,
+                   cuda_graph=True),
+    "all": dict(max_num_batched_tokens=48, cuda_graph=True),
+    "all-preempting": dict(max_num_batched_tokens=48, cuda_graph=True, num_blocks=40, watermark=0.0),
+}
+
+
+def _gpu_engine(dtype, **overrides):
+    from pagedkv.model import ModelConfig
+
+    kwargs = dict(model=ModelConfig(**GPU_MODEL), device="gpu", dtype=dtype, block_size=16, num_blocks=256,
+                  max_num_seqs=16, max_model_len=320, seed=0)
+    return LLMEngine(EngineConfig(**{**kwargs, **overrides}))
+
+
+def _shared_prompts(num=12, seed=0):
+    rng = np.random.default_rng(seed)
+    doc = rng.integers(0, 512, 160).tolist()
+    return [doc[:int(rng.choice([0, 40, 100, 160]))] + rng.integers(0, 512, int(rng.integers(1, 60))).tolist()
+            for _ in range(num)]
+
+
+def _run_twice(engine, prompts, params):
+    """Each prompt set twice (the second pass mostly from the prefix cache); token ids of every branch."""
+    first = engine.generate(prompts, params, progress=False)
+    second = engine.generate(prompts, params, progress=False)
+    bm = engine.manager.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.manager.seq_ids  # nothing leaked at idle
+    return [[c.token_ids for c in o.outputs] for o in first + second]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_chunking_caching_and_graphs_give_the_reference_tokens_in_float32(variant, n):
+    prompts = _shared_prompts(seed=n)
+    params = SamplingParams(n=n, temperature=0, max_tokens=24, ignore_eos=True)
+    want = _run_twice(_gpu_engine("float32", **REFERENCE), prompts, params)
+    engine = _gpu_engine("float32", **VARIANTS[variant])
+    got = _run_twice(engine, prompts, params)
+    assert engine.graph_error is None
+    agree = sum(a == b for a, b in zip(got, want))
+    print(f"float32 {variant} n={n}: {agree}/{len(want)} requests agree; "
+          f"hit rate {engine.metrics().prefix_cache_hit_rate:.2f}, preemptions {engine.metrics().num_preemptions}")
+    assert got == want

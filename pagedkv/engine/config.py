@@ -32,7 +32,8 @@ class EngineConfig:
     (fixed batches in arrival order, memory reserved up front: see :mod:`pagedkv.engine.scheduler`).
     ``enable_chunked_prefill``: a prompt longer than what is left of a step's ``max_num_batched_tokens`` is
     prefilled over several steps (off: a prompt is prefilled whole, so ``max_num_batched_tokens`` must be at
-    least ``max_model_len``).
+    least ``max_model_len``). ``enable_prefix_caching``: a new sequence starts on the longest run of cached full
+    blocks of its tokens (continuous scheduling; see :mod:`pagedkv.engine.prefix_cache`).
     """
 
     model: str | ModelConfig = "tiny"
@@ -49,6 +50,7 @@ class EngineConfig:
     watermark: float = 0.01
     static_padding: bool = True  # static: every request of a batch reserves the batch's longest length
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     eos_token_id: int | tuple[int, ...] | None = None
     record_steps: bool = False  # keep a StepMetrics per step, with the pool's exact slot usage
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
@@ -71,7 +73,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.num_blocks is not None and self.kv_memory_bytes is not None:
             raise ValueError("give num_blocks or kv_memory_bytes, not both")
-        for name in ("static_padding", "enable_chunked_prefill", "record_steps", "fused", "cuda_graph"):
+        for name in ("static_padding", "enable_chunked_prefill", "enable_prefix_caching", "record_steps", "fused",
+                     "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         w = self.watermark

@@ -4,8 +4,9 @@ A forward launches ~15 kernels per layer from Python; replaying a captured graph
 launch. The same runner serves two uses:
 
     decode   one row per running sequence                  buckets 1, 2, 4, 8, 16, 24, ... max_num_seqs
-    prefill  one row per prompt token (causal attention     buckets 64, 128, ..., 1024 tokens; logits only
-             is decode attention over each token's prefix)  for each sequence's last row (logit_rows)
+    prefill  one row per new token: prompt chunks and the   buckets 64, 128, ..., 1024 tokens; logits only
+             step's decode rows (causal attention is        for the rows that sample (logit_rows, at most
+             decode attention over each token's prefix)     PREFILL_LOGIT_ROWS; a step with more runs eagerly)
 
 Inputs live in static device buffers that every replay reads::
 

@@ -24,17 +24,22 @@ from dataclasses import replace
 import numpy as np
 
 from ..backend import dtype_of, get_backend
+from ..block_hash import BlockHasher
 from ..manager import PagedAttentionManager
 from ..model import LlamaModel, ModelWeights, get_config, random_weights
 from ..model.config import ModelConfig
 from .build import build_kv_cache, default_params, read_generation, resolve_max_model_len
 from .config import EngineConfig
-from .metrics import EngineMetrics, StepMetrics, StepTiming, account_step, slot_usage, step_metrics
+from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
+                      step_metrics)
 from .model_runner import ModelRunner, StepResult
 from .output_processor import OutputProcessor
+from .prefix_cache import PrefixCache
 from .request import Branch, Request, RequestOutput
 from .sampling import SamplingParams
-from .scheduler import Scheduler, SchedulerOutput
+from .validation import check_prompt, check_request_id
+from .scheduler import Scheduler
+from .step_plan import SchedulerOutput
 
 
 class LLMEngine:
@@ -61,8 +66,12 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(config, self.model_config, self.kv_cache.num_blocks)
         self.model = LlamaModel(self.model_config, weights, self.backend, max_positions=self.max_model_len,
                                 fused=config.fused)
-        self.manager = PagedAttentionManager(self.kv_cache)
-        self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager)
+        self.manager = PagedAttentionManager(self.kv_cache, enable_prefix_caching=config.enable_prefix_caching)
+        prefix_cache = None
+        if config.enable_prefix_caching:  # NOTE: one engine, one set of weights: the model's shapes name it
+            hasher = BlockHasher.for_model(repr(self.model_config), str(dtype), config.block_size)
+            prefix_cache = PrefixCache(self.manager, hasher)
+        self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager, prefix_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, self.manager, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, cuda_graph=config.cuda_graph)
@@ -123,30 +132,15 @@ class LLMEngine:
         params = self.default_params if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        ids = self._check_prompt(prompt_token_ids)
+        ids = check_prompt(prompt_token_ids, self.model_config.vocab_size)
         if request_id is not None:
-            if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
-                raise ValueError(f"request_id must be a str or an int, got {request_id!r}")
-            if request_id in self.requests or request_id in self._unreported:
-                raise ValueError(f"request_id {request_id!r} is already in use")
+            check_request_id(request_id, in_use=(self.requests, self._unreported))
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need a tokenizer on the engine (use stop_token_ids)")
         self.scheduler.check_fits(len(ids), params)
         return ids, params
-
-    def _check_prompt(self, prompt_token_ids) -> list[int]:
-        ids = np.asarray(prompt_token_ids)
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"prompt_token_ids must be a non-empty 1-D list of ints, got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt_token_ids must be ints, got dtype {ids.dtype}")
-        bad = np.flatnonzero((ids < 0) | (ids >= self.model_config.vocab_size))
-        if bad.size:
-            raise ValueError(f"prompt token {int(ids[bad[0]])} at index {int(bad[0])} is outside the vocabulary "
-                             f"[0, {self.model_config.vocab_size})")
-        return [int(t) for t in ids]
 
     def _new_id(self) -> int:
         while self._next_id in self.requests or self._next_id in self._unreported:
@@ -214,14 +208,14 @@ class LLMEngine:
         for request, position, entries in result.prompt_logprobs:
             if len(request.prompt_logprobs) == position:
                 request.prompt_logprobs.append(entries)
-        for s, sampled in zip(out.seqs, result.sampled):
-            s.branch.num_computed = s.end
-            if not sampled:
+        for s, tokens, logprobs in zip(out.seqs, result.sampled, result.logprobs):
+            self.scheduler.computed(s.request, s.branch, s.end)
+            if not tokens:
                 continue
             if not s.request.started and s.request.params.n > 1:
                 self.scheduler.fork(s.request)
-            for branch, token in zip(s.sample_branches, sampled):
-                if self.output_processor.append(s.request, branch, token, now):
+            for j, (branch, token) in enumerate(zip(s.sample_branches, tokens)):
+                if self.output_processor.append(s.request, branch, token, logprobs and logprobs[j], now):
                     self._finish_branch(s.request, branch, now)
             advanced[s.request.request_id] = s.request
         return advanced
@@ -298,6 +292,7 @@ class LLMEngine:
         t.num_used_blocks, t.num_free_blocks = usage.num_used_blocks, usage.num_free_blocks
         t.num_token_slots_used, t.num_token_slots_reserved = used, usage.num_token_slots_reserved
         t.utilization = used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0
+        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.block_manager)
         return t
 
     @property

@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .scheduler import Scheduler, SchedulerOutput
+    from .scheduler import Scheduler
+    from .step_plan import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -51,6 +52,23 @@ class EngineMetrics:
     num_token_slots_used: int = 0  # filled at LLMEngine.metrics() from the pool
     num_token_slots_reserved: int = 0
     utilization: float = 1.0
+    # prefix caching (filled at LLMEngine.metrics()): lookups of new sequences and what the cache held
+    num_prefix_query_tokens: int = 0
+    num_prefix_hit_tokens: int = 0
+    num_prefix_query_blocks: int = 0
+    num_prefix_hit_blocks: int = 0
+    num_cached_blocks: int = 0  # blocks carrying a hash now (used or evictable)
+    num_evictable_blocks: int = 0
+    num_evictions: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of looked-up tokens taken from the cache (0 before any lookup)."""
+        return self.num_prefix_hit_tokens / self.num_prefix_query_tokens if self.num_prefix_query_tokens else 0.0
+
+    @property
+    def prefix_cache_block_hit_rate(self) -> float:
+        return self.num_prefix_hit_blocks / self.num_prefix_query_blocks if self.num_prefix_query_blocks else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -62,7 +80,9 @@ class EngineMetrics:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(prefill_tokens_per_s=self.prefill_tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s)
+        d.update(prefill_tokens_per_s=self.prefill_tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+                 prefix_cache_hit_rate=self.prefix_cache_hit_rate,
+                 prefix_cache_block_hit_rate=self.prefix_cache_block_hit_rate)
         return d
 
 
@@ -109,3 +129,14 @@ def step_metrics(scheduler: Scheduler, out: SchedulerOutput, step: int, time_s: 
         num_used_blocks=usage.num_used_blocks, num_free_blocks=usage.num_free_blocks,
         num_token_slots_used=used, num_token_slots_reserved=usage.num_token_slots_reserved,
         utilization=used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0)
+
+
+def account_prefix_cache(t: EngineMetrics, prefix_cache, block_manager) -> None:
+    """Copy the prefix cache's lookup counts and the pool's cached / evictable / evicted blocks."""
+    if prefix_cache is not None:
+        p = prefix_cache.stats
+        t.num_prefix_query_tokens, t.num_prefix_hit_tokens = p.num_query_tokens, p.num_hit_tokens
+        t.num_prefix_query_blocks, t.num_prefix_hit_blocks = p.num_query_blocks, p.num_hit_blocks
+    t.num_cached_blocks = getattr(block_manager, "num_cached_blocks", 0)
+    t.num_evictable_blocks = getattr(block_manager, "num_evictable_blocks", 0)
+    t.num_evictions = getattr(block_manager, "num_evictions", 0)

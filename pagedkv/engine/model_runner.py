@@ -21,23 +21,17 @@ from ..model import DecodeBatch, PrefillBatch
 from .logprobs import token_logprobs
 from .metrics import StepTiming
 from .sampling import sample
-from .scheduler import ScheduledSeq, SchedulerOutput
-
-
-@dataclass(slots=True)
-class SampledToken:
-    """One branch's new token, with ``(entries, logprob)`` when its params ask for logprobs."""
-
-    token_id: int
-    logprobs: tuple[dict[int, float], float] | None = None
+from .step_plan import ScheduledSeq, SchedulerOutput
 
 
 @dataclass(slots=True)
 class StepResult:
-    """``sampled[i][j]``: the token of ``seqs[i].sample_branches[j]``; ``prompt_logprobs``: ``(request,
-    position, entries)`` for prompt tokens."""
+    """``sampled[i][j]``: the token of ``seqs[i].sample_branches[j]``; ``logprobs[i][j]``: its ``(entries,
+    logprob)`` when the params ask for logprobs (``logprobs[i]`` None when none of them does);
+    ``prompt_logprobs``: ``(request, position, entries)`` for prompt tokens."""
 
-    sampled: list[list[SampledToken]] = field(default_factory=list)
+    sampled: list[list[int]] = field(default_factory=list)
+    logprobs: list[list | None] = field(default_factory=list)
     prompt_logprobs: list[tuple] = field(default_factory=list)
 
 
@@ -192,20 +186,19 @@ class ModelRunner:
             host = dict(zip(wanted, to_numpy(logits[xp.asarray(np.array(wanted))].astype(np.float32))))
         result = StepResult()
         for s, row in zip(seqs, rows):
-            result.sampled.append([self._one(s, b, row, greedy, host) for b in s.sample_branches])
+            params = s.request.params
+            if params.greedy:
+                tokens = [greedy[row]] * len(s.sample_branches)
+            else:
+                tokens = [sample(host[row], params, b.rng) for b in s.sample_branches]
+            result.sampled.append(tokens)
+            result.logprobs.append(None if params.logprobs is None else
+                                   [token_logprobs(host[row], t, params.logprobs) for t in tokens])
         for row, request, position in prompt_rows:
             num_top = request.params.prompt_logprobs
             entries, _ = token_logprobs(host[row], request.prompt_token_ids[position], num_top)
             result.prompt_logprobs.append((request, position, entries))
         return result
-
-    @staticmethod
-    def _one(s: ScheduledSeq, branch, row: int, greedy: list, host: dict) -> SampledToken:
-        params = s.request.params
-        token = greedy[row] if params.greedy else sample(host[row], params, branch.rng)
-        if params.logprobs is None:
-            return SampledToken(int(token))
-        return SampledToken(int(token), token_logprobs(host[row], int(token), params.logprobs))
 
 
 def _needs_host(s: ScheduledSeq) -> bool:

@@ -11,7 +11,6 @@ EOS and stop tokens are kept in ``token_ids`` but not fed to the detokenizer (th
 """
 from __future__ import annotations
 
-from .model_runner import SampledToken
 from .request import Branch, Request
 
 
@@ -25,12 +24,14 @@ class OutputProcessor:
     def __init__(self, eos_token_ids: frozenset[int], tokenizer=None):
         self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
 
-    def append(self, request: Request, branch: Branch, sampled: SampledToken, now: float) -> bool:
-        """Add one token to ``branch``; returns True when the branch ended with it."""
-        token, p = sampled.token_id, request.params
+    def append(self, request: Request, branch: Branch, token: int, logprobs, now: float) -> bool:
+        """Add one token to ``branch`` (``logprobs``: its ``(entries, logprob)`` or None); returns True when the
+        branch ended with it."""
+        p = request.params
         branch.output_token_ids.append(token)
-        if sampled.logprobs is not None:
-            entries, logprob = sampled.logprobs
+        request.started = True
+        if logprobs is not None:
+            entries, logprob = logprobs
             if branch.logprobs is None:
                 branch.logprobs, branch.cumulative_logprob = [], 0.0
             branch.logprobs.append(entries)

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .request import Branch, Request
-    from .scheduler import Scheduler, SchedulerOutput
+    from .scheduler import Scheduler
+    from .step_plan import SchedulerOutput
 
 
 class ContinuousPolicy:
@@ -38,32 +39,37 @@ class ContinuousPolicy:
         do not fit this step wait in the running list for the next steps' prefill phase.
         """
         s = self.s
-        if out.preempted:
+        if out.preempted or not s.waiting:
             return
-        bm, now = s.manager.block_manager, time.perf_counter()
+        bm, now, cache = s.manager.block_manager, time.perf_counter(), s.prefix_cache
         num_seqs = sum(r.num_seqs() for r in s.running)
+        pending = cache.pending_hashes(s.running) if cache is not None else set()
         while s.waiting and out.budget > 0:
             request = s.waiting[0]
             if num_seqs + request.num_seqs() > s.config.max_num_seqs:
                 break
             request.materialize()
             first = request.computing_branches()[0]
-            size = s.chunk_size(request.num_tokens(first) - first.num_computed, out)
-            if size == 0 or bm.num_free_blocks - s.blocks_for(size) < s.watermark_blocks:
+            start, size, hit = s.plan(request, first, out)
+            if size == 0 or bm.num_free_blocks - s.blocks_to_start(start + size, hit) < s.watermark_blocks:
+                break
+            if pending and cache.waits_for(first, len(hit.block_ids), pending):
                 break
             s.waiting.popleft()
             s.start(request, now)
             for branch in request.computing_branches():
-                size = s.chunk_size(request.num_tokens(branch) - branch.num_computed, out)
-                if size == 0 or not s.schedule_chunk(request, branch, size, out, preempt=False):
+                if not s.schedule_branch(request, branch, out, preempt=False):
                     break
+            if cache is not None and not request.started:
+                pending.update(first.block_hashes[first.num_registered:])
             num_seqs += request.num_seqs()
 
-    def make_room(self, request: Request, num_blocks: int, out: SchedulerOutput, preempt: bool) -> bool:
-        """Free blocks for ``request`` by preempting the newest running requests; False when it could not
-        (``preempt`` off, or ``request`` itself was the newest)."""
+    def make_room(self, request: Request, num_blocks, out: SchedulerOutput, preempt: bool) -> bool:
+        """Free ``num_blocks()`` blocks for ``request`` by preempting the newest running requests; False when
+        it could not (``preempt`` off, or ``request`` itself was the newest). ``num_blocks`` is asked again
+        after each preemption (a victim's blocks may be the cached ones ``request`` is about to take)."""
         s, bm = self.s, self.s.manager.block_manager
-        while not bm.can_allocate(num_blocks):
+        while not bm.can_allocate(num_blocks()):
             if not preempt or not s.running:
                 return False
             victim = s.running[-1]
@@ -128,8 +134,9 @@ class StaticPolicy:
     def admit(self, out: SchedulerOutput) -> None:
         pass  # a batch is admitted in begin(), when the previous one is over
 
-    def make_room(self, request: Request, num_blocks: int, out: SchedulerOutput, preempt: bool) -> bool:
-        """Hand ``num_blocks`` of the request's reservation back to the pool, right before they are allocated."""
+    def make_room(self, request: Request, num_blocks, out: SchedulerOutput, preempt: bool) -> bool:
+        """Hand ``num_blocks()`` of the request's reservation back to the pool, right before they are allocated."""
+        num_blocks = num_blocks()
         bm, give = self.s.manager.block_manager, min(num_blocks, len(request.reserved_block_ids))
         if give:
             bm.free(request.reserved_block_ids[-give:])

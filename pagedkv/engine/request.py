@@ -65,8 +65,9 @@ class Branch:
                                                           reserved to the block's end          num_reserved 8
     """
 
-    __slots__ = ("_rng", "detokenizer", "finish_reason", "index", "logprobs", "cumulative_logprob",
-                 "num_computed", "num_reserved", "output_token_ids", "seed", "seq_id", "stop_reason")
+    __slots__ = ("_rng", "block_hashes", "detokenizer", "finish_reason", "index", "logprobs", "cumulative_logprob",
+                 "num_computed", "num_registered", "num_reserved", "output_token_ids", "seed", "seq_id",
+                 "stop_reason")
 
     def __init__(self, index: int, seed: int | None):
         self.index, self.seed, self._rng = index, seed, None
@@ -76,6 +77,8 @@ class Branch:
         self.stop_reason: int | str | None = None
         self.num_computed = 0
         self.num_reserved = 0
+        self.block_hashes: list[bytes] = []  # content hashes of full blocks of prompt + output (prefix caching)
+        self.num_registered = 0  # blocks of the sequence named by their hash in the block manager
         self.logprobs: list[dict[int, float]] | None = None
         self.cumulative_logprob: float | None = None
         self.detokenizer = None  # made at the first token when the engine has a tokenizer
@@ -92,8 +95,8 @@ class Branch:
         return self.finish_reason is not None
 
     def forget_cache(self) -> None:
-        """The branch lost its sequence (preempted): everything is pending again."""
-        self.seq_id, self.num_computed, self.num_reserved = None, 0, 0
+        """The branch lost its sequence (preempted): everything is pending again (its hashes stay valid)."""
+        self.seq_id, self.num_computed, self.num_reserved, self.num_registered = None, 0, 0, 0
 
 
 class Request:
@@ -117,6 +120,7 @@ class Request:
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
         self.aborted = False
+        self.started = False  # a token was sampled: from then on every unfinished branch computes on its own
 
     def materialize(self) -> None:
         """Make the ``n`` branches (at first admission)."""
@@ -133,10 +137,6 @@ class Request:
     def max_len(self) -> int:
         return len(self.prompt_token_ids) + self.params.max_tokens
 
-    @property
-    def started(self) -> bool:
-        """True once a token was sampled (then every unfinished branch computes on its own)."""
-        return bool(self.branches) and any(b.output_token_ids for b in self.branches)
 
     @property
     def finished(self) -> bool:

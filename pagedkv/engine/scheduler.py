@@ -25,11 +25,13 @@ re-admission each unfinished branch prefills ``prompt + generated`` and continue
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..manager import PagedAttentionManager
 from .policy import ContinuousPolicy, StaticPolicy
+from .prefix_cache import PrefixHit
 from .request import Branch, Request
+from .step_plan import ScheduledSeq, SchedulerOutput
 
 MODES = ("continuous", "static")
 
@@ -61,62 +63,6 @@ class SchedulerConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
 
 
-@dataclass(slots=True)
-class ScheduledSeq:
-    """Feed ``num_tokens`` tokens of ``branch`` from position ``start``; ``sample_branches`` (empty mid-prompt)
-    each sample one token from the last token's logits (all ``n`` branches for a request's first token)."""
-
-    request: Request
-    branch: Branch
-    start: int
-    num_tokens: int
-    sample_branches: list[Branch]
-    is_decode: bool = False  # one generated token fed back (prompt and recompute tokens are prefill)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-    def token_ids(self) -> list[int]:
-        return self.request.token_slice(self.branch, self.start, self.end)
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    seqs: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefill chunks
-    preempted: list[Request] = field(default_factory=list)
-    budget: int = 0  # tokens left this step
-    preempted_set: set = field(default_factory=set)
-
-    def add(self, seq: ScheduledSeq) -> None:
-        self.seqs.append(seq)
-        self.budget = max(self.budget - seq.num_tokens, 0)
-
-    def drop(self, request: Request) -> None:
-        """Remove a preempted request's work (its tokens return to the budget)."""
-        kept = [s for s in self.seqs if s.request is not request]
-        self.budget += sum(s.num_tokens for s in self.seqs) - sum(s.num_tokens for s in kept)
-        self.seqs = kept
-        self.preempted.append(request)
-        self.preempted_set.add(request)
-
-    @property
-    def has_prefill(self) -> bool:
-        return any(not s.is_decode for s in self.seqs)
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs if not s.is_decode)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(1 for s in self.seqs if s.is_decode)
-
-    @property
-    def num_sampled(self) -> int:
-        return sum(len(s.sample_branches) for s in self.seqs)
-
-
 class Scheduler:
     """Owns the waiting queue and the running list; allocates through the manager.
 
@@ -124,7 +70,7 @@ class Scheduler:
         config: limits and mode; manager: the paged KV cache's sequences and blocks.
     """
 
-    def __init__(self, config: SchedulerConfig, manager: PagedAttentionManager):
+    def __init__(self, config: SchedulerConfig, manager: PagedAttentionManager, prefix_cache=None):
         self.config, self.manager = config, manager
         self.block_size = manager.block_size
         self.waiting: deque[Request] = deque()
@@ -133,6 +79,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.watermark_blocks = int(config.watermark * manager.block_manager.num_blocks)
         self.policy = StaticPolicy(self) if config.mode == "static" else ContinuousPolicy(self)
+        # NOTE: static batches reserve and compute everything (the dense-tensor baseline): no prefix cache
+        self.prefix_cache = prefix_cache if config.mode == "continuous" else None
 
     # ------------------------------------------------------------------------------------ submission
     def blocks_for(self, num_tokens: int) -> int:
@@ -168,26 +116,34 @@ class Scheduler:
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        """One token for every sequence with one pending (the hot path: no lookup, a block at most)."""
         for request in list(self.running):
             if request in out.preempted_set:  # by an older request of this step
                 continue
-            for branch in request.computing_branches():
-                if branch.seq_id is not None and request.num_tokens(branch) - branch.num_computed == 1:
-                    if not self.schedule_chunk(request, branch, 1, out):
-                        break
+            started, prompt_len = request.started, request.prompt_len
+            for branch in (request.active_branches() if started else request.branches[:1]):
+                start = branch.num_computed
+                if branch.seq_id is None or prompt_len + len(branch.output_token_ids) - start != 1:
+                    continue
+                if out.budget == 0:
+                    return
+                if start >= branch.num_reserved and not self._append(request, branch, start, start + 1, out, True):
+                    break
+                samples = [branch] if started else request.active_branches()
+                out.seqs.append(ScheduledSeq(request, branch, start, 1, samples, started))
+                out.budget -= 1
 
     def _schedule_prefills(self, out: SchedulerOutput) -> None:
         for request in list(self.running):
             if request in out.preempted_set:
                 continue
             for branch in request.computing_branches():
-                pending = request.num_tokens(branch) - branch.num_computed
-                if branch.seq_id is not None and pending <= 1:
+                if branch.seq_id is not None and request.num_tokens(branch) - branch.num_computed <= 1:
                     continue  # decoded above
-                size = self.chunk_size(pending, out)
-                if size == 0:
-                    return
-                if not self.schedule_chunk(request, branch, size, out):
+                done = self.schedule_branch(request, branch, out)
+                if done is None:
+                    return  # the budget is spent
+                if not done:
                     break
 
     def chunk_size(self, pending: int, out: SchedulerOutput) -> int:
@@ -200,12 +156,38 @@ class Scheduler:
             return min(pending, out.budget)
         return pending if pending <= out.budget or not out.has_prefill else 0
 
-    def schedule_chunk(self, request: Request, branch: Branch, size: int, out: SchedulerOutput,
-                       preempt: bool = True) -> bool:
-        """Reserve slots for ``size`` tokens of ``branch`` and add them to ``out``; False if it could not (no
-        room without ``preempt``, or the request itself was preempted)."""
-        start, end = branch.num_computed, branch.num_computed + size
-        if not self._reserve(request, branch, start, end, out, preempt):
+    def plan(self, request: Request, branch: Branch, out: SchedulerOutput) -> tuple[int, int, PrefixHit]:
+        """``(start, size, prefix hit)`` of the branch's next chunk (size 0: no budget left). A branch without
+        a sequence starts after the longest cached prefix of its tokens (prefix caching)."""
+        hit = PrefixHit()
+        if branch.seq_id is None and self.prefix_cache is not None:
+            hit = self.prefix_cache.lookup(request, branch)
+        start = hit.num_tokens(self.block_size) if branch.seq_id is None else branch.num_computed
+        return start, self.chunk_size(request.num_tokens(branch) - start, out), hit
+
+    def blocks_to_start(self, end: int, hit: PrefixHit) -> int:
+        """How far the pool's free count drops when a sequence of ``end`` tokens starts from ``hit``."""
+        need = self.manager.num_blocks_to_add(end, cached_block_ids=hit.block_ids) if hit.block_ids else \
+            self.blocks_for(end)
+        copy = hit.copy_from is not None and self.manager.block_manager.ref_count(hit.copy_from) == 0
+        return need + int(copy)  # an evictable copy source is held while it is read
+
+    def schedule_branch(self, request: Request, branch: Branch, out: SchedulerOutput,
+                        preempt: bool = True) -> bool | None:
+        """Reserve the branch's next chunk and add it to ``out``. Returns None when the budget is spent, False
+        when there was no room (without ``preempt``) or the request itself was preempted, else True."""
+        start, size, hit = self.plan(request, branch, out)
+        if size == 0:
+            return None
+        end = start + size
+        if branch.seq_id is None:
+            if not self.policy.make_room(request, lambda: self.blocks_to_start(end, hit), out, preempt):
+                return False
+            self._start_sequence(branch, end, hit)
+            branch.num_computed, branch.num_reserved = start, end
+            if self.prefix_cache is not None:
+                self.prefix_cache.started(request, branch, hit)
+        elif not self._append(request, branch, start, end, out, preempt):
             return False
         samples = end == request.num_tokens(branch)
         sample_branches = (request.active_branches() if not request.started else [branch]) if samples else []
@@ -213,23 +195,33 @@ class Scheduler:
         out.add(ScheduledSeq(request, branch, start, size, sample_branches, is_decode))
         return True
 
-    def _reserve(self, request: Request, branch: Branch, start: int, end: int, out, preempt: bool) -> bool:
-        """Make positions ``[start, end)`` of the branch's sequence exist (a new sequence, or appended slots).
+    def _start_sequence(self, branch: Branch, end: int, hit: PrefixHit) -> None:
+        """A new sequence of ``end`` positions on ``hit``'s cached blocks; a partly matching cached block is
+        copied into its next block (held meanwhile, so that the allocation cannot evict it)."""
+        m, src = self.manager, hit.copy_from
+        if src is None:
+            branch.seq_id = m.add_sequence(end, cached_block_ids=hit.block_ids) if hit.block_ids else \
+                m.add_sequence(end)
+            return
+        m.block_manager.acquire([src])
+        try:
+            branch.seq_id = m.add_sequence(end, cached_block_ids=hit.block_ids)
+            m.kv_cache.copy_blocks([src], [m.block_table(branch.seq_id)[len(hit.block_ids)]])
+        finally:
+            m.block_manager.free([src])
+
+    def _append(self, request: Request, branch: Branch, start: int, end: int, out, preempt: bool) -> bool:
+        """Make positions ``[start, end)`` of the branch's sequence exist (appended slots).
 
         Prefill chunks reserve exactly; decodes of a started request reserve to the end of the block (one
         manager call per block). NOTE: a sequence that will be forked (a first prompt) never reserves ahead,
         so its children share only what was written and copy the partial block before their first write.
         """
-        if branch.seq_id is None:
-            if not self.policy.make_room(request, self.blocks_for(end), out, preempt):
-                return False
-            branch.seq_id, branch.num_reserved = self.manager.add_sequence(end), end
-            return True
         if end <= branch.num_reserved:
             return True
         target = (start // self.block_size + 1) * self.block_size if request.started and end - start == 1 else end
         count = target - branch.num_reserved
-        if not self.policy.make_room(request, self._blocks_to_append(branch, count), out, preempt):
+        if not self.policy.make_room(request, lambda: self._blocks_to_append(branch, count), out, preempt):
             return False
         self.manager.append_slots(branch.seq_id, count)
         branch.num_reserved = target
@@ -271,6 +263,14 @@ class Scheduler:
         for b in request.branches[1:]:
             b.seq_id = self.manager.fork_sequence(first.seq_id)
             b.num_computed = b.num_reserved = first.num_computed
+            if self.prefix_cache is not None:
+                self.prefix_cache.fork(first, b)
+
+    def computed(self, request: Request, branch: Branch, end: int) -> None:
+        """A step wrote the K/V of the branch's tokens up to ``end``: full blocks get their names."""
+        branch.num_computed = end
+        if self.prefix_cache is not None and end // self.block_size > branch.num_registered:
+            self.prefix_cache.register(request, branch)
 
     def finish_branch(self, request: Request, branch: Branch) -> None:
         """A branch ended: its blocks are freed now (continuous) or when its batch ends (static)."""

@@ -1,0 +1,200 @@
+"""prefix_workloads: the engine with prefix caching and chunked prefill on vs off (issue 10).
+
+Two workloads through ``LLMEngine`` (greedy, ``ignore_eos``; random weights of ``--model``):
+
+    shared   N requests = one shared document + a few own tokens each, G tokens generated each, no explicit fork:
+             prefix caching on vs off -> prompt tokens computed, peak KV blocks (vs the ideal of an explicit
+             fork), requests/s, TTFT p50/p99, and whether the outputs agree
+    long     prompts U[min, max] tokens, outputs U[min, max]: chunked prefill on (at --chunk-budget, and at the
+             unchunked budget) vs off (every prompt in one forward: budget = max_model_len) -> decode
+             inter-token latency p50/p99, TTFT p50/p99, requests/s, agreement
+
+    python -m experiments.prefix_workloads --device gpu --output-json prefix_workloads.json
+    python -m experiments.prefix_workloads --device cpu --workload shared      (small defaults on a CPU)
+
+Times are host wall clock around ``engine.step()`` (each step ends with a device->host copy of the tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+GPU_DEFAULTS = dict(model="llama-1b", dtype="float16", num_prompts=256, shared_len=4010, own_len=32, output_len=128,
+                    long_num_prompts=24, long_min_len=2048, long_max_len=16384, long_min_output=64,
+                    long_max_output=512, chunk_budget=2048)
+CPU_DEFAULTS = dict(model="tiny", dtype="float32", num_prompts=16, shared_len=200, own_len=8, output_len=8,
+                    long_num_prompts=6, long_min_len=64, long_max_len=400, long_min_output=4, long_max_output=16,
+                    chunk_budget=32)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m experiments.prefix_workloads", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--workload", choices=["shared", "long", "both"], default="both")
+    p.add_argument("--model", help="model preset (default: llama-1b on a GPU, tiny on a CPU)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+    for name in ("num-prompts", "shared-len", "own-len", "output-len", "long-num-prompts", "long-min-len",
+                 "long-max-len", "long-min-output", "long-max-output", "chunk-budget"):
+        p.add_argument(f"--{name}", type=int, help="(default: the device's)")
+    p.add_argument("--kv-memory-gb", type=float, help="KV pool size (default: the engine's)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json")
+    args = p.parse_args(argv)
+    for key, value in (GPU_DEFAULTS if args.device == "gpu" else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("num_prompts", "shared_len", "own_len", "output_len", "long_num_prompts", "long_min_len",
+                "long_min_output", "chunk_budget"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.long_max_len < args.long_min_len or args.long_max_output < args.long_min_output:
+        p.error("--long-max-len / --long-max-output must be >= their minimum")
+    return args
+
+
+def make_engine(args, max_model_len: int, **overrides):
+    from pagedkv.engine import EngineConfig, LLMEngine
+
+    kv = {} if args.kv_memory_gb is None else {"kv_memory_bytes": int(args.kv_memory_gb * 2**30)}
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=16,
+                          max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
+                          cuda_graph=args.device == "gpu" and not args.enforce_eager, **kv, **overrides)
+    return LLMEngine(config)
+
+
+def run(engine, prompts, output_lens) -> tuple[dict, list]:
+    """Every request added at once, stepped to completion; figures and each request's tokens."""
+    from pagedkv.engine import SamplingParams
+
+    warm = [[1, 2, 3, 4, 5]] * 2  # NOTE: compiles kernels / captures graphs outside the measurement
+    engine.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), progress=False)
+    engine.warmup_graphs()
+    before = engine.metrics().as_dict()
+    bm = engine.manager.block_manager
+    start = time.perf_counter()
+    ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True))
+           for p, m in zip(prompts, output_lens)]
+    token_times, final, peak = {i: [] for i in ids}, {}, 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        peak = max(peak, bm.num_used_blocks)
+        for o in outs:
+            token_times[o.request_id].append((now, len(o.outputs[0].token_ids)))
+            if o.finished:
+                final[o.request_id] = o
+    wall = time.perf_counter() - start
+    after = engine.metrics().as_dict()
+    ttft = [final[i].metrics.first_token_time - final[i].metrics.arrival_time for i in ids]
+    itl = [b[0] - a[0] for i in ids for a, b in zip(token_times[i], token_times[i][1:]) if b[1] > a[1]]
+    figures = {
+        "num_requests": len(ids), "wall_s": wall, "requests_per_s": len(ids) / wall,
+        "prompt_tokens": int(sum(len(p) for p in prompts)),
+        "prompt_tokens_computed": after["num_prefill_tokens"] - before["num_prefill_tokens"],
+        "generated_tokens": after["num_generated_tokens"] - before["num_generated_tokens"],
+        "num_steps": after["num_steps"] - before["num_steps"], "peak_kv_blocks": peak,
+        "num_preemptions": after["num_preemptions"] - before["num_preemptions"],
+        "prefix_hit_tokens": after["num_prefix_hit_tokens"] - before["num_prefix_hit_tokens"],
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99), "itl_p50_s": _pct(itl, 50),
+        "itl_p99_s": _pct(itl, 99), "graph_error": engine.graph_error,
+    }
+    return figures, [final[i].outputs[0].token_ids for i in ids]
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def _vocab(args) -> int:
+    from pagedkv.model import get_config
+
+    return get_config(args.model).vocab_size
+
+
+def shared_workload(args) -> dict:
+    rng, vocab = np.random.default_rng(args.seed), _vocab(args)
+    doc = rng.integers(0, vocab, args.shared_len).tolist()
+    prompts = [doc + rng.integers(0, vocab, args.own_len).tolist() for _ in range(args.num_prompts)]
+    lens = [args.output_len] * args.num_prompts
+    max_len = args.shared_len + args.own_len + args.output_len
+    out, tokens = {}, {}
+    for name, caching in (("caching_on", True), ("caching_off", False)):
+        print(f"shared: {name} ...", flush=True)
+        out[name], tokens[name] = run(make_engine(args, max_len, enable_prefix_caching=caching,
+                                                  max_num_batched_tokens=max(8192, max_len)), prompts, lens)
+    bs = 16
+    shared_blocks = args.shared_len // bs
+    out["explicit_fork_blocks"] = shared_blocks + args.num_prompts * (-(-max_len // bs) - shared_blocks)
+    out["ideal_prompt_tokens"] = args.shared_len + args.num_prompts * args.own_len
+    out["requests_agree"] = sum(a == b for a, b in zip(tokens["caching_on"], tokens["caching_off"]))
+    on, off = out["caching_on"], out["caching_off"]
+    out["targets"] = {
+        "prompt_tokens_vs_ideal": on["prompt_tokens_computed"] / out["ideal_prompt_tokens"],  # <= 1.05
+        "requests_per_s_speedup": on["requests_per_s"] / off["requests_per_s"],  # >= 10
+        "peak_blocks_vs_explicit_fork": on["peak_kv_blocks"] / out["explicit_fork_blocks"],  # <= 1.1
+    }
+    return out
+
+
+def long_workload(args) -> dict:
+    rng, vocab = np.random.default_rng(args.seed + 1), _vocab(args)
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in
+               rng.integers(args.long_min_len, args.long_max_len + 1, args.long_num_prompts)]
+    lens = rng.integers(args.long_min_output, args.long_max_output + 1, args.long_num_prompts).tolist()
+    max_len = args.long_max_len + args.long_max_output
+    whole = max(max_len, args.max_num_seqs)
+    runs = {"chunked": dict(enable_chunked_prefill=True, max_num_batched_tokens=max(args.chunk_budget,
+                                                                                   args.max_num_seqs)),
+            "chunked_same_budget": dict(enable_chunked_prefill=True, max_num_batched_tokens=whole),
+            "unchunked": dict(enable_chunked_prefill=False, max_num_batched_tokens=whole)}
+    out, tokens = {}, {}
+    for name, overrides in runs.items():
+        print(f"long: {name} ...", flush=True)
+        out[name], tokens[name] = run(make_engine(args, max_len, enable_prefix_caching=False, **overrides),
+                                      prompts, lens)
+        out[name]["max_num_batched_tokens"] = overrides["max_num_batched_tokens"]
+    out["requests_agree"] = {name: sum(a == b for a, b in zip(tokens[name], tokens["unchunked"])) for name in runs}
+    c, u = out["chunked"], out["unchunked"]
+    out["targets"] = {"itl_p99_chunked_vs_unchunked": c["itl_p99_s"] / u["itl_p99_s"],  # <= 1/3
+                      "requests_per_s_chunked_vs_unchunked": c["requests_per_s"] / u["requests_per_s"]}  # >= 0.9
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    result = {"args": vars(args)}
+    for name, fn in (("shared", shared_workload), ("long", long_workload)):
+        if args.workload in (name, "both"):
+            result[name] = fn(args)
+            if args.output_json:  # NOTE: written after each workload, so a cut-off run keeps what it measured
+                with open(args.output_json, "w") as f:
+                    json.dump(result, f, indent=1)
+    console = Console()
+    for workload in ("shared", "long"):
+        if workload not in result:
+            continue
+        r = result[workload]
+        modes = [k for k, v in r.items() if isinstance(v, dict) and "wall_s" in v]
+        table = Table(title=f"{workload}: {args.model} {args.dtype} on {args.device}")
+        table.add_column("figure")
+        for m in modes:
+            table.add_column(m, justify="right")
+        for key in ("prompt_tokens_computed", "peak_kv_blocks", "requests_per_s", "ttft_p50_s", "ttft_p99_s",
+                    "itl_p50_s", "itl_p99_s", "num_steps", "num_preemptions", "wall_s"):
+            table.add_row(key, *(f"{r[m][key]:.4g}" if isinstance(r[m][key], float) else str(r[m][key])
+                                 for m in modes))
+        console.print(table)
+        console.print({k: v for k, v in r.items() if k not in modes})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
