@@ -12,7 +12,6 @@ import pytest
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.engine.beam_group import BeamGroup, top_candidates, worst_case_blocks
 from pagedkv.engine.beam_search import BeamSearchParams, beam_search, beam_search_text, eos_ids, prefix_hasher
-from pagedkv.manager import PagedAttentionManager
 
 BLOCK_SIZE = 4
 LOGPROB_TOL = 5e-5  # float32 engine vs float64 reference, per cumulative log-probability (seen: ~1e-6 a token)
@@ -22,16 +21,9 @@ PROMPTS = [[11, 5, 201, 73, 9, 140, 38], [200, 3, 77, 18, 99], [57, 130, 2, 250,
 
 # ----------------------------------------------------------------------------------------- engines
 def make_engine(prefix_caching=False, num_blocks=128, seed=3, **overrides):
-    """A tiny random Llama on the CPU; ``prefix_caching`` turns the manager's prefix caching on."""
-    fields = EngineConfig.__dataclass_fields__
-    options = dict(device="cpu", num_blocks=num_blocks, block_size=BLOCK_SIZE, seed=seed, **overrides)
-    if "enable_prefix_caching" in fields:
-        options["enable_prefix_caching"] = prefix_caching
-    engine = LLMEngine(EngineConfig(**options))
-    if prefix_caching and not engine.manager.block_manager.enable_prefix_caching:
-        # NOTE: an engine without the EngineConfig flag: beam search only uses engine.manager
-        engine.manager = PagedAttentionManager(engine.kv_cache, enable_prefix_caching=True)
-    return engine
+    """A tiny random Llama on the CPU, with or without prefix caching."""
+    return LLMEngine(EngineConfig(device="cpu", num_blocks=num_blocks, block_size=BLOCK_SIZE, seed=seed,
+                                  enable_prefix_caching=prefix_caching, **overrides))
 
 
 # --------------------------------------------------------------------------------- float64 reference
@@ -165,6 +157,17 @@ def test_beams_and_scores_equal_the_float64_reference(prefix_caching, length_pen
             assert out.prompt_token_ids == prompt
             assert_same_beams(out, want)
         assert engine.manager.block_manager.num_used_blocks == 0 and not engine.manager.seq_ids
+
+
+def test_beam_search_starts_on_blocks_the_engine_cached():
+    """Beam search names blocks as the engine does (its prefix cache's hasher): a prompt the engine ran is found."""
+    engine, prompt = make_engine(prefix_caching=True), PROMPTS[2]
+    engine.generate([prompt], SamplingParams(temperature=0, max_tokens=2), progress=False)
+    prefill, fed = engine.model.prefill, []
+    engine.model.prefill = lambda batch, cache: fed.append(len(batch.token_ids)) or prefill(batch, cache)
+    out = beam_search(engine, [prompt], 3, 5)[0]
+    assert fed == [len(prompt) - (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE]  # 8 of 9 tokens were cached
+    assert out.sequences == beam_search(make_engine(), [prompt], 3, 5)[0].sequences
 
 
 def test_ignore_eos_and_the_engines_eos_ids():
