@@ -432,13 +432,26 @@ def test_beam_search_text_encodes_prompts_and_decodes_beams():
     assert len(single) == 1 and single[0].prompt_token_ids == PROMPTS[1]
 
 
-def test_beam_search_text_with_the_real_llm():
-    llm_module = pytest.importorskip("pagedkv.llm")
-    llm = llm_module.LLM("tiny", device="cpu", num_blocks=128, block_size=BLOCK_SIZE)
-    outs = beam_search_text(llm, PROMPTS, 2, 4)
-    assert [len(o.sequences) for o in outs] == [2, 2, 2] and all(o.sequences[0].text == "" for o in outs)
+def test_beam_search_text_with_the_real_llm(tmp_path):
+    """pagedkv.LLM on a checkpoint with a trained tokenizer: text prompts, decoded beams, the checkpoint's EOS."""
+    pytest.importorskip("tokenizers")
+    from test_text_support import write_checkpoint
+
+    from pagedkv.llm import LLM
+
+    llm = LLM(str(write_checkpoint(tmp_path)), device="cpu", num_blocks=64, block_size=16, max_model_len=256)
+    text = "Paged attention stores"
+    outs = beam_search_text(llm, [text, "Café — 中文 😀"], 3, 12)
+    by_ids = beam_search_text(llm, [llm.tokenizer.encode(text)], 3, 12)[0]
+    assert [s.token_ids for s in outs[0].sequences] == [s.token_ids for s in by_ids.sequences]
+    assert outs[0].prompt == text and by_ids.prompt is None
+    for s in outs[0].sequences + outs[1].sequences:
+        assert s.text == llm.tokenizer.decode(s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids)
+        assert s.finish_reason == "length" or s.token_ids[-1] in llm.engine.eos_token_ids
+    preset = LLM("tiny", device="cpu", num_blocks=64, block_size=BLOCK_SIZE)  # no tokenizer: ids only
+    assert [len(o.sequences) for o in beam_search_text(preset, PROMPTS, 2, 4)] == [2, 2, 2]
     with pytest.raises(ValueError, match="tokenizer"):
-        beam_search_text(llm, "some text", 2, 4)
+        beam_search_text(preset, "some text", 2, 4)
 
 
 def test_params_and_eos_resolution():
