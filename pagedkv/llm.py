@@ -149,6 +149,14 @@ class LLM:
             if not finished:
                 self.engine.abort_request(request_id)
 
+    def beam_search(self, prompts, beam_width: int, max_tokens: int, length_penalty: float = 1.0, *,
+                    ignore_eos: bool = False) -> list:
+        """Beam search of each prompt (strings or token-id lists) with vLLM's rules; beams share every common
+        KV block (``fork_sequence``). Returns ``BeamSearchOutput``s: ``sequences`` best first, with text."""
+        from .engine.beam_search import beam_search_text
+
+        return beam_search_text(self, prompts, beam_width, max_tokens, length_penalty, ignore_eos=ignore_eos)
+
     def get_default_sampling_params(self) -> SamplingParams:
         """The checkpoint's generation defaults (``generation_config.json``) as SamplingParams."""
         return self.default_sampling_params
