@@ -1,0 +1,695 @@
+// prefill_attention.cu: causal prefill attention (many new tokens per sequence) over a paged KV cache.
+//
+// Versions:
+//   prefill_attention_v1_kernel  correctness first, CUDA cores, every dtype (the float32 path, and a GPU
+//                                oracle for version 2). One thread block per (query token, query head);
+//                                its warps stride over keys 0..pos, each keeping an online softmax, and
+//                                merge their (max, sum, accumulator) at the end. Re-reads K/V for every row.
+//   prefill_attention_v2_kernel  tensor cores (float16 / bfloat16 in, float32 accumulate), FlashAttention-2
+//                                structure: a thread block owns a tile of GQA-packed query rows of one
+//                                sequence and one KV head and walks the K/V tiles of that sequence:
+//                                mma.sync.m16n8k16 for Q K^T and P V, ldmatrix (.trans for V), cp.async
+//                                multi-stage K/V tiles gathered row by row through the block table, online
+//                                softmax in registers, tiles above the diagonal skipped, the diagonal masked.
+//   prefill_plan_kernel          one thread block: lists the (sequence, query tile) work items heaviest first
+//                                (most K/V tiles to walk), so the long causal rows start in the first wave.
+//   prefill_check_kernel         GPU-side range check of query_start_loc / context_lens / block_tables.
+//
+// Layouts (one layer):
+//   q                [num_tokens, num_qo_heads, HEAD_DIM]   the new tokens of every sequence, concatenated
+//   out              [num_tokens, num_qo_heads, HEAD_DIM]   rows no sequence owns are never written
+//   k_cache          [num_blocks, num_kv_heads, block_size, HEAD_DIM]   (v_cache alike), C-contiguous
+//   block_tables     [num_seqs, max_blocks] int32; entries past a sequence's ceil(len / block_size) never read
+//   query_start_loc  [num_seqs + 1] int32, non-decreasing: new tokens of sequence i are q rows qsl[i]..qsl[i+1]-1
+//   context_lens     [num_seqs] int32: tokens of sequence i in the cache, its n_i = qsl[i+1] - qsl[i] new ones
+//                    included (their K/V are written before the call)
+// New token j of sequence i sits at position p = context_lens[i] - n_i + j and attends keys 0..p (a cached or
+// shared prefix included). Sequences with n_i == 0 are skipped. Query head h reads KV head h / group,
+// group = num_qo_heads / num_kv_heads. block_size is a power of two (passed as its log2); block ids are
+// widened to 64 bits before they are multiplied into offsets.
+//
+// Launch configuration depends on shapes only (num_tokens, num_seqs, max_blocks), never on device values, so
+// the op can be captured in a CUDA graph and replayed with new lengths: version 2 launches the plan kernel
+// (one block) and then capacity * num_kv_heads blocks, capacity = ceil(num_tokens * group / BLOCK_M) +
+// num_seqs >= the number of query tiles of any batch of these shapes; blocks past the real count exit.
+//
+// Version 2's tile walk, one thread block = (KV head, sequence, query tile):
+//
+//   GQA packing: packed row r = token * group + g (g = query head within the KV head's group), so the
+//   group's query heads are rows of one tile and share every K/V tile read. BLOCK_M packed rows
+//   = NUM_WARPS * M_TILES * 16, i.e. BLOCK_M / group tokens of one sequence.
+//
+//                       keys 0 .. kv_end-1 of the sequence, BLOCK_N per tile, gathered through block_tables
+//                       |<------- num_cached (prefix) ------->|<------- new tokens --------->|
+//     query tile 0      [ full ][ full ][ full ][ full ][diag\]  .       .       .       .      (skipped)
+//     query tile 1      [ full ][ full ][ full ][ full ][ full ][diag\]  .       .       .
+//     query tile 2      [ full ][ full ][ full ][ full ][ full ][ full ][ full ][diag\]  .
+//                        tile 0  tile 1  ...                       \ keys > a row's position: -inf
+//
+//   K/V tile n of a sequence: key k = n * BLOCK_N + row  ->  block_table[k >> log2_bs] = physical block b
+//                             -> cache[b, kv_head, k & (bs - 1), :]   (one 16-byte cp.async per chunk;
+//   any power-of-two block size works, blocks smaller than a tile included; keys >= kv_end are zero-filled)
+//
+//   Per K/V tile, each warp (16 * M_TILES packed rows; warps whose rows all lie above the tile skip it):
+//     S = Q K^T         mma m16n8k16: A = Q (registers or ldmatrix), B = K (ldmatrix, rows = keys)
+//     mask              key > row position -> -inf (only on tiles that cross the warp's first position)
+//     online softmax    row max over the quad (shuffles), rescale O and l by exp2(m_old - m_new)
+//     O += P V          P re-packed from the S accumulators as A fragments, B = V (ldmatrix.trans)
+//   then O / l is staged in shared memory (the Q tile's rows) and written with 16-byte stores.
+//
+// Shared memory rows are HEAD_DIM + 8 elements (16 bytes of padding): the 8 row addresses of an ldmatrix
+// phase then fall in distinct 16-byte bank groups (row stride = odd multiple of 16 bytes).
+#include "common.cuh"
+
+#define PAGEDKV_PREFILL_V1_THREADS 128
+#define PAGEDKV_PLAN_THREADS 1024
+#define PAGEDKV_PLAN_MAX_BINS 2048
+
+using pagedkv::KV;
+
+namespace prefill {
+
+// The sequence owning q row `token`: the i with qsl[i] <= token < qsl[i + 1], or -1 when none does.
+__device__ __forceinline__ int find_sequence(const int* qsl, int num_seqs, int token) {
+  int lo = 0, hi = num_seqs + 1;  // upper bound: first index with qsl[index] > token
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (qsl[mid] <= token) lo = mid + 1; else hi = mid;
+  }
+  const int i = lo - 1;
+  return i >= 0 && i < num_seqs ? i : -1;
+}
+
+// Element offset of key `token` of a sequence, head `kv_head`, in a [num_blocks, num_kv_heads, bs, HEAD_DIM] cache.
+template <int HEAD_DIM>
+__device__ __forceinline__ long long token_offset(const int* block_table, int token, int kv_head, int num_kv_heads,
+                                                  int log2_block_size) {
+  const long long block = block_table[token >> log2_block_size];  // widen before multiplying
+  const int in_block = token & ((1 << log2_block_size) - 1);
+  return (((block * num_kv_heads + kv_head) << log2_block_size) + in_block) * HEAD_DIM;
+}
+
+// ---- tensor-core helpers (sm_80+) -------------------------------------------------------------------
+
+// Four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i.
+// Lane l receives row l/4, columns 2(l%4), 2(l%4)+1 of each matrix (one register per matrix).
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// The same, transposed: lane l receives rows 2(l%4), 2(l%4)+1 of column l/4 of each matrix.
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// d += a * b for one m16n8k16 tile. Fragments (PTX ISA, "mma.m16n8k16 with floating point type"),
+// g = lane / 4, t = lane % 4:
+//   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..]   a[2] = A[g][2t+8..]   a[3] = A[g+8][2t+8..]
+//   b0   = B[2t..2t+1][g]   b1   = B[2t+8..2t+9][g]
+//   d[0..1] = D[g][2t..2t+1]   d[2..3] = D[g+8][2t..2t+1]
+template <int DT>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (DT == 1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one register of two 16-bit values, `lo` in the low half (cvt puts its first source high).
+template <int DT>
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  unsigned r;
+  if constexpr (DT == 1) asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Compile-time shape of a version-2 thread block (mirrored by pagedkv/kernels_prefill.py: TileConfig), and the
+// per-warp stages of one K/V tile. Fragment arrays live in registers: every index below is a compile-time
+// constant after unrolling.
+template <int DT, int HEAD_DIM, int NUM_WARPS, int M_TILES, int BLOCK_N, int STAGES>
+struct V2 {
+  static constexpr int THREADS = NUM_WARPS * 32;
+  static constexpr int WARP_M = 16 * M_TILES;                 // packed query rows per warp
+  static constexpr int BLOCK_M = NUM_WARPS * WARP_M;          // packed query rows per thread block
+  static constexpr int ROW = HEAD_DIM + 8;                    // shared-memory row, elements (+16 bytes)
+  static constexpr int CPR = HEAD_DIM / 8;                    // 16-byte chunks per row
+  static constexpr int KV_CHUNKS = BLOCK_N * CPR, KV_LOADS = (KV_CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int Q_CHUNKS = BLOCK_M * CPR, Q_LOADS = (Q_CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int KSTEPS = HEAD_DIM / 16;                // k16 steps of Q K^T
+  // NOTE: keys per softmax step. A large O accumulator (M_TILES * HEAD_DIM >= 224 floats per lane ~ 112+
+  // registers) leaves no room for 64 keys of S in 255 registers: ptxas spilled (sm_80 and sm_90), so the
+  // staged K/V tile is then processed in two 32-key halves (one more O rescale per tile, same loads)
+  static constexpr int SUB_N = M_TILES * HEAD_DIM >= 224 && BLOCK_N > 32 ? 32 : BLOCK_N;
+  static constexpr int NT_S = SUB_N / 8;                      // n8 tiles of S (keys of one softmax step)
+  static constexpr int NT_O = HEAD_DIM / 8;                   // n8 tiles of O (head dims)
+  static constexpr bool Q_IN_REGS = M_TILES * HEAD_DIM <= 128;  // else Q fragments are re-read per tile
+  static constexpr int QF_M = Q_IN_REGS ? M_TILES : 1, QF_K = Q_IN_REGS ? KSTEPS : 1;
+  // Q tile, K and V stages, then one 64-bit row offset per key of every stage
+  static constexpr int SMEM_BYTES = (BLOCK_M + 2 * STAGES * BLOCK_N) * ROW * 2 + STAGES * BLOCK_N * 8;
+  static_assert(HEAD_DIM % 16 == 0 && BLOCK_N % 16 == 0 && STAGES >= 2, "tile shapes");
+  static_assert(BLOCK_N <= THREADS, "one thread per key row of a tile");
+
+  typedef float Acc[M_TILES][NT_O][4];   // O accumulator
+  typedef float Score[M_TILES][NT_S][4];  // S, then P, of SUB_N keys
+  typedef float RowStat[M_TILES][2];     // per fragment row g, g + 8
+
+  // S = Q K^T over SUB_N keys. q_lane / k_lane: this lane's ldmatrix row address in the Q tile / K keys.
+  static __device__ __forceinline__ void qk(Score& s, const unsigned (&q_frag)[QF_M][QF_K][4], unsigned q_lane,
+                                            unsigned k_lane) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      unsigned a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        if constexpr (Q_IN_REGS) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[mt][e] = q_frag[mt][ks][e];
+        } else {
+          ldsm_x4(a[mt], q_lane + (mt * 16 * ROW + ks * 16) * 2);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < NT_S / 2; ++np) {  // keys 16np .. 16np + 15: two n8 tiles from one ldmatrix
+        unsigned b[4];
+        ldsm_x4(b, k_lane + (np * 16 * ROW + ks * 16) * 2);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<DT>(s[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816<DT>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // Scale into log2 units; where the tile crosses the diagonal, -inf where key > the row's position.
+  // row0 = the packed row of this lane's first fragment row (g) in the sequence; position = cached + row / group.
+  static __device__ __forceinline__ void scale_mask(Score& s, int n0, bool need_mask, int row0, int num_cached,
+                                                    int group, int t4, float scale_log2) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+    if (!need_mask) return;
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int pos = num_cached + (row0 + mt * 16 + h * 8) / group;
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e)
+            if (n0 + j * 8 + 2 * t4 + (e & 1) > pos) s[mt][j][e] = PAGEDKV_NEG_INF;
+      }
+  }
+
+  // Online softmax: row max over the quad (the 4 lanes sharing a row), p = exp2(s - m) in place, O and the
+  // lane's partial row sum l rescaled by exp2(m_old - m_new).
+  static __device__ __forceinline__ void softmax(Score& s, Acc& o, RowStat& m_run, RowStat& l_run) {
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = PAGEDKV_NEG_INF;
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[mt][h], mx);
+        // NOTE: a row whose keys so far are all masked keeps m = -inf; shifting by 0 then avoids -inf - -inf
+        // (a real row sees key 0 in tile 0, so this guards padding rows only)
+        const float shift = m_new == PAGEDKV_NEG_INF ? 0.f : m_new;
+        const float alpha = exp2f(m_run[mt][h] - shift);  // 0 on the first tile
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const float p = exp2f(s[mt][j][e] - shift);
+            s[mt][j][e] = p;
+            sum += p;
+          }
+        l_run[mt][h] = l_run[mt][h] * alpha + sum;
+        m_run[mt][h] = m_new;
+#pragma unroll
+        for (int j = 0; j < NT_O; ++j) {
+          o[mt][j][2 * h] *= alpha;
+          o[mt][j][2 * h + 1] *= alpha;
+        }
+      }
+  }
+
+  // O += P V: the S accumulators of keys 16kk .. 16kk + 15 are exactly the A fragment of that k16 step.
+  // v_lane: this lane's ldmatrix.trans row address in the V stage.
+  static __device__ __forceinline__ void pv(Acc& o, const Score& p, unsigned v_lane) {
+#pragma unroll
+    for (int kk = 0; kk < NT_S / 2; ++kk) {
+      unsigned a[M_TILES][4];
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt) {
+        a[mt][0] = pack2<DT>(p[mt][2 * kk][0], p[mt][2 * kk][1]);          // row g,     keys 2t, 2t+1
+        a[mt][1] = pack2<DT>(p[mt][2 * kk][2], p[mt][2 * kk][3]);          // row g + 8, keys 2t, 2t+1
+        a[mt][2] = pack2<DT>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);  // row g,     keys 2t+8, 2t+9
+        a[mt][3] = pack2<DT>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);  // row g + 8, keys 2t+8, 2t+9
+      }
+#pragma unroll
+      for (int dp = 0; dp < NT_O / 2; ++dp) {  // dims 16dp .. 16dp + 15: two n8 tiles from one ldmatrix
+        unsigned b[4];
+        ldsm_x4_trans(b, v_lane + (kk * 16 * ROW + dp * 16) * 2);
+#pragma unroll
+        for (int mt = 0; mt < M_TILES; ++mt) {
+          mma_16816<DT>(o[mt][2 * dp], a[mt], b[0], b[1]);
+          mma_16816<DT>(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace prefill
+
+// ================================================================================================
+// prefill_attention_v1_kernel: causal prefill, one thread block per (query token, query head), CUDA cores.
+//   out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens: see the file header
+//   scale        softmax scale (usually HEAD_DIM ** -0.5)
+// grid: (num_tokens, num_qo_heads), block: PAGEDKV_PREFILL_V1_THREADS. Rows no sequence owns exit at once.
+// ================================================================================================
+template <int DT, int HEAD_DIM>
+__global__ void __launch_bounds__(PAGEDKV_PREFILL_V1_THREADS)
+prefill_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, const typename KV<DT>::T* __restrict__ q,
+                            const typename KV<DT>::T* __restrict__ k_cache,
+                            const typename KV<DT>::T* __restrict__ v_cache, const int* __restrict__ block_tables,
+                            const int* __restrict__ query_start_loc, const int* __restrict__ context_lens,
+                            int num_seqs, int num_qo_heads, int num_kv_heads, int log2_block_size, int max_blocks,
+                            float scale) {
+  typedef KV<DT> kv;
+  constexpr int NW = PAGEDKV_PREFILL_V1_THREADS / 32, DPL = (HEAD_DIM + 31) / 32;  // dims per lane
+  __shared__ float s_q[HEAD_DIM];
+  __shared__ float s_m[NW], s_l[NW];
+  __shared__ float s_acc[NW][HEAD_DIM];
+  const int token = blockIdx.x, head = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int seq = prefill::find_sequence(query_start_loc, num_seqs, token);
+  if (seq < 0) return;  // a padding row: never written
+  const int start = query_start_loc[seq];
+  const int pos = context_lens[seq] - (query_start_loc[seq + 1] - start) + (token - start);
+  const int kv_head = head / (num_qo_heads / num_kv_heads);
+  const int* block_table = block_tables + (long long)seq * max_blocks;
+  const long long row = (long long)token * num_qo_heads + head;
+
+  // load q (scaled)
+  for (int d = threadIdx.x; d < HEAD_DIM; d += PAGEDKV_PREFILL_V1_THREADS)
+    s_q[d] = kv::to_float(q[row * HEAD_DIM + d]) * scale;
+  __syncthreads();
+
+  // each warp: keys warp, warp + NW, ... <= pos, online softmax (lane i owns dims i, i + 32, ...)
+  float m = PAGEDKV_NEG_INF, l = 0.f, acc[DPL];
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) acc[i] = 0.f;
+  for (int t = warp; t <= pos; t += NW) {
+    const long long off = prefill::token_offset<HEAD_DIM>(block_table, t, kv_head, num_kv_heads, log2_block_size);
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      if (d < HEAD_DIM) dot += s_q[d] * kv::to_float(k_cache[off + d]);
+    }
+    dot = pagedkv::warp_sum(dot);
+    const float m_new = fmaxf(m, dot);
+    const float alpha = expf(m - m_new);  // 0 on a warp's first key (m = -inf)
+    const float p = expf(dot - m_new);
+    l = l * alpha + p;
+#pragma unroll
+    for (int i = 0; i < DPL; ++i) {
+      const int d = lane + 32 * i;
+      if (d < HEAD_DIM) acc[i] = acc[i] * alpha + p * kv::to_float(v_cache[off + d]);
+    }
+    m = m_new;
+  }
+
+  // merge the warps: out = sum_w e^(m_w - M) acc_w / sum_w e^(m_w - M) l_w  (a warp without keys has weight 0)
+  if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
+#pragma unroll
+  for (int i = 0; i < DPL; ++i) {
+    const int d = lane + 32 * i;
+    if (d < HEAD_DIM) s_acc[warp][d] = acc[i];
+  }
+  __syncthreads();
+  for (int d = threadIdx.x; d < HEAD_DIM; d += PAGEDKV_PREFILL_V1_THREADS) {
+    float mx = PAGEDKV_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mx = fmaxf(mx, s_m[w]);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float wt = expf(s_m[w] - mx);
+      num += wt * s_acc[w][d];
+      den += wt * s_l[w];
+    }
+    out[row * HEAD_DIM + d] = kv::from_float(num / den);
+  }
+}
+
+// ================================================================================================
+// prefill_attention_v2_kernel: causal prefill on tensor cores (float16 / bfloat16), FlashAttention-2 tiles.
+//   out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens: see the file header
+//   work_list    [capacity, 2] int32 from prefill_plan_kernel: (sequence, query tile), heaviest first;
+//                sequence -1 = no work
+//   group        num_qo_heads / num_kv_heads
+//   scale_log2   softmax scale * log2(e): scores are kept in log2 units so exp2 does the softmax
+// grid: capacity * num_kv_heads (blockIdx.x = item * num_kv_heads + kv_head, so the heaviest items of every
+// KV head start first), block: NUM_WARPS * 32, dynamic shared memory: V2::SMEM_BYTES
+//   = [BLOCK_M][ROW] Q (reused to stage O) + [STAGES][BLOCK_N][ROW] K + [STAGES][BLOCK_N][ROW] V
+//   + [STAGES][BLOCK_N] int64 row offsets
+// ================================================================================================
+// NOTE: 4-warp configurations ask for 2 blocks per SM (<= 255 registers: M_TILES = 2 holds a 32 x HEAD_DIM
+// accumulator); 8-warp ones for 1. ptxas must report no spills (tests/test_prefill_attention.py checks it).
+template <int DT, int HEAD_DIM, int NUM_WARPS, int M_TILES, int BLOCK_N, int STAGES>
+__global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
+prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+                            const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
+                            const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+                            const int* __restrict__ context_lens, const int* __restrict__ work_list,
+                            int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
+                            float scale_log2) {
+  typedef prefill::V2<DT, HEAD_DIM, NUM_WARPS, M_TILES, BLOCK_N, STAGES> S;
+  constexpr int THREADS = S::THREADS, WARP_M = S::WARP_M, BLOCK_M = S::BLOCK_M, ROW = S::ROW, CPR = S::CPR;
+
+  extern __shared__ uint4 smem[];
+  unsigned short* const s_q_ptr = reinterpret_cast<unsigned short*>(smem);
+  long long* const s_off = reinterpret_cast<long long*>(s_q_ptr + (BLOCK_M + 2 * STAGES * BLOCK_N) * ROW);
+  const unsigned s_q = pagedkv::smem_u32(smem);
+  const unsigned s_k = s_q + BLOCK_M * ROW * 2;
+  const unsigned s_v = s_k + STAGES * BLOCK_N * ROW * 2;
+
+  // work item: (sequence, query tile) of this KV head
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;  // mma fragment coordinates
+  const int item = blockIdx.x / num_kv_heads, kv_head = blockIdx.x - item * num_kv_heads;
+  const int seq = work_list[2 * item];
+  if (seq < 0) return;  // past the last work item (uniform over the block)
+  const int tile = work_list[2 * item + 1];
+  const int q_start = query_start_loc[seq];
+  const int n_new = query_start_loc[seq + 1] - q_start;
+  const int num_cached = context_lens[seq] - n_new;
+  const int rows = n_new * group;                           // packed rows of this sequence
+  const int m0 = tile * BLOCK_M, m_end = min(rows, m0 + BLOCK_M);
+  const int kv_end = num_cached + (m_end - 1) / group + 1;  // keys this tile attends: [0, kv_end)
+  const int num_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
+  const int* block_table = block_tables + (long long)seq * max_blocks;
+
+  // this warp's packed rows [wm0, wm0 + WARP_M): the keys they need, where masking starts
+  const int wm0 = m0 + warp * WARP_M;
+  const bool warp_active = wm0 < m_end;
+  const int warp_first_pos = num_cached + wm0 / group;
+  const int warp_kv_end = warp_active ? num_cached + (min(m_end, wm0 + WARP_M) - 1) / group + 1 : 0;
+
+  // load q: BLOCK_M packed rows (rows past the sequence zero-filled), one cp.async group
+#pragma unroll
+  for (int i = 0; i < S::Q_LOADS; ++i) {
+    const int c = tid + i * THREADS;
+    if (S::Q_CHUNKS % THREADS == 0 || c < S::Q_CHUNKS) {
+      const int r = c / CPR, col = c - r * CPR, pr = m0 + r;
+      const bool valid = pr < rows;
+      const unsigned short* src = q;
+      if (valid) {
+        const int token = pr / group;
+        src = q + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM +
+              col * 8;
+      }
+      pagedkv::cp_async16(s_q + (r * ROW + col * 8) * 2, src, valid);
+    }
+  }
+  pagedkv::cp_async_commit();
+
+  // K/V tiles: chunk c of a tile is key row c / CPR, 16-byte column c % CPR. The element offset of each key
+  // row (block id widened to 64 bits; -1 at or past kv_end) is worked out once per tile by thread `row` and
+  // kept in shared memory, slot = the tile's stage: thread `row` reads the block id of tile n + STAGES early
+  // in iteration n (next_id), stores the offset at its end, and iteration n + 1 issues the copies after its
+  // barrier. The table lookup's latency hides behind a tile's math and costs one register.
+  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
+  const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
+  const int in_block_mask = (1 << log2_block_size) - 1;
+  int next_id = -1;
+  auto load_id = [&](int n) {
+    const int key = n * BLOCK_N + tid;
+    next_id = tid < BLOCK_N && key < kv_end ? block_table[key >> log2_block_size] : -1;
+  };
+  auto store_offset = [&](int n) {
+    if (tid < BLOCK_N) {
+      const int key = n * BLOCK_N + tid;
+      s_off[(n % STAGES) * BLOCK_N + tid] =
+          next_id >= 0 ? next_id * block_elems + head_off + (long long)(key & in_block_mask) * HEAD_DIM : -1;
+    }
+  };
+  auto issue = [&](int n) {  // rows at or past kv_end (and a negative id) are zero-filled, never read
+    const int stage = n % STAGES;
+#pragma unroll
+    for (int i = 0; i < S::KV_LOADS; ++i) {
+      const int c = tid + i * THREADS;
+      if (S::KV_CHUNKS % THREADS == 0 || c < S::KV_CHUNKS) {
+        const int r = c / CPR, col = c - r * CPR;
+        const long long off = s_off[stage * BLOCK_N + r];
+        const bool valid = off >= 0;
+        const long long src = valid ? off + col * 8 : 0;
+        const unsigned dst = ((stage * BLOCK_N + r) * ROW + col * 8) * 2;
+        pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
+        pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
+      }
+    }
+  };
+
+  // prologue: the offsets of tiles 0 .. STAGES - 1, then STAGES - 1 tiles in flight (one group each; empty
+  // groups past the end keep the group count per iteration fixed)
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) {
+    load_id(s);  // NOTE: past num_tiles every key is >= kv_end: the slot gets -1 and is never issued
+    store_offset(s);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) issue(s);
+    pagedkv::cp_async_commit();
+  }
+
+  // q fragments into registers when they fit (A operand of Q K^T for every k16 step); lane addresses for
+  // ldmatrix: Q rows (lane & 15), dims +8 for lanes 16-31; K: keys (lane & 7) + 8 * bit 4, dims + 8 * bit 3
+  // (registers 0,1 = keys 0-7, 2,3 = keys 8-15); V transposed: keys (lane & 7) + 8 * bit 3, dims + 8 * bit 4
+  // (registers 0,1 = dims 0-7, 2,3 = dims 8-15)
+  unsigned q_frag[S::QF_M][S::QF_K][4];
+  const unsigned q_lane = s_q + ((warp * WARP_M + (lane & 15)) * ROW + (lane >> 4) * 8) * 2;
+  const unsigned k_lane = ((((lane >> 4) & 1) * 8 + (lane & 7)) * ROW + ((lane >> 3) & 1) * 8) * 2;
+  const unsigned v_lane = ((((lane >> 3) & 1) * 8 + (lane & 7)) * ROW + ((lane >> 4) & 1) * 8) * 2;
+  if constexpr (S::Q_IN_REGS) {
+    pagedkv::cp_async_wait<STAGES - 1>();  // the q group is older than the STAGES - 1 K/V groups
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+      for (int ks = 0; ks < S::KSTEPS; ++ks) prefill::ldsm_x4(q_frag[mt][ks], q_lane + (mt * 16 * ROW + ks * 16) * 2);
+  }
+
+  typename S::Acc o_acc;
+  typename S::RowStat m_run, l_run;  // running max (log2 units) and this lane's partial row sum
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt) {
+#pragma unroll
+    for (int j = 0; j < S::NT_O; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[mt][j][e] = 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) { m_run[mt][h] = PAGEDKV_NEG_INF; l_run[mt][h] = 0.f; }
+  }
+
+  // walk the K/V tiles 0 .. num_tiles - 1
+  for (int n = 0; n < num_tiles; ++n) {
+    pagedkv::cp_async_wait<STAGES - 2>();  // tile n has landed (one group per iteration)
+    __syncthreads();                         // ... for every thread; the stage read in iteration n - 1 is free
+    if (n + STAGES - 1 < num_tiles) issue(n + STAGES - 1);
+    pagedkv::cp_async_commit();
+    const bool more = n + STAGES < num_tiles;
+    if (more) load_id(n + STAGES);
+#pragma unroll
+    for (int sub = 0; sub < BLOCK_N / S::SUB_N; ++sub) {  // softmax steps of SUB_N keys
+      const int n0 = n * BLOCK_N + sub * S::SUB_N;
+      if (n0 < warp_kv_end) {  // causal skip: a warp whose rows all lie before these keys skips the math
+        const unsigned off = ((n % STAGES) * BLOCK_N + sub * S::SUB_N) * ROW * 2;
+        const bool need_mask = n0 + S::SUB_N - 1 > warp_first_pos;
+        typename S::Score s;
+        S::qk(s, q_frag, q_lane, s_k + off + k_lane);                                   // S = Q K^T
+        S::scale_mask(s, n0, need_mask, wm0 + g, num_cached, group, t4, scale_log2);   // mask
+        S::softmax(s, o_acc, m_run, l_run);                                             // online softmax
+        S::pv(o_acc, s, s_v + off + v_lane);                                            // O += P V
+      }
+    }
+    if (more) store_offset(n + STAGES);  // read after the next iteration's barrier
+  }
+  pagedkv::cp_async_wait<0>();
+  if (!warp_active) return;  // no barrier follows
+
+  // write out: O / l (l summed over the quad), staged through this warp's own rows of the q tile so that
+  // the global stores are whole 16-byte row chunks; rows past the sequence are not written
+  __syncwarp();
+#pragma unroll
+  for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float l = l_run[mt][h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = 1.f / l;
+      unsigned short* dst = s_q_ptr + (warp * WARP_M + mt * 16 + h * 8 + g) * ROW + 2 * t4;
+#pragma unroll
+      for (int j = 0; j < S::NT_O; ++j)
+        *reinterpret_cast<unsigned*>(dst + j * 8) =
+            prefill::pack2<DT>(o_acc[mt][j][2 * h] * inv, o_acc[mt][j][2 * h + 1] * inv);
+    }
+  __syncwarp();
+  for (int i = lane; i < WARP_M * CPR; i += 32) {
+    const int r = i / CPR, col = i - r * CPR, pr = wm0 + r;
+    if (pr < rows) {
+      const int token = pr / group;
+      unsigned short* dst =
+          out + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + col * 8;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s_q_ptr + (warp * WARP_M + r) * ROW + col * 8);
+    }
+  }
+}
+
+// ================================================================================================
+// prefill_plan_kernel: the work list of version 2, heaviest first.
+//   work_list        [capacity, 2] int32 out: (sequence, query tile) per item; (-1, 0) past the last item
+//   query_start_loc, context_lens: see the file header
+//   group, block_m, block_n: GQA group size and version 2's tile shape
+//   max_work         ceil(max_blocks * block_size / block_n): the most K/V tiles one query tile can walk
+//   capacity         ceil(num_tokens * group / block_m) + num_seqs >= sum_i ceil(n_i * group / block_m)
+// grid: 1, block: PAGEDKV_PLAN_THREADS. A query tile's work = the K/V tiles it walks = ceil(kv_end / block_n).
+// Counting sort by work (descending; works above PAGEDKV_PLAN_MAX_BINS share bins): count, scan, place.
+// The order inside a bin depends on atomics; it changes which block runs first, never the result.
+// ================================================================================================
+namespace prefill {
+__device__ __forceinline__ int work_bin(int cached, int last_row, int group, int block_n, int max_work, int bins) {
+  const int work = (cached + last_row / group + 1 + block_n - 1) / block_n;
+  const long long b = (long long)(max_work - min(work, max_work)) * bins / max_work;
+  return (int)min(b, (long long)bins - 1);
+}
+}  // namespace prefill
+
+extern "C" __global__ void __launch_bounds__(PAGEDKV_PLAN_THREADS)
+prefill_plan_kernel(int* __restrict__ work_list, const int* __restrict__ query_start_loc,
+                    const int* __restrict__ context_lens, int num_seqs, int group, int block_m, int block_n,
+                    int max_work, int capacity) {
+  __shared__ int s_count[PAGEDKV_PLAN_MAX_BINS];
+  __shared__ int s_part[PAGEDKV_PLAN_THREADS];
+  __shared__ int s_total;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = PAGEDKV_PLAN_THREADS / 32;
+  max_work = max(max_work, 1);
+  const int bins = min(max_work, PAGEDKV_PLAN_MAX_BINS);
+  for (int b = tid; b < bins; b += PAGEDKV_PLAN_THREADS) s_count[b] = 0;
+  __syncthreads();
+
+  // count: warp w takes sequences w, w + 32, ...; its lanes take the sequence's query tiles
+  for (int seq = warp; seq < num_seqs; seq += num_warps) {
+    const int n = query_start_loc[seq + 1] - query_start_loc[seq];
+    if (n <= 0) continue;
+    const int rows = n * group, cached = context_lens[seq] - n;
+    for (int t = lane; t * block_m < rows; t += 32)
+      atomicAdd(&s_count[prefill::work_bin(cached, min(rows, (t + 1) * block_m) - 1, group, block_n, max_work, bins)], 1);
+  }
+  __syncthreads();
+
+  // exclusive scan of the counts: thread i owns bins [i * per, (i + 1) * per), a Hillis-Steele scan of the
+  // per-thread sums gives each run's start
+  const int per = (bins + PAGEDKV_PLAN_THREADS - 1) / PAGEDKV_PLAN_THREADS;
+  const int b0 = min(bins, tid * per), b1 = min(bins, b0 + per);
+  int sum = 0;
+  for (int b = b0; b < b1; ++b) sum += s_count[b];
+  s_part[tid] = sum;
+  __syncthreads();
+  for (int o = 1; o < PAGEDKV_PLAN_THREADS; o <<= 1) {
+    const int x = tid >= o ? s_part[tid - o] : 0;
+    __syncthreads();
+    s_part[tid] += x;
+    __syncthreads();
+  }
+  int run = s_part[tid] - sum;
+  for (int b = b0; b < b1; ++b) {
+    const int c = s_count[b];
+    s_count[b] = run;
+    run += c;
+  }
+  if (tid == PAGEDKV_PLAN_THREADS - 1) s_total = s_part[tid];
+  __syncthreads();
+
+  // place every item at its bin's next free slot, then mark the rest of the list empty
+  for (int seq = warp; seq < num_seqs; seq += num_warps) {
+    const int n = query_start_loc[seq + 1] - query_start_loc[seq];
+    if (n <= 0) continue;
+    const int rows = n * group, cached = context_lens[seq] - n;
+    for (int t = lane; t * block_m < rows; t += 32) {
+      const int pos = atomicAdd(
+          &s_count[prefill::work_bin(cached, min(rows, (t + 1) * block_m) - 1, group, block_n, max_work, bins)], 1);
+      if (pos < capacity) {  // NOTE: always true for valid inputs; guards unchecked (check=False) garbage
+        work_list[2 * pos] = seq;
+        work_list[2 * pos + 1] = t;
+      }
+    }
+  }
+  for (int i = s_total + tid; i < capacity; i += PAGEDKV_PLAN_THREADS) {
+    work_list[2 * i] = -1;
+    work_list[2 * i + 1] = 0;
+  }
+}
+
+// ================================================================================================
+// prefill_check_kernel: GPU-side range check, one pass over the tables.
+//   bad[0] = min i with a bad query_start_loc entry: qsl[0] < 0, qsl[i] < qsl[i - 1], or qsl[num_seqs] > num_tokens
+//   bad[1] = min seq with context_lens[seq] outside [n_seq, max_blocks * block_size]
+//   bad[2] = min flat index seq * max_blocks + j of a used entry (n_seq > 0, j < ceil(len / block_size))
+//            outside [0, num_blocks)
+//   all three preset to UINT64_MAX by the caller; bad[1] and bad[2] mean something only when bad[0] is unset
+// grid-stride over num_seqs * max_blocks (and the num_seqs + 1 starts)
+// ================================================================================================
+extern "C" __global__ void prefill_check_kernel(const int* __restrict__ query_start_loc,
+                                                const int* __restrict__ context_lens,
+                                                const int* __restrict__ block_tables, int num_seqs, int max_blocks,
+                                                int num_blocks, int log2_block_size, int num_tokens,
+                                                unsigned long long* __restrict__ bad) {
+  const long long stride = (long long)gridDim.x * blockDim.x, first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  for (long long i = first; i <= num_seqs; i += stride) {
+    const int a = query_start_loc[i];
+    if ((i == 0 ? a < 0 : a < query_start_loc[i - 1]) || (i == num_seqs && a > num_tokens))
+      atomicMin(bad, (unsigned long long)i);
+  }
+  const long long total = (long long)num_seqs * max_blocks, capacity = (long long)max_blocks << log2_block_size;
+  for (long long i = first; i < total; i += stride) {
+    const int seq = (int)(i / max_blocks), j = (int)(i % max_blocks);
+    const int n = query_start_loc[seq + 1] - query_start_loc[seq], len = context_lens[seq];
+    if (len < max(n, 0) || len > capacity) {
+      if (j == 0) atomicMin(bad + 1, (unsigned long long)seq);
+      continue;
+    }
+    const int id = block_tables[i];
+    if (n > 0 && j < ((len + (1 << log2_block_size) - 1) >> log2_block_size) && (id < 0 || id >= num_blocks))
+      atomicMin(bad + 2, (unsigned long long)i);
+  }
+}
