@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prefill helper's GPU runs (issue 12), for one device call (from the repository root):
 #
-#   bash experiments/gpu_run_prefill.sh [STAGE...]      default: probe warm fast bench full sanitize
+#   bash experiments/gpu_run_prefill.sh [STAGE...]      default: probe warm fast bench full sanitize ncu
 #
 # Stages (each under its own time limit in seconds, override with T_<STAGE>=...; no stage runs past the
 # call's deadline, DEADLINE seconds after the start, default 285):
@@ -24,7 +24,7 @@ DEADLINE=${DEADLINE:-285}
 mkdir -p "$OUT/logs" benchmarks/results
 status=0
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(probe warm fast bench full sanitize)
+[ ${#stages[@]} -eq 0 ] && stages=(probe warm fast bench full sanitize ncu)
 
 run() {  # run STAGE LIMIT CMD...: one command under min(LIMIT, time left), output to $OUT/logs/STAGE.log
     local stage=$1 limit=$2
@@ -55,13 +55,14 @@ from pagedkv import kernels, kernels_prefill as kp
 
 def build(job):
     t0 = time.time()
-    kernels._module(kp.FILENAME, job)
+    kernels._module(kp.FILENAME, *job)
     return job, time.time() - t0
 
 
 if __name__ == "__main__":
-    jobs = [()] + [(n,) for dt in (1, 2) for hd in kp.HEAD_DIMS for n in kp.launched_names(dt, hd)[1:]]
-    jobs += [kp.v1_names(dt, hd) for dt in (0, 1, 2) for hd in kp.HEAD_DIMS]
+    jobs = [((), ())] + [((n,), ()) for dt in (1, 2) for hd in kp.HEAD_DIMS for n in kp.launched_names(dt, hd)[1:]]
+    jobs += [(kp.v1_names(dt, hd), ()) for dt in (0, 1, 2) for hd in kp.HEAD_DIMS]
+    jobs += [((kp.DEFAULT_CONFIGS[hd].kernel_name(1, hd),), d) for hd in (64, 128) for _, d in kp.BENCH_DEFINES]
     t0 = time.time()
     with mp.get_context("spawn").Pool(14) as pool:
         for job, s in pool.imap_unordered(build, jobs):

@@ -5,7 +5,7 @@ In one run, on one GPU:
   1. Kernel (GQA 32/8 heads, float16, head_dim 64 and 128, block size 16, block tables = a random permutation
      of the pool): one sequence of 2k / 8k / 32k new tokens; a varlen batch of 16 prompts with lengths
      U[64, 4096] (seed 0); 512 new tokens after a 4k cached prefix. Version 2 with its default tile and the
-     alternatives of ``BENCH_CONFIGS``, beside torch SDPA on contiguous [1, heads, tokens, head_dim] tensors
+     alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES``, beside torch SDPA on contiguous [1, heads, tokens, head_dim] tensors
      (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
      is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
      ``enable_gqa=True``; the faster is the baseline.
@@ -139,35 +139,41 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
     flops = sum(kp.causal_flops(n, c, NUM_QO_HEADS, head_dim) for n, c in zip(new, cached))
     row = {"case": name, "head_dim": head_dim, "num_seqs": len(new), "new_tokens": sum(new), "cached_tokens": sum(cached),
            "flops": flops, "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS[name]}
-    out = cp.empty_like(q)
-    configs = [kp.DEFAULT_CONFIGS[head_dim], *(() if args.no_variants else kp.BENCH_CONFIGS)]
-    for cfg in configs:
-        run = lambda: kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg)  # noqa: E731
-        try:
-            ms = median_ms(cp, run, args.runs)
-        except Exception as exc:  # a variant may fail to build or launch; the default must not
-            if cfg == configs[0]:
-                raise
-            row[f"{cfg.label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
-        row.setdefault("variants", {})[cfg.label] = {"ms": ms, "tflops": flops / ms / 1e9}
-    row["ours"] = row["variants"][configs[0].label] | {"config": configs[0].label}
-    best = max(row["variants"], key=lambda c: row["variants"][c]["tflops"])
-    row["best"] = row["variants"][best] | {"config": best}
-    kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False)
-    seqs = sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx)
+    seqs, ref = sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx), None
     for label, expand in (("sdpa_expanded", True), ("sdpa_enable_gqa", False)):
         try:
             runner = sdpa_runner(torch, seqs, expand)
             row[label] = {"ms": median_ms(cp, runner, args.runs)}
             row[label]["tflops"] = flops / row[label]["ms"] / 1e9
-            ref = cp.concatenate([cp.from_dlpack(o[0].transpose(0, 1).contiguous()) for o in runner()])
-            row[label]["rel_err_vs_ours"] = float(cp.linalg.norm((out - ref).astype(cp.float32))
-                                                  / cp.linalg.norm(ref.astype(cp.float32)))
+            if ref is None:
+                ref = cp.concatenate([cp.from_dlpack(o[0].transpose(0, 1).contiguous()) for o in runner()])
         except Exception as exc:
             row[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     sdpa = [row[lab] for lab in ("sdpa_expanded", "sdpa_enable_gqa") if "ms" in row[lab]]
     row["sdpa"] = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
+    del seqs
+    out = cp.empty_like(q)
+    default = kp.DEFAULT_CONFIGS[head_dim]
+    variants = [(default.label, default, ())]
+    if not args.no_variants:
+        variants += [(c.label, c, ()) for c in kp.BENCH_CONFIGS]
+        variants += [(f"{default.label}_{name}", default, defines) for name, defines in kp.BENCH_DEFINES]
+    for label, cfg, defines in variants:
+        def run():
+            kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg, defines=defines)
+        try:
+            ms = median_ms(cp, run, args.runs)
+        except Exception as exc:  # a variant may fail to build or launch; the default must not
+            if label == default.label:
+                raise
+            row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        err = None if ref is None else float(cp.linalg.norm((out - ref).astype(cp.float32))
+                                             / cp.linalg.norm(ref.astype(cp.float32)))
+        row.setdefault("variants", {})[label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_sdpa": err}
+    row["ours"] = row["variants"][default.label] | {"config": default.label}
+    best = max(row["variants"], key=lambda c: row["variants"][c]["tflops"])
+    row["best"] = row["variants"][best] | {"config": best}
     row["ratio"] = row["ours"]["tflops"] / row["sdpa"]["tflops"] if sdpa else None
     return row
 
@@ -243,7 +249,7 @@ def print_tables(result: dict) -> None:
                       f"{r['best']['tflops']:.0f}", f"{s.get('ms', float('nan')):.3f}", f"{s.get('tflops', float('nan')):.0f}",
                       "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
                       "-" if r["target_ratio"] is None else f">= {r['target_ratio']}x",
-                      f"{s.get('rel_err_vs_ours', float('nan')):.1e}")
+                      f"{r['ours']['rel_err_vs_sdpa'] or float('nan'):.1e}")
     console.print(table)
     if result.get("ttft"):
         table = Table(title="time to first token: LLMEngine (llama-1b, float16, cuda_graph off) vs transformers (SDPA)")

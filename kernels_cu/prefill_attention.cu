@@ -15,6 +15,10 @@
 //                                (most K/V tiles to walk), so the long causal rows start in the first wave.
 //   prefill_check_kernel         GPU-side range check of query_start_loc / context_lens / block_tables.
 //
+// Version 2 compile-time options (-D, one cached module per set; pagedkv/kernels_prefill.py passes none by
+// default): PAGEDKV_PREFILL_LAZY_RESCALE (1): skip a warp's O rescale when no row moved its max;
+// PAGEDKV_PREFILL_EXP_HALF2 (0): float16 only, exp2 of score pairs by ex2.approx.f16x2 (half the MUFU work).
+//
 // Layouts (one layer):
 //   q                [num_tokens, num_qo_heads, HEAD_DIM]   the new tokens of every sequence, concatenated
 //   out              [num_tokens, num_qo_heads, HEAD_DIM]   rows no sequence owns are never written
@@ -61,6 +65,12 @@
 // phase then fall in distinct 16-byte bank groups (row stride = odd multiple of 16 bytes).
 #include "common.cuh"
 
+#ifndef PAGEDKV_PREFILL_LAZY_RESCALE
+#define PAGEDKV_PREFILL_LAZY_RESCALE 1  // skip a warp's O rescale when none of its rows changed its max
+#endif
+#ifndef PAGEDKV_PREFILL_EXP_HALF2
+#define PAGEDKV_PREFILL_EXP_HALF2 0  // float16: exp2 of two scores per ex2.approx.f16x2 (P packed directly)
+#endif
 #define PAGEDKV_PREFILL_V1_THREADS 128
 #define PAGEDKV_PLAN_THREADS 1024
 #define PAGEDKV_PLAN_MAX_BINS 2048
@@ -133,6 +143,23 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return r;
 }
 
+// Two half-precision exp2 in one instruction (P of a float16 kernel is rounded to half precision anyway).
+__device__ __forceinline__ unsigned ex2_f16x2(unsigned x) {
+  unsigned r;
+  asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
+
+__device__ __forceinline__ unsigned add_f16x2(unsigned a, unsigned b) {
+  unsigned r;
+  asm("add.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+__device__ __forceinline__ float sum_f16x2(unsigned x) {  // lo + hi in float32
+  return KV<1>::to_float((unsigned short)(x & 0xffffu)) + KV<1>::to_float((unsigned short)(x >> 16));
+}
+
 // Compile-time shape of a version-2 thread block (mirrored by pagedkv/kernels_prefill.py: TileConfig), and the
 // per-warp stages of one K/V tile. Fragment arrays live in registers: every index below is a compile-time
 // constant after unrolling.
@@ -153,6 +180,7 @@ struct V2 {
   static constexpr int NT_S = SUB_N / 8;                      // n8 tiles of S (keys of one softmax step)
   static constexpr int NT_O = HEAD_DIM / 8;                   // n8 tiles of O (head dims)
   static constexpr bool Q_IN_REGS = M_TILES * HEAD_DIM <= 128;  // else Q fragments are re-read per tile
+  static constexpr bool EXP_HALF2 = PAGEDKV_PREFILL_EXP_HALF2 && DT == 1;  // P packed by softmax()
   static constexpr int QF_M = Q_IN_REGS ? M_TILES : 1, QF_K = Q_IN_REGS ? KSTEPS : 1;
   // Q tile, K and V stages, then one 64-bit row offset per key of every stage
   static constexpr int SMEM_BYTES = (BLOCK_M + 2 * STAGES * BLOCK_N) * ROW * 2 + STAGES * BLOCK_N * 8;
@@ -197,17 +225,9 @@ struct V2 {
     }
   }
 
-  // Scale into log2 units; where the tile crosses the diagonal, -inf where key > the row's position.
-  // row0 = the packed row of this lane's first fragment row (g) in the sequence; position = cached + row / group.
-  static __device__ __forceinline__ void scale_mask(Score& s, int n0, bool need_mask, int row0, int num_cached,
-                                                    int group, int t4, float scale_log2) {
-#pragma unroll
-    for (int mt = 0; mt < M_TILES; ++mt)
-#pragma unroll
-      for (int j = 0; j < NT_S; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
-    if (!need_mask) return;
+  // Where the keys cross the diagonal: -inf where key > the row's position. row0 = the packed row of this
+  // lane's first fragment row (g) in the sequence; position = num_cached + row / group.
+  static __device__ __forceinline__ void mask(Score& s, int n0, int row0, int num_cached, int group, int t4) {
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -221,9 +241,13 @@ struct V2 {
       }
   }
 
-  // Online softmax: row max over the quad (the 4 lanes sharing a row), p = exp2(s - m) in place, O and the
-  // lane's partial row sum l rescaled by exp2(m_old - m_new).
-  static __device__ __forceinline__ void softmax(Score& s, Acc& o, RowStat& m_run, RowStat& l_run) {
+  // Online softmax on raw scores: row max over the quad (the 4 lanes sharing a row), p = exp2(s * c - m * c)
+  // in place (c = scale * log2(e) > 0: one FFMA per score, FlashAttention-2's folding), the lane's partial
+  // row sum l and O rescaled by alpha = exp2((m_old - m_new) * c). The rescale of O (M_TILES * HEAD_DIM / 2
+  // multiplies per lane) is skipped when no row of the warp moved its max (alpha == 1 exactly).
+  static __device__ __forceinline__ void softmax(Score& s, Acc& o, RowStat& m_run, RowStat& l_run, float c) {
+    float alpha[M_TILES][2];
+    bool moved = false;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
 #pragma unroll
@@ -236,25 +260,40 @@ struct V2 {
         const float m_new = fmaxf(m_run[mt][h], mx);
         // NOTE: a row whose keys so far are all masked keeps m = -inf; shifting by 0 then avoids -inf - -inf
         // (a real row sees key 0 in tile 0, so this guards padding rows only)
-        const float shift = m_new == PAGEDKV_NEG_INF ? 0.f : m_new;
-        const float alpha = exp2f(m_run[mt][h] - shift);  // 0 on the first tile
+        const float shift = m_new == PAGEDKV_NEG_INF ? 0.f : m_new * c;
+        alpha[mt][h] = m_new == m_run[mt][h] ? 1.f : exp2f(m_run[mt][h] * c - shift);  // 0 on the first tile
+        moved |= alpha[mt][h] != 1.f;
         float sum = 0.f;
+        if constexpr (EXP_HALF2) {  // the packed pair of P replaces s[..][2h] (its bits); s[..][2h+1] is dead
+          unsigned sum2 = 0u;
 #pragma unroll
-        for (int j = 0; j < NT_S; ++j)
-#pragma unroll
-          for (int e = 2 * h; e < 2 * h + 2; ++e) {
-            const float p = exp2f(s[mt][j][e] - shift);
-            s[mt][j][e] = p;
-            sum += p;
+          for (int j = 0; j < NT_S; ++j) {
+            const unsigned p2 = ex2_f16x2(pack2<1>(fmaf(s[mt][j][2 * h], c, -shift), fmaf(s[mt][j][2 * h + 1], c, -shift)));
+            s[mt][j][2 * h] = __uint_as_float(p2);
+            sum2 = add_f16x2(sum2, p2);
           }
-        l_run[mt][h] = l_run[mt][h] * alpha + sum;
-        m_run[mt][h] = m_new;
+          sum = sum_f16x2(sum2);
+        } else {
 #pragma unroll
-        for (int j = 0; j < NT_O; ++j) {
-          o[mt][j][2 * h] *= alpha;
-          o[mt][j][2 * h + 1] *= alpha;
+          for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+            for (int e = 2 * h; e < 2 * h + 2; ++e) {
+              const float p = exp2f(fmaf(s[mt][j][e], c, -shift));
+              s[mt][j][e] = p;
+              sum += p;
+            }
         }
+        l_run[mt][h] = l_run[mt][h] * alpha[mt][h] + sum;
+        m_run[mt][h] = m_new;
       }
+    if (!PAGEDKV_PREFILL_LAZY_RESCALE || __any_sync(0xffffffffu, moved)) {  // warp-uniform
+#pragma unroll
+      for (int mt = 0; mt < M_TILES; ++mt)
+#pragma unroll
+        for (int j = 0; j < NT_O; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mt][j][e] *= alpha[mt][e >> 1];
+    }
   }
 
   // O += P V: the S accumulators of keys 16kk .. 16kk + 15 are exactly the A fragment of that k16 step.
@@ -265,10 +304,17 @@ struct V2 {
       unsigned a[M_TILES][4];
 #pragma unroll
       for (int mt = 0; mt < M_TILES; ++mt) {
-        a[mt][0] = pack2<DT>(p[mt][2 * kk][0], p[mt][2 * kk][1]);          // row g,     keys 2t, 2t+1
-        a[mt][1] = pack2<DT>(p[mt][2 * kk][2], p[mt][2 * kk][3]);          // row g + 8, keys 2t, 2t+1
-        a[mt][2] = pack2<DT>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);  // row g,     keys 2t+8, 2t+9
-        a[mt][3] = pack2<DT>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);  // row g + 8, keys 2t+8, 2t+9
+        if constexpr (EXP_HALF2) {
+          a[mt][0] = __float_as_uint(p[mt][2 * kk][0]);
+          a[mt][1] = __float_as_uint(p[mt][2 * kk][2]);
+          a[mt][2] = __float_as_uint(p[mt][2 * kk + 1][0]);
+          a[mt][3] = __float_as_uint(p[mt][2 * kk + 1][2]);
+        } else {
+          a[mt][0] = pack2<DT>(p[mt][2 * kk][0], p[mt][2 * kk][1]);          // row g,     keys 2t, 2t+1
+          a[mt][1] = pack2<DT>(p[mt][2 * kk][2], p[mt][2 * kk][3]);          // row g + 8, keys 2t, 2t+1
+          a[mt][2] = pack2<DT>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);  // row g,     keys 2t+8, 2t+9
+          a[mt][3] = pack2<DT>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);  // row g + 8, keys 2t+8, 2t+9
+        }
       }
 #pragma unroll
       for (int dp = 0; dp < NT_O / 2; ++dp) {  // dims 16dp .. 16dp + 15: two n8 tiles from one ldmatrix
@@ -374,7 +420,7 @@ prefill_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, const typename
 //   work_list    [capacity, 2] int32 from prefill_plan_kernel: (sequence, query tile), heaviest first;
 //                sequence -1 = no work
 //   group        num_qo_heads / num_kv_heads
-//   scale_log2   softmax scale * log2(e): scores are kept in log2 units so exp2 does the softmax
+//   scale_log2   softmax scale * log2(e) > 0: exp2(s * scale_log2 - m * scale_log2) does the softmax
 // grid: capacity * num_kv_heads (blockIdx.x = item * num_kv_heads + kv_head, so the heaviest items of every
 // KV head start first), block: NUM_WARPS * 32, dynamic shared memory: V2::SMEM_BYTES
 //   = [BLOCK_M][ROW] Q (reused to stage O) + [STAGES][BLOCK_N][ROW] K + [STAGES][BLOCK_N][ROW] V
@@ -509,7 +555,7 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
   }
 
   typename S::Acc o_acc;
-  typename S::RowStat m_run, l_run;  // running max (log2 units) and this lane's partial row sum
+  typename S::RowStat m_run, l_run;  // running max (raw scores) and this lane's partial row sum
 #pragma unroll
   for (int mt = 0; mt < M_TILES; ++mt) {
 #pragma unroll
@@ -533,12 +579,11 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
       const int n0 = n * BLOCK_N + sub * S::SUB_N;
       if (n0 < warp_kv_end) {  // causal skip: a warp whose rows all lie before these keys skips the math
         const unsigned off = ((n % STAGES) * BLOCK_N + sub * S::SUB_N) * ROW * 2;
-        const bool need_mask = n0 + S::SUB_N - 1 > warp_first_pos;
         typename S::Score s;
-        S::qk(s, q_frag, q_lane, s_k + off + k_lane);                                   // S = Q K^T
-        S::scale_mask(s, n0, need_mask, wm0 + g, num_cached, group, t4, scale_log2);   // mask
-        S::softmax(s, o_acc, m_run, l_run);                                             // online softmax
-        S::pv(o_acc, s, s_v + off + v_lane);                                            // O += P V
+        S::qk(s, q_frag, q_lane, s_k + off + k_lane);                             // S = Q K^T
+        if (n0 + S::SUB_N - 1 > warp_first_pos) S::mask(s, n0, wm0 + g, num_cached, group, t4);  // diagonal
+        S::softmax(s, o_acc, m_run, l_run, scale_log2);                           // online softmax
+        S::pv(o_acc, s, s_v + off + v_lane);                                      // O += P V
       }
     }
     if (more) store_offset(n + STAGES);  // read after the next iteration's barrier

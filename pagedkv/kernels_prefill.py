@@ -72,8 +72,11 @@ DEFAULT_CONFIGS: dict[int, TileConfig] = {
     96: TileConfig(4, 1, 64, 2), 112: TileConfig(4, 2, 64, 2), 128: TileConfig(4, 2, 64, 2),
     160: TileConfig(4, 1, 64, 2), 192: TileConfig(4, 1, 32, 2), 256: TileConfig(4, 1, 32, 2),
 }
-# alternatives timed by experiments/prefill_bench.py beside the default (head_dim 64 and 128)
-BENCH_CONFIGS: tuple[TileConfig, ...] = (TileConfig(4, 2, 64, 3), TileConfig(8, 1, 64, 2), TileConfig(4, 1, 64, 2))
+# alternatives timed by experiments/prefill_bench.py beside the default (head_dim 64 and 128): a tile shape,
+# and the default tile compiled with -D overrides: (label, config or None for the default, defines)
+BENCH_CONFIGS: tuple[TileConfig, ...] = (TileConfig(8, 1, 64, 2),)
+BENCH_DEFINES: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = (
+    ("eager_rescale", (("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)), ("exp_half2", (("PAGEDKV_PREFILL_EXP_HALF2", 1),)))
 
 
 def capacity(num_tokens: int, num_seqs: int, group: int, block_m: int) -> int:
@@ -95,9 +98,9 @@ def launched_names(dt: int, head_dim: int) -> tuple[str, ...]:
     return names
 
 
-def _v2_kernel(dt: int, head_dim: int, config: TileConfig):
+def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = ()):
     name = config.kernel_name(dt, head_dim)
-    kernel = _function(FILENAME, name, (name,))
+    kernel = _function(FILENAME, name, (name,), tuple(defines))
     smem = config.smem_bytes(head_dim)
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
@@ -144,11 +147,13 @@ def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, b
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None, out=None,
-                      check=True, version=None, kv_dtype=None, config: TileConfig | None = None):
+                      check=True, version=None, kv_dtype=None, config: TileConfig | None = None,
+                      defines: tuple = ()):
     """Launch causal prefill attention (see :func:`pagedkv.ops.prefill_attention` for shapes).
 
     ``version``: 1 (CUDA cores) or 2 (tensor cores, float16/bfloat16 only); default 2 for 16-bit dtypes,
-    1 for float32. ``config`` picks a version-2 tile shape (default :data:`DEFAULT_CONFIGS`; benchmarks).
+    1 for float32. ``config`` picks a version-2 tile shape (default :data:`DEFAULT_CONFIGS`) and ``defines``
+    its ``-D`` compile-time options, e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
     """
@@ -179,11 +184,13 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         raise ValueError(f"out must be C-contiguous, 16-byte aligned {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
     tables, starts, lens = (_int32_contiguous(a) for a in (block_tables, query_start_loc, context_lens))
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
     else:
         launch = _prepare_v2(out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
-                             config or DEFAULT_CONFIGS[head_dim])
+                             config or DEFAULT_CONFIGS[head_dim], defines)
     # NOTE: the range check makes the host wait for the GPU: every host-side step is done before it
     if check:
         check_ranges(tables, starts, lens, num_blocks, block_size, q.shape[0])
@@ -217,7 +224,8 @@ def v2_launch_plan(q_shape, cache_shape, num_seqs: int, max_blocks: int, config:
             "smem": config.smem_bytes(head_dim), "max_work": max(1, -(-max_blocks * block_size // config.block_n))}
 
 
-def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt, config):
+def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt, config,
+                defines=()):
     """Version 2's launch (plan kernel, then the attention grid) as a closure; scratch allocated now."""
     import cupy
 
@@ -227,7 +235,7 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context
     plan = v2_launch_plan(q.shape, k_cache.shape, num_seqs, max_blocks, config)
     if plan["capacity"] == 0 or num_tokens == 0:
         return lambda: None
-    kernel, plan_kernel = _v2_kernel(dt, head_dim, config), _plain_kernel("prefill_plan_kernel")
+    kernel, plan_kernel = _v2_kernel(dt, head_dim, config, defines), _plain_kernel("prefill_plan_kernel")
     work_list = cupy.empty(2 * plan["capacity"], dtype=cupy.int32)
     plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(plan["group"]),
                  cupy.int32(config.block_m), cupy.int32(config.block_n), cupy.int32(plan["max_work"]),

@@ -156,8 +156,9 @@ def check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, conte
     if block_tables.shape[0] != num_seqs or query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError(f"batch mismatch: context_lens {num_seqs} sequences, block_tables {block_tables.shape[0]}, "
                          f"query_start_loc {query_start_loc.shape[0]} entries (must be num_seqs + 1)")
-    if scale is not None and not (isinstance(scale, (int, float, np.floating, np.integer)) and np.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float, np.floating, np.integer)) and np.isfinite(scale)
+                                  and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     if out is not None and (getattr(out, "shape", None) != q.shape or getattr(out, "dtype", None) != q.dtype):
         raise ValueError(f"out must be {q.shape} {q.dtype}, got {getattr(out, 'shape', type(out).__name__)} "
                          f"{getattr(out, 'dtype', '')}")
@@ -213,7 +214,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
             ``qsl[i] .. qsl[i+1]-1`` (``n_i`` new tokens; 0 = a padding sequence, skipped). Rows no sequence
             owns (e.g. after ``qsl[-1]``) are never written.
         context_lens: [num_seqs] int32 in ``[n_i, max_blocks * block_size]``: tokens in the cache, new ones included.
-        scale: softmax scale, default ``head_dim ** -0.5``.
+        scale: softmax scale > 0, default ``head_dim ** -0.5``.
         out: optional [num_tokens, num_qo_heads, head_dim], q's dtype; only owned rows are written.
         check: validate index ranges (on the GPU: one small kernel and a sync). Off only for trusted metadata.
     Returns:

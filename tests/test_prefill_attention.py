@@ -13,7 +13,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -74,6 +76,8 @@ def assert_close(got, ref, rows, dtype, what=""):
     """Owned rows: finite, norm-wise relative error <= RTOL, worst (row, head) <= ROW_RTOL; on failure the
     message says where the error sits (rows, heads, 8-wide head-dim chunks): a layout bug shows a pattern."""
     g, r = got[rows], ref[rows]
+    if not rows.any():
+        return  # a batch of padding only: nothing to compare (the caller checked the poison bits)
     assert np.isfinite(g).all(), f"{what}: unwritten or NaN-contaminated rows {np.flatnonzero(~np.isfinite(g).all(axis=(1, 2)))[:10]}"
     err = np.linalg.norm(g - r) / np.linalg.norm(r)
     per = np.linalg.norm(g - r, axis=2) / np.maximum(np.linalg.norm(r, axis=2), 1e-30)  # [rows, heads]
@@ -178,7 +182,7 @@ def test_op_validation(what, change, pattern):
 
 def test_op_validation_of_scale_and_out():
     args = _valid_args()
-    for scale in (float("nan"), float("inf"), "0.1"):
+    for scale in (float("nan"), float("inf"), "0.1", 0.0, -0.125):
         with pytest.raises(ValueError, match="scale"):
             ops.prefill_attention(*args, scale=scale)
     with pytest.raises(ValueError, match="out must be"):
@@ -213,6 +217,34 @@ def test_default_configs_cover_every_head_dim():
     for hd, cfg in kernels_prefill.DEFAULT_CONFIGS.items():
         assert cfg.block_n <= cfg.threads and cfg.smem_bytes(hd) <= 227 * 1024
 
+
+
+# ---- CPU: the benchmark's command line -----------------------------------------------------------------
+
+def _bench(*args):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-m", "experiments.prefill_bench", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_prefill_bench_help_and_flag_errors():
+    assert _bench("--help").returncode == 0
+    for args, message in ((["--runs", "1"], "error: --runs must be in [3, 1000], got 1"),
+                          (["--cases", "4k"], "error: argument --cases: invalid choice: '4k'"),
+                          (["--ttft-runs", "0"], "error: --ttft-runs must be in [1, 50], got 0")):
+        proc = _bench(*args)
+        assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr
+
+
+def test_prefill_bench_without_a_gpu_is_one_line_error():
+    from pagedkv.backend import gpu_status
+
+    if gpu_status()[0]:
+        pytest.skip("a GPU is usable here: prefill_bench would run")
+    proc = _bench("--ttft-lens")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: prefill_bench measures a GPU and none is usable")
 
 # ---- CPU: the kernels compile for sm_80 and sm_90 without spills ----------------------------------------
 
