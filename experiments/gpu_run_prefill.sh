@@ -12,7 +12,7 @@
 #   bench     python -m experiments.prefill_bench (JSON into benchmarks/results/), alone on the GPU
 #   full      the whole GPU test file, in 3 processes, while `sanitize` runs beside it
 #   sanitize  compute-sanitizer memcheck, then racecheck, over the reduced grid (PAGEDKV_SANITIZER_GRID=1)
-#   ncu       Nsight Compute on version 2 (8k tokens, head_dim 128; 32k, head_dim 64)
+#   ncu       Nsight Compute on version 2 (8k tokens, head_dim 128; 32k, head_dim 64) and version 3 (8k, 128)
 # Logs go to $OUT/logs/<stage>.log; at the end they and the JSON are packed into $OUT/prefill_results.tgz.
 # Exit status: 1 if any stage failed, ran out of time or was skipped for lack of time.
 set -uo pipefail
@@ -100,18 +100,19 @@ for stage in "${stages[@]}"; do
     sanitize)
         [[ " ${stages[*]} " == *" full "* ]] || sanitize ;;  # else it ran beside `full`
     ncu)
-        for case in "8k 128" "32k 64"; do
-            run "ncu_${case// /_}" "${T_NCU:-60}" ncu --clock-control none --kernel-name regex:prefill_attention_v2 \
+        for case in "8k 128 2" "32k 64 2" "8k 128 3"; do
+            set -- $case
+            run "ncu_${case// /_}" "${T_NCU:-60}" ncu --clock-control none --kernel-name regex:prefill_attention_v[23] \
                 --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
                 --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
                 "$PY" -c "
 import cupy as cp, numpy as np
 from experiments.prefill_bench import build_case, case_lengths
 from pagedkv import kernels_prefill as kp
-new, cached = case_lengths('${case% *}')
-q, k, v, bt, qsl, cl = build_case(cp, np.random.default_rng(0), new, cached, ${case#* })
+new, cached = case_lengths('$1')
+q, k, v, bt, qsl, cl = build_case(cp, np.random.default_rng(0), new, cached, $2)
 bt, qsl, cl = cp.asarray(bt), cp.asarray(qsl), cp.asarray(cl)
-for _ in range(4): kp.prefill_attention(q, k, v, bt, qsl, cl, check=False)
+for _ in range(4): kp.prefill_attention(q, k, v, bt, qsl, cl, check=False, version=$3)
 cp.cuda.runtime.deviceSynchronize()"
         done ;;
     *)

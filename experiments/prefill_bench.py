@@ -154,13 +154,16 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
     del seqs
     out = cp.empty_like(q)
     default = kp.DEFAULT_CONFIGS[head_dim]
-    variants = [(default.label, default, ())]
+    variants = [(default.label, default, (), None)]
     if not args.no_variants:
-        variants += [(c.label, c, ()) for c in kp.BENCH_CONFIGS]
-        variants += [(f"{default.label}_{name}", default, defines) for name, defines in kp.BENCH_DEFINES]
-    for label, cfg, defines in variants:
+        variants += [(c.label, c, (), None) for c in kp.BENCH_CONFIGS]
+        variants += [(f"{default.label}_{name}", default, defines, None) for name, defines in kp.BENCH_DEFINES]
+        if head_dim in kp.V3_HEAD_DIMS and kp.v3_available(cp.cuda.Device().id):
+            variants.append(("v3_wgmma", None, (), 3))
+    for label, cfg, defines, version in variants:
         def run():
-            kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg, defines=defines)
+            kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg, defines=defines,
+                                 version=version)
         try:
             ms = median_ms(cp, run, args.runs)
         except Exception as exc:  # a variant may fail to build or launch; the default must not

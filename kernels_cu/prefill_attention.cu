@@ -11,6 +11,9 @@
 //                                mma.sync.m16n8k16 for Q K^T and P V, ldmatrix (.trans for V), cp.async
 //                                multi-stage K/V tiles gathered row by row through the block table, online
 //                                softmax in registers, tiles above the diagonal skipped, the diagonal masked.
+//   prefill_attention_v3_kernel  Hopper (sm_90a): version 2's walk with warpgroup MMA (wgmma) for head_dim 64
+//                                and 128: Q K^T and P V as wgmma over shared-memory descriptors (P from
+//                                registers), two warpgroups of 64 rows per block. Built by its own NVRTC call.
 //   prefill_plan_kernel          one thread block: lists the (sequence, query tile) work items heaviest first
 //                                (most K/V tiles to walk), so the long causal rows start in the first wave.
 //   prefill_check_kernel         GPU-side range check of query_start_loc / context_lens / block_tables.
@@ -616,6 +619,371 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
       unsigned short* dst =
           out + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + col * 8;
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s_q_ptr + (warp * WARP_M + r) * ROW + col * 8);
+    }
+  }
+}
+
+// ================================================================================================
+// Version 3 (Hopper, sm_90a): version 2's walk with warpgroup MMA. A thread block = 2 warpgroups of 64
+// GQA-packed rows each (BLOCK_M = 128); per K/V tile of 64 keys each warpgroup issues
+//   S = Q K^T    HEAD_DIM / 16 x wgmma.m64n64k16, A = Q and B = K from shared memory (descriptors, K-major)
+//   P V          4 x wgmma.m64n{HEAD_DIM}k16, A = P from registers (packed from S), B = V (descriptor,
+//                MN-major: imm-trans-b = 1)
+// Shared tiles are stored as 8 x 16-byte "core matrices" (128 contiguous bytes: 8 rows of 8 elements), so
+// one layout serves both operand majors without swizzling:
+//   tile row r, 16-byte chunk c  ->  byte ((r / 8) * CPR + c) * 128 + (r % 8) * 16,   CPR = HEAD_DIM / 8
+//   K-major (Q, K):  LBO = 128 (next 8 elements along K), SBO = CPR * 128 (next 8 rows)
+//   MN-major (V):    LBO = CPR * 128 (next 8 keys, the K of P V), SBO = 128 (next 8 head dims)
+// cp.async fills them (thread i writes chunk i: conflict-free), then fence.proxy.async makes the writes
+// visible to the tensor cores' async proxy before the barrier. The accumulators keep the m16n8 C layout per
+// warp (16 rows each), so version 2's per-warp mask and online softmax apply unchanged.
+// ================================================================================================
+namespace prefill {
+
+__device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {  // no swizzle
+  return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
+         ((unsigned long long)((sbo & 0x3FFFF) >> 4) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Pin registers in program order around asynchronous wgmma (the compiler sees the asm as synchronous):
+// writes before a wgmma.fence stay before it, reads after a wait_group stay after it.
+template <int J>
+__device__ __forceinline__ void reg_fence(float (&r)[J][4]) {
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(r[j][e])::"memory");
+}
+template <int J>
+__device__ __forceinline__ void reg_fence(unsigned (&r)[J][4]) {
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[j][e])::"memory");
+}
+
+// ---- wgmma wrappers (sm_90a), generated: explicit operand lists per shape ------------------------------
+
+// D[64 x 64] (+)= A[64 x 16] B[16 x 64]: A and B K-major in shared memory (descriptors), f32 accumulators
+// d[j][e] = this thread's fragment (the m16n8 C layout of its warp's 16 rows, n8 tile j).
+template <int DT>
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[8][4], unsigned long long desc_a,
+                                                   unsigned long long desc_b, int accumulate) {
+  if constexpr (DT == 1) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "%32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "%32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+  }
+}
+
+// D[64 x 64] (+)= A[64 x 16] B[16 x 64]: A in registers (the m16n8k16 A fragment of the warp's 16 rows),
+// B MN-major in shared memory (descriptor, imm-trans-b = 1), f32 accumulators d[j][e] as above.
+template <int DT>
+__device__ __forceinline__ void wgmma_rs_m64n64k16(float (&d)[8][4], const unsigned (&a)[4], unsigned long long desc_b,
+                                                    int accumulate) {
+  if constexpr (DT == 1) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+                 "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  }
+}
+
+// D[64 x 128] (+)= A[64 x 16] B[16 x 128]: A in registers (the m16n8k16 A fragment of the warp's 16 rows),
+// B MN-major in shared memory (descriptor, imm-trans-b = 1), f32 accumulators d[j][e] as above.
+template <int DT>
+__device__ __forceinline__ void wgmma_rs_m64n128k16(float (&d)[16][4], const unsigned (&a)[4],
+                                                    unsigned long long desc_b, int accumulate) {
+  if constexpr (DT == 1) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                   "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+                   "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+                   "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+                 "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                   "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                   "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                   "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                   "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                   "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                   "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                   "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                   "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+                   "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                   "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+                   "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                   "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+  }
+}
+
+}  // namespace prefill
+
+// ================================================================================================
+// prefill_attention_v3_kernel: causal prefill with wgmma (sm_90a), float16 / bfloat16, HEAD_DIM 64 or 128.
+//   out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list, group, scale_log2:
+//   as version 2 (the plan kernel's work list for BLOCK_M = 128)
+// grid: capacity * num_kv_heads, block: 256 (2 warpgroups), dynamic shared memory: V3_SMEM_BYTES(HEAD_DIM)
+//   = [128][HEAD_DIM] Q + [2][64][HEAD_DIM] K + [2][64][HEAD_DIM] V (core-matrix order) + [2][64] int64 offsets
+// ================================================================================================
+#define PAGEDKV_V3_SMEM_BYTES(HEAD_DIM) ((128 + 4 * 64) * (HEAD_DIM) * 2 + 2 * 64 * 8)
+
+template <int DT, int HEAD_DIM>
+__global__ void __launch_bounds__(256, HEAD_DIM <= 64 ? 2 : 1)
+prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+                            const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
+                            const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+                            const int* __restrict__ context_lens, const int* __restrict__ work_list,
+                            int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
+                            float scale_log2) {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma wrappers exist for n = 64 and 128");
+  constexpr int THREADS = 256, BLOCK_M = 128, BLOCK_N = 64, STAGES = 2, CPR = HEAD_DIM / 8;
+  constexpr int KSTEPS = HEAD_DIM / 16, NT_O = HEAD_DIM / 8, TILE_KV = BLOCK_N * HEAD_DIM * 2;
+  typedef prefill::V2<DT, HEAD_DIM, 4, 1, BLOCK_N, STAGES> W;  // per-warp mask / softmax of 16 rows
+  static_assert(W::SUB_N == BLOCK_N, "one softmax step per tile");
+
+  extern __shared__ uint4 smem[];
+  const unsigned s_q = pagedkv::smem_u32(smem);
+  const unsigned s_k = s_q + BLOCK_M * HEAD_DIM * 2;
+  const unsigned s_v = s_k + STAGES * TILE_KV;
+  long long* const s_off = reinterpret_cast<long long*>(reinterpret_cast<char*>(smem) + (s_v - s_q) + STAGES * TILE_KV);
+
+  // work item: (sequence, query tile) of this KV head
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int item = blockIdx.x / num_kv_heads, kv_head = blockIdx.x - item * num_kv_heads;
+  const int seq = work_list[2 * item];
+  if (seq < 0) return;  // past the last work item (uniform over the block)
+  const int tile = work_list[2 * item + 1];
+  const int q_start = query_start_loc[seq];
+  const int n_new = query_start_loc[seq + 1] - q_start;
+  const int num_cached = context_lens[seq] - n_new;
+  const int rows = n_new * group;
+  const int m0 = tile * BLOCK_M, m_end = min(rows, m0 + BLOCK_M);
+  const int kv_end = num_cached + (m_end - 1) / group + 1;
+  const int num_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
+  const int* block_table = block_tables + (long long)seq * max_blocks;
+
+  // this warpgroup's 64 rows (wgmma needs warpgroup-uniform control flow) and this warp's 16 of them
+  const int gm0 = m0 + wg * 64, wm0 = gm0 + (warp & 3) * 16;
+  const int wg_kv_end = gm0 < m_end ? num_cached + (min(m_end, gm0 + 64) - 1) / group + 1 : 0;
+  const int warp_first_pos = num_cached + wm0 / group;
+
+  // load q in core-matrix order: smem chunk i holds row (i / (8 * CPR)) * 8 + i % 8, 16-byte column (i / 8) % CPR
+#pragma unroll
+  for (int i = 0; i < BLOCK_M * CPR / THREADS; ++i) {
+    const int c = tid + i * THREADS;
+    const int r = (c / (8 * CPR)) * 8 + (c & 7), col = (c >> 3) % CPR, pr = m0 + r;
+    const bool valid = pr < rows;
+    const unsigned short* src = q;
+    if (valid) {
+      const int token = pr / group;
+      src = q + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + col * 8;
+    }
+    pagedkv::cp_async16(s_q + c * 16, src, valid);
+  }
+  pagedkv::cp_async_commit();
+
+  // K/V tiles: row offsets through the block table (as version 2), copies in core-matrix order
+  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
+  const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
+  const int in_block_mask = (1 << log2_block_size) - 1;
+  int next_id = -1;
+  auto load_id = [&](int n) {
+    const int key = n * BLOCK_N + tid;
+    next_id = tid < BLOCK_N && key < kv_end ? block_table[key >> log2_block_size] : -1;
+  };
+  auto store_offset = [&](int n) {
+    if (tid < BLOCK_N) {
+      const int key = n * BLOCK_N + tid;
+      s_off[(n % STAGES) * BLOCK_N + tid] =
+          next_id >= 0 ? next_id * block_elems + head_off + (long long)(key & in_block_mask) * HEAD_DIM : -1;
+    }
+  };
+  auto issue = [&](int n) {
+    const int stage = n % STAGES;
+#pragma unroll
+    for (int i = 0; i < BLOCK_N * CPR / THREADS; ++i) {
+      const int c = tid + i * THREADS;
+      const int r = (c / (8 * CPR)) * 8 + (c & 7), col = (c >> 3) % CPR;
+      const long long off = s_off[stage * BLOCK_N + r];
+      const bool valid = off >= 0;
+      const long long src = valid ? off + col * 8 : 0;
+      pagedkv::cp_async16(s_k + stage * TILE_KV + c * 16, k_cache + src, valid);
+      pagedkv::cp_async16(s_v + stage * TILE_KV + c * 16, v_cache + src, valid);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) {
+    load_id(s);
+    store_offset(s);
+  }
+  __syncthreads();
+  if (0 < num_tiles) issue(0);
+  pagedkv::cp_async_commit();
+
+  typename W::Acc o_acc;
+  typename W::RowStat m_run, l_run;
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o_acc[0][j][e] = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) { m_run[0][h] = PAGEDKV_NEG_INF; l_run[0][h] = 0.f; }
+  const unsigned q_wg = s_q + wg * 8 * CPR * 128;  // this warpgroup's 64 rows = 8 row groups
+
+  // walk the K/V tiles
+  for (int n = 0; n < num_tiles; ++n) {
+    pagedkv::cp_async_wait<0>();      // tile n (and q) landed for this thread ...
+    prefill::fence_proxy_async();     // ... visible to the tensor cores' async proxy ...
+    __syncthreads();                  // ... for every thread; the stage read in iteration n - 1 is free
+    if (n + 1 < num_tiles) issue(n + 1);
+    pagedkv::cp_async_commit();
+    const bool more = n + STAGES < num_tiles;
+    if (more) load_id(n + STAGES);
+    const int n0 = n * BLOCK_N;
+    if (n0 < wg_kv_end) {  // causal skip, warpgroup-uniform
+      const unsigned k_tile = s_k + (n % STAGES) * TILE_KV, v_tile = s_v + (n % STAGES) * TILE_KV;
+      typename W::Score s;
+      // S = Q K^T (the first k16 step overwrites S)
+      prefill::reg_fence(s[0]);
+      prefill::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < KSTEPS; ++ks)
+        prefill::wgmma_ss_m64n64k16<DT>(s[0], prefill::smem_desc(q_wg + ks * 256, 128, CPR * 128),
+                                        prefill::smem_desc(k_tile + ks * 256, 128, CPR * 128), ks);
+      prefill::wgmma_commit();
+      prefill::wgmma_wait_all();
+      prefill::reg_fence(s[0]);
+      if (n0 + BLOCK_N - 1 > warp_first_pos) W::mask(s, n0, wm0 + g, num_cached, group, t4);  // diagonal
+      W::softmax(s, o_acc, m_run, l_run, scale_log2);                                       // online softmax
+      // O += P V: P packed as the A fragment of each 16-key step
+      unsigned pa[BLOCK_N / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        pa[kk][0] = prefill::pack2<DT>(s[0][2 * kk][0], s[0][2 * kk][1]);
+        pa[kk][1] = prefill::pack2<DT>(s[0][2 * kk][2], s[0][2 * kk][3]);
+        pa[kk][2] = prefill::pack2<DT>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+        pa[kk][3] = prefill::pack2<DT>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+      }
+      prefill::reg_fence(pa);
+      prefill::reg_fence(o_acc[0]);
+      prefill::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+        const unsigned long long desc_v = prefill::smem_desc(v_tile + kk * 2 * CPR * 128, CPR * 128, 128);
+        if constexpr (HEAD_DIM == 64) prefill::wgmma_rs_m64n64k16<DT>(o_acc[0], pa[kk], desc_v, 1);
+        else prefill::wgmma_rs_m64n128k16<DT>(o_acc[0], pa[kk], desc_v, 1);
+      }
+      prefill::wgmma_commit();
+      prefill::wgmma_wait_all();  // O and the V stage are free again
+      prefill::reg_fence(o_acc[0]);
+    }
+    if (more) store_offset(n + STAGES);
+  }
+  pagedkv::cp_async_wait<0>();
+
+  // write out O / l straight from the fragments (rows g and g + 8 of this warp; rows past the sequence skipped)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[0][h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = 1.f / l;
+    const int pr = wm0 + h * 8 + g;
+    if (pr < rows) {
+      const int token = pr / group;
+      unsigned short* dst =
+          out + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + 2 * t4;
+#pragma unroll
+      for (int j = 0; j < NT_O; ++j)
+        *reinterpret_cast<unsigned*>(dst + j * 8) = prefill::pack2<DT>(o_acc[0][j][2 * h] * inv, o_acc[0][j][2 * h + 1] * inv);
     }
   }
 }

@@ -20,12 +20,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from .kernels import _U64_MAX, _dt_code, _function, _int32_contiguous, num_sms
+from .kernels import _U64_MAX, KernelCompileError, _dt_code, _function, _int32_contiguous, cu_source, num_sms
 
 FILENAME = "prefill_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 V1_THREADS = 128  # PAGEDKV_PREFILL_V1_THREADS
+V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles
+V3_THREADS, V3_BLOCK_M, V3_BLOCK_N = 256, 128, 64
 PLAN_THREADS = 1024  # PAGEDKV_PLAN_THREADS
 CHECK_THREADS = 256
 
@@ -98,6 +100,11 @@ def launched_names(dt: int, head_dim: int) -> tuple[str, ...]:
     return names
 
 
+def v3_names() -> tuple[str, ...]:
+    """Version 3's instantiations (built for sm_90a only)."""
+    return tuple(f"prefill_attention_v3_kernel<{dt}, {hd}>" for dt in (1, 2) for hd in V3_HEAD_DIMS)
+
+
 def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = ()):
     name = config.kernel_name(dt, head_dim)
     kernel = _function(FILENAME, name, (name,), tuple(defines))
@@ -114,6 +121,49 @@ def _v1_kernel(dt: int, head_dim: int):
 def _plain_kernel(name: str):
     """The extern "C" kernels (plan, check): a module without template instantiations compiles fast."""
     return _function(FILENAME, name)
+
+
+def v3_smem_bytes(head_dim: int) -> int:
+    """Mirror of ``PAGEDKV_V3_SMEM_BYTES``: Q tile, two K and two V stages, row offsets."""
+    return (V3_BLOCK_M + 4 * V3_BLOCK_N) * head_dim * 2 + 2 * V3_BLOCK_N * 8
+
+
+@lru_cache(maxsize=None)
+def v3_available(device_id: int) -> bool:
+    """Version 3 needs compute capability 9.0 (H100 / H200): wgmma is an sm_90a instruction."""
+    import cupy
+
+    return cupy.cuda.Device(device_id).compute_capability == "90"
+
+
+@lru_cache(maxsize=None)
+def _v3_kernel(dt: int, head_dim: int, device_id: int):
+    """Version 3 compiled for sm_90a by NVRTC directly: ``(module, function)``.
+
+    NOTE: CuPy's RawModule appends its own ``-arch=sm_90``, under which ptxas rejects wgmma, so this module is
+    built here (no disk cache: about a second per instantiation, once per process).
+    """
+    import cupy
+    from cupy_backends.cuda.libs import nvrtc
+
+    name = f"prefill_attention_v3_kernel<{dt}, {head_dim}>"
+    prog = nvrtc.createProgram(cu_source(FILENAME), FILENAME, (), ())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a"))
+        except nvrtc.NVRTCError as exc:
+            raise KernelCompileError(f"compiling {FILENAME} {name} for sm_90a failed:\n"
+                                     f"{nvrtc.getProgramLog(prog)}") from exc
+        lowered, cubin = nvrtc.getLoweredName(prog, name), nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    function = module.get_function(lowered)
+    cupy.cuda.driver.funcSetAttribute(function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                      v3_smem_bytes(head_dim))
+    return module, function
 
 
 def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, block_size: int,
@@ -151,8 +201,8 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
                       defines: tuple = ()):
     """Launch causal prefill attention (see :func:`pagedkv.ops.prefill_attention` for shapes).
 
-    ``version``: 1 (CUDA cores) or 2 (tensor cores, float16/bfloat16 only); default 2 for 16-bit dtypes,
-    1 for float32. ``config`` picks a version-2 tile shape (default :data:`DEFAULT_CONFIGS`) and ``defines``
+    ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16) or 3 (wgmma on sm_90, head_dim
+    64/128, float16/bfloat16); default 2 for 16-bit dtypes, 1 for float32. ``config`` picks a version-2 tile shape (default :data:`DEFAULT_CONFIGS`) and ``defines``
     its ``-D`` compile-time options, e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
@@ -164,8 +214,11 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     version = (1 if dt == 0 else 2) if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
-    if version == 2 and dt == 0:
-        raise ValueError("version 2 (tensor cores) needs float16 or bfloat16; float32 runs version 1")
+    if version >= 2 and dt == 0:
+        raise ValueError(f"version {version} (tensor cores) needs float16 or bfloat16; float32 runs version 1")
+    if version == 3 and (head_dim not in V3_HEAD_DIMS or not v3_available(cupy.cuda.Device().id)):
+        raise ValueError(f"version 3 needs head_dim in {V3_HEAD_DIMS} and a compute capability 9.0 GPU, got "
+                         f"head_dim {head_dim} on {cupy.cuda.Device().compute_capability}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1):
@@ -188,6 +241,8 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
+    elif version == 3:
+        launch = _prepare_v3(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
     else:
         launch = _prepare_v2(out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
                              config or DEFAULT_CONFIGS[head_dim], defines)
@@ -257,3 +312,31 @@ def causal_flops(num_new: int, num_cached: int, num_qo_heads: int, head_dim: int
     pairs = num_new * num_cached + num_new * (num_new + 1) // 2
     return 4 * head_dim * num_qo_heads * pairs
 
+
+
+def _prepare_v3(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt):
+    """Version 3's launch (plan kernel, then the wgmma grid) as a closure; scratch allocated now."""
+    import cupy
+
+    num_tokens, num_qo_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_qo_heads // num_kv_heads
+    cap = capacity(num_tokens, num_seqs, group, V3_BLOCK_M)
+    if cap == 0 or num_tokens == 0:
+        return lambda: None
+    _, kernel = _v3_kernel(dt, head_dim, cupy.cuda.Device().id)
+    plan_kernel = _plain_kernel("prefill_plan_kernel")
+    work_list = cupy.empty(2 * cap, dtype=cupy.int32)
+    max_work = max(1, -(-max_blocks * block_size // V3_BLOCK_N))
+    plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(group),
+                 cupy.int32(V3_BLOCK_M), cupy.int32(V3_BLOCK_N), cupy.int32(max_work), cupy.int32(cap))
+    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
+            cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(group),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.float32(scale * math.log2(math.e)))
+    smem = v3_smem_bytes(head_dim)
+
+    def launch():
+        plan_kernel((1,), (PLAN_THREADS,), plan_args)
+        kernel((cap * num_kv_heads,), (V3_THREADS,), args, shared_mem=smem)
+    return launch

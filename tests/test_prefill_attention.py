@@ -265,19 +265,25 @@ def _ptxas_report(log: str) -> dict[str, tuple[int, int, int]]:
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
-@pytest.mark.parametrize("arch", ("sm_80", "sm_90"))
+@pytest.mark.parametrize("arch", ("sm_80", "sm_90", "sm_90a"))
 def test_prefill_kernels_compile_without_spills(tmp_path, arch):
-    """Every instantiation the launcher may launch, compiled as the loader does (common.cuh inlined)."""
-    names = [n for dt in (0, 1, 2) for hd in kernels_prefill.HEAD_DIMS for n in kernels_prefill.launched_names(dt, hd)]
+    """Every instantiation the launcher may launch, compiled as the loader does (common.cuh inlined); version 3
+    (wgmma) for sm_90a, as kernels_prefill builds it."""
+    if arch == "sm_90a":
+        names, flags = list(kernels_prefill.v3_names()), ["-gencode=arch=compute_90a,code=sm_90a"]
+    else:
+        names = [n for dt in (0, 1, 2) for hd in kernels_prefill.HEAD_DIMS for n in kernels_prefill.launched_names(dt, hd)]
+        flags = [f"-arch={arch}"]
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     src = tmp_path / f"prefill.{arch}.cu"
     src.write_text(kernels.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
-    proc = subprocess.run([NVCC, f"-arch={arch}", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
+    proc = subprocess.run([NVCC, *flags, "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = _ptxas_report(proc.stderr)
     assert {"prefill_plan_kernel", "prefill_check_kernel"} <= set(report)
     assert sum("prefill_attention_v" in n for n in report) == len(names)
+    assert "serialized" not in proc.stderr  # ptxas serializing wgmma would cost most of version 3's gain
     spilled = {n: r for n, r in report.items() if r[1] or r[2]}
     assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
 
@@ -335,12 +341,22 @@ def run_gpu(dev, dtype, version=None, **kw):
     return to_host(out, dtype)
 
 
+def _versions(dtype, head_dim):
+    """Every version that runs this case here: 1 always, 2 (the default) for 16-bit, 3 on sm_90 (64 / 128)."""
+    if dtype == F32:
+        return (1,)
+    import cupy
+
+    v3 = head_dim in kernels_prefill.V3_HEAD_DIMS and kernels_prefill.v3_available(cupy.cuda.Device().id)
+    return (None, 1, 3) if v3 else (None, 1)
+
+
 def check_batch(batch, dtype, versions=None, what=""):
     """Every version against the reference; unowned rows keep their poison bits."""
     ref = reference.prefill_attention(*batch)
     rows = ops.owned_rows(batch[4], len(batch[0]))
     dev = [to_dev(a) for a in batch]
-    for version in versions or ((1,) if dtype == F32 else (None, 1)):
+    for version in versions or _versions(dtype, batch[0].shape[2]):
         got = run_gpu(dev, dtype, version)
         bits = got.view(np.uint16 if dtype.itemsize == 2 else np.uint32)
         assert (bits[~rows] == NAN_BITS[dtype.itemsize]).all(), f"{what} v{version}: an unowned row was written"
@@ -394,7 +410,7 @@ def test_block_sizes_and_gqa(dtype, head_dim, block_size, heads):
 def test_sequence_of_16k_tokens(dtype, head_dim, heads):
     rng = np.random.default_rng(16384)
     batch = make_batch(rng, dtype, head_dim, 16, heads, [16384, 7], [0, 1000])
-    check_batch(batch, dtype, versions=(None,), what="16k")
+    check_batch(batch, dtype, versions=tuple(v for v in _versions(dtype, head_dim) if v != 1), what="16k")
 
 
 @pytest.mark.gpu
@@ -409,13 +425,17 @@ def test_padding_rows_and_sequences():
 
 
 @pytest.mark.gpu
-def test_chunked_prefill_equals_one_shot():
+@pytest.mark.parametrize("version", (2, 3))
+def test_chunked_prefill_equals_one_shot(version):
     """A prompt prefilled in two chunks (the second over the first's cached K/V) gives the one-shot rows."""
+    if version not in {v or 2 for v in _versions(F16, 128)}:
+        pytest.skip(f"version {version} does not run here")
     rng = np.random.default_rng(6)
     q, k, v, bt, qsl, cl = make_batch(rng, F16, 128, 16, (32, 8), [203], [0])
-    whole = run_gpu([to_dev(a) for a in (q, k, v, bt, qsl, cl)], F16)
-    first = run_gpu([to_dev(a) for a in (q[:77], k, v, bt, np.array([0, 77], np.int32), np.array([77], np.int32))], F16)
-    second = run_gpu([to_dev(a) for a in (q[77:], k, v, bt, np.array([0, 126], np.int32), cl)], F16)
+    whole = run_gpu([to_dev(a) for a in (q, k, v, bt, qsl, cl)], F16, version)
+    first = run_gpu([to_dev(a) for a in (q[:77], k, v, bt, np.array([0, 77], np.int32), np.array([77], np.int32))],
+                    F16, version)
+    second = run_gpu([to_dev(a) for a in (q[77:], k, v, bt, np.array([0, 126], np.int32), cl)], F16, version)
     np.testing.assert_array_equal(np.concatenate([first, second]).view(np.uint16), whole.view(np.uint16))
 
 
@@ -438,10 +458,13 @@ def test_hypothesis_small_batches(data):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_and_replay_with_new_values():
+@pytest.mark.parametrize("version", (2, 3))
+def test_cuda_graph_capture_and_replay_with_new_values(version):
     """One capture (check=False, shapes fixed), replayed with new lengths, prefixes, tables and data."""
     import cupy
 
+    if version not in {v or 2 for v in _versions(F16, 64)}:
+        pytest.skip(f"version {version} does not run here")
     rng = np.random.default_rng(7)
     num_tokens, num_seqs, max_blocks, bs, heads, hd = 600, 4, 64, 16, (8, 2), 64
     shape = (4 * max_blocks, heads[1], bs, hd)
@@ -465,8 +488,8 @@ def test_cuda_graph_capture_and_replay_with_new_values():
         return tuple(host[n] for n in ("q", "k", "v", "bt")) + (qsl, cl)
 
     def call():
-        ops.prefill_attention(dev["q"], dev["k"], dev["v"], dev["bt"], dev["qsl"], dev["cl"], out=dev["out"],
-                              check=False)
+        kernels_prefill.prefill_attention(dev["q"], dev["k"], dev["v"], dev["bt"], dev["qsl"], dev["cl"],
+                                          out=dev["out"], check=False, version=version)
 
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     fill(*rounds[0])
