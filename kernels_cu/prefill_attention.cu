@@ -19,8 +19,8 @@
 //   prefill_check_kernel         GPU-side range check of query_start_loc / context_lens / block_tables.
 //
 // Version 2 compile-time options (-D, one cached module per set; pagedkv/kernels_prefill.py passes none by
-// default): PAGEDKV_PREFILL_LAZY_RESCALE (1): skip a warp's O rescale when no row moved its max;
-// PAGEDKV_PREFILL_EXP_HALF2 (0): float16 only, exp2 of score pairs by ex2.approx.f16x2 (half the MUFU work).
+// default): PAGEDKV_PREFILL_LAZY_RESCALE (1): skip a warp's O rescale when no row moved its max.
+// Version 3 option: PAGEDKV_V3_STAGES (4).
 //
 // Layouts (one layer):
 //   q                [num_tokens, num_qo_heads, HEAD_DIM]   the new tokens of every sequence, concatenated
@@ -70,9 +70,6 @@
 
 #ifndef PAGEDKV_PREFILL_LAZY_RESCALE
 #define PAGEDKV_PREFILL_LAZY_RESCALE 1  // skip a warp's O rescale when none of its rows changed its max
-#endif
-#ifndef PAGEDKV_PREFILL_EXP_HALF2
-#define PAGEDKV_PREFILL_EXP_HALF2 0  // float16: exp2 of two scores per ex2.approx.f16x2 (P packed directly)
 #endif
 #define PAGEDKV_PREFILL_V1_THREADS 128
 #define PAGEDKV_PLAN_THREADS 1024
@@ -146,23 +143,6 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return r;
 }
 
-// Two half-precision exp2 in one instruction (P of a float16 kernel is rounded to half precision anyway).
-__device__ __forceinline__ unsigned ex2_f16x2(unsigned x) {
-  unsigned r;
-  asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(r) : "r"(x));
-  return r;
-}
-
-__device__ __forceinline__ unsigned add_f16x2(unsigned a, unsigned b) {
-  unsigned r;
-  asm("add.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
-  return r;
-}
-
-__device__ __forceinline__ float sum_f16x2(unsigned x) {  // lo + hi in float32
-  return KV<1>::to_float((unsigned short)(x & 0xffffu)) + KV<1>::to_float((unsigned short)(x >> 16));
-}
-
 // Compile-time shape of a version-2 thread block (mirrored by pagedkv/kernels_prefill.py: TileConfig), and the
 // per-warp stages of one K/V tile. Fragment arrays live in registers: every index below is a compile-time
 // constant after unrolling.
@@ -183,7 +163,6 @@ struct V2 {
   static constexpr int NT_S = SUB_N / 8;                      // n8 tiles of S (keys of one softmax step)
   static constexpr int NT_O = HEAD_DIM / 8;                   // n8 tiles of O (head dims)
   static constexpr bool Q_IN_REGS = M_TILES * HEAD_DIM <= 128;  // else Q fragments are re-read per tile
-  static constexpr bool EXP_HALF2 = PAGEDKV_PREFILL_EXP_HALF2 && DT == 1;  // P packed by softmax()
   static constexpr int QF_M = Q_IN_REGS ? M_TILES : 1, QF_K = Q_IN_REGS ? KSTEPS : 1;
   // Q tile, K and V stages, then one 64-bit row offset per key of every stage
   static constexpr int SMEM_BYTES = (BLOCK_M + 2 * STAGES * BLOCK_N) * ROW * 2 + STAGES * BLOCK_N * 8;
@@ -244,12 +223,13 @@ struct V2 {
       }
   }
 
-  // Online softmax on raw scores: row max over the quad (the 4 lanes sharing a row), p = exp2(s * c - m * c)
-  // in place (c = scale * log2(e) > 0: one FFMA per score, FlashAttention-2's folding), the lane's partial
-  // row sum l and O rescaled by alpha = exp2((m_old - m_new) * c). The rescale of O (M_TILES * HEAD_DIM / 2
-  // multiplies per lane) is skipped when no row of the warp moved its max (alpha == 1 exactly).
-  static __device__ __forceinline__ void softmax(Score& s, Acc& o, RowStat& m_run, RowStat& l_run, float c) {
-    float alpha[M_TILES][2];
+  // Online softmax on raw scores, in two steps so that version 3 can rescale O after its P V wgmma finished:
+  // stats: row max over the quad (the 4 lanes sharing a row), p = exp2(s * c - m * c) in place (c = scale *
+  //   log2(e) > 0: one FFMA per score, FlashAttention-2's folding), the lane's partial row sum l rescaled by
+  //   alpha = exp2((m_old - m_new) * c); returns whether any row of the warp moved its max (alpha != 1).
+  // rescale: O *= alpha, skipped when no row of the warp moved (M_TILES * HEAD_DIM / 2 multiplies per lane).
+  static __device__ __forceinline__ bool softmax_stats(Score& s, RowStat& m_run, RowStat& l_run, float c,
+                                                       RowStat& alpha) {
     bool moved = false;
 #pragma unroll
     for (int mt = 0; mt < M_TILES; ++mt)
@@ -267,28 +247,21 @@ struct V2 {
         alpha[mt][h] = m_new == m_run[mt][h] ? 1.f : exp2f(m_run[mt][h] * c - shift);  // 0 on the first tile
         moved |= alpha[mt][h] != 1.f;
         float sum = 0.f;
-        if constexpr (EXP_HALF2) {  // the packed pair of P replaces s[..][2h] (its bits); s[..][2h+1] is dead
-          unsigned sum2 = 0u;
 #pragma unroll
-          for (int j = 0; j < NT_S; ++j) {
-            const unsigned p2 = ex2_f16x2(pack2<1>(fmaf(s[mt][j][2 * h], c, -shift), fmaf(s[mt][j][2 * h + 1], c, -shift)));
-            s[mt][j][2 * h] = __uint_as_float(p2);
-            sum2 = add_f16x2(sum2, p2);
+        for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const float p = exp2f(fmaf(s[mt][j][e], c, -shift));
+            s[mt][j][e] = p;
+            sum += p;
           }
-          sum = sum_f16x2(sum2);
-        } else {
-#pragma unroll
-          for (int j = 0; j < NT_S; ++j)
-#pragma unroll
-            for (int e = 2 * h; e < 2 * h + 2; ++e) {
-              const float p = exp2f(fmaf(s[mt][j][e], c, -shift));
-              s[mt][j][e] = p;
-              sum += p;
-            }
-        }
         l_run[mt][h] = l_run[mt][h] * alpha[mt][h] + sum;
         m_run[mt][h] = m_new;
       }
+    return moved;
+  }
+
+  static __device__ __forceinline__ void rescale(Acc& o, const RowStat& alpha, bool moved) {
     if (!PAGEDKV_PREFILL_LAZY_RESCALE || __any_sync(0xffffffffu, moved)) {  // warp-uniform
 #pragma unroll
       for (int mt = 0; mt < M_TILES; ++mt)
@@ -299,6 +272,12 @@ struct V2 {
     }
   }
 
+  static __device__ __forceinline__ void softmax(Score& s, Acc& o, RowStat& m_run, RowStat& l_run, float c) {
+    RowStat alpha;
+    const bool moved = softmax_stats(s, m_run, l_run, c, alpha);
+    rescale(o, alpha, moved);
+  }
+
   // O += P V: the S accumulators of keys 16kk .. 16kk + 15 are exactly the A fragment of that k16 step.
   // v_lane: this lane's ldmatrix.trans row address in the V stage.
   static __device__ __forceinline__ void pv(Acc& o, const Score& p, unsigned v_lane) {
@@ -307,17 +286,10 @@ struct V2 {
       unsigned a[M_TILES][4];
 #pragma unroll
       for (int mt = 0; mt < M_TILES; ++mt) {
-        if constexpr (EXP_HALF2) {
-          a[mt][0] = __float_as_uint(p[mt][2 * kk][0]);
-          a[mt][1] = __float_as_uint(p[mt][2 * kk][2]);
-          a[mt][2] = __float_as_uint(p[mt][2 * kk + 1][0]);
-          a[mt][3] = __float_as_uint(p[mt][2 * kk + 1][2]);
-        } else {
-          a[mt][0] = pack2<DT>(p[mt][2 * kk][0], p[mt][2 * kk][1]);          // row g,     keys 2t, 2t+1
-          a[mt][1] = pack2<DT>(p[mt][2 * kk][2], p[mt][2 * kk][3]);          // row g + 8, keys 2t, 2t+1
-          a[mt][2] = pack2<DT>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);  // row g,     keys 2t+8, 2t+9
-          a[mt][3] = pack2<DT>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);  // row g + 8, keys 2t+8, 2t+9
-        }
+        a[mt][0] = pack2<DT>(p[mt][2 * kk][0], p[mt][2 * kk][1]);          // row g,     keys 2t, 2t+1
+        a[mt][1] = pack2<DT>(p[mt][2 * kk][2], p[mt][2 * kk][3]);          // row g + 8, keys 2t, 2t+1
+        a[mt][2] = pack2<DT>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);  // row g,     keys 2t+8, 2t+9
+        a[mt][3] = pack2<DT>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);  // row g + 8, keys 2t+8, 2t+9
       }
 #pragma unroll
       for (int dp = 0; dp < NT_O / 2; ++dp) {  // dims 16dp .. 16dp + 15: two n8 tiles from one ldmatrix
@@ -810,12 +782,15 @@ __device__ __forceinline__ void wgmma_rs_m64n128k16(float (&d)[16][4], const uns
 //   out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list, group, scale_log2:
 //   as version 2 (the plan kernel's work list for BLOCK_M = 128)
 // grid: capacity * num_kv_heads, block: 256 (2 warpgroups), dynamic shared memory: V3_SMEM_BYTES(HEAD_DIM)
-//   = [128][HEAD_DIM] Q + [2][64][HEAD_DIM] K + [2][64][HEAD_DIM] V (core-matrix order) + [2][64] int64 offsets
+//   = [128][HEAD_DIM] Q + [4][64][HEAD_DIM] K + [4][64][HEAD_DIM] V (core-matrix order) + [4][64] int64 offsets
 // ================================================================================================
-#define PAGEDKV_V3_SMEM_BYTES(HEAD_DIM) ((128 + 4 * 64) * (HEAD_DIM) * 2 + 2 * 64 * 8)
+#ifndef PAGEDKV_V3_STAGES
+#define PAGEDKV_V3_STAGES 4  // K/V stages: 2 tiles in flight + the tile whose P V runs + the tile in use
+#endif
+#define PAGEDKV_V3_SMEM_BYTES(HEAD_DIM) ((128 + 2 * PAGEDKV_V3_STAGES * 64) * (HEAD_DIM) * 2 + PAGEDKV_V3_STAGES * 64 * 8)
 
 template <int DT, int HEAD_DIM>
-__global__ void __launch_bounds__(256, HEAD_DIM <= 64 ? 2 : 1)
+__global__ void __launch_bounds__(256, 1)
 prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
                             const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
                             const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
@@ -823,9 +798,9 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
                             int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
                             float scale_log2) {
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma wrappers exist for n = 64 and 128");
-  constexpr int THREADS = 256, BLOCK_M = 128, BLOCK_N = 64, STAGES = 2, CPR = HEAD_DIM / 8;
-  constexpr int KSTEPS = HEAD_DIM / 16, NT_O = HEAD_DIM / 8, TILE_KV = BLOCK_N * HEAD_DIM * 2;
-  typedef prefill::V2<DT, HEAD_DIM, 4, 1, BLOCK_N, STAGES> W;  // per-warp mask / softmax of 16 rows
+  constexpr int THREADS = 256, BLOCK_M = 128, BLOCK_N = 64, STAGES = PAGEDKV_V3_STAGES, AHEAD = 2;
+  constexpr int CPR = HEAD_DIM / 8, KSTEPS = HEAD_DIM / 16, NT_O = HEAD_DIM / 8, TILE_KV = BLOCK_N * HEAD_DIM * 2;
+  typedef prefill::V2<DT, HEAD_DIM, 4, 1, BLOCK_N, 2> W;  // per-warp mask / softmax of 16 rows
   static_assert(W::SUB_N == BLOCK_N, "one softmax step per tile");
 
   extern __shared__ uint4 smem[];
@@ -850,9 +825,8 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
   const int num_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
   const int* block_table = block_tables + (long long)seq * max_blocks;
 
-  // this warpgroup's 64 rows (wgmma needs warpgroup-uniform control flow) and this warp's 16 of them
+  // this warpgroup's 64 rows and this warp's 16 of them
   const int gm0 = m0 + wg * 64, wm0 = gm0 + (warp & 3) * 16;
-  const int wg_kv_end = gm0 < m_end ? num_cached + (min(m_end, gm0 + 64) - 1) / group + 1 : 0;
   const int warp_first_pos = num_cached + wm0 / group;
 
   // load q in core-matrix order: smem chunk i holds row (i / (8 * CPR)) * 8 + i % 8, 16-byte column (i / 8) % CPR
@@ -870,7 +844,8 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
   }
   pagedkv::cp_async_commit();
 
-  // K/V tiles: row offsets through the block table (as version 2), copies in core-matrix order
+  // K/V tiles: row offsets through the block table (as version 2; slot = tile % STAGES, written one iteration
+  // before the copies that read it), copies in core-matrix order, AHEAD tiles in flight
   const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
   const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
   const int in_block_mask = (1 << log2_block_size) - 1;
@@ -900,16 +875,19 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
     }
   };
 #pragma unroll
-  for (int s = 0; s < STAGES; ++s) {
+  for (int s = 0; s <= AHEAD; ++s) {
     load_id(s);
     store_offset(s);
   }
   __syncthreads();
-  if (0 < num_tiles) issue(0);
-  pagedkv::cp_async_commit();
+#pragma unroll
+  for (int s = 0; s < AHEAD; ++s) {
+    if (s < num_tiles) issue(s);
+    pagedkv::cp_async_commit();
+  }
 
   typename W::Acc o_acc;
-  typename W::RowStat m_run, l_run;
+  typename W::RowStat m_run, l_run, alpha;  // alpha: the rescale of the current tile's softmax
 #pragma unroll
   for (int j = 0; j < NT_O; ++j)
 #pragma unroll
@@ -917,56 +895,85 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
 #pragma unroll
   for (int h = 0; h < 2; ++h) { m_run[0][h] = PAGEDKV_NEG_INF; l_run[0][h] = 0.f; }
   const unsigned q_wg = s_q + wg * 8 * CPR * 128;  // this warpgroup's 64 rows = 8 row groups
+  unsigned pa[BLOCK_N / 16][4];                    // P of the previous tile, the A operand of its P V
 
-  // walk the K/V tiles
-  for (int n = 0; n < num_tiles; ++n) {
-    pagedkv::cp_async_wait<0>();      // tile n (and q) landed for this thread ...
-    prefill::fence_proxy_async();     // ... visible to the tensor cores' async proxy ...
-    __syncthreads();                  // ... for every thread; the stage read in iteration n - 1 is free
-    if (n + 1 < num_tiles) issue(n + 1);
-    pagedkv::cp_async_commit();
-    const bool more = n + STAGES < num_tiles;
-    if (more) load_id(n + STAGES);
-    const int n0 = n * BLOCK_N;
-    if (n0 < wg_kv_end) {  // causal skip, warpgroup-uniform
-      const unsigned k_tile = s_k + (n % STAGES) * TILE_KV, v_tile = s_v + (n % STAGES) * TILE_KV;
-      typename W::Score s;
-      // S = Q K^T (the first k16 step overwrites S)
-      prefill::reg_fence(s[0]);
-      prefill::wgmma_fence();
+  // O += P V for tile n (asynchronous: committed, not waited)
+  auto issue_pv = [&](int n) {
+    const unsigned v_tile = s_v + (n % STAGES) * TILE_KV;
 #pragma unroll
-      for (int ks = 0; ks < KSTEPS; ++ks)
-        prefill::wgmma_ss_m64n64k16<DT>(s[0], prefill::smem_desc(q_wg + ks * 256, 128, CPR * 128),
-                                        prefill::smem_desc(k_tile + ks * 256, 128, CPR * 128), ks);
-      prefill::wgmma_commit();
-      prefill::wgmma_wait_all();
-      prefill::reg_fence(s[0]);
-      if (n0 + BLOCK_N - 1 > warp_first_pos) W::mask(s, n0, wm0 + g, num_cached, group, t4);  // diagonal
-      W::softmax(s, o_acc, m_run, l_run, scale_log2);                                       // online softmax
-      // O += P V: P packed as the A fragment of each 16-key step
-      unsigned pa[BLOCK_N / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        pa[kk][0] = prefill::pack2<DT>(s[0][2 * kk][0], s[0][2 * kk][1]);
-        pa[kk][1] = prefill::pack2<DT>(s[0][2 * kk][2], s[0][2 * kk][3]);
-        pa[kk][2] = prefill::pack2<DT>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-        pa[kk][3] = prefill::pack2<DT>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      }
-      prefill::reg_fence(pa);
-      prefill::reg_fence(o_acc[0]);
-      prefill::wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-        const unsigned long long desc_v = prefill::smem_desc(v_tile + kk * 2 * CPR * 128, CPR * 128, 128);
-        if constexpr (HEAD_DIM == 64) prefill::wgmma_rs_m64n64k16<DT>(o_acc[0], pa[kk], desc_v, 1);
-        else prefill::wgmma_rs_m64n128k16<DT>(o_acc[0], pa[kk], desc_v, 1);
-      }
-      prefill::wgmma_commit();
-      prefill::wgmma_wait_all();  // O and the V stage are free again
-      prefill::reg_fence(o_acc[0]);
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+      const unsigned long long desc_v = prefill::smem_desc(v_tile + kk * 2 * CPR * 128, CPR * 128, 128);
+      if constexpr (HEAD_DIM == 64) prefill::wgmma_rs_m64n64k16<DT>(o_acc[0], pa[kk], desc_v, 1);
+      else prefill::wgmma_rs_m64n128k16<DT>(o_acc[0], pa[kk], desc_v, 1);
     }
-    if (more) store_offset(n + STAGES);
+    prefill::wgmma_commit();
+  };
+
+  // one tile's stages, each branch-free for the wgmma (ptxas serializes wgmma behind divergent branches)
+  auto next_tile = [&](int n) {  // tile n ready for every warpgroup; the stage of tile n - 2 reloaded
+    pagedkv::cp_async_wait<AHEAD - 1>();  // tile n (and q) landed for this thread ...
+    prefill::fence_proxy_async();         // ... visible to the tensor cores' async proxy ...
+    __syncthreads();                      // ... for every thread; every P V of tile n - 2 has finished
+    if (n + AHEAD < num_tiles) issue(n + AHEAD);
+    pagedkv::cp_async_commit();
+    if (n + AHEAD + 1 < num_tiles) load_id(n + AHEAD + 1);
+  };
+  auto issue_qk = [&](int n, typename W::Score& s) {  // S = Q K^T (the first k16 step overwrites S)
+    const unsigned k_tile = s_k + (n % STAGES) * TILE_KV;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks)
+      prefill::wgmma_ss_m64n64k16<DT>(s[0], prefill::smem_desc(q_wg + ks * 256, 128, CPR * 128),
+                                      prefill::smem_desc(k_tile + ks * 256, 128, CPR * 128), ks);
+    prefill::wgmma_commit();
+  };
+  auto softmax = [&](int n, typename W::Score& s) {  // mask the diagonal, online softmax statistics
+    prefill::reg_fence(s[0]);
+    const int n0 = n * BLOCK_N;
+    if (n0 + BLOCK_N - 1 > warp_first_pos) W::mask(s, n0, wm0 + g, num_cached, group, t4);
+    return W::softmax_stats(s, m_run, l_run, scale_log2, alpha);
+  };
+  auto pack_p = [&](const typename W::Score& s) {  // P as the A fragment of each 16-key step
+#pragma unroll
+    for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+      pa[kk][0] = prefill::pack2<DT>(s[0][2 * kk][0], s[0][2 * kk][1]);
+      pa[kk][1] = prefill::pack2<DT>(s[0][2 * kk][2], s[0][2 * kk][3]);
+      pa[kk][2] = prefill::pack2<DT>(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+      pa[kk][3] = prefill::pack2<DT>(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+    }
+    prefill::reg_fence(pa);
+    prefill::reg_fence(o_acc[0]);  // O's rescale happens before the next wgmma.fence
+  };
+
+  // walk the K/V tiles. Iteration n >= 1 issues S(n) = Q K(n)^T and P(n-1) V(n-1) back to back, waits for S
+  // only, runs the softmax of S(n) while P V occupies the tensor cores, then waits for P V, rescales O and
+  // packs P(n). A stage is reloaded AHEAD tiles later, after the barrier that follows every warpgroup's wait
+  // for the P V that read it (STAGES = AHEAD + 2). Every warpgroup walks all the block's tiles (no causal
+  // skip per warpgroup: it would put the wgmma behind branches).
+  typename W::Score s;
+  next_tile(0);
+  prefill::wgmma_fence();
+  issue_qk(0, s);
+  prefill::wgmma_wait_all();
+  W::rescale(o_acc, alpha, softmax(0, s));
+  pack_p(s);
+  if (AHEAD + 1 < num_tiles) store_offset(AHEAD + 1);
+  for (int n = 1; n < num_tiles; ++n) {
+    next_tile(n);
+    prefill::wgmma_fence();
+    issue_qk(n, s);
+    issue_pv(n - 1);
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S(n) done, P V may run on
+    const bool moved = softmax(n, s);
+    prefill::wgmma_wait_all();  // P(n - 1) V(n - 1) is in O; pa and tile n - 1's V stage are free
+    prefill::reg_fence(o_acc[0]);
+    W::rescale(o_acc, alpha, moved);
+    pack_p(s);
+    if (n + AHEAD + 1 < num_tiles) store_offset(n + AHEAD + 1);  // read after the next iteration's barrier
   }
+  prefill::wgmma_fence();  // the last tile's P V (its V stage is never reloaded)
+  issue_pv(num_tiles - 1);
+  prefill::wgmma_wait_all();
+  prefill::reg_fence(o_acc[0]);
   pagedkv::cp_async_wait<0>();
 
   // write out O / l straight from the fragments (rows g and g + 8 of this warp; rows past the sequence skipped)

@@ -26,8 +26,8 @@ FILENAME = "prefill_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)
 VERSIONS = (1, 2, 3)
 V1_THREADS = 128  # PAGEDKV_PREFILL_V1_THREADS
-V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles
-V3_THREADS, V3_BLOCK_M, V3_BLOCK_N = 256, 128, 64
+V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles, 4 stages
+V3_THREADS, V3_BLOCK_M, V3_BLOCK_N, V3_STAGES = 256, 128, 64, 4
 PLAN_THREADS = 1024  # PAGEDKV_PLAN_THREADS
 CHECK_THREADS = 256
 
@@ -77,8 +77,7 @@ DEFAULT_CONFIGS: dict[int, TileConfig] = {
 # alternatives timed by experiments/prefill_bench.py beside the default (head_dim 64 and 128): a tile shape,
 # and the default tile compiled with -D overrides: (label, config or None for the default, defines)
 BENCH_CONFIGS: tuple[TileConfig, ...] = (TileConfig(8, 1, 64, 2),)
-BENCH_DEFINES: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = (
-    ("eager_rescale", (("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)), ("exp_half2", (("PAGEDKV_PREFILL_EXP_HALF2", 1),)))
+BENCH_DEFINES: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
 
 def capacity(num_tokens: int, num_seqs: int, group: int, block_m: int) -> int:
@@ -124,8 +123,8 @@ def _plain_kernel(name: str):
 
 
 def v3_smem_bytes(head_dim: int) -> int:
-    """Mirror of ``PAGEDKV_V3_SMEM_BYTES``: Q tile, two K and two V stages, row offsets."""
-    return (V3_BLOCK_M + 4 * V3_BLOCK_N) * head_dim * 2 + 2 * V3_BLOCK_N * 8
+    """Mirror of ``PAGEDKV_V3_SMEM_BYTES``: Q tile, the K and V stages, row offsets."""
+    return (V3_BLOCK_M + 2 * V3_STAGES * V3_BLOCK_N) * head_dim * 2 + V3_STAGES * V3_BLOCK_N * 8
 
 
 @lru_cache(maxsize=None)
