@@ -5,7 +5,8 @@ In one run, on one GPU:
   1. Kernel (GQA 32/8 heads, float16, head_dim 64 and 128, block size 16, block tables = a random permutation
      of the pool): one sequence of 2k / 8k / 32k new tokens; a varlen batch of 16 prompts with lengths
      U[64, 4096] (seed 0); 512 new tokens after a 4k cached prefix. Version 2 with its default tile and the
-     alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES``, beside torch SDPA on contiguous [1, heads, tokens, head_dim] tensors
+     alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES`` and version 3 (wgmma, on sm_90), beside torch SDPA
+     on contiguous [1, heads, tokens, head_dim] tensors
      (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
      is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
      ``enable_gqa=True``; the faster is the baseline.
@@ -62,7 +63,8 @@ def parse(argv):
                         help="prompt lengths of the engine TTFT part (none: skip it)")
     parser.add_argument("--ttft-runs", type=int, default=3, help="timed calls per TTFT measurement (1..50)")
     parser.add_argument("--output-json", nargs="?", const="default", default=None, metavar="PATH",
-                        help="write the results as JSON (without PATH: benchmarks/results/prefill_bench_<gpu>_<date>.json)")
+                        help="write the results as JSON (PATH omitted: "
+                             "benchmarks/results/prefill_bench_<gpu>_<date>.json)")
     args = parser.parse_args(argv)
     cli.in_range("--runs", args.runs, 3, 1000)
     cli.in_range("--ttft-runs", args.ttft_runs, 1, 50)
@@ -137,8 +139,8 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
     q, k, v, tables, starts, ctx = build_case(cp, rng, new, cached, head_dim)
     bt, qsl, cl = cp.asarray(tables), cp.asarray(starts), cp.asarray(ctx)
     flops = sum(kp.causal_flops(n, c, NUM_QO_HEADS, head_dim) for n, c in zip(new, cached))
-    row = {"case": name, "head_dim": head_dim, "num_seqs": len(new), "new_tokens": sum(new), "cached_tokens": sum(cached),
-           "flops": flops, "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS[name]}
+    row = {"case": name, "head_dim": head_dim, "num_seqs": len(new), "new_tokens": sum(new),
+           "cached_tokens": sum(cached), "flops": flops, "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS[name]}
     seqs, ref = sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx), None
     for label, expand in (("sdpa_expanded", True), ("sdpa_enable_gqa", False)):
         try:
@@ -159,7 +161,7 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
         variants += [(c.label, c, (), None) for c in kp.BENCH_CONFIGS]
         variants += [(f"{default.label}_{name}", default, defines, None) for name, defines in kp.BENCH_DEFINES]
         if head_dim in kp.V3_HEAD_DIMS and kp.v3_available(cp.cuda.Device().id):
-            variants.append(("v3_wgmma", None, (), 3))
+            variants += [("v3_wgmma", None, (), 3), ("v3_wgmma_line_loads", None, (("PAGEDKV_V3_LINE_LOADS", 1),), 3)]
     for label, cfg, defines, version in variants:
         def run():
             kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg, defines=defines,
@@ -228,7 +230,8 @@ def _hf_model(torch, c):
                   head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
                   tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa")
     if int(transformers.__version__.split(".")[0]) >= 5:
-        config = transformers.LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+        rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+        config = transformers.LlamaConfig(**common, rope_parameters=rope)
     else:
         config = transformers.LlamaConfig(**common, rope_theta=c.rope_theta)
     torch.manual_seed(SEED)
@@ -246,13 +249,13 @@ def print_tables(result: dict) -> None:
                 "sdpa ms", "sdpa TF/s", "ours/sdpa", "target", "err vs sdpa"):
         table.add_column(col, justify="right")
     for r in result["kernel"]:
-        s = r["sdpa"] or {}
-        table.add_row(r["case"], str(r["head_dim"]), f"{r['new_tokens']} / {r['cached_tokens']}", f"{r['flops'] / 1e9:.1f}",
-                      f"{r['ours']['ms']:.3f}", f"{r['ours']['tflops']:.0f}", r["best"]["config"],
-                      f"{r['best']['tflops']:.0f}", f"{s.get('ms', float('nan')):.3f}", f"{s.get('tflops', float('nan')):.0f}",
-                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+        sdpa, nan = r["sdpa"] or {}, float("nan")
+        table.add_row(r["case"], str(r["head_dim"]), f"{r['new_tokens']} / {r['cached_tokens']}",
+                      f"{r['flops'] / 1e9:.1f}", f"{r['ours']['ms']:.3f}", f"{r['ours']['tflops']:.0f}",
+                      r["best"]["config"], f"{r['best']['tflops']:.0f}", f"{sdpa.get('ms', nan):.3f}",
+                      f"{sdpa.get('tflops', nan):.0f}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
                       "-" if r["target_ratio"] is None else f">= {r['target_ratio']}x",
-                      f"{r['ours']['rel_err_vs_sdpa'] or float('nan'):.1e}")
+                      f"{r['ours']['rel_err_vs_sdpa'] or nan:.1e}")
     console.print(table)
     if result.get("ttft"):
         table = Table(title="time to first token: LLMEngine (llama-1b, float16, cuda_graph off) vs transformers (SDPA)")
@@ -293,7 +296,8 @@ def main(argv=None) -> dict:
     if args.output_json:
         path = args.output_json
         if path == "default":
-            path = f"benchmarks/results/prefill_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"
+            gpu_tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+            path = f"benchmarks/results/prefill_bench_{gpu_tag}_{result['date']}.json"
         print(f"wrote {cli.write_json(path, result)}")
     return result
 

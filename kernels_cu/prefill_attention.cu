@@ -20,7 +20,7 @@
 //
 // Version 2 compile-time options (-D, one cached module per set; pagedkv/kernels_prefill.py passes none by
 // default): PAGEDKV_PREFILL_LAZY_RESCALE (1): skip a warp's O rescale when no row moved its max.
-// Version 3 option: PAGEDKV_V3_STAGES (4).
+// Version 3 options: PAGEDKV_V3_STAGES (4); PAGEDKV_V3_LINE_LOADS (0): copies by whole 128-byte rows.
 //
 // Layouts (one layer):
 //   q                [num_tokens, num_qo_heads, HEAD_DIM]   the new tokens of every sequence, concatenated
@@ -71,6 +71,12 @@
 #ifndef PAGEDKV_PREFILL_LAZY_RESCALE
 #define PAGEDKV_PREFILL_LAZY_RESCALE 1  // skip a warp's O rescale when none of its rows changed its max
 #endif
+#ifndef PAGEDKV_V3_LINE_LOADS
+#define PAGEDKV_V3_LINE_LOADS 0  // 1: a warp's copies cover 4 rows x 8 chunks (whole 128-byte lines)
+#endif
+#ifndef PAGEDKV_V3_STAGES
+#define PAGEDKV_V3_STAGES 4  // K/V stages: 2 tiles in flight + the tile whose P V runs + the tile in use
+#endif
 #define PAGEDKV_PREFILL_V1_THREADS 128
 #define PAGEDKV_PLAN_THREADS 1024
 #define PAGEDKV_PLAN_MAX_BINS 2048
@@ -88,6 +94,14 @@ __device__ __forceinline__ int find_sequence(const int* qsl, int num_seqs, int t
   }
   const int i = lo - 1;
   return i >= 0 && i < num_seqs ? i : -1;
+}
+
+// Element offset of packed row pr of a sequence in q / out: token pr / group of the sequence, query head
+// kv_head * group + pr % group.
+template <int HEAD_DIM>
+__device__ __forceinline__ long long packed_row(int q_start, int pr, int group, int num_qo_heads, int kv_head) {
+  const int token = pr / group;
+  return ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM;
 }
 
 // Element offset of key `token` of a sequence, head `kv_head`, in a [num_blocks, num_kv_heads, bs, HEAD_DIM] cache.
@@ -450,12 +464,8 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
     if (S::Q_CHUNKS % THREADS == 0 || c < S::Q_CHUNKS) {
       const int r = c / CPR, col = c - r * CPR, pr = m0 + r;
       const bool valid = pr < rows;
-      const unsigned short* src = q;
-      if (valid) {
-        const int token = pr / group;
-        src = q + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM +
-              col * 8;
-      }
+      const unsigned short* src =
+          valid ? q + prefill::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8 : q;
       pagedkv::cp_async16(s_q + (r * ROW + col * 8) * 2, src, valid);
     }
   }
@@ -587,9 +597,7 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
   for (int i = lane; i < WARP_M * CPR; i += 32) {
     const int r = i / CPR, col = i - r * CPR, pr = wm0 + r;
     if (pr < rows) {
-      const int token = pr / group;
-      unsigned short* dst =
-          out + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + col * 8;
+      unsigned short* dst = out + prefill::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8;
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s_q_ptr + (warp * WARP_M + r) * ROW + col * 8);
     }
   }
@@ -611,6 +619,26 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
 // warp (16 rows each), so version 2's per-warp mask and online softmax apply unchanged.
 // ================================================================================================
 namespace prefill {
+
+// Copy c of a tile (rows x CPR 16-byte chunks) -> (row, chunk). Default: copy c fills shared chunk c of the
+// core-matrix order (conflict-free writes; a warp reads 8 rows x 64 bytes). PAGEDKV_V3_LINE_LOADS: a warp
+// reads 4 rows x 128 bytes (whole lines) and its writes meet 2-way bank conflicts.
+template <int CPR>
+__device__ __forceinline__ void v3_chunk(int c, int& r, int& col) {
+  if constexpr (PAGEDKV_V3_LINE_LOADS) {
+    const int rest = c >> 5;
+    r = (rest / (CPR / 8)) * 4 + (c & 3);
+    col = (rest % (CPR / 8)) * 8 + ((c >> 2) & 7);
+  } else {
+    r = (c / (8 * CPR)) * 8 + (c & 7);
+    col = (c >> 3) % CPR;
+  }
+}
+
+template <int CPR>
+__device__ __forceinline__ unsigned core_offset(int r, int col) {  // byte offset of (row, chunk) in a tile
+  return ((r >> 3) * CPR + col) * 128 + (r & 7) * 16;
+}
 
 __device__ __forceinline__ unsigned long long smem_desc(unsigned addr, unsigned lbo, unsigned sbo) {  // no swizzle
   return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)((lbo & 0x3FFFF) >> 4) << 16) |
@@ -784,10 +812,8 @@ __device__ __forceinline__ void wgmma_rs_m64n128k16(float (&d)[16][4], const uns
 // grid: capacity * num_kv_heads, block: 256 (2 warpgroups), dynamic shared memory: V3_SMEM_BYTES(HEAD_DIM)
 //   = [128][HEAD_DIM] Q + [4][64][HEAD_DIM] K + [4][64][HEAD_DIM] V (core-matrix order) + [4][64] int64 offsets
 // ================================================================================================
-#ifndef PAGEDKV_V3_STAGES
-#define PAGEDKV_V3_STAGES 4  // K/V stages: 2 tiles in flight + the tile whose P V runs + the tile in use
-#endif
-#define PAGEDKV_V3_SMEM_BYTES(HEAD_DIM) ((128 + 2 * PAGEDKV_V3_STAGES * 64) * (HEAD_DIM) * 2 + PAGEDKV_V3_STAGES * 64 * 8)
+#define PAGEDKV_V3_SMEM_BYTES(HEAD_DIM) \
+  ((128 + 2 * PAGEDKV_V3_STAGES * 64) * (HEAD_DIM) * 2 + PAGEDKV_V3_STAGES * 64 * 8)
 
 template <int DT, int HEAD_DIM>
 __global__ void __launch_bounds__(256, 1)
@@ -829,18 +855,16 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
   const int gm0 = m0 + wg * 64, wm0 = gm0 + (warp & 3) * 16;
   const int warp_first_pos = num_cached + wm0 / group;
 
-  // load q in core-matrix order: smem chunk i holds row (i / (8 * CPR)) * 8 + i % 8, 16-byte column (i / 8) % CPR
+  // load q in core-matrix order
 #pragma unroll
   for (int i = 0; i < BLOCK_M * CPR / THREADS; ++i) {
-    const int c = tid + i * THREADS;
-    const int r = (c / (8 * CPR)) * 8 + (c & 7), col = (c >> 3) % CPR, pr = m0 + r;
+    int r, col;
+    prefill::v3_chunk<CPR>(tid + i * THREADS, r, col);
+    const int pr = m0 + r;
     const bool valid = pr < rows;
-    const unsigned short* src = q;
-    if (valid) {
-      const int token = pr / group;
-      src = q + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + col * 8;
-    }
-    pagedkv::cp_async16(s_q + c * 16, src, valid);
+    const unsigned short* src =
+        valid ? q + prefill::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8 : q;
+    pagedkv::cp_async16(s_q + prefill::core_offset<CPR>(r, col), src, valid);
   }
   pagedkv::cp_async_commit();
 
@@ -865,13 +889,14 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
     const int stage = n % STAGES;
 #pragma unroll
     for (int i = 0; i < BLOCK_N * CPR / THREADS; ++i) {
-      const int c = tid + i * THREADS;
-      const int r = (c / (8 * CPR)) * 8 + (c & 7), col = (c >> 3) % CPR;
+      int r, col;
+      prefill::v3_chunk<CPR>(tid + i * THREADS, r, col);
       const long long off = s_off[stage * BLOCK_N + r];
       const bool valid = off >= 0;
       const long long src = valid ? off + col * 8 : 0;
-      pagedkv::cp_async16(s_k + stage * TILE_KV + c * 16, k_cache + src, valid);
-      pagedkv::cp_async16(s_v + stage * TILE_KV + c * 16, v_cache + src, valid);
+      const unsigned dst = stage * TILE_KV + prefill::core_offset<CPR>(r, col);
+      pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
+      pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
     }
   };
 #pragma unroll
@@ -985,12 +1010,11 @@ prefill_attention_v3_kernel(unsigned short* __restrict__ out, const unsigned sho
     const float inv = 1.f / l;
     const int pr = wm0 + h * 8 + g;
     if (pr < rows) {
-      const int token = pr / group;
-      unsigned short* dst =
-          out + ((long long)(q_start + token) * num_qo_heads + kv_head * group + (pr - token * group)) * HEAD_DIM + 2 * t4;
+      unsigned short* dst = out + prefill::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + 2 * t4;
 #pragma unroll
       for (int j = 0; j < NT_O; ++j)
-        *reinterpret_cast<unsigned*>(dst + j * 8) = prefill::pack2<DT>(o_acc[0][j][2 * h] * inv, o_acc[0][j][2 * h + 1] * inv);
+        *reinterpret_cast<unsigned*>(dst + j * 8) =
+            prefill::pack2<DT>(o_acc[0][j][2 * h] * inv, o_acc[0][j][2 * h + 1] * inv);
     }
   }
 }
@@ -1032,8 +1056,10 @@ prefill_plan_kernel(int* __restrict__ work_list, const int* __restrict__ query_s
     const int n = query_start_loc[seq + 1] - query_start_loc[seq];
     if (n <= 0) continue;
     const int rows = n * group, cached = context_lens[seq] - n;
-    for (int t = lane; t * block_m < rows; t += 32)
-      atomicAdd(&s_count[prefill::work_bin(cached, min(rows, (t + 1) * block_m) - 1, group, block_n, max_work, bins)], 1);
+    for (int t = lane; t * block_m < rows; t += 32) {
+      const int last_row = min(rows, (t + 1) * block_m) - 1;
+      atomicAdd(&s_count[prefill::work_bin(cached, last_row, group, block_n, max_work, bins)], 1);
+    }
   }
   __syncthreads();
 
@@ -1066,8 +1092,8 @@ prefill_plan_kernel(int* __restrict__ work_list, const int* __restrict__ query_s
     if (n <= 0) continue;
     const int rows = n * group, cached = context_lens[seq] - n;
     for (int t = lane; t * block_m < rows; t += 32) {
-      const int pos = atomicAdd(
-          &s_count[prefill::work_bin(cached, min(rows, (t + 1) * block_m) - 1, group, block_n, max_work, bins)], 1);
+      const int last_row = min(rows, (t + 1) * block_m) - 1;
+      const int pos = atomicAdd(&s_count[prefill::work_bin(cached, last_row, group, block_n, max_work, bins)], 1);
       if (pos < capacity) {  // NOTE: always true for valid inputs; guards unchecked (check=False) garbage
         work_list[2 * pos] = seq;
         work_list[2 * pos + 1] = t;

@@ -136,7 +136,7 @@ def v3_available(device_id: int) -> bool:
 
 
 @lru_cache(maxsize=None)
-def _v3_kernel(dt: int, head_dim: int, device_id: int):
+def _v3_kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
     """Version 3 compiled for sm_90a by NVRTC directly: ``(module, function)``.
 
     NOTE: CuPy's RawModule appends its own ``-arch=sm_90``, under which ptxas rejects wgmma, so this module is
@@ -150,7 +150,7 @@ def _v3_kernel(dt: int, head_dim: int, device_id: int):
     try:
         nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a"))
+            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a", *(f"-D{k}={v}" for k, v in defines)))
         except nvrtc.NVRTCError as exc:
             raise KernelCompileError(f"compiling {FILENAME} {name} for sm_90a failed:\n"
                                      f"{nvrtc.getProgramLog(prog)}") from exc
@@ -201,8 +201,9 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     """Launch causal prefill attention (see :func:`pagedkv.ops.prefill_attention` for shapes).
 
     ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16) or 3 (wgmma on sm_90, head_dim
-    64/128, float16/bfloat16); default 2 for 16-bit dtypes, 1 for float32. ``config`` picks a version-2 tile shape (default :data:`DEFAULT_CONFIGS`) and ``defines``
-    its ``-D`` compile-time options, e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
+    64/128, float16/bfloat16); default 2 for 16-bit dtypes, 1 for float32. ``config`` picks a version-2 tile
+    shape (default :data:`DEFAULT_CONFIGS`) and ``defines`` the ``-D`` compile-time options of version 2 or 3,
+    e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
     """
@@ -241,7 +242,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
     elif version == 3:
-        launch = _prepare_v3(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
+        launch = _prepare_v3(out, q, k_cache, v_cache, tables, starts, lens, scale, dt, defines)
     else:
         launch = _prepare_v2(out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
                              config or DEFAULT_CONFIGS[head_dim], defines)
@@ -313,7 +314,7 @@ def causal_flops(num_new: int, num_cached: int, num_qo_heads: int, head_dim: int
 
 
 
-def _prepare_v3(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt):
+def _prepare_v3(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt, defines=()):
     """Version 3's launch (plan kernel, then the wgmma grid) as a closure; scratch allocated now."""
     import cupy
 
@@ -324,7 +325,7 @@ def _prepare_v3(out, q, k_cache, v_cache, block_tables, query_start_loc, context
     cap = capacity(num_tokens, num_seqs, group, V3_BLOCK_M)
     if cap == 0 or num_tokens == 0:
         return lambda: None
-    _, kernel = _v3_kernel(dt, head_dim, cupy.cuda.Device().id)
+    _, kernel = _v3_kernel(dt, head_dim, cupy.cuda.Device().id, tuple(defines))
     plan_kernel = _plain_kernel("prefill_plan_kernel")
     work_list = cupy.empty(2 * cap, dtype=cupy.int32)
     max_work = max(1, -(-max_blocks * block_size // V3_BLOCK_N))
