@@ -13,7 +13,9 @@
 //                                softmax in registers, tiles above the diagonal skipped, the diagonal masked.
 //   prefill_attention_v3_kernel  Hopper (sm_90a): version 2's walk with warpgroup MMA (wgmma) for head_dim 64
 //                                and 128: Q K^T and P V as wgmma over shared-memory descriptors (P from
-//                                registers), two warpgroups of 64 rows per block. Built by its own NVRTC call.
+//                                registers), two warpgroups of 64 rows per block, P(n-1) V(n-1) overlapping the
+//                                softmax of tile n. Built by its own NVRTC call; opt-in (version=3): correct,
+//                                but slower than version 2 except on grids under one wave (NOTES_prefill.md).
 //   prefill_plan_kernel          one thread block: lists the (sequence, query tile) work items heaviest first
 //                                (most K/V tiles to walk), so the long causal rows start in the first wave.
 //   prefill_check_kernel         GPU-side range check of query_start_loc / context_lens / block_tables.

@@ -1,7 +1,8 @@
 """Launchers of ``kernels_cu/prefill_attention.cu``: causal prefill attention over the paged KV cache.
 
 Version 1 runs on CUDA cores for every dtype (the float32 path, and a GPU oracle); version 2 runs on tensor
-cores for float16 / bfloat16 (the default for them). Both take arrays already shape/dtype-checked by
+cores (mma.sync) for float16 / bfloat16 (the default for them); version 3 (wgmma, sm_90a, head_dim 64 / 128)
+is opt-in: correct, but slower than version 2 on the benchmark (kernels_cu/NOTES_prefill.md). Both take arrays already shape/dtype-checked by
 :func:`pagedkv.ops.prefill_attention`; here we check what only the launcher knows (head_dim, block size,
 contiguity, alignment), run the GPU-side range check (one small kernel and one 24-byte read, skipped with
 ``check=False``), work out the launch shape and launch.
