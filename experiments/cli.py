@@ -90,7 +90,8 @@ def in_choices(flag: str, value, choices):
 # -- common flags ----------------------------------------------------------------------------------------------
 def add_common(parser: argparse.ArgumentParser, *, dtype: str = "float16", dtypes=DTYPES, plot: bool = True) -> None:
     """The flags experiments share: device, dtype, seed, the JSON output (vLLM's ``--output-json``) and a PNG."""
-    parser.add_argument("--device", default="auto", choices=DEVICES, help="where to run (default auto: a GPU if usable)")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where to run (default auto: a GPU if usable)")
     parser.add_argument("--dtype", default=dtype, choices=dtypes, help=f"K/V and weights dtype (default {dtype})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--output-json", "--json", dest="json", default=None, metavar="PATH",

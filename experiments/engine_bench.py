@@ -57,7 +57,8 @@ def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: i
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=BLOCK_SIZE,
         kv_memory_bytes=budget, num_blocks=None if budget else CPU_NUM_BLOCKS, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_model_len=args.max_len, scheduling=mode, cuda_graph=cuda_graph)
+        max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_model_len=args.max_len,
+        scheduling=mode, cuda_graph=cuda_graph)
     return LLMEngine(config, model_config=get_config(args.model), weights=weights)
 
 
@@ -329,8 +330,8 @@ def resolve(args, backend):
 def check_memory(args, backend, config, longest: int) -> None:
     """Weights + KV pool + activations (for the longest request, ``longest`` tokens) against what is free."""
     kv = KV_BUDGET_BYTES if backend.is_gpu else CPU_NUM_BLOCKS * _block_bytes(config, args.dtype)
-    parts = cli.engine_bytes(config, args.dtype, kv_bytes=kv, max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len),
-                             max_len=longest, max_num_seqs=min(args.num_requests, 128))
+    parts = cli.engine_bytes(config, args.dtype, kv_bytes=kv,
+                             max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_len=longest, max_num_seqs=min(args.num_requests, 128))
     cli.require_memory(backend=backend, parts=parts, **{"device" if backend.is_gpu else "host": sum(parts.values())})
 
 

@@ -25,15 +25,28 @@ print(json.dumps({"package": pagedkv.__file__, "folder": str(folder),
 """
 
 
-def installed_package() -> Path:
-    """The installed pagedkv folder, or a skip when there is none that is not the checkout."""
-    try:
-        dist = metadata.distribution("pagedkv")
-    except metadata.PackageNotFoundError:
+WHERE = """
+import json
+from importlib import metadata
+try:
+    dist = metadata.distribution("pagedkv")
+except metadata.PackageNotFoundError:
+    print("null")
+else:
+    url = json.loads(dist.read_text("direct_url.json") or "{}")
+    print(json.dumps({"editable": url.get("dir_info", {}).get("editable", False),
+                      "package": str(dist.locate_file("pagedkv"))}))
+"""
+
+
+def installed_package(tmp_path) -> Path:
+    """The installed pagedkv folder as an isolated interpreter outside the checkout sees it, or a skip."""
+    found = json.loads(isolated("-c", WHERE, cwd=tmp_path).stdout or "null")
+    if found is None:
         pytest.skip("pagedkv is not installed in this interpreter (tests run from a bare checkout)")
-    if json.loads(dist.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable"):
-        pytest.skip("pagedkv is installed in editable mode: it reads the checkout")
-    return Path(dist.locate_file("pagedkv"))
+    if found["editable"]:
+        pytest.skip("pagedkv is installed in editable mode: it reads a checkout")
+    return Path(found["package"])
 
 
 def isolated(*args, cwd, timeout=120):
@@ -43,7 +56,7 @@ def isolated(*args, cwd, timeout=120):
 def test_installed_distribution_ships_the_cu_files(tmp_path):
     sources = sorted(p.name for p in (REPO / "kernels_cu").iterdir() if p.suffix in (".cu", ".cuh"))
     assert sources, "no kernels_cu/*.cu in the source tree"
-    installed_package()
+    installed_package(tmp_path)
     run = isolated("-c", PROBE, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     found = json.loads(run.stdout)
@@ -56,7 +69,7 @@ def test_installed_distribution_ships_the_cu_files(tmp_path):
 
 
 def test_installed_experiments_run_from_any_folder_and_write_only_where_asked(tmp_path):
-    package = installed_package()
+    package = installed_package(tmp_path)
     modules = sorted(p.stem for p in (REPO / "experiments").glob("*.py") if p.stem not in ("__init__", "cli"))
     shipped = sorted(p.stem for p in (package / "experiments").glob("*.py") if p.stem not in ("__init__", "cli"))
     assert shipped == modules

@@ -179,7 +179,7 @@ def test_valid_files_round_trip_with_metadata_and_empty_tensors(tmp_path):
     assert load_file(tmp_path / "empty.safetensors") == {}
 
 
-# -- fuzz: mutated headers give a correct load or SafetensorsError, nothing else ----------------------------------------
+# -- fuzz: mutated headers give a correct load or SafetensorsError, nothing else ------------------------------------
 BASE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(4, dtype=np.float16),
         "z": np.zeros((2, 0), dtype=np.int64), "i": np.arange(3, dtype=np.int8)}
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
