@@ -1,9 +1,34 @@
-"""Shared command-line plumbing: flag checks that fail with ONE line on stderr and exit code 2.
+"""Shared command-line plumbing of the experiments: one line on stderr and a non-zero exit for every mistake.
 
-Every experiment reports a bad flag the same way, without a traceback::
+Every experiment reports a user mistake the same way, before any work starts, without a traceback::
 
     $ python -m experiments.memory_share --block-size 12
-    error: --block-size must be in [8, 16, 32], got 12
+    error: argument --block-size: invalid choice: 12 (choose from 8, 16, 32)
+    $ python -m experiments.throughput --kv-budget-bytes 1099511627776 --device cpu
+    error: this run needs about 1.0 TiB of host memory (KV pool 1.0 TiB, ...), but about 21.3 GiB is available
+
+What a new experiment uses (``from . import cli``; relative imports, so that it runs both as
+``python -m experiments.NAME`` in a checkout and as ``python -m pagedkv.experiments.NAME`` once installed):
+
+    Parser(prog=..., description=...)   argparse whose parse errors are one ``error:`` line and exit code 2;
+                                        give ``choices=`` so that help and validation cannot drift
+    @guarded main(argv)                 a FlagError raised anywhere in ``main`` becomes one line and exit 2
+    FlagError(msg)                      a user mistake found after parsing (a range, a combination, memory)
+    fail(msg, code=2)                   print ``error: msg`` and exit now
+    in_range(flag, value, lo, hi)       value or FlagError naming the flag and the range
+    add_common(parser, dtype=, plot=)   --device, --dtype, --seed, --output-json (alias --json), [--plot]
+    check_common(args)                  seed range; output paths writable (check_output_path)
+    check_output_path(path, flag)       FlagError unless ``path`` can be written (checked before the run)
+    resolve_backend(device)             the Backend, or a FlagError when --device gpu finds no GPU
+    require_memory(host=, device=, parts=, backend=)
+                                        FlagError when a run would allocate more than is available
+    engine_bytes(model, dtype, ...)     weights + KV pool + activations of an LLMEngine run (for require_memory)
+    available_memory(backend)           (host bytes, device bytes or None) available now
+    write_json(path, payload)           write results (only where the user asked: --output-json)
+    run_info(backend), console(), fmt_bytes(n)
+
+Results are written only where the user says (``--output-json PATH``, ``--plot PATH``); with neither, a run
+prints its table and writes nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +38,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -20,19 +46,31 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 
 class FlagError(ValueError):
-    """A command-line flag outside its allowed range; the message is the whole error line."""
+    """A command-line mistake found after parsing; the message is the whole error line."""
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a parse error (unknown flag, ``abc`` for an int) is one line and exit code 2."""
+    """argparse, but a parse error (unknown flag, ``abc`` for an int, a bad choice) is one line and exit code 2."""
 
     def error(self, message):
         fail(message)
 
 
 def fail(message: str, code: int = 2):
+    """Print ``error: message`` on stderr and exit with ``code`` (no traceback)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def guarded(main):
+    """Run ``main(argv)``; a :class:`FlagError` becomes one ``error:`` line and exit code 2."""
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except FlagError as exc:
+            fail(str(exc))
+    wrapper.__doc__ = main.__doc__
+    return wrapper
 
 
 def in_range(flag: str, value, lo, hi, why: str = ""):
@@ -43,25 +81,61 @@ def in_range(flag: str, value, lo, hi, why: str = ""):
 
 
 def in_choices(flag: str, value, choices):
+    """``value`` if in ``choices``, else :class:`FlagError` (prefer argparse ``choices=`` where the flag is parsed)."""
     if value not in choices:
         raise FlagError(f"{flag} must be in [{', '.join(str(c) for c in choices)}], got {value}")
     return value
 
 
-def add_common(parser: argparse.ArgumentParser, *, dtype: str = "float16") -> None:
-    """The flags every experiment shares: device, dtype, seed, JSON and PNG outputs."""
-    parser.add_argument("--device", default="auto", help="auto | cpu | gpu (default auto)")
-    parser.add_argument("--dtype", default=dtype, help=f"float16 | bfloat16 | float32 (default {dtype})")
+# -- common flags ----------------------------------------------------------------------------------------------
+def add_common(parser: argparse.ArgumentParser, *, dtype: str = "float16", dtypes=DTYPES, plot: bool = True) -> None:
+    """The flags experiments share: device, dtype, seed, the JSON output (vLLM's ``--output-json``) and a PNG."""
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where to run (default auto: a GPU if usable)")
+    parser.add_argument("--dtype", default=dtype, choices=dtypes, help=f"K/V and weights dtype (default {dtype})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="where to write the results (default benchmarks/results/<experiment>_<device>.json)")
-    parser.add_argument("--plot", default=None, metavar="PATH", help="also write a PNG here (needs matplotlib)")
+    parser.add_argument("--output-json", "--json", dest="json", default=None, metavar="PATH",
+                        help="write the results as JSON here (default: nothing is written)")
+    if plot:
+        parser.add_argument("--plot", default=None, metavar="PATH", help="also draw a PNG here (needs matplotlib)")
 
 
-def check_common(args, dtypes=DTYPES) -> None:
-    in_choices("--device", args.device, DEVICES)
-    in_choices("--dtype", args.dtype, dtypes)
+def check_common(args, dtypes=None) -> None:
+    """The seed's range and the writability of ``--output-json`` / ``--plot``, before any work."""
+    if dtypes is not None:
+        in_choices("--dtype", args.dtype, dtypes)
     in_range("--seed", args.seed, 0, 2**32 - 1)
+    check_output_path(args.json, "--output-json")
+    check_output_path(getattr(args, "plot", None), "--plot")
+
+
+def check_output_path(path, flag: str) -> Path | None:
+    """``path`` as a Path when a file can be written there, else :class:`FlagError`; None stays None.
+
+    An existing file must open for appending (nothing is truncated); otherwise a probe file is created and
+    removed in the nearest existing folder (NOTE: a probe, not ``os.access``, which says yes to root on a
+    read-only or virtual file system such as /proc). Missing folders between are made when results are written.
+    """
+    if path is None:
+        return None
+    p = Path(path)
+    if str(path) == "" or p.is_dir():
+        raise FlagError(f"{flag} {str(path)!r} is a folder; give a file path")
+    try:
+        if p.exists():
+            with open(p, "a"):
+                return p
+        parent = p.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise FlagError(f"{flag} {path}: {parent} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise FlagError(f"{flag} {path} is not writable ({exc.strerror or exc})") from None
+    return p
 
 
 def resolve_backend(device: str):
@@ -74,6 +148,73 @@ def resolve_backend(device: str):
         raise FlagError(f"--device gpu needs a usable GPU: {gpu_status()[1]}") from None
 
 
+# -- memory ----------------------------------------------------------------------------------------------------
+def _host_available() -> int | None:
+    """MemAvailable, bounded by the cgroup's limit (a container's), or None where neither can be read."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    return max(0, min(found)) if found else None
+
+
+def available_memory(backend=None) -> tuple[int | None, int | None]:
+    """``(host bytes, device bytes)`` available now; device is None without a GPU backend."""
+    device = None
+    if backend is not None and backend.is_gpu:
+        xp = backend.xp
+        device = int(xp.cuda.Device().mem_info[0]) + int(xp.get_default_memory_pool().free_bytes())
+    return _host_available(), device
+
+
+def require_memory(*, host: int = 0, device: int = 0, parts: dict | None = None, backend=None) -> None:
+    """:class:`FlagError` naming the sizes when ``host`` (or, on a GPU backend, ``device``) bytes exceed what is
+    available. ``parts`` (name -> bytes) explains the estimate in the message."""
+    free_host, free_device = available_memory(backend)
+    detail = f" ({', '.join(f'{k} {fmt_bytes(v)}' for k, v in parts.items())})" if parts else ""
+    for need, free, where in ((host, free_host, "host"), (device, free_device, "GPU")):
+        if free is not None and need > free:
+            raise FlagError(f"this run needs about {fmt_bytes(need)} of {where} memory{detail}, but about "
+                            f"{fmt_bytes(free)} is available; choose smaller sizes")
+
+
+def engine_bytes(model, dtype: str, *, kv_bytes: int, max_num_batched_tokens: int, max_len: int,
+                 max_num_seqs: int) -> dict:
+    """What an LLMEngine run allocates, by part: weights, the KV pool, and one step's activations: float32 work
+    buffers of the largest prefill chunk, the attention scores of its longest sequence (``max_len``: the
+    longest prompt + output of the run), the decode batch's logits. ``model`` is a ``ModelConfig``."""
+    from pagedkv.backend import dtype_of
+
+    item = dtype_of(dtype).itemsize
+    tokens = max_num_batched_tokens
+    widths = 4 * model.hidden_size + model.qkv_size + 3 * model.intermediate_size
+    act = tokens * widths * 4 + model.num_heads * min(tokens, max_len) * max_len * 4
+    act += max_num_seqs * model.vocab_size * 4 * 2
+    return {"weights": model.num_params() * item, "KV pool": int(kv_bytes), "activations": int(act)}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+# -- output ----------------------------------------------------------------------------------------------------
 def device_name(backend) -> str:
     """A human name of the device: the GPU's name, or the host CPU's."""
     if backend.is_gpu:
@@ -110,18 +251,8 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def default_json(experiment: str, backend) -> str:
+    """The path experiments once wrote to by default; kept for callers that name it explicitly."""
     return f"benchmarks/results/{experiment}_{backend.name}.json"
-
-
-def guarded(main):
-    """Run ``main(argv)``; a :class:`FlagError` becomes one ``error:`` line and exit code 2."""
-    def wrapper(argv=None):
-        try:
-            return main(argv)
-        except FlagError as exc:
-            fail(str(exc))
-    wrapper.__doc__ = main.__doc__
-    return wrapper
 
 
 def console():

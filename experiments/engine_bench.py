@@ -12,11 +12,13 @@ The decode step at full batch: 128 sequences with W1's prompts, timed over many 
     GEMMs / attention  the step's matrix products / paged attention alone, CUDA events
     memory floor     (weight bytes + K/V bytes read) / measured device bandwidth (a 1 GiB copy)
 
-    python -m experiments.engine_bench                       # GPU, W1 (about a minute)
-    python -m experiments.engine_bench --device cpu --model tiny --dtype float32 --num-requests 8 --max-len 64
+    python -m experiments.engine_bench                       # GPU: W1, llama-1b (about a minute)
+    python -m experiments.engine_bench                       # CPU: W1 / 8 on the tiny model (seconds)
+    python -m experiments.engine_bench --device cpu --model tiny --dtype float32 --num-prompts 8 --max-model-len 64
 """
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 
@@ -32,6 +34,12 @@ LEN_RANGE = (64, 512)
 BLOCK_SIZE = 16
 KV_BUDGET_BYTES = 8 << 30  # holds all 128 W1 requests at their maximum length: no preemption
 PROFILE_STEPS = 30
+# the CPU defaults: W1's lengths / 8 and a quarter of its requests (the NumPy path runs them in seconds)
+CPU_MAX_LEN = 128
+CPU_NUM_REQUESTS = 32
+CPU_NUM_BLOCKS = 4096
+MAX_BATCHED_TOKENS = 16384
+MIN_LEN = 8  # W1 scaled to max_model_len: prompts and outputs of at least 2 tokens
 
 
 def workload(num_requests: int, vocab: int, max_len: int, seed: int):
@@ -48,8 +56,9 @@ def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: i
     budget = KV_BUDGET_BYTES if args.device != "cpu" else None
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=BLOCK_SIZE,
-        kv_memory_bytes=budget, num_blocks=None if budget else 4096, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=16384, max_model_len=args.max_len, scheduling=mode, cuda_graph=cuda_graph)
+        kv_memory_bytes=budget, num_blocks=None if budget else CPU_NUM_BLOCKS, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_model_len=args.max_len,
+        scheduling=mode, cuda_graph=cuda_graph)
     return LLMEngine(config, model_config=get_config(args.model), weights=weights)
 
 
@@ -61,7 +70,9 @@ def sync(engine):
 def run_w1(engine: LLMEngine, prompts, output_lens) -> dict:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     engine.warmup_graphs()
-    engine.generate(prompts[:4], [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * 4, progress=False)
+    room = engine.config.max_model_len
+    engine.generate(prompts[:4], [SamplingParams(temperature=0, max_tokens=min(8, room - len(p)), ignore_eos=True)
+                                  for p in prompts[:4]], progress=False)
     before = engine.metrics().as_dict()
     sync(engine)
     start = time.perf_counter()
@@ -199,9 +210,9 @@ def profile_prefill(engine: LLMEngine, prompts) -> dict:
 
 def profile_decode(engine: LLMEngine, prompts, steps: int, bandwidth) -> dict:
     """Fill the batch with ``prompts`` (all prefilled), then time ``steps`` pure decode steps."""
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    room = engine.config.max_model_len
     for p in prompts:
-        engine.add_request(p, params)
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=min(steps + 8, room - len(p)), ignore_eos=True))
     while engine.scheduler.waiting or any(not r.started for r in engine.scheduler.running):
         engine.step()
     walls, timings = [], []
@@ -269,47 +280,111 @@ def _print(results: dict) -> None:
                                                           if k not in ("profile", "tokens")))
 
 
-@cli.guarded
-def main(argv=None):
-    """Run W1 (continuous; eager and CUDA-graph decode on a GPU; static with --static) and profile the step."""
-    parser = cli.Parser(description=__doc__.splitlines()[0])
-    cli.add_common(parser, dtype="float16")
-    parser.add_argument("--model", default="llama-1b")
-    parser.add_argument("--num-requests", type=int, default=NUM_REQUESTS)
-    parser.add_argument("--max-len", type=int, default=1024, help="max_model_len (smaller scales W1 down)")
-    parser.add_argument("--graph", default="both", help="off | on | both (GPU only)")
-    parser.add_argument("--static", action="store_true", help="also run static batching (max_num_seqs 64)")
-    args = parser.parse_args(argv)
+def parse_args(argv=None):
+    """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
+    from pagedkv.model.config import PRESETS
+
+    p = cli.Parser(prog="python -m experiments.engine_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
+                   help="random-weight model preset (default: llama-1b on a GPU, tiny on the CPU)")
+    p.add_argument("--num-prompts", "--num-requests", dest="num_requests", metavar="N", type=int, default=None,
+                   help=f"requests (default {NUM_REQUESTS} on a GPU, {CPU_NUM_REQUESTS} on the CPU)")
+    p.add_argument("--max-model-len", "--max-len", dest="max_len", type=int, default=None,
+                   help="max_model_len; below 1024 it scales W1's lengths down (default: 1024 on a GPU, "
+                        f"{CPU_MAX_LEN} on the CPU)")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--graph", default="auto", choices=("auto", "off", "on", "both"),
+                        help="decode with CUDA graphs: off, on, or both runs (default auto: both on a GPU, off on "
+                             "the CPU)")
+    graphs.add_argument("--enforce-eager", dest="graph", action="store_const", const="off",
+                        help="eager launches only (vLLM's flag; the same as --graph off)")
+    p.add_argument("--static", action="store_true", help="also run static batching (max_num_seqs 64)")
+    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES, plot=False)
+    args = p.parse_args(argv)
     cli.check_common(args)
-    cli.in_range("--num-requests", args.num_requests, 1, 4096)
-    cli.in_choices("--graph", args.graph, ("off", "on", "both"))
-    backend = cli.resolve_backend(args.device)
+    if args.num_requests is not None:
+        cli.in_range("--num-prompts", args.num_requests, 1, 4096)
+    if args.max_len is not None:
+        cli.in_range("--max-model-len", args.max_len, MIN_LEN, PRESETS[args.model].max_position_embeddings
+                     if args.model != "auto" else 131072)
+    return args
+
+
+def resolve(args, backend):
+    """Fill the device's defaults (model, dtype, lengths, graph modes), check them and the memory needed."""
+    gpu = backend.is_gpu
     args.device = backend.name
+    args.model = args.model if args.model != "auto" else ("llama-1b" if gpu else "tiny")
+    args.dtype = args.dtype if args.dtype != "auto" else ("float16" if gpu else "float32")
     config = get_config(args.model)
-    prompts, output_lens = workload(args.num_requests, config.vocab_size, args.max_len, args.seed)
+    args.num_requests = args.num_requests or (NUM_REQUESTS if gpu else CPU_NUM_REQUESTS)
+    args.max_len = args.max_len or min(1024 if gpu else CPU_MAX_LEN, config.max_position_embeddings)
+    cli.in_range("--max-model-len", args.max_len, MIN_LEN, config.max_position_embeddings,
+                 f" ({args.model}'s max_position_embeddings)")
+    if args.graph in ("on", "both") and not gpu:
+        raise cli.FlagError(f"--graph {args.graph} needs a GPU (the CPU path has no CUDA graphs)")
+    args.graph = args.graph if args.graph != "auto" else ("both" if gpu else "off")
+    return config
+
+
+def check_memory(args, backend, config, longest: int) -> None:
+    """Weights + KV pool + activations (for the longest request, ``longest`` tokens) against what is free."""
+    kv = KV_BUDGET_BYTES if backend.is_gpu else CPU_NUM_BLOCKS * _block_bytes(config, args.dtype)
+    parts = cli.engine_bytes(config, args.dtype, kv_bytes=kv,
+                             max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_len=longest, max_num_seqs=min(args.num_requests, 128))
+    cli.require_memory(backend=backend, parts=parts, **{"device" if backend.is_gpu else "host": sum(parts.values())})
+
+
+def _block_bytes(config, dtype) -> int:
+    from pagedkv import KVCache
+
+    return KVCache.block_bytes(config.num_layers, BLOCK_SIZE, config.num_kv_heads, config.head_dim, dtype)
+
+
+def _describe(runs: dict, name: str) -> str:
+    return f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in {**runs[name], **runs[name].get("profile", {})}.items()
+                                   if k not in ("profile", "tokens"))
+
+
+def run_plan(args, backend, prompts, output_lens) -> dict:
+    """Every configuration of the run; one that fails records its error (NOTE: it must not lose the others'
+    figures) and makes the exit status 1."""
     bandwidth = bandwidth_gbs(backend.xp) if backend.is_gpu else None
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.graph] if backend.is_gpu else [False]
-    runs, weights = {}, None
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.graph]
     plan = [("continuous" + ("+graph" if g else ""), "continuous", g, 128) for g in modes]
     if args.static:
         plan.append(("static64" + ("+graph" if modes[-1] else ""), "static", modes[-1], 64))
+    runs, weights = {}, None
     for name, mode, graph, max_num_seqs in plan:
-        try:  # NOTE: one failing configuration must not lose the others' figures
+        try:
             engine = make_engine(args, mode, graph, weights, max_num_seqs)
             weights = engine.model.weights
             runs[name] = run_w1(engine, prompts, output_lens)
             if mode == "continuous":
-                steps = min(PROFILE_STEPS, args.max_len // 8)
+                steps = max(1, min(PROFILE_STEPS, args.max_len // 8))
                 runs[name]["profile"] = profile_decode(engine, prompts[:128], steps, bandwidth)
                 if engine.backend.is_gpu:
                     runs[name]["profile"].update(profile_prefill(engine, prompts[:48]))
-        except Exception:
+        except Exception:  # a bug, not a user mistake (those are refused before the run): keep its traceback
             traceback.print_exc()
-            runs.setdefault(name, {"error": traceback.format_exc(limit=3)})
+            runs[name] = {"error": traceback.format_exc(limit=3)}
         engine = None
-        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in {**runs[name], **runs[name].get("profile", {})}.items()
-                                      if k not in ("profile", "tokens")), flush=True)
+        print(_describe(runs, name), flush=True)
+    return runs
+
+
+@cli.guarded
+def main(argv=None) -> int:
+    """Run W1 (continuous; eager and CUDA-graph decode on a GPU; static with --static) and profile the step."""
+    args = parse_args(argv)
+    backend = cli.resolve_backend(args.device)
+    config = resolve(args, backend)
+    prompts, output_lens = workload(args.num_requests, config.vocab_size, args.max_len, args.seed)
+    check_memory(args, backend, config, max(len(p) + n for p, n in zip(prompts, output_lens)))
+    print(f"engine_bench: {args.num_requests} requests, {sum(output_lens):,} output tokens, {args.model} "
+          f"{args.dtype} on {backend.name}, max_model_len {args.max_len}", flush=True)
+    runs = run_plan(args, backend, prompts, output_lens)
     names = [n for n in runs if "tokens" in runs[n]]
     for name in names[1:]:
         same = [a == b for a, b in zip(runs[names[0]]["tokens"], runs[name]["tokens"])]
@@ -317,11 +392,13 @@ def main(argv=None):
     for r in runs.values():
         r.pop("tokens", None)
     results = {"info": cli.run_info(backend), "workload": {"num_requests": args.num_requests, "seed": args.seed,
-               "model": args.model, "dtype": args.dtype, "useful_tokens": sum(output_lens)}, "runs": runs}
+               "model": args.model, "dtype": args.dtype, "max_model_len": args.max_len,
+               "useful_tokens": sum(output_lens)}, "runs": runs}
     _print(results)
-    path = cli.write_json(args.json or cli.default_json("engine_bench", backend), results)
-    print(f"wrote {path}")
+    if args.json:
+        print(f"wrote {cli.write_json(args.json, results)}")
+    return 1 if any("error" in r for r in runs.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,6 +5,8 @@ Two scenarios, each run in two modes on two pools, in lockstep:
     shared-prompt      N requests = one long system prompt (a RAG document) + a short distinct suffix,
                        each then generates G tokens
     parallel-sampling  n branches of one prompt, each generates G tokens
+    beam-search        one beam search per width (--beam-widths 2 4 8) through a tiny random Llama: beams
+                       sharing blocks (fork) vs each beam holding its own copy (``experiments.memory_beam``)
 
     naive   every request writes its own copy of the prompt's K/V       (add_sequence(P, k=, v=) × N)
               pool: [ doc ][ doc ][ doc ] ... [ doc ]   + suffix and generated tokens of each
@@ -19,7 +21,7 @@ every decode attention output (every request, layer and step) must be bit-identi
 runs through a tiny random Llama (``pagedkv.model``): its greedy tokens and logits must be bit-identical too.
 The run compares everything and exits 1 if anything differs.
 
-    python -m experiments.memory_share                       # CPU, ~25 s on 2 cores
+    python -m experiments.memory_share                       # small sizes on the CPU: seconds
     python -m experiments.memory_share --device gpu --num-requests 256 --prompt-len 4000 --gen-len 128
 """
 from __future__ import annotations
@@ -31,9 +33,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from pagedkv import KVCache, PagedAttentionManager
-from pagedkv.backend import to_numpy
+from pagedkv.backend import dtype_of, to_numpy
 
-from . import cli
+from . import cli, memory_beam
 
 BLOCK_SIZES = (8, 16, 32)
 ALLOC_SHAPES = ("auto", "small", "llama-1b")
@@ -314,20 +316,33 @@ def _decode(model, m, seq_ids, tokens):
 
 
 # -- command line ------------------------------------------------------------------------------------------
+# NOTE: sizes default per device: the CPU path computes every decode attention with the float64 reference,
+# so its defaults are smaller (a bare run takes seconds there); on a GPU they are the GPU_DEFAULTS.
+SIZE_FLAGS = ("num_requests", "num_branches", "prompt_len", "gen_len")
+GPU_DEFAULTS = {"num_requests": 32, "num_branches": 8, "prompt_len": 1950, "gen_len": 16}
+CPU_DEFAULTS = {"num_requests": 8, "num_branches": 4, "prompt_len": 490, "gen_len": 8}
+
+
 def parse_args(argv=None):
+    """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
     p = cli.Parser(prog="python -m experiments.memory_share",
                    description="KV memory of naive copies vs a shared, forked prompt, measured from the pool.")
-    p.add_argument("--num-requests", type=int, default=32, help="requests sharing the prompt (default 32)")
-    p.add_argument("--num-branches", type=int, default=8, help="n of the parallel-sampling scenario (default 8)")
-    p.add_argument("--prompt-len", type=int, default=1950, help="shared prompt tokens (default 1950)")
+    size = lambda k: f"(default {GPU_DEFAULTS[k]} on a GPU, {CPU_DEFAULTS[k]} on the CPU)"  # noqa: E731
+    p.add_argument("--num-requests", type=int, default=None,
+                   help=f"requests sharing the prompt {size('num_requests')}; not vLLM's --num-prompts: every "
+                        "request here has the same prompt")
+    p.add_argument("--num-branches", type=int, default=None,
+                   help=f"n of the parallel-sampling scenario {size('num_branches')}")
+    p.add_argument("--prompt-len", type=int, default=None, help=f"shared prompt tokens {size('prompt_len')}")
     p.add_argument("--suffix-len", type=int, default=24, help="distinct tokens per request (default 24)")
-    p.add_argument("--gen-len", type=int, default=16, help="generated tokens per request (default 16)")
-    p.add_argument("--block-size", type=int, default=16, help="8 | 16 | 32 (default 16)")
+    p.add_argument("--gen-len", type=int, default=None, help=f"generated tokens per request {size('gen_len')}")
+    p.add_argument("--block-size", type=int, default=16, choices=BLOCK_SIZES, help="tokens per block (default 16)")
     p.add_argument("--num-blocks", type=int, default=0, help="blocks per pool; 0 = what each mode needs (default)")
-    p.add_argument("--alloc-shape", default="auto",
+    p.add_argument("--alloc-shape", default="auto", choices=ALLOC_SHAPES,
                    help="K/V shape allocated: auto (llama-1b on GPU, small on CPU) | small | llama-1b")
     p.add_argument("--skip-model-check", action="store_true",
                    help="skip the generated-token check with a tiny random Llama (pagedkv.model)")
+    memory_beam.add_flags(p)
     cli.add_common(p)
     args = p.parse_args(argv)
     check_args(args)
@@ -340,20 +355,52 @@ def parse_args(argv=None):
 
 def check_args(args) -> None:
     cli.check_common(args)
-    cli.in_range("--num-requests", args.num_requests, 1, 4096)
-    cli.in_range("--num-branches", args.num_branches, 1, 1024)
-    cli.in_range("--prompt-len", args.prompt_len, 1, 131072)
-    cli.in_range("--suffix-len", args.suffix_len, 0, 4096)
-    cli.in_range("--gen-len", args.gen_len, 1, 4096)
-    cli.in_choices("--block-size", args.block_size, BLOCK_SIZES)
-    cli.in_choices("--alloc-shape", args.alloc_shape, ALLOC_SHAPES)
+    for flag, lo, hi in (("--num-requests", 1, 4096), ("--num-branches", 1, 1024), ("--prompt-len", 1, 131072),
+                         ("--suffix-len", 0, 4096), ("--gen-len", 1, 4096)):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            cli.in_range(flag, value, lo, hi)
     cli.in_range("--num-blocks", args.num_blocks, 0, 10**7)
+    memory_beam.check_flags(args, cli.in_range)
+
+
+def resolve(args, backend) -> KVShape:
+    """Fill the device's default sizes, check the pool flags against them and the memory the run needs;
+    returns the K/V shape to allocate."""
+    args.device = backend.name
+    for key in SIZE_FLAGS:
+        if getattr(args, key) is None:
+            setattr(args, key, (GPU_DEFAULTS if backend.is_gpu else CPU_DEFAULTS)[key])
     if args.num_blocks:
         pool_tokens = args.num_blocks * args.block_size
         cli.in_range("--prompt-len", args.prompt_len, 1, pool_tokens,
                      f" (the pool holds {args.num_blocks} blocks x {args.block_size} tokens)")
         need = max(sc.blocks_needed("naive", args.block_size) for sc in scenarios(args))
         cli.in_range("--num-blocks", args.num_blocks, need, 10**7, " (what the naive mode needs; 0 = auto)")
+    shape = {"small": SMALL, "llama-1b": LLAMA_1B}.get(args.alloc_shape, LLAMA_1B if backend.is_gpu else SMALL)
+    cli.require_memory(backend=backend, **memory_needed(args, shape, backend))
+    return shape
+
+
+def memory_needed(args, shape: KVShape, backend) -> dict:
+    """Bytes the run allocates at once (the larger scenario): both pools, the K/V drawn for them, and the
+    model check's pools; on a GPU all of it is device memory."""
+    item = dtype_of(args.dtype).itemsize
+    per_block = shape.bytes_per_block(args.block_size, args.dtype)
+    pools = draws = check = 0
+    tiny = KVShape("tiny", 2, 2, 64, 4)
+    for sc in scenarios(args):
+        blocks = sum(args.num_blocks or sc.blocks_needed(m, args.block_size) for m in ("naive", "shared"))
+        pools = max(pools, blocks * per_block)
+        elems = shape.num_layers * shape.num_kv_heads * shape.head_dim * (sc.prompt_len + sc.num_requests *
+                                                                          max(sc.suffix_len, 1))
+        draws = max(draws, 2 * elems * (item + 4))  # K and V, drawn in float32 then cast
+        if not args.skip_model_check:
+            blocks = sum(sc.blocks_needed(m, args.block_size) for m in ("naive", "shared"))
+            check = max(check, blocks * tiny.bytes_per_block(args.block_size, "float32"))
+    parts = {"KV pools": pools, "K/V drawn": draws, "model check (after them)": check}
+    total = max(pools + draws, check)
+    return {"device": total, "host": 0, "parts": parts} if backend.is_gpu else {"host": total, "parts": parts}
 
 
 def scenarios(args) -> list[Scenario]:
@@ -427,8 +474,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     backend = cli.resolve_backend(args.device)
-    args.device = backend.name
-    shape = {"small": SMALL, "llama-1b": LLAMA_1B}.get(args.alloc_shape, LLAMA_1B if backend.is_gpu else SMALL)
+    shape = resolve(args, backend)
     start = time.perf_counter()
     with Progress(console=Console(stderr=True), transient=True) as progress:
         results = [run_scenario(sc, shape, args, backend, progress) for sc in scenarios(args)]
@@ -438,9 +484,13 @@ def main(argv=None) -> int:
         if r["model_check"]["ran"]:  # the same token counts must take the same blocks, whatever the K/V
             assert r["model_check"]["naive_used_blocks"] == r["naive"]["num_used_blocks"]
             assert r["model_check"]["shared_used_blocks"] == r["shared"]["num_used_blocks"]
+    report_bytes = LLAMA_1B.bytes_per_block(args.block_size, args.dtype)
+    memory_beam.resolve(args, backend)
+    beams = [memory_beam.run_beam_scenario(sc, args, backend, report_bytes) for sc in memory_beam.scenarios(args)]
     payload = {"experiment": "memory_share", "run": cli.run_info(backend), "config": vars(args),
                "allocated_shape": _shape_info(shape, args), "reported_shape": _shape_info(LLAMA_1B, args),
-               "scenarios": results, "verdicts": [verdict(r) for r in results],
+               "scenarios": results, "beam_search": beams,
+               "verdicts": [verdict(r) for r in results] + [memory_beam.verdict(r, fmt_bytes) for r in beams],
                "elapsed_s": round(time.perf_counter() - start, 2)}
     return report(payload, args, "memory_share", backend)
 
@@ -448,15 +498,18 @@ def main(argv=None) -> int:
 def report(payload: dict, args, experiment: str, backend) -> int:
     console = cli.console()
     console.print(render_table(payload))
+    if payload["beam_search"]:
+        console.print(memory_beam.render_table(payload["beam_search"]))
     for line in payload["verdicts"]:
         console.print(line, soft_wrap=True)
-    path = cli.write_json(args.json or cli.default_json(experiment, backend), payload)
-    console.print(f"wrote {path}", soft_wrap=True)
+    if args.json:
+        console.print(f"wrote {cli.write_json(args.json, payload)}", soft_wrap=True)
     if args.plot:
         from . import plots
 
         console.print(f"wrote {plots.memory_share(payload, args.plot)}", soft_wrap=True)
-    return 0 if all(identical(r) for r in payload["scenarios"]) else 1
+    same = all(identical(r) for r in payload["scenarios"]) and all(r["identical"] for r in payload["beam_search"])
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     throughput(payload, path)        KV usage and running requests per model step, static vs continuous
     kernel_bandwidth(payload, path)  achieved bandwidth per kernel case against the device's read ceiling
 
+    python -m experiments.plots        # every result in ./benchmarks/results -> ./plots/<name>.png
     python -m experiments.plots --kernel-json benchmarks/results/kernel_bench_gpu.json --out docs/kernel_bandwidth.png
     python -m experiments.plots --memory-json benchmarks/results/memory_share_gpu.json --out docs/memory_share.png
     python -m experiments.plots --throughput-json benchmarks/results/throughput_w1_gpu.json --out docs/throughput_w1.png
@@ -195,24 +196,81 @@ def _first_number(d: dict, keys) -> float | None:
 
 
 # -- command line ----------------------------------------------------------------------------------------------
-@cli.guarded
-def main(argv=None) -> int:
-    p = cli.Parser(prog="python -m experiments.plots", description="Draw a PNG from an experiment's JSON.")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--kernel-json", metavar="PATH", help="a kernel_bench JSON")
-    group.add_argument("--memory-json", metavar="PATH", help="a memory_share JSON")
-    group.add_argument("--throughput-json", metavar="PATH", help="a throughput JSON")
-    p.add_argument("--out", required=True, metavar="PATH", help="the PNG to write")
+DRAW = {"memory_share": memory_share, "throughput": throughput, "kernel_bench": kernel_bandwidth}
+FLAGS = {"memory_share": "--memory-json", "throughput": "--throughput-json", "kernel_bench": "--kernel-json"}
+RESULTS = Path("benchmarks") / "results"
+
+
+def parse_args(argv=None):
+    p = cli.Parser(prog="python -m experiments.plots",
+                   description="Draw PNGs from the experiments' JSON (written with --output-json). Without an "
+                               f"input flag, every result in ./{RESULTS} is drawn into --out-dir.")
+    group = p.add_mutually_exclusive_group()
+    for kind, flag in FLAGS.items():
+        group.add_argument(flag, metavar="PATH", help=f"a {kind} JSON")
+    p.add_argument("--out", metavar="PATH", help="the PNG to write (default: <input name>.png here)")
+    p.add_argument("--out-dir", default="plots", metavar="DIR",
+                   help=f"where the PNGs of ./{RESULTS} go when no input is given (default ./plots)")
     args = p.parse_args(argv)
-    flag, src = next((f, v) for f, v in (("--kernel-json", args.kernel_json), ("--memory-json", args.memory_json),
-                                         ("--throughput-json", args.throughput_json)) if v)
+    inputs = [(kind, flag, getattr(args, flag[2:].replace("-", "_"))) for kind, flag in FLAGS.items()]
+    args.inputs = [(kind, flag, Path(src)) for kind, flag, src in inputs if src]
+    if args.out and not args.inputs:
+        raise cli.FlagError("--out needs an input (--memory-json, --throughput-json or --kernel-json)")
+    return args
+
+
+def _kind(path: Path, payload) -> str | None:
+    """Which experiment wrote ``payload``: its ``experiment`` key, else the file name's prefix."""
+    named = payload.get("experiment") if isinstance(payload, dict) else None
+    return named if named in DRAW else next((k for k in DRAW if path.name.startswith(k)), None)
+
+
+def _load(src: Path, flag: str):
     try:
-        payload = json.loads(Path(src).read_text())
+        return json.loads(Path(src).read_text())
     except (OSError, ValueError) as exc:
         raise cli.FlagError(f"{flag} must be a readable JSON file, got {src} ({type(exc).__name__})") from None
-    check_available("--out")  # NOTE: after the input check, so a bad path is reported the same with or without it
-    draw = {"--kernel-json": kernel_bandwidth, "--memory-json": memory_share, "--throughput-json": throughput}[flag]
-    print(f"wrote {draw(payload, args.out)}")
+
+
+def _jobs(args) -> list[tuple[str, str, Path, Path]]:
+    """(kind, flag, input, output PNG) for each figure to draw, outputs checked writable."""
+    if args.inputs:
+        (kind, flag, src), = args.inputs
+        jobs = [(kind, flag, src, Path(args.out or src.with_suffix(".png").name))]
+    else:
+        found = sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []
+        jobs = [(k, "input", src, Path(args.out_dir) / src.with_suffix(".png").name) for src in found
+                if (k := _kind(src, {})) is not None]
+        if not jobs:
+            raise cli.FlagError(f"nothing to draw: no input flag and no experiment JSON in ./{RESULTS}; run e.g. "
+                                "python -m experiments.memory_share --output-json memory.json, then "
+                                "python -m experiments.plots --memory-json memory.json")
+    for _, _, _, out in jobs:
+        cli.check_output_path(out, "--out" if args.inputs else "--out-dir")
+    return jobs
+
+
+def draw(kind: str, flag: str, src: Path, out: Path) -> Path:
+    """One figure; a JSON of the wrong structure is a one-line :class:`cli.FlagError`, not a KeyError."""
+    payload = _load(src, flag)
+    if not isinstance(payload, dict):
+        raise cli.FlagError(f"{flag} {src} must hold a JSON object, got {type(payload).__name__}")
+    try:
+        return DRAW[kind](payload, out)
+    except cli.FlagError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
+        _pyplot().close("all")
+        raise cli.FlagError(f"{flag} {src} is not a {kind} JSON ({type(exc).__name__}: {exc})") from None
+
+
+@cli.guarded
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    jobs = _jobs(args)
+    check_available("--out")  # NOTE: after the input checks, so a bad path is reported the same with or without it
+    for kind, flag, src, out in jobs:
+        print(f"wrote {draw(kind, flag, src, out)}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import cProfile
 import io
 import pstats
+import sys
 import time
 
 import numpy as np
@@ -34,25 +35,50 @@ def _timed_prefill(engine, log: list):
     return wrapper
 
 
+def parse_args(argv=None):
+    from pagedkv.model.config import PRESETS
+
+    p = cli.Parser(prog="python -m experiments.profile_engine", description=__doc__.splitlines()[0])
+    p.add_argument("--workload", default="w1", choices=throughput.WORKLOADS, help="request lengths (default w1)")
+    p.add_argument("--mode", default="continuous", choices=throughput.MODES, help="scheduling (default continuous)")
+    p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
+                   help="random-weight model preset (default: llama-1b on GPU, tiny on CPU)")
+    p.add_argument("--num-prompts", "--num-requests", dest="num_requests", metavar="N", type=int, default=None,
+                   help="requests (default 128 on a GPU, 32 on the CPU)")
+    p.add_argument("--kv-budget-mb", type=float, default=512, help="KV pool in MiB (default 512)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on a GPU (vLLM's flag)")
+    p.add_argument("--top", type=int, default=30, help="functions listed, by cumulative time (default 30)")
+    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES, plot=False)
+    args = p.parse_args(argv)
+    cli.check_common(args)
+    cli.in_range("--top", args.top, 1, 10000)
+    return args
+
+
+def _throughput_args(args, backend):
+    """The throughput experiment's namespace for the same run (its checks, defaults and memory estimate)."""
+    num_requests = args.num_requests or (128 if backend.is_gpu else 32)
+    ns = throughput.parse_args(["--device", backend.name, "--workload", args.workload, "--num-prompts",
+                                str(num_requests), "--kv-budget-mb", str(args.kv_budget_mb), "--cuda-graph",
+                                "on" if backend.is_gpu and not args.enforce_eager else "off", "--model", args.model,
+                                "--dtype", args.dtype, "--seed", str(args.seed)])
+    return ns, throughput.resolve(ns, backend)
+
+
+def _top_functions(profiler, top: int) -> list[dict]:
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:top]
+    return [{"function": f"{file}:{line}({name})", "calls": nc, "total_s": tt, "cumulative_s": ct}
+            for (file, line, name), (cc, nc, tt, ct, _) in rows]
+
+
 @cli.guarded
 def main(argv=None) -> int:
     from pagedkv.engine import LLMEngine, SamplingParams
 
-    p = cli.Parser(prog="python -m experiments.profile_engine", description=__doc__.splitlines()[0])
-    p.add_argument("--workload", default="w1")
-    p.add_argument("--mode", default="continuous")
-    p.add_argument("--num-requests", type=int, default=128)
-    p.add_argument("--kv-budget-mb", type=float, default=512)
-    p.add_argument("--top", type=int, default=30)
-    cli.add_common(p, dtype="float16")
-    args = p.parse_args(argv)
-    cli.in_choices("--workload", args.workload, throughput.WORKLOADS)
-    cli.in_choices("--mode", args.mode, throughput.MODES)
+    args = parse_args(argv)
     backend = cli.resolve_backend(args.device)
-    ns = throughput.parse_args(["--device", backend.name, "--workload", args.workload, "--num-requests",
-                                str(args.num_requests), "--kv-budget-mb", str(args.kv_budget_mb), "--cuda-graph",
-                                "on" if backend.is_gpu else "off"])
-    workload = throughput.resolve(ns, backend)
+    ns, workload = _throughput_args(args, backend)
     engine = LLMEngine(throughput.engine_config(args.mode, ns, workload))
     throughput._warm_up(engine, SamplingParams)
     log: list = []
@@ -67,14 +93,22 @@ def main(argv=None) -> int:
     profiler.disable()
     wall = time.perf_counter() - start
     seqs, tokens, secs = (np.array(x) for x in zip(*log))
-    print(f"{args.workload} {args.mode}: {engine.totals.num_steps} steps in {wall:.2f} s (profiled); "
-          f"{len(log)} prefill forwards, {int(tokens.sum())} tokens, {secs.sum():.2f} s: per forward "
-          f"median {1e3 * np.median(secs):.2f} ms, {np.median(seqs):.0f} sequences, {np.median(tokens):.0f} tokens")
+    print(f"{args.workload} {args.mode}, {ns.model} {ns.dtype} on {backend.name}: {engine.totals.num_steps} steps in "
+          f"{wall:.2f} s (profiled); {len(log)} prefill forwards, {int(tokens.sum())} tokens, {secs.sum():.2f} s: "
+          f"per forward median {1e3 * np.median(secs):.2f} ms, {np.median(seqs):.0f} sequences, "
+          f"{np.median(tokens):.0f} tokens")
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
     print(out.getvalue())
+    if args.json:
+        payload = {"experiment": "profile_engine", "run": cli.run_info(backend), "config": vars(ns),
+                   "workload": workload.summary(), "num_steps": engine.totals.num_steps, "wall_s": wall,
+                   "prefill_forwards": [{"num_seqs": int(a), "num_tokens": int(b), "seconds": float(c)}
+                                        for a, b, c in log],
+                   "top_functions": _top_functions(profiler, args.top)}
+        print(f"wrote {cli.write_json(args.json, payload)}")
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,7 +26,6 @@ import numpy as np
 from . import cli
 
 WORKLOADS = ("w1", "longtail")
-MODELS = ("tiny", "llama-1b")
 MODES = ("static", "continuous")
 # NOTE: by default the pool holds this fraction of the token slots that all requests at full length would need,
 # so that memory, not max_num_seqs, limits the batch: the regime PagedAttention is about.
@@ -213,24 +212,33 @@ def run_workload(workload: Workload, args, progress=None) -> dict:
 
 # -- command line ------------------------------------------------------------------------------------------
 def parse_args(argv=None):
+    """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
+    from pagedkv.model.config import PRESETS
+
     p = cli.Parser(prog="python -m experiments.throughput",
                    description="Static vs continuous batching of the same requests under the same KV memory budget.")
-    p.add_argument("--workload", default="w1", help="w1 | longtail (default w1)")
-    p.add_argument("--num-requests", type=int, default=128, help="requests (default 128)")
-    p.add_argument("--model", default="auto", help="tiny | llama-1b (default: llama-1b on GPU, tiny on CPU)")
+    p.add_argument("--workload", default="w1", choices=WORKLOADS, help="request lengths (default w1)")
+    p.add_argument("--num-prompts", "--num-requests", dest="num_requests", metavar="N", type=int, default=128,
+                   help="requests (default 128)")
+    p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
+                   help="random-weight model preset (default: llama-1b on GPU, tiny on CPU)")
     p.add_argument("--scale", type=float, default=None,
                    help="multiply prompt and output lengths (default: 1 on GPU, 0.125 on CPU)")
     p.add_argument("--kv-budget-mb", type=float, default=None,
-                   help=f"KV pool in MiB, both modes (default: {DEFAULT_BUDGET_FRACTION:.0%} of the token slots "
-                        "that every request at full length would need at once)")
+                   help=f"KV pool in MiB, both modes (default: {100 * DEFAULT_BUDGET_FRACTION:.0f}%% of the token "
+                        "slots that every request at full length would need at once)")
     p.add_argument("--kv-budget-bytes", type=int, default=None, help="KV pool in bytes (instead of --kv-budget-mb)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in a batch, both modes (default 256)")
-    p.add_argument("--block-size", type=int, default=16, help="8 | 16 | 32 (default 16)")
-    p.add_argument("--cuda-graph", default="off", help="off | on: replay decode steps as CUDA graphs (GPU)")
-    p.add_argument("--static-padding", default="on",
-                   help="on | off: a static batch reserves the batch's longest length for every request (on, as a "
-                        "dense [batch, max_len] cache does) or each request's own (default on)")
-    cli.add_common(p, dtype="auto")
+    p.add_argument("--block-size", type=int, default=16, choices=(8, 16, 32), help="tokens per block (default 16)")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
+                        help="replay decode steps as CUDA graphs (default auto: on with a GPU, off on the CPU)")
+    graphs.add_argument("--enforce-eager", dest="cuda_graph", action="store_const", const="off",
+                        help="eager launches, no CUDA graphs (vLLM's flag; the same as --cuda-graph off)")
+    p.add_argument("--static-padding", default="on", choices=("on", "off"),
+                   help="a static batch reserves the batch's longest length for every request (on, as a dense "
+                        "[batch, max_len] cache does) or each request's own (default on)")
+    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES)
     args = p.parse_args(argv)
     check_args(args)
     if args.plot:
@@ -241,16 +249,11 @@ def parse_args(argv=None):
 
 
 def check_args(args) -> None:
-    cli.check_common(args, dtypes=("auto",) + cli.DTYPES)
-    cli.in_choices("--workload", args.workload, WORKLOADS)
-    cli.in_range("--num-requests", args.num_requests, 1, 4096)
-    cli.in_choices("--model", args.model, ("auto",) + MODELS)
+    cli.check_common(args)
+    cli.in_range("--num-prompts", args.num_requests, 1, 4096)
     if args.scale is not None:
         cli.in_range("--scale", args.scale, 0.001, 1.0)
     cli.in_range("--max-num-seqs", args.max_num_seqs, 1, 4096)
-    cli.in_choices("--block-size", args.block_size, (8, 16, 32))
-    cli.in_choices("--cuda-graph", args.cuda_graph, ("off", "on"))
-    cli.in_choices("--static-padding", args.static_padding, ("on", "off"))
     if args.kv_budget_mb is not None and args.kv_budget_bytes is not None:
         raise cli.FlagError("give --kv-budget-mb or --kv-budget-bytes, not both")
     if args.kv_budget_mb is not None:
@@ -266,6 +269,9 @@ def resolve(args, backend) -> Workload:
 
     gpu = backend.is_gpu
     args.device = backend.name
+    if args.cuda_graph == "on" and not gpu:
+        raise cli.FlagError("--cuda-graph on needs a GPU (the CPU path has no CUDA graphs)")
+    args.cuda_graph = args.cuda_graph if args.cuda_graph != "auto" else ("on" if gpu else "off")
     args.model = args.model if args.model != "auto" else ("llama-1b" if gpu else "tiny")
     args.dtype = args.dtype if args.dtype != "auto" else ("float16" if gpu else "float32")
     args.scale = args.scale if args.scale is not None else (1.0 if gpu else 0.125)
@@ -278,7 +284,17 @@ def resolve(args, backend) -> Workload:
         args.kv_budget_bytes = (int(args.kv_budget_mb * 2**20) if args.kv_budget_mb is not None else
                                 per_block * max(-(-int(tokens) // args.block_size), _min_blocks(args, workload)))
     _check_budget(args, workload, per_block)
+    cli.require_memory(backend=backend, **memory_needed(args, workload, m))
     return workload
+
+
+def memory_needed(args, workload: Workload, model) -> dict:
+    """One engine at a time (the modes run one after the other): weights + KV pool + a step's activations."""
+    parts = cli.engine_bytes(model, args.dtype, kv_bytes=args.kv_budget_bytes,
+                             max_num_batched_tokens=max(8192, workload.summary()["prompt_tokens"]),
+                             max_len=workload.max_len, max_num_seqs=args.max_num_seqs)
+    total = sum(parts.values())
+    return {"device": total, "parts": parts} if args.device == "gpu" else {"host": total, "parts": parts}
 
 
 def _check_budget(args, workload: Workload, per_block: int) -> None:
@@ -367,8 +383,8 @@ def main(argv=None) -> int:
     console = cli.console()
     console.print(render_table(result, args))
     console.print(payload["verdict"], soft_wrap=True)
-    path = cli.write_json(args.json or cli.default_json(f"throughput_{args.workload}", backend), payload)
-    console.print(f"wrote {path}", soft_wrap=True)
+    if args.json:
+        console.print(f"wrote {cli.write_json(args.json, payload)}", soft_wrap=True)
     if args.plot:
         from . import plots
 

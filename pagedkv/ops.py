@@ -1,4 +1,4 @@
-"""The kernel-facing API: paged decode attention, KV writes by slot, block copies.
+"""The kernel-facing API: paged decode and prefill attention, KV writes by slot, block copies.
 
 Every call validates its inputs first (dtype, shape, index ranges) and raises ``ValueError`` naming the
 bad value before anything is written. NumPy inputs run on the host (attention through
@@ -135,6 +135,110 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     out[...] = result
     return out
 
+
+def check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale=None,
+                       out=None) -> None:
+    """Shape and dtype checks for :func:`prefill_attention` (metadata only: no data is read)."""
+    _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                  query_start_loc=query_start_loc, context_lens=context_lens)
+    check_cache_pair(k_cache, v_cache)
+    _, num_kv_heads, _, head_dim = k_cache.shape
+    if q.ndim != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [num_tokens, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
+    _check_int_array("block_tables", block_tables, 2)
+    _check_int_array("query_start_loc", query_start_loc, 1)
+    _check_int_array("context_lens", context_lens, 1)
+    num_seqs = context_lens.shape[0]
+    if block_tables.shape[0] != num_seqs or query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(f"batch mismatch: context_lens {num_seqs} sequences, block_tables {block_tables.shape[0]}, "
+                         f"query_start_loc {query_start_loc.shape[0]} entries (must be num_seqs + 1)")
+    if scale is not None and not (isinstance(scale, (int, float, np.floating, np.integer)) and np.isfinite(scale)
+                                  and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if out is not None and (getattr(out, "shape", None) != q.shape or getattr(out, "dtype", None) != q.dtype):
+        raise ValueError(f"out must be {q.shape} {q.dtype}, got {getattr(out, 'shape', type(out).__name__)} "
+                         f"{getattr(out, 'dtype', '')}")
+
+
+def check_prefill_ranges_host(block_tables, query_start_loc, context_lens, num_blocks: int, block_size: int,
+                              num_tokens: int) -> None:
+    """Index checks on host arrays: starts non-decreasing in ``[0, num_tokens]``; each length in
+    ``[n_i, max_blocks * block_size]``; the used entries of sequences with new tokens in range."""
+    tables, starts, lens = (np.asarray(a, dtype=np.int64) for a in (block_tables, query_start_loc, context_lens))
+    bad = np.flatnonzero(np.diff(starts, prepend=0) < 0)
+    if bad.size or starts[-1] > num_tokens:
+        i = int(bad[0]) if bad.size else len(starts) - 1
+        raise ValueError(f"query_start_loc[{i}]={int(starts[i])}: query_start_loc must be non-decreasing, "
+                         f"from >= 0 to <= num_tokens={num_tokens}")
+    new, capacity = np.diff(starts), tables.shape[1] * block_size
+    bad = np.flatnonzero((lens < new) | (lens > capacity))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"context_lens[{i}]={int(lens[i])} outside [{int(new[i])}, {capacity}] "
+                         f"(its new tokens .. max_blocks * block_size)")
+    used = (np.arange(tables.shape[1])[None, :] < -(-lens[:, None] // block_size)) & (new[:, None] > 0)
+    bad_entry = used & ((tables < 0) | (tables >= num_blocks))
+    if bad_entry.any():
+        i, j = map(int, np.argwhere(bad_entry)[0])
+        raise ValueError(f"block_tables[{i}, {j}]={int(tables[i, j])} outside [0, {num_blocks})")
+
+
+def owned_rows(query_start_loc, num_tokens: int) -> np.ndarray:
+    """Host bool mask [num_tokens]: the q rows some sequence owns (``qsl[i] <= row < qsl[i + 1]``)."""
+    mask = np.zeros(num_tokens, dtype=bool)
+    starts = np.asarray(query_start_loc, dtype=np.int64)
+    for a, b in zip(starts[:-1], starts[1:]):
+        mask[a:b] = True
+    return mask
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None, out=None,
+                      check=True):
+    """Causal prefill attention: the new tokens of each sequence attend its paged K/V (cached prefix included).
+
+    The new tokens' K/V must already be in the cache (``write_kv`` first)::
+
+        q rows        a0 a1 a2 | b0 b1 | pad         query_start_loc = [0, 3, 5]  (row 5: padding, untouched)
+        context_lens  3        | 6                   sequence b: 4 cached tokens + 2 new
+        positions     0  1  2  | 4  5                token j of sequence i: context_lens[i] - n_i + j
+
+    Args:
+        q: [num_tokens, num_qo_heads, head_dim], the cache's dtype.
+        k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim].
+        block_tables: [num_seqs, max_blocks] int32; entries past a sequence's blocks are not read.
+        query_start_loc: [num_seqs + 1] int32, non-decreasing from >= 0 to <= num_tokens: sequence i owns q rows
+            ``qsl[i] .. qsl[i+1]-1`` (``n_i`` new tokens; 0 = a padding sequence, skipped). Rows no sequence
+            owns (e.g. after ``qsl[-1]``) are never written.
+        context_lens: [num_seqs] int32 in ``[n_i, max_blocks * block_size]``: tokens in the cache, new ones included.
+        scale: softmax scale > 0, default ``head_dim ** -0.5``.
+        out: optional [num_tokens, num_qo_heads, head_dim], q's dtype; only owned rows are written.
+        check: validate index ranges (on the GPU: one small kernel and a sync). Off only for trusted metadata.
+    Returns:
+        out (a new array when not given: rows no sequence owns are 0).
+    """
+    if is_gpu_array(q):
+        from . import kernels_prefill
+
+        arrays = map(_as_device, (q, k_cache, v_cache, block_tables, query_start_loc, context_lens))
+        q, k_cache, v_cache, block_tables, query_start_loc, context_lens = arrays
+        out = None if out is None else _as_device(out)
+        check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out)
+        return kernels_prefill.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                                                 scale=scale, out=out, check=check)
+    check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out)
+    if check:
+        check_prefill_ranges_host(block_tables, query_start_loc, context_lens, k_cache.shape[0], k_cache.shape[2],
+                                  q.shape[0])
+    result = reference.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale=scale)
+    rows = owned_rows(query_start_loc, q.shape[0])
+    if out is None:
+        out = np.zeros(q.shape, dtype=q.dtype)
+    out[rows] = result[rows]
+    return out
 
 def check_write_args(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Shape and dtype checks for :func:`write_kv`."""

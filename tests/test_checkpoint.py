@@ -74,7 +74,7 @@ def test_safetensors_bad_files(tmp_path):
         load_file(tmp_path / "short.safetensors")
     header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="needs 16"):
         load_file(tmp_path / "bad.safetensors")
 
 
@@ -151,3 +151,139 @@ def test_llama3_rope_scaling_is_read_and_applied(tmp_path):
     np.testing.assert_allclose(out[wavelen < 8192 / 4], inv[wavelen < 8192 / 4], rtol=1e-6)  # short: kept
     np.testing.assert_allclose(out[wavelen > 8192], inv[wavelen > 8192] / 32, rtol=1e-6)  # long: / factor
     assert np.all(np.diff(out) < 0)  # still monotone through the blend
+
+
+# -- issue 8, finding 4: every tensor's shape against config.json, every config field validated ---------------
+def tiny_folder(path, *, config_edit=None, tensor_edit=None, drop_keys=(), **overrides):
+    """A tiny Llama folder; ``config_edit`` updates config.json, ``tensor_edit(tensors)`` edits the tensors."""
+    config = get_config("tiny", **overrides)
+    weights = random_weights(config, seed=3, device="cpu")
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(config, weights)
+    if tensor_edit:
+        tensor_edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+    cfg = {**hf_config(config, "LlamaForCausalLM"), **(config_edit or {})}
+    for key in drop_keys:
+        cfg.pop(key, None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _resize(name, shape):
+    def edit(t):
+        t[name] = np.zeros(shape, dtype=np.float32)
+    return edit
+
+
+@pytest.mark.parametrize("config_edit, tensor_edit, fragment", [
+    ({"vocab_size": 128}, None, "'model.embed_tokens.weight' has shape [256, 64]"),  # loaded, emitted ids >= 128
+    ({"vocab_size": 512}, None, "'model.embed_tokens.weight' has shape [256, 64]"),  # loaded, IndexError later
+    ({"head_dim": 8}, None, "'model.layers.0.self_attn.q_proj.weight' has shape [64, 64]"),
+    ({"num_key_value_heads": 1}, None, "'model.layers.0.self_attn.k_proj.weight' has shape [32, 64]"),
+    ({"intermediate_size": 96}, None, "'model.layers.0.mlp.gate_proj.weight' has shape [128, 64]"),
+    ({"num_hidden_layers": 1}, None, "has tensors of layer 1 but config.json num_hidden_layers is 1"),  # truncated
+    ({"num_hidden_layers": 3}, None, "missing tensor 'model.layers.2."),
+    (None, _resize("model.norm.weight", (1,)), "'model.norm.weight' has shape [1]"),  # broadcast silently
+    (None, _resize("model.layers.1.input_layernorm.weight", (1,)), "input_layernorm.weight' has shape [1]"),
+    (None, _resize("lm_head.weight", (256, 32)), "'lm_head.weight' has shape [256, 32]"),
+    (None, _resize("model.layers.0.self_attn.q_proj.bias", (64,)), "has tensor 'model.layers.0.self_attn.q_proj.bias'"),
+    ({"tie_word_embeddings": True}, _resize("lm_head.weight", (1, 64)), "'lm_head.weight' has shape [1, 64]"),
+])
+def test_tensor_shapes_are_checked_against_the_config(tmp_path, config_edit, tensor_edit, fragment):
+    folder = tiny_folder(tmp_path / "ckpt", config_edit=config_edit, tensor_edit=tensor_edit)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(folder, device="cpu")
+    assert fragment in str(info.value)
+
+
+def test_shapes_are_checked_before_any_copy(tmp_path, monkeypatch):
+    from pagedkv.model import checkpoint
+
+    copies = []
+    real = checkpoint._Tensors.get
+    monkeypatch.setattr(checkpoint._Tensors, "get", lambda self, *a, **k: copies.append(a) or real(self, *a, **k))
+    folder = tiny_folder(tmp_path / "ckpt", tensor_edit=_resize("model.norm.weight", (7,)))
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        load_checkpoint(folder, device="cpu")
+    assert copies == []  # the old loader converted every layer (and the embedding) before failing
+
+
+def test_tensor_names_dtypes_and_shards_are_checked(tmp_path):
+    folder = tiny_folder(tmp_path / "int", tensor_edit=lambda t: t.update(
+        {"model.norm.weight": np.ones(64, dtype=np.int32)}))
+    with pytest.raises(ValueError, match="dtype int32"):
+        load_checkpoint(folder, device="cpu")
+    folder = tiny_folder(tmp_path / "dup")
+    save_file({"model.norm.weight": np.ones(64, np.float32)}, folder / "model-extra.safetensors")
+    with pytest.raises(ValueError, match="'model.norm.weight' is in both"):
+        load_checkpoint(folder, device="cpu")
+    folder = tiny_folder(tmp_path / "inv", tensor_edit=lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+    load_checkpoint(folder, device="cpu")  # a buffer old exports carry: ignored
+
+
+NAN, INF = float("nan"), float("inf")
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 512}
+
+
+@pytest.mark.parametrize("edit, drop, field", [
+    ({"rope_theta": NAN}, (), "rope_theta"), ({"rope_theta": INF}, (), "rope_theta"),
+    ({"rope_theta": -1.0}, (), "rope_theta"), ({"rms_norm_eps": NAN}, (), "rms_norm_eps"),
+    ({"rms_norm_eps": 0}, (), "rms_norm_eps"), ({"rope_scaling": {**LLAMA3, "factor": 0.0}}, (), "factor"),
+    ({"rope_scaling": {**LLAMA3, "factor": -8.0}}, (), "factor"),
+    ({"rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}}, (), "high_freq_factor"),
+    ({"rope_scaling": {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}}, (), "low_freq_factor"),
+    ({"rope_scaling": [1, 2]}, (), "rope_scaling"), ({"rope_parameters": {"rope_theta": NAN}}, ("rope_theta",),
+                                                     "rope_theta"),
+    ({"num_key_value_heads": 0}, (), "num_key_value_heads"),  # was read as "absent"
+    ({"num_key_value_heads": 3}, (), "num_key_value_heads"), ({"num_attention_heads": 0}, (), "num_attention_heads"),
+    ({}, ("num_attention_heads",), "num_attention_heads"), ({}, ("vocab_size",), "vocab_size"),
+    ({"vocab_size": "256"}, (), "vocab_size"), ({"vocab_size": [256]}, (), "vocab_size"),
+    ({"vocab_size": True}, (), "vocab_size"), ({"vocab_size": 256.5}, (), "vocab_size"),
+    ({"hidden_size": 63}, (), "hidden_size"), ({"head_dim": 15}, (), "head_dim"), ({"head_dim": 0}, (), "head_dim"),
+    ({"architectures": []}, (), "architectures"), ({"architectures": "LlamaForCausalLM"}, (), "architectures"),
+    ({"tie_word_embeddings": "no"}, (), "tie_word_embeddings"), ({"max_position_embeddings": -1}, (),
+                                                                  "max_position_embeddings"),
+    ({"torch_dtype": 16}, (), "torch_dtype"), ({"torch_dtype": "float64"}, (), "float64"),
+    ({"partial_rotary_factor": 0.5}, (), "partial_rotary_factor"),
+])
+def test_malformed_configs_raise_value_error_naming_the_field(tmp_path, edit, drop, field):
+    folder = tiny_folder(tmp_path / "ckpt", config_edit=edit, drop_keys=drop)
+    with pytest.raises(ValueError) as info:  # never IndexError, KeyError, ZeroDivisionError, TypeError
+        load_checkpoint(folder, device="cpu")
+    assert type(info.value) is ValueError and field in str(info.value) and "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["[]", "7", "{", "null", ""])
+def test_config_json_must_be_an_object(tmp_path, text):
+    folder = tiny_folder(tmp_path / "ckpt")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):
+        load_checkpoint(folder, device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"rope_theta": NAN}, "rope_theta"), ({"rope_theta": INF}, "rope_theta"), ({"rms_norm_eps": NAN}, "rms_norm_eps"),
+    ({"rms_norm_eps": -INF}, "rms_norm_eps"), ({"vocab_size": True}, "vocab_size"), ({"qkv_bias": 1}, "qkv_bias"),
+    ({"rope_llama3_scaling": (0.0, 1.0, 4.0, 8192)}, "rope_llama3_scaling"),
+    ({"rope_llama3_scaling": (8.0, 1.0, 1.0, 8192)}, "rope_llama3_scaling"),
+    ({"rope_llama3_scaling": (8.0, NAN, 4.0, 8192)}, "rope_llama3_scaling"),
+])
+def test_model_config_checks_finiteness_and_types(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        get_config("tiny", **kwargs)
+
+
+# -- issue 9, item 0: the checkpoint's own dtype, no silent float32 upcast -------------------------------------------
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype", None])
+def test_default_dtype_is_the_checkpoints(tmp_path, key):
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    cast = lambda t: t.update({k: v.astype(bf16) for k, v in t.items()})  # noqa: E731
+    edit = {"torch_dtype": None, **({key: "bfloat16"} if key else {})}
+    folder = tiny_folder(tmp_path / "ckpt", tensor_edit=cast, config_edit=edit)
+    _, weights = load_checkpoint(folder, device="cpu")
+    assert weights.embed.dtype == bf16 and weights.layers[0].wqkv.dtype == bf16
+    _, weights = load_checkpoint(folder, "float32", device="cpu")  # an explicit dtype still converts
+    assert weights.embed.dtype == np.float32

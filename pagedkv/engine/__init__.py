@@ -1,5 +1,6 @@
 """The inference engine: sampling, requests, scheduling (continuous or static, chunked prefill), the model runner
 and LLMEngine, the request loop."""
+from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSequence, beam_search
 from .config import EngineConfig
 from .engine import LLMEngine
 from .metrics import EngineMetrics, StepMetrics
@@ -7,5 +8,5 @@ from .request import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 
-__all__ = ["CompletionOutput", "EngineConfig", "EngineMetrics", "LLMEngine", "RequestMetrics", "RequestOutput",
-           "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics"]
+__all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSequence", "CompletionOutput", "EngineConfig", "EngineMetrics", "LLMEngine", "RequestMetrics", "RequestOutput",
+           "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics", "beam_search"]

@@ -1,8 +1,9 @@
 """A Llama-architecture decoder (Llama, Qwen2) on the paged KV cache."""
 from .checkpoint import load_checkpoint
 from .config import PRESETS, ModelConfig, get_config
+from .generation_config import GenerationConfig, read_generation_config
 from .llama import DecodeBatch, LlamaModel, PrefillBatch
 from .weights import LayerWeights, ModelWeights, random_weights
 
-__all__ = ["PRESETS", "DecodeBatch", "LayerWeights", "LlamaModel", "ModelConfig", "ModelWeights", "PrefillBatch",
-           "get_config", "load_checkpoint", "random_weights"]
+__all__ = ["PRESETS", "DecodeBatch", "GenerationConfig", "LayerWeights", "LlamaModel", "ModelConfig", "ModelWeights",
+           "PrefillBatch", "get_config", "load_checkpoint", "random_weights", "read_generation_config"]

@@ -3,59 +3,98 @@
 Supported architectures: ``LlamaForCausalLM`` and ``Qwen2ForCausalLM`` (q/k/v biases), bf16/fp16/fp32
 tensors. Hugging Face ``nn.Linear`` weights are ``[out, in]``; they are transposed to ``[in, out]`` and
 q|k|v and gate|up are fused (see :mod:`pagedkv.model.weights`).
+
+Nothing is copied until everything is checked: the config's fields (:mod:`pagedkv.model.hf_config`), every
+file's header (:mod:`pagedkv.model.safetensors`), and every tensor's name, dtype and shape against the
+config (``expected_shapes``): a missing, unexpected or misshapen tensor, a layer the config does not have, or
+a name in two files raises ``ValueError`` naming it.
 """
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import dtype_of, get_backend
 from .config import ModelConfig
+from .hf_config import ARCHITECTURES, config_from_hf, read_json_object, torch_dtype
 from .safetensors import load_file
 from .weights import LayerWeights, ModelWeights
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+__all__ = ["ARCHITECTURES", "checkpoint_dtype", "config_from_hf", "expected_shapes", "load_checkpoint"]
+
+FLOAT_DTYPES = (np.dtype("<f8"), np.dtype("<f4"), np.dtype("<f2"), dtype_of("bfloat16"))
+# buffers some checkpoints carry that the model recomputes (old Llama exports saved the rotary table)
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
-def _rope(hf: dict) -> tuple[float, tuple | None]:
-    """``(theta, llama3 scaling or None)`` from ``rope_theta`` / ``rope_scaling`` (transformers 4) or
-    ``rope_parameters`` (transformers 5)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
-    if rope_type in (None, "default"):
-        return theta, None
-    if rope_type == "llama3":
-        return theta, (float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                       float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
-    raise ValueError(f"unsupported rope scaling type {rope_type!r} (only 'default' and 'llama3' are implemented)")
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``config`` holds, by Hugging Face name, with its ``[out, in]`` shape."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for n in range(config.num_layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i)})
+        if config.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+    return shapes
 
 
-def config_from_hf(hf: dict, *, tied_default: bool = False) -> ModelConfig:
-    """Translate a Hugging Face ``config.json`` dict; unsupported architectures raise ``ValueError``."""
-    archs = hf.get("architectures") or [hf.get("model_type", "?")]
-    if archs[0] not in ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {ARCHITECTURES}")
-    for key, ok in (("mlp_bias", not hf.get("mlp_bias")), ("use_sliding_window", not hf.get("use_sliding_window")),
-                    ("hidden_act", hf.get("hidden_act", "silu") == "silu")):
-        if not ok:
-            raise ValueError(f"unsupported {key}={hf.get(key)!r}")
-    heads = int(hf["num_attention_heads"])
-    theta, llama3 = _rope(hf)
-    return ModelConfig(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        num_layers=int(hf["num_hidden_layers"]), num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-        intermediate_size=int(hf["intermediate_size"]), rope_theta=theta, rope_llama3_scaling=llama3,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", tied_default)),
-        qkv_bias=archs[0] == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-    )
+def check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, folder) -> None:
+    """Names, dtypes and shapes of ``tensors`` against ``config``; the first problem raises ``ValueError``."""
+    want = expected_shapes(config)
+    extra_layers = sorted({int(m.group(1)) for name in tensors if (m := LAYER.match(name))
+                           and int(m.group(1)) >= config.num_layers})
+    if extra_layers:
+        raise ValueError(f"checkpoint {folder} has tensors of layer {extra_layers[0]} but config.json "
+                         f"num_hidden_layers is {config.num_layers}")
+    missing = [name for name in want if name not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint {folder} is missing tensor {missing[0]!r} ({len(missing)} missing)")
+    for name in (n for n in tensors if n not in want):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            want[name] = (config.vocab_size, config.hidden_size)  # NOTE: unused (tied), but it must fit
+        elif not IGNORED.fullmatch(name):
+            raise ValueError(f"checkpoint {folder} has tensor {name!r}, which a {_describe(config)} model "
+                             "does not have")
+    for name, want_shape in want.items():  # in model order: the embedding first, then layer by layer
+        a = tensors[name]
+        if a.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"checkpoint {folder}: tensor {name!r} has dtype {a.dtype}; only float64/32/16 and "
+                             "bfloat16 weights load (quantized checkpoints are not supported)")
+        if tuple(a.shape) != want_shape:
+            raise ValueError(f"checkpoint {folder}: tensor {name!r} has shape {list(a.shape)} but config.json "
+                             f"implies {list(want_shape)}")
+
+
+def _describe(config: ModelConfig) -> str:
+    return ("tied" if config.tie_word_embeddings else "untied") + (", q/k/v-biased" if config.qkv_bias else "")
+
+
+def checkpoint_dtype(hf: dict, tensors: dict[str, np.ndarray], folder) -> np.dtype:
+    """The dtype the checkpoint's authors chose: ``dtype`` / ``torch_dtype`` of config.json, else the dtype
+    holding most of its tensors' bytes. One the engine cannot run (float64, "auto") raises ``ValueError``."""
+    name, source = torch_dtype(hf, f"{folder}/config.json"), f"{folder}/config.json names dtype"
+    if name is None:
+        nbytes: dict[np.dtype, int] = {}
+        for a in tensors.values():
+            nbytes[a.dtype] = nbytes.get(a.dtype, 0) + a.nbytes
+        name, source = max(nbytes, key=nbytes.get), f"checkpoint {folder}: its tensors are mostly"
+    try:
+        return dtype_of(name)
+    except ValueError:
+        raise ValueError(f"{source} {str(name)!r}, not one the engine runs (float16, bfloat16, float32); "
+                         "pass dtype= to convert") from None
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -63,31 +102,23 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
     if not files:
         raise ValueError(f"no *.safetensors file in {folder}")
     tensors: dict[str, np.ndarray] = {}
+    where: dict[str, Path] = {}
     for f in files:
-        tensors.update(load_file(f))
+        for name, a in load_file(f).items():  # memory-mapped: nothing is copied here
+            if name in tensors:
+                raise ValueError(f"checkpoint {folder}: tensor {name!r} is in both {where[name].name} and {f.name}")
+            tensors[name], where[name] = a, f
     return tensors
 
 
-def _checkpoint_dtype(hf: dict, dtype):
-    if dtype is not None:
-        return dtype_of(dtype)
-    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    try:
-        return dtype_of(name)
-    except ValueError:
-        return dtype_of("float32")
-
-
 class _Tensors:
-    """Named tensors → the backend in one dtype; a missing name raises ``ValueError`` naming it."""
+    """Checked tensors → the backend in one dtype."""
 
-    def __init__(self, tensors, dtype, xp, folder):
-        self.tensors, self.dtype, self.xp, self.folder = tensors, dtype, xp, folder
+    def __init__(self, tensors, dtype, xp):
+        self.tensors, self.dtype, self.xp = tensors, dtype, xp
 
     def host(self, name, transpose=False):
-        if name not in self.tensors:
-            raise ValueError(f"checkpoint {self.folder} is missing tensor {name!r}")
-        a = np.asarray(self.tensors[name]).astype(self.dtype)
+        a = self.tensors[name].astype(self.dtype)
         return a.T if transpose else a
 
     def get(self, *names, transpose=False, axis=-1):
@@ -109,24 +140,31 @@ def _layer(t: _Tensors, i: int, config: ModelConfig) -> LayerWeights:
     )
 
 
-def load_checkpoint(folder, *, dtype=None, device="auto") -> tuple[ModelConfig, ModelWeights]:
+def load_checkpoint(folder, dtype=None, *, device="auto") -> tuple[ModelConfig, ModelWeights]:
     """Read ``folder/config.json`` and every ``folder/*.safetensors``.
 
     Args:
-        dtype: weights' dtype (default: the checkpoint's ``dtype`` / ``torch_dtype``, else float32).
+        dtype: the weights' dtype; None (default) keeps the checkpoint's own (``dtype`` / ``torch_dtype`` of
+            config.json, else its tensors'): a bfloat16 checkpoint stays bfloat16.
+        device: ``"auto" | "gpu" | "cpu"`` or a :class:`pagedkv.backend.Backend`.
     Returns:
         ``(config, weights)`` with the weights on ``device``'s backend.
     Raises:
-        ValueError: no config.json, an unsupported architecture or option, a missing tensor.
+        ValueError: no config.json, a malformed or unsupported config field, a bad safetensors file
+            (``SafetensorsError``), a tensor missing, unexpected or of the wrong shape, before any copy.
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json")
-    hf = json.loads((folder / "config.json").read_text())
-    tensors = _read_tensors(folder) if hf.get("architectures", [None])[0] in ARCHITECTURES else {}
-    config = config_from_hf(hf, tied_default="lm_head.weight" not in tensors)
+    hf = read_json_object(folder / "config.json")
+    source = f"{folder / 'config.json'}"
+    config_from_hf(hf, source=source)  # NOTE: the config is checked before any file is opened
+    tensors = _read_tensors(folder)
+    config = config_from_hf(hf, tied_default="lm_head.weight" not in tensors, source=source)
+    check_tensors(tensors, config, folder)
+    target = dtype_of(dtype) if dtype is not None else checkpoint_dtype(hf, tensors, folder)
     backend = get_backend(device) if isinstance(device, str) else device
-    t = _Tensors(tensors, _checkpoint_dtype(hf, dtype), backend.xp, folder)
+    t = _Tensors(tensors, target, backend.xp)
     layers = [_layer(t, i, config) for i in range(config.num_layers)]
     embed = t.get("model.embed_tokens.weight")
     lm_head = embed.T if config.tie_word_embeddings else t.get("lm_head.weight", transpose=True)

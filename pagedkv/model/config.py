@@ -1,7 +1,27 @@
 """Model configuration: a Llama-architecture decoder (Llama and Qwen2 families) and named presets."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_float(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_llama3(scaling) -> None:
+    """``(factor >= 1, low > 0, high > low, original_max_position >= 1)`` or None."""
+    if scaling is None:
+        return
+    ok = isinstance(scaling, tuple) and len(scaling) == 4 and all(_is_positive_float(x) for x in scaling[:3]) \
+        and scaling[0] >= 1 and scaling[2] > scaling[1] and _is_int(scaling[3]) and scaling[3] >= 1
+    if not ok:
+        raise ValueError("rope_llama3_scaling must be None or (factor >= 1, low_freq_factor > 0, high_freq_factor "
+                         f"> low_freq_factor, original_max_position_embeddings >= 1), got {scaling!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,14 +51,19 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
-            raise ValueError(f"rope_theta and rms_norm_eps must be > 0, got {self.rope_theta}, {self.rms_norm_eps}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not _is_positive_float(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("tie_word_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_llama3(self.rope_llama3_scaling)
 
     @property
     def qkv_size(self) -> int:

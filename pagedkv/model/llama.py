@@ -6,7 +6,7 @@ sequence)::
     h = rms_norm(x)
     q|k|v = h @ wqkv (+ bqkv)  ─► RoPE(q, k) at positions
     write_kv(k, v, slot_mapping)                          # into the paged pool, layer ``l``
-    attn = attention of each new token over its sequence's cache (prefill: prefix + new; decode: paged_attention)
+    attn = prefill_attention over each sequence's pages (prefill: prefix + new) | paged_attention (decode)
     x = x + attn @ wo
     x = x + silu(h2 @ w_gate) * (h2 @ w_up) @ w_down       # h2 = rms_norm(x), gate|up fused
 """
@@ -115,9 +115,10 @@ class LlamaModel:
         config: the model shapes; weights: on ``backend``, in one dtype.
         max_positions: rotary tables are built for positions ``[0, max_positions)``.
         fused: on a GPU, use fused elementwise kernels (``pagedkv.model.fused``) when they self-check.
-        paged_prefill: prefill attention through the paged decode kernel, one query row per token (default on
-            a GPU); False: dense float32 products over padded groups; None on the CPU: the float64 reference
-            over each sequence's cache, the same arithmetic for a decode row, a prefill chunk or a whole prompt.
+        paged_prefill: prefill attention through the paged prefill op, one launch per layer for the whole batch
+            (default on a GPU); False: dense float32 products over padded groups; None on the CPU: the float64
+            reference over each sequence's cache, the same arithmetic for a decode row, a prefill chunk or a
+            whole prompt.
 
     On a GPU the matrix products go through :mod:`pagedkv.model.cublas` (capturable into CUDA graphs) when it
     loads and self-checks; ``gemm_error`` / ``fused_error`` say why a fallback was taken (None: none was).
@@ -183,23 +184,28 @@ class LlamaModel:
         return attend
 
     def _paged_prefill(self, batch: PrefillBatch, kv_cache):
-        """Causal attention as decode attention: each new token is one query over its own prefix.
+        """Causal attention through the paged prefill op: one launch per layer for the whole batch.
 
-        ``_layers`` writes a layer's K/V into the cache before it attends, so token ``t`` of a sequence reads
-        positions ``[0, t]`` through the sequence's block table (a cached, forked prefix included) with one
-        launch of the paged decode kernel per layer::
+        ``_layers`` writes a layer's K/V into the cache before it attends, so each sequence's new tokens read
+        positions ``[0, num_cached + n)`` through its block table (a cached, forked prefix included)::
 
-            tokens        a0 a1 a2 | b0 b1          (sequence b had 4 cached tokens)
-            block table   A  A  A  | B  B           (each sequence's row, repeated per token)
-            context_lens  1  2  3  | 5  6
+            q rows            a0 a1 a2 | b0 b1          (sequence b had 4 cached tokens)
+            query_start_loc   0        3        5
+            context_lens      3        | 6
+            block_tables      [A...]   | [B...]         (one row per sequence, padded with 0)
         """
         xp = self.xp
-        block_tables = xp.asarray(batch.token_block_tables())
-        context_lens = xp.asarray(np.asarray(batch.positions, dtype=np.int32) + 1)
+        width = max(len(t) for t in batch.block_tables)
+        tables = np.zeros((len(batch.block_tables), width), dtype=np.int32)
+        for row, table in zip(tables, batch.block_tables):
+            row[: len(table)] = table
+        starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int32)
+        lens = (np.asarray(batch.num_cached) + np.asarray(batch.seq_lens)).astype(np.int32)
+        block_tables, query_start_loc, context_lens = xp.asarray(tables), xp.asarray(starts), xp.asarray(lens)
 
         def attend(layer, q, k, v):
-            return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), block_tables,
-                                       context_lens, scale=self.scale, check=self.check)
+            return ops.prefill_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), block_tables,
+                                         query_start_loc, context_lens, scale=self.scale, check=self.check)
         return attend
 
     def _dense_prefill(self, batch: PrefillBatch, kv_cache, starts):

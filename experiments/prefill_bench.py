@@ -1,0 +1,306 @@
+"""prefill_bench: causal prefill attention on tensor cores against torch SDPA, then engine time to first token
+(``python -m experiments.prefill_bench``).
+
+In one run, on one GPU:
+  1. Kernel (GQA 32/8 heads, float16, head_dim 64 and 128, block size 16, block tables = a random permutation
+     of the pool): one sequence of 2k / 8k / 32k new tokens; a varlen batch of 16 prompts with lengths
+     U[64, 4096] (seed 0); 512 new tokens after a 4k cached prefix. Version 2 with its default tile and the
+     alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES`` and version 3 (wgmma, on sm_90), beside torch SDPA
+     on contiguous [1, heads, tokens, head_dim] tensors
+     (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
+     is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
+     ``enable_gqa=True``; the faster is the baseline.
+     FLOPs, counted the same way for both: 4 * head_dim * num_qo_heads * attended (query, key) pairs, with
+     n * cached + n (n + 1) / 2 pairs per sequence (q.k and p.v, 2 FLOPs per multiply-add; softmax not counted).
+  2. Engine time to first token: ``LLMEngine`` (llama-1b preset, float16, random weights, cuda_graph off, so
+     prefill runs eagerly through the prefill op) ``generate(max_tokens=1)`` on one prompt of 2k / 8k / 32k
+     random tokens, beside a transformers ``LlamaForCausalLM`` of the same shape (random weights, SDPA,
+     float16, logits of the last position only) in the same process.
+Kernel times: median of ``--runs`` CUDA-event-timed launches after 3 warm-ups. TTFT: median wall time of
+``--ttft-runs`` calls after one warm-up (each call ends with the sampled token on the host).
+JSON with ``--output-json [PATH]`` (default path ``benchmarks/results/prefill_bench_<gpu>_<date>.json``).
+"""
+from __future__ import annotations
+
+import datetime
+import re
+import statistics
+import time
+
+import numpy as np
+
+from . import cli
+
+SEED = 0
+WARMUP = 3
+BLOCK_SIZE = 16
+NUM_QO_HEADS, NUM_KV_HEADS = 32, 8
+HEAD_DIMS = (64, 128)
+VARLEN = (16, 64, 4096)  # prompts, shortest, longest
+CASES = ("2k", "8k", "32k", "varlen", "cached")
+TARGETS = {"2k": 0.5, "8k": 0.6, "32k": 0.6, "varlen": 0.5, "cached": None}  # kernel / SDPA TFLOP/s (issue 12)
+TTFT_LENS = (2048, 8192, 32768)
+TTFT_TARGETS = {2048: 1.0, 8192: 1.3, 32768: 1.3}  # engine / transformers time (issue 12)
+
+
+def case_lengths(name: str) -> tuple[list[int], list[int]]:
+    """(new tokens, cached tokens) per sequence of a named case."""
+    if name == "varlen":
+        n, lo, hi = VARLEN
+        return np.random.default_rng(SEED).integers(lo, hi + 1, n).tolist(), [0] * n
+    if name == "cached":
+        return [512], [4096]
+    return [int(name[:-1]) * 1024], [0]
+
+
+def parse(argv):
+    parser = cli.Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="kernel cases (default: all)")
+    parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS), choices=HEAD_DIMS)
+    parser.add_argument("--runs", type=int, default=20, help="timed launches per kernel measurement (3..1000)")
+    parser.add_argument("--no-variants", action="store_true", help="time only the default version-2 tile")
+    parser.add_argument("--ttft-lens", nargs="*", type=int, default=list(TTFT_LENS), choices=TTFT_LENS,
+                        help="prompt lengths of the engine TTFT part (none: skip it)")
+    parser.add_argument("--ttft-runs", type=int, default=3, help="timed calls per TTFT measurement (1..50)")
+    parser.add_argument("--output-json", nargs="?", const="default", default=None, metavar="PATH",
+                        help="write the results as JSON (PATH omitted: "
+                             "benchmarks/results/prefill_bench_<gpu>_<date>.json)")
+    args = parser.parse_args(argv)
+    cli.in_range("--runs", args.runs, 3, 1000)
+    cli.in_range("--ttft-runs", args.ttft_runs, 1, 50)
+    return args
+
+
+def median_ms(cp, fn, runs: int) -> float:
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return statistics.median(times)
+
+
+def build_case(cp, rng, new, cached, head_dim):
+    """Random float16 q and a shuffled paged pool holding each sequence's context; host tables."""
+    ctx = [n + c for n, c in zip(new, cached)]
+    used = [-(-c // BLOCK_SIZE) for c in ctx]
+    perm = rng.permutation(sum(used)).astype(np.int32)
+    tables = np.zeros((len(ctx), max(used)), dtype=np.int32)
+    for i, u in enumerate(used):
+        tables[i, :u] = perm[sum(used[:i]):sum(used[:i]) + u]
+    shape = (sum(used), NUM_KV_HEADS, BLOCK_SIZE, head_dim)
+    k = cp.random.standard_normal(shape, dtype=cp.float32).astype(cp.float16)
+    v = cp.random.standard_normal(shape, dtype=cp.float32).astype(cp.float16)
+    q = cp.random.standard_normal((sum(new), NUM_QO_HEADS, head_dim), dtype=cp.float32).astype(cp.float16)
+    starts = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    return q, k, v, tables, starts, np.asarray(ctx, dtype=np.int32)
+
+
+def sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx):
+    """Per sequence: contiguous [1, heads, tokens, head_dim] q and K/V gathered out of the pool."""
+    seqs = []
+    for i, length in enumerate(ctx):
+        blocks = cp.asarray(tables[i, :-(-int(length) // BLOCK_SIZE)])
+
+        def dense(cache):  # [blocks, heads, bs, d] -> [1, heads, length, d]
+            g = cache[blocks].transpose(1, 0, 2, 3).reshape(NUM_KV_HEADS, -1, cache.shape[-1])[:, :length]
+            return torch.from_dlpack(cp.ascontiguousarray(g)).unsqueeze(0)
+
+        qi = torch.from_dlpack(cp.ascontiguousarray(q[starts[i]:starts[i + 1]].transpose(1, 0, 2))).unsqueeze(0)
+        seqs.append((qi, dense(k), dense(v)))
+    return seqs
+
+
+def sdpa_runner(torch, seqs, expand: bool):
+    """One SDPA call per sequence; the causal diagonal aligned bottom-right (queries = the last positions)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    group = NUM_QO_HEADS // NUM_KV_HEADS
+    calls = []
+    for qi, ki, vi in seqs:
+        if expand:
+            ki, vi = ki.repeat_interleave(group, dim=1).contiguous(), vi.repeat_interleave(group, dim=1).contiguous()
+        n, length = qi.shape[2], ki.shape[2]
+        mask = dict(is_causal=True) if n == length else dict(attn_mask=causal_lower_right(n, length))
+        calls.append((qi, ki, vi, dict(mask, enable_gqa=not expand)))
+    return lambda: [F.scaled_dot_product_attention(qi, ki, vi, **kw) for qi, ki, vi, kw in calls]
+
+
+def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
+    from pagedkv import kernels_prefill as kp
+
+    new, cached = case_lengths(name)
+    q, k, v, tables, starts, ctx = build_case(cp, rng, new, cached, head_dim)
+    bt, qsl, cl = cp.asarray(tables), cp.asarray(starts), cp.asarray(ctx)
+    flops = sum(kp.causal_flops(n, c, NUM_QO_HEADS, head_dim) for n, c in zip(new, cached))
+    row = {"case": name, "head_dim": head_dim, "num_seqs": len(new), "new_tokens": sum(new),
+           "cached_tokens": sum(cached), "flops": flops, "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS[name]}
+    seqs, ref = sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx), None
+    for label, expand in (("sdpa_expanded", True), ("sdpa_enable_gqa", False)):
+        try:
+            runner = sdpa_runner(torch, seqs, expand)
+            row[label] = {"ms": median_ms(cp, runner, args.runs)}
+            row[label]["tflops"] = flops / row[label]["ms"] / 1e9
+            if ref is None:
+                ref = cp.concatenate([cp.from_dlpack(o[0].transpose(0, 1).contiguous()) for o in runner()])
+        except Exception as exc:
+            row[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    sdpa = [row[lab] for lab in ("sdpa_expanded", "sdpa_enable_gqa") if "ms" in row[lab]]
+    row["sdpa"] = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
+    del seqs
+    out = cp.empty_like(q)
+    default = kp.DEFAULT_CONFIGS[head_dim]
+    variants = [(default.label, default, (), None)]
+    if not args.no_variants:
+        variants += [(c.label, c, (), None) for c in kp.BENCH_CONFIGS]
+        variants += [(f"{default.label}_{name}", default, defines, None) for name, defines in kp.BENCH_DEFINES]
+        if head_dim in kp.V3_HEAD_DIMS and kp.v3_available(cp.cuda.Device().id):
+            variants += [("v3_wgmma", None, (), 3), ("v3_wgmma_line_loads", None, (("PAGEDKV_V3_LINE_LOADS", 1),), 3)]
+    for label, cfg, defines, version in variants:
+        def run():
+            kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg, defines=defines,
+                                 version=version)
+        try:
+            ms = median_ms(cp, run, args.runs)
+        except Exception as exc:  # a variant may fail to build or launch; the default must not
+            if label == default.label:
+                raise
+            row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        err = None if ref is None else float(cp.linalg.norm((out - ref).astype(cp.float32))
+                                             / cp.linalg.norm(ref.astype(cp.float32)))
+        row.setdefault("variants", {})[label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_sdpa": err}
+    row["ours"] = row["variants"][default.label] | {"config": default.label}
+    best = max(row["variants"], key=lambda c: row["variants"][c]["tflops"])
+    row["best"] = row["variants"][best] | {"config": best}
+    row["ratio"] = row["ours"]["tflops"] / row["sdpa"]["tflops"] if sdpa else None
+    return row
+
+
+def engine_ttft(cp, torch, lengths, runs: int) -> list[dict]:
+    """Time to first token: the engine beside a transformers model of the same shape (random weights)."""
+    from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
+    from pagedkv.model.config import PRESETS
+
+    c, rng = PRESETS["llama-1b"], np.random.default_rng(SEED)
+    prompts = {n: rng.integers(0, c.vocab_size, n).tolist() for n in lengths}
+    max_len = max(lengths) + BLOCK_SIZE
+    engine = LLMEngine(EngineConfig(model="llama-1b", dtype="float16", device="gpu", block_size=BLOCK_SIZE,
+                                    num_blocks=-(-max_len // BLOCK_SIZE) + 64, max_model_len=max_len,
+                                    max_num_batched_tokens=max_len, max_num_seqs=1, cuda_graph=False))
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    rows = []
+    for n in lengths:
+        call = lambda: engine.generate([prompts[n]], params, progress=False)  # noqa: E731
+        rows.append({"prompt_tokens": n, "engine_ms": _wall_ms(cp, call, runs), "target": TTFT_TARGETS[n]})
+    del engine
+    cp.get_default_memory_pool().free_all_blocks()
+    model = _hf_model(torch, c)
+    for row in rows:
+        ids = torch.tensor([prompts[row["prompt_tokens"]]], device="cuda")
+        with torch.no_grad():
+            row["transformers_ms"] = _wall_ms(cp, lambda: model(ids, logits_to_keep=1).logits.argmax(-1).item(), runs)
+        row["ratio"] = row["engine_ms"] / row["transformers_ms"]
+    return rows
+
+
+def _wall_ms(cp, fn, runs: int) -> float:
+    fn()  # warm-up: kernel compiles, plans, allocator
+    times = []
+    for _ in range(runs):
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        fn()
+        cp.cuda.Device().synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _hf_model(torch, c):
+    import transformers
+
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+                  head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                  tie_word_embeddings=c.tie_word_embeddings, attn_implementation="sdpa")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+        config = transformers.LlamaConfig(**common, rope_parameters=rope)
+    else:
+        config = transformers.LlamaConfig(**common, rope_theta=c.rope_theta)
+    torch.manual_seed(SEED)
+    with torch.device("cuda"):
+        return transformers.LlamaForCausalLM(config).to(torch.float16).eval()
+
+
+def print_tables(result: dict) -> None:
+    from rich.table import Table
+
+    console = cli.console()
+    table = Table(title=f"causal prefill attention, {result['gpu']}, {result['date']}: GQA 32/8, float16, block 16 "
+                        f"(TFLOP/s = 4 * head_dim * heads * attended pairs / time)")
+    for col in ("case", "hd", "new / cached", "GFLOP", "ours ms", "ours TF/s", "best variant", "best TF/s",
+                "sdpa ms", "sdpa TF/s", "ours/sdpa", "target", "err vs sdpa"):
+        table.add_column(col, justify="right")
+    for r in result["kernel"]:
+        sdpa, nan = r["sdpa"] or {}, float("nan")
+        table.add_row(r["case"], str(r["head_dim"]), f"{r['new_tokens']} / {r['cached_tokens']}",
+                      f"{r['flops'] / 1e9:.1f}", f"{r['ours']['ms']:.3f}", f"{r['ours']['tflops']:.0f}",
+                      r["best"]["config"], f"{r['best']['tflops']:.0f}", f"{sdpa.get('ms', nan):.3f}",
+                      f"{sdpa.get('tflops', nan):.0f}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                      "-" if r["target_ratio"] is None else f">= {r['target_ratio']}x",
+                      f"{r['ours']['rel_err_vs_sdpa'] or nan:.1e}")
+    console.print(table)
+    if result.get("ttft"):
+        table = Table(title="time to first token: LLMEngine (llama-1b, float16, cuda_graph off) vs transformers (SDPA)")
+        for col in ("prompt tokens", "engine ms", "transformers ms", "engine / transformers", "target"):
+            table.add_column(col, justify="right")
+        for r in result["ttft"]:
+            table.add_row(str(r["prompt_tokens"]), f"{r['engine_ms']:.1f}", f"{r['transformers_ms']:.1f}",
+                          f"{r['ratio']:.2f}x", f"<= {r['target']}x")
+        console.print(table)
+
+
+@cli.guarded
+def main(argv=None) -> dict:
+    args = parse(argv)
+    from pagedkv.backend import gpu_status
+
+    usable, reason = gpu_status()
+    if not usable:  # one line and exit code 2, no traceback
+        raise cli.FlagError(f"prefill_bench measures a GPU and none is usable: {reason}")
+    import cupy as cp
+    import torch
+
+    cp.random.seed(SEED)
+    rng = np.random.default_rng(SEED)
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    result = {"gpu": gpu, "date": str(datetime.date.today()), "runs": args.runs, "block_size": BLOCK_SIZE,
+              "heads": [NUM_QO_HEADS, NUM_KV_HEADS], "dtype": "float16", "torch": torch.__version__,
+              "flops": "4 * head_dim * num_qo_heads * sum_i (n_i * cached_i + n_i (n_i + 1) / 2)", "kernel": []}
+    for head_dim in args.head_dims:
+        for name in args.cases:
+            result["kernel"].append(kernel_case(cp, torch, rng, name, head_dim, args))
+            cp.get_default_memory_pool().free_all_blocks()
+            torch.cuda.empty_cache()
+    if args.ttft_lens:
+        result["ttft"] = engine_ttft(cp, torch, sorted(args.ttft_lens), args.ttft_runs)
+    print_tables(result)
+    if args.output_json:
+        path = args.output_json
+        if path == "default":
+            gpu_tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+            path = f"benchmarks/results/prefill_bench_{gpu_tag}_{result['date']}.json"
+        print(f"wrote {cli.write_json(path, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Launchers of ``kernels_cu/prefill_attention.cu``: causal prefill attention over the paged KV cache.
+
+Version 1 runs on CUDA cores for every dtype (the float32 path, and a GPU oracle); version 2 runs on tensor
+cores (mma.sync) for float16 / bfloat16 (the default for them); version 3 (wgmma, sm_90a, head_dim 64 / 128)
+is opt-in: correct, but slower than version 2 on the benchmark (kernels_cu/NOTES_prefill.md). Both take arrays already shape/dtype-checked by
+:func:`pagedkv.ops.prefill_attention`; here we check what only the launcher knows (head_dim, block size,
+contiguity, alignment), run the GPU-side range check (one small kernel and one 24-byte read, skipped with
+``check=False``), work out the launch shape and launch.
+
+The launch shape depends on array shapes only, never on device values, so a launch can be captured in a
+CUDA graph and replayed with new lengths: version 2 launches the plan kernel (one block) and
+``capacity(...) * num_kv_heads`` blocks; version 1 launches ``(num_tokens, num_qo_heads)`` blocks.
+
+Loading and caching the modules reuses :mod:`pagedkv.kernels` (``_function``, ``_dt_code``, ...).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .kernels import _U64_MAX, KernelCompileError, _dt_code, _function, _int32_contiguous, cu_source, num_sms
+
+FILENAME = "prefill_attention.cu"
+HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)
+VERSIONS = (1, 2, 3)
+V1_THREADS = 128  # PAGEDKV_PREFILL_V1_THREADS
+V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles, 4 stages
+V3_THREADS, V3_BLOCK_M, V3_BLOCK_N, V3_STAGES = 256, 128, 64, 4
+PLAN_THREADS = 1024  # PAGEDKV_PLAN_THREADS
+CHECK_THREADS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TileConfig:
+    """Version 2's thread-block shape (the template parameters after DT and HEAD_DIM).
+
+    ``num_warps`` warps of ``16 * m_tiles`` GQA-packed query rows each walk K/V tiles of ``block_n`` keys held
+    in a ``stages``-deep cp.async pipeline.
+    """
+
+    num_warps: int
+    m_tiles: int
+    block_n: int
+    stages: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.num_warps
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.m_tiles * self.num_warps
+
+    def smem_bytes(self, head_dim: int) -> int:
+        """Mirror of ``V2::SMEM_BYTES``: Q tile, K and V stages (rows padded by 8 elements), row offsets."""
+        return (self.block_m + 2 * self.stages * self.block_n) * (head_dim + 8) * 2 + self.stages * self.block_n * 8
+
+    def kernel_name(self, dt: int, head_dim: int) -> str:
+        return (f"prefill_attention_v2_kernel<{dt}, {head_dim}, {self.num_warps}, {self.m_tiles}, {self.block_n}, "
+                f"{self.stages}>")
+
+    @property
+    def label(self) -> str:
+        return f"w{self.num_warps}m{self.m_tiles}n{self.block_n}s{self.stages}"
+
+
+# NOTE: 4 warps x 32 rows (FlashAttention-2's 128 x 64 tile) where ptxas fits it in 255 registers without
+# spilling; 4 warps x 16 rows where it does not (96, 160+). 192 and 256 use 32-key tiles so that two blocks
+# fit an H100 SM's shared memory. Measurements: kernels_cu/NOTES_prefill.md.
+DEFAULT_CONFIGS: dict[int, TileConfig] = {
+    32: TileConfig(4, 2, 64, 2), 64: TileConfig(4, 2, 64, 2), 80: TileConfig(4, 2, 64, 2),
+    96: TileConfig(4, 1, 64, 2), 112: TileConfig(4, 2, 64, 2), 128: TileConfig(4, 2, 64, 2),
+    160: TileConfig(4, 1, 64, 2), 192: TileConfig(4, 1, 32, 2), 256: TileConfig(4, 1, 32, 2),
+}
+# alternatives timed by experiments/prefill_bench.py beside the default (head_dim 64 and 128): a tile shape,
+# and the default tile compiled with -D overrides: (label, config or None for the default, defines)
+BENCH_CONFIGS: tuple[TileConfig, ...] = (TileConfig(8, 1, 64, 2),)
+BENCH_DEFINES: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
+
+
+def capacity(num_tokens: int, num_seqs: int, group: int, block_m: int) -> int:
+    """Work items version 2 launches per KV head: an upper bound on ``sum_i ceil(n_i * group / block_m)``
+    over every batch with ``sum_i n_i <= num_tokens`` (each sequence adds at most one partial tile)."""
+    return -(-num_tokens * group // block_m) + num_seqs
+
+
+def v1_names(dt: int, head_dim: int) -> tuple[str, ...]:
+    return (f"prefill_attention_v1_kernel<{dt}, {head_dim}>",)
+
+
+def launched_names(dt: int, head_dim: int) -> tuple[str, ...]:
+    """Every template instantiation the launcher may launch for (dt, head_dim) (the compile test's list)."""
+    names = v1_names(dt, head_dim)
+    if dt != 0:
+        configs = (DEFAULT_CONFIGS[head_dim], *(BENCH_CONFIGS if head_dim in (64, 128) else ()))
+        names += tuple(c.kernel_name(dt, head_dim) for c in configs)
+    return names
+
+
+def v3_names() -> tuple[str, ...]:
+    """Version 3's instantiations (built for sm_90a only)."""
+    return tuple(f"prefill_attention_v3_kernel<{dt}, {hd}>" for dt in (1, 2) for hd in V3_HEAD_DIMS)
+
+
+def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = ()):
+    name = config.kernel_name(dt, head_dim)
+    kernel = _function(FILENAME, name, (name,), tuple(defines))
+    smem = config.smem_bytes(head_dim)
+    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
+    return kernel
+
+
+def _v1_kernel(dt: int, head_dim: int):
+    return _function(FILENAME, v1_names(dt, head_dim)[0], v1_names(dt, head_dim))
+
+
+def _plain_kernel(name: str):
+    """The extern "C" kernels (plan, check): a module without template instantiations compiles fast."""
+    return _function(FILENAME, name)
+
+
+def v3_smem_bytes(head_dim: int) -> int:
+    """Mirror of ``PAGEDKV_V3_SMEM_BYTES``: Q tile, the K and V stages, row offsets."""
+    return (V3_BLOCK_M + 2 * V3_STAGES * V3_BLOCK_N) * head_dim * 2 + V3_STAGES * V3_BLOCK_N * 8
+
+
+@lru_cache(maxsize=None)
+def v3_available(device_id: int) -> bool:
+    """Version 3 needs compute capability 9.0 (H100 / H200): wgmma is an sm_90a instruction."""
+    import cupy
+
+    return cupy.cuda.Device(device_id).compute_capability == "90"
+
+
+@lru_cache(maxsize=None)
+def _v3_kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
+    """Version 3 compiled for sm_90a by NVRTC directly: ``(module, function)``.
+
+    NOTE: CuPy's RawModule appends its own ``-arch=sm_90``, under which ptxas rejects wgmma, so this module is
+    built here (no disk cache: about a second per instantiation, once per process).
+    """
+    import cupy
+    from cupy_backends.cuda.libs import nvrtc
+
+    name = f"prefill_attention_v3_kernel<{dt}, {head_dim}>"
+    prog = nvrtc.createProgram(cu_source(FILENAME), FILENAME, (), ())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a", *(f"-D{k}={v}" for k, v in defines)))
+        except nvrtc.NVRTCError as exc:
+            raise KernelCompileError(f"compiling {FILENAME} {name} for sm_90a failed:\n"
+                                     f"{nvrtc.getProgramLog(prog)}") from exc
+        lowered, cubin = nvrtc.getLoweredName(prog, name), nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    function = module.get_function(lowered)
+    cupy.cuda.driver.funcSetAttribute(function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                      v3_smem_bytes(head_dim))
+    return module, function
+
+
+def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, block_size: int,
+                 num_tokens: int) -> None:
+    """GPU-side range check: one kernel, then one 24-byte device-to-host read.
+
+    Raises ``ValueError`` for ``query_start_loc`` not non-decreasing from >= 0 to <= num_tokens, a length
+    outside ``[n_i, max_blocks * block_size]``, or a used table entry outside ``[0, num_blocks)``.
+    """
+    import cupy
+
+    num_seqs, max_blocks = block_tables.shape
+    bad = cupy.empty(3, dtype=cupy.uint64)
+    cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, bad.nbytes, cupy.cuda.get_current_stream().ptr)
+    work = num_seqs * max_blocks + num_seqs + 1
+    grid = min(max(1, -(-work // CHECK_THREADS)), 4 * num_sms(cupy.cuda.Device().id))
+    _plain_kernel("prefill_check_kernel")((grid,), (CHECK_THREADS,), (
+        query_start_loc, context_lens, block_tables, cupy.int32(num_seqs), cupy.int32(max_blocks),
+        cupy.int32(num_blocks), cupy.int32(block_size.bit_length() - 1), cupy.int32(num_tokens), bad))
+    bad_start, bad_len, bad_entry = (int(x) for x in bad.get())
+    if bad_start != _U64_MAX:
+        raise ValueError(f"query_start_loc[{bad_start}]={int(query_start_loc[bad_start])}: query_start_loc must be "
+                         f"non-decreasing, from >= 0 to <= num_tokens={num_tokens}")
+    if bad_len != _U64_MAX:
+        n = int(query_start_loc[bad_len + 1]) - int(query_start_loc[bad_len])
+        raise ValueError(f"context_lens[{bad_len}]={int(context_lens[bad_len])} outside [{n}, "
+                         f"{max_blocks * block_size}] (its new tokens .. max_blocks * block_size)")
+    if bad_entry != _U64_MAX:
+        i, j = divmod(bad_entry, max_blocks)
+        raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None, out=None,
+                      check=True, version=None, kv_dtype=None, config: TileConfig | None = None,
+                      defines: tuple = ()):
+    """Launch causal prefill attention (see :func:`pagedkv.ops.prefill_attention` for shapes).
+
+    ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16) or 3 (wgmma on sm_90, head_dim
+    64/128, float16/bfloat16); default 2 for 16-bit dtypes, 1 for float32. ``config`` picks a version-2 tile
+    shape (default :data:`DEFAULT_CONFIGS`) and ``defines`` the ``-D`` compile-time options of version 2 or 3,
+    e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
+    ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
+    ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
+    """
+    import cupy
+
+    num_blocks, _, block_size, head_dim = k_cache.shape
+    dt = _dt_code(q.dtype, kv_dtype)
+    version = (1 if dt == 0 else 2) if version is None else version
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if version >= 2 and dt == 0:
+        raise ValueError(f"version {version} (tensor cores) needs float16 or bfloat16; float32 runs version 1")
+    if version == 3 and (head_dim not in V3_HEAD_DIMS or not v3_available(cupy.cuda.Device().id)):
+        raise ValueError(f"version 3 needs head_dim in {V3_HEAD_DIMS} and a compute capability 9.0 GPU, got "
+                         f"head_dim {head_dim} on {cupy.cuda.Device().compute_capability}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if block_tables.shape[0] and block_tables.shape[1] == 0:
+        raise ValueError("block_tables has 0 columns: no context fits")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.c_contiguous or c.data.ptr % 16:
+            raise ValueError(f"{name} must be C-contiguous and 16-byte aligned")
+    q = cupy.ascontiguousarray(q)
+    if q.data.ptr % 16:
+        q = q.copy()
+    if out is None:
+        out = cupy.zeros(q.shape, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous or out.data.ptr % 16:
+        raise ValueError(f"out must be C-contiguous, 16-byte aligned {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
+    tables, starts, lens = (_int32_contiguous(a) for a in (block_tables, query_start_loc, context_lens))
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    if version == 1:
+        launch = _prepare_v1(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
+    elif version == 3:
+        launch = _prepare_v3(out, q, k_cache, v_cache, tables, starts, lens, scale, dt, defines)
+    else:
+        launch = _prepare_v2(out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
+                             config or DEFAULT_CONFIGS[head_dim], defines)
+    # NOTE: the range check makes the host wait for the GPU: every host-side step is done before it
+    if check:
+        check_ranges(tables, starts, lens, num_blocks, block_size, q.shape[0])
+    launch()
+    return out
+
+
+def _prepare_v1(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt):
+    """Version 1's launch as a closure: grid (num_tokens, num_qo_heads)."""
+    import cupy
+
+    num_tokens, num_qo_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    if num_tokens == 0 or num_seqs == 0:
+        return lambda: None
+    kernel = _v1_kernel(dt, head_dim)
+    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, cupy.int32(num_seqs),
+            cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(block_size.bit_length() - 1),
+            cupy.int32(max_blocks), cupy.float32(scale))
+    return lambda: kernel((num_tokens, num_qo_heads), (V1_THREADS,), args)
+
+
+def v2_launch_plan(q_shape, cache_shape, num_seqs: int, max_blocks: int, config: TileConfig) -> dict:
+    """Version 2's launch shape from array shapes alone: work-list capacity, grid, block, shared memory."""
+    num_tokens, num_qo_heads, head_dim = q_shape
+    _, num_kv_heads, block_size, _ = cache_shape
+    group = num_qo_heads // num_kv_heads
+    cap = capacity(num_tokens, num_seqs, group, config.block_m)
+    return {"group": group, "capacity": cap, "grid": cap * num_kv_heads, "threads": config.threads,
+            "smem": config.smem_bytes(head_dim), "max_work": max(1, -(-max_blocks * block_size // config.block_n))}
+
+
+def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt, config,
+                defines=()):
+    """Version 2's launch (plan kernel, then the attention grid) as a closure; scratch allocated now."""
+    import cupy
+
+    num_tokens, num_qo_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    plan = v2_launch_plan(q.shape, k_cache.shape, num_seqs, max_blocks, config)
+    if plan["capacity"] == 0 or num_tokens == 0:
+        return lambda: None
+    kernel, plan_kernel = _v2_kernel(dt, head_dim, config, defines), _plain_kernel("prefill_plan_kernel")
+    work_list = cupy.empty(2 * plan["capacity"], dtype=cupy.int32)
+    plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(plan["group"]),
+                 cupy.int32(config.block_m), cupy.int32(config.block_n), cupy.int32(plan["max_work"]),
+                 cupy.int32(plan["capacity"]))
+    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
+            cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.float32(scale * math.log2(math.e)))
+
+    def launch():
+        plan_kernel((1,), (PLAN_THREADS,), plan_args)
+        kernel((plan["grid"],), (plan["threads"],), args, shared_mem=plan["smem"])
+    return launch
+
+
+@lru_cache(maxsize=None)
+def causal_flops(num_new: int, num_cached: int, num_qo_heads: int, head_dim: int) -> int:
+    """FLOPs of causal attention for one sequence: 4 * head_dim * num_qo_heads * (attended (query, key) pairs),
+    pairs = n * num_cached + n (n + 1) / 2 (2 for q.k, 2 for p.v per pair and dim; softmax not counted)."""
+    pairs = num_new * num_cached + num_new * (num_new + 1) // 2
+    return 4 * head_dim * num_qo_heads * pairs
+
+
+
+def _prepare_v3(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt, defines=()):
+    """Version 3's launch (plan kernel, then the wgmma grid) as a closure; scratch allocated now."""
+    import cupy
+
+    num_tokens, num_qo_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_qo_heads // num_kv_heads
+    cap = capacity(num_tokens, num_seqs, group, V3_BLOCK_M)
+    if cap == 0 or num_tokens == 0:
+        return lambda: None
+    _, kernel = _v3_kernel(dt, head_dim, cupy.cuda.Device().id, tuple(defines))
+    plan_kernel = _plain_kernel("prefill_plan_kernel")
+    work_list = cupy.empty(2 * cap, dtype=cupy.int32)
+    max_work = max(1, -(-max_blocks * block_size // V3_BLOCK_N))
+    plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(group),
+                 cupy.int32(V3_BLOCK_M), cupy.int32(V3_BLOCK_N), cupy.int32(max_work), cupy.int32(cap))
+    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
+            cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(group),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.float32(scale * math.log2(math.e)))
+    smem = v3_smem_bytes(head_dim)
+
+    def launch():
+        plan_kernel((1,), (PLAN_THREADS,), plan_args)
+        kernel((cap * num_kv_heads,), (V3_THREADS,), args, shared_mem=smem)
+    return launch
