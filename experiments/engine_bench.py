@@ -1,13 +1,17 @@
 """engine_bench: workload W1 through LLMEngine — useful output tokens/s and the decode step at full batch.
 
 W1: 128 requests, seed 0, random prompt token ids, prompt lengths U[64, 512], output lengths U[64, 512],
-ignore_eos, greedy; model llama-1b, random weights, float16. Useful tokens/s = sum of requested output
+ignore_eos, greedy; model llama-1b, random weights, float16. Sampled W1 (the ``+sampled`` run, on a GPU): the
+same with temperature 0.8, top_p 0.95 and a seed per request (sampling on the device, in the CUDA graph). Useful tokens/s = sum of requested output
 lengths / wall time of ``generate`` (after a warm-up that compiles every kernel).
 
 The decode step at full batch: 128 sequences with W1's prompts, timed over many steps:
 
-    step wall        one engine step as generate() runs it: schedule + metadata + forward + argmax +
-                     one device→host copy + appending tokens
+    step wall        one engine step as generate() runs it (asynchronous scheduling on a GPU: step N+1 is
+                     scheduled and launched, then step N's tokens are read back and processed)
+    step breakdown   per step: GPU time of the retired step (CUDA events), host work (schedule, metadata,
+                     launch, output processing), host waiting for the GPU; exposed = wall - GPU (the GPU
+                     idle, waiting for the host), overlapped = host work - exposed (ran while the GPU was busy)
     forward GPU      CUDA events around model.decode (what the GPU spends)
     GEMMs / attention  the step's matrix products / paged attention alone, CUDA events
     memory floor     (weight bytes + K/V bytes read) / measured device bandwidth (a 1 GiB copy)
@@ -67,8 +71,12 @@ def sync(engine):
         engine.backend.xp.cuda.get_current_stream().synchronize()
 
 
-def run_w1(engine: LLMEngine, prompts, output_lens) -> dict:
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # sampled W1: seeded per request (seed = its index)
+
+
+def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False) -> dict:
+    params = [SamplingParams(**SAMPLED, seed=i, max_tokens=n, ignore_eos=True) if sampled else
+              SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for i, n in enumerate(output_lens)]
     engine.warmup_graphs()
     room = engine.config.max_model_len
     engine.generate(prompts[:4], [SamplingParams(temperature=0, max_tokens=min(8, room - len(p)), ignore_eos=True)
@@ -148,8 +156,29 @@ def _running_decode_inputs(engine: LLMEngine):
     branches = [b for r in engine.scheduler.running for b in r.active_branches()]
     seq_ids = [b.seq_id for b in branches]
     m = engine.manager
-    tokens = np.array([b.output_token_ids[-1] for b in branches], dtype=np.int32)
+    tokens = np.array([max(b.output_token_ids[-1], 0) for b in branches], dtype=np.int32)  # -1: in flight
     return tokens, m.context_lens(seq_ids), m.block_tables(seq_ids), m.slot_mapping(seq_ids)
+
+
+def _decode_batch(engine: LLMEngine, tokens, lens, tables, slots):
+    from pagedkv.model import DecodeBatch
+
+    xp = engine.backend.xp
+    return DecodeBatch(token_ids=xp.asarray(tokens), positions=xp.asarray(lens - 1), slot_mapping=xp.asarray(slots),
+                       block_tables=xp.asarray(tables), context_lens=xp.asarray(lens))
+
+
+def step_breakdown(walls: list, timings: list) -> dict:
+    """Medians per step: wall, GPU time, host work, host waiting; exposed (GPU idle) and overlapped host work."""
+    gpu = [t.gpu_s for t in timings]
+    out = {"step_host_s": float(np.median([t.host_s for t in timings])),
+           **{k: float(np.median([getattr(t, k) for t in timings])) for k in
+              ("schedule_s", "prepare_s", "launch_s", "wait_s", "process_s")}}
+    if all(g is not None for g in gpu):
+        exposed = [max(w - g, 0.0) for w, g in zip(walls, gpu)]
+        out.update(step_gpu_s=float(np.median(gpu)), host_exposed_s=float(np.median(exposed)),
+                   host_overlapped_s=float(np.median([max(t.host_s - e, 0.0) for t, e in zip(timings, exposed)])))
+    return out
 
 
 def _gemms(engine: LLMEngine, batch: int):
@@ -216,22 +245,25 @@ def profile_decode(engine: LLMEngine, prompts, steps: int, bandwidth) -> dict:
     while engine.scheduler.waiting or any(not r.started for r in engine.scheduler.running):
         engine.step()
     walls, timings = [], []
+    engine.runner.record_gpu_time = True
     for _ in range(steps):
         start = time.perf_counter()
         engine._step()  # what generate() runs: step() minus building RequestOutput objects
         walls.append(time.perf_counter() - start)
         timings.append(engine.last_step_timing)
+    engine.runner.record_gpu_time = False
     tokens, lens, tables, slots = _running_decode_inputs(engine)
-    batch = engine.decode_batch(tokens, lens, tables, slots)
+    while engine.has_unfinished_requests():  # NOTE: nothing in flight while the forward is timed alone
+        engine.step()
+    batch = _decode_batch(engine, tokens, lens, tables, slots)
     xp, model = engine.backend.xp, engine.model
-    out = {"batch": len(tokens), "step_wall_s": float(np.median(walls)),
-           **{k: float(np.median([getattr(t, k) for t in timings])) for k in
-              ("schedule_s", "decode_prepare_s", "decode_issue_s", "decode_sync_sample_s")},
-           "context_tokens": int(lens.sum())}
+    out = {"batch": len(tokens), "step_wall_s": float(np.median(walls)), **step_breakdown(walls, timings),
+           "async_scheduling": engine.async_scheduling, "context_tokens": int(lens.sum())}
     if engine.backend.is_gpu:
         out["forward_gpu_s"] = gpu_time(xp, lambda: model.decode(batch, engine.kv_cache))
-        if engine.graphs is not None:
-            out["graph_forward_gpu_s"] = gpu_time(xp, lambda: engine.graphs.run(tokens, lens, tables, slots))
+        if engine.graphs is not None:  # replay + the sampler in the graph, and the metadata upload
+            out["graph_forward_gpu_s"] = gpu_time(xp, lambda: engine.runner.decode_logits(tokens, lens, tables,
+                                                                                          slots))
         out["gemm_gpu_s"] = gpu_time(xp, _gemms(engine, len(tokens)))
         out["attention_gpu_s"] = gpu_time(xp, _attention(engine, batch))
         for name, fn in (("forward", lambda: model.decode(batch, engine.kv_cache)), ("gemm", _gemms(engine, len(tokens))),
@@ -249,8 +281,6 @@ def profile_decode(engine: LLMEngine, prompts, steps: int, bandwidth) -> dict:
         out.update(weight_bytes=model.weights.num_bytes(), kv_bytes_read=kv_bytes, bandwidth_gbs=bandwidth,
                    memory_floor_s=(model.weights.num_bytes() + kv_bytes) / (bandwidth * 1e9))
         out["ratio_step_to_floor"] = out["step_wall_s"] / out["memory_floor_s"]
-    while engine.has_unfinished_requests():
-        engine.step()
     return out
 
 
@@ -274,6 +304,7 @@ def _print(results: dict) -> None:
                       f"{1e3 * fwd:.2f}" if fwd else "-", ms("memory_floor_s"),
                       f"{p['ratio_step_to_floor']:.2f}" if "ratio_step_to_floor" in p else "-")
     Console(width=160).print(table)
+    _print_breakdown(results)
     for name, r in results["runs"].items():
         Console(width=160).print(f"[bold]{name}[/]: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in {**r, **r.get("profile", {})}.items()
@@ -366,12 +397,38 @@ def run_plan(args, backend, prompts, output_lens) -> dict:
                 runs[name]["profile"] = profile_decode(engine, prompts[:128], steps, bandwidth)
                 if engine.backend.is_gpu:
                     runs[name]["profile"].update(profile_prefill(engine, prompts[:48]))
+            if mode == "continuous" and graph == modes[-1] and backend.is_gpu:  # NOTE: fresh: no cached prefix
+                engine = make_engine(args, mode, graph, weights, max_num_seqs)
+                sampled = runs[name + "+sampled"] = run_w1(engine, prompts, output_lens, sampled=True)
+                sampled["sampled_over_greedy"] = sampled["useful_tokens_per_s"] / runs[name]["useful_tokens_per_s"]
         except Exception:  # a bug, not a user mistake (those are refused before the run): keep its traceback
             traceback.print_exc()
             runs[name] = {"error": traceback.format_exc(limit=3)}
         engine = None
-        print(_describe(runs, name), flush=True)
+        for run in (name, name + "+sampled"):
+            if run in runs:
+                print(_describe(runs, run), flush=True)
     return runs
+
+
+def _print_breakdown(results: dict) -> None:
+    """The decode step at full batch, split into GPU time and host work (overlapped or exposed)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [(n, r["profile"]) for n, r in results["runs"].items() if "step_host_s" in r.get("profile", {})]
+    if not rows:
+        return
+    table = Table(title="decode step @B: host work overlapped vs exposed (medians, ms)")
+    for col in ("run", "wall", "GPU", "host work", "overlapped", "exposed", "host waits", "schedule", "prepare",
+                "launch", "process"):
+        table.add_column(col, justify="right")
+    ms = lambda p, k: f"{1e3 * p[k]:.3f}" if p.get(k) is not None else "-"  # noqa: E731
+    for name, p in rows:
+        table.add_row(name, *(ms(p, k) for k in ("step_wall_s", "step_gpu_s", "step_host_s", "host_overlapped_s",
+                                                 "host_exposed_s", "wait_s", "schedule_s", "prepare_s", "launch_s",
+                                                 "process_s")))
+    Console(width=160).print(table)
 
 
 @cli.guarded
@@ -385,7 +442,7 @@ def main(argv=None) -> int:
     print(f"engine_bench: {args.num_requests} requests, {sum(output_lens):,} output tokens, {args.model} "
           f"{args.dtype} on {backend.name}, max_model_len {args.max_len}", flush=True)
     runs = run_plan(args, backend, prompts, output_lens)
-    names = [n for n in runs if "tokens" in runs[n]]
+    names = [n for n in runs if "tokens" in runs[n] and not n.endswith("+sampled")]
     for name in names[1:]:
         same = [a == b for a, b in zip(runs[names[0]]["tokens"], runs[name]["tokens"])]
         runs[name]["requests_identical_to_" + names[0]] = f"{sum(same)}/{len(same)}"

@@ -46,6 +46,7 @@ class Layout:
     sample_row: np.ndarray  # [num_seqs]
     ends: np.ndarray  # [num_seqs]: tokens of each sequence after this step (sampling ``step`` = end - prompt)
     prompt_rows: list = field(default_factory=list)
+    query_start_loc: np.ndarray | None = None  # [num_seqs + 1]: sequence i owns rows qsl[i]..qsl[i+1]-1
 
     @property
     def num_rows(self) -> int:
@@ -96,7 +97,7 @@ def prefill_layout(seqs: list[ScheduledSeq], tables: SequenceTables) -> Layout:
     rows = tables.rows(seqs)
     return Layout(*_split_placeholders(tokens, src), positions, np.repeat(rows, sizes), rows,
                   np.asarray(logit_rows, dtype=np.int64), np.asarray(sample_row, dtype=np.int64), starts + sizes,
-                  prompt_rows)
+                  prompt_rows, np.r_[0, offsets + sizes])
 
 
 def _logit_rows(seqs: list[ScheduledSeq], offsets: np.ndarray) -> tuple[list, list, list]:
@@ -122,17 +123,30 @@ def prompt_logprob_positions(s: ScheduledSeq) -> range:
     return range(first, min(s.end, r.prompt_len - 1))
 
 
-def fill_rows(v: InputViews, lay: Layout, tables: SequenceTables, num_rows: int, with_tables: bool) -> None:
-    """Token rows ``[0, num_rows)`` of ``v``: the layout's rows, then padding."""
+def fill_rows(v: InputViews, lay: Layout, tables: SequenceTables, num_rows: int, row_tables: bool) -> None:
+    """Token rows ``[0, num_rows)`` of ``v``: the layout's rows, then padding; with ``row_tables`` (the decode
+    layout) each row's block table and context length too."""
     n = lay.num_rows
     v.token_ids[:n], v.src_rows[:n], v.positions[:n] = lay.token_ids, lay.src_rows, lay.positions
-    v.context_lens[:n] = lay.positions + 1
     v.slot_mapping[:n] = tables.slots(lay.seq_rows, lay.positions)
-    if with_tables:
-        np.take(tables.tables, lay.seq_rows, axis=0, out=v.block_tables[:n])
     if num_rows > n:
-        v.token_ids[n:num_rows], v.src_rows[n:num_rows], v.positions[n:num_rows] = 0, -1, 0
-        v.context_lens[n:num_rows], v.slot_mapping[n:num_rows] = 1, -1
+        v.token_ids[n:num_rows], v.src_rows[n:num_rows], v.positions[n:num_rows], v.slot_mapping[n:num_rows] = \
+            0, -1, 0, -1
+    if row_tables:
+        v.context_lens[:n] = lay.positions + 1
+        v.context_lens[n:num_rows] = 1
+        np.take(tables.tables, lay.seq_rows, axis=0, out=v.block_tables[:n])
+
+
+def fill_seqs(v: InputViews, lay: Layout, tables: SequenceTables, num_seqs: int) -> None:
+    """The prefill layout's sequences ``[0, num_seqs)``: ``query_start_loc``, context lengths (new tokens
+    included) and block tables, then padding sequences that own no row."""
+    n = len(lay.table_rows)
+    v.query_start_loc[:n + 1] = lay.query_start_loc
+    v.query_start_loc[n + 1:num_seqs + 1] = lay.num_rows
+    v.context_lens[:n] = lay.ends
+    v.context_lens[n:num_seqs] = 1
+    np.take(tables.tables, lay.table_rows, axis=0, out=v.block_tables[:n])
 
 
 def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: SequenceTables,

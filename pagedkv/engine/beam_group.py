@@ -259,14 +259,8 @@ def _chunks(parts: list, budget: int):
 
 def decode_logits(engine, tokens, lens, tables, slots):
     """One decode forward: the runner's captured CUDA graph when it has one (GPU, ``cuda_graph=True``), else
-    eager ``model.decode`` on the runner's decode batch. Returns logits [rows, vocab] on the device."""
-    graphs = engine.runner.graphs
-    if graphs is not None and len(tokens) <= graphs.max_rows and tables.shape[1] <= graphs.max_blocks:
-        try:
-            return graphs.run(tokens, lens, tables, slots)
-        except Exception:  # NOTE: as the runner does: a capture that fails falls back to eager launches
-            pass
-    return engine.model.decode(engine.runner.decode_batch(tokens, lens, tables, slots), engine.kv_cache)
+    eager ``model.decode`` (see ``ModelRunner.decode_logits``). Returns logits [rows, vocab] on the device."""
+    return engine.runner.decode_logits(np.asarray(tokens), np.asarray(lens), np.asarray(tables), np.asarray(slots))
 
 
 def worst_case_blocks(prompt_len: int, max_tokens: int, beam_width: int, block_size: int, share: bool) -> int:

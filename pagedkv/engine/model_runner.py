@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..model import DecodeBatch, PrefillBatch
-from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, prefill_layout
+from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
 from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
@@ -84,7 +84,7 @@ class ModelRunner:
                                      lambda rows: self.sampled[:rows], max_num_seqs)
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
-                                                        PREFILL_LOGIT_ROWS + max_num_seqs), self.xp)
+                                                        PREFILL_LOGIT_ROWS + max_num_seqs, max_num_seqs), self.xp)
             self.prefill_graphs = CudaGraphs(
                 lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
                 lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
@@ -117,7 +117,10 @@ class ModelRunner:
         return flight
 
     def _launch_gpu(self, lay: Layout, seqs, decode: bool):
-        """Fill and upload the inputs, replay a graph (or run eagerly); returns logits and the sample positions."""
+        """Fill and upload the inputs, replay a graph (or run eagerly); returns logits and the sample positions.
+
+        Decode steps use the decode kernel (a table per row); prefill and mixed steps the prefill op (a table per
+        sequence; decode rows of a mixed step are sequences of one new token)."""
         graphs = self.graphs if decode else self.prefill_graphs
         fits = graphs is not None and lay.num_rows <= graphs.max_rows and (
             decode or len(lay.logit_rows) <= PREFILL_LOGIT_ROWS)
@@ -126,20 +129,21 @@ class ModelRunner:
         elif fits:
             inputs = self.prefill_inputs
         else:
-            inputs = StepInputs(InputShape(lay.num_rows, self.max_blocks, lay.num_logits,
-                                           lay.num_logits + len(seqs) + sum(len(s.sample_branches) for s in seqs)),
-                                self.xp, buffers=1)
+            extra = sum(len(s.sample_branches) for s in seqs)
+            inputs = StepInputs(InputShape(lay.num_rows, self.max_blocks, lay.num_logits, lay.num_logits + extra,
+                                           len(seqs)), self.xp, buffers=1)
         rows = graphs.bucket(lay.num_rows) if fits else lay.num_rows
         num_logits = rows if decode else (PREFILL_LOGIT_ROWS if fits else lay.num_logits)
         v = inputs.begin()
-        fill_rows(v, lay, self.tables, rows, with_tables=True)
+        fill_rows(v, lay, self.tables, rows, row_tables=decode)
+        if not decode:
+            fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
-        inputs.upload(lay.num_rows)
+        inputs.upload(lay.num_rows if decode else len(seqs))
         t1 = time.perf_counter()
         logits = self._replay(graphs, rows) if fits else None
         if logits is None:
-            logits = self._forward(inputs, lay.num_rows if not fits else rows, None if decode else num_logits,
-                                   self.sampled)
+            logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled)
         return logits, positions, inputs.device, (inputs,), t1
 
     def _replay(self, graphs: CudaGraphs, rows: int):
@@ -151,12 +155,14 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs, rows: int, num_logits: int | None, out):
         """Feed, forward and sample on the device views of ``inputs`` (captured as one graph per bucket)."""
-        d = inputs.device
+        d, per_seq = inputs.device, inputs.shape.seqs > 0
         feed_tokens(d.token_ids[:rows], d.src_rows[:rows], self.sampled)
         batch = DecodeBatch(token_ids=d.token_ids[:rows], positions=d.positions[:rows],
-                            slot_mapping=d.slot_mapping[:rows], block_tables=d.block_tables[:rows],
-                            context_lens=d.context_lens[:rows],
-                            logit_rows=None if num_logits is None else d.logit_rows[:num_logits])
+                            slot_mapping=d.slot_mapping[:rows],
+                            block_tables=d.block_tables if per_seq else d.block_tables[:rows],
+                            context_lens=d.context_lens if per_seq else d.context_lens[:rows],
+                            logit_rows=None if num_logits is None else d.logit_rows[:num_logits],
+                            query_start_loc=d.query_start_loc if per_seq else None)
         logits = self.model.decode(batch, self.kv_cache)
         sample(logits, d.sampling, out=out[:logits.shape[0]])
         return logits
@@ -169,7 +175,7 @@ class ModelRunner:
             num = lay.num_logits + sum(len(s.sample_branches) for s in seqs)
             inputs = StepInputs(InputShape(lay.num_rows, 1, lay.num_logits, num), np, buffers=1)
         v = inputs.begin()
-        fill_rows(v, lay, self.tables, lay.num_rows, with_tables=decode)
+        fill_rows(v, lay, self.tables, lay.num_rows, row_tables=decode)
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
@@ -220,6 +226,33 @@ class ModelRunner:
         self.last_timing = flight.timing
         flight.keep = ()
         return StepResult(flight.tokens, *flight.logprobs.results(flight.tokens))
+
+    # ------------------------------------------------------------------------------------ raw decode
+    def decode_logits(self, tokens, lens, tables, slots):
+        """One decode forward of explicit rows (beam search, benchmarks), through the decode graphs when they
+        exist: host arrays ``tokens`` [B], ``lens`` [B] (positions + 1), ``tables`` [B, width], ``slots`` [B].
+        Returns logits [B, vocab] on the device (a graph's output: valid until the next forward). Nothing of an
+        in-flight step may be pending (its sampled tokens would be overwritten)."""
+        num, width = len(tokens), tables.shape[1]
+        inputs, xp = self.decode_inputs, self.xp
+        if num > inputs.shape.rows or width > self.max_blocks:
+            batch = DecodeBatch(token_ids=xp.asarray(np.asarray(tokens, dtype=np.int32)),
+                                positions=xp.asarray(np.asarray(lens, dtype=np.int32) - 1),
+                                slot_mapping=xp.asarray(np.asarray(slots, dtype=np.int64)),
+                                block_tables=xp.asarray(np.asarray(tables, dtype=np.int32)),
+                                context_lens=xp.asarray(np.asarray(lens, dtype=np.int32)))
+            return self.model.decode(batch, self.kv_cache)
+        rows = self.graphs.bucket(num) if self.graphs is not None else num
+        v = inputs.begin()
+        v.token_ids[:num], v.positions[:num], v.context_lens[:num], v.slot_mapping[:num] = tokens, lens - 1, lens, slots
+        v.token_ids[num:rows], v.positions[num:rows], v.context_lens[num:rows], v.slot_mapping[num:rows] = 0, 0, 1, -1
+        v.src_rows[:rows], v.temperature[:rows] = -1, 0
+        v.block_tables[:num, :width], v.block_tables[:num, width:] = tables, 0
+        inputs.upload(num)
+        logits = self._replay(self.graphs, rows) if self.graphs is not None else None
+        if logits is None:
+            logits = self._forward(inputs, rows, None, self.sampled)
+        return logits[:num]
 
     # --------------------------------------------------------------------------------------- graphs
     def _drop_graphs(self, exc: Exception) -> None:

@@ -4,9 +4,13 @@ Everything a forward (and the sampler inside it) reads lives in one byte buffer,
 view stays aligned, the block tables last so that a step copies only the rows it uses::
 
     slot_mapping i64[rows] | logit_rows i64[logits] | seed u64[samples] | step i64[samples] |
-    token_ids i32[rows] | src_rows i32[rows] | positions i32[rows] | context_lens i32[rows] |
-    top_k i32[samples] | temperature f32[samples] | top_p f32[samples] | min_p f32[samples] |
-    block_tables i32[rows, blocks]                      ◄── upload(n) copies everything up to row n of this
+    token_ids i32[rows] | src_rows i32[rows] | positions i32[rows] | context_lens i32[tables] |
+    query_start_loc i32[seqs + 1] | top_k i32[samples] | temperature f32[samples] | top_p f32[samples] |
+    min_p f32[samples] | block_tables i32[tables, blocks]      ◄── upload(n) copies everything up to row n of this
+
+Two layouts: decode (``seqs == 0``: a table and a context length per token row, for ``paged_attention``) and
+prefill (a table and a context length per sequence, ``query_start_loc`` splitting the rows among sequences,
+for ``prefill_attention``).
 
 ``src_rows[i] >= 0``: row ``i``'s token is not known on the host yet (sampled by the step before, still
 running); the forward reads it from the device buffer of sampled tokens at that position (:func:`feed_tokens`).
@@ -27,7 +31,8 @@ from .sampler import SamplingTensors
 
 _FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), ("seed", np.uint64, "samples"),
            ("step", np.int64, "samples"), ("token_ids", np.int32, "rows"), ("src_rows", np.int32, "rows"),
-           ("positions", np.int32, "rows"), ("context_lens", np.int32, "rows"), ("top_k", np.int32, "samples"),
+           ("positions", np.int32, "rows"), ("context_lens", np.int32, "tables"),
+           ("query_start_loc", np.int32, "seqs1"), ("top_k", np.int32, "samples"),
            ("temperature", np.float32, "samples"), ("top_p", np.float32, "samples"),
            ("min_p", np.float32, "samples"))
 H2D, D2H = 1, 2  # cudaMemcpyKind
@@ -36,23 +41,30 @@ H2D, D2H = 1, 2  # cudaMemcpyKind
 @dataclass(frozen=True, slots=True)
 class InputShape:
     """Capacities: ``rows`` token rows, ``blocks`` block-table width, ``logits`` logit-row indices (prefill
-    graphs), ``samples`` sampling rows (one per logits row, then the extra branches of ``n > 1`` requests)."""
+    steps), ``samples`` sampling rows (one per logits row, then the extra branches of ``n > 1`` requests),
+    ``seqs`` sequences (0: the decode layout, tables per row)."""
 
     rows: int
     blocks: int
     logits: int
     samples: int
+    seqs: int = 0
+
+    @property
+    def tables(self) -> int:
+        return self.seqs if self.seqs else self.rows
 
     def sizes(self) -> dict[str, int]:
-        return {"rows": self.rows, "logits": self.logits, "samples": self.samples}
+        return {"rows": self.rows, "logits": self.logits, "samples": self.samples, "tables": self.tables,
+                "seqs1": self.seqs + 1 if self.seqs else 0}
 
 
 class InputViews:
     """Typed views of one packed buffer (NumPy or CuPy): the fields above, ``block_tables [rows, blocks]`` and
     ``sampling`` (a :class:`SamplingTensors` over the sampling fields)."""
 
-    __slots__ = ("block_tables", "context_lens", "logit_rows", "min_p", "positions", "raw", "sampling", "seed",
-                 "slot_mapping", "src_rows", "step", "temperature", "token_ids", "top_k", "top_p")
+    __slots__ = ("block_tables", "context_lens", "logit_rows", "min_p", "positions", "query_start_loc", "raw",
+                 "sampling", "seed", "slot_mapping", "src_rows", "step", "temperature", "token_ids", "top_k", "top_p")
 
     def __init__(self, raw, shape: InputShape):
         self.raw, offset, sizes = raw, 0, shape.sizes()
@@ -60,8 +72,8 @@ class InputViews:
             nbytes = np.dtype(dtype).itemsize * sizes[size]
             setattr(self, name, raw[offset:offset + nbytes].view(dtype))
             offset += nbytes
-        self.block_tables = raw[offset:offset + 4 * shape.rows * shape.blocks].view(np.int32).reshape(
-            shape.rows, shape.blocks)
+        self.block_tables = raw[offset:offset + 4 * shape.tables * shape.blocks].view(np.int32).reshape(
+            shape.tables, shape.blocks)
         self.sampling = SamplingTensors(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                         min_p=self.min_p, seed=self.seed, step=self.step)
 
@@ -83,7 +95,7 @@ class StepInputs:
 
     def __init__(self, shape: InputShape, xp, buffers: int = 2):
         self.shape, self.xp = shape, xp
-        self.nbytes = table_offset(shape) + 4 * shape.rows * shape.blocks
+        self.nbytes = table_offset(shape) + 4 * shape.tables * shape.blocks
         self.on_gpu = xp is not np
         if self.on_gpu:
             import cupyx
@@ -112,10 +124,10 @@ class StepInputs:
     def reset(self) -> None:
         """Every row of the device side becomes padding (before capturing graphs on it)."""
         _reset(self.begin())
-        self.upload(self.shape.rows)
+        self.upload(self.shape.tables)
 
     def upload(self, table_rows: int) -> int:
-        """One host→device copy (current stream) of every field and the first ``table_rows`` table rows;
+        """One host→device copy (current stream) of every field and the first ``table_rows`` block-table rows;
         returns the bytes copied (0 on the CPU)."""
         if not self.on_gpu:
             return 0
@@ -136,22 +148,6 @@ def _reset(views: InputViews) -> None:
     views.src_rows[...] = -1
     views.context_lens[...] = 1
     views.top_p[...] = 1
-
-
-def pad_rows(views: InputViews, start: int, stop: int) -> None:
-    """Rows ``[start, stop)`` become padding (a graph bucket larger than the batch)."""
-    if stop > start:
-        views.token_ids[start:stop] = 0
-        views.src_rows[start:stop] = -1
-        views.positions[start:stop] = 0
-        views.context_lens[start:stop] = 1
-        views.slot_mapping[start:stop] = -1
-
-
-def greedy_rows(views: InputViews, start: int, stop: int) -> None:
-    """Sampling rows ``[start, stop)`` become greedy (padding or logits rows that do not sample)."""
-    if stop > start:
-        views.temperature[start:stop] = 0
 
 
 class HostCopy:

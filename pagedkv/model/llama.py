@@ -69,19 +69,25 @@ class PrefillBatch:
 
 @dataclass(slots=True)
 class DecodeBatch:
-    """Device metadata of a batched decode step: one row per query token, each attending its own prefix.
+    """Device metadata of a forward given as rows (one per query token), as the model runner builds it.
 
-    A decode step has one row per sequence. A prefill can be given as rows too (one per prompt token, the
-    sequence's block table repeated, ``context_lens = positions + 1``); ``logit_rows`` then picks the rows
-    whose logits are wanted (each sequence's last token).
+    Decode layout (``query_start_loc`` None): each row attends its own prefix through the paged decode
+    kernel — a table and a context length per row. A decode step has one row per sequence; a prefill can be
+    given this way too (one row per prompt token, the sequence's table repeated, ``context_lens =
+    positions + 1``): the decode-rows path, kept as a test oracle of the prefill op.
+
+    Prefill layout (``query_start_loc`` given): the rows are the new tokens of ``S`` sequences concatenated,
+    attended by :meth:`LlamaModel.paged_prefill_attention` — a table and a context length per *sequence*.
+    ``logit_rows`` picks the rows whose logits are wanted (None: every row).
     """
 
     token_ids: object  # [B] int
     positions: object  # [B] int
     slot_mapping: object  # [B] int64
-    block_tables: object  # [B, max_blocks] int32
-    context_lens: object  # [B] int32, the new token included
-    logit_rows: object = None  # [S] int64, or None for every row
+    block_tables: object  # [B, max_blocks] int32 (prefill layout: [S, max_blocks])
+    context_lens: object  # [B] int32, the new token included (prefill layout: [S], the new tokens included)
+    logit_rows: object = None  # [R] int64, or None for every row
+    query_start_loc: object = None  # [S + 1] int32 (prefill layout): sequence i owns rows qsl[i]..qsl[i+1]-1
 
 
 class ElementwiseOps:
@@ -201,8 +207,12 @@ class LlamaModel:
             row[: len(table)] = table
         starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int32)
         lens = (np.asarray(batch.num_cached) + np.asarray(batch.seq_lens)).astype(np.int32)
-        block_tables, query_start_loc, context_lens = xp.asarray(tables), xp.asarray(starts), xp.asarray(lens)
+        return self.paged_prefill_attention(xp.asarray(tables), xp.asarray(starts), xp.asarray(lens), kv_cache)
 
+    def paged_prefill_attention(self, block_tables, query_start_loc, context_lens, kv_cache):
+        """``attend`` through ``ops.prefill_attention`` on device metadata (per sequence: ``block_tables [S,
+        max_blocks]``, ``query_start_loc [S + 1]``, ``context_lens [S]``, new tokens included). Its launch
+        depends only on shapes, so a model runner replays it in CUDA graphs from static buffers."""
         def attend(layer, q, k, v):
             return ops.prefill_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), block_tables,
                                          query_start_loc, context_lens, scale=self.scale, check=self.check)
@@ -230,10 +240,14 @@ class LlamaModel:
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, batch: DecodeBatch, kv_cache):
-        """One token per row through the paged cache; returns logits [B (or S), vocab] (model dtype)."""
+        """The forward of rows (see :class:`DecodeBatch`); returns logits [B (or R), vocab] (model dtype)."""
         def attend(layer, q, k, v):
             return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
                                        batch.context_lens, scale=self.scale, check=self.check)
+
+        if batch.query_start_loc is not None:
+            attend = self.paged_prefill_attention(batch.block_tables, batch.query_start_loc, batch.context_lens,
+                                                  kv_cache)
 
         x = self.weights.embed[batch.token_ids]
         x = self._layers(x, batch.positions, batch.slot_mapping, kv_cache, attend)
