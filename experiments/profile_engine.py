@@ -20,19 +20,31 @@ from . import cli, throughput
 
 
 def _timed_prefill(engine, log: list):
-    prefill, xp = engine.model.prefill, engine.backend.xp
+    """Wrap the model's prefill forwards (``model.prefill`` and, on a GPU, ``model.decode`` of a prefill-layout
+    batch, as the model runner issues them) with device-synchronised timers; graph replays are not timed."""
+    prefill, decode, xp = engine.model.prefill, engine.model.decode, engine.backend.xp
 
-    def wrapper(batch, kv_cache):
+    def timed(forward, batch, kv_cache, num_seqs, num_tokens):
         sync = engine.backend.is_gpu
+        if sync and xp.cuda.get_current_stream().is_capturing():
+            return forward(batch, kv_cache)  # NOTE: a CUDA graph being captured: no sync allowed
         if sync:
             xp.cuda.get_current_stream().synchronize()
         start = time.perf_counter()
-        out = prefill(batch, kv_cache)
+        out = forward(batch, kv_cache)
         if sync:
             xp.cuda.get_current_stream().synchronize()
-        log.append((len(batch.seq_lens), int(sum(batch.seq_lens)), time.perf_counter() - start))
+        log.append((num_seqs, num_tokens, time.perf_counter() - start))
         return out
-    return wrapper
+
+    def timed_prefill(batch, kv_cache):
+        return timed(prefill, batch, kv_cache, len(batch.seq_lens), int(sum(batch.seq_lens)))
+
+    def timed_decode(batch, kv_cache):
+        if batch.query_start_loc is None:
+            return decode(batch, kv_cache)
+        return timed(decode, batch, kv_cache, int(batch.query_start_loc.shape[0]) - 1, int(batch.token_ids.shape[0]))
+    engine.model.prefill, engine.model.decode = timed_prefill, timed_decode
 
 
 def parse_args(argv=None):
@@ -82,7 +94,7 @@ def main(argv=None) -> int:
     engine = LLMEngine(throughput.engine_config(args.mode, ns, workload))
     throughput._warm_up(engine, SamplingParams)
     log: list = []
-    engine.model.prefill = _timed_prefill(engine, log)
+    _timed_prefill(engine, log)
     for prompt, m in zip(workload.prompts, workload.max_tokens):
         engine.add_request(list(prompt), SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
     profiler = cProfile.Profile()
@@ -92,11 +104,12 @@ def main(argv=None) -> int:
         engine.step()
     profiler.disable()
     wall = time.perf_counter() - start
-    seqs, tokens, secs = (np.array(x) for x in zip(*log))
+    seqs, tokens, secs = np.array(log, dtype=np.float64).reshape(-1, 3).T
+    timed = (f"per forward median {1e3 * np.median(secs):.2f} ms, {np.median(seqs):.0f} sequences, "
+             f"{np.median(tokens):.0f} tokens") if log else "all replayed as CUDA graphs (not timed)"
     print(f"{args.workload} {args.mode}, {ns.model} {ns.dtype} on {backend.name}: {engine.totals.num_steps} steps in "
           f"{wall:.2f} s (profiled); {len(log)} prefill forwards, {int(tokens.sum())} tokens, {secs.sum():.2f} s: "
-          f"per forward median {1e3 * np.median(secs):.2f} ms, {np.median(seqs):.0f} sequences, "
-          f"{np.median(tokens):.0f} tokens")
+          f"{timed}")
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.top)
     print(out.getvalue())

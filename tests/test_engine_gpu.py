@@ -1,5 +1,7 @@
 """GPU parity: random-weight LlamaForCausalLM / Qwen2ForCausalLM from transformers, saved with
-``save_pretrained`` and loaded through pagedkv's loader, give transformers' own greedy tokens (float32).
+``save_pretrained`` and loaded through pagedkv's loader, give transformers' own greedy tokens (float32); the
+engine's variants (chunking, caching, CUDA graphs, asynchronous scheduling) give the synchronous eager
+reference's tokens.
 
 The engine decodes the prompts as one batch (different lengths, continuous batching); transformers'
 ``generate`` runs each prompt alone (no padding), the trusted reference.
@@ -87,7 +89,7 @@ def test_greedy_tokens_match_transformers(tmp_path, arch, cuda_graph):
 GPU_MODEL = dict(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                  intermediate_size=512, max_position_embeddings=512)
 REFERENCE = dict(enable_prefix_caching=False, enable_chunked_prefill=False, cuda_graph=False,
-                 max_num_batched_tokens=4096)
+                 max_num_batched_tokens=4096, async_scheduling=False)
 VARIANTS = {
     "chunked": dict(max_num_batched_tokens=48),
     "cached": dict(enable_chunked_prefill=False, max_num_batched_tokens=4096),
@@ -95,6 +97,8 @@ VARIANTS = {
                    cuda_graph=True),
     "all": dict(max_num_batched_tokens=48, cuda_graph=True),
     "all-preempting": dict(max_num_batched_tokens=48, cuda_graph=True, num_blocks=40, watermark=0.0),
+    "all-sync": dict(max_num_batched_tokens=48, cuda_graph=True, async_scheduling=False),
+    "eager-sampler": dict(max_num_batched_tokens=48),  # asynchronous, no graphs: eager forward + sampler
 }
 
 
@@ -135,3 +139,4 @@ def test_chunking_caching_and_graphs_give_the_reference_tokens_in_float32(varian
     print(f"float32 {variant} n={n}: {agree}/{len(want)} requests agree; "
           f"hit rate {engine.metrics().prefix_cache_hit_rate:.2f}, preemptions {engine.metrics().num_preemptions}")
     assert got == want
+

@@ -51,6 +51,7 @@ from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
 from .model_runner import InFlight, ModelRunner
+from . import step_commit
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Branch, Request, RequestOutput
@@ -196,9 +197,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while a request waits, runs, has tokens in flight or output that ``step()`` has not returned yet."""
-        if self.scheduler.has_unfinished or self._unreported:
-            return True
-        return self._inflight is not None and any(not (r.aborted or r.finished) for r, _, _, _ in self._inflight.samples)
+        return self.scheduler.has_unfinished or bool(self._unreported) or step_commit.live(self._inflight)
 
     # -------------------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
@@ -218,7 +217,7 @@ class LLMEngine:
             self._inflight = self._launch_next(timing)
             if self._inflight is None:
                 return {}
-            self._apply_endings(self._inflight)  # nothing runs before it: its certain ends hold for the next step
+            step_commit.apply_endings(self._inflight, self.scheduler)  # nothing runs before it: its ends hold
         retired = self._inflight
         following = self._launch_next(timing) if self.async_scheduling else None
         self._inflight = following
@@ -228,11 +227,10 @@ class LLMEngine:
             self._abort_failed(_requests_of(retired, following))
             self._inflight = None
             raise
-        newest = following or retired
         t0 = time.perf_counter()
-        for s in newest.out.seqs if following is not None else ():
-            self.scheduler.register(s.request, s.branch)  # blocks whose last token value came with this retire
-        self._apply_endings(newest)
+        if following is not None:
+            step_commit.catch_up(following, self.scheduler)
+            step_commit.apply_endings(following, self.scheduler)
         timing.process_s += time.perf_counter() - t0
         self._unreported.update(advanced)
         self._account(retired.out, start, time.perf_counter())
@@ -240,7 +238,7 @@ class LLMEngine:
         return advanced
 
     def _launch_next(self, timing: StepTiming) -> InFlight | None:
-        """Schedule and launch a step (None when there is nothing to run), committed: see :meth:`_commit`."""
+        """Schedule and launch a step (None when there is nothing to run), committed (:mod:`step_commit`)."""
         t0 = time.perf_counter()
         try:
             out = self.scheduler.schedule()
@@ -252,7 +250,7 @@ class LLMEngine:
             return None
         try:
             flight = self.runner.launch(out, self.scheduler.drain_table_changes())
-            self._commit(flight)
+            step_commit.commit(flight, self.scheduler, self.output_processor)
         except BaseException:
             self._abort_failed(list({id(s.request): s.request for s in out.seqs}.values()))
             raise
@@ -260,52 +258,18 @@ class LLMEngine:
         timing.launch_s += flight.timing.launch_s
         return flight
 
-    def _commit(self, flight: InFlight) -> None:
-        """The step is on its way: positions count as computed, first tokens fork ``n > 1`` requests, each
-        token being sampled is a placeholder; branches that this token certainly ends are noted."""
-        for s, positions in zip(flight.out.seqs, flight.positions):
-            self.scheduler.computed(s.request, s.branch, s.end)
-            if not s.sample_branches:
-                continue
-            if not s.request.started and s.request.params.n > 1:
-                self.scheduler.fork(s.request)
-            for branch, pos in zip(s.sample_branches, positions):
-                branch.sample_pos = pos
-                flight.samples.append((s.request, branch, len(branch.output_token_ids), pos))
-                if self.output_processor.place(s.request, branch):
-                    flight.endings.append((s.request, branch))
-
     def _retire(self, flight: InFlight, timing: StepTiming) -> dict:
-        """Wait for the step's tokens and fill them in (stop rules, logprobs, text); returns advanced requests."""
+        """Wait for the step's tokens and fill them in; finished requests leave the engine's table."""
         result = self.runner.wait(flight)
         timing.wait_s, timing.gpu_s = flight.timing.wait_s, flight.timing.gpu_s
-        now, advanced = time.perf_counter(), {}
-        for request, position, entries in result.prompt_logprobs:
-            if not request.aborted and len(request.prompt_logprobs) == position:
-                request.prompt_logprobs.append(entries)
-        tokens, logprobs = result.tokens.tolist(), result.logprobs
-        for request, branch, index, pos in flight.samples:
-            if request.aborted:
-                continue
-            ended = self.output_processor.fill(request, branch, index, tokens[pos], logprobs.get(pos), now)
-            if ended is None:
-                continue
-            advanced[request.request_id] = request
-            if ended:
-                self.scheduler.finish_branch(request, branch)
+        now = time.perf_counter()
+        advanced = step_commit.retire(flight, result, self.scheduler, self.output_processor, now)
         for request in advanced.values():
             if request.finished:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
         timing.process_s += time.perf_counter() - now
         return advanced
-
-    def _apply_endings(self, flight: InFlight) -> None:
-        """Branches whose last token is in ``flight`` get no more work (their blocks are freed now)."""
-        for request, branch in flight.endings:
-            if not request.aborted:
-                self.scheduler.finish_branch(request, branch)
-        flight.endings = []
 
     def _abort_failed(self, requests: list[Request], report: bool = True) -> None:
         """After a failure: abort ``requests`` (their outputs reported by the next step) and free any sequence

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One device call for the runner helper (issue 11: sampling on the device, the host off the critical path;
+# issue 12: the engine on the prefill op): the GPU tests of this tree (engine, runner, model, sampler), the
+# float16 agreement of the engine's variants with the synchronous eager reference, then W1 of the baseline
+# (commit a238c8f, snapshot in ../baseline) and of this tree (greedy and sampled, with the step breakdown) in
+# the same call, and whether this tree's greedy W1 tokens are the baseline's. Everything lands in $OUT
+# (one tarball). Usage, from this tree's snapshot root (.dev/runner): bash experiments/gpu_run_runner.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/out}"
+LOGS="$OUT/runner"
+mkdir -p "$LOGS"
+HERE="$PWD"
+BASE="$(cd "$HERE/../baseline" && pwd)"
+finish() { tar -czf "$OUT/runner_gpu.tgz" -C "$OUT" runner && rm -rf "$LOGS"; }
+trap finish EXIT
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
+t0=$SECONDS
+
+# 1. GPU tests of this tree
+PYTHONPATH="$HERE" timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_runner_gpu.py \
+    tests/test_engine_gpu.py tests/test_model_gpu.py tests/test_sampler.py -k "not compiles_without_spills" \
+    > "$LOGS/pytest_gpu.log" 2>&1
+echo "pytest rc=$? ($((SECONDS - t0)) s)"; tail -n 25 "$LOGS/pytest_gpu.log"
+
+# 2. float16: how many requests of each engine variant agree with the synchronous eager reference
+PYTHONPATH="$HERE:$HERE/tests" timeout 40 python3 - "$LOGS" > "$LOGS/fp16_agreement.log" 2>&1 <<'PY'
+import json, sys
+from test_engine_gpu import REFERENCE, VARIANTS, _gpu_engine, _run_twice, _shared_prompts
+from pagedkv.engine import SamplingParams
+params = SamplingParams(n=1, temperature=0, max_tokens=24, ignore_eos=True)
+prompts = _shared_prompts(seed=1)
+want = _run_twice(_gpu_engine("float16", **REFERENCE), prompts, params)
+rows = {}
+for name, v in VARIANTS.items():
+    got = _run_twice(_gpu_engine("float16", **v), prompts, params)
+    rows[name] = sum(a == b for a, b in zip(got, want))
+    print(f"float16 {name}: {rows[name]}/{len(want)} requests agree with the synchronous eager reference", flush=True)
+json.dump({"num_requests": len(want), "agree": rows}, open(sys.argv[1] + "/fp16_agreement.json", "w"))
+PY
+echo "fp16 agreement ($((SECONDS - t0)) s)"; cat "$LOGS/fp16_agreement.log" | tail -n 12
+
+# 3. W1, baseline then this tree, the same device; W1's tokens kept for the comparison
+bench() {  # bench <tree> <name> <args...>
+    local tree="$1" name="$2"; shift 2
+    (cd "$tree" && PYTHONPATH="$tree" timeout 110 python3 - "$LOGS/$name" "$@" > "$LOGS/$name.log" 2>&1 <<'PY'
+import json, sys
+import experiments.engine_bench as eb
+tokens, run_w1 = [], eb.run_w1
+def recording(*args, **kwargs):
+    result = run_w1(*args, **kwargs)
+    tokens.append(result["tokens"])
+    return result
+eb.run_w1 = recording
+try:
+    eb.main(["--device", "gpu", "--json", sys.argv[1] + ".json"] + sys.argv[2:])
+finally:
+    json.dump(tokens, open(sys.argv[1] + "_tokens.json", "w"))
+PY
+    )
+    echo "$name rc=$? ($((SECONDS - t0)) s)"; grep -E "^continuous|wrote" "$LOGS/$name.log" | cut -c1-400
+}
+bench "$BASE" baseline_engine_bench --graph on
+bench "$HERE" engine_bench --graph on
+
+# 4. this tree's greedy W1 tokens against the baseline's (float16, CUDA graphs)
+python3 - "$LOGS" <<'PY' | tee "$LOGS/w1_identity.log"
+import json, sys
+try:
+    base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
+    mine = json.load(open(sys.argv[1] + "/engine_bench_tokens.json"))[0]
+    same = sum(a == b for a, b in zip(base, mine))
+    print(f"W1 greedy (float16, graphs): {same}/{len(base)} requests identical to the baseline a238c8f")
+except Exception as exc:
+    print(f"no comparison: {type(exc).__name__}: {exc}")
+PY
+echo "done ($((SECONDS - t0)) s)"
