@@ -17,14 +17,56 @@ trap finish EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
 t0=$SECONDS
 
-# 1. GPU tests of this tree
-PYTHONPATH="$HERE" timeout 150 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_runner_gpu.py \
-    tests/test_engine_gpu.py tests/test_model_gpu.py tests/test_sampler.py -k "not compiles_without_spills" \
-    > "$LOGS/pytest_gpu.log" 2>&1
-echo "pytest rc=$? ($((SECONDS - t0)) s)"; tail -n 25 "$LOGS/pytest_gpu.log"
+left() { echo $(( ${BUDGET:-285} - SECONDS )); }  # seconds left of this call
+limit() { local l=$(( $(left) - $2 )); echo $(( l < $1 ? l : $1 )); }  # limit <at most> <kept for later>
 
-# 2. float16: how many requests of each engine variant agree with the synchronous eager reference
-PYTHONPATH="$HERE:$HERE/tests" timeout 40 python3 - "$LOGS" > "$LOGS/fp16_agreement.log" 2>&1 <<'PY'
+# 1. W1, baseline then this tree, the same device; W1's tokens kept for the comparison
+bench() {  # bench <tree> <name> <limit s> <python prelude> <args...>
+    local tree="$1" name="$2" limit="$3" prelude="$4"; shift 4
+    (cd "$tree" && PRELUDE="$prelude" PYTHONPATH="$tree" timeout "$limit" python3 - "$LOGS/$name" "$@" \
+        > "$LOGS/$name.log" 2>&1 <<'PY'
+import json, os, sys
+import experiments.engine_bench as eb
+exec(os.environ["PRELUDE"])
+tokens, run_w1 = [], eb.run_w1
+def recording(*args, **kwargs):
+    result = run_w1(*args, **kwargs)
+    tokens.append(result["tokens"])
+    return result
+eb.run_w1 = recording
+try:
+    eb.main(["--device", "gpu", "--json", sys.argv[1] + ".json"] + sys.argv[2:])
+finally:
+    json.dump(tokens, open(sys.argv[1] + "_tokens.json", "w"))
+PY
+    )
+    echo "$name rc=$? ($((SECONDS - t0)) s)"; grep -E "^continuous|wrote|Error" "$LOGS/$name.log" | cut -c1-600
+}
+bench "$BASE" baseline_engine_bench 80 "" --graph on
+bench "$HERE" engine_bench 95 "" --graph on
+
+# 2. this tree's greedy W1 tokens against the baseline's (float16, CUDA graphs)
+python3 - "$LOGS" <<'PY' | tee "$LOGS/w1_identity.log"
+import json, sys
+try:
+    base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
+    mine = json.load(open(sys.argv[1] + "/engine_bench_tokens.json"))[0]
+    same = sum(a == b for a, b in zip(base, mine))
+    print(f"W1 greedy (float16, graphs): {same}/{len(base)} requests identical to the baseline a238c8f")
+except Exception as exc:
+    print(f"no comparison: {type(exc).__name__}: {exc}")
+PY
+
+# 3. GPU tests of this tree
+PYTHONPATH="$HERE" timeout "$(limit 100 30)" python3 -m pytest -q -s -p no:cacheprovider \
+    tests/test_engine_runner_gpu.py tests/test_engine_gpu.py tests/test_model_gpu.py tests/test_sampler.py \
+    -k "not compiles_without_spills" > "$LOGS/pytest_gpu.log" 2>&1
+echo "pytest rc=$? ($((SECONDS - t0)) s)"; grep -E "passed|failed|^FAILED|^ERROR" "$LOGS/pytest_gpu.log" | tail -n 20
+
+# 4. float16: how many requests of each engine variant agree with the synchronous eager reference
+if [ "$(limit 30 5)" -gt 10 ]; then
+PYTHONPATH="$HERE:$HERE/tests" timeout "$(limit 30 5)" python3 - "$LOGS" \
+    > "$LOGS/fp16_agreement.log" 2>&1 <<'PY'
 import json, sys
 from test_engine_gpu import REFERENCE, VARIANTS, _gpu_engine, _run_twice, _shared_prompts
 from pagedkv.engine import SamplingParams
@@ -38,40 +80,12 @@ for name, v in VARIANTS.items():
     print(f"float16 {name}: {rows[name]}/{len(want)} requests agree with the synchronous eager reference", flush=True)
 json.dump({"num_requests": len(want), "agree": rows}, open(sys.argv[1] + "/fp16_agreement.json", "w"))
 PY
-echo "fp16 agreement ($((SECONDS - t0)) s)"; cat "$LOGS/fp16_agreement.log" | tail -n 12
+echo "fp16 agreement ($((SECONDS - t0)) s)"; tail -n 9 "$LOGS/fp16_agreement.log"
+fi
 
-# 3. W1, baseline then this tree, the same device; W1's tokens kept for the comparison
-bench() {  # bench <tree> <name> <args...>
-    local tree="$1" name="$2"; shift 2
-    (cd "$tree" && PYTHONPATH="$tree" timeout 110 python3 - "$LOGS/$name" "$@" > "$LOGS/$name.log" 2>&1 <<'PY'
-import json, sys
-import experiments.engine_bench as eb
-tokens, run_w1 = [], eb.run_w1
-def recording(*args, **kwargs):
-    result = run_w1(*args, **kwargs)
-    tokens.append(result["tokens"])
-    return result
-eb.run_w1 = recording
-try:
-    eb.main(["--device", "gpu", "--json", sys.argv[1] + ".json"] + sys.argv[2:])
-finally:
-    json.dump(tokens, open(sys.argv[1] + "_tokens.json", "w"))
-PY
-    )
-    echo "$name rc=$? ($((SECONDS - t0)) s)"; grep -E "^continuous|wrote" "$LOGS/$name.log" | cut -c1-400
-}
-bench "$BASE" baseline_engine_bench --graph on
-bench "$HERE" engine_bench --graph on
-
-# 4. this tree's greedy W1 tokens against the baseline's (float16, CUDA graphs)
-python3 - "$LOGS" <<'PY' | tee "$LOGS/w1_identity.log"
-import json, sys
-try:
-    base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
-    mine = json.load(open(sys.argv[1] + "/engine_bench_tokens.json"))[0]
-    same = sum(a == b for a, b in zip(base, mine))
-    print(f"W1 greedy (float16, graphs): {same}/{len(base)} requests identical to the baseline a238c8f")
-except Exception as exc:
-    print(f"no comparison: {type(exc).__name__}: {exc}")
-PY
+# 5. if time is left: this tree's W1 with synchronous scheduling (what the overlap buys)
+if [ "$(left)" -gt 45 ]; then
+    bench "$HERE" engine_bench_sync "$(limit 90 8)" \
+        "import functools; eb.EngineConfig = functools.partial(eb.EngineConfig, async_scheduling=False)" --graph on
+fi
 echo "done ($((SECONDS - t0)) s)"

@@ -77,7 +77,7 @@ class ModelRunner:
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
         self._turn = 0
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
-        self.last_timing, self.record_gpu_time = StepTiming(), False
+        self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
         if cuda_graph and self.backend.is_gpu:
             self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
@@ -96,6 +96,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.tables.update(*changes)
         events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
+        self._start_event = events[0] if events else None
         seqs = out.seqs
         decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
         lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
@@ -139,6 +140,8 @@ class ModelRunner:
         if not decode:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
+        if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
+            self._start_event.record()
         inputs.upload(lay.num_rows if decode else len(seqs))
         t1 = time.perf_counter()
         logits = self._replay(graphs, rows) if fits else None
@@ -211,9 +214,7 @@ class ModelRunner:
         return copies(self.sampled[:num], out=self._host_tokens[self._turn][:num])
 
     def _events(self):
-        start, end = self.xp.cuda.Event(), self.xp.cuda.Event()
-        start.record()
-        return start, end
+        return self.xp.cuda.Event(), self.xp.cuda.Event()
 
     # --------------------------------------------------------------------------------------------- wait
     def wait(self, flight: InFlight) -> StepResult:
