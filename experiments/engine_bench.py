@@ -2,8 +2,9 @@
 
 W1: 128 requests, seed 0, random prompt token ids, prompt lengths U[64, 512], output lengths U[64, 512],
 ignore_eos, greedy; model llama-1b, random weights, float16. Sampled W1 (the ``+sampled`` run, on a GPU): the
-same with temperature 0.8, top_p 0.95 and a seed per request (sampling on the device, in the CUDA graph). Useful tokens/s = sum of requested output
-lengths / wall time of ``generate`` (after a warm-up that compiles every kernel).
+same with temperature 0.8, top_p 0.95 and a seed per request (sampling on the device, in the CUDA graph), on a
+fresh engine (nothing cached from the greedy run). Useful tokens/s = sum of requested output lengths / wall time
+of ``generate`` (after a warm-up that compiles every kernel).
 
 The decode step at full batch: 128 sequences with W1's prompts, timed over many steps:
 
@@ -170,14 +171,14 @@ def _decode_batch(engine: LLMEngine, tokens, lens, tables, slots):
 
 def step_breakdown(walls: list, timings: list) -> dict:
     """Medians per step: wall, GPU time, host work, host waiting; exposed (GPU idle) and overlapped host work."""
-    gpu = [t.gpu_s for t in timings]
     out = {"step_host_s": float(np.median([t.host_s for t in timings])),
            **{k: float(np.median([getattr(t, k) for t in timings])) for k in
               ("schedule_s", "prepare_s", "launch_s", "wait_s", "process_s")}}
-    if all(g is not None for g in gpu):
-        exposed = [max(w - g, 0.0) for w, g in zip(walls, gpu)]
-        out.update(step_gpu_s=float(np.median(gpu)), host_exposed_s=float(np.median(exposed)),
-                   host_overlapped_s=float(np.median([max(t.host_s - e, 0.0) for t, e in zip(timings, exposed)])))
+    timed = [(w, t) for w, t in zip(walls, timings) if t.gpu_s is not None]  # NOTE: the first retired step of
+    if timed:  # an asynchronous run was launched before the timing began
+        exposed = [max(w - t.gpu_s, 0.0) for w, t in timed]
+        out.update(step_gpu_s=float(np.median([t.gpu_s for _, t in timed])), host_exposed_s=float(np.median(exposed)),
+                   host_overlapped_s=float(np.median([max(t.host_s - e, 0.0) for (_, t), e in zip(timed, exposed)])))
     return out
 
 

@@ -83,7 +83,44 @@ PY
 echo "fp16 agreement ($((SECONDS - t0)) s)"; tail -n 9 "$LOGS/fp16_agreement.log"
 fi
 
-# 5. if time is left: this tree's W1 with synchronous scheduling (what the overlap buys)
+# 5. a mixed step's attention (128 decode rows + one 512-token chunk, llama-1b shapes, float16): every row
+#    through the prefill op (what the runner does), or the decode rows through the decode kernel and the chunk
+#    through the prefill op (two launches)
+PYTHONPATH="$HERE" timeout "$(limit 30 5)" python3 - > "$LOGS/mixed_attention.log" 2>&1 <<'PY'
+import cupy as cp, numpy as np
+from pagedkv import ops
+rng = np.random.default_rng(0)
+heads, kv_heads, dim, bs, num_blocks = 32, 8, 64, 16, 8192
+k = cp.asarray(rng.standard_normal((num_blocks, kv_heads, bs, dim)).astype(np.float16))
+v = cp.asarray(rng.standard_normal((num_blocks, kv_heads, bs, dim)).astype(np.float16))
+ctx = rng.integers(64, 1024, 128).tolist() + [512]
+new = [1] * 128 + [512]
+tables = np.zeros((129, 64), np.int32)
+perm = rng.permutation(num_blocks)
+at = 0
+for i, c in enumerate(ctx):
+    n = -(-c // bs); tables[i, :n] = perm[at:at + n]; at += n
+q = cp.asarray(rng.standard_normal((sum(new), heads, dim)).astype(np.float16))
+qsl = cp.asarray(np.r_[0, np.cumsum(new)].astype(np.int32))
+lens = cp.asarray(np.array(ctx, np.int32))
+dt = cp.asarray(tables)
+def op_all():
+    return ops.prefill_attention(q, k, v, dt, qsl, lens, check=False)
+def split():
+    ops.paged_attention(q[:128], k, v, dt[:128], lens[:128], check=False)
+    return ops.prefill_attention(q[128:], k, v, dt[128:], cp.asarray(np.array([0, 512], np.int32)), lens[128:],
+                                 check=False)
+for name, fn in (("prefill op, all 129 sequences", op_all), ("decode kernel + prefill op", split)):
+    fn(); cp.cuda.Device().synchronize()
+    s, e = cp.cuda.Event(), cp.cuda.Event()
+    ts = []
+    for _ in range(20):
+        s.record(); fn(); e.record(); e.synchronize(); ts.append(cp.cuda.get_elapsed_time(s, e))
+    print(f"{name}: {np.median(ts) * 1e3:.1f} us per layer (median of 20)")
+PY
+echo "mixed attention ($((SECONDS - t0)) s)"; cat "$LOGS/mixed_attention.log" | tail -n 4
+
+# 6. if time is left: this tree's W1 with synchronous scheduling (what the overlap buys)
 if [ "$(left)" -gt 45 ]; then
     bench "$HERE" engine_bench_sync "$(limit 90 8)" \
         "import functools; eb.EngineConfig = functools.partial(eb.EngineConfig, async_scheduling=False)" --graph on

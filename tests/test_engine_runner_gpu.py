@@ -137,3 +137,15 @@ def test_prefill_op_rows_match_the_decode_rows_oracle(dtype):
     assert np.isfinite(got).all() and np.isfinite(oracle).all()
     tol = 1e-4 if dtype == "float32" else 2e-2
     assert np.abs(got - oracle).max() <= tol * (1 + np.abs(oracle).max())
+
+
+def test_warmup_captures_every_graph_and_changes_no_output():
+    prompts, greedy = _shared_prompts(seed=6), SamplingParams(temperature=0, max_tokens=12)
+    engine = _gpu_engine("float32", cuda_graph=True, max_num_batched_tokens=2048)
+    engine.warmup_graphs()  # every bucket captured on padding rows, then the largest eager step
+    assert engine.graph_error is None
+    assert len(engine.graphs.graphs) == len(engine.graphs.buckets)
+    assert len(engine.prefill_graphs.graphs) == len(engine.prefill_graphs.buckets)
+    want = _gpu_engine("float32", async_scheduling=False).generate(prompts, greedy, progress=False)
+    got = engine.generate(prompts, greedy, progress=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]

@@ -85,3 +85,29 @@ def test_rms_norm_kernel_matches_float64(dtype, hidden):
     ref = w.astype(np.float64) * x64 / np.sqrt((x64 ** 2).mean(axis=-1, keepdims=True) + 1e-5)
     assert np.isfinite(got).all()
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=str)
+@pytest.mark.parametrize("hidden", [64, 2048, 3000])
+def test_fused_add_norm_is_bitwise_the_add_then_the_norm_kernel(dtype, hidden):
+    import cupy as cp
+
+    from pagedkv.model import ModelConfig
+    from pagedkv.model.fused import FusedOps
+    from pagedkv.model.layers import Rope
+
+    config = ModelConfig(vocab_size=64, hidden_size=hidden, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
+                         intermediate_size=128, rms_norm_eps=1e-5)
+    fused = FusedOps(config, Rope(64, 1e4, 16, cp), dtype)
+    rng = np.random.default_rng(hidden)
+    x = cp.asarray((3 * rng.standard_normal((37, hidden))).astype(dtype))
+    y = cp.asarray(rng.standard_normal((37, hidden)).astype(dtype))
+    w = cp.asarray((1 + 0.1 * rng.standard_normal(hidden)).astype(dtype))
+    got_x, got_h = fused.add_norm(x.copy(), y, w)
+    want_x = x + y
+    assert fused.fused_add and cp.array_equal(got_x, want_x)
+    assert cp.array_equal(got_h, fused.norm(want_x, w))  # the very bits: greedy outputs cannot change
+    s = want_x.get().astype(np.float64)
+    ref = w.get().astype(np.float64) * s / np.sqrt((s * s).mean(axis=-1, keepdims=True) + 1e-5)
+    got = got_h.get().astype(np.float64)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= RTOL[np.dtype(dtype)] * 5

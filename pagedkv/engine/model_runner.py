@@ -71,6 +71,7 @@ class ModelRunner:
         self.model, self.kv_cache, self.manager = model, kv_cache, manager
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // manager.block_size)
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
@@ -260,7 +261,8 @@ class ModelRunner:
         self.graph_error, self.graphs, self.prefill_graphs = f"{type(exc).__name__}: {exc}", None, None
 
     def warmup_graphs(self) -> None:
-        """Capture the decode and prefill graphs of every bucket now (else lazily, at first use)."""
+        """Capture the decode and prefill graphs of every bucket now (else lazily, at first use), then run the
+        largest eager step once (vLLM's profile run: memory pools grown, cuBLAS heuristics cached)."""
         try:
             for graphs, inputs in ((self.graphs, self.decode_inputs), (self.prefill_graphs, self.prefill_inputs)):
                 if graphs is not None:
@@ -268,6 +270,19 @@ class ModelRunner:
                     graphs.capture_all()
         except Exception as exc:  # NOTE: as in _replay: fall back to eager launches
             self._drop_graphs(exc)
+        if self.backend.is_gpu:
+            try:
+                self._warm_eager(self.max_num_batched_tokens)
+            except self.xp.cuda.memory.OutOfMemoryError:
+                pass  # NOTE: the first large step will grow the pools instead (as without the warm-up)
+
+    def _warm_eager(self, num_rows: int) -> None:
+        """One eager prefill forward of ``num_rows`` padding rows: no sequence owns them (nothing is attended
+        or written), the products and activations run at full size; samples go to a scratch buffer."""
+        inputs = StepInputs(InputShape(num_rows, self.max_blocks, 1, 1, 1), self.xp, buffers=1)
+        inputs.upload(1)
+        self._forward(inputs, num_rows, 1, self.xp.empty(1, dtype=np.int32))
+        self.xp.cuda.get_current_stream().synchronize()
 
 
 def _wants_prompt_logprobs(out: SchedulerOutput) -> bool:

@@ -99,6 +99,11 @@ class ElementwiseOps:
     def norm(self, x, weight):
         return rms_norm(x, weight, self.config.rms_norm_eps)
 
+    def add_norm(self, x, y, weight):
+        """``(x + y, norm(x + y))``: the residual add and the RMSNorm after it."""
+        x = x + y
+        return x, self.norm(x, weight)
+
     def qkv_rope(self, qkv, bias, positions):
         """Split ``qkv`` [T, qkv_size] into contiguous q [T, Hq, D], k, v [T, Hkv, D]; rotate q and k."""
         c = self.config
@@ -255,15 +260,19 @@ class LlamaModel:
 
     # ---------------------------------------------------------------------------------------- shared
     def _layers(self, x, positions, slots, kv_cache, attend):
-        c = self.config
-        for layer, lw in enumerate(self.weights.layers):
-            h = self.ops.norm(x, lw.input_norm)
+        """The decoder layers over rows ``x``; each residual add is fused with the norm after it (the last
+        layer's with nothing: the final norm runs on the logits rows only)."""
+        c, layers = self.config, self.weights.layers
+        h = self.ops.norm(x, layers[0].input_norm)
+        for layer, lw in enumerate(layers):
             q, k, v = self.ops.qkv_rope(self.matmul(h, lw.wqkv), lw.bqkv, positions)
             ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check)
             attn = attend(layer, q, k, v)
-            x = x + self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo)
-            h = self.ops.norm(x, lw.post_norm)
-            x = x + self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down)
+            x, h = self.ops.add_norm(x, self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo), lw.post_norm)
+            mlp = self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down)
+            if layer + 1 == len(layers):
+                return x + mlp
+            x, h = self.ops.add_norm(x, mlp, layers[layer + 1].input_norm)
         return x
 
     def _logits(self, x):
