@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One device call for the decode kernels (issue 11): tests, sanitizers, benchmark, profile. From the repo root:
 #
-#   bash experiments/gpu_run_decode.sh [STAGE...]      default: probe tests kbench ncu
+#   bash experiments/gpu_run_decode.sh [STAGE...]      default: probe tests kbench kbench2 ncu
 #
 # Stages (each under its own time limit in seconds, override with T_<STAGE>=...):
 #   probe    GPU, driver, versions; installs carried wheels (.whl/: pytest-xdist) into /tmp/site
 #   tests    tests/test_kernels.py, full GPU grid (xdist, one (dtype, head_dim) group per worker), while
 #            compute-sanitizer memcheck and racecheck run the reduced grid (PAGEDKV_SANITIZER_GRID=1) beside it
 #   kbench   python -m experiments.kernel_bench (alone on the GPU; JSON into benchmarks/results/)
-#   ncu      Nsight Compute on kernel 3 and its merge, kernel_bench case NCU_CASES (default 10: 200 x U[17, 700])
+#   kbench2  the ragged cases and two uniform ones again (JSON into $OUT/logs): the run-to-run spread
+#   ncu      Nsight Compute on kernels 2 and 3 (the same launch each), kernel_bench cases NCU_CASES
+#            (default 10 8 2: 200 x U[17, 700], 32 x U[1000, 32000], 32 x 8192), with the warp stall reasons
 # Logs go to $OUT/logs; everything is packed into $OUT/results.tgz at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +19,7 @@ OUT=${OUT:-/tmp/pagedkv_decode}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs" benchmarks/results
 status=0
-stages=${*:-probe tests kbench ncu}
+stages=${*:-probe tests kbench kbench2 ncu}
 
 run() {  # run NAME LIMIT CMD...: one command, its output tee'd to $OUT/logs/NAME.log
     local name=$1 limit=$2
@@ -54,16 +56,22 @@ for stage in $stages; do
         wait ;;
     kbench)
         run kbench "${T_KBENCH:-120}" "$PY" -m experiments.kernel_bench ;;
+    kbench2)
+        run kbench2 "${T_KBENCH:-120}" "$PY" -m experiments.kernel_bench --cases 2 6 8 9 10 11 \
+            --output-json "$OUT/logs/kernel_bench_repeat.json" ;;
     ncu)
-        for case in ${NCU_CASES:-10}; do
-            run "ncu_case$case" "${T_NCU:-35}" ncu --clock-control none --kernel-name regex:paged_attention_v3 \
-                --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy \
-                --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats "$PY" -c "
+        for case in ${NCU_CASES:-10 8 2}; do
+            run "ncu_case$case" "${T_NCU:-45}" ncu --clock-control none --kernel-name regex:'paged_attention_v[23]_kernel' \
+                --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
+                --section WarpStateStats --section MemoryWorkloadAnalysis \
+                --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum' \
+                "$PY" -c "
 import cupy, numpy as np
 from experiments.kernel_bench import CASES, build_case
 from pagedkv import kernels
 q, k, v, bt, cl, _ = build_case(cupy, np.random.default_rng(0), CASES[$case])
-for _ in range(3): kernels.paged_attention(q, k, v, bt, cl, check=False)
+for _ in range(3):
+    for version in (2, 3): kernels.paged_attention(q, k, v, bt, cl, version=version, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
     *)
@@ -76,7 +84,21 @@ tar czf "$OUT/results.tgz" -C "$OUT" logs -C "$PWD" benchmarks/results && cp "$O
 for log in ktests memcheck racecheck kbench; do  # the lines worth reading in the reply
     [ -f "$OUT/logs/$log.log" ] && { echo "--- $log"; grep -E "passed|failed|error|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/logs/$log.log" | tail -5; }
 done
-[ -f "$OUT/logs/kbench.log" ] && sed -n '/paged decode attention/,/wrote/p' "$OUT/logs/kbench.log" | cut -c1-240
+for log in kbench kbench2; do
+    [ -f "$OUT/logs/$log.log" ] && sed -n '/paged decode attention/,/wrote/p' "$OUT/logs/$log.log" | cut -c1-200
+done
+for log in "$OUT"/logs/ncu_case*.log; do  # one line per profiled kernel: duration, DRAM %, top stalls
+    [ -f "$log" ] && "$PY" - "$log" <<'PYEOF'
+import re, sys
+text = open(sys.argv[1]).read()
+for block in re.split(r"\n  (?=\S)", text)[1:]:
+    name = block.split("(")[0].strip()[:40]
+    get = lambda key: (re.search(re.escape(key) + r"\s+\S*\s+([\d.,]+)", block) or [None, "?"])[1]
+    stalls = sorted(((float(v), k) for k, v in re.findall(r"issue_stalled_(\w+?)_per_issue_active.ratio\s+\S*\s+([\d.]+)", block)), reverse=True)[:5]
+    print(sys.argv[1].split("/")[-1], name, "us", get("Duration"), "dram%", get("DRAM Throughput"), "regs", get("Registers Per Thread"),
+          "cyc/issue", get("Warp Cycles Per Issued Instruction"), "stalls", " ".join(f"{k}={v:.2f}" for v, k in stalls))
+PYEOF
+done
 cat "$OUT/summary.log"
 grep -q "exit [1-9]" "$OUT/summary.log" && status=1  # the sanitizers ran in background subshells
 exit "$status"

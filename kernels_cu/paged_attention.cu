@@ -15,26 +15,30 @@
 //                              the device from context_lens (picture below): one thread block per resident
 //                              slot, each streams an equal share of the batch's K/V tiles, crossing from one
 //                              sequence to the next without draining its pipeline; only sequences cut
-//                              between two blocks are merged (paged_attention_v3_merge_kernel).
+//                              between blocks are merged, in the same launch, by the block whose piece of
+//                              the sequence finishes last.
 //   check_block_tables_kernel  GPU-side range check of block_tables / context_lens (one reduction).
 //
-// The balanced plan of kernel 3 (computed again by every thread block from context_lens, so a captured CUDA
-// graph replays with new lengths; the launch shape depends on shapes and the device only):
+// The balanced plan of kernel 3, computed again by every thread block from context_lens (so a captured CUDA
+// graph replays with new lengths; the grid depends on the device and shapes only). Work units are tiles
+// (TILE_TOKENS tokens of one sequence for one head group of GT query heads), laid end to end head
+// group-major, and cut into equal runs of K units, one run per resident thread block:
 //
-//   work units = tiles (TILE_TOKENS tokens of one sequence for one head group), laid end to end,
-//   head group-major:   hg 0: [seq 0 | seq 1 | seq 2 ...]  hg 1: [seq 0 | seq 1 | ...] ...
+//     unit    0      7      14     21     28     35
+//             |      |      |      |      |      |
+//     items   aaaaabbcccccccccdddaaaaabbcccccccccddd     a..d: sequences 0..3 of 5, 2, 9 and 3 tiles,
+//             <-- head group 0 -><-- head group 1 ->     for head groups 0 and 1: 38 units
+//     blocks  [  0  ][  1  ][  2  ][  3  ][  4  ][5]     6 blocks, K = max(ceil(38 / 6), min_tiles) = 7
 //
-//     units   |s0: 5 tiles |s1|s2: 9 tiles          |s3 |s0 (hg 1)  |s1|s2 ...
-//             |====:====:==|==|=:====:====:====:=|==|===|===:=====:=|==|====...
-//     blocks  |  block 0   |  block 1   |  block 2   |  block 3   |  block 4  ...
-//             <-- K units -><-- K units -> ...     K = max(ceil(units / blocks), min_tiles)
-//
-//   Block b streams units [b*K, (b+1)*K) through its cp.async pipeline: s0 and s1 end inside block 0 and
-//   1, so their outputs are written directly; s2 spans blocks 1..2 (pieces: its first tiles in block 1,
-//   the rest in block 2). Each piece leaves an unnormalised partial (max, sum, sum p*V) in slot
-//   2*block + (piece starts the sequence ? 1 : 0); the block holding a split sequence's first piece records
-//   (sequence, heads, pieces) in merge_desc[block], and the merge kernel combines exactly those pieces.
-//   A short sequence is one piece; a long one gets as many as its length needs.
+//   Block b streams units [b*K, (b+1)*K) through one cp.async pipeline. a and b of head group 0 lie inside
+//   block 0: written directly. c of head group 0 is cut over blocks 1 and 2 (a long sequence gets as many
+//   pieces as its length needs; a short one usually one): each piece leaves an unnormalised partial
+//   (max, sum, sum p*V) in slot 2*block + (piece starts the sequence ? 1 : 0), here slots 3 and 4, and the
+//   block whose piece finishes last merges them (counters[1], the sequence's first block, counts pieces).
+//   Merges here: c/hg 0 (blocks 1-2), a/hg 1 (blocks 2-3), c/hg 1 (blocks 3-4). Only a block's first and
+//   last pieces can belong to split sequences, hence two partial slots per block.
+//   (tests/test_kernels.py::test_balanced_plan_picture checks these numbers; pagedkv.decode_plan mirrors
+//   the plan on the host.)
 //
 // Compile-time options (-D, one cached module per set; pagedkv/kernels.py mirrors the defaults):
 //   PAGEDKV_V2_TILE_BYTES (4096) and PAGEDKV_V2_STAGES (4): tile size and cp.async pipeline depth (kernels
@@ -73,17 +77,9 @@
 // 2 for GT = 8 with head_dim >= 160, which spilled at the 3-block cap); with the cap ptxas reports no
 // spills for any instantiation (tests/test_kernels_compile.py checks it).
 #define PAGEDKV_V2_MIN_BLOCKS(HEAD_DIM, GT) ((GT) <= 4 ? 4 : ((HEAD_DIM) >= 160 ? 2 : 3))
-// Kernel 3 holds a few more values across the tile loop; at the 3-block cap (168 registers) its 16-bit
-// GT = 8 instantiations spilled 4-16 bytes on sm_90 for the head dims whose rows are not 8 or 16
-// vectors, and 8 bytes for head_dim 128 on sm_80: those get 2 blocks per SM.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define PAGEDKV_V3_TIGHT 1
-#else
-#define PAGEDKV_V3_TIGHT 0
-#endif
-#define PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT)                                                    \
-  ((GT) <= 4 ? 4                                                                                   \
-   : ((HEAD_DIM) >= 160 || ((DT) != 0 && (PAGEDKV_V3_TIGHT || ((HEAD_DIM) != 64 && (HEAD_DIM) != 128))) ? 2 : 3))
+// Kernel 3 holds more values across its tile loop (the walk, the in-kernel merge); at the 3-block cap
+// (168 registers) its 16-bit GT = 8 instantiations spilled 4-36 bytes (sm_80, sm_90): they get 2 blocks.
+#define PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT) ((GT) <= 4 ? 4 : ((DT) != 0 || (HEAD_DIM) >= 160 ? 2 : 3))
 
 using pagedkv::KV;
 
@@ -262,6 +258,10 @@ struct TileAttention {
     tid = threadIdx.x; lane = tid & 31; warp = tid >> 5; lane_col = tid % LPR; rg = tid / LPR;
   }
   __device__ __forceinline__ bool live(int j) const { return !S::PADDED || lane_col + j * LPR < VPR; }
+  // this lane's vector column j, clamped into the row when padded (a finite value, multiplied by q = 0)
+  __device__ __forceinline__ int col(int j) const {
+    return !S::PADDED ? lane_col + j * LPR : min(lane_col + j * LPR, VPR - 1);
+  }
 
   // q rows: row g at rows[g * VPR] (16-byte vectors, global or shared memory); rows >= num_q read as 0
   __device__ __forceinline__ void load_q(const uint4* rows, int num_q, float scale_log2) {
@@ -281,6 +281,16 @@ struct TileAttention {
       }
   }
 
+  __device__ __forceinline__ void clear() {  // q too: between pieces (kernel 3)
+#pragma unroll
+    for (int j = 0; j < CPT; ++j)
+#pragma unroll
+      for (int g = 0; g < GT; ++g)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q[j][g][e] = 0.f;
+    reset();
+  }
+
   __device__ __forceinline__ void reset() {
 #pragma unroll
     for (int j = 0; j < CPT; ++j)
@@ -293,8 +303,12 @@ struct TileAttention {
   }
 
   // One staged tile: q.k, online softmax, p*V. Rows >= valid are masked (their V rows are zero-filled).
-  //   s_p [GT][TT] scores then probabilities; s_alpha [GT]. Two __syncthreads inside; the caller's barrier
-  //   before the next call orders this call's reads of s_p against the next call's writes.
+  //   s_p [GT][TT] scores then probabilities, then THREADS dump slots (one per thread); s_alpha [GT]. Two
+  //   __syncthreads inside; the caller's barrier before the next call orders this call's reads of s_p
+  //   against the next call's writes.
+  // NOTE: no lane-dependent branch may sit next to the shuffles (see pagedkv::select): padded columns read
+  // a clamped (finite) vector and multiply it by q = 0, and a lane that owns no score stores it into its
+  // own dump slot instead of skipping the store.
   __device__ __forceinline__ void step(const uint4* k_tile, const uint4* v_tile, float* s_p, float* s_alpha,
                                        int valid) {
     // q.k over the tile: partial dots over this lane's columns, then a shuffle reduction across the row
@@ -306,14 +320,14 @@ struct TileAttention {
       for (int g = 0; g < GT; ++g) dot[g] = 0.f;
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
-        if (!live(j)) continue;
         float x[VEC];
-        pagedkv::unpack16<DT>(k_tile[row * VPR + lane_col + j * LPR], x);
+        pagedkv::unpack16<DT>(k_tile[row * VPR + col(j)], x);
 #pragma unroll
         for (int g = 0; g < GT; ++g)
 #pragma unroll
           for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q[j][g][e], x[e], dot[g]);
       }
+      const int dump = GT * TT + tid;
       if constexpr (PAGEDKV_V2_BUTTERFLY && LPR >= GT) {
         // reduce-scatter: each xor step trades half of the remaining heads' partials, so the row's GT dots
         // take log2(GT) + ... shuffles in all instead of GT * log2(LPR); lane_col then holds head g's total
@@ -324,51 +338,54 @@ struct TileAttention {
           const bool upper = lane_col & o;
 #pragma unroll
           for (int i = 0; i < half; ++i) {
-            const float send = upper ? dot[i] : dot[i + half];
-            const float keep = upper ? dot[i + half] : dot[i];
+            const float send = pagedkv::select(upper, dot[i], dot[i + half]);
+            const float keep = pagedkv::select(upper, dot[i + half], dot[i]);
             dot[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
           }
-          if (upper) g_owned += half;
+          g_owned += pagedkv::select(upper, half, 0);
         }
 #pragma unroll
         for (int o = LPR / GT / 2; o > 0; o >>= 1) dot[0] += __shfl_xor_sync(0xffffffffu, dot[0], o);
-        if ((lane_col & (LPR / GT - 1)) == 0) s_p[g_owned * TT + row] = row < valid ? dot[0] : PAGEDKV_NEG_INF;
+        s_p[pagedkv::select((lane_col & (LPR / GT - 1)) == 0, g_owned * TT + row, dump)] =
+            pagedkv::select(row < valid, dot[0], PAGEDKV_NEG_INF);
       } else {
 #pragma unroll
         for (int g = 0; g < GT; ++g) {
 #pragma unroll
           for (int o = LPR / 2; o > 0; o >>= 1) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
-          if (lane_col == 0) s_p[g * TT + row] = row < valid ? dot[g] : PAGEDKV_NEG_INF;
+          s_p[pagedkv::select(lane_col == 0, g * TT + row, dump)] = pagedkv::select(row < valid, dot[g], PAGEDKV_NEG_INF);
         }
       }
     }
     __syncthreads();
 
     // online softmax update: warp w owns query heads w, w + NW, ...; rows lane, lane + 32, ...
+    // (branch-free like q.k: lanes past the tile read a clamped row and store into their dump slot)
+    const int dump = GT * TT + tid, alpha_at = GT * TT + PAGEDKV_V2_THREADS;  // s_alpha = s_p + alpha_at
 #pragma unroll
     for (int i = 0; i < GW; ++i) {
       const int g = warp + i * NW;
-      if (g < GT) {
+      if (g < GT) {  // warp-uniform
         float s[SR], mx = PAGEDKV_NEG_INF;
 #pragma unroll
         for (int r = 0; r < SR; ++r) {
           const int row = lane + 32 * r;
-          s[r] = row < TT ? s_p[g * TT + row] : PAGEDKV_NEG_INF;
+          s[r] = pagedkv::select(row < TT, s_p[g * TT + min(row, TT - 1)], PAGEDKV_NEG_INF);
           mx = fmaxf(mx, s[r]);
         }
         const float m_new = fmaxf(m_run[i], pagedkv::warp_max(mx));  // finite: a tile has a valid row
-        const float alpha = m_run[i] == m_new ? 1.f : exp2f(m_run[i] - m_new);  // 0 on the first tile
+        const float alpha = pagedkv::select(m_run[i] == m_new, 1.f, exp2f(m_run[i] - m_new));  // 0 on the first tile
         float psum = 0.f;
 #pragma unroll
         for (int r = 0; r < SR; ++r) {
           const int row = lane + 32 * r;
           const float p = exp2f(s[r] - m_new);
           psum += p;
-          if (row < TT) s_p[g * TT + row] = p;
+          s_p[pagedkv::select(row < TT, g * TT + row, dump)] = p;
         }
         l_run[i] = l_run[i] * alpha + pagedkv::warp_sum(psum);
         m_run[i] = m_new;
-        if (lane == 0) s_alpha[g] = alpha;
+        s_p[pagedkv::select(lane == 0, alpha_at + g, dump)] = alpha;
       }
     }
     __syncthreads();
@@ -390,10 +407,9 @@ struct TileAttention {
     for (int r = 0; r < ROWS; ++r) {
       const int row = rg + r * RG;
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) {
-        if (!live(j)) continue;
+      for (int j = 0; j < CPT; ++j) {  // padded columns accumulate garbage that stage() never stores
         float x[VEC];
-        pagedkv::unpack16<DT>(v_tile[row * VPR + lane_col + j * LPR], x);  // zero-filled past `valid`
+        pagedkv::unpack16<DT>(v_tile[row * VPR + col(j)], x);  // zero-filled past `valid`
 #pragma unroll
         for (int g = 0; g < GT; ++g) {
           const float p = s_p[g * TT + row];
@@ -438,9 +454,9 @@ struct TileSmem {
   typedef TileShape<DT, HEAD_DIM> S;
   static const int PIPE = 2 * PAGEDKV_V2_STAGES * S::TILE_VECS * 16;   // K and V stages
   static const int RED = S::RG * GT * HEAD_DIM * 4;                    // cross-row-group reduction
-  static const int SMALL = 4 * (GT * S::TILE_TOKENS + GT + 2 * GT);    // s_p, s_alpha, s_ml
+  static const int SMALL = 4 * (GT * S::TILE_TOKENS + PAGEDKV_V2_THREADS + 3 * GT);  // s_p + dump, s_alpha, s_ml
   static const int Q = PAGEDKV_V2_STAGES * GT * S::VPR * 16;           // kernel 3: q rows per stage
-  static const int META = 2 * PAGEDKV_V2_STAGES * 8 * 4;              // kernel 3: tile descriptor ring
+  static const int META = 2 * PAGEDKV_V2_STAGES * 16 * 4;             // kernel 3: tile descriptor ring
 };
 
 // ================================================================================================
@@ -477,7 +493,7 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   extern __shared__ uint4 smem[];
   float* s_red = reinterpret_cast<float*>(smem);  // [RG][GT][HEAD_DIM], after the loop only
   float* s_p = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (M::PIPE > M::RED ? M::PIPE : M::RED));
-  float* s_alpha = s_p + GT * TT;
+  float* s_alpha = s_p + GT * TT + PAGEDKV_V2_THREADS;
   float* s_ml = s_alpha + GT;
 
   const int tid = threadIdx.x;
@@ -621,26 +637,41 @@ paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const flo
 
 // ================================================================================================
 // paged_attention_v3_kernel: kernel 2's tile loop in a persistent grid with the batch-balanced plan
-// (picture in the file header), made by every thread block from context_lens.
-//   out          [batch, num_qo_heads, HEAD_DIM]        sequences that end in the block that began them
+// (picture in the file header), made by every thread block from context_lens; split sequences are merged
+// by the block whose piece finishes last (no second launch).
+//   out          [batch, num_qo_heads, HEAD_DIM]
 //   part_out     [2 * gridDim.x, GT, HEAD_DIM] float32  pieces of split sequences (slot 2*block + first)
 //   part_ml      [2 * gridDim.x, GT, 2] float32         (running max in log2 units, sum) of each piece
-//   merge_desc   [gridDim.x, 4] int32                   (seq, head0, num_q, pieces) of the split sequence
-//                                                       whose first piece is this block's; pieces = 0: none
+//   counters     [gridDim.x] int32, zero before the launch and zero after it: finished pieces of the
+//                split sequence whose first piece is block b's (the last one to finish merges and resets)
 //   q, k_cache, v_cache, block_tables, context_lens: see the file header; batch = rows of context_lens
-//   group_size, scale_log2: as kernel 2;  min_tiles: the fewest tiles a block is given (pieces >= this)
+//   group_size, scale_log2: as kernel 2;  min_tiles: the fewest tiles a block is given
 // grid: (num_blocks) = resident thread blocks of the device, block: PAGEDKV_V2_THREADS,
 // dynamic shared memory: PIPE + Q + RED + SMALL + META (TileSmem)
 //
 // Each thread block walks its units in order; the copies run STAGES - 1 tiles ahead of the math, across
 // sequence and head-group boundaries (a new piece's q rows travel with its first tile), so the pipeline
-// never drains between pieces. Per tile, the issuing side leaves a descriptor in shared memory
-// (sequence, heads, valid rows, first/last-of-piece flags) for the math side.
+// never drains between pieces. Per tile, thread 0 leaves a descriptor in shared memory (sequence, heads,
+// tokens, first/last-of-piece flags, the split it belongs to) for the copies and the math.
+//
+// Merging (threadFenceReduction's pattern): a piece of a split sequence writes its partial, every thread
+// fences, and thread 0 counts the piece in counters[first block]; the block that brings the count to the
+// number of pieces reads all partials (ld.global.cg, past L1), writes the output and resets the counter.
 // ================================================================================================
 #define PAGEDKV_TILE_FIRST 1       // first tile of this block's piece of the sequence
 #define PAGEDKV_TILE_LAST 2        // last tile of the piece
 #define PAGEDKV_TILE_SEQ_START 4   // the tile is the sequence's first
-#define PAGEDKV_TILE_SEQ_END 8     // the tile is the sequence's last
+#define PAGEDKV_META 16            // ints per tile descriptor
+// descriptor fields
+#define PAGEDKV_M_SEQ 0
+#define PAGEDKV_M_HEAD0 1          // first query head of the head group
+#define PAGEDKV_M_NUM_Q 2          // query heads of the head group (<= GT)
+#define PAGEDKV_M_T0 3             // first token of the tile
+#define PAGEDKV_M_LEN 4            // the sequence's length
+#define PAGEDKV_M_FLAGS 5
+#define PAGEDKV_M_KV_HEAD 6
+#define PAGEDKV_M_SPLIT_BLOCK 7    // the block holding the sequence's first piece
+#define PAGEDKV_M_PIECES 8         // blocks the sequence is cut over (1: not split)
 
 // Block-wide exclusive prefix sum of one int per thread; also returns the total. Uses s_scan[NW].
 __device__ __forceinline__ int block_exclusive_scan(int x, int* s_scan, int& total) {
@@ -663,10 +694,93 @@ __device__ __forceinline__ int block_exclusive_scan(int x, int* s_scan, int& tot
   return before;
 }
 
+// (m, l) <- the log-sum-exp combination of (m, l) and (m2, l2): both sums rescaled to the larger max
+// (an empty (-inf, 0) side contributes nothing)
+__device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l2) {
+  const float mx = fmaxf(m, m2);
+  l = l * pagedkv::select(m == mx, 1.f, exp2f(m - mx)) + l2 * pagedkv::select(m2 == mx, 1.f, exp2f(m2 - mx));
+  m = mx;
+}
+
+// Merge the `pieces` partials of one split sequence (first piece in block b_first) into out, by the
+// whole thread block. Piece p's slot: 2 * (b_first + p) + (p == 0). Partials are read past L1.
+//   s_p    shared scratch: [GT][2] (max, 1 / sum) per head at s_p[0 ..], a dump slot per thread at
+//          s_p[dump_at + tid] (dump_at >= 2 * GT);  s_acc: THREADS float4 of shared scratch
+template <int DT, int HEAD_DIM, int GT>
+__device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ out, const float* part_out,
+                                             const float* part_ml, int b_first, int pieces, int seq,
+                                             int head0, int num_q, int num_qo_heads, float* s_p, int dump_at,
+                                             float4* s_acc) {
+  float* s_mw = s_p;
+  constexpr int NW = PAGEDKV_V2_THREADS / 32, GW = (GT + NW - 1) / NW, TPR = HEAD_DIM / 4;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  auto slot = [&](int p) { return 2LL * (b_first + p) + (p == 0 ? 1 : 0); };
+  // per head: M = max_p m_p and L = sum_p 2^(m_p - M) l_p; warp w owns heads w, w + NW; lanes stride pieces
+#pragma unroll
+  for (int i = 0; i < GW; ++i) {
+    const int g = warp + i * NW;
+    if (g < num_q) {  // warp-uniform
+      float m = PAGEDKV_NEG_INF, l = 0.f;
+      for (int p = lane; p < pieces; p += 32) {
+        const float* ml = part_ml + (slot(p) * GT + g) * 2;
+        combine_ml(m, l, pagedkv::ld_cg(ml), pagedkv::ld_cg(ml + 1));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+        combine_ml(m, l, m2, l2);
+      }
+      // lane 0 writes (max, 1 / sum) to s_mw = s_p[0 .. 2 GT); the others to their dump slot (branch-free)
+      const int dump = dump_at + tid;
+      s_p[pagedkv::select(lane == 0, 2 * g, dump)] = m;
+      s_p[pagedkv::select(lane == 0, 2 * g + 1, dump)] = 1.f / l;
+    }
+  }
+  __syncthreads();
+  // weighted sum of the partial rows: item (head g, float4 column c); rows of pieces in parallel
+  const int items = num_q * TPR;
+  const int rows = max(1, PAGEDKV_V2_THREADS / items);  // pieces summed side by side
+  for (int base = 0; base < items; base += PAGEDKV_V2_THREADS) {  // more than one pass only when rows == 1
+    const int r = rows > 1 ? tid / items : 0, i = rows > 1 ? tid % items : base + tid;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < rows && i < items) {
+      const int g = i / TPR, c = i - g * TPR;
+      const float mx = s_mw[2 * g];
+#pragma unroll 4
+      for (int p = r; p < pieces; p += rows) {
+        const long long sg = slot(p) * GT + g;
+        const float w = exp2f(pagedkv::ld_cg(part_ml + sg * 2) - mx);
+        const float4 x = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sg * HEAD_DIM) + c);
+        acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
+        acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+      }
+    }
+    if (rows > 1) {  // uniform
+      s_acc[tid] = acc;
+      __syncthreads();
+      if (tid < items) {
+        for (int k = 1; k < rows; ++k) {
+          const float4 x = s_acc[k * items + tid];
+          acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
+        }
+      }
+    }
+    if ((rows > 1 ? tid : i) < items) {
+      const int it = rows > 1 ? tid : i, g = it / TPR, c = it - g * TPR;
+      const float inv_l = s_mw[2 * g + 1];
+      typename KV<DT>::T* o = out + ((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + 4 * c;
+      o[0] = KV<DT>::from_float(acc.x * inv_l);
+      o[1] = KV<DT>::from_float(acc.y * inv_l);
+      o[2] = KV<DT>::from_float(acc.z * inv_l);
+      o[3] = KV<DT>::from_float(acc.w * inv_l);
+    }
+  }
+}
+
 template <int DT, int HEAD_DIM, int GT>
 __global__ void __launch_bounds__(PAGEDKV_V2_THREADS, PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT))
 paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restrict__ part_out,
-                          float* __restrict__ part_ml, int* __restrict__ merge_desc,
+                          float* __restrict__ part_ml, int* __restrict__ counters,
                           const typename KV<DT>::T* __restrict__ q,
                           const typename KV<DT>::T* __restrict__ k_cache,
                           const typename KV<DT>::T* __restrict__ v_cache,
@@ -679,18 +793,21 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   const int TT = A::TT, VPR = A::VPR, VEC = A::VEC, TILE_VECS = A::S::TILE_VECS, STAGES = PAGEDKV_V2_STAGES;
   const int QV = GT * VPR;  // q vectors of one piece
 
-  // shared memory: K stages, V stages, q stages [STAGES][GT][VPR], s_red [RG][GT][HEAD_DIM], s_p [GT][TT],
-  // s_alpha [GT], s_ml [GT][2], tile descriptors [2 * STAGES][8] int
+  // shared memory: K stages, V stages, q stages [STAGES][GT][VPR], s_red [RG][GT][HEAD_DIM], s_p [GT][TT]
+  // + one dump slot per thread, s_alpha [GT], s_ml [GT][2], tile descriptors [2 * STAGES][PAGEDKV_META] int
   extern __shared__ uint4 smem[];
   uint4* s_q = smem + 2 * STAGES * TILE_VECS;
   float* s_red = reinterpret_cast<float*>(s_q + STAGES * QV);
   float* s_p = s_red + M::RED / 4;
-  float* s_alpha = s_p + GT * TT;
+  float* s_alpha = s_p + GT * TT + PAGEDKV_V2_THREADS;
   float* s_ml = s_alpha + GT;
   int* s_meta = reinterpret_cast<int*>(s_ml + 2 * GT);
   __shared__ int s_scan[PAGEDKV_V2_THREADS / 32];
   __shared__ int s_start[2];
   __shared__ int s_walk[4];  // thread 0's walk: (seq, head group, item's first unit, seq's length)
+  __shared__ long long s_u0;  // this block's first unit; with per_block, for the split of a piece
+  __shared__ int s_per_block;
+  __shared__ int s_last;     // this block finished a split sequence's last piece: it merges
 
   const int tid = threadIdx.x;
   const int q_tiles = (group_size + GT - 1) / GT, num_hg = num_kv_heads * q_tiles;
@@ -707,10 +824,7 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   const long long units = (long long)num_hg * total;
   const int per_block = (int)max((units + gridDim.x - 1) / gridDim.x, (long long)max(min_tiles, 1));
   const long long u0 = (long long)blockIdx.x * per_block;
-  if (u0 >= units) {  // nothing for this block (uniform: every thread leaves)
-    if (tid < 4) merge_desc[4 * blockIdx.x + tid] = 0;
-    return;
-  }
+  if (u0 >= units) return;  // nothing for this block (uniform: every thread leaves)
   const int num_units = (int)min((long long)per_block, units - u0);  // this block: units u0 .. u0 + num_units - 1
   // the sequence holding unit u0: found by the one thread whose chunk covers it
   const int hg0 = (int)(u0 / total), s0 = (int)(u0 - (long long)hg0 * total);
@@ -724,11 +838,14 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   }
   __syncthreads();
 
-  // The walk over this block's units: thread 0 describes unit u (its item, tile and flags) into the
+  // The walk over this block's units: thread 0 describes unit u (its item, tile, flags, split) into the
   // descriptor ring a full pipeline ahead; the copies and the math read the descriptors.
   // NOTE: the walk's state lives in shared memory, not in every thread's registers (the math is at the
   // register cap), and one thread reads context_lens instead of all of them.
-  if (tid == 0) { s_walk[0] = s_start[0]; s_walk[1] = hg0; s_walk[2] = s_start[1]; s_walk[3] = context_lens[s_start[0]]; }
+  if (tid == 0) {
+    s_walk[0] = s_start[0]; s_walk[1] = hg0; s_walk[2] = s_start[1]; s_walk[3] = context_lens[s_start[0]];
+    s_u0 = u0; s_per_block = per_block;
+  }
   auto describe = [&](int u) {  // thread 0 only
     int w_seq = s_walk[0], w_hg = s_walk[1], w_item = s_walk[2], w_len = s_walk[3];
     int w_n = tiles_of(w_len);
@@ -741,29 +858,33 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     s_walk[0] = w_seq; s_walk[1] = w_hg; s_walk[2] = w_item; s_walk[3] = w_len;
     const int j = u - w_item;
     const int kv_head = w_hg / q_tiles, q_tile = w_hg - kv_head * q_tiles;
-    int* meta = s_meta + (u % (2 * STAGES)) * 8;
-    meta[0] = w_seq; meta[1] = kv_head * group_size + q_tile * GT; meta[2] = min(GT, group_size - q_tile * GT);
-    meta[3] = j * TT; meta[4] = w_len; meta[6] = kv_head;
-    meta[5] = (u == 0 || j == 0 ? PAGEDKV_TILE_FIRST : 0) | (u == num_units - 1 || j == w_n - 1 ? PAGEDKV_TILE_LAST : 0) |
-              (j == 0 ? PAGEDKV_TILE_SEQ_START : 0) | (j == w_n - 1 ? PAGEDKV_TILE_SEQ_END : 0);
-    if (u == num_units - 1) {  // this block's last unit: does a split sequence start in this block?
-      // its pieces: this block's, then one per following block up to the one holding its last tile
-      const int pieces = w_item >= 0 && j < w_n - 1 ? (w_item + w_n - 1) / per_block + 1 : 0;
-      *reinterpret_cast<int4*>(merge_desc + 4 * blockIdx.x) = make_int4(w_seq, meta[1], meta[2], pieces);
-    }
+    const long long first_unit = s_u0 + w_item;  // the item's first unit (absolute)
+    const int per_block = s_per_block, split_block = (int)(first_unit / per_block);
+    int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
+    meta[PAGEDKV_M_SEQ] = w_seq;
+    meta[PAGEDKV_M_HEAD0] = kv_head * group_size + q_tile * GT;
+    meta[PAGEDKV_M_NUM_Q] = min(GT, group_size - q_tile * GT);
+    meta[PAGEDKV_M_T0] = j * TT;
+    meta[PAGEDKV_M_LEN] = w_len;
+    meta[PAGEDKV_M_FLAGS] = (u == 0 || j == 0 ? PAGEDKV_TILE_FIRST : 0) |
+                            (u == num_units - 1 || j == w_n - 1 ? PAGEDKV_TILE_LAST : 0) |
+                            (j == 0 ? PAGEDKV_TILE_SEQ_START : 0);
+    meta[PAGEDKV_M_KV_HEAD] = kv_head;
+    meta[PAGEDKV_M_SPLIT_BLOCK] = split_block;
+    meta[PAGEDKV_M_PIECES] = (int)((first_unit + w_n - 1) / per_block) - split_block + 1;
   };
 
   const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
   const unsigned s_base = pagedkv::smem_u32(smem), v_delta = STAGES * TILE_VECS * 16;
   const unsigned s_qbase = pagedkv::smem_u32(s_q);
   auto issue = [&](int u) {  // every thread: the copies of unit u (K, V, and q if a piece starts)
-    const int* meta = s_meta + (u % (2 * STAGES)) * 8;
-    const int seq = meta[0], t0 = meta[3], len = meta[4], kv_head = meta[6], stage = u % STAGES;
+    const int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
+    const int seq = meta[PAGEDKV_M_SEQ], t0 = meta[PAGEDKV_M_T0], stage = u % STAGES;
     issue_kv_tile<DT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache,
-                                block_tables + (long long)seq * max_blocks, t0, len, block_elems,
-                                ((long long)kv_head << log2_block_size) * HEAD_DIM, log2_block_size);
-    if (meta[5] & PAGEDKV_TILE_FIRST) {  // the piece's q rows ride with its first tile (rows past num_q: 0)
-      const int head0 = meta[1], num_q = meta[2];
+                                block_tables + (long long)seq * max_blocks, t0, meta[PAGEDKV_M_LEN], block_elems,
+                                ((long long)meta[PAGEDKV_M_KV_HEAD] << log2_block_size) * HEAD_DIM, log2_block_size);
+    if (meta[PAGEDKV_M_FLAGS] & PAGEDKV_TILE_FIRST) {  // the piece's q rows ride with its first tile (rows past num_q: 0)
+      const int head0 = meta[PAGEDKV_M_HEAD0], num_q = meta[PAGEDKV_M_NUM_Q];
       const typename kv::T* q_rows = q + ((long long)seq * num_qo_heads + head0) * HEAD_DIM;
       for (int v = tid; v < QV; v += PAGEDKV_V2_THREADS) {
         const int g = v / VPR, col = v - g * VPR;
@@ -789,104 +910,56 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     const int stage = u % STAGES;
     pagedkv::cp_async_wait<STAGES - 2>();  // this tile's group has landed (one group per iteration)
     __syncthreads();  // ... for every thread; the stage read last iteration is free; descriptors published
-    // descriptor u + STAGES goes to the ring slot of unit u - STAGES, which nobody reads any more
-    if (tid == 0 && u + STAGES < num_units) describe(u + STAGES);
     if (u + STAGES - 1 < num_units) issue(u + STAGES - 1);
     pagedkv::cp_async_commit();
-    const int* meta = s_meta + (u % (2 * STAGES)) * 8;
-    const int flags = meta[5];  // the same for every thread: the branches below never diverge
+    const int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
+    const int flags = meta[PAGEDKV_M_FLAGS];  // the same for every thread: the branches below never diverge
     if (flags & PAGEDKV_TILE_FIRST) {  // load q, clear the accumulator
       a.load_q(s_q + stage * QV, GT, scale_log2);
       a.reset();
       seq_start = flags & PAGEDKV_TILE_SEQ_START;
     }
     a.step(smem + stage * TILE_VECS, smem + STAGES * TILE_VECS + stage * TILE_VECS, s_p, s_alpha,
-           min(meta[4] - meta[3], TT));
-    if (flags & PAGEDKV_TILE_LAST) {  // write the output, or this piece's partial
-      const int seq = meta[0], head0 = meta[1], num_q = meta[2];
-      const bool whole = seq_start && (flags & PAGEDKV_TILE_SEQ_END);
-      const long long slot = 2LL * blockIdx.x + (seq_start ? 1 : 0);
-      // NOTE: s_red and s_ml were last read after the previous piece's last tile; every tile since
-      // passed three barriers, so writing them now is safe
-      a.stage(s_red, s_ml);
-      __syncthreads();
-      for (int i = tid; i < num_q * HEAD_DIM; i += PAGEDKV_V2_THREADS) {
-        const int g = i / HEAD_DIM, d = i - g * HEAD_DIM;
-        const float sum = A::reduced_row(s_red, g, d);
-        if (whole)
-          out[((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + d] = kv::from_float(sum / s_ml[2 * g + 1]);
-        else
-          part_out[(slot * GT + g) * HEAD_DIM + d] = sum;
-      }
-      if (!whole && tid < 2 * num_q) part_ml[slot * GT * 2 + tid] = s_ml[tid];
+           min(meta[PAGEDKV_M_LEN] - meta[PAGEDKV_M_T0], TT));
+    // descriptor u + STAGES (read after the next barrier) goes to the ring slot of unit u - STAGES, which
+    // nobody reads any more. NOTE: here, at the end of the math, thread 0's walk overlaps the wait for the
+    // next tile instead of holding up this tile's barriers
+    if (tid == 0 && u + STAGES < num_units) describe(u + STAGES);
+    if (!(flags & PAGEDKV_TILE_LAST)) continue;
+
+    // the piece ends: write the output, or this piece's partial (and merge if it was the last piece)
+    const int seq = meta[PAGEDKV_M_SEQ], head0 = meta[PAGEDKV_M_HEAD0], num_q = meta[PAGEDKV_M_NUM_Q];
+    const int pieces = meta[PAGEDKV_M_PIECES], split_block = meta[PAGEDKV_M_SPLIT_BLOCK];
+    const long long slot = 2LL * blockIdx.x + (seq_start ? 1 : 0);
+    // NOTE: s_red and s_ml were last read after the previous piece's last tile; every tile since passed
+    // three barriers, so writing them now is safe
+    a.stage(s_red, s_ml);
+    // NOTE: the next tile starts a new piece (it reloads q and clears the accumulator); clearing them now
+    // tells the compiler they are dead, which frees their registers for the merge below
+    a.clear();
+    __syncthreads();
+    for (int i = tid; i < num_q * HEAD_DIM; i += PAGEDKV_V2_THREADS) {
+      const int g = i / HEAD_DIM, d = i - g * HEAD_DIM;
+      const float sum = A::reduced_row(s_red, g, d);
+      if (pieces == 1)
+        out[((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + d] = kv::from_float(sum / s_ml[2 * g + 1]);
+      else
+        part_out[(slot * GT + g) * HEAD_DIM + d] = sum;
+    }
+    if (pieces == 1) continue;
+    if (tid < 2 * num_q) part_ml[slot * GT * 2 + tid] = s_ml[tid];
+    __threadfence();  // this thread's partial is visible to the whole device ...
+    __syncthreads();  // ... for every thread, before the piece is counted
+    if (tid == 0) s_last = atomicAdd(counters + split_block, 1) == pieces - 1;
+    __syncthreads();
+    if (s_last) {  // uniform: every other piece is written
+      __threadfence();
+      merge_pieces<DT, HEAD_DIM, GT>(out, part_out, part_ml, split_block, pieces, seq, head0, num_q, num_qo_heads,
+                                     s_p, GT * TT, reinterpret_cast<float4*>(s_red));
+      if (tid == 0) counters[split_block] = 0;  // ready for the next launch
     }
   }
   pagedkv::cp_async_wait<0>();  // only empty groups can be pending here
-}
-
-// ================================================================================================
-// paged_attention_v3_merge_kernel: combine the pieces of each sequence kernel 3 split, by log-sum-exp.
-//   out            [batch, num_qo_heads, HEAD_DIM]
-//   part_out, part_ml, merge_desc: as written by paged_attention_v3_kernel (num_blocks = its grid)
-//   gt             the GT of that kernel (rows per slot)
-// grid: (gt, num_blocks), block: PAGEDKV_MERGE_THREADS. Block (g, b) merges query head g of the sequence
-// whose first piece block b computed, if any: pieces are slots 2b + 1, 2(b+1), 2(b+2), ... (one per block).
-//
-//   out = sum_p w_p * o_p / sum_p w_p * l_p,   w_p = exp2(m_p - max_p m_p)
-// ================================================================================================
-template <int DT, int HEAD_DIM>
-__global__ void __launch_bounds__(PAGEDKV_MERGE_THREADS)
-paged_attention_v3_merge_kernel(typename KV<DT>::T* __restrict__ out, const float* __restrict__ part_out,
-                                const float* __restrict__ part_ml, const int* __restrict__ merge_desc,
-                                int num_qo_heads, int gt) {
-  constexpr int TPR = HEAD_DIM / 4, RPB = PAGEDKV_MERGE_THREADS / TPR;
-  static_assert(HEAD_DIM % 4 == 0 && RPB >= 1, "a row must split into float4s");
-  __shared__ float s_red[32];
-  __shared__ float4 s_acc[RPB][TPR];
-  const int g = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-  const int4 desc = reinterpret_cast<const int4*>(merge_desc)[b];  // (seq, head0, num_q, pieces)
-  const int n = desc.w;
-  if (n == 0 || g >= desc.z) return;  // uniform per block
-  auto slot = [&](int p) { return 2LL * (b + p) + (p == 0 ? 1 : 0); };
-
-  float m = PAGEDKV_NEG_INF;
-  for (int p = tid; p < n; p += PAGEDKV_MERGE_THREADS) m = fmaxf(m, part_ml[(slot(p) * gt + g) * 2]);
-  m = pagedkv::block_reduce<true>(m, s_red);
-  float l = 0.f;
-  for (int p = tid; p < n; p += PAGEDKV_MERGE_THREADS) {
-    const float* ml = part_ml + (slot(p) * gt + g) * 2;
-    l += exp2f(ml[0] - m) * ml[1];
-  }
-  const float inv_l = 1.f / pagedkv::block_reduce<false>(l, s_red);
-
-  // weighted sum: thread (r, c) adds columns 4c..4c+3 of pieces r, r + RPB, ...
-  const int r = tid / TPR, c = tid % TPR;
-  if (r < RPB) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int p = r; p < n; p += RPB) {
-      const long long s = slot(p) * gt + g;
-      const float w = exp2f(part_ml[s * 2] - m);
-      const float4 x = reinterpret_cast<const float4*>(part_out + s * HEAD_DIM)[c];
-      acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
-      acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
-    }
-    s_acc[r][c] = acc;
-  }
-  __syncthreads();
-  if (tid < TPR) {
-    float4 sum = s_acc[0][tid];
-#pragma unroll
-    for (int i = 1; i < RPB; ++i) {
-      const float4 x = s_acc[i][tid];
-      sum.x += x.x; sum.y += x.y; sum.z += x.z; sum.w += x.w;
-    }
-    typename KV<DT>::T* o = out + ((long long)desc.x * num_qo_heads + desc.y + g) * HEAD_DIM + 4 * tid;
-    o[0] = KV<DT>::from_float(sum.x * inv_l);
-    o[1] = KV<DT>::from_float(sum.y * inv_l);
-    o[2] = KV<DT>::from_float(sum.z * inv_l);
-    o[3] = KV<DT>::from_float(sum.w * inv_l);
-  }
 }
 
 // ================================================================================================

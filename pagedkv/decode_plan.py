@@ -10,7 +10,8 @@ Kernel 3's plan (the picture is in the ``.cu`` header)::
     units    = tiles of (head group, sequence) items, head group-major: hg 0 [seq 0 | seq 1 | ...] hg 1 [...]
     per_block = max(ceil(units / num_blocks), min_tiles)         block b owns units [b, b + 1) * per_block
     piece    = one item's units inside one block; a sequence split over blocks b .. b + n - 1 leaves its
-               pieces in slots 2b + 1, 2(b + 1), ..., 2(b + n - 1) and one merge record at block b
+               pieces in slots 2b + 1, 2(b + 1), ..., 2(b + n - 1), counted in counters[b]; the piece
+               that finishes last merges them
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ def v2_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
 def _smem_parts(dt, head_dim, gt, tile_bytes, stages) -> dict:
     s = tile_shape(dt, head_dim, tile_bytes)
     return {"pipe": 2 * stages * s["tile_vecs"] * 16, "red": s["row_groups"] * gt * head_dim * 4,
-            "small": 4 * (gt * s["tile_tokens"] + 3 * gt), "q": stages * gt * s["vpr"] * 16,
-            "meta": 2 * stages * 8 * 4}
+            "small": 4 * (gt * s["tile_tokens"] + V2_THREADS + 3 * gt), "q": stages * gt * s["vpr"] * 16,
+            "meta": 2 * stages * 16 * 4}
 
 
 def v2_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
@@ -110,7 +111,7 @@ class Piece:
 
 @dataclass(slots=True, frozen=True)
 class Merge:
-    """A sequence split over blocks ``block .. block + num_pieces - 1`` (merge record of ``block``)."""
+    """A sequence split over blocks ``block .. block + num_pieces - 1`` (counted in ``counters[block]``)."""
     block: int
     head_group: int
     seq: int

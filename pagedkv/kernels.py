@@ -29,7 +29,6 @@ VERSIONS = (1, 2, 3)
 DEFAULT_VERSION = 3  # the fastest measured (kernels_cu/NOTES.md)
 GROUP_TILES = (1, 2, 4, 8)  # query heads per v2/v3 thread block (template parameter GT)
 REDUCE_THREADS = 256  # PAGEDKV_REDUCE_THREADS in paged_attention.cu
-MERGE_THREADS = 128  # PAGEDKV_MERGE_THREADS
 _U64_MAX = np.iinfo(np.uint64).max
 _DT_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 
@@ -109,22 +108,19 @@ def _attention_names(dt: int, head_dim: int) -> tuple[str, ...]:
     return (f"paged_attention_v1_kernel<{dt}, {head_dim}>",
             *(f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES),
             f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>",
-            *(f"paged_attention_v3_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES),
-            f"paged_attention_v3_merge_kernel<{dt}, {head_dim}>")
+            *(f"paged_attention_v3_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES))
 
 
 _KERNEL_NAMES = {"v1": "paged_attention_v1_kernel<{dt}, {hd}>", "v2": "paged_attention_v2_kernel<{dt}, {hd}, {gt}>",
                  "reduce": "paged_attention_v2_reduce_kernel<{dt}, {hd}>",
-                 "v3": "paged_attention_v3_kernel<{dt}, {hd}, {gt}>",
-                 "merge": "paged_attention_v3_merge_kernel<{dt}, {hd}>"}
-_LAUNCH_GROUP = {"v1": ("v1",), "v2": ("v2", "reduce"), "reduce": ("v2", "reduce"), "v3": ("v3", "merge"),
-                 "merge": ("v3", "merge")}
+                 "v3": "paged_attention_v3_kernel<{dt}, {hd}, {gt}>"}
+_LAUNCH_GROUP = {"v1": ("v1",), "v2": ("v2", "reduce"), "reduce": ("v2", "reduce"), "v3": ("v3",)}
 
 
 def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
                       stages=V2_STAGES, extra_defines: tuple = ()):
-    """One kernel of paged_attention.cu. A module holds one launch's kernels (kernel 2 or 3 with its merge,
-    for one GT), so a process compiles only the instantiations it launches.
+    """One kernel of paged_attention.cu. A module holds one launch's kernels (kernel 2 with its merge, or
+    kernel 3, for one GT), so a process compiles only the instantiations it launches.
 
     NOTE: CuPy recompiles a module with name expressions in every process (its disk cache is skipped
     for them); small modules keep that cost to the kernels actually used.
@@ -178,17 +174,18 @@ def resident_ctas(kernel_key, num_regs: int, smem: int, device_id: int) -> int:
     return max(1, min(by_regs, by_smem, by_threads, 32)) * attrs["MultiProcessorCount"]
 
 
-def _opt_in_smem(kernel, smem: int) -> None:
-    """Allow ``smem`` bytes of dynamic shared memory (above the 48 KB default) and prefer shared memory
-    over L1, so the occupancy the plan counts on is the occupancy the launch gets."""
+def _opt_in_smem(kernel, smem: int, prefer_shared: bool = False) -> None:
+    """Allow ``smem`` bytes of dynamic shared memory (above the 48 KB default); with ``prefer_shared``
+    also ask for the largest shared-memory carveout (kernel 3: its grid counts on every resident block)."""
     import cupy
 
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem
-    try:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: 100 % shared memory
-        cupy.cuda.driver.funcSetAttribute(kernel.ptr, 9, 100)
-    except Exception:  # noqa: BLE001 - a hint; the occupancy query below tells what we got
-        pass
+    if prefer_shared:
+        try:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: 100 % shared memory
+            cupy.cuda.driver.funcSetAttribute(kernel.ptr, 9, 100)
+        except Exception:  # noqa: BLE001 - a hint; the occupancy query tells what the launch gets
+            pass
 
 
 def _blocks_per_sm(kernel, smem: int, kernel_key, device_id: int) -> int:
@@ -365,19 +362,35 @@ def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, 
     gt = group_tile(group)
     kernel = _attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines)
     smem = v3_smem_bytes(dt, head_dim, gt, tile_bytes, stages)
-    _opt_in_smem(kernel, smem)
+    _opt_in_smem(kernel, smem, prefer_shared=True)
     per_sm = _blocks_per_sm(kernel, smem, ("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines), device_id)
     tile_tokens = tile_shape(dt, head_dim, tile_bytes)["tile_tokens"]
-    return {"kernel": kernel, "merge": _attention_kernel("merge", dt, head_dim, gt, tile_bytes, stages, extra_defines),
-            "group": group, "gt": gt, "q_tiles": -(-group // gt), "smem": smem, "blocks_per_sm": per_sm,
-            "ctas": num_ctas or per_sm * num_sms(device_id), "tile_tokens": tile_tokens,
+    ctas = num_ctas or per_sm * num_sms(device_id)
+    return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": -(-group // gt), "smem": smem,
+            "blocks_per_sm": per_sm, "ctas": ctas, "tile_tokens": tile_tokens,
             "min_tiles": v3_min_tiles(tile_tokens) if min_tiles is None else max(1, int(min_tiles)),
-            "num_regs": kernel.num_regs}
+            "num_regs": kernel.num_regs, "counters": _split_counters(ctas, device_id)}
+
+
+@lru_cache(maxsize=None)
+def _split_counters(num_ctas: int, device_id: int):
+    """Kernel 3's split counters: ``[num_ctas]`` int32, zeroed once here; every launch leaves them zero.
+
+    NOTE: allocated with cudaMalloc outside any memory pool (a CUDA graph's private pool, say), so it
+    lives as long as the process; launches of kernel 3 with the same grid on two streams at the same
+    time would share it (not supported; the engine runs one stream).
+    """
+    import cupy
+
+    nbytes = 4 * num_ctas
+    memory = cupy.cuda.Memory(nbytes)
+    cupy.cuda.runtime.memset(memory.ptr, 0, nbytes)
+    return cupy.ndarray((num_ctas,), dtype=cupy.int32, memptr=cupy.cuda.MemoryPointer(memory, 0))
 
 
 def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles, tile_bytes,
                 stages, extra_defines=()):
-    """Kernel 3 (persistent, balanced plan made on the device) and its merge, as a closure."""
+    """Kernel 3 (persistent, balanced plan made on the device, split sequences merged in-kernel) as a closure."""
     import cupy
 
     _, num_kv_heads, block_size, head_dim = k_cache.shape
@@ -386,17 +399,11 @@ def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
     ctas, gt = plan["ctas"], plan["gt"]
     part_out = cupy.empty((2 * ctas, gt, head_dim), dtype=cupy.float32)  # slot 2b + (piece starts its sequence)
     part_ml = cupy.empty((2 * ctas, gt, 2), dtype=cupy.float32)
-    merge_desc = cupy.empty((ctas, 4), dtype=cupy.int32)
-    main_args = (out, part_out, part_ml, merge_desc, q, k_cache, v_cache, block_tables, context_lens,
-                 cupy.int32(batch), cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
-                 cupy.int32(block_size.bit_length() - 1), cupy.int32(block_tables.shape[1]),
-                 cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)))
-    merge_args = (out, part_out, part_ml, merge_desc, cupy.int32(num_qo_heads), cupy.int32(gt))
-
-    def launch():
-        plan["kernel"]((ctas,), (V2_THREADS,), main_args, shared_mem=plan["smem"])
-        plan["merge"]((gt, ctas), (MERGE_THREADS,), merge_args)
-    return launch
+    args = (out, part_out, part_ml, plan["counters"], q, k_cache, v_cache, block_tables, context_lens,
+            cupy.int32(batch), cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(block_tables.shape[1]),
+            cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)))
+    return lambda: plan["kernel"]((ctas,), (V2_THREADS,), args, shared_mem=plan["smem"])
 
 
 # ---- RMSNorm (the model's fused ops) ---------------------------------------------------------------

@@ -50,8 +50,11 @@ def _group(name: str) -> list:
 
 # ---- CPU: kernel 3's plan, ported from the kernel ------------------------------------------------
 
-def emulate_v3(q, k, v, block_tables, context_lens, tile_tokens, gt, num_blocks, min_tiles):
-    """Kernel 3 and its merge in float64, following the CUDA code's control flow step by step."""
+def emulate_v3(q, k, v, block_tables, context_lens, tile_tokens, gt, num_blocks, min_tiles, order=None):
+    """Kernel 3 in float64, following the CUDA code's control flow step by step; thread blocks run one
+    after another in ``order`` (any order: the merge is done by whichever piece finishes last).
+
+    Returns (out, {(split block, seq, head group): pieces} of the merged sequences, counters after)."""
     batch, num_qo_heads, head_dim = q.shape
     num_kv_heads, block_size = k.shape[1], k.shape[2]
     group = num_qo_heads // num_kv_heads
@@ -64,12 +67,11 @@ def emulate_v3(q, k, v, block_tables, context_lens, tile_tokens, gt, num_blocks,
     out = np.full(q.shape, np.nan)
     part_out = np.full((2 * num_blocks, gt, head_dim), np.nan)
     part_ml = np.full((2 * num_blocks, gt, 2), np.nan)
-    merge_desc = np.full((num_blocks, 4), -1)
-    scale = head_dim**-0.5
-    for b in range(num_blocks):
+    counters, merged = np.zeros(num_blocks, dtype=int), {}
+    scale = head_dim**-0.5 * math.log2(math.e)
+    for b in (range(num_blocks) if order is None else order):
         u0 = b * per_block
         if u0 >= units:
-            merge_desc[b] = 0
             continue
         num_units = min(per_block, units - u0)
         hg0, s0 = divmod(u0, total)
@@ -91,42 +93,45 @@ def emulate_v3(q, k, v, block_tables, context_lens, tile_tokens, gt, num_blocks,
             w_n, j = tiles_of(w_len), u - w_item
             kv_head, q_tile = divmod(w_hg, q_tiles)
             head0, num_q = kv_head * group + q_tile * gt, min(gt, group - q_tile * gt)
-            first, last = u == 0 or j == 0, u == num_units - 1 or j == w_n - 1
-            if u == num_units - 1:
-                pieces = (w_item + w_n - 1) // per_block + 1 if w_item >= 0 and j < w_n - 1 else 0
-                merge_desc[b] = (w_seq, head0, num_q, pieces)
-            if first:
+            split_block = (u0 + w_item) // per_block
+            pieces = (u0 + w_item + w_n - 1) // per_block - split_block + 1
+            if u == 0 or j == 0:  # FIRST
                 seq_start, tokens = j == 0, []
             tokens += range(j * tile_tokens, min(w_len, (j + 1) * tile_tokens))
-            if last:
-                whole = seq_start and j == w_n - 1
-                slot = 2 * b + (1 if seq_start else 0)
-                t = np.array(tokens)
-                rows = block_tables[w_seq, t // block_size], t % block_size
-                kk, vv = k[rows[0], kv_head, rows[1]], v[rows[0], kv_head, rows[1]]  # [tokens, head_dim]
+            if not (u == num_units - 1 or j == w_n - 1):  # not LAST
+                continue
+            slot = 2 * b + (1 if seq_start else 0)
+            t = np.array(tokens)
+            rows = block_tables[w_seq, t // block_size], t % block_size
+            kk, vv = k[rows[0], kv_head, rows[1]], v[rows[0], kv_head, rows[1]]  # [tokens, head_dim]
+            for g in range(num_q):
+                sc = kk @ q[w_seq, head0 + g] * scale
+                m = sc.max()
+                p = np.exp2(sc - m)
+                if pieces == 1:
+                    out[w_seq, head0 + g] = p @ vv / p.sum()
+                else:
+                    part_out[slot, g], part_ml[slot, g] = p @ vv, (m, p.sum())
+            if pieces == 1:
+                continue
+            counters[split_block] += 1
+            if counters[split_block] == pieces:  # the last piece merges, and resets the counter
+                slots = [2 * (split_block + i) + (1 if i == 0 else 0) for i in range(pieces)]
                 for g in range(num_q):
-                    s = kk @ q[w_seq, head0 + g] * scale * math.log2(math.e)
-                    m = s.max()
-                    p = np.exp2(s - m)
-                    if whole:
-                        out[w_seq, head0 + g] = p @ vv / p.sum()
-                    else:
-                        part_out[slot, g], part_ml[slot, g] = p @ vv, (m, p.sum())
-    for b in range(num_blocks):  # the merge kernel: block (g, b)
-        seq, head0, num_q, n = merge_desc[b]
-        for g in range(num_q if n else 0):
-            slots = [2 * (b + p) + (1 if p == 0 else 0) for p in range(n)]
-            m = max(part_ml[s, g, 0] for s in slots)
-            w = [np.exp2(part_ml[s, g, 0] - m) for s in slots]
-            out[seq, head0 + g] = sum(wi * part_out[s, g] for wi, s in zip(w, slots)) / sum(
-                wi * part_ml[s, g, 1] for wi, s in zip(w, slots))
-    return out, merge_desc
+                    m = max(part_ml[s, g, 0] for s in slots)
+                    w = [np.exp2(part_ml[s, g, 0] - m) for s in slots]
+                    out[w_seq, head0 + g] = sum(wi * part_out[s, g] for wi, s in zip(w, slots)) / sum(
+                        wi * part_ml[s, g, 1] for wi, s in zip(w, slots))
+                merged[(split_block, w_seq, w_hg)] = pieces
+                counters[split_block] = 0
+    return out, merged, counters
 
 
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_balanced_plan_emulated(data):
-    """The kernel's walk, slots and merges compute attention exactly; the host plan matches the walk."""
+    """The kernel's walk, partial slots and last-piece merges compute attention exactly, whatever order the
+    thread blocks run in; the counters end at zero; the host plan lists the same merges."""
     lens = data.draw(st.lists(st.one_of(st.integers(1, 40), st.integers(1, 400)), min_size=1, max_size=7))
     bs = data.draw(st.sampled_from((4, 8, 16)))
     num_kv_heads, group = data.draw(st.sampled_from(((1, 1), (2, 3), (1, 8), (2, 2))))
@@ -134,15 +139,16 @@ def test_balanced_plan_emulated(data):
     tile_tokens = data.draw(st.sampled_from((4, 16, 24)))
     num_blocks = data.draw(st.integers(1, 40))
     min_tiles = data.draw(st.integers(1, 6))
+    order = data.draw(st.permutations(range(num_blocks)))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     q, k, v, bt, cl = make_problem(rng, F32, 16, bs, num_kv_heads * group, num_kv_heads, lens)
-    got, merge_desc = emulate_v3(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), bt, cl,
-                                 tile_tokens, gt, num_blocks, min_tiles)
+    got, merged, counters = emulate_v3(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), bt, cl,
+                                       tile_tokens, gt, num_blocks, min_tiles, order)
     ref = paged_decode_attention(q, k, v, bt, cl)
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+    assert not counters.any()
     plan = decode_plan.balanced_plan(cl, num_kv_heads * -(-group // gt), tile_tokens, num_blocks, min_tiles)
-    assert [(m.block, m.seq, m.num_pieces) for m in plan.merges] == [
-        (b, int(d[0]), int(d[3])) for b, d in enumerate(merge_desc) if d[3]]
+    assert {(m.block, m.seq, m.head_group): m.num_pieces for m in plan.merges} == merged
     units = num_kv_heads * -(-group // gt) * sum(-(-int(n) // tile_tokens) for n in cl)
     assert sum(p.num_tiles for p in plan.pieces) == units
     assert all(p.num_tiles <= plan.per_block for p in plan.pieces)

@@ -1,5 +1,6 @@
-"""CPU (CI): every kernels_cu/*.cu compiles with nvcc for sm_80 and sm_90, kernels 2 and 3 never spill, and
-the Python mirrors of the kernels' tile shape and shared memory (pagedkv.decode_plan) match the C++.
+"""CPU (CI): every kernels_cu/*.cu compiles with nvcc for sm_80 and sm_90, kernels 2 and 3 never spill, their
+shuffles are exactly the ones the algorithm needs (none duplicated into divergent branches), and the Python
+mirrors of the kernels' tile shape and shared memory (pagedkv.decode_plan) match the C++.
 
 Compiled exactly as the loader does (pagedkv.kernels.cu_source: common.cuh inlined, same -D defines);
 the templates are instantiated by taking the address of every name expression the loader asks for.
@@ -9,6 +10,7 @@ head dims 128 (power-of-two rows, the benchmarked shape) and 80 (the most idle l
 PAGEDKV_COMPILE_ALL=1 compiles every head dim (last run: no spills on sm_80 or sm_90, kernels_cu/NOTES.md).
 Skipped when nvcc is not on the PATH.
 """
+import math
 import os
 import re
 import shutil
@@ -106,3 +108,38 @@ def test_tile_shape_and_smem_mirrors(tmp_path):
         assert decode_plan.v2_smem_bytes(dt, hd, gt, tb) - decode_plan._smem_parts(dt, hd, gt, tb, 4)["small"] == \
             max(pipe, red), line
         assert decode_plan.v3_smem_bytes(dt, hd, gt, tb) == v3_smem, line
+
+
+def _expected_shuffles(kernel: str, dt: int, head_dim: int, gt: int, butterfly: bool) -> int:
+    """xor shuffles in one kernel's code: per tile row the q.k reduction (butterfly: GT - 1 trades, then
+    log2(LPR / GT) sums; else log2(LPR) per head), per softmax head a max and a sum (5 + 5); kernel 3 adds
+    the merge's (max, sum) pair reduction (2 x 5 per head group of warps)."""
+    shape = decode_plan.tile_shape(dt, head_dim)
+    lpr, rows, warps_heads = shape["lpr"], shape["tile_tokens"] // shape["row_groups"], -(-gt // 4)
+    per_row = (gt - 1) + int(math.log2(lpr // gt)) if butterfly and lpr >= gt else gt * int(math.log2(lpr))
+    return rows * per_row + warps_heads * 10 + (warps_heads * 10 if kernel == "v3" else 0)
+
+
+@pytest.mark.parametrize("butterfly", (1, 0))
+def test_no_divergent_shuffles(tmp_path, butterfly):
+    """nvcc/NVRTC 13 once duplicated kernel 2's q.k shuffles into the two arms of a lane-dependent branch
+    (26 shuffles instead of 20 for float16/128/GT 4; 1.5x slower, 3.3x without the butterfly): the PTX
+    must hold exactly the shuffles the algorithm needs."""
+    cases = [(k, dt, hd, gt) for k in ("v2", "v3") for dt in (0, 1) for hd in HEAD_DIMS for gt in kernels.GROUP_TILES]
+    refs = "\n".join(f"const void* i{n} = (const void*)&paged_attention_{k}_kernel<{dt}, {hd}, {gt}>;"
+                     for n, (k, dt, hd, gt) in enumerate(cases))
+    src = tmp_path / "shuffles.cu"
+    src.write_text(kernels.cu_source("paged_attention.cu") + "\n" + refs + "\n")
+    ptx = tmp_path / "shuffles.ptx"
+    proc = subprocess.run([NVCC, "-arch=sm_90", "-ptx", "-std=c++17", f"-DPAGEDKV_V2_BUTTERFLY={butterfly}",
+                           "-o", str(ptx), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    found = {}
+    for body in ptx.read_text().split(".visible .entry ")[1:]:
+        m = re.match(r"_Z\d+paged_attention_(v[23])_kernelILi(\d)ELi(\d+)ELi(\d)E", body)
+        if m:
+            found[(m.group(1), *map(int, m.groups()[1:]))] = body.count("shfl.sync.bfly")
+    assert len(found) == len(cases)
+    wrong = {c: (n, _expected_shuffles(*c, bool(butterfly))) for c, n in found.items()
+             if n != _expected_shuffles(*c, bool(butterfly))}
+    assert not wrong, f"(kernel, dtype, head_dim, GT): (shuffles in the PTX, expected) {wrong}"
