@@ -360,7 +360,7 @@ struct TileAttention {
     __syncthreads();
 
     // online softmax update: warp w owns query heads w, w + NW, ...; rows lane, lane + 32, ...
-    // (branch-free like q.k: lanes past the tile read a clamped row and store into their dump slot)
+    // (branch-free like q.k: lanes past the tile read and write their own dump slot, never a row)
     const int dump = GT * TT + tid, alpha_at = GT * TT + PAGEDKV_V2_THREADS;  // s_alpha = s_p + alpha_at
 #pragma unroll
     for (int i = 0; i < GW; ++i) {
@@ -370,7 +370,7 @@ struct TileAttention {
 #pragma unroll
         for (int r = 0; r < SR; ++r) {
           const int row = lane + 32 * r;
-          s[r] = pagedkv::select(row < TT, s_p[g * TT + min(row, TT - 1)], PAGEDKV_NEG_INF);
+          s[r] = pagedkv::select(row < TT, s_p[pagedkv::select(row < TT, g * TT + row, dump)], PAGEDKV_NEG_INF);
           mx = fmaxf(mx, s[r]);
         }
         const float m_new = fmaxf(m_run[i], pagedkv::warp_max(mx));  // finite: a tile has a valid row
@@ -453,7 +453,9 @@ template <int DT, int HEAD_DIM, int GT>
 struct TileSmem {
   typedef TileShape<DT, HEAD_DIM> S;
   static const int PIPE = 2 * PAGEDKV_V2_STAGES * S::TILE_VECS * 16;   // K and V stages
-  static const int RED = S::RG * GT * HEAD_DIM * 4;                    // cross-row-group reduction
+  // cross-row-group reduction; at least THREADS float4 (kernel 3's merge reuses it)
+  static const int RED = S::RG * GT * HEAD_DIM * 4 > PAGEDKV_V2_THREADS * 16 ? S::RG * GT * HEAD_DIM * 4
+                                                                            : PAGEDKV_V2_THREADS * 16;
   static const int SMALL = 4 * (GT * S::TILE_TOKENS + PAGEDKV_V2_THREADS + 3 * GT);  // s_p + dump, s_alpha, s_ml
   static const int Q = PAGEDKV_V2_STAGES * GT * S::VPR * 16;           // kernel 3: q rows per stage
   static const int META = 2 * PAGEDKV_V2_STAGES * 16 * 4;             // kernel 3: tile descriptor ring
@@ -804,8 +806,9 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   int* s_meta = reinterpret_cast<int*>(s_ml + 2 * GT);
   __shared__ int s_scan[PAGEDKV_V2_THREADS / 32];
   __shared__ int s_start[2];
-  __shared__ int s_walk[4];  // thread 0's walk: (seq, head group, item's first unit, seq's length)
-  __shared__ long long s_u0;  // this block's first unit; with per_block, for the split of a piece
+  // thread 0's walk: seq, head group, the item's first unit (relative to this block's first), the seq's
+  // length and tiles, the head group's first query head, query heads, KV head
+  __shared__ int s_walk[8];
   __shared__ int s_per_block;
   __shared__ int s_last;     // this block finished a split sequence's last piece: it merges
 
@@ -841,37 +844,45 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   // The walk over this block's units: thread 0 describes unit u (its item, tile, flags, split) into the
   // descriptor ring a full pipeline ahead; the copies and the math read the descriptors.
   // NOTE: the walk's state lives in shared memory, not in every thread's registers (the math is at the
-  // register cap), and one thread reads context_lens instead of all of them.
-  if (tid == 0) {
-    s_walk[0] = s_start[0]; s_walk[1] = hg0; s_walk[2] = s_start[1]; s_walk[3] = context_lens[s_start[0]];
-    s_u0 = u0; s_per_block = per_block;
-  }
+  // register cap), and one thread reads context_lens instead of all of them. Per tile it costs a few
+  // shared loads and stores: the item's fields are worked out when the walk enters it, the split (32-bit
+  // floor divisions) only at a piece's last tile. (With two 64-bit divisions per tile it cost kernel 3
+  // 22 % more instructions than kernel 2, all on warp 0, and the other warps waited at the barriers.)
+  auto enter = [&](int seq, int hg, int item) {  // thread 0: the walk enters item (hg, seq)
+    const int len = context_lens[seq], kv_head = hg / q_tiles, q_tile = hg - kv_head * q_tiles;
+    s_walk[0] = seq; s_walk[1] = hg; s_walk[2] = item; s_walk[3] = len; s_walk[4] = tiles_of(len);
+    s_walk[5] = kv_head * group_size + q_tile * GT; s_walk[6] = min(GT, group_size - q_tile * GT);
+    s_walk[7] = kv_head;
+  };
+  if (tid == 0) { enter(s_start[0], hg0, s_start[1]); s_per_block = per_block; }
+  auto floor_div = [](int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); };
   auto describe = [&](int u) {  // thread 0 only
-    int w_seq = s_walk[0], w_hg = s_walk[1], w_item = s_walk[2], w_len = s_walk[3];
-    int w_n = tiles_of(w_len);
-    while (u >= w_item + w_n) {  // next item (zero-length ones are stepped over)
-      w_item += w_n;
-      if (++w_seq == batch) { w_seq = 0; ++w_hg; }
-      w_len = context_lens[w_seq];
-      w_n = tiles_of(w_len);
+    int item = s_walk[2], n = s_walk[4];
+    if (u >= item + n) {  // the next item holding u (zero-length ones are stepped over)
+      int seq = s_walk[0], hg = s_walk[1];
+      do {
+        item += n;
+        if (++seq == batch) { seq = 0; ++hg; }
+        n = tiles_of(context_lens[seq]);
+      } while (u >= item + n);
+      enter(seq, hg, item);
     }
-    s_walk[0] = w_seq; s_walk[1] = w_hg; s_walk[2] = w_item; s_walk[3] = w_len;
-    const int j = u - w_item;
-    const int kv_head = w_hg / q_tiles, q_tile = w_hg - kv_head * q_tiles;
-    const long long first_unit = s_u0 + w_item;  // the item's first unit (absolute)
-    const int per_block = s_per_block, split_block = (int)(first_unit / per_block);
+    const int j = u - item;
+    const bool last = u == num_units - 1 || j == n - 1;
     int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
-    meta[PAGEDKV_M_SEQ] = w_seq;
-    meta[PAGEDKV_M_HEAD0] = kv_head * group_size + q_tile * GT;
-    meta[PAGEDKV_M_NUM_Q] = min(GT, group_size - q_tile * GT);
+    meta[PAGEDKV_M_SEQ] = s_walk[0];
+    meta[PAGEDKV_M_HEAD0] = s_walk[5];
+    meta[PAGEDKV_M_NUM_Q] = s_walk[6];
     meta[PAGEDKV_M_T0] = j * TT;
-    meta[PAGEDKV_M_LEN] = w_len;
-    meta[PAGEDKV_M_FLAGS] = (u == 0 || j == 0 ? PAGEDKV_TILE_FIRST : 0) |
-                            (u == num_units - 1 || j == w_n - 1 ? PAGEDKV_TILE_LAST : 0) |
+    meta[PAGEDKV_M_LEN] = s_walk[3];
+    meta[PAGEDKV_M_KV_HEAD] = s_walk[7];
+    meta[PAGEDKV_M_FLAGS] = (u == 0 || j == 0 ? PAGEDKV_TILE_FIRST : 0) | (last ? PAGEDKV_TILE_LAST : 0) |
                             (j == 0 ? PAGEDKV_TILE_SEQ_START : 0);
-    meta[PAGEDKV_M_KV_HEAD] = kv_head;
-    meta[PAGEDKV_M_SPLIT_BLOCK] = split_block;
-    meta[PAGEDKV_M_PIECES] = (int)((first_unit + w_n - 1) / per_block) - split_block + 1;
+    if (last) {  // the blocks the item is cut over, relative to this one: floor((item + t) / per_block)
+      const int per = s_per_block, first = floor_div(item, per);
+      meta[PAGEDKV_M_SPLIT_BLOCK] = blockIdx.x + first;
+      meta[PAGEDKV_M_PIECES] = floor_div(item + n - 1, per) - first + 1;
+    }
   };
 
   const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;

@@ -46,7 +46,7 @@ def v2_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
 
 def _smem_parts(dt, head_dim, gt, tile_bytes, stages) -> dict:
     s = tile_shape(dt, head_dim, tile_bytes)
-    return {"pipe": 2 * stages * s["tile_vecs"] * 16, "red": s["row_groups"] * gt * head_dim * 4,
+    return {"pipe": 2 * stages * s["tile_vecs"] * 16, "red": max(s["row_groups"] * gt * head_dim * 4, V2_THREADS * 16),
             "small": 4 * (gt * s["tile_tokens"] + V2_THREADS + 3 * gt), "q": stages * gt * s["vpr"] * 16,
             "meta": 2 * stages * 16 * 4}
 
