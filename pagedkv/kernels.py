@@ -1,8 +1,10 @@
 """CUDA kernels of ``kernels_cu/`` loaded from text with ``cupy.RawModule``, and their thin launchers.
 
-One compiled module per option set (file, element type, head_dim, ``-D`` defines), cached for the process
-(CuPy also caches the binary on disk). A compile error raises :class:`KernelCompileError` naming the
-``.cu`` file and carrying the compiler log.
+One compiled module per launch and option set (file, kernel version, element type, head_dim, GT, ``-D``
+defines), cached for the process (CuPy caches extern "C" modules on disk too; templated ones it recompiles
+per process). A compile error raises :class:`KernelCompileError` naming the ``.cu`` file and carrying the
+compiler log. Launch arithmetic that needs no GPU (tile shapes, shared memory, the split-K plans) lives in
+:mod:`pagedkv.decode_plan`.
 
 The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.ops`; they check what only
 they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction and
