@@ -3,21 +3,26 @@
 In one run:
   1. the read ceiling: a read-only reduction over a buffer far larger than L2 (bytes / time);
      the copy bandwidth: a device-to-device copy (bytes read + bytes written) / time;
-  2. for each case of issue 3's table (float16, head_dim 128, block size 16): kernel 1, kernel 2 and a
-     non-paged baseline (torch ``scaled_dot_product_attention`` on a contiguous copy of the same K/V, when
-     torch is importable), with a shuffled block table (a random permutation of the pool).
+  2. for each case (float16, block size 16, a shuffled block table = a random permutation of the pool):
+     kernel 1, kernel 2 (split-K from the table's capacity: the old plan), kernel 3 (split-K balanced over
+     the batch on the device: the new plan) and, for uniform batches, a non-paged baseline (torch
+     ``scaled_dot_product_attention`` on a contiguous copy of the same K/V, when torch is importable).
+     Uniform cases: issue 3's table (head_dim 128). Ragged cases: lengths drawn uniformly (seeded) from
+     a range, issue 11's table plus a mixed batch and head dims 64 and 80.
 
 Every timed launch is bracketed by CUDA events after an L2 flush (a 512 MB read), so no case is served from
 L2; the flush also lets the host enqueue the launch before the GPU reaches it. Median of RUNS launches.
-GB/s counts the K/V bytes (each cached K and V element read once); % is of the measured read ceiling.
-Writes ``benchmarks/results/kernel_bench_<gpu>_<date>.json``.
+GB/s counts the K/V bytes (each cached K and V element of every sequence's context read once); % is of the
+measured read ceiling. Writes ``benchmarks/results/kernel_bench_<gpu>_<date>.json`` (or ``--output-json``).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +36,59 @@ SLOW_V1_US = 5000  # kernel 1 has no speed target: above this per launch it gets
 V1_SLOW_RUNS = 10
 CEILING_BYTES = 4 << 30
 FLUSH_BYTES = 512 << 20
-HEAD_DIM, BLOCK_SIZE = 128, 16
-# (batch, context, num_qo_heads, num_kv_heads, kernel-2 target in % of the read ceiling)
-CASES = (
-    (1, 32768, 32, 8, 70), (8, 4096, 32, 8, 70), (32, 8192, 32, 8, 92), (16, 16384, 32, 8, 92),
-    (64, 2048, 32, 8, 90), (128, 1024, 32, 8, 90), (256, 512, 32, 8, 90), (64, 2048, 32, 32, 97),
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """``batch`` sequences of ``lens`` tokens: an int (uniform), a (lo, hi) range drawn uniformly, or
+    ``(long, lo, hi)``: one sequence of ``long`` tokens and the rest drawn from [lo, hi]."""
+    batch: int
+    lens: int | tuple
+    num_qo_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    target_pct: float | None = None  # for the default kernel, % of the read ceiling
+
+    @property
+    def ragged(self) -> bool:
+        return not isinstance(self.lens, int)
+
+    def label(self) -> str:
+        if not self.ragged:
+            batch = f"{self.batch} x {self.lens}"
+        elif len(self.lens) == 2:
+            batch = f"{self.batch} x U[{self.lens[0]}, {self.lens[1]}]"
+        else:
+            batch = f"1 x {self.lens[0]} + {self.batch - 1} x U[{self.lens[1]}, {self.lens[2]}]"
+        return f"{batch}, {self.num_qo_heads}/{self.num_kv_heads} heads, hd {self.head_dim}"
+
+    def context_lens(self, rng) -> np.ndarray:
+        if not self.ragged:
+            return np.full(self.batch, self.lens, dtype=np.int32)
+        lo, hi = self.lens[-2:]
+        lens = rng.integers(lo, hi + 1, self.batch).astype(np.int32)
+        if len(self.lens) == 3:
+            lens[rng.integers(self.batch)] = self.lens[0]
+        return lens
+
+
+CASES = (  # uniform: issue 3's table, then ragged: issue 11's table and a few more
+    Case(1, 32768, target_pct=70), Case(8, 4096, target_pct=70), Case(32, 8192, target_pct=92),
+    Case(16, 16384, target_pct=92), Case(64, 2048, target_pct=90), Case(128, 1024, target_pct=90),
+    Case(256, 512, target_pct=90), Case(64, 2048, 32, 32, target_pct=97),
+    Case(32, (1000, 32000), target_pct=88), Case(128, (64, 4096), target_pct=85), Case(200, (17, 700), target_pct=80),
+    Case(128, (32768, 16, 512)), Case(64, (256, 8192), 32, 32), Case(128, (64, 4096), 32, 8, 64),
+    Case(128, (64, 4096), 32, 8, 80),
 )
-# kernel-2 compile-time variants timed beside the default: name -> (tile bytes, stages, extra defines)
+# compile-time variants timed beside each kernel's default: name -> (tile bytes, stages, extra defines)
 V2_VARIANTS = {
     "default": (4096, 4, ()),
     "plain": (4096, 4, (("PAGEDKV_V2_BUTTERFLY", 0), ("PAGEDKV_V2_LAZY_RESCALE", 0))),  # call-2 kernel, 4 stages
     "s6": (4096, 6, ()),
     "t8192": (8192, 4, ()),
 }
+V3_VARIANTS = {"default": (4096, 4, ()), "s3": (4096, 3, ()), "t8192": (8192, 4, ())}
 
 
 class Timer:
@@ -53,15 +98,12 @@ class Timer:
         self.cp, self.read, self.flush_buf = cupy, read_kernel, flush_buf
         self.start, self.end = cupy.cuda.Event(), cupy.cuda.Event()
 
-    def flush(self):
-        self.read(self.flush_buf)
-
     def median_us(self, fn, runs=RUNS) -> tuple[float, list[float]]:
         for _ in range(WARMUP):
             fn()
         times = []
         for _ in range(runs):
-            self.flush()
+            self.read(self.flush_buf)
             self.start.record()
             fn()
             self.end.record()
@@ -75,8 +117,7 @@ def make_read_kernel(cupy, kernels, sms):
     sink = cupy.zeros(1, dtype=cupy.uint32)
 
     def read(buf):
-        n_vec = buf.nbytes // 16
-        fn((sms * 8,), (256,), (buf, cupy.int64(n_vec), cupy.uint32(0x9E3779B9), sink))
+        fn((sms * 8,), (256,), (buf, cupy.int64(buf.nbytes // 16), cupy.uint32(0x9E3779B9), sink))
 
     return read
 
@@ -93,20 +134,26 @@ def ceilings(cupy, timer, read) -> dict:
     return out
 
 
-def build_case(cupy, rng, batch, context, num_qo_heads, num_kv_heads):
-    blocks_per_seq = context // BLOCK_SIZE
-    num_blocks = batch * blocks_per_seq
-    shape = (num_blocks, num_kv_heads, BLOCK_SIZE, HEAD_DIM)
+def build_case(cupy, rng, case: Case):
+    """q, K/V pools holding exactly the batch's blocks, a shuffled block table, context_lens (device)."""
+    lens = case.context_lens(rng)
+    blocks = -(-lens // BLOCK_SIZE)
+    num_blocks = int(blocks.sum())
+    shape = (num_blocks, case.num_kv_heads, BLOCK_SIZE, case.head_dim)
     k = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(cupy.float16)
     v = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(cupy.float16)
-    block_tables = cupy.asarray(rng.permutation(num_blocks).astype(np.int32).reshape(batch, blocks_per_seq))
-    context_lens = cupy.full(batch, context, dtype=cupy.int32)
-    q = cupy.random.standard_normal((batch, num_qo_heads, HEAD_DIM), dtype=cupy.float32).astype(cupy.float16)
-    return q, k, v, block_tables, context_lens
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    table = np.zeros((case.batch, int(blocks.max())), dtype=np.int32)
+    for i, start in enumerate(np.concatenate([[0], np.cumsum(blocks)[:-1]])):
+        table[i, : blocks[i]] = perm[start : start + blocks[i]]
+    q = cupy.random.standard_normal((case.batch, case.num_qo_heads, case.head_dim), dtype=cupy.float32)
+    kv_bytes = int(lens.sum()) * case.num_kv_heads * case.head_dim * 2 * 2  # K and V, 2 bytes each
+    return q.astype(cupy.float16), k, v, cupy.asarray(table), cupy.asarray(lens), kv_bytes
 
 
 def sdpa_baseline(cupy, timer, q, k, v, block_tables):
-    """torch SDPA on a contiguous [batch, kv_heads, context, head_dim] copy; None without torch."""
+    """torch SDPA on a contiguous [batch, kv_heads, context, head_dim] copy (uniform batches); None
+    without torch."""
     try:
         import torch
         import torch.nn.functional as F
@@ -117,7 +164,7 @@ def sdpa_baseline(cupy, timer, q, k, v, block_tables):
     def dense(cache):  # [B, blocks, H, bs, D] -> [B, H, blocks*bs, D]
         g = cache[block_tables.ravel()].reshape(batch, blocks, *cache.shape[1:])
         return torch.from_dlpack(cupy.ascontiguousarray(g.transpose(0, 2, 1, 3, 4)).reshape(
-            batch, cache.shape[1], blocks * BLOCK_SIZE, HEAD_DIM))
+            batch, cache.shape[1], blocks * BLOCK_SIZE, cache.shape[3]))
 
     tk, tv = dense(k), dense(v)
     tq = torch.from_dlpack(q).unsqueeze(2)
@@ -129,12 +176,41 @@ def sdpa_baseline(cupy, timer, q, k, v, block_tables):
     return us, out
 
 
-def run_case(cupy, kernels, timer, rng, batch, context, num_qo_heads, num_kv_heads, target) -> dict:
-    q, k, v, bt, cl = build_case(cupy, rng, batch, context, num_qo_heads, num_kv_heads)
-    kv_bytes = k.nbytes + v.nbytes
+def _rel_err(cupy, a, ref) -> float:
+    return float(cupy.linalg.norm(a.astype(cupy.float32) - ref) / cupy.linalg.norm(ref))
+
+
+def _time_variants(cupy, timer, row, version, variants, attn, out, ref) -> None:
+    """Time every compile-time variant of one kernel (``attn(version, **variant)`` writes ``out``) and
+    compare its output with ``ref``."""
+    for name, (tile, stages, extra) in variants.items():
+        key = f"v{version}_{name}"
+        try:
+            us, times = timer.median_us(attn(version, tile_bytes=tile, stages=stages, extra_defines=extra))
+        except Exception as exc:  # a variant may not build or launch; the default must
+            if name == "default":
+                raise
+            row[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            us = float("nan")
+        row[f"{key}_us"] = us
+        if name == "default":
+            row[f"v{version}_us"], row[f"v{version}_spread_us"] = us, [min(times), max(times)]
+        if us == us and ref is not None:  # every variant computes the same function
+            row[f"{key}_rel_err"] = _rel_err(cupy, out, ref)
+
+
+def run_case(cupy, kernels, timer, rng, case: Case) -> dict:
+    from pagedkv import decode_plan
+
+    q, k, v, bt, cl, kv_bytes = build_case(cupy, rng, case)
     out = cupy.empty_like(q)
-    row = {"batch": batch, "context": context, "num_qo_heads": num_qo_heads, "num_kv_heads": num_kv_heads,
-           "kv_bytes": kv_bytes, "target_pct": target}
+    lens = cupy.asnumpy(cl)
+    row = {"batch": case.batch, "context": int(lens.max()), "num_qo_heads": case.num_qo_heads,
+           "num_kv_heads": case.num_kv_heads, "head_dim": case.head_dim, "kv_bytes": kv_bytes,
+           "target_pct": case.target_pct, "ragged": case.ragged,
+           "lens": {"min": int(lens.min()), "max": int(lens.max()), "mean": float(lens.mean())}}
+    if case.ragged:
+        row["case"] = case.label()
 
     def attn(version, **kw):
         return lambda: kernels.paged_attention(q, k, v, bt, cl, version=version, out=out, check=False, **kw)
@@ -142,53 +218,93 @@ def run_case(cupy, kernels, timer, rng, batch, context, num_qo_heads, num_kv_hea
     first = timer.median_us(attn(1), runs=1)[0]
     row["v1_runs"] = RUNS if first < SLOW_V1_US else V1_SLOW_RUNS
     row["v1_us"] = timer.median_us(attn(1), runs=row["v1_runs"])[0]
-    v1_out = out.astype(cupy.float32)
-    for name, (tile, stages, extra) in V2_VARIANTS.items():
-        default = name == "default"
-        try:
-            us, times = timer.median_us(attn(2, tile_bytes=tile, stages=stages, extra_defines=extra))
-        except Exception as exc:  # a variant may not build or launch; the default must
-            if default:
-                raise
-            row[f"v2_{name}_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            us = float("nan")
-        row[f"v2_{name}_us"] = us
-        if default:
-            row["v2_us"], row["v2_spread_us"] = us, [min(times), max(times)]
-            v2_out = out.astype(cupy.float32)
-        elif us == us:  # the variant computes the same function
-            row[f"v2_{name}_rel_err"] = float(cupy.linalg.norm(out.astype(cupy.float32) - v2_out)
-                                              / cupy.linalg.norm(v2_out))
-    row["v2_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
+    ref = out.astype(cupy.float32)  # kernel 1: the obviously-correct one
+    _time_variants(cupy, timer, row, 2, V2_VARIANTS if not case.ragged else {"default": V2_VARIANTS["default"]},
+                   attn, out, ref)
+    _time_variants(cupy, timer, row, 3, V3_VARIANTS, attn, out, ref)
+    row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
         lambda: kernels.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
-    row["v1_vs_v2_rel_err"] = float(cupy.linalg.norm(v1_out - v2_out) / cupy.linalg.norm(v2_out))
-    sdpa_us, sdpa_out = sdpa_baseline(cupy, timer, q, k, v, bt)
-    row["sdpa_us"] = sdpa_us
-    if sdpa_out is not None:
-        row["sdpa_vs_v2_rel_err"] = float(cupy.linalg.norm(sdpa_out.astype(cupy.float32) - v2_out)
-                                          / cupy.linalg.norm(v2_out))
+    row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
+    row["sdpa_us"] = None
+    if not case.ragged:
+        row["sdpa_us"], sdpa_out = sdpa_baseline(cupy, timer, q, k, v, bt)
+        if sdpa_out is not None:
+            row["sdpa_vs_v1_rel_err"] = _rel_err(cupy, sdpa_out, ref)
     for name, (tile, stages, extra) in V2_VARIANTS.items():
-        try:
-            plan = kernels.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
-            row[f"v2_{name}_plan"] = {key: plan[key] for key in
-                                      ("gt", "parts", "part_tokens", "smem", "resident_ctas", "num_regs")}
-        except Exception as exc:
-            row[f"v2_{name}_plan"] = f"{type(exc).__name__}: {exc}"[:300]
+        plan = kernels.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
+        row[f"v2_{name}_plan"] = {key: plan[key] for key in
+                                  ("gt", "parts", "part_tokens", "smem", "resident_ctas", "num_regs")}
+    plan = kernels.v3_launch_plan(q.shape, k.shape, 1)
+    balanced = decode_plan.balanced_plan(lens, case.num_kv_heads * plan["q_tiles"], plan["tile_tokens"],
+                                         plan["ctas"], plan["min_tiles"])
+    row["v3_default_plan"] = {**{key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "min_tiles", "smem",
+                                                           "num_regs", "tile_tokens")},
+                              "per_block_tiles": balanced.per_block, "pieces": len(balanced.pieces),
+                              "merges": len(balanced.merges)}
     row["v2_partitions"] = row["v2_default_plan"]["parts"]
     return row
 
 
-@cli.guarded
-def main(argv=None) -> dict:
-    parser = cli.Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, nargs="*", help="indices into CASES (default: all)")
-    parser.add_argument("--out-dir", default="benchmarks/results")
+def _writable(flag: str, path: Path, is_dir: bool) -> Path:
+    """``path`` (a folder, or a file to write) usable before minutes of measuring, else a one-line error."""
+    folder = path if is_dir else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cli.FlagError(f"{flag} {path}: cannot create {folder} ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK) or (not is_dir and path.exists() and
+                                          (path.is_dir() or not os.access(path, os.W_OK))):
+        raise cli.FlagError(f"{flag} {path}: not writable")
+    return path
+
+
+def parse_args(argv):
+    parser = cli.Parser(prog="python -m experiments.kernel_bench", description=__doc__.splitlines()[0],
+                        epilog="cases: " + "; ".join(f"{i}: {c.label()}" for i, c in enumerate(CASES)))
+    parser.add_argument("--cases", type=int, nargs="*", help="indices into the case list below (default: all)")
+    parser.add_argument("--out-dir", default="benchmarks/results", help="folder of the default JSON name")
+    parser.add_argument("--output-json", default=None, metavar="PATH",
+                        help="write the JSON here instead of <out-dir>/kernel_bench_<gpu>_<date>.json")
     parser.add_argument("--plot", default=None, metavar="PATH", help="also draw the bandwidth PNG (needs matplotlib)")
     args = parser.parse_args(argv)
+    for i in args.cases or ():
+        cli.in_range("--cases", i, 0, len(CASES) - 1)
+    _writable("--out-dir", Path(args.out_dir), is_dir=True)
+    if args.output_json:
+        _writable("--output-json", Path(args.output_json), is_dir=False)
     if args.plot:
+        _writable("--plot", Path(args.plot), is_dir=False)
         from . import plots
 
         plots.check_available("--plot")  # before minutes of measuring, not after
+    return args
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"paged decode attention, {result['gpu']}: read ceiling {result['read_GBps']:.0f} GB/s, "
+                        f"copy {result['copy_GBps']:.0f} GB/s (float16, block 16, shuffled tables); "
+                        f"v2 = capacity split-K (old plan), v3 = balanced on the device (new, default)")
+    for col in ("case", "KV MB", "v1 us", "v2 us", "v2 %", "v3 us", "v3 GB/s", "v3 %", "target %", "sdpa us",
+                "sdpa %", "v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us", "splits", "merges"):
+        table.add_column(col, justify="right")
+    fmt = lambda r, key, spec=".1f": "-" if r.get(key) is None or r[key] != r[key] else format(r[key], spec)  # noqa: E731
+    for r in result["cases"]:
+        label = r.get("case") or f"{r['batch']} x {r['context']}, {r['num_qo_heads']}/{r['num_kv_heads']}"
+        table.add_row(label, f"{r['kv_bytes'] / 1e6:.0f}", fmt(r, "v1_us", ".0f"), fmt(r, "v2_us"), fmt(r, "v2_pct"),
+                      fmt(r, "v3_us"), fmt(r, "v3_GBps", ".0f"), fmt(r, "v3_pct"),
+                      "-" if r["target_pct"] is None else f">= {r['target_pct']}", fmt(r, "sdpa_us"),
+                      fmt(r, "sdpa_pct"), fmt(r, "v2_plain_us"), fmt(r, "v2_s6_us"), fmt(r, "v2_t8192_us"),
+                      fmt(r, "v3_s3_us"), fmt(r, "v3_t8192_us"), str(r["v2_partitions"]),
+                      str(r["v3_default_plan"]["merges"]))
+    Console(width=240).print(table)
+
+
+@cli.guarded
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     from pagedkv.backend import gpu_status
 
     usable, reason = gpu_status()
@@ -196,8 +312,6 @@ def main(argv=None) -> dict:
         raise cli.FlagError(f"kernel_bench measures a GPU and none is usable: {reason}")
 
     import cupy
-    from rich.console import Console
-    from rich.table import Table
 
     from pagedkv import kernels
 
@@ -209,37 +323,22 @@ def main(argv=None) -> dict:
     read = make_read_kernel(cupy, kernels, sms)
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))
     result = {"gpu": gpu, "sms": sms, "l2_bytes": props.get("l2CacheSize"), "date": str(datetime.date.today()),
-              "runs": RUNS, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE, "dtype": "float16"}
+              "runs": RUNS, "head_dim": 128, "block_size": BLOCK_SIZE, "dtype": "float16",
+              "default_version": kernels.DEFAULT_VERSION}
     result.update(ceilings(cupy, timer, read))
-    ceiling = result["read_GBps"]
     rows = []
     for i in args.cases if args.cases else range(len(CASES)):
-        rows.append(run_case(cupy, kernels, timer, rng, *CASES[i]))
+        rows.append(run_case(cupy, kernels, timer, rng, CASES[i]))
         cupy.get_default_memory_pool().free_all_blocks()
     for row in rows:
-        for key in ("v1", "v2", "sdpa"):
+        for key in ("v1", "v2", "v3", "sdpa"):
             if row.get(f"{key}_us"):
                 row[f"{key}_GBps"] = row["kv_bytes"] / row[f"{key}_us"] / 1e3
-                row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / ceiling
+                row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / result["read_GBps"]
     result["cases"] = rows
-
-    table = Table(title=f"paged decode attention, {gpu}: read ceiling {ceiling:.0f} GB/s, "
-                        f"copy {result['copy_GBps']:.0f} GB/s (float16, head_dim 128, block 16, shuffled)")
-    for col in ("batch x ctx", "heads q/kv", "KV MB", "v1 us", "v2 us", "v2 GB/s", "v2 %", "target %",
-                "sdpa us", "sdpa %", "v2 plain us", "v2 s6 us", "v2 t8192 us", "splits"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(f"{r['batch']} x {r['context']}", f"{r['num_qo_heads']}/{r['num_kv_heads']}",
-                      f"{r['kv_bytes'] / 1e6:.0f}", f"{r['v1_us']:.0f}", f"{r['v2_us']:.1f}",
-                      f"{r['v2_GBps']:.0f}", f"{r['v2_pct']:.1f}", f">= {r['target_pct']}",
-                      "-" if r["sdpa_us"] is None else f"{r['sdpa_us']:.1f}",
-                      "-" if r["sdpa_us"] is None else f"{r['sdpa_pct']:.1f}",
-                      f"{r['v2_plain_us']:.1f}", f"{r['v2_s6_us']:.1f}", f"{r['v2_t8192_us']:.1f}",
-                      str(r["v2_partitions"]))
-    Console(width=200).print(table)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernel_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"
+    print_table(result)
+    name = f"kernel_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"
+    path = Path(args.output_json) if args.output_json else Path(args.out_dir) / name
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
     if args.plot:

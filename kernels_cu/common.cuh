@@ -73,6 +73,34 @@ template <> __device__ __forceinline__ void unpack16<2>(const uint4& v, float* x
   }
 }
 
+// c ? a : b without a branch. NOTE: nvcc/NVRTC 13 turned a plain ?: (or an if around a store) next to
+// shuffles into two divergent copies of the code, each with its own shuffles (kernel 2's q.k: 1.5x slower,
+// 3.3x for the non-butterfly variant); an asm selp is opaque to that transformation.
+__device__ __forceinline__ float select(bool c, float a, float b) {
+  float r;
+  asm("{ .reg .pred p; setp.ne.u32 p, %3, 0; selp.f32 %0, %1, %2, p; }" : "=f"(r) : "f"(a), "f"(b), "r"((unsigned)c));
+  return r;
+}
+
+__device__ __forceinline__ int select(bool c, int a, int b) {
+  int r;
+  asm("{ .reg .pred p; setp.ne.u32 p, %3, 0; selp.b32 %0, %1, %2, p; }" : "=r"(r) : "r"(a), "r"(b), "r"((unsigned)c));
+  return r;
+}
+
+// Loads that bypass L1 (ld.global.cg): data another thread block wrote during this launch.
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float x;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(x) : "l"(p));
+  return x;
+}
+
+__device__ __forceinline__ float4 ld_cg4(const float4* p) {
+  float4 x;
+  asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(x.x), "=f"(x.y), "=f"(x.z), "=f"(x.w) : "l"(p));
+  return x;
+}
+
 // ---- warp and block reductions ------------------------------------------------------------------
 
 __device__ __forceinline__ float warp_max(float x) {

@@ -4,17 +4,45 @@
 //   paged_attention_v1_kernel  two passes, correctness first. One thread block per (query head, sequence);
 //                              pass 1 writes every q.k score to a global scratch row and finds the max,
 //                              pass 2 turns the scores into probabilities and sums probability * V.
-//   paged_attention_v2_kernel  one pass, tuned. One thread block per (KV head, query-head tile, partition,
-//                              sequence): K/V tiles are staged into shared memory with 16-byte cp.async in a
+//   paged_attention_v2_kernel  one pass, tuned. One thread block per (head group, partition, sequence):
+//                              K/V tiles are staged into shared memory with 16-byte cp.async in a
 //                              multi-stage pipeline, softmax is online (running max and sum, the accumulator
 //                              rescaled), fp32 accumulation, and every query head of a GQA group is served
-//                              from the same K/V read. Split-K: a long context is cut into partitions that
-//                              run in parallel; paged_attention_v2_reduce_kernel merges them by log-sum-exp.
+//                              from the same K/V read. Split-K from the table's capacity: every sequence is
+//                              cut into the same number of partitions (host-side plan);
+//                              paged_attention_v2_reduce_kernel merges them by log-sum-exp.
+//   paged_attention_v3_kernel  kernel 2's tile loop in a persistent grid with a batch-balanced plan made on
+//                              the device from context_lens (picture below): one thread block per resident
+//                              slot, each streams an equal share of the batch's K/V tiles, crossing from one
+//                              sequence to the next without draining its pipeline; only sequences cut
+//                              between blocks are merged, in the same launch, by the block whose piece of
+//                              the sequence finishes last.
 //   check_block_tables_kernel  GPU-side range check of block_tables / context_lens (one reduction).
 //
-// Kernel 2 compile-time options (-D, one cached module per set; pagedkv/kernels.py mirrors the defaults):
-//   PAGEDKV_V2_TILE_BYTES (4096) and PAGEDKV_V2_STAGES (4): tile size and cp.async pipeline depth;
-//   PAGEDKV_V2_BUTTERFLY (1): reduce-scatter shuffles for the GQA dots; PAGEDKV_V2_LAZY_RESCALE (1).
+// The balanced plan of kernel 3, computed again by every thread block from context_lens (so a captured CUDA
+// graph replays with new lengths; the grid depends on the device and shapes only). Work units are tiles
+// (TILE_TOKENS tokens of one sequence for one head group of GT query heads), laid end to end head
+// group-major, and cut into equal runs of K units, one run per resident thread block:
+//
+//     unit    0      7      14     21     28     35
+//             |      |      |      |      |      |
+//     items   aaaaabbcccccccccdddaaaaabbcccccccccddd     a..d: sequences 0..3 of 5, 2, 9 and 3 tiles,
+//             <-- head group 0 -><-- head group 1 ->     for head groups 0 and 1: 38 units
+//     blocks  [  0  ][  1  ][  2  ][  3  ][  4  ][5]     6 blocks, K = max(ceil(38 / 6), min_tiles) = 7
+//
+//   Block b streams units [b*K, (b+1)*K) through one cp.async pipeline. a and b of head group 0 lie inside
+//   block 0: written directly. c of head group 0 is cut over blocks 1 and 2 (a long sequence gets as many
+//   pieces as its length needs; a short one usually one): each piece leaves an unnormalised partial
+//   (max, sum, sum p*V) in slot 2*block + (piece starts the sequence ? 1 : 0), here slots 3 and 4, and the
+//   block whose piece finishes last merges them (counters[1], the sequence's first block, counts pieces).
+//   Merges here: c/hg 0 (blocks 1-2), a/hg 1 (blocks 2-3), c/hg 1 (blocks 3-4). Only a block's first and
+//   last pieces can belong to split sequences, hence two partial slots per block.
+//   (tests/test_kernels.py::test_balanced_plan_picture checks these numbers; pagedkv.decode_plan mirrors
+//   the plan on the host.)
+//
+// Compile-time options (-D, one cached module per set; pagedkv/kernels.py mirrors the defaults):
+//   PAGEDKV_V2_TILE_BYTES (4096) and PAGEDKV_V2_STAGES (4): tile size and cp.async pipeline depth (kernels
+//   2 and 3); PAGEDKV_V2_BUTTERFLY (1): reduce-scatter shuffles for the GQA dots; PAGEDKV_V2_LAZY_RESCALE (1).
 //   Measurements behind the defaults: NOTES.md.
 //
 // Layouts (one layer):
@@ -24,11 +52,12 @@
 //   context_lens  [batch] int32, in [1, max_blocks * block_size]
 //   out           [batch, num_qo_heads, HEAD_DIM]
 // Query head h reads KV head h / (num_qo_heads / num_kv_heads). block_size is a power of two (passed as
-// its log2). Block ids are widened to 64 bits before they are multiplied into offsets.
+// its log2). Block ids are widened to 64 bits before they are multiplied into offsets. HEAD_DIM is any
+// multiple of 16 up to 256 (pagedkv.kernels.HEAD_DIMS lists the instantiated ones).
 #include "common.cuh"
 
 #ifndef PAGEDKV_V2_TILE_BYTES
-#define PAGEDKV_V2_TILE_BYTES 4096  // bytes of K (and of V) per pipeline stage
+#define PAGEDKV_V2_TILE_BYTES 4096  // target bytes of K (and of V) per pipeline stage
 #endif
 #ifndef PAGEDKV_V2_STAGES
 #define PAGEDKV_V2_STAGES 4         // pipeline depth: STAGES - 1 tiles are in flight while one is used
@@ -40,7 +69,17 @@
 #define PAGEDKV_V2_LAZY_RESCALE 1   // skip the accumulator rescale when the running max did not move
 #endif
 #define PAGEDKV_V1_THREADS 128
-#define PAGEDKV_V2_THREADS 128
+#define PAGEDKV_V2_THREADS 128      // kernels 2 and 3
+#define PAGEDKV_REDUCE_THREADS 256  // kernel 2's split-K merge
+#define PAGEDKV_MERGE_THREADS 128   // kernel 3's merge
+
+// NOTE: min blocks per SM caps registers (4 blocks: <= 128 registers for GT <= 4; 3 blocks for GT = 8,
+// 2 for GT = 8 with head_dim >= 160, which spilled at the 3-block cap); with the cap ptxas reports no
+// spills for any instantiation (tests/test_kernels_compile.py checks it).
+#define PAGEDKV_V2_MIN_BLOCKS(HEAD_DIM, GT) ((GT) <= 4 ? 4 : ((HEAD_DIM) >= 160 ? 2 : 3))
+// Kernel 3 holds more values across its tile loop (the walk, the in-kernel merge); at the 3-block cap
+// (168 registers) its 16-bit GT = 8 instantiations spilled 4-36 bytes (sm_80, sm_90): they get 2 blocks.
+#define PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT) ((GT) <= 4 ? 4 : ((DT) != 0 || (HEAD_DIM) >= 160 ? 2 : 3))
 
 using pagedkv::KV;
 
@@ -125,154 +164,153 @@ paged_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 }
 
 // ================================================================================================
-// paged_attention_v2_kernel: one-pass tiled decode attention with split-K.
-//   out          [batch, num_qo_heads, HEAD_DIM]                  written when num_partitions == 1
-//   part_out     [batch, num_qo_heads, num_partitions, HEAD_DIM]  float32, unnormalised partial sums
-//   part_max     [batch, num_qo_heads, num_partitions]            running max (log2 units) per partition
-//   part_sum     [batch, num_qo_heads, num_partitions]            sum of exp2(s - part_max)
-//   q, k_cache, v_cache, block_tables, context_lens: see the file header
-//   group_size   num_qo_heads / num_kv_heads; this block serves query heads
-//                kv_head * group_size + q_tile * GT ... (+ GT - 1, clipped to the group)
-//   partition_tokens  tokens per partition, a multiple of the tile
-//   scale_log2   softmax scale * log2(e): scores are kept in log2 units so exp2 does the softmax
-// grid: (num_partitions, num_kv_heads * q_tiles, batch), block: PAGEDKV_V2_THREADS,
-// dynamic shared memory: v2_smem_bytes below (mirrored in pagedkv/kernels.py)
+// The tile machinery of kernels 2 and 3.
 //
-// Thread layout inside a tile of TILE_TOKENS rows x VPR 16-byte vectors (VPR = row bytes / 16):
-//   lane_col = tid % LPR owns vectors lane_col + j*LPR (j < CPT) of each row it touches;
-//   row group rg = tid / LPR handles rows rg, rg + RG, ...   The same threads do q.k (reduced across the
-//   LPR lanes of a row with shuffles) and p*V (reduced across row groups once, at the end).
+// A tile is TILE_TOKENS rows (tokens) x VPR 16-byte vectors (VPR = row bytes / 16) of K, and the same of V.
+// Thread layout for the math: lane_col = tid % LPR owns vectors lane_col + j*LPR (j < CPT) of each row it
+// touches; row group rg = tid / LPR handles rows rg, rg + RG, ...  LPR (lanes per row) is the power of two
+// >= VPR, capped at 32, so a row's partial dots meet by xor shuffles inside an LPR-lane group.
+// NOTE: when VPR is not a power of two (head_dim 80, 96, 112, 160, 192: 10, 12, 14, 20, 24 vectors of
+// half precision) the lanes past VPR idle in the math (up to 3/8 of them, at 80 and 160); the copies
+// into shared memory use every thread (flat vector index), so the bytes in flight do not shrink. The
+// alternative, LPR = the largest power of two dividing VPR, keeps every lane busy but gives 32-64 row
+// groups and a cross-row-group reduction 4-8x larger.
 // ================================================================================================
 template <int DT, int HEAD_DIM>
-struct V2Shape {
-  static const int VEC = pagedkv::Vec<DT>::N;
+struct TileShape {
+  static const int VEC = pagedkv::Vec<DT>::N;                 // elements per 16-byte vector
   static const int VPR = HEAD_DIM / VEC;                       // 16-byte vectors per K/V row
-  static const int LPR = VPR < 32 ? VPR : 32;                   // lanes per row
-  static const int CPT = VPR / LPR;                             // vectors per lane per row
-  static const int RG = PAGEDKV_V2_THREADS / LPR;               // row groups
-  static const int TILE_TOKENS = PAGEDKV_V2_TILE_BYTES / (VPR * 16);
+  static const int LPR = VPR > 16 ? 32 : VPR > 8 ? 16 : VPR > 4 ? 8 : VPR > 2 ? 4 : 2;  // lanes per row
+  static const int CPT = (VPR + LPR - 1) / LPR;                // vectors per lane per row
+  static const bool PADDED = CPT * LPR != VPR;                 // some lanes idle in the last column
+  static const int RG = PAGEDKV_V2_THREADS / LPR;              // row groups
+  static const int ROW_GROUP_BYTES = VPR * 16 * RG;
+  static const int ROWS_RAW = (PAGEDKV_V2_TILE_BYTES + ROW_GROUP_BYTES / 2) / ROW_GROUP_BYTES;
+  static const int ROWS = ROWS_RAW < 1 ? 1 : ROWS_RAW;        // rows per thread per tile
+  static const int TILE_TOKENS = ROWS * RG;
   static const int TILE_VECS = TILE_TOKENS * VPR;
-  static const int ROWS = TILE_TOKENS / RG;                     // rows per thread per tile
-  static const int LOADS = TILE_VECS / PAGEDKV_V2_THREADS;      // cp.async per thread per tile (K; V alike)
+  static const int LOADS = (TILE_VECS + PAGEDKV_V2_THREADS - 1) / PAGEDKV_V2_THREADS;  // cp.async per thread
+  static const int SR = (TILE_TOKENS + 31) / 32;               // softmax rows per lane
+  static_assert(HEAD_DIM % (VEC * 2) == 0 && VPR >= 2 && VPR <= 64, "head_dim: a multiple of 16 up to 256");
 };
 
-// NOTE: min blocks per SM caps registers (4 blocks: <= 128 registers for GT <= 4; 3 blocks for GT = 8,
-// 2 for GT = 8 with head_dim 256, which spilled 4 bytes on sm_80 at the 3-block cap);
-// with the cap ptxas reports no spills for any instantiation (tests/test_kernels_compile.py checks it).
-template <int DT, int HEAD_DIM, int GT>
-__global__ void __launch_bounds__(PAGEDKV_V2_THREADS, GT <= 4 ? 4 : (HEAD_DIM == 256 ? 2 : 3))
-paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restrict__ part_out,
-                          float* __restrict__ part_max, float* __restrict__ part_sum,
-                          const typename KV<DT>::T* __restrict__ q,
-                          const typename KV<DT>::T* __restrict__ k_cache,
-                          const typename KV<DT>::T* __restrict__ v_cache,
-                          const int* __restrict__ block_tables, const int* __restrict__ context_lens,
-                          int num_qo_heads, int num_kv_heads, int group_size, int log2_block_size,
-                          int max_blocks, int partition_tokens, float scale_log2) {
-  typedef KV<DT> kv;
-  typedef V2Shape<DT, HEAD_DIM> S;
-  const int VEC = S::VEC, VPR = S::VPR, LPR = S::LPR, CPT = S::CPT, RG = S::RG;
-  const int TILE_TOKENS = S::TILE_TOKENS, TILE_VECS = S::TILE_VECS, ROWS = S::ROWS, STAGES = PAGEDKV_V2_STAGES;
-  const int NW = PAGEDKV_V2_THREADS / 32, GW = (GT + NW - 1) / NW;  // query heads per warp in the softmax
-  static_assert(ROWS >= 1 && TILE_VECS % PAGEDKV_V2_THREADS == 0, "tile too small for the thread block");
-  static_assert(TILE_TOKENS <= 32, "the softmax step gives one row per lane");
-
-  // shared memory: [STAGES][TILE_VECS] K, then V (reused for the final cross-row-group reduction),
-  // then scores/probabilities [GT][TILE_TOKENS], alpha [GT], running sum [GT]
-  extern __shared__ uint4 smem[];
-  uint4* s_k = smem;
-  uint4* s_v = smem + STAGES * TILE_VECS;
-  float* s_red = reinterpret_cast<float*>(smem);  // [RG][GT][HEAD_DIM], after the loop only
-  const int pipe_bytes = 2 * STAGES * TILE_VECS * 16, red_bytes = RG * GT * HEAD_DIM * 4;
-  float* s_p = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (pipe_bytes > red_bytes ? pipe_bytes : red_bytes));
-  float* s_alpha = s_p + GT * TILE_TOKENS;
-  float* s_l = s_alpha + GT;
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int lane_col = tid % LPR, rg = tid / LPR;
-  const int part = blockIdx.x, seq = blockIdx.z;
-  const int q_tiles = (group_size + GT - 1) / GT;
-  const int kv_head = blockIdx.y / q_tiles, q_tile = blockIdx.y % q_tiles;
-  const int head0 = kv_head * group_size + q_tile * GT;
-  const int num_q = min(GT, group_size - q_tile * GT);  // query heads this block really serves
-  const int num_partitions = gridDim.x;
-
-  const int context_len = context_lens[seq];
-  const int start = part * partition_tokens;
-  if (start >= context_len) return;  // a partition past this sequence's end: the reduce never reads it
-  const int end = min(context_len, start + partition_tokens);
-  const int num_tiles = (end - start + TILE_TOKENS - 1) / TILE_TOKENS;
-  const int* block_table = block_tables + (long long)seq * max_blocks;
-
-  // load q: this thread's columns for every query head of the tile, pre-scaled into log2 units
-  float q_reg[CPT][GT][VEC];
-#pragma unroll
-  for (int g = 0; g < GT; ++g)
-#pragma unroll
-    for (int j = 0; j < CPT; ++j) {
-      float x[VEC];
-      if (g < num_q) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(
-            q + ((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + (lane_col + j * LPR) * VEC);
-        pagedkv::unpack16<DT>(raw, x);
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) x[e] = 0.f;
-      }
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) q_reg[j][g][e] = x[e] * scale_log2;
-    }
-
-  float acc[CPT][GT][VEC];
-#pragma unroll
-  for (int j = 0; j < CPT; ++j)
-#pragma unroll
-    for (int g = 0; g < GT; ++g)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[j][g][e] = 0.f;
-  float m_run[GW], l_run[GW];  // owned by warp `warp` for query heads warp + i*NW
-#pragma unroll
-  for (int i = 0; i < GW; ++i) { m_run[i] = PAGEDKV_NEG_INF; l_run[i] = 0.f; }
-
-  // issue the 16-byte copies of one K tile and one V tile (rows past `end` are zero-filled, never read).
-  // NOTE: a thread always copies the same column (VPR divides the thread count), so the kv-head and
-  // column part of the address and the shared-memory address are worked out once, not per copy.
-  static_assert(PAGEDKV_V2_THREADS % VPR == 0, "a thread must keep its column");
-  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
-  const long long head_col_off = ((long long)kv_head << log2_block_size) * HEAD_DIM + (tid % VPR) * VEC;
-  const unsigned s_dst = pagedkv::smem_u32(smem) + tid * 16;
-  auto load_tile = [&](int tile, int stage) {
-    const int t0 = start + tile * TILE_TOKENS;
+// Issue the 16-byte copies of one K tile and one V tile: rows t0 .. t0 + TILE_TOKENS - 1 of a sequence,
+// rows at or past `end` zero-filled (nothing read). Thread tid copies flat vectors tid, tid + THREADS, ...
+//   s_dst        shared address (smem_u32) of the stage's K tile; its V tile is v_delta bytes further
+//   head_off     kv_head * block_size * HEAD_DIM (elements);  block_elems = num_kv_heads * block_size * HEAD_DIM
+template <int DT, int HEAD_DIM>
+__device__ __forceinline__ void issue_kv_tile(unsigned s_dst, unsigned v_delta,
+                                              const typename KV<DT>::T* __restrict__ k_cache,
+                                              const typename KV<DT>::T* __restrict__ v_cache,
+                                              const int* __restrict__ block_table, int t0, int end,
+                                              long long block_elems, long long head_off, int log2_block_size) {
+  typedef TileShape<DT, HEAD_DIM> S;
+  const int mask = (1 << log2_block_size) - 1;
+  if constexpr (PAGEDKV_V2_THREADS % S::VPR == 0 && S::TILE_VECS % PAGEDKV_V2_THREADS == 0) {
+    // NOTE: a thread always copies the same column, so the column part of the address and the shared
+    // address are worked out once, not per copy
+    const long long col_off = head_off + (threadIdx.x % S::VPR) * S::VEC;
+    const unsigned dst = s_dst + threadIdx.x * 16;
 #pragma unroll
     for (int i = 0; i < S::LOADS; ++i) {
-      const int token = t0 + tid / VPR + i * (PAGEDKV_V2_THREADS / VPR);
+      const int token = t0 + threadIdx.x / S::VPR + i * (PAGEDKV_V2_THREADS / S::VPR);
       const bool valid = token < end;
       long long off = 0;
       if (valid)  // block id widened to 64 bits before the multiply
-        off = (long long)block_table[token >> log2_block_size] * block_elems + head_col_off +
-              (token & ((1 << log2_block_size) - 1)) * HEAD_DIM;
-      const unsigned dst = s_dst + (stage * TILE_VECS + i * PAGEDKV_V2_THREADS) * 16;
-      pagedkv::cp_async16(dst, k_cache + off, valid);
-      pagedkv::cp_async16(dst + STAGES * TILE_VECS * 16, v_cache + off, valid);
+        off = (long long)block_table[token >> log2_block_size] * block_elems + col_off + (token & mask) * HEAD_DIM;
+      pagedkv::cp_async16(dst + i * PAGEDKV_V2_THREADS * 16, k_cache + off, valid);
+      pagedkv::cp_async16(dst + v_delta + i * PAGEDKV_V2_THREADS * 16, v_cache + off, valid);
     }
-  };
-
-  // prologue: STAGES - 1 tiles in flight
+  } else {
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
-    pagedkv::cp_async_commit();
+    for (int i = 0; i < S::LOADS; ++i) {
+      const int v = threadIdx.x + i * PAGEDKV_V2_THREADS;
+      if (v < S::TILE_VECS) {
+        const int row = v / S::VPR, col = v - row * S::VPR;
+        const int token = t0 + row;
+        const bool valid = token < end;
+        long long off = 0;
+        if (valid)
+          off = (long long)block_table[token >> log2_block_size] * block_elems + head_off + (token & mask) * HEAD_DIM +
+                col * S::VEC;
+        pagedkv::cp_async16(s_dst + v * 16, k_cache + off, valid);
+        pagedkv::cp_async16(s_dst + v_delta + v * 16, v_cache + off, valid);
+      }
+    }
+  }
+}
+
+// The per-thread state of one (sequence piece, query-head tile): q in registers (log2 units), the fp32
+// accumulator, and the online-softmax running max and sum (owned by warp w for heads w, w + NW, ...).
+template <int DT, int HEAD_DIM, int GT>
+struct TileAttention {
+  typedef TileShape<DT, HEAD_DIM> S;
+  static const int VEC = S::VEC, VPR = S::VPR, LPR = S::LPR, CPT = S::CPT, RG = S::RG, ROWS = S::ROWS;
+  static const int TT = S::TILE_TOKENS, SR = S::SR;
+  static const int NW = PAGEDKV_V2_THREADS / 32, GW = (GT + NW - 1) / NW;  // query heads per warp (softmax)
+
+  int tid, lane, warp, lane_col, rg;
+  float q[CPT][GT][VEC];
+  float acc[CPT][GT][VEC];
+  float m_run[GW], l_run[GW];
+
+  __device__ __forceinline__ TileAttention() {
+    tid = threadIdx.x; lane = tid & 31; warp = tid >> 5; lane_col = tid % LPR; rg = tid / LPR;
+  }
+  __device__ __forceinline__ bool live(int j) const { return !S::PADDED || lane_col + j * LPR < VPR; }
+  // this lane's vector column j, clamped into the row when padded (a finite value, multiplied by q = 0)
+  __device__ __forceinline__ int col(int j) const {
+    return !S::PADDED ? lane_col + j * LPR : min(lane_col + j * LPR, VPR - 1);
   }
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
-    pagedkv::cp_async_wait<STAGES - 2>();  // this tile's group has landed (one group per iteration)
-    __syncthreads();                         // ... for every thread; the stage read last iteration is free
-    if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
-    pagedkv::cp_async_commit();
-    const int stage = tile % STAGES, t0 = start + tile * TILE_TOKENS;
-    const uint4* k_tile = s_k + stage * TILE_VECS;
-    const uint4* v_tile = s_v + stage * TILE_VECS;
+  // q rows: row g at rows[g * VPR] (16-byte vectors, global or shared memory); rows >= num_q read as 0
+  __device__ __forceinline__ void load_q(const uint4* rows, int num_q, float scale_log2) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g)
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        float x[VEC];
+        if (g < num_q && live(j)) {
+          pagedkv::unpack16<DT>(rows[g * VPR + lane_col + j * LPR], x);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) x[e] = 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q[j][g][e] = x[e] * scale_log2;
+      }
+  }
 
+  __device__ __forceinline__ void clear() {  // q too: between pieces (kernel 3)
+#pragma unroll
+    for (int j = 0; j < CPT; ++j)
+#pragma unroll
+      for (int g = 0; g < GT; ++g)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q[j][g][e] = 0.f;
+    reset();
+  }
+
+  __device__ __forceinline__ void reset() {
+#pragma unroll
+    for (int j = 0; j < CPT; ++j)
+#pragma unroll
+      for (int g = 0; g < GT; ++g)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][g][e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < GW; ++i) { m_run[i] = PAGEDKV_NEG_INF; l_run[i] = 0.f; }
+  }
+
+  // One staged tile: q.k, online softmax, p*V. Rows >= valid are masked (their V rows are zero-filled).
+  //   s_p [GT][TT] scores then probabilities, then THREADS dump slots (one per thread); s_alpha [GT]. Two
+  //   __syncthreads inside; the caller's barrier before the next call orders this call's reads of s_p
+  //   against the next call's writes.
+  // NOTE: no lane-dependent branch may sit next to the shuffles (see pagedkv::select): padded columns read
+  // a clamped (finite) vector and multiply it by q = 0, and a lane that owns no score stores it into its
+  // own dump slot instead of skipping the store.
+  __device__ __forceinline__ void step(const uint4* k_tile, const uint4* v_tile, float* s_p, float* s_alpha,
+                                       int valid) {
     // q.k over the tile: partial dots over this lane's columns, then a shuffle reduction across the row
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -283,55 +321,71 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         float x[VEC];
-        pagedkv::unpack16<DT>(k_tile[row * VPR + lane_col + j * LPR], x);
+        pagedkv::unpack16<DT>(k_tile[row * VPR + col(j)], x);
 #pragma unroll
         for (int g = 0; g < GT; ++g)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q_reg[j][g][e], x[e], dot[g]);
+          for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q[j][g][e], x[e], dot[g]);
       }
-#if PAGEDKV_V2_BUTTERFLY
-      // reduce-scatter: each xor step trades half of the remaining heads' partials, so the row's GT dots
-      // take log2(GT) + ... shuffles in all instead of GT * log2(LPR); lane_col then holds head g's total
-      int g_owned = 0;
+      const int dump = GT * TT + tid;
+      if constexpr (PAGEDKV_V2_BUTTERFLY && LPR >= GT) {
+        // reduce-scatter: each xor step trades half of the remaining heads' partials, so the row's GT dots
+        // take log2(GT) + ... shuffles in all instead of GT * log2(LPR); lane_col then holds head g's total
+        int g_owned = 0;
 #pragma unroll
-      for (int s = 0; (GT >> s) > 1; ++s) {
-        const int half = GT >> (s + 1), o = LPR >> (s + 1);
-        const bool upper = lane_col & o;
+        for (int s = 0; (GT >> s) > 1; ++s) {
+          const int half = GT >> (s + 1), o = LPR >> (s + 1);
+          const bool upper = lane_col & o;
 #pragma unroll
-        for (int i = 0; i < half; ++i) {
-          const float send = upper ? dot[i] : dot[i + half];
-          const float keep = upper ? dot[i + half] : dot[i];
-          dot[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+          for (int i = 0; i < half; ++i) {
+            const float send = pagedkv::select(upper, dot[i], dot[i + half]);
+            const float keep = pagedkv::select(upper, dot[i + half], dot[i]);
+            dot[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+          }
+          g_owned += pagedkv::select(upper, half, 0);
         }
-        if (upper) g_owned += half;
+#pragma unroll
+        for (int o = LPR / GT / 2; o > 0; o >>= 1) dot[0] += __shfl_xor_sync(0xffffffffu, dot[0], o);
+        s_p[pagedkv::select((lane_col & (LPR / GT - 1)) == 0, g_owned * TT + row, dump)] =
+            pagedkv::select(row < valid, dot[0], PAGEDKV_NEG_INF);
+      } else {
+#pragma unroll
+        for (int g = 0; g < GT; ++g) {
+#pragma unroll
+          for (int o = LPR / 2; o > 0; o >>= 1) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
+          s_p[pagedkv::select(lane_col == 0, g * TT + row, dump)] = pagedkv::select(row < valid, dot[g], PAGEDKV_NEG_INF);
+        }
       }
-#pragma unroll
-      for (int o = LPR / GT / 2; o > 0; o >>= 1) dot[0] += __shfl_xor_sync(0xffffffffu, dot[0], o);
-      if ((lane_col & (LPR / GT - 1)) == 0) s_p[g_owned * TILE_TOKENS + row] = t0 + row < end ? dot[0] : PAGEDKV_NEG_INF;
-#else
-#pragma unroll
-      for (int g = 0; g < GT; ++g) {
-#pragma unroll
-        for (int o = LPR / 2; o > 0; o >>= 1) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], o);
-        if (lane_col == 0) s_p[g * TILE_TOKENS + row] = t0 + row < end ? dot[g] : PAGEDKV_NEG_INF;
-      }
-#endif
     }
     __syncthreads();
 
-    // online softmax update: warp w owns query heads w, w + NW, ...; one tile row per lane
+    // online softmax update: warp w owns query heads w, w + NW, ...; rows lane, lane + 32, ...
+    // (branch-free like q.k: lanes past the tile read and write their own dump slot, never a row)
+    const int dump = GT * TT + tid, alpha_at = GT * TT + PAGEDKV_V2_THREADS;  // s_alpha = s_p + alpha_at
 #pragma unroll
     for (int i = 0; i < GW; ++i) {
       const int g = warp + i * NW;
-      if (g < GT) {
-        const float s = lane < TILE_TOKENS ? s_p[g * TILE_TOKENS + lane] : PAGEDKV_NEG_INF;
-        const float m_new = fmaxf(m_run[i], pagedkv::warp_max(s));  // finite: a tile has a valid row
-        const float p = exp2f(s - m_new);
-        const float alpha = m_run[i] == m_new ? 1.f : exp2f(m_run[i] - m_new);  // 0 on the first tile
-        l_run[i] = l_run[i] * alpha + pagedkv::warp_sum(p);
+      if (g < GT) {  // warp-uniform
+        float s[SR], mx = PAGEDKV_NEG_INF;
+#pragma unroll
+        for (int r = 0; r < SR; ++r) {
+          const int row = lane + 32 * r;
+          s[r] = pagedkv::select(row < TT, s_p[pagedkv::select(row < TT, g * TT + row, dump)], PAGEDKV_NEG_INF);
+          mx = fmaxf(mx, s[r]);
+        }
+        const float m_new = fmaxf(m_run[i], pagedkv::warp_max(mx));  // finite: a tile has a valid row
+        const float alpha = pagedkv::select(m_run[i] == m_new, 1.f, exp2f(m_run[i] - m_new));  // 0 on the first tile
+        float psum = 0.f;
+#pragma unroll
+        for (int r = 0; r < SR; ++r) {
+          const int row = lane + 32 * r;
+          const float p = exp2f(s[r] - m_new);
+          psum += p;
+          s_p[pagedkv::select(row < TT, g * TT + row, dump)] = p;
+        }
+        l_run[i] = l_run[i] * alpha + pagedkv::warp_sum(psum);
         m_run[i] = m_new;
-        if (lane < TILE_TOKENS) s_p[g * TILE_TOKENS + lane] = p;
-        if (lane == 0) s_alpha[g] = alpha;
+        s_p[pagedkv::select(lane == 0, alpha_at + g, dump)] = alpha;
       }
     }
     __syncthreads();
@@ -353,51 +407,159 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     for (int r = 0; r < ROWS; ++r) {
       const int row = rg + r * RG;
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) {
+      for (int j = 0; j < CPT; ++j) {  // padded columns accumulate garbage that stage() never stores
         float x[VEC];
-        pagedkv::unpack16<DT>(v_tile[row * VPR + lane_col + j * LPR], x);  // zero-filled past `end`
+        pagedkv::unpack16<DT>(v_tile[row * VPR + col(j)], x);  // zero-filled past `valid`
 #pragma unroll
         for (int g = 0; g < GT; ++g) {
-          const float p = s_p[g * TILE_TOKENS + row];
+          const float p = s_p[g * TT + row];
 #pragma unroll
           for (int e = 0; e < VEC; ++e) acc[j][g][e] = fmaf(p, x[e], acc[j][g][e]);
         }
       }
     }
   }
-  pagedkv::cp_async_wait<0>();
-  __syncthreads();  // the pipeline buffers become the reduction buffer
 
-  // reduce the accumulator across row groups: s_red[rg][g][d]
+  // The accumulator to s_red [RG][GT][HEAD_DIM] and (running max, sum) to s_ml [GT][2]; the caller
+  // synchronises, then sums the RG rows (reduced_row).
+  __device__ __forceinline__ void stage(float* s_red, float* s_ml) const {
 #pragma unroll
-  for (int g = 0; g < GT; ++g)
+    for (int g = 0; g < GT; ++g)
 #pragma unroll
-    for (int j = 0; j < CPT; ++j)
+      for (int j = 0; j < CPT; ++j) {
+        if (!live(j)) continue;
 #pragma unroll
-      for (int e = 0; e < VEC; e += 4)
-        *reinterpret_cast<float4*>(s_red + (rg * GT + g) * HEAD_DIM + (lane_col + j * LPR) * VEC + e) =
-            make_float4(acc[j][g][e], acc[j][g][e + 1], acc[j][g][e + 2], acc[j][g][e + 3]);
+        for (int e = 0; e < VEC; e += 4)
+          *reinterpret_cast<float4*>(s_red + (rg * GT + g) * HEAD_DIM + (lane_col + j * LPR) * VEC + e) =
+              make_float4(acc[j][g][e], acc[j][g][e + 1], acc[j][g][e + 2], acc[j][g][e + 3]);
+      }
 #pragma unroll
-  for (int i = 0; i < GW; ++i) {
-    const int g = warp + i * NW;
-    if (g < GT && lane == 0) s_l[g] = l_run[i];
-    if (g < num_q && lane == 0 && num_partitions > 1) {
-      const long long idx = ((long long)seq * num_qo_heads + head0 + g) * num_partitions + part;
-      part_max[idx] = m_run[i];
-      part_sum[idx] = l_run[i];
+    for (int i = 0; i < GW; ++i) {
+      const int g = warp + i * NW;
+      if (g < GT && lane == 0) { s_ml[2 * g] = m_run[i]; s_ml[2 * g + 1] = l_run[i]; }
     }
   }
-  __syncthreads();
 
-  // write the output (one partition) or this partition's unnormalised partial
-  for (int i = tid; i < num_q * HEAD_DIM; i += PAGEDKV_V2_THREADS) {
-    const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+  static __device__ __forceinline__ float reduced_row(const float* s_red, int g, int d) {
     float sum = 0.f;
 #pragma unroll
     for (int r = 0; r < RG; ++r) sum += s_red[(r * GT + g) * HEAD_DIM + d];
+    return sum;
+  }
+};
+
+// Shared memory of kernels 2 and 3 in bytes (mirrored by pagedkv.kernels.v2_smem_bytes / v3_smem_bytes).
+template <int DT, int HEAD_DIM, int GT>
+struct TileSmem {
+  typedef TileShape<DT, HEAD_DIM> S;
+  static const int PIPE = 2 * PAGEDKV_V2_STAGES * S::TILE_VECS * 16;   // K and V stages
+  // cross-row-group reduction; at least THREADS float4 (kernel 3's merge reuses it)
+  static const int RED = S::RG * GT * HEAD_DIM * 4 > PAGEDKV_V2_THREADS * 16 ? S::RG * GT * HEAD_DIM * 4
+                                                                            : PAGEDKV_V2_THREADS * 16;
+  static const int SMALL = 4 * (GT * S::TILE_TOKENS + PAGEDKV_V2_THREADS + 3 * GT);  // s_p + dump, s_alpha, s_ml
+  static const int Q = PAGEDKV_V2_STAGES * GT * S::VPR * 16;           // kernel 3: q rows per stage
+  static const int META = 2 * PAGEDKV_V2_STAGES * 16 * 4;             // kernel 3: tile descriptor ring
+};
+
+// ================================================================================================
+// paged_attention_v2_kernel: one-pass tiled decode attention with split-K (capacity plan).
+//   out          [batch, num_qo_heads, HEAD_DIM]                  written when num_partitions == 1
+//   part_out     [batch, num_qo_heads, num_partitions, HEAD_DIM]  float32, unnormalised partial sums
+//   part_max     [batch, num_qo_heads, num_partitions]            running max (log2 units) per partition
+//   part_sum     [batch, num_qo_heads, num_partitions]            sum of exp2(s - part_max)
+//   q, k_cache, v_cache, block_tables, context_lens: see the file header
+//   group_size   num_qo_heads / num_kv_heads; this block serves query heads
+//                kv_head * group_size + q_tile * GT ... (+ GT - 1, clipped to the group)
+//   partition_tokens  tokens per partition, a multiple of the tile
+//   scale_log2   softmax scale * log2(e): scores are kept in log2 units so exp2 does the softmax
+// grid: (num_partitions, num_kv_heads * q_tiles, batch), block: PAGEDKV_V2_THREADS,
+// dynamic shared memory: max(PIPE, RED) + SMALL (TileSmem)
+// ================================================================================================
+template <int DT, int HEAD_DIM, int GT>
+__global__ void __launch_bounds__(PAGEDKV_V2_THREADS, PAGEDKV_V2_MIN_BLOCKS(HEAD_DIM, GT))
+paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restrict__ part_out,
+                          float* __restrict__ part_max, float* __restrict__ part_sum,
+                          const typename KV<DT>::T* __restrict__ q,
+                          const typename KV<DT>::T* __restrict__ k_cache,
+                          const typename KV<DT>::T* __restrict__ v_cache,
+                          const int* __restrict__ block_tables, const int* __restrict__ context_lens,
+                          int num_qo_heads, int num_kv_heads, int group_size, int log2_block_size,
+                          int max_blocks, int partition_tokens, float scale_log2) {
+  typedef KV<DT> kv;
+  typedef TileAttention<DT, HEAD_DIM, GT> A;
+  typedef TileSmem<DT, HEAD_DIM, GT> M;
+  const int TT = A::TT, TILE_VECS = A::S::TILE_VECS, STAGES = PAGEDKV_V2_STAGES;
+
+  // shared memory: [STAGES][TILE_VECS] K, then V (reused for the final cross-row-group reduction),
+  // then scores/probabilities [GT][TT], alpha [GT], (max, sum) [GT][2]
+  extern __shared__ uint4 smem[];
+  float* s_red = reinterpret_cast<float*>(smem);  // [RG][GT][HEAD_DIM], after the loop only
+  float* s_p = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (M::PIPE > M::RED ? M::PIPE : M::RED));
+  float* s_alpha = s_p + GT * TT + PAGEDKV_V2_THREADS;
+  float* s_ml = s_alpha + GT;
+
+  const int tid = threadIdx.x;
+  const int part = blockIdx.x, seq = blockIdx.z;
+  const int q_tiles = (group_size + GT - 1) / GT;
+  const int kv_head = blockIdx.y / q_tiles, q_tile = blockIdx.y % q_tiles;
+  const int head0 = kv_head * group_size + q_tile * GT;
+  const int num_q = min(GT, group_size - q_tile * GT);  // query heads this block really serves
+  const int num_partitions = gridDim.x;
+
+  const int context_len = context_lens[seq];
+  const int start = part * partition_tokens;
+  if (start >= context_len) return;  // a partition past this sequence's end: the reduce never reads it
+  const int end = min(context_len, start + partition_tokens);
+  const int num_tiles = (end - start + TT - 1) / TT;
+  const int* block_table = block_tables + (long long)seq * max_blocks;
+
+  // load q: this thread's columns for every query head of the tile, pre-scaled into log2 units
+  A a;
+  a.load_q(reinterpret_cast<const uint4*>(q + ((long long)seq * num_qo_heads + head0) * HEAD_DIM), num_q,
+           scale_log2);
+  a.reset();
+
+  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
+  const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
+  const unsigned s_base = pagedkv::smem_u32(smem), v_delta = STAGES * TILE_VECS * 16;
+  auto load_tile = [&](int tile, int stage) {
+    issue_kv_tile<DT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache, block_table,
+                                start + tile * TT, end, block_elems, head_off, log2_block_size);
+  };
+
+  // prologue: STAGES - 1 tiles in flight
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    pagedkv::cp_async_commit();
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    pagedkv::cp_async_wait<STAGES - 2>();  // this tile's group has landed (one group per iteration)
+    __syncthreads();                         // ... for every thread; the stage read last iteration is free
+    if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
+    pagedkv::cp_async_commit();
+    const int stage = tile % STAGES, t0 = start + tile * TT;
+    a.step(smem + stage * TILE_VECS, smem + STAGES * TILE_VECS + stage * TILE_VECS, s_p, s_alpha, end - t0);
+  }
+  pagedkv::cp_async_wait<0>();
+  __syncthreads();  // the pipeline buffers become the reduction buffer
+
+  // reduce the accumulator across row groups, then write the output (one partition) or this partition's
+  // unnormalised partial
+  a.stage(s_red, s_ml);
+  __syncthreads();
+  if (num_partitions > 1 && tid < num_q) {
+    const long long idx = ((long long)seq * num_qo_heads + head0 + tid) * num_partitions + part;
+    part_max[idx] = s_ml[2 * tid];
+    part_sum[idx] = s_ml[2 * tid + 1];
+  }
+  for (int i = tid; i < num_q * HEAD_DIM; i += PAGEDKV_V2_THREADS) {
+    const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+    const float sum = A::reduced_row(s_red, g, d);
     const long long head_row = (long long)seq * num_qo_heads + head0 + g;
     if (num_partitions == 1)
-      out[head_row * HEAD_DIM + d] = kv::from_float(sum / s_l[g]);
+      out[head_row * HEAD_DIM + d] = kv::from_float(sum / s_ml[2 * g + 1]);
     else
       part_out[(head_row * num_partitions + part) * HEAD_DIM + d] = sum;
   }
@@ -416,8 +578,6 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 // loads; the block reads RPB = THREADS / TPR partitions at once (8 for HEAD_DIM 128), so a 64-partition
 // merge waits out a few memory latencies, not 64. The RPB partial sums meet in shared memory at the end.
 // ================================================================================================
-#define PAGEDKV_REDUCE_THREADS 256
-
 template <int DT, int HEAD_DIM>
 __global__ void __launch_bounds__(PAGEDKV_REDUCE_THREADS)
 paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const float* __restrict__ part_out,
@@ -425,7 +585,7 @@ paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const flo
                                  const int* __restrict__ context_lens, int num_qo_heads, int num_partitions,
                                  int partition_tokens) {
   constexpr int TPR = HEAD_DIM / 4, RPB = PAGEDKV_REDUCE_THREADS / TPR;
-  static_assert(HEAD_DIM % 4 == 0 && PAGEDKV_REDUCE_THREADS % TPR == 0, "a row must split into float4s");
+  static_assert(HEAD_DIM % 4 == 0 && RPB >= 1, "a row must split into float4s");
   extern __shared__ float s_w[];  // [num_partitions] weights w_p
   __shared__ float s_red[32];
   __shared__ float4 s_acc[RPB][TPR];
@@ -449,16 +609,18 @@ paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const flo
 
   // weighted sum of the partial outputs: thread (r, c) adds columns 4c..4c+3 of partitions r, r + RPB, ...
   const int r = tid / TPR, c = tid % TPR;
-  const float4* rows = reinterpret_cast<const float4*>(part_out + head_row * num_partitions * HEAD_DIM) + c;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (r < RPB) {
+    const float4* rows = reinterpret_cast<const float4*>(part_out + head_row * num_partitions * HEAD_DIM) + c;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 4  // NOTE: independent loads in flight; the partitions' order of summation is fixed
-  for (int p = r; p < n; p += RPB) {
-    const float w = s_w[p];
-    const float4 x = rows[(long long)p * TPR];
-    acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
-    acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+    for (int p = r; p < n; p += RPB) {
+      const float w = s_w[p];
+      const float4 x = rows[(long long)p * TPR];
+      acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
+      acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+    }
+    s_acc[r][c] = acc;
   }
-  s_acc[r][c] = acc;
   __syncthreads();
   if (tid < TPR) {
     float4 sum = s_acc[0][tid];
@@ -473,6 +635,342 @@ paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const flo
     o[2] = KV<DT>::from_float(sum.z * inv_l);
     o[3] = KV<DT>::from_float(sum.w * inv_l);
   }
+}
+
+// ================================================================================================
+// paged_attention_v3_kernel: kernel 2's tile loop in a persistent grid with the batch-balanced plan
+// (picture in the file header), made by every thread block from context_lens; split sequences are merged
+// by the block whose piece finishes last (no second launch).
+//   out          [batch, num_qo_heads, HEAD_DIM]
+//   part_out     [2 * gridDim.x, GT, HEAD_DIM] float32  pieces of split sequences (slot 2*block + first)
+//   part_ml      [2 * gridDim.x, GT, 2] float32         (running max in log2 units, sum) of each piece
+//   counters     [gridDim.x] int32, zero before the launch and zero after it: finished pieces of the
+//                split sequence whose first piece is block b's (the last one to finish merges and resets)
+//   q, k_cache, v_cache, block_tables, context_lens: see the file header; batch = rows of context_lens
+//   group_size, scale_log2: as kernel 2;  min_tiles: the fewest tiles a block is given
+// grid: (num_blocks) = resident thread blocks of the device, block: PAGEDKV_V2_THREADS,
+// dynamic shared memory: PIPE + Q + RED + SMALL + META (TileSmem)
+//
+// Each thread block walks its units in order; the copies run STAGES - 1 tiles ahead of the math, across
+// sequence and head-group boundaries (a new piece's q rows travel with its first tile), so the pipeline
+// never drains between pieces. Per tile, thread 0 leaves a descriptor in shared memory (sequence, heads,
+// tokens, first/last-of-piece flags, the split it belongs to) for the copies and the math.
+//
+// Merging (threadFenceReduction's pattern): a piece of a split sequence writes its partial, every thread
+// fences, and thread 0 counts the piece in counters[first block]; the block that brings the count to the
+// number of pieces reads all partials (ld.global.cg, past L1), writes the output and resets the counter.
+// ================================================================================================
+#define PAGEDKV_TILE_FIRST 1       // first tile of this block's piece of the sequence
+#define PAGEDKV_TILE_LAST 2        // last tile of the piece
+#define PAGEDKV_TILE_SEQ_START 4   // the tile is the sequence's first
+#define PAGEDKV_META 16            // ints per tile descriptor
+// descriptor fields
+#define PAGEDKV_M_SEQ 0
+#define PAGEDKV_M_HEAD0 1          // first query head of the head group
+#define PAGEDKV_M_NUM_Q 2          // query heads of the head group (<= GT)
+#define PAGEDKV_M_T0 3             // first token of the tile
+#define PAGEDKV_M_LEN 4            // the sequence's length
+#define PAGEDKV_M_FLAGS 5
+#define PAGEDKV_M_KV_HEAD 6
+#define PAGEDKV_M_SPLIT_BLOCK 7    // the block holding the sequence's first piece
+#define PAGEDKV_M_PIECES 8         // blocks the sequence is cut over (1: not split)
+
+// Block-wide exclusive prefix sum of one int per thread; also returns the total. Uses s_scan[NW].
+__device__ __forceinline__ int block_exclusive_scan(int x, int* s_scan, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  int incl = x;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) s_scan[warp] = incl;
+  __syncthreads();
+  int before = incl - x;
+  total = 0;
+  for (int w = 0; w < num_warps; ++w) {
+    const int t = s_scan[w];
+    if (w < warp) before += t;
+    total += t;
+  }
+  return before;
+}
+
+// (m, l) <- the log-sum-exp combination of (m, l) and (m2, l2): both sums rescaled to the larger max
+// (an empty (-inf, 0) side contributes nothing)
+__device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l2) {
+  const float mx = fmaxf(m, m2);
+  l = l * pagedkv::select(m == mx, 1.f, exp2f(m - mx)) + l2 * pagedkv::select(m2 == mx, 1.f, exp2f(m2 - mx));
+  m = mx;
+}
+
+// Merge the `pieces` partials of one split sequence (first piece in block b_first) into out, by the
+// whole thread block. Piece p's slot: 2 * (b_first + p) + (p == 0). Partials are read past L1.
+//   s_p    shared scratch: [GT][2] (max, 1 / sum) per head at s_p[0 ..], a dump slot per thread at
+//          s_p[dump_at + tid] (dump_at >= 2 * GT);  s_acc: THREADS float4 of shared scratch
+template <int DT, int HEAD_DIM, int GT>
+__device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ out, const float* part_out,
+                                             const float* part_ml, int b_first, int pieces, int seq,
+                                             int head0, int num_q, int num_qo_heads, float* s_p, int dump_at,
+                                             float4* s_acc) {
+  float* s_mw = s_p;
+  constexpr int NW = PAGEDKV_V2_THREADS / 32, GW = (GT + NW - 1) / NW, TPR = HEAD_DIM / 4;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  auto slot = [&](int p) { return 2LL * (b_first + p) + (p == 0 ? 1 : 0); };
+  // per head: M = max_p m_p and L = sum_p 2^(m_p - M) l_p; warp w owns heads w, w + NW; lanes stride pieces
+#pragma unroll
+  for (int i = 0; i < GW; ++i) {
+    const int g = warp + i * NW;
+    if (g < num_q) {  // warp-uniform
+      float m = PAGEDKV_NEG_INF, l = 0.f;
+      for (int p = lane; p < pieces; p += 32) {
+        const float* ml = part_ml + (slot(p) * GT + g) * 2;
+        combine_ml(m, l, pagedkv::ld_cg(ml), pagedkv::ld_cg(ml + 1));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+        combine_ml(m, l, m2, l2);
+      }
+      // lane 0 writes (max, 1 / sum) to s_mw = s_p[0 .. 2 GT); the others to their dump slot (branch-free)
+      const int dump = dump_at + tid;
+      s_p[pagedkv::select(lane == 0, 2 * g, dump)] = m;
+      s_p[pagedkv::select(lane == 0, 2 * g + 1, dump)] = 1.f / l;
+    }
+  }
+  __syncthreads();
+  // weighted sum of the partial rows: item (head g, float4 column c); rows of pieces in parallel
+  const int items = num_q * TPR;
+  const int rows = max(1, PAGEDKV_V2_THREADS / items);  // pieces summed side by side
+  for (int base = 0; base < items; base += PAGEDKV_V2_THREADS) {  // more than one pass only when rows == 1
+    const int r = rows > 1 ? tid / items : 0, i = rows > 1 ? tid % items : base + tid;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < rows && i < items) {
+      const int g = i / TPR, c = i - g * TPR;
+      const float mx = s_mw[2 * g];
+#pragma unroll 4
+      for (int p = r; p < pieces; p += rows) {
+        const long long sg = slot(p) * GT + g;
+        const float w = exp2f(pagedkv::ld_cg(part_ml + sg * 2) - mx);
+        const float4 x = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sg * HEAD_DIM) + c);
+        acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
+        acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+      }
+    }
+    if (rows > 1) {  // uniform
+      s_acc[tid] = acc;
+      __syncthreads();
+      if (tid < items) {
+        for (int k = 1; k < rows; ++k) {
+          const float4 x = s_acc[k * items + tid];
+          acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
+        }
+      }
+    }
+    if ((rows > 1 ? tid : i) < items) {
+      const int it = rows > 1 ? tid : i, g = it / TPR, c = it - g * TPR;
+      const float inv_l = s_mw[2 * g + 1];
+      typename KV<DT>::T* o = out + ((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + 4 * c;
+      o[0] = KV<DT>::from_float(acc.x * inv_l);
+      o[1] = KV<DT>::from_float(acc.y * inv_l);
+      o[2] = KV<DT>::from_float(acc.z * inv_l);
+      o[3] = KV<DT>::from_float(acc.w * inv_l);
+    }
+  }
+}
+
+template <int DT, int HEAD_DIM, int GT>
+__global__ void __launch_bounds__(PAGEDKV_V2_THREADS, PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT))
+paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restrict__ part_out,
+                          float* __restrict__ part_ml, int* __restrict__ counters,
+                          const typename KV<DT>::T* __restrict__ q,
+                          const typename KV<DT>::T* __restrict__ k_cache,
+                          const typename KV<DT>::T* __restrict__ v_cache,
+                          const int* __restrict__ block_tables, const int* __restrict__ context_lens,
+                          int batch, int num_qo_heads, int num_kv_heads, int group_size, int log2_block_size,
+                          int max_blocks, int min_tiles, float scale_log2) {
+  typedef KV<DT> kv;
+  typedef TileAttention<DT, HEAD_DIM, GT> A;
+  typedef TileSmem<DT, HEAD_DIM, GT> M;
+  const int TT = A::TT, VPR = A::VPR, VEC = A::VEC, TILE_VECS = A::S::TILE_VECS, STAGES = PAGEDKV_V2_STAGES;
+  const int QV = GT * VPR;  // q vectors of one piece
+
+  // shared memory: K stages, V stages, q stages [STAGES][GT][VPR], s_red [RG][GT][HEAD_DIM], s_p [GT][TT]
+  // + one dump slot per thread, s_alpha [GT], s_ml [GT][2], tile descriptors [2 * STAGES][PAGEDKV_META] int
+  extern __shared__ uint4 smem[];
+  uint4* s_q = smem + 2 * STAGES * TILE_VECS;
+  float* s_red = reinterpret_cast<float*>(s_q + STAGES * QV);
+  float* s_p = s_red + M::RED / 4;
+  float* s_alpha = s_p + GT * TT + PAGEDKV_V2_THREADS;
+  float* s_ml = s_alpha + GT;
+  int* s_meta = reinterpret_cast<int*>(s_ml + 2 * GT);
+  __shared__ int s_scan[PAGEDKV_V2_THREADS / 32];
+  __shared__ int s_start[2];
+  // thread 0's walk: seq, head group, the item's first unit (relative to this block's first), the seq's
+  // length and tiles, the head group's first query head, query heads, KV head
+  __shared__ int s_walk[8];
+  __shared__ int s_per_block;
+  __shared__ int s_last;     // this block finished a split sequence's last piece: it merges
+
+  const int tid = threadIdx.x;
+  const int q_tiles = (group_size + GT - 1) / GT, num_hg = num_kv_heads * q_tiles;
+  auto tiles_of = [&](int len) { return len > 0 ? (len + TT - 1) / TT : 0; };
+
+  // plan: tiles of every sequence (thread t sums a contiguous chunk), scanned across the block
+  const int chunk = (batch + PAGEDKV_V2_THREADS - 1) / PAGEDKV_V2_THREADS;
+  const int lo = min(tid * chunk, batch), hi = min(lo + chunk, batch);
+  int local = 0;
+  for (int i = lo; i < hi; ++i) local += tiles_of(context_lens[i]);
+  int total;
+  const int before = block_exclusive_scan(local, s_scan, total);
+  // NOTE: unit counts are 64-bit only here; a block's own units and offsets fit 32 bits
+  const long long units = (long long)num_hg * total;
+  const int per_block = (int)max((units + gridDim.x - 1) / gridDim.x, (long long)max(min_tiles, 1));
+  const long long u0 = (long long)blockIdx.x * per_block;
+  if (u0 >= units) return;  // nothing for this block (uniform: every thread leaves)
+  const int num_units = (int)min((long long)per_block, units - u0);  // this block: units u0 .. u0 + num_units - 1
+  // the sequence holding unit u0: found by the one thread whose chunk covers it
+  const int hg0 = (int)(u0 / total), s0 = (int)(u0 - (long long)hg0 * total);
+  if (before <= s0 && s0 < before + local) {
+    int cum = before;
+    for (int i = lo; i < hi; ++i) {
+      const int n = tiles_of(context_lens[i]);
+      if (s0 < cum + n) { s_start[0] = i; s_start[1] = cum - s0; break; }
+      cum += n;
+    }
+  }
+  __syncthreads();
+
+  // The walk over this block's units: thread 0 describes unit u (its item, tile, flags, split) into the
+  // descriptor ring a full pipeline ahead; the copies and the math read the descriptors.
+  // NOTE: the walk's state lives in shared memory, not in every thread's registers (the math is at the
+  // register cap), and one thread reads context_lens instead of all of them. Per tile it costs a few
+  // shared loads and stores: the item's fields are worked out when the walk enters it, the split (32-bit
+  // floor divisions) only at a piece's last tile. (With two 64-bit divisions per tile it cost kernel 3
+  // 22 % more instructions than kernel 2, all on warp 0, and the other warps waited at the barriers.)
+  auto enter = [&](int seq, int hg, int item) {  // thread 0: the walk enters item (hg, seq)
+    const int len = context_lens[seq], kv_head = hg / q_tiles, q_tile = hg - kv_head * q_tiles;
+    s_walk[0] = seq; s_walk[1] = hg; s_walk[2] = item; s_walk[3] = len; s_walk[4] = tiles_of(len);
+    s_walk[5] = kv_head * group_size + q_tile * GT; s_walk[6] = min(GT, group_size - q_tile * GT);
+    s_walk[7] = kv_head;
+  };
+  if (tid == 0) { enter(s_start[0], hg0, s_start[1]); s_per_block = per_block; }
+  auto floor_div = [](int a, int b) { return a >= 0 ? a / b : -((b - 1 - a) / b); };
+  auto describe = [&](int u) {  // thread 0 only
+    int item = s_walk[2], n = s_walk[4];
+    if (u >= item + n) {  // the next item holding u (zero-length ones are stepped over)
+      int seq = s_walk[0], hg = s_walk[1];
+      do {
+        item += n;
+        if (++seq == batch) { seq = 0; ++hg; }
+        n = tiles_of(context_lens[seq]);
+      } while (u >= item + n);
+      enter(seq, hg, item);
+    }
+    const int j = u - item;
+    const bool last = u == num_units - 1 || j == n - 1;
+    int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
+    meta[PAGEDKV_M_SEQ] = s_walk[0];
+    meta[PAGEDKV_M_HEAD0] = s_walk[5];
+    meta[PAGEDKV_M_NUM_Q] = s_walk[6];
+    meta[PAGEDKV_M_T0] = j * TT;
+    meta[PAGEDKV_M_LEN] = s_walk[3];
+    meta[PAGEDKV_M_KV_HEAD] = s_walk[7];
+    meta[PAGEDKV_M_FLAGS] = (u == 0 || j == 0 ? PAGEDKV_TILE_FIRST : 0) | (last ? PAGEDKV_TILE_LAST : 0) |
+                            (j == 0 ? PAGEDKV_TILE_SEQ_START : 0);
+    if (last) {  // the blocks the item is cut over, relative to this one: floor((item + t) / per_block)
+      const int per = s_per_block, first = floor_div(item, per);
+      meta[PAGEDKV_M_SPLIT_BLOCK] = blockIdx.x + first;
+      meta[PAGEDKV_M_PIECES] = floor_div(item + n - 1, per) - first + 1;
+    }
+  };
+
+  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
+  const unsigned s_base = pagedkv::smem_u32(smem), v_delta = STAGES * TILE_VECS * 16;
+  const unsigned s_qbase = pagedkv::smem_u32(s_q);
+  auto issue = [&](int u) {  // every thread: the copies of unit u (K, V, and q if a piece starts)
+    const int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
+    const int seq = meta[PAGEDKV_M_SEQ], t0 = meta[PAGEDKV_M_T0], stage = u % STAGES;
+    issue_kv_tile<DT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache,
+                                block_tables + (long long)seq * max_blocks, t0, meta[PAGEDKV_M_LEN], block_elems,
+                                ((long long)meta[PAGEDKV_M_KV_HEAD] << log2_block_size) * HEAD_DIM, log2_block_size);
+    if (meta[PAGEDKV_M_FLAGS] & PAGEDKV_TILE_FIRST) {  // the piece's q rows ride with its first tile (rows past num_q: 0)
+      const int head0 = meta[PAGEDKV_M_HEAD0], num_q = meta[PAGEDKV_M_NUM_Q];
+      const typename kv::T* q_rows = q + ((long long)seq * num_qo_heads + head0) * HEAD_DIM;
+      for (int v = tid; v < QV; v += PAGEDKV_V2_THREADS) {
+        const int g = v / VPR, col = v - g * VPR;
+        pagedkv::cp_async16(s_qbase + (stage * QV + v) * 16, q_rows + (g < num_q ? g * HEAD_DIM + col * VEC : 0),
+                            g < num_q);
+      }
+    }
+  };
+
+  // prologue: descriptors of units 0 .. STAGES - 1, then STAGES - 1 tiles in flight
+  if (tid == 0)
+    for (int u = 0; u < STAGES && u < num_units; ++u) describe(u);
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < STAGES - 1; ++u) {
+    if (u < num_units) issue(u);
+    pagedkv::cp_async_commit();
+  }
+
+  A a;
+  bool seq_start = false;  // the current piece began with the sequence's first tile
+  for (int u = 0; u < num_units; ++u) {
+    const int stage = u % STAGES;
+    pagedkv::cp_async_wait<STAGES - 2>();  // this tile's group has landed (one group per iteration)
+    __syncthreads();  // ... for every thread; the stage read last iteration is free; descriptors published
+    if (u + STAGES - 1 < num_units) issue(u + STAGES - 1);
+    pagedkv::cp_async_commit();
+    const int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
+    const int flags = meta[PAGEDKV_M_FLAGS];  // the same for every thread: the branches below never diverge
+    if (flags & PAGEDKV_TILE_FIRST) {  // load q, clear the accumulator
+      a.load_q(s_q + stage * QV, GT, scale_log2);
+      a.reset();
+      seq_start = flags & PAGEDKV_TILE_SEQ_START;
+    }
+    a.step(smem + stage * TILE_VECS, smem + STAGES * TILE_VECS + stage * TILE_VECS, s_p, s_alpha,
+           min(meta[PAGEDKV_M_LEN] - meta[PAGEDKV_M_T0], TT));
+    // descriptor u + STAGES (read after the next barrier) goes to the ring slot of unit u - STAGES, which
+    // nobody reads any more. NOTE: here, at the end of the math, thread 0's walk overlaps the wait for the
+    // next tile instead of holding up this tile's barriers
+    if (tid == 0 && u + STAGES < num_units) describe(u + STAGES);
+    if (!(flags & PAGEDKV_TILE_LAST)) continue;
+
+    // the piece ends: write the output, or this piece's partial (and merge if it was the last piece)
+    const int seq = meta[PAGEDKV_M_SEQ], head0 = meta[PAGEDKV_M_HEAD0], num_q = meta[PAGEDKV_M_NUM_Q];
+    const int pieces = meta[PAGEDKV_M_PIECES], split_block = meta[PAGEDKV_M_SPLIT_BLOCK];
+    const long long slot = 2LL * blockIdx.x + (seq_start ? 1 : 0);
+    // NOTE: s_red and s_ml were last read after the previous piece's last tile; every tile since passed
+    // three barriers, so writing them now is safe
+    a.stage(s_red, s_ml);
+    // NOTE: the next tile starts a new piece (it reloads q and clears the accumulator); clearing them now
+    // tells the compiler they are dead, which frees their registers for the merge below
+    a.clear();
+    __syncthreads();
+    for (int i = tid; i < num_q * HEAD_DIM; i += PAGEDKV_V2_THREADS) {
+      const int g = i / HEAD_DIM, d = i - g * HEAD_DIM;
+      const float sum = A::reduced_row(s_red, g, d);
+      if (pieces == 1)
+        out[((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + d] = kv::from_float(sum / s_ml[2 * g + 1]);
+      else
+        part_out[(slot * GT + g) * HEAD_DIM + d] = sum;
+    }
+    if (pieces == 1) continue;
+    if (tid < 2 * num_q) part_ml[slot * GT * 2 + tid] = s_ml[tid];
+    __threadfence();  // this thread's partial is visible to the whole device ...
+    __syncthreads();  // ... for every thread, before the piece is counted
+    if (tid == 0) s_last = atomicAdd(counters + split_block, 1) == pieces - 1;
+    __syncthreads();
+    if (s_last) {  // uniform: every other piece is written
+      __threadfence();
+      merge_pieces<DT, HEAD_DIM, GT>(out, part_out, part_ml, split_block, pieces, seq, head0, num_q, num_qo_heads,
+                                     s_p, GT * TT, reinterpret_cast<float4*>(s_red));
+      if (tid == 0) counters[split_block] = 0;  // ready for the next launch
+    }
+  }
+  pagedkv::cp_async_wait<0>();  // only empty groups can be pending here
 }
 
 // ================================================================================================

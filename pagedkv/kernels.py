@@ -1,8 +1,10 @@
 """CUDA kernels of ``kernels_cu/`` loaded from text with ``cupy.RawModule``, and their thin launchers.
 
-One compiled module per option set (file, element type, head_dim, ``-D`` defines), cached for the process
-(CuPy also caches the binary on disk). A compile error raises :class:`KernelCompileError` naming the
-``.cu`` file and carrying the compiler log.
+One compiled module per launch and option set (file, kernel version, element type, head_dim, GT, ``-D``
+defines), cached for the process (CuPy caches extern "C" modules on disk too; templated ones it recompiles
+per process). A compile error raises :class:`KernelCompileError` naming the ``.cu`` file and carrying the
+compiler log. Launch arithmetic that needs no GPU (tile shapes, shared memory, the split-K plans) lives in
+:mod:`pagedkv.decode_plan`.
 
 The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.ops`; they check what only
 they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction and
@@ -20,14 +22,15 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-HEAD_DIMS = (64, 128, 256)
-GROUP_TILES = (1, 2, 4, 8)  # query heads per v2 thread block (template parameter GT)
-V2_THREADS = 128
+from .decode_plan import (MIN_PARTITION_TOKENS, V2_STAGES, V2_THREADS, V2_TILE_BYTES, WAVE_EFFICIENCY,  # noqa: F401
+                          choose_num_partitions, group_tile, tile_shape, v2_shape, v2_smem_bytes, v3_min_tiles,
+                          v3_smem_bytes)
+
+HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
+VERSIONS = (1, 2, 3)
+DEFAULT_VERSION = 3  # the fastest measured (kernels_cu/NOTES.md)
+GROUP_TILES = (1, 2, 4, 8)  # query heads per v2/v3 thread block (template parameter GT)
 REDUCE_THREADS = 256  # PAGEDKV_REDUCE_THREADS in paged_attention.cu
-V2_TILE_BYTES = 4096  # defaults of PAGEDKV_V2_TILE_BYTES / PAGEDKV_V2_STAGES in paged_attention.cu
-V2_STAGES = 4
-MIN_PARTITION_TOKENS = 256  # split-K never cuts a context into pieces shorter than this
-WAVE_EFFICIENCY = 0.95  # split-K: the fewest partitions whose grid fills this share of its last wave
 _U64_MAX = np.iinfo(np.uint64).max
 _DT_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
 
@@ -103,23 +106,36 @@ def _int32_contiguous(a):
 # ---- paged attention ------------------------------------------------------------------------------
 
 def _attention_names(dt: int, head_dim: int) -> tuple[str, ...]:
+    """Every template instantiation of paged_attention.cu for one element type and head_dim."""
     return (f"paged_attention_v1_kernel<{dt}, {head_dim}>",
             *(f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES),
-            f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>")
+            f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>",
+            *(f"paged_attention_v3_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES))
+
+
+_KERNEL_NAMES = {"v1": "paged_attention_v1_kernel<{dt}, {hd}>", "v2": "paged_attention_v2_kernel<{dt}, {hd}, {gt}>",
+                 "reduce": "paged_attention_v2_reduce_kernel<{dt}, {hd}>",
+                 "v3": "paged_attention_v3_kernel<{dt}, {hd}, {gt}>"}
+_LAUNCH_GROUP = {"v1": ("v1",), "v2": ("v2", "reduce"), "reduce": ("v2", "reduce"), "v3": ("v3",)}
 
 
 def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
                       stages=V2_STAGES, extra_defines: tuple = ()):
-    name = {"v1": f"paged_attention_v1_kernel<{dt}, {head_dim}>",
-            "v2": f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>",
-            "reduce": f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>",
-            "check": "check_block_tables_kernel"}[kind]
-    defines = (("PAGEDKV_V2_TILE_BYTES", tile_bytes), ("PAGEDKV_V2_STAGES", stages), *extra_defines)
-    return _function("paged_attention.cu", name, _attention_names(dt, head_dim), defines)
+    """One kernel of paged_attention.cu. A module holds one launch's kernels (kernel 2 with its merge, or
+    kernel 3, for one GT), so a process compiles only the instantiations it launches.
+
+    NOTE: CuPy recompiles a module with name expressions in every process (its disk cache is skipped
+    for them); small modules keep that cost to the kernels actually used.
+    """
+    if kind == "check":  # extern "C", no templates instantiated: this module is disk-cached
+        return _function("paged_attention.cu", "check_block_tables_kernel")
+    names = tuple(_KERNEL_NAMES[k].format(dt=dt, hd=head_dim, gt=gt) for k in _LAUNCH_GROUP[kind])
+    defines = () if kind == "v1" else (("PAGEDKV_V2_TILE_BYTES", tile_bytes), ("PAGEDKV_V2_STAGES", stages),
+                                       *extra_defines)
+    return _function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt), names, defines)
 
 
-def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: int, dt: int = 1,
-                       head_dim: int = 128) -> None:
+def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> None:
     """GPU-side range check: one reduction kernel, then one 16-byte device-to-host read.
 
     Raises ``ValueError`` for a length outside ``[1, max_blocks * block_size]`` or a used table entry
@@ -135,7 +151,7 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
     cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, bad.nbytes, cupy.cuda.get_current_stream().ptr)  # UINT64_MAX
     total = batch * max_blocks
     grid = min(max(1, -(-total // 256)), 4 * num_sms(cupy.cuda.Device().id))
-    _attention_kernel("check", dt, head_dim)((grid,), (256,), (
+    _attention_kernel("check", 0, 0)((grid,), (256,), (
         block_tables, context_lens, cupy.int32(batch), cupy.int32(max_blocks), cupy.int32(num_blocks),
         cupy.int32(block_size), bad))
     bad_len, bad_entry = (int(x) for x in bad.get())
@@ -145,46 +161,6 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
     if bad_entry != _U64_MAX:
         i, j = divmod(bad_entry, max_blocks)
         raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
-
-
-def v2_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
-    """Mirror of ``V2Shape`` in paged_attention.cu (tile rows, row groups)."""
-    vec = 4 if dt == 0 else 8
-    vpr = head_dim // vec
-    lpr = min(vpr, 32)
-    return {"tile_tokens": tile_bytes // (vpr * 16), "row_groups": V2_THREADS // lpr}
-
-
-def v2_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
-    """Dynamic shared memory of one v2 thread block (mirrors the kernel's carve-up)."""
-    shape = v2_shape(dt, head_dim, tile_bytes)
-    pipe = 2 * stages * tile_bytes
-    red = shape["row_groups"] * gt * head_dim * 4
-    return max(pipe, red) + 4 * (gt * shape["tile_tokens"] + 2 * gt)
-
-
-def choose_num_partitions(batch: int, blocks_per_seq: int, max_context: int, tile_tokens: int,
-                          resident_ctas: int) -> tuple[int, int]:
-    """Split-K: ``(num_partitions, partition_tokens)``.
-
-    Decode attention is one pass over memory, so the grid should fill the GPU in whole waves: take the
-    fewest partitions whose grid (``batch * blocks_per_seq * partitions`` thread blocks) fills at least
-    ``WAVE_EFFICIENCY`` of ``ceil(grid / resident_ctas)`` waves, never cutting pieces shorter than
-    ``MIN_PARTITION_TOKENS``. ``resident_ctas`` = SMs x blocks per SM (from registers and shared memory);
-    ``max_context`` is the table's capacity (max_blocks * block_size), known without a device read.
-    """
-    units = batch * blocks_per_seq
-    best = None
-    for parts in range(1, max(1, max_context // MIN_PARTITION_TOKENS) + 1):
-        partition_tokens = -(-(-(-max_context // parts)) // tile_tokens) * tile_tokens
-        parts = -(-max_context // partition_tokens)
-        grid = units * parts
-        efficiency = grid / (resident_ctas * -(-grid // resident_ctas))
-        if best is None or efficiency > best[0] + 1e-9:
-            best = (efficiency, parts, partition_tokens)
-        if efficiency >= WAVE_EFFICIENCY:
-            break
-    return best[1], best[2]
 
 
 @lru_cache(maxsize=None)
@@ -200,24 +176,51 @@ def resident_ctas(kernel_key, num_regs: int, smem: int, device_id: int) -> int:
     return max(1, min(by_regs, by_smem, by_threads, 32)) * attrs["MultiProcessorCount"]
 
 
-def group_tile(group_size: int) -> int:
-    return min(8, 1 << (group_size - 1).bit_length())
+def _opt_in_smem(kernel, smem: int, prefer_shared: bool = False) -> None:
+    """Allow ``smem`` bytes of dynamic shared memory (above the 48 KB default); with ``prefer_shared``
+    also ask for the largest shared-memory carveout (kernel 3: its grid counts on every resident block)."""
+    import cupy
+
+    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+    if prefer_shared:
+        try:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: 100 % shared memory
+            cupy.cuda.driver.funcSetAttribute(kernel.ptr, 9, 100)
+        except Exception:  # noqa: BLE001 - a hint; the occupancy query tells what the launch gets
+            pass
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=2, out=None,
-                    check=True, kv_dtype=None, num_partitions=None, tile_bytes=V2_TILE_BYTES,
-                    stages=V2_STAGES, extra_defines: tuple = ()):
+def _blocks_per_sm(kernel, smem: int, kernel_key, device_id: int) -> int:
+    """Resident thread blocks per SM, from the driver's occupancy calculator (the formula if unavailable)."""
+    import cupy
+
+    try:
+        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, V2_THREADS, smem)))
+    except Exception:  # noqa: BLE001
+        return resident_ctas(kernel_key, kernel.num_regs, smem, device_id) // num_sms(device_id)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
+                    check=True, kv_dtype=None, num_partitions=None, num_ctas=None, min_tiles=None,
+                    tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()):
     """Launch paged decode attention (see :func:`pagedkv.ops.paged_attention` for shapes).
 
-    ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`);
-    ``tile_bytes`` / ``stages`` / ``extra_defines`` (e.g. ``(("PAGEDKV_V2_BUTTERFLY", 0),)``) pick a v2
-    compile-time variant (benchmarks).
+    ``version``: 1, 2 or 3 (default :data:`DEFAULT_VERSION`). Kernel 2: ``num_partitions`` forces the
+    split-K count (default: :func:`choose_num_partitions`). Kernel 3: ``num_ctas`` forces the grid
+    (default: the resident thread blocks of the device) and ``min_tiles`` the fewest tiles per block
+    (default :func:`v3_min_tiles`); small values force splits and merges on small inputs (tests).
+    ``tile_bytes`` / ``stages`` / ``extra_defines`` (e.g. ``(("PAGEDKV_V2_BUTTERFLY", 0),)``) pick a
+    compile-time variant of kernels 2 and 3 (benchmarks). Every launch shape depends on shapes only, so a
+    captured CUDA graph replays correctly with new ``context_lens`` and ``block_tables`` values.
     """
     import cupy
 
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
     dt = _dt_code(q.dtype, kv_dtype)
+    version = DEFAULT_VERSION if version is None else version
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
@@ -225,6 +228,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not c.flags.c_contiguous or c.data.ptr % 16:
             raise ValueError(f"{name} must be C-contiguous and 16-byte aligned")
+    if num_ctas is not None and num_ctas < 1:
+        raise ValueError(f"num_ctas must be >= 1, got {num_ctas}")
     q = cupy.ascontiguousarray(q)
     if q.data.ptr % 16:
         q = q.copy()
@@ -235,18 +240,21 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         raise ValueError(f"out must be C-contiguous {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
     if batch == 0:
         if check:
-            check_block_tables(block_tables, context_lens, num_blocks, block_size, dt, head_dim)
+            check_block_tables(block_tables, context_lens, num_blocks, block_size)
         return out
     scale = head_dim**-0.5 if scale is None else float(scale)
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
-    else:
+    elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
+                             tile_bytes, stages, extra_defines)
+    else:
+        launch = _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles,
                              tile_bytes, stages, extra_defines)
     # NOTE: the range check makes the host wait for the GPU, so every host-side step of the launch (plan,
     # scratch buffers) is done before it: only the launch itself follows the wait.
     if check:
-        check_block_tables(block_tables, context_lens, num_blocks, block_size, dt, head_dim)
+        check_block_tables(block_tables, context_lens, num_blocks, block_size)
     launch()
     return out
 
@@ -285,14 +293,13 @@ def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, s
     group = num_qo_heads // num_kv_heads
     gt = group_tile(group)
     q_tiles = -(-group // gt)
-    tile_tokens = v2_shape(dt, head_dim, tile_bytes)["tile_tokens"]
+    tile_tokens = tile_shape(dt, head_dim, tile_bytes)["tile_tokens"]
     max_context = max_blocks * block_size
     kernel = _attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines)
     smem = v2_smem_bytes(dt, head_dim, gt, tile_bytes, stages)
-    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
-        kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
-    resident = resident_ctas((dt, head_dim, gt, tile_bytes, stages, extra_defines), kernel.num_regs, smem,
-                             device_id)
+    _opt_in_smem(kernel, smem)
+    key = ("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines)
+    resident = _blocks_per_sm(kernel, smem, key, device_id) * num_sms(device_id)
     if num_partitions is None:
         parts, part_tokens = choose_num_partitions(batch, num_kv_heads * q_tiles, max_context, tile_tokens,
                                                    resident)
@@ -327,7 +334,7 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
     grid = (parts, num_kv_heads * plan["q_tiles"], batch)
     if parts == 1:
         return lambda: plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
-    reduce = _attention_kernel("reduce", dt, head_dim, 0, tile_bytes, stages, extra_defines)
+    reduce = _attention_kernel("reduce", dt, head_dim, plan["gt"], tile_bytes, stages, extra_defines)
     reduce_args = (out, part_out, part_max, part_sum, context_lens, cupy.int32(num_qo_heads), cupy.int32(parts),
                    cupy.int32(plan["part_tokens"]))
 
@@ -335,6 +342,70 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
         plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
         reduce((num_qo_heads, batch), (REDUCE_THREADS,), reduce_args, shared_mem=4 * parts)
     return launch
+
+
+def v3_launch_plan(q_shape, cache_shape, dt: int, num_ctas=None, min_tiles=None, tile_bytes=V2_TILE_BYTES,
+                   stages=V2_STAGES, extra_defines: tuple = ()) -> dict:
+    """How kernel 3 will be launched: group tile, grid (resident blocks), min tiles, shared memory.
+
+    Depends on shapes and the device only: the batch's lengths are planned on the device.
+    """
+    import cupy
+
+    return dict(_v3_plan(tuple(q_shape), tuple(cache_shape), dt, num_ctas, min_tiles, tile_bytes, stages,
+                         tuple(extra_defines), cupy.cuda.Device().id))
+
+
+@lru_cache(maxsize=4096)
+def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines, device_id):
+    _, num_qo_heads, _ = q_shape
+    _, num_kv_heads, _, head_dim = cache_shape
+    group = num_qo_heads // num_kv_heads
+    gt = group_tile(group)
+    kernel = _attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines)
+    smem = v3_smem_bytes(dt, head_dim, gt, tile_bytes, stages)
+    _opt_in_smem(kernel, smem, prefer_shared=True)
+    per_sm = _blocks_per_sm(kernel, smem, ("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines), device_id)
+    tile_tokens = tile_shape(dt, head_dim, tile_bytes)["tile_tokens"]
+    ctas = num_ctas or per_sm * num_sms(device_id)
+    return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": -(-group // gt), "smem": smem,
+            "blocks_per_sm": per_sm, "ctas": ctas, "tile_tokens": tile_tokens,
+            "min_tiles": v3_min_tiles(tile_tokens) if min_tiles is None else max(1, int(min_tiles)),
+            "num_regs": kernel.num_regs, "counters": _split_counters(ctas, device_id)}
+
+
+@lru_cache(maxsize=None)
+def _split_counters(num_ctas: int, device_id: int):
+    """Kernel 3's split counters: ``[num_ctas]`` int32, zeroed once here; every launch leaves them zero.
+
+    NOTE: allocated with cudaMalloc outside any memory pool (a CUDA graph's private pool, say), so it
+    lives as long as the process; launches of kernel 3 with the same grid on two streams at the same
+    time would share it (not supported; the engine runs one stream).
+    """
+    import cupy
+
+    nbytes = 4 * num_ctas
+    memory = cupy.cuda.Memory(nbytes)
+    cupy.cuda.runtime.memset(memory.ptr, 0, nbytes)
+    return cupy.ndarray((num_ctas,), dtype=cupy.int32, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+
+def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles, tile_bytes,
+                stages, extra_defines=()):
+    """Kernel 3 (persistent, balanced plan made on the device, split sequences merged in-kernel) as a closure."""
+    import cupy
+
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    batch, num_qo_heads, _ = q.shape
+    plan = v3_launch_plan(q.shape, k_cache.shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines)
+    ctas, gt = plan["ctas"], plan["gt"]
+    part_out = cupy.empty((2 * ctas, gt, head_dim), dtype=cupy.float32)  # slot 2b + (piece starts its sequence)
+    part_ml = cupy.empty((2 * ctas, gt, 2), dtype=cupy.float32)
+    args = (out, part_out, part_ml, plan["counters"], q, k_cache, v_cache, block_tables, context_lens,
+            cupy.int32(batch), cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(block_tables.shape[1]),
+            cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)))
+    return lambda: plan["kernel"]((ctas,), (V2_THREADS,), args, shared_mem=plan["smem"])
 
 
 # ---- RMSNorm (the model's fused ops) ---------------------------------------------------------------

@@ -16,9 +16,7 @@ import numpy as np
 
 from . import reference
 from .backend import SUPPORTED_DTYPES, is_gpu_array
-
-HEAD_DIMS = (64, 128, 256)
-VERSIONS = (1, 2)
+from .kernels import HEAD_DIMS, VERSIONS  # noqa: F401  (the GPU kernels' head sizes and versions)
 
 
 def _as_device(a):
@@ -59,11 +57,11 @@ def _check_arrays(**arrays) -> None:
             raise ValueError(f"{name} must be an array, got {type(a).__name__}")
 
 
-def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int = 2) -> None:
+def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int | None = None) -> None:
     """Shape and dtype checks for :func:`paged_attention` (metadata only: no data is read)."""
     _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if version is not None and version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS} or None, got {version!r}")
     check_cache_pair(k_cache, v_cache)
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     if q.ndim != 3 or q.shape[2] != head_dim:
@@ -98,7 +96,7 @@ def check_ranges_host(block_tables, context_lens, num_blocks: int, block_size: i
         raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=2, out=None,
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
                     check=True):
     """Decode attention: one query token per sequence over its paged K/V.
 
@@ -108,8 +106,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         block_tables: [batch, max_blocks] int32; entries past a sequence's blocks are not read.
         context_lens: [batch] int32, each in ``[1, max_blocks * block_size]``.
         scale: softmax scale, default ``head_dim ** -0.5``.
-        version: 1 (two-pass, correctness first) or 2 (one-pass online softmax, split-K). GPU only;
-            the host path always uses the float64 reference.
+        version: 1 (two-pass, correctness first), 2 (one-pass online softmax, split-K by the table's
+            capacity) or 3 (kernel 2's tile loop in a persistent grid, split-K balanced over the batch on the
+            device); None: the fastest measured (``pagedkv.kernels.DEFAULT_VERSION``). GPU only; the host
+            path always uses the float64 reference.
         out: optional [batch, num_qo_heads, head_dim] output, q's dtype.
         check: validate index ranges (on the GPU: one reduction). Turn off only for benchmarks.
     Returns:

@@ -1,0 +1,155 @@
+"""Launch arithmetic of the paged decode kernels, in plain Python (no GPU needed, so CI tests it).
+
+Mirrors of ``kernels_cu/paged_attention.cu``: the tile shape (``TileShape``), the shared memory of kernels
+2 and 3 (``TileSmem``), kernel 2's capacity split-K plan, and kernel 3's batch-balanced plan, which the
+kernel computes on the device from ``context_lens``; :func:`balanced_plan` computes the same pieces on the
+host, for tests and for the benchmark's report. Element type codes: 0 float32, 1 float16, 2 bfloat16.
+
+Kernel 3's plan (the picture is in the ``.cu`` header)::
+
+    units    = tiles of (head group, sequence) items, head group-major: hg 0 [seq 0 | seq 1 | ...] hg 1 [...]
+    per_block = max(ceil(units / num_blocks), min_tiles)         block b owns units [b, b + 1) * per_block
+    piece    = one item's units inside one block; a sequence split over blocks b .. b + n - 1 leaves its
+               pieces in slots 2b + 1, 2(b + 1), ..., 2(b + n - 1), counted in counters[b]; the piece
+               that finishes last merges them
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+V2_THREADS = 128  # PAGEDKV_V2_THREADS (kernels 2 and 3)
+V2_TILE_BYTES = 4096  # defaults of PAGEDKV_V2_TILE_BYTES / PAGEDKV_V2_STAGES
+V2_STAGES = 4
+MIN_PARTITION_TOKENS = 256  # kernel 2: split-K never cuts a context into pieces shorter than this
+WAVE_EFFICIENCY = 0.95  # kernel 2: the fewest partitions whose grid fills this share of its last wave
+V3_MIN_PIECE_TOKENS = 64  # kernel 3: a block is given at least this many tokens' worth of tiles
+
+
+def tile_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
+    """``TileShape``: 16-byte vectors per row, lanes per row (a power of two >= vpr, <= 32), row groups,
+    tokens and vectors per tile (rows per thread = round(tile_bytes / row-group bytes), at least 1)."""
+    vec = 4 if dt == 0 else 8
+    vpr = head_dim // vec
+    lpr = 32 if vpr > 16 else 16 if vpr > 8 else 8 if vpr > 4 else 4 if vpr > 2 else 2
+    row_groups = V2_THREADS // lpr
+    group_bytes = vpr * 16 * row_groups
+    rows = max(1, (tile_bytes + group_bytes // 2) // group_bytes)
+    tokens = rows * row_groups
+    return {"vpr": vpr, "lpr": lpr, "row_groups": row_groups, "tile_tokens": tokens, "tile_vecs": tokens * vpr}
+
+
+def v2_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
+    return tile_shape(dt, head_dim, tile_bytes)
+
+
+def _smem_parts(dt, head_dim, gt, tile_bytes, stages) -> dict:
+    s = tile_shape(dt, head_dim, tile_bytes)
+    return {"pipe": 2 * stages * s["tile_vecs"] * 16, "red": max(s["row_groups"] * gt * head_dim * 4, V2_THREADS * 16),
+            "small": 4 * (gt * s["tile_tokens"] + V2_THREADS + 3 * gt), "q": stages * gt * s["vpr"] * 16,
+            "meta": 2 * stages * 16 * 4}
+
+
+def v2_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
+    """Dynamic shared memory of one kernel-2 block: the pipeline, reused for the final reduction."""
+    p = _smem_parts(dt, head_dim, gt, tile_bytes, stages)
+    return max(p["pipe"], p["red"]) + p["small"]
+
+
+def v3_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
+    """Dynamic shared memory of one kernel-3 block: pipeline, q stages, reduction, scores, descriptors."""
+    p = _smem_parts(dt, head_dim, gt, tile_bytes, stages)
+    return p["pipe"] + p["q"] + p["red"] + p["small"] + p["meta"]
+
+
+def group_tile(group_size: int) -> int:
+    """GT: query heads served per thread block (a power of two, at most 8)."""
+    return min(8, 1 << (group_size - 1).bit_length())
+
+
+def choose_num_partitions(batch: int, blocks_per_seq: int, max_context: int, tile_tokens: int,
+                          resident_ctas: int) -> tuple[int, int]:
+    """Kernel 2's split-K: ``(num_partitions, partition_tokens)``.
+
+    Decode attention is one pass over memory, so the grid should fill the GPU in whole waves: take the
+    fewest partitions whose grid (``batch * blocks_per_seq * partitions`` thread blocks) fills at least
+    ``WAVE_EFFICIENCY`` of ``ceil(grid / resident_ctas)`` waves, never cutting pieces shorter than
+    ``MIN_PARTITION_TOKENS``. ``resident_ctas`` = SMs x blocks per SM (from registers and shared memory);
+    ``max_context`` is the table's capacity (max_blocks * block_size), known without a device read.
+    """
+    units = batch * blocks_per_seq
+    best = None
+    for parts in range(1, max(1, max_context // MIN_PARTITION_TOKENS) + 1):
+        partition_tokens = -(-(-(-max_context // parts)) // tile_tokens) * tile_tokens
+        parts = -(-max_context // partition_tokens)
+        grid = units * parts
+        efficiency = grid / (resident_ctas * -(-grid // resident_ctas))
+        if best is None or efficiency > best[0] + 1e-9:
+            best = (efficiency, parts, partition_tokens)
+        if efficiency >= WAVE_EFFICIENCY:
+            break
+    return best[1], best[2]
+
+
+def v3_min_tiles(tile_tokens: int) -> int:
+    return max(1, -(-V3_MIN_PIECE_TOKENS // tile_tokens))
+
+
+@dataclass(slots=True, frozen=True)
+class Piece:
+    """One item's tiles inside one block: tokens ``[first_tile, first_tile + num_tiles) * tile_tokens``
+    of sequence ``seq`` for head group ``head_group``; ``slot`` is None when the piece is the whole
+    sequence (written to ``out`` directly), else its partial's slot."""
+    block: int
+    head_group: int
+    seq: int
+    first_tile: int
+    num_tiles: int
+    slot: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class Merge:
+    """A sequence split over blocks ``block .. block + num_pieces - 1`` (counted in ``counters[block]``)."""
+    block: int
+    head_group: int
+    seq: int
+    num_pieces: int
+
+
+@dataclass(slots=True, frozen=True)
+class BalancedPlan:
+    per_block: int  # units (tiles) per block
+    pieces: tuple[Piece, ...]
+    merges: tuple[Merge, ...]
+
+
+def balanced_plan(context_lens, num_head_groups: int, tile_tokens: int, num_blocks: int,
+                  min_tiles: int) -> BalancedPlan:
+    """Kernel 3's plan, worked out on the host exactly as every thread block works it out on the device.
+
+    Args:
+        context_lens: [batch] ints (lengths <= 0 are empty items, never written).
+        num_head_groups: num_kv_heads * ceil(group_size / GT).
+        tile_tokens: tokens per tile (:func:`tile_shape`).
+        num_blocks: the kernel's grid; min_tiles: the fewest units a block is given.
+    """
+    lens = np.asarray(context_lens, dtype=np.int64)
+    tiles = np.where(lens > 0, -(-lens // tile_tokens), 0)
+    total = int(tiles.sum())
+    units = num_head_groups * total
+    per_block = max(-(-units // num_blocks), max(min_tiles, 1)) if units else max(min_tiles, 1)
+    starts = np.concatenate([[0], np.cumsum(tiles)])
+    pieces, merges = [], []
+    for hg in range(num_head_groups):
+        for seq in np.flatnonzero(tiles).tolist():
+            first, last = hg * total + int(starts[seq]), hg * total + int(starts[seq + 1]) - 1
+            b0, b1 = first // per_block, last // per_block
+            for b in range(b0, b1 + 1):
+                lo, hi = max(first, b * per_block), min(last, (b + 1) * per_block - 1)
+                slot = None if b0 == b1 else 2 * b + (1 if b == b0 else 0)
+                pieces.append(Piece(b, hg, seq, lo - first, hi - lo + 1, slot))
+            if b1 > b0:
+                merges.append(Merge(b0, hg, seq, b1 - b0 + 1))
+    return BalancedPlan(per_block, tuple(pieces), tuple(merges))
