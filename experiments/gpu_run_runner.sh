@@ -3,8 +3,10 @@
 # issue 12: the engine on the prefill op): the GPU tests of this tree (engine, runner, model, sampler), the
 # float16 agreement of the engine's variants with the synchronous eager reference, then W1 of the baseline
 # (commit a238c8f, snapshot in ../baseline) and of this tree (greedy and sampled, with the step breakdown) in
-# the same call, and whether this tree's greedy W1 tokens are the baseline's. Everything lands in $OUT
-# (one tarball). Usage, from this tree's snapshot root (.dev/runner): bash experiments/gpu_run_runner.sh
+# the same call, and whether this tree's greedy W1 tokens are the baseline's. With a snapshot of this branch
+# before a merge of main in ../runner_pre, that one is measured (and its GPU tests run) too: the tokens of the
+# runner's own changes, apart from other helpers' kernels. Everything lands in $OUT (one tarball).
+# Usage, from this tree's snapshot root (.dev/runner): bash experiments/gpu_run_runner.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/out}"
@@ -12,6 +14,7 @@ LOGS="$OUT/runner"
 mkdir -p "$LOGS"
 HERE="$PWD"
 BASE="$(cd "$HERE/../baseline" && pwd)"
+PRE="$(cd "$HERE/../runner_pre" 2>/dev/null && pwd)"
 finish() { tar -czf "$OUT/runner_gpu.tgz" -C "$OUT" runner && rm -rf "$LOGS"; }
 trap finish EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/gpu.txt"
@@ -43,18 +46,20 @@ PY
     echo "$name rc=$? ($((SECONDS - t0)) s)"; grep -E "^continuous|wrote|Error" "$LOGS/$name.log" | cut -c1-600
 }
 bench "$BASE" baseline_engine_bench 80 "" --graph on
+[ -n "$PRE" ] && bench "$PRE" pre_engine_bench 80 "" --graph on
 bench "$HERE" engine_bench 95 "" --graph on
 
-# 2. this tree's greedy W1 tokens against the baseline's (float16, CUDA graphs)
+# 2. greedy W1 tokens against the baseline's (float16, CUDA graphs)
 python3 - "$LOGS" <<'PY' | tee "$LOGS/w1_identity.log"
-import json, sys
-try:
-    base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
-    mine = json.load(open(sys.argv[1] + "/engine_bench_tokens.json"))[0]
-    same = sum(a == b for a, b in zip(base, mine))
-    print(f"W1 greedy (float16, graphs): {same}/{len(base)} requests identical to the baseline a238c8f")
-except Exception as exc:
-    print(f"no comparison: {type(exc).__name__}: {exc}")
+import json, os, sys
+base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
+for name in ("pre_engine_bench", "engine_bench"):
+    try:
+        mine = json.load(open(f"{sys.argv[1]}/{name}_tokens.json"))[0]
+        same = sum(a == b for a, b in zip(base, mine))
+        print(f"{name}: W1 greedy (float16, graphs): {same}/{len(base)} requests identical to the baseline a238c8f")
+    except Exception as exc:
+        print(f"{name}: no comparison: {type(exc).__name__}: {exc}")
 PY
 
 # 3. GPU tests of this tree
@@ -62,6 +67,12 @@ PYTHONPATH="$HERE" timeout "$(limit 100 30)" python3 -m pytest -q -s -p no:cache
     tests/test_engine_runner_gpu.py tests/test_engine_gpu.py tests/test_model_gpu.py tests/test_sampler.py \
     -k "not compiles_without_spills" > "$LOGS/pytest_gpu.log" 2>&1
 echo "pytest rc=$? ($((SECONDS - t0)) s)"; grep -E "passed|failed|^FAILED|^ERROR" "$LOGS/pytest_gpu.log" | tail -n 20
+if [ -n "$PRE" ] && [ "$(limit 60 60)" -gt 30 ]; then
+    (cd "$PRE" && PYTHONPATH="$PRE" timeout "$(limit 60 60)" python3 -m pytest -q -s -p no:cacheprovider \
+        tests/test_engine_runner_gpu.py tests/test_engine_gpu.py > "$LOGS/pytest_gpu_pre.log" 2>&1)
+    echo "pytest (before the merge) rc=$? ($((SECONDS - t0)) s)"
+    grep -E "passed|failed|^FAILED|^ERROR" "$LOGS/pytest_gpu_pre.log" | tail -n 10
+fi
 
 # 4. float16: how many requests of each engine variant agree with the synchronous eager reference
 if [ "$(limit 30 5)" -gt 10 ]; then
