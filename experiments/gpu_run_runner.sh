@@ -52,9 +52,9 @@ bench "$HERE" engine_bench 95 "" --graph on
 # 2. greedy W1 tokens against the baseline's (float16, CUDA graphs)
 python3 - "$LOGS" <<'PY' | tee "$LOGS/w1_identity.log"
 import json, os, sys
-base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
 for name in ("pre_engine_bench", "engine_bench"):
     try:
+        base = json.load(open(sys.argv[1] + "/baseline_engine_bench_tokens.json"))[0]
         mine = json.load(open(f"{sys.argv[1]}/{name}_tokens.json"))[0]
         same = sum(a == b for a, b in zip(base, mine))
         print(f"{name}: W1 greedy (float16, graphs): {same}/{len(base)} requests identical to the baseline a238c8f")
