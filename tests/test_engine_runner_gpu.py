@@ -34,6 +34,22 @@ def _full(outs):
             for o in outs]
 
 
+def _same_outputs(got, want, atol: float) -> None:
+    """Tokens, finish and stop reasons equal; logprobs equal to ``atol``.
+
+    NOTE: after a value-dependent end the asynchronous engine's next step holds one more row than the
+    synchronous engine's; decode kernel 3 balances its split-K over the whole batch, so a sequence's
+    attention may round differently (float32: in the last bits) — logprobs are then compared to a tolerance.
+    """
+    assert [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in got] == \
+        [[(c.token_ids, c.finish_reason, c.stop_reason) for c in o.outputs] for o in want]
+    for a, b in zip(got, want):
+        for x, y in zip(a.outputs, b.outputs):
+            assert (x.logprobs is None) == (y.logprobs is None)
+            for ex, ey in zip(x.logprobs or [], y.logprobs or []):
+                assert set(ex) == set(ey) and all(abs(ex[t] - ey[t]) <= atol for t in ey)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_async_equals_sync_with_value_dependent_ends_and_sampling(dtype):
     prompts = _shared_prompts(seed=3)
@@ -48,7 +64,7 @@ def test_async_equals_sync_with_value_dependent_ends_and_sampling(dtype):
     got = engine.generate(prompts, params, progress=False)
     assert engine.graph_error is None
     assert any(c.finish_reason == "stop" for o in got for c in o.outputs)
-    assert _full(got) == _full(want)
+    _same_outputs(got, want, atol=1e-4 if dtype == "float32" else 2e-2)
 
 
 def test_a_seeded_request_samples_the_same_tokens_alone_or_batched_and_preempted():

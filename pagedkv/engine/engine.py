@@ -24,6 +24,11 @@ too (one wasted row), its token ``N + 1`` is dropped and its blocks are freed at
 the same. (vLLM's async scheduling makes the same trade; the one-step-late launch order ``launch N, process
 N - 1`` would hide the output processing only, not the scheduling and metadata of the next step.)
 
+NOTE: the step after a value-dependent end holds one more row than the synchronous engine's. Decode kernel 3
+balances its split-K over the whole batch, so a sequence's attention can round differently in another batch:
+float32 logprobs may then differ in the last bits (tokens agreed in every test); with length ends only (W1)
+the steps are the synchronous engine's, row for row.
+
 Promises (tested in tests/test_engine_lifecycle.py):
 
 - A request is validated before anything changes (``ValueError`` naming the problem); one that could never
