@@ -55,11 +55,11 @@ from .build import build_kv_cache, default_params, read_generation, resolve_max_
 from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
-from .model_runner import InFlight, ModelRunner
 from . import step_commit
+from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
-from .request import Branch, Request, RequestOutput
+from .request import Request, RequestOutput
 from .sampling import SamplingParams
 from .validation import check_prompt, check_request_id
 from .scheduler import Scheduler

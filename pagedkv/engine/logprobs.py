@@ -1,8 +1,8 @@
 """Log-probabilities on the host: the sampled (or given) token's and the top ``k``, from raw logits.
 
 They describe the model's distribution before temperature and filters (as vLLM's default ``raw_logprobs``).
-NOTE: the device sampler (``pagedkv.engine.sampler.logprobs``) replaces this for GPU rows; this is the CPU path
-and the reference.
+NOTE: the engine computes logprobs with ``pagedkv.engine.sampler.logprobs`` (device or NumPy, see
+``pagedkv.engine.logprob_rows``); this float64 version is the tests' reference.
 """
 from __future__ import annotations
 

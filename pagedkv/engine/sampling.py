@@ -134,7 +134,10 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from ``logits`` [vocab] (host float array); greedy draws no random number."""
+    """One token id from ``logits`` [vocab] (host float array); greedy draws no random number.
+
+    NOTE: the engine samples with :mod:`pagedkv.engine.sampler` (batched, on the device, seeded per branch);
+    this inverse-CDF draw is kept for :func:`probabilities`' tests."""
     if params.greedy:
         return int(np.argmax(logits))
     p = probabilities(logits, params)
