@@ -105,10 +105,17 @@ class KVCache:
         return tokens[:context_len]
 
     def copy_blocks(self, src_block_ids, dst_block_ids) -> None:
-        """Copy blocks ``src[i] -> dst[i]`` in every layer's K and V pool (one launch on GPU)."""
-        src = self.xp.asarray(np.asarray(src_block_ids, dtype=np.int64))
-        dst = self.xp.asarray(np.asarray(dst_block_ids, dtype=np.int64))
-        ops.copy_blocks(self.k_pool, self.v_pool, src, dst)
+        """Copy blocks ``src[i] -> dst[i]`` in every layer's K and V pool (one launch on GPU).
+
+        NOTE: the ids come from the host, so they are range-checked here, on the host; the GPU-side check of
+        ``ops.copy_blocks`` (a reduction and a device-to-host read) would make the host wait for the GPU in the
+        middle of an engine step.
+        """
+        src, dst = np.asarray(src_block_ids, dtype=np.int64), np.asarray(dst_block_ids, dtype=np.int64)
+        if src.ndim != 1 or src.shape != dst.shape:
+            raise ValueError(f"src_block_ids {src.shape} and dst_block_ids {dst.shape} must be equal 1-D lengths")
+        ops.check_copy_ranges_host(src, dst, self.num_blocks)
+        ops.copy_blocks(self.k_pool, self.v_pool, self.xp.asarray(src), self.xp.asarray(dst), check=False)
 
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
