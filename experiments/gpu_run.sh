@@ -16,6 +16,12 @@
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
 #   plots       the PNGs of docs/ from the JSON of this run
+#   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
+#   sanitize2   compute-sanitizer memcheck + racecheck on the sampler, fused-norm and prefill reduced grids
+#   serve       experiments/gpu_run_serve.sh: the OpenAI-compatible server (llama-1b, a tokenizer trained on
+#               the spot), tests/test_serve.py through the openai client against it, serve_bench at 3 rates
+#   prefix      python -m experiments.prefix_workloads: prefix caching on/off, chunked prefill on/off
+#   pbench      python -m experiments.prefill_bench: prefill kernel vs SDPA, engine TTFT vs transformers
 # Logs go to $OUT/<stage>.log; at the end every log, JSON and PNG of the run is packed into $OUT/results.tgz
 # (the device tool brings back at most 8 files). Exit status: 1 if any stage failed or ran out of time.
 set -uo pipefail
@@ -25,6 +31,11 @@ OUT=${OUT:-/tmp/pagedkv_gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs" benchmarks/results docs
 status=0
+# Wheels carried in .whl/ (pytest-xdist; fastapi, uvicorn, openai for the server): into /tmp/site, once
+if [ -d .whl ] && ! "$PY" -c "import xdist" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 run() {  # run STAGE LIMIT CMD...: one command, its output tee'd to $OUT/logs/STAGE.log
     local stage=$1 limit=$2
@@ -74,7 +85,7 @@ cupy.cuda.runtime.deviceSynchronize()"
         run etests "${T_ETESTS:-180}" "$PY" -m pytest -m gpu tests/test_model_gpu.py tests/test_engine_gpu.py -q -p no:cacheprovider -rs ;;
     ebench)
         run ebench "${T_EBENCH:-240}" "$PY" -m experiments.engine_bench --device gpu --static \
-            --json benchmarks/results/engine_bench_gpu.json ;;
+            --output-json benchmarks/results/engine_bench_gpu.json ;;
     memory)
         # llama-1b's K/V shape (16 layers x 8 KV heads x 64, fp16) really allocated for every request
         run memory "${T_MEMORY:-150}" "$PY" -m experiments.memory_share --device gpu --dtype float16 \
@@ -101,13 +112,30 @@ cupy.cuda.runtime.deviceSynchronize()"
         plot --throughput-json benchmarks/results/throughput_longtail_gpu.json docs/throughput_longtail.png
         kernel_json=$(ls -t benchmarks/results/kernel_bench_*.json 2>/dev/null | head -1)
         [ -n "$kernel_json" ] && plot --kernel-json "$kernel_json" docs/kernel_bandwidth.png ;;
+    gputests)
+        run gputests "${T_GPUTESTS:-330}" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -n 6 \
+            --dist loadfile --durations=15 -rs ;;
+    sanitize2)
+        for tool in memcheck racecheck; do
+            PAGEDKV_SANITIZER_GRID=1 run "${tool}2" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
+                "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist tests/test_sampler.py \
+                tests/test_model_gpu.py -k 'not compiles and (sampler or sample or rms_norm or fused_add)'
+        done ;;
+    serve)
+        run serve "${T_SERVE:-420}" env OUT="$OUT/serve" bash experiments/gpu_run_serve.sh ;;
+    prefix)
+        run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-memory-gb 40 \
+            --output-json benchmarks/results/prefix_workloads_gpu.json ;;
+    pbench)
+        run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench \
+            --output-json "benchmarks/results/prefill_bench_$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')_$(date -u +%F).json" ;;
     *)
         echo "unknown stage $stage" | tee -a "$OUT/logs/summary.log"; status=1 ;;
     esac
 done
 
 # NOTE: one archive, so that every log, JSON and PNG comes back (the device tool returns at most 8 files)
-tar czf "$OUT/results.tgz" -C "$OUT" logs -C "$PWD" benchmarks/results docs && cp "$OUT/logs/summary.log" "$OUT/" \
+tar czf "$OUT/results.tgz" -C "$OUT" logs $( [ -d "$OUT/serve" ] && echo serve ) -C "$PWD" benchmarks/results docs && cp "$OUT/logs/summary.log" "$OUT/" \
     && rm -rf "$OUT/logs"
 cat "$OUT/summary.log" 2>/dev/null || cat "$OUT/logs/summary.log"
 exit "$status"
