@@ -33,7 +33,7 @@ mkdir -p "$OUT/logs" benchmarks/results docs
 status=0
 # Wheels carried in .whl/ (pytest-xdist; fastapi, uvicorn, openai for the server): into /tmp/site, once
 if [ -d .whl ] && ! "$PY" -c "import xdist" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*xdist*.whl .whl/execnet*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 

@@ -23,14 +23,11 @@ PY=python3
 
 SERVE_PACKAGES="fastapi uvicorn openai httpx jinja2"
 if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" 2>/dev/null; then
+    # NOTE: a target folder on PYTHONPATH, not a venv: the device's python3 is itself a venv (torch, cupy), and a
+    # venv made from it would not see those packages
     # shellcheck disable=SC2086
-    if $PY -m venv --system-site-packages "$WORK/venv" 2>/dev/null; then
-        PY="$WORK/venv/bin/python"
-        $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" $SERVE_PACKAGES
-    else  # no venv module: a target folder ahead of the system packages
-        $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" --target "$WORK/site" $SERVE_PACKAGES
-        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
+    $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" --target "$WORK/site" $SERVE_PACKAGES
+    export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$WORK/site"
     $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" \
         || { echo "could not install the [serve] wheels from ${WHEELS:-.whl}" | tee "$OUT/env.txt"; exit 1; }
 fi
