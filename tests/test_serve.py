@@ -139,14 +139,16 @@ def test_chat_matches_offline_chat(client, offline):
 
 
 def test_n_choices_are_seeded_branches(server, client):
-    # NOTE: a high temperature, so that the branches can differ on any model: a random model with tied embeddings
-    # (the llama-1b preset behind the GPU run) puts ~e^40 more mass on repeating the last token than on any other
-    # at temperature 1, and every branch then repeats it (seen on an H100: three times 'gggggggg')
-    call = dict(model=server.model, prompt="Parallel sampling", max_tokens=8, n=3, seed=5, temperature=8.0)
+    call = dict(model=server.model, prompt="Parallel sampling", max_tokens=8, n=3, seed=5)
     r, again = client.completions.create(**call), client.completions.create(**call)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert [c.text for c in r.choices] == [c.text for c in again.choices]
-    assert len({c.text for c in r.choices}) > 1
+    # NOTE: branches can only differ where the model leaves room: the random llama-1b preset of the GPU run (tied
+    # embeddings) gives repeating the last token log-probability 0.0 and the runner-up about -330 (seen on an
+    # H100 and on the CPU engine), so every branch repeats it there. The tiny CI model spreads its mass.
+    first = client.completions.create(**{**call, "n": 1, "max_tokens": 1, "logprobs": 2})
+    if max(first.choices[0].logprobs.top_logprobs[0].values()) < -1e-3:
+        assert len({c.text for c in r.choices}) > 1
     assert r.usage.completion_tokens == 3 * 8 or any(c.finish_reason == "stop" for c in r.choices)
     chunks = list(client.completions.create(**call, stream=True))
     for i in range(3):
