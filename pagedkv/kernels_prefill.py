@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 
 from .kernels import _U64_MAX, KernelCompileError, _dt_code, _function, _int32_contiguous, cu_source, num_sms
 

@@ -7,23 +7,7 @@ import pytest
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.gpu
-GPU_MODEL = dict(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                 intermediate_size=512, max_position_embeddings=512)
-
-
-def _gpu_engine(dtype, **overrides):
-    from pagedkv.model import ModelConfig
-
-    kwargs = dict(model=ModelConfig(**GPU_MODEL), device="gpu", dtype=dtype, block_size=16, num_blocks=256,
-                  max_num_seqs=16, max_model_len=320, seed=0)
-    return LLMEngine(EngineConfig(**{**kwargs, **overrides}))
-
-
-def _shared_prompts(num=12, seed=0):
-    rng = np.random.default_rng(seed)
-    doc = rng.integers(0, 512, 160).tolist()
-    return [doc[:int(rng.choice([0, 40, 100, 160]))] + rng.integers(0, 512, int(rng.integers(1, 60))).tolist()
-            for _ in range(num)]
+from test_engine_gpu import GPU_MODEL, _gpu_engine, _shared_prompts  # noqa: E402,F401
 
 
 SAMPLED = SamplingParams(n=2, temperature=0.8, top_p=0.95, seed=7, max_tokens=20, logprobs=2)

@@ -8,7 +8,6 @@ CI (``.ci/run``) installs it non-editable, so there they run.
 import json
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import pytest

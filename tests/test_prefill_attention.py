@@ -10,7 +10,6 @@ PAGEDKV_SANITIZER_GRID=1 shrinks the grid for compute-sanitizer runs (and skips 
 """
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedkv import kernels, kernels_prefill, ops, reference
+from test_kernels import _bf16_native, _exact_allocations, to_dev  # noqa: F401 (an autouse fixture)
+from test_kernels_compile import ptxas_report
 
 SANITIZER = os.environ.get("PAGEDKV_SANITIZER_GRID") == "1"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -252,19 +253,6 @@ def test_prefill_bench_without_a_gpu_is_one_line_error():
 NVCC = shutil.which("nvcc")
 
 
-def _ptxas_report(log: str) -> dict[str, tuple[int, int, int]]:
-    report, name, spills = {}, None, (0, 0)
-    for line in log.splitlines():
-        if m := re.search(r"Compiling entry function '(\w+)'", line):
-            name = m.group(1)
-        elif m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line):
-            spills = (int(m.group(1)), int(m.group(2)))
-        elif (m := re.search(r"Used (\d+) registers", line)) and name:
-            report[name] = (int(m.group(1)), *spills)
-            name = None
-    return report
-
-
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
 @pytest.mark.parametrize("arch", ("sm_80", "sm_90", "sm_90a"))
 def test_prefill_kernels_compile_without_spills(tmp_path, arch):
@@ -282,7 +270,7 @@ def test_prefill_kernels_compile_without_spills(tmp_path, arch):
     proc = subprocess.run([NVCC, *flags, "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = _ptxas_report(proc.stderr)
+    report = ptxas_report(proc.stderr)
     assert {"prefill_plan_kernel", "prefill_check_kernel"} <= set(report)
     assert sum("prefill_attention_v" in n for n in report) == len(names)
     assert "serialized" not in proc.stderr  # ptxas serializing wgmma would cost most of version 3's gain
@@ -292,27 +280,7 @@ def test_prefill_kernels_compile_without_spills(tmp_path, arch):
 
 # ---- GPU ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _exact_allocations():
-    """Under compute-sanitizer, allocate with plain cudaMalloc so out-of-bounds accesses are caught."""
-    if SANITIZER:
-        import cupy
-
-        cupy.cuda.set_allocator(None)
-    yield
-
-
-def _bf16_native() -> bool:
-    return kernels.cupy_has_bfloat16()
-
-
-def to_dev(a: np.ndarray):
-    import cupy
-
-    if a.dtype == BF16:
-        raw = cupy.asarray(a.view(np.uint16))
-        return raw.view(BF16) if _bf16_native() else raw
-    return cupy.asarray(a)
+# _exact_allocations (autouse: plain cudaMalloc under compute-sanitizer), _bf16_native and to_dev: test_kernels's
 
 
 def poisoned(shape, dtype):
