@@ -9,6 +9,7 @@ The engine decodes the prompts as one batch (different lengths, continuous batch
 import numpy as np
 import pytest
 
+from engine_gpu_support import GPU_MODEL, REFERENCE, VARIANTS, _gpu_engine, _shared_prompts  # noqa: F401
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -86,35 +87,9 @@ def test_greedy_tokens_match_transformers(tmp_path, arch, cuda_graph):
 
 
 # -- issue 10 on the device: chunked prefill, prefix caching and CUDA graphs give the reference's tokens ------
-GPU_MODEL = dict(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                 intermediate_size=512, max_position_embeddings=512)
-REFERENCE = dict(enable_prefix_caching=False, enable_chunked_prefill=False, cuda_graph=False,
-                 max_num_batched_tokens=4096, async_scheduling=False)
-VARIANTS = {
-    "chunked": dict(max_num_batched_tokens=48),
-    "cached": dict(enable_chunked_prefill=False, max_num_batched_tokens=4096),
-    "graphs": dict(enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096,
-                   cuda_graph=True),
-    "all": dict(max_num_batched_tokens=48, cuda_graph=True),
-    "all-preempting": dict(max_num_batched_tokens=48, cuda_graph=True, num_blocks=40, watermark=0.0),
-    "all-sync": dict(max_num_batched_tokens=48, cuda_graph=True, async_scheduling=False),
-    "eager-sampler": dict(max_num_batched_tokens=48),  # asynchronous, no graphs: eager forward + sampler
-}
 
 
-def _gpu_engine(dtype, **overrides):
-    from pagedkv.model import ModelConfig
 
-    kwargs = dict(model=ModelConfig(**GPU_MODEL), device="gpu", dtype=dtype, block_size=16, num_blocks=256,
-                  max_num_seqs=16, max_model_len=320, seed=0)
-    return LLMEngine(EngineConfig(**{**kwargs, **overrides}))
-
-
-def _shared_prompts(num=12, seed=0):
-    rng = np.random.default_rng(seed)
-    doc = rng.integers(0, 512, 160).tolist()
-    return [doc[:int(rng.choice([0, 40, 100, 160]))] + rng.integers(0, 512, int(rng.integers(1, 60))).tolist()
-            for _ in range(num)]
 
 
 def _run_twice(engine, prompts, params):

@@ -3,11 +3,11 @@ ends and sampling (float32 and float16, CUDA graphs), a seeded request samples t
 and preempted, device logprobs match the CPU engine's, and the prefill op's rows match the decode-rows oracle."""
 import numpy as np
 import pytest
+from engine_gpu_support import GPU_MODEL, _gpu_engine, _shared_prompts
 
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.gpu
-from test_engine_gpu import GPU_MODEL, _gpu_engine, _shared_prompts  # noqa: E402,F401
 
 
 SAMPLED = SamplingParams(n=2, temperature=0.8, top_p=0.95, seed=7, max_tokens=20, logprobs=2)
