@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..backend import dtype_of
 from ..kv_cache import KVCache
 from ..model.config import ModelConfig
 from .config import EngineConfig
@@ -15,11 +16,16 @@ CPU_DEFAULT_BLOCKS = 1024
 GPU_FREE_MEMORY_SHARE = 0.4
 
 
-def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend) -> KVCache:
+def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend, kv_scales=None) -> KVCache:
     """The pool from ``num_blocks``, or ``kv_memory_bytes``, or a default (1024 blocks on the CPU, 40% of the
-    free GPU memory)."""
+    free GPU memory), in ``config.kv_cache_dtype``; ``kv_scales``: ``(k_scales, v_scales)`` per layer (fp8)."""
+    k_scales, v_scales = (1.0, 1.0) if kv_scales is None else kv_scales
+    if config.kv_cache_dtype != "auto" and backend.is_gpu and dtype_of(dtype).itemsize != 2:
+        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} on a GPU needs a float16 or bfloat16 model, "
+                         f"got {dtype_of(dtype)}")
     shape = dict(num_layers=model.num_layers, block_size=config.block_size, num_kv_heads=model.num_kv_heads,
-                 head_dim=model.head_dim, dtype=dtype, device=backend.name)
+                 head_dim=model.head_dim, dtype=dtype, device=backend.name, kv_dtype=config.kv_cache_dtype,
+                 k_scales=k_scales, v_scales=v_scales)
     budget = config.kv_memory_bytes
     if config.num_blocks is None and budget is None:
         if not backend.is_gpu:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import DEVICES, dtype_of
+from ..fp8 import resolve_kv_cache_dtype
 from ..model.config import PRESETS, ModelConfig
 from .scheduler import MODES, SchedulerConfig
 
@@ -37,6 +38,10 @@ class EngineConfig:
     ``async_scheduling``: each step call launches the next step before waiting for the current one's tokens
     (see :mod:`pagedkv.engine.engine`); None: on when the model runs on a GPU (on the CPU the forward runs
     while it is launched, so there is nothing to overlap).
+    ``kv_cache_dtype`` (vLLM's values): ``"auto"`` stores K/V in the model's dtype; ``"fp8"`` / ``"fp8_e4m3"`` /
+    ``"fp8_e5m2"`` in fp8 bytes (half of float16: ``kv_memory_bytes`` holds twice the blocks) with per-layer
+    scales, 1.0 unless a checkpoint carries ``k_scale`` / ``v_scale`` tensors or ``calculate_kv_scales`` is on
+    (scale = amax / the format's max over the first step's prompts, set before any CUDA graph is captured).
     """
 
     model: str | ModelConfig = "tiny"
@@ -59,6 +64,8 @@ class EngineConfig:
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
     async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" | "fp8_e4m3" | "fp8_e5m2"
+    calculate_kv_scales: bool = False  # fp8: K/V scales from the first prompts' amax (vLLM's name)
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
@@ -77,8 +84,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.num_blocks is not None and self.kv_memory_bytes is not None:
             raise ValueError("give num_blocks or kv_memory_bytes, not both")
+        resolve_kv_cache_dtype(self.kv_cache_dtype)  # raises ValueError naming the value and the choices
         for name in ("static_padding", "enable_chunked_prefill", "enable_prefix_caching", "record_steps", "fused",
-                     "cuda_graph"):
+                     "cuda_graph", "calculate_kv_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):

@@ -220,23 +220,28 @@ class LlamaModel:
         depends only on shapes, so a model runner replays it in CUDA graphs from static buffers."""
         def attend(layer, q, k, v):
             return ops.prefill_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), block_tables,
-                                         query_start_loc, context_lens, scale=self.scale, check=self.check)
+                                         query_start_loc, context_lens, scale=self.scale, check=self.check,
+                                         **kv_cache.attention_args(layer))
         return attend
 
     def _dense_prefill(self, batch: PrefillBatch, kv_cache, starts):
         """Causal attention with dense matrix products: padded groups of sequences, or per sequence over its
         gathered context when it has cached tokens (the CPU path, and the reference for the paged one)."""
         xp, c = self.xp, self.config
-        plan = None if any(batch.num_cached) else varlen_plan(batch.seq_lens, c.num_heads, c.num_kv_heads, xp)
+        # NOTE: an fp8 cache's tokens are read back from the cache (the stored values), never from k / v
+        gather_all = getattr(kv_cache, "is_fp8", False)
+        plan = None if any(batch.num_cached) or gather_all else varlen_plan(batch.seq_lens, c.num_heads,
+                                                                             c.num_kv_heads, xp)
 
         def attend(layer, q, k, v):
             if plan is not None:
                 return varlen_causal_attention(q, k, v, plan, self.scale)
             out = xp.empty_like(q)
             for i, (a, b) in enumerate(itertools.pairwise(starts)):
-                if batch.num_cached[i]:
+                if batch.num_cached[i] or gather_all:
                     ctx = batch.num_cached[i] + batch.seq_lens[i]
                     kc, vc = kv_cache.gather(layer, batch.block_tables[i], ctx)
+                    kc, vc = kc.astype(q.dtype, copy=False), vc.astype(q.dtype, copy=False)
                 else:
                     kc, vc = k[a:b], v[a:b]
                 out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
@@ -248,7 +253,8 @@ class LlamaModel:
         """The forward of rows (see :class:`DecodeBatch`); returns logits [B (or R), vocab] (model dtype)."""
         def attend(layer, q, k, v):
             return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
-                                       batch.context_lens, scale=self.scale, check=self.check)
+                                       batch.context_lens, scale=self.scale, check=self.check,
+                                       **kv_cache.attention_args(layer))
 
         if batch.query_start_loc is not None:
             attend = self.paged_prefill_attention(batch.block_tables, batch.query_start_loc, batch.context_lens,
@@ -266,7 +272,8 @@ class LlamaModel:
         h = self.ops.norm(x, layers[0].input_norm)
         for layer, lw in enumerate(layers):
             q, k, v = self.ops.qkv_rope(self.matmul(h, lw.wqkv), lw.bqkv, positions)
-            ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check)
+            ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check,
+                         **kv_cache.attention_args(layer))
             attn = attend(layer, q, k, v)
             x, h = self.ops.add_norm(x, self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo), lw.post_norm)
             mlp = self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down)
