@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpu-blocks-override", type=_positive, default=None,
                    help="KV blocks in the pool (default: sized from free memory on a GPU)")
     p.add_argument("--kv-cache-memory-bytes", type=_positive, default=None, help="KV pool size in bytes")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"), default=None,
+                   help="KV cache element type (default auto: the model's; fp8 = fp8_e4m3: half the bytes)")
     p.add_argument("--max-num-seqs", type=_positive, default=None, help="sequences per step")
     p.add_argument("--max-num-batched-tokens", type=_positive, default=None, help="tokens per step")
     p.add_argument("--seed", type=int, default=None, help="seed of a preset's random weights")
@@ -71,7 +73,8 @@ def engine_options(args) -> dict:
     """EngineConfig fields from the flags that were given (the rest keep the engine's defaults)."""
     names = {"dtype": "dtype", "max_model_len": "max_model_len", "block_size": "block_size",
              "num_gpu_blocks_override": "num_blocks", "kv_cache_memory_bytes": "kv_memory_bytes",
-             "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens", "seed": "seed"}
+             "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens", "seed": "seed",
+             "kv_cache_dtype": "kv_cache_dtype"}
     options = {field: getattr(args, flag) for flag, field in names.items() if getattr(args, flag) is not None}
     options["device"] = args.device
     options["cuda_graph"] = not args.enforce_eager
