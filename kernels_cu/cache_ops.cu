@@ -80,15 +80,22 @@ PAGEDKV_CACHE_OPS(w1, unsigned char)
 
 // Two floats -> two fp8 bytes, `lo` in the low byte; .satfinite: a magnitude past the finite max (inf
 // included) becomes the finite max with its sign, NaN stays NaN. Round to nearest even.
+// NOTE: below sm_89 this file must still compile (its other kernels run there): the conversion is then a
+// trap, never reached (the launchers refuse fp8 on such a GPU first).
 template <int FMT>
 __device__ __forceinline__ unsigned short fp8x2_from_float(float lo, float hi) {
-  unsigned short r;
+  unsigned short r = 0;
+#if __CUDA_ARCH__ >= 890
   if constexpr (FMT == 1) asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
   else asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+#else
+  __trap();
+#endif
   return r;
 }
 
-// Eight consecutive input elements of type KV<DT>::T as floats (two 16-byte loads for float32, one for 16-bit types).
+// Eight consecutive input elements of type KV<DT>::T as floats (two 16-byte loads for float32, one for
+// 16-bit types).
 template <int DT>
 __device__ __forceinline__ void load8(const typename pagedkv::KV<DT>::T* p, float* x) {
   if constexpr (DT == 0) {

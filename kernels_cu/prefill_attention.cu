@@ -172,8 +172,13 @@ __device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& 
     lo = __byte_perm(x, 0u, 0x1404);  // {0, b0, 0, b1}
     hi = __byte_perm(x, 0u, 0x3424);  // {0, b2, 0, b3}
   } else {
+#if __CUDA_ARCH__ >= 890
     asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
         : "=r"(lo), "=r"(hi) : "r"(x));
+#else
+    lo = hi = 0;
+    __trap();  // never reached: fp8 caches are refused below compute capability 8.9 before any launch
+#endif
   }
   if constexpr (DT == 2) {
     lo = pack2<2>(KV<1>::to_float((unsigned short)(lo & 0xffffu)), KV<1>::to_float((unsigned short)(lo >> 16)));
@@ -551,19 +556,19 @@ __device__ __forceinline__ void v2_body(unsigned short* __restrict__ out, const 
           pagedkv::cp_async16(s_rv + dst, v_cache + src, valid);
         }
       }
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int i = 0; i < S::KV_LOADS; ++i) {
-      const int c = tid + i * THREADS;
-      if (S::KV_CHUNKS % THREADS == 0 || c < S::KV_CHUNKS) {
-        const int r = c / CPR, col = c - r * CPR;
-        const long long off = s_off[stage * BLOCK_N + r];
-        const bool valid = off >= 0;
-        const long long src = valid ? off + col * 8 : 0;
-        const unsigned dst = ((stage * BLOCK_N + r) * ROW + col * 8) * 2;
-        pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
-        pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
+      for (int i = 0; i < S::KV_LOADS; ++i) {
+        const int c = tid + i * THREADS;
+        if (S::KV_CHUNKS % THREADS == 0 || c < S::KV_CHUNKS) {
+          const int r = c / CPR, col = c - r * CPR;
+          const long long off = s_off[stage * BLOCK_N + r];
+          const bool valid = off >= 0;
+          const long long src = valid ? off + col * 8 : 0;
+          const unsigned dst = ((stage * BLOCK_N + r) * ROW + col * 8) * 2;
+          pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
+          pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
+        }
       }
     }
   };
