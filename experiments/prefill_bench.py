@@ -16,6 +16,9 @@ In one run, on one GPU:
      prefill runs eagerly through the prefill op) ``generate(max_tokens=1)`` on one prompt of 2k / 8k / 32k
      random tokens, beside a transformers ``LlamaForCausalLM`` of the same shape (random weights, SDPA,
      float16, logits of the last position only) in the same process.
+  3. ``--kv-cache-dtype fp8`` (or fp8_e5m2): each kernel case also runs the default version-2 tile over fp8
+     copies of the same K/V (uint8 caches, scales 1; fp8 -> float16 before the MMAs) and reports its rate over
+     the float16 cache's (issue 18's target: >= 0.9x).
 Kernel times: median of ``--runs`` CUDA-event-timed launches after 3 warm-ups. TTFT: median wall time of
 ``--ttft-runs`` calls after one warm-up (each call ends with the sampled token on the host).
 JSON with ``--output-json [PATH]`` (default path ``benchmarks/results/prefill_bench_<gpu>_<date>.json``).
@@ -62,6 +65,8 @@ def parse(argv):
     parser.add_argument("--ttft-lens", nargs="*", type=int, default=list(TTFT_LENS), choices=TTFT_LENS,
                         help="prompt lengths of the engine TTFT part (none: skip it)")
     parser.add_argument("--ttft-runs", type=int, default=3, help="timed calls per TTFT measurement (1..50)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                        help="also time the default tile over an fp8 cache of the same K/V (default auto: no)")
     parser.add_argument("--output-json", nargs="?", const="default", default=None, metavar="PATH",
                         help="write the results as JSON (PATH omitted: "
                              "benchmarks/results/prefill_bench_<gpu>_<date>.json)")
@@ -177,10 +182,29 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
                                              / cp.linalg.norm(ref.astype(cp.float32)))
         row.setdefault("variants", {})[label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_sdpa": err}
     row["ours"] = row["variants"][default.label] | {"config": default.label}
+    if args.kv_cache_dtype != "auto":
+        row["fp8"] = fp8_case(cp, kp, (q, k, v, bt, qsl, cl), out, args, flops, row["ours"]["ms"])
     best = max(row["variants"], key=lambda c: row["variants"][c]["tflops"])
     row["best"] = row["variants"][best] | {"config": best}
     row["ratio"] = row["ours"]["tflops"] / row["sdpa"]["tflops"] if sdpa else None
     return row
+
+
+def fp8_case(cp, kp, batch, out, args, flops: int, fp16_ms: float) -> dict:
+    """The default tile over fp8 copies of the case's K/V: time, rate, rate over the float16 cache's, and the
+    error against the float16-cache output (quantization included)."""
+    from pagedkv import fp8
+
+    q, k, v, bt, qsl, cl = batch
+    ref = out.copy()
+    k8, v8 = (cp.asarray(fp8.quantize(cp.asnumpy(x), args.kv_cache_dtype)) for x in (k, v))
+
+    def run():
+        kp.prefill_attention(q, k8, v8, bt, qsl, cl, out=out, check=False, kv_dtype=args.kv_cache_dtype)
+    ms = median_ms(cp, run, args.runs)
+    err = float(cp.linalg.norm((out - ref).astype(cp.float32)) / cp.linalg.norm(ref.astype(cp.float32)))
+    return {"kv_cache_dtype": args.kv_cache_dtype, "ms": ms, "tflops": flops / ms / 1e9,
+            "rate_over_fp16_cache": fp16_ms / ms, "rel_err_vs_fp16_cache": err}
 
 
 def engine_ttft(cp, torch, lengths, runs: int) -> list[dict]:
@@ -260,6 +284,18 @@ def print_tables(result: dict) -> None:
                       "-" if r["target_ratio"] is None else f">= {r['target_ratio']}x",
                       f"{r['ours']['rel_err_vs_sdpa'] or nan:.1e}")
     console.print(table)
+    fp8_rows = [r for r in result["kernel"] if "fp8" in r]
+    if fp8_rows:
+        table = Table(title="the default tile over an fp8 KV cache vs the float16 cache (same K/V, same run)")
+        for col in ("case", "hd", "cache", "fp16-cache ms", "fp8-cache ms", "fp8 TF/s", "fp8 / fp16 rate",
+                    "target", "rel err vs fp16 cache"):
+            table.add_column(col, justify="right")
+        for r in fp8_rows:
+            f = r["fp8"]
+            table.add_row(r["case"], str(r["head_dim"]), f["kv_cache_dtype"], f"{r['ours']['ms']:.3f}",
+                          f"{f['ms']:.3f}", f"{f['tflops']:.0f}", f"{f['rate_over_fp16_cache']:.2f}x", ">= 0.9x",
+                          f"{f['rel_err_vs_fp16_cache']:.1e}")
+        console.print(table)
     if result.get("ttft"):
         table = Table(title="time to first token: LLMEngine (llama-1b, float16, cuda_graph off) vs transformers (SDPA)")
         for col in ("prompt tokens", "engine ms", "transformers ms", "engine / transformers", "target"):
