@@ -289,3 +289,18 @@ def test_llm_and_server_flag():
     assert "kv_cache_dtype" not in engine_options(build_parser().parse_args(["--model", "tiny"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--model", "tiny", "--kv-cache-dtype", "int8"])
+
+
+def test_saved_checkpoint_round_trips_with_its_kv_scales(tmp_path):
+    from pagedkv.model import get_config, load_checkpoint, random_weights
+    from pagedkv.model.export import save_checkpoint
+
+    config = get_config("tiny", qkv_bias=True)
+    weights = random_weights(config, seed=4, device="cpu")
+    folder = save_checkpoint(tmp_path / "qwen", config, weights, kv_scales=([0.5, 0.25], [2.0, 4.0]))
+    loaded_config, loaded = load_checkpoint(folder, device="cpu")
+    assert loaded_config == config
+    np.testing.assert_array_equal(loaded.layers[1].wqkv, weights.layers[1].wqkv)
+    np.testing.assert_array_equal(loaded.layers[0].bqkv, weights.layers[0].bqkv)
+    eng = LLMEngine.from_checkpoint(folder, EngineConfig(device="cpu", num_blocks=32, kv_cache_dtype="fp8_e5m2"))
+    np.testing.assert_array_equal(eng.kv_cache.v_scales, [2.0, 4.0])
