@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 
-from .fp8 import FP8_CODES, check_kv_dtype, check_scale
+from .fp8 import FP8_CODES, check_device_supports_fp8, check_kv_dtype, check_scale
 from .kernels import _U64_MAX, KernelCompileError, _dt_code, _function, _int32_contiguous, cu_source, num_sms
 
 FILENAME = "prefill_attention.cu"
@@ -226,6 +226,8 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         raise ValueError(f"an fp8 cache ({kv_dtype}) runs version 2 with uint8 caches and float16 / bfloat16 q, got "
                          f"version {version}, q {q.dtype}, caches {k_cache.dtype}")
     k_scale, v_scale = (check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)) if fmt else (1.0, 1.0)
+    if fmt:
+        check_device_supports_fp8(cupy.cuda.Device().compute_capability)
     version = (1 if dt == 0 else 2) if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")

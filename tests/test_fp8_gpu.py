@@ -3,10 +3,12 @@ copies, prefill version 2 over fp8 caches against the float64 reference on the s
 NaN bytes in every unused slot), the engine end to end with CUDA graphs; and the fp8 kernels' compile check
 (nvcc, CPU).
 
-The grid: every head size x model dtype x fp8 format (PAGEDKV_SANITIZER_GRID=1 shrinks it).
+The grid: every head size x model dtype x fp8 format (PAGEDKV_SANITIZER_GRID=1 shrinks it;
+PAGEDKV_FP8_QUICK=1 keeps every write case and six prefill instantiations: one device call's budget).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -20,6 +22,7 @@ from test_prefill_attention import (BF16, F16, F32, SANITIZER, _seed, assert_clo
 from pagedkv import fp8, kernels, kernels_prefill, ops, reference
 
 FORMATS = fp8.FP8_DTYPES
+QUICK = os.environ.get("PAGEDKV_FP8_QUICK") == "1"
 NVCC = shutil.which("nvcc")
 
 
@@ -141,6 +144,9 @@ def check_fp8(batch, dtype, kv_dtype, k_scale, v_scale, what=""):
 def _prefill_grid():
     if SANITIZER:
         return [(F16, 128, "fp8_e4m3"), (BF16, 64, "fp8_e5m2")]
+    if QUICK:
+        return [(F16, 64, "fp8_e4m3"), (F16, 128, "fp8_e4m3"), (BF16, 128, "fp8_e4m3"), (F16, 128, "fp8_e5m2"),
+                (BF16, 256, "fp8_e5m2"), (F16, 96, "fp8_e4m3")]
     return [(dt, hd, f) for dt in (F16, BF16) for hd in kernels_prefill.HEAD_DIMS for f in FORMATS]
 
 
