@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fp8, ops
+from . import fp8
 from .backend import dtype_of, get_backend, to_numpy
+from .kernels import ops
 
 
 def _positive(name: str, value) -> int:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_checkpoint import tiny_folder
 
-from pagedkv import fp8, ops, reference
+from pagedkv import fp8
+from pagedkv.kernels import ops, reference
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.engine.beam_search import beam_search
 from pagedkv.kv_cache import KVCache

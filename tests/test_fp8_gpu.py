@@ -19,7 +19,9 @@ from test_kernels_compile import ptxas_report
 from test_prefill_attention import (BF16, F16, F32, SANITIZER, _seed, assert_close, make_batch, poisoned,
                                     to_host)
 
-from pagedkv import fp8, kernels, kernels_prefill, ops, reference
+from pagedkv import fp8
+from pagedkv.kernels import compile, ops, reference
+from pagedkv.kernels import prefill as kernels_prefill
 
 FORMATS = fp8.FP8_DTYPES
 QUICK = os.environ.get("PAGEDKV_FP8_QUICK") == "1"
@@ -37,7 +39,7 @@ def test_fp8_prefill_kernels_compile_without_spills(tmp_path):
     names = [n for dt in (1, 2) for hd in kernels_prefill.HEAD_DIMS for n in fp8_name_list(dt, hd)]
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     src = tmp_path / "prefill_fp8.cu"
-    src.write_text(kernels.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
+    src.write_text(compile.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
     proc = subprocess.run([NVCC, "-arch=sm_90", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -51,7 +53,7 @@ def test_fp8_prefill_kernels_compile_without_spills(tmp_path):
 @pytest.mark.parametrize("arch", ("sm_80", "sm_89", "sm_90"))
 def test_cache_ops_compile_on_every_arch(tmp_path, arch):
     src = tmp_path / "cache_ops.cu"
-    src.write_text(kernels.cu_source("cache_ops.cu"))
+    src.write_text(compile.cu_source("cache_ops.cu"))
     proc = subprocess.run([NVCC, f"-arch={arch}", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -61,7 +61,7 @@ from .kv_calibration import calibrate_kv_scales
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .validation import check_prompt, check_request_id
 from .scheduler import Scheduler
 from .step_plan import SchedulerOutput

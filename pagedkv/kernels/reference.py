@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fp8
-from .backend import to_numpy
+from .. import fp8
+from ..backend import to_numpy
 
 
 def _f64(a) -> np.ndarray:
