@@ -17,5 +17,7 @@ BENCHMARKS = {
     "beams": "memory_beam",              # KV blocks of beam search, shared vs copied
     "prefix": "prefix_workloads",        # prefix caching and chunked prefill on vs off
     "profile": "profile_engine",         # cProfile of a continuous-batching run
+    "sampler": "sampler_bench",          # the device sampler vs cupy.argmax
+    "agreement": "fp16_agreement",       # engine variants' greedy tokens vs the eager reference (float16)
     "plots": "plots",                    # PNGs from the JSON results
 }
