@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     cli.check_common(args)
     backend = cli.resolve_backend(args.device)
     if not backend.is_gpu:
-        raise cli.FlagError("fp16_agreement compares CUDA-graph and asynchronous variants: it needs --device gpu")
+        raise cli.FlagError("fp16_agreement compares CUDA-graph and asynchronous variants: it needs a GPU")
     result = {"info": cli.run_info(backend), **agreement(args.dtype, backend.name, seed=args.seed + 1)}
     if args.json:
         print(f"wrote {cli.write_json(args.json, result)}")

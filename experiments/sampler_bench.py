@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     cli.check_common(args)
     backend = cli.resolve_backend(args.device)
     if not backend.is_gpu:
-        raise cli.FlagError("sampler_bench times the device sampler: it needs --device gpu")
+        raise cli.FlagError("sampler_bench times the device sampler: it needs a GPU")
     results = run(backend.xp, args.seed)
     info = cli.run_info(backend)
     cli.console().print(render(results, info["device"]))
