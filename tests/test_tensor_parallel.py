@@ -1,0 +1,160 @@
+"""Tensor parallelism's sharding math on the CPU (issue 22): N ranks as threads of one process whose
+collectives are sums (the simulated world) give the unsharded model's logits, and its greedy tokens in float32."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagedkv.backend import get_backend
+from pagedkv.kv_cache import KVCache
+from pagedkv.model import LlamaModel, ModelConfig, random_weights
+from pagedkv.model.llama import DecodeBatch, PrefillBatch
+from pagedkv.model.tensor_parallel import (Collective, TensorParallelPlan, ThreadWorld, WorldBroken, run_ranks,
+                                           shard_weights)
+
+CPU = get_backend("cpu")
+BLOCK = 4
+
+
+def config(**overrides):
+    base = dict(vocab_size=250, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
+                intermediate_size=96, max_position_embeddings=256)
+    return ModelConfig(**{**base, **overrides})
+
+
+class Ranks:
+    """The unsharded model (``size`` None) or ``size`` rank models over a ThreadWorld, with their KV pools."""
+
+    def __init__(self, cfg, weights, dtype, size=None, num_blocks=64):
+        self.size = size
+        if size is None:
+            self.models = [LlamaModel(cfg, weights, CPU)]
+            shapes = [cfg]
+        else:
+            self.world = ThreadWorld(size, timeout=30)
+            plans = [TensorParallelPlan(cfg, size, r) for r in range(size)]
+            self.models = [LlamaModel(p.local_config(), shard_weights(weights, p), CPU, parallel=p,
+                                      collective=self.world.group(r)) for r, p in enumerate(plans)]
+            shapes = [p.local_config() for p in plans]
+        self.caches = [KVCache(c.num_layers, num_blocks, BLOCK, c.num_kv_heads, c.head_dim, dtype, "cpu")
+                       for c in shapes]
+
+    def run(self, method, batch):
+        if self.size is None:
+            return getattr(self.models[0], method)(batch, self.caches[0])
+        out = run_ranks(self.world, lambda r: getattr(self.models[r], method)(batch, self.caches[r]))
+        for other in out[1:]:
+            np.testing.assert_array_equal(other, out[0])  # every rank sees the same gathered logits
+        return out[0]
+
+
+def greedy(ranks: Ranks, prompts, steps):
+    """Prefill every prompt in one batch, then ``steps`` batched decode steps; logits and tokens per step."""
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+
+    def slots(i, positions):
+        return [tables[i][p // BLOCK] * BLOCK + p % BLOCK for p in positions]
+
+    batch = PrefillBatch(token_ids=np.concatenate(prompts), positions=np.concatenate([np.arange(len(p)) for p in prompts]),
+                         slot_mapping=np.concatenate([slots(i, range(len(p))) for i, p in enumerate(prompts)]),
+                         seq_lens=[len(p) for p in prompts], num_cached=[0] * len(prompts), block_tables=tables)
+    logits = [ranks.run("prefill", batch)]
+    tokens = [np.argmax(logits[-1], axis=-1)]
+    lens = [len(p) for p in prompts]
+    for _ in range(steps):
+        width = max(len(t) for t in tables)
+        block_tables = np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int32)
+        batch = DecodeBatch(token_ids=tokens[-1].astype(np.int64), positions=np.array(lens, dtype=np.int64),
+                            slot_mapping=np.array([slots(i, [n])[0] for i, n in enumerate(lens)], dtype=np.int64),
+                            block_tables=block_tables, context_lens=np.array(lens, dtype=np.int32) + 1)
+        logits.append(ranks.run("decode", batch))
+        tokens.append(np.argmax(logits[-1], axis=-1))
+        lens = [n + 1 for n in lens]
+    return logits, np.stack(tokens, axis=1)
+
+
+PROMPTS = [np.array([5, 17, 101, 3, 249, 0, 42]), np.array([7, 7, 7]), np.array([200, 13, 77, 1, 2, 3, 4, 5, 6, 9, 11])]
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+@pytest.mark.parametrize("variant", ["gqa", "qwen2-bias", "tied", "mqa"])
+def test_sharded_ranks_give_the_unsharded_logits_and_greedy_tokens_in_float32(size, variant):
+    overrides = {"gqa": {}, "qwen2-bias": {"qkv_bias": True}, "tied": {"tie_word_embeddings": True},
+                 "mqa": {"num_kv_heads": 1}}[variant]
+    cfg = config(**overrides)
+    weights = random_weights(cfg, seed=3, dtype="float32", device="cpu")
+    want_logits, want = greedy(Ranks(cfg, weights, "float32"), PROMPTS, steps=6)
+    got_logits, got = greedy(Ranks(cfg, weights, "float32", size=size), PROMPTS, steps=6)
+    np.testing.assert_array_equal(got, want)  # token-identical
+    for a, b in zip(got_logits, want_logits):  # NOTE: float32 partial sums added in another order
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([(8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (16, 2)]), st.sampled_from([1, 2, 4, 8]),
+       st.integers(5, 300))
+def test_shards_cover_every_head_column_and_vocab_row_once(heads, size, vocab):
+    num_heads, num_kv_heads = heads
+    if num_heads % size or (num_kv_heads >= size and num_kv_heads % size) or (num_kv_heads < size and size % num_kv_heads):
+        with pytest.raises(ValueError):
+            TensorParallelPlan(config(num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab), size, 0)
+        return
+    cfg = config(num_heads=num_heads, num_kv_heads=num_kv_heads, vocab_size=vocab)
+    plans = [TensorParallelPlan(cfg, size, r) for r in range(size)]
+    assert sorted(h for p in plans for h in p.q_heads()) == list(range(num_heads))
+    assert sorted(t for p in plans for t in p.vocab_range()) == list(range(vocab))
+    kv = {h for p in plans for h in p.kv_heads()}
+    assert kv == set(range(num_kv_heads))
+    group = num_heads // num_kv_heads
+    for p in plans:  # every local query head reads a KV head the rank holds
+        assert all(h // group in p.kv_heads() for h in p.q_heads())
+        assert p.kv_heads().index(p.q_heads()[0] // group) == 0
+
+
+@pytest.mark.parametrize("size, kwargs, fragment", [
+    (3, dict(num_heads=8, num_kv_heads=4), "does not divide num_heads"),
+    (4, dict(num_heads=12, num_kv_heads=6), "num_kv_heads=6: one must divide the other"),
+    (4, dict(intermediate_size=90), "does not divide intermediate_size"),
+    (0, {}, "tensor_parallel_size must be a positive int"),
+])
+def test_splits_that_do_not_divide_the_model_are_refused(size, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        TensorParallelPlan(config(**kwargs), size, 0)
+
+
+@pytest.mark.parametrize("rank", [-1, 2, True, 1.0])
+def test_bad_ranks_are_refused(rank):
+    with pytest.raises(ValueError, match="rank must be"):
+        TensorParallelPlan(config(), 2, rank)
+
+
+def test_a_rank_that_raises_breaks_the_world_and_nobody_hangs():
+    world = ThreadWorld(3, timeout=30)
+
+    def fn(rank):
+        group = world.group(rank)
+        group.all_reduce(np.ones(4))
+        if rank == 1:
+            raise RuntimeError("rank 1 died")
+        return group.all_reduce(np.ones(4))  # ranks 0 and 2 would wait for rank 1 for ever
+
+    with pytest.raises(RuntimeError, match="rank 1 died"):
+        run_ranks(world, fn)
+    out = run_ranks(world, lambda r: world.group(r).all_reduce(np.full(2, r + 1.0)))  # usable again
+    assert all((o == 6.0).all() for o in out)
+
+
+def test_a_rank_that_never_arrives_times_out():
+    world = ThreadWorld(2, timeout=0.5)
+    with pytest.raises(WorldBroken):
+        run_ranks(world, lambda r: world.group(r).all_reduce(np.ones(1)) if r == 0 else None)
+
+
+def test_collectives_sum_in_rank_order_and_gather_in_rank_order():
+    world = ThreadWorld(4)
+    out = run_ranks(world, lambda r: (world.group(r).all_reduce(np.array([r, 10.0 * r])),
+                                      world.group(r).all_gather(np.array([[r, r]]))))
+    for total, gathered in out:
+        np.testing.assert_array_equal(total, [6.0, 60.0])
+        np.testing.assert_array_equal(gathered, [[0, 0, 1, 1, 2, 2, 3, 3]])
+    assert Collective().all_reduce(5) == 5  # one rank: the identity
