@@ -285,16 +285,15 @@ class LlamaModel:
         logits = self.matmul(self.ops.norm(x, self.weights.final_norm), self.weights.lm_head)
         if self.parallel is None:
             return logits
-        vocab = self.parallel.vocab_range()
-        return self.collective.all_gather(logits[:, :len(vocab)])  # NOTE: a rank without vocab rows adds none
+        return self.collective.all_gather(logits)[:, :self.parallel.config.vocab_size]  # the padding cut off
 
     def _embed(self, token_ids):
         """Embedding rows of ``token_ids``; vocab-parallel: this rank's rows, zeros elsewhere, summed by all ranks."""
         if self.parallel is None:
             return self.weights.embed[token_ids]
-        xp, vocab = self.xp, self.parallel.vocab_range()
-        local = token_ids - vocab.start
-        inside = (local >= 0) & (local < len(vocab))
+        xp, per = self.xp, self.parallel.vocab_per_rank
+        local = token_ids - self.parallel.rank * per
+        inside = (local >= 0) & (local < per)
         x = self.weights.embed[xp.where(inside, local, 0)] * inside[:, None].astype(self.dtype)
         return self.collective.all_reduce(x)
 

@@ -12,8 +12,9 @@ Per layer, every rank holds a slice and the ranks meet twice (``x @ w`` with ``w
     all-reduce         d     = sum_r d_r                         (2nd meeting)
 
 The embedding and the LM head are vocab-parallel: rank r holds the rows (columns) of token ids
-``[r * ceil(V / N), (r + 1) * ceil(V / N)) ∩ [0, V)``; an id outside them embeds to zeros and an all-reduce sums
-the ranks' rows; each rank's logits cover its ids and an all-gather concatenates them for sampling.
+``[r * P, (r + 1) * P)``, ``P = ceil(V / N)``, zero-padded past ``V`` so every rank's slice has one shape (as an
+all-gather wants); an id outside its rows embeds to zeros and an all-reduce sums the ranks' rows; each rank's
+logits cover its P ids, an all-gather concatenates them and the padding is cut off for sampling.
 
 KV heads: with ``num_kv_heads >= N`` each rank holds ``num_kv_heads / N`` of them; with fewer (MQA, or 8 KV
 heads over 16 ranks) each rank holds one, the KV head its query heads read, replicated on ``N /
@@ -83,15 +84,20 @@ class TensorParallelPlan:
         n = self.config.intermediate_size // self.tp_size
         return range(self.rank * n, (self.rank + 1) * n)
 
+    @property
+    def vocab_per_rank(self) -> int:
+        return -(-self.config.vocab_size // self.tp_size)
+
     def vocab_range(self) -> range:
-        per = -(-self.config.vocab_size // self.tp_size)
-        return range(min(self.rank * per, self.config.vocab_size), min((self.rank + 1) * per, self.config.vocab_size))
+        """The token ids whose embedding rows and logits this rank holds (the padding past V excluded)."""
+        per, vocab = self.vocab_per_rank, self.config.vocab_size
+        return range(min(self.rank * per, vocab), min((self.rank + 1) * per, vocab))
 
     def local_config(self) -> ModelConfig:
-        """The shapes of this rank's model: its heads, its MLP columns, its vocab rows (at least one)."""
+        """The shapes of this rank's model: its heads, its MLP columns, its (padded) vocab rows."""
         return replace(self.config, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                        intermediate_size=self.config.intermediate_size // self.tp_size,
-                       vocab_size=max(1, len(self.vocab_range())))
+                       vocab_size=self.vocab_per_rank)
 
 
 def _head_columns(heads: range, head_dim: int, offset: int) -> np.ndarray:
@@ -102,8 +108,8 @@ def shard_weights(weights: ModelWeights, plan: TensorParallelPlan, xp=np) -> Mod
     """Rank ``plan.rank``'s slice of ``weights`` (contiguous copies, on ``xp``); norms are replicated.
 
     ``wqkv [hidden, (Hq + 2 Hkv) D]`` keeps the rank's q, k and v head columns (in that order); ``wo`` and
-    ``w_down`` keep the matching rows; ``w_gate_up`` the rank's gate and up columns; ``embed`` its vocab rows and
-    ``lm_head`` its vocab columns (a tied head stays a view of the embedding shard)."""
+    ``w_down`` keep the matching rows; ``w_gate_up`` the rank's gate and up columns; ``embed`` its P vocab rows
+    and ``lm_head`` its P vocab columns, zeros past V (a tied head stays a view of the embedding shard)."""
     c, d = plan.config, plan.config.head_dim
     nq, nkv = c.num_heads * d, c.num_kv_heads * d
     qkv_cols = np.concatenate([_head_columns(plan.q_heads(), d, 0), _head_columns(plan.kv_heads(), d, nq),
@@ -111,7 +117,7 @@ def shard_weights(weights: ModelWeights, plan: TensorParallelPlan, xp=np) -> Mod
     q_rows = _head_columns(plan.q_heads(), d, 0)
     cols = np.asarray(plan.mlp_columns())
     gate_up_cols = np.concatenate([cols, c.intermediate_size + cols])
-    vocab = np.asarray(plan.vocab_range()) if len(plan.vocab_range()) else np.zeros(1, dtype=np.int64)
+    vocab = np.asarray(plan.vocab_range(), dtype=np.int64)
 
     def take(a, index, axis):
         return None if a is None else xp.ascontiguousarray(xp.take(xp.asarray(a), xp.asarray(index), axis=axis))
@@ -120,19 +126,24 @@ def shard_weights(weights: ModelWeights, plan: TensorParallelPlan, xp=np) -> Mod
                            bqkv=take(lw.bqkv, qkv_cols, 0), wo=take(lw.wo, q_rows, 0),
                            post_norm=xp.asarray(lw.post_norm), w_gate_up=take(lw.w_gate_up, gate_up_cols, 1),
                            w_down=take(lw.w_down, cols, 0)) for lw in weights.layers]
-    embed = take(weights.embed, vocab, 0)
-    if not len(plan.vocab_range()):
-        embed = embed * 0  # NOTE: a rank without vocab rows (vocab < ranks) contributes zeros
-    lm_head = embed.T if weights.tied else take(weights.lm_head, vocab, 1)
+    embed = _pad_rows(take(weights.embed, vocab, 0), plan.vocab_per_rank, xp)
+    lm_head = embed.T if weights.tied else _pad_rows(take(weights.lm_head, vocab, 1).T, plan.vocab_per_rank, xp).T
     return ModelWeights(embed=embed, layers=layers, final_norm=xp.asarray(weights.final_norm), lm_head=lm_head,
                         tied=weights.tied)
+
+
+def _pad_rows(a, rows: int, xp):
+    """``a`` with zero rows appended up to ``rows`` (a contiguous copy)."""
+    out = xp.zeros((rows,) + a.shape[1:], dtype=a.dtype)
+    out[: a.shape[0]] = a
+    return out
 
 
 class Collective:
     """The collectives one rank's forward calls. ``size`` ranks; this one is ``rank``.
 
     ``all_reduce(x)``: the element-wise sum of every rank's ``x`` (same shape), returned on every rank.
-    ``all_gather(x)``: every rank's ``x`` concatenated along the last axis, in rank order."""
+    ``all_gather(x)``: every rank's ``x`` (same shape) concatenated along the last axis, in rank order."""
 
     rank: int = 0
     size: int = 1
