@@ -9,6 +9,7 @@ from pagedkv.backend import get_backend
 from pagedkv.kv_cache import KVCache
 from pagedkv.model import LlamaModel, ModelConfig, random_weights
 from pagedkv.model.llama import DecodeBatch, PrefillBatch
+from pagedkv.model.parallel_model import ParallelModel, ShardedKVCache
 from pagedkv.model.tensor_parallel import (Collective, TensorParallelPlan, ThreadWorld, WorldBroken, run_ranks,
                                            shard_weights)
 
@@ -23,29 +24,18 @@ def config(**overrides):
 
 
 class Ranks:
-    """The unsharded model (``size`` None) or ``size`` rank models over a ThreadWorld, with their KV pools."""
+    """The unsharded model (``size`` None) or a ParallelModel of ``size`` ranks, with its KV pool(s)."""
 
     def __init__(self, cfg, weights, dtype, size=None, num_blocks=64):
-        self.size = size
         if size is None:
-            self.models = [LlamaModel(cfg, weights, CPU)]
-            shapes = [cfg]
+            self.model = LlamaModel(cfg, weights, CPU)
+            self.cache = KVCache(cfg.num_layers, num_blocks, BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype, "cpu")
         else:
-            self.world = ThreadWorld(size, timeout=30)
-            plans = [TensorParallelPlan(cfg, size, r) for r in range(size)]
-            self.models = [LlamaModel(p.local_config(), shard_weights(weights, p), CPU, parallel=p,
-                                      collective=self.world.group(r)) for r, p in enumerate(plans)]
-            shapes = [p.local_config() for p in plans]
-        self.caches = [KVCache(c.num_layers, num_blocks, BLOCK, c.num_kv_heads, c.head_dim, dtype, "cpu")
-                       for c in shapes]
+            self.model = ParallelModel(cfg, weights, CPU, size)
+            self.cache = self.model.make_kv_cache(num_blocks, BLOCK, dtype, "cpu")
 
     def run(self, method, batch):
-        if self.size is None:
-            return getattr(self.models[0], method)(batch, self.caches[0])
-        out = run_ranks(self.world, lambda r: getattr(self.models[r], method)(batch, self.caches[r]))
-        for other in out[1:]:
-            np.testing.assert_array_equal(other, out[0])  # every rank sees the same gathered logits
-        return out[0]
+        return getattr(self.model, method)(batch, self.cache)
 
 
 def greedy(ranks: Ranks, prompts, steps):
@@ -158,3 +148,22 @@ def test_collectives_sum_in_rank_order_and_gather_in_rank_order():
         np.testing.assert_array_equal(total, [6.0, 60.0])
         np.testing.assert_array_equal(gathered, [[0, 0, 1, 1, 2, 2, 3, 3]])
     assert Collective().all_reduce(5) == 5  # one rank: the identity
+
+
+def test_every_rank_gets_the_same_gathered_logits_and_copies_reach_every_pool():
+    cfg = config()
+    model = ParallelModel(cfg, random_weights(cfg, seed=0, dtype="float32", device="cpu"), CPU, 4)
+    cache = model.make_kv_cache(8, BLOCK, "float32", "cpu")
+    assert [c.num_kv_heads for c in cache.ranks] == [1, 1, 1, 1] and cache.num_blocks == 8
+    assert cache.bytes_per_block == sum(c.bytes_per_block for c in cache.ranks)
+    for c in cache.ranks:
+        c.k_pool[:] = np.random.default_rng(0).standard_normal(c.k_pool.shape)
+    cache.copy_blocks([2], [5])
+    assert all((c.k_pool[:, 5] == c.k_pool[:, 2]).all() for c in cache.ranks)
+    batch = DecodeBatch(token_ids=np.array([1, 2]), positions=np.array([0, 0]), slot_mapping=np.array([0, 4]),
+                        block_tables=np.array([[0], [1]], dtype=np.int32), context_lens=np.array([1, 1], np.int32))
+    outs = run_ranks(model.world, lambda r: model.ranks[r].decode(batch, cache.ranks[r]))
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    with pytest.raises(ValueError, match="same blocks"):
+        ShardedKVCache([cache.ranks[0], KVCache(2, 9, BLOCK, 1, 8, "float32", "cpu")])
