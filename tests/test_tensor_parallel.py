@@ -167,3 +167,73 @@ def test_every_rank_gets_the_same_gathered_logits_and_copies_reach_every_pool():
         np.testing.assert_array_equal(out, outs[0])
     with pytest.raises(ValueError, match="same blocks"):
         ShardedKVCache([cache.ranks[0], KVCache(2, 9, BLOCK, 1, 8, "float32", "cpu")])
+
+
+# -- the engine with tensor_parallel_size > 1 (ranks as threads on the CPU) ------------------------------------------
+def _engine(tp, **overrides):
+    from pagedkv.engine import EngineConfig, LLMEngine
+
+    cfg = config(max_position_embeddings=512)
+    return LLMEngine(EngineConfig(**{**dict(model=cfg, dtype="float32", device="cpu", num_blocks=96, block_size=8,
+                                            max_num_batched_tokens=40, max_num_seqs=32, tensor_parallel_size=tp),
+                                       **overrides}),
+                     model_config=cfg, weights=random_weights(cfg, seed=5, dtype="float32", device="cpu"))
+
+
+def _prompts(num, seed=0):
+    rng = np.random.default_rng(seed)
+    doc = rng.integers(0, 250, 30).tolist()
+    return [doc[: int(rng.integers(0, 30))] + rng.integers(0, 250, int(rng.integers(1, 20))).tolist()
+            for _ in range(num)]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_engine_outputs_with_tensor_parallelism_equal_one_rank_in_float32(tp):
+    """Issue 22's target on the CPU simulated world: greedy, chunked prefill, prefix caching, n=2 (forks, CoW)."""
+    from pagedkv.engine import SamplingParams
+
+    params = SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = _prompts(16)
+    want = [[c.token_ids for c in o.outputs] for o in _engine(1).generate(prompts, params, progress=False)]
+    eng = _engine(tp)
+    got = [[c.token_ids for c in o.outputs] for o in eng.generate(prompts, params, progress=False)]
+    assert got == want
+    assert eng.kv_cache.num_blocks == 96 and len(eng.kv_cache.ranks) == tp
+
+
+def test_a_rank_that_fails_mid_run_aborts_the_step_and_frees_its_blocks():
+    """Issue 22: a rank that dies fails the in-flight requests with an error; nobody hangs; nothing leaks."""
+    from test_engine_lifecycle import pool_free
+
+    from pagedkv.engine import SamplingParams
+
+    eng = _engine(2)
+    ids = [eng.add_request(p, SamplingParams(temperature=0, max_tokens=8)) for p in _prompts(3)]
+    eng.step()
+    rank1, calls = eng.model.ranks[1], [0]
+    real = rank1.prefill, rank1.decode
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        raise RuntimeError("rank 1 died")
+    rank1.prefill = rank1.decode = dying
+    with pytest.raises(RuntimeError, match="rank 1 died"):
+        eng.step()
+    assert calls[0] == 1 and not eng.requests
+    outs = eng.step()
+    assert sorted(o.request_id for o in outs) == sorted(ids)
+    assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in outs)
+    assert pool_free(eng)
+    rank1.prefill, rank1.decode = real
+    out = eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4), progress=False)
+    assert out[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be an int in"),
+    (dict(tensor_parallel_size=3), "does not divide num_heads"),
+    (dict(tensor_parallel_size=2, cuda_graph=True), "without CUDA graphs"),
+])
+def test_bad_tensor_parallel_settings_are_refused(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        _engine(**{"tp": kwargs.pop("tensor_parallel_size")}, **kwargs)

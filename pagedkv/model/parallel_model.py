@@ -65,9 +65,11 @@ class ParallelModel:
         first = self.ranks[0]
         self.dtype, self.fused_error, self.gemm_error = first.dtype, first.fused_error, first.gemm_error
 
-    def make_kv_cache(self, num_blocks: int, block_size: int, dtype, device) -> ShardedKVCache:
-        """Each rank's pool of ``num_blocks`` blocks over its own KV heads."""
-        return ShardedKVCache([KVCache(p.config.num_layers, num_blocks, block_size, p.num_kv_heads,
+    def make_kv_cache(self, num_blocks: int, block_size: int, dtype, device, first: KVCache | None = None
+                      ) -> ShardedKVCache:
+        """Each rank's pool of ``num_blocks`` blocks over its own KV heads (``first``: rank 0's, made already)."""
+        return ShardedKVCache([first if first is not None and p.rank == 0 else
+                               KVCache(p.config.num_layers, num_blocks, block_size, p.num_kv_heads,
                                        p.config.head_dim, dtype, device) for p in self.plans])
 
     def _run(self, method: str, batch, kv_cache: ShardedKVCache):
