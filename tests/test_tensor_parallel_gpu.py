@@ -74,3 +74,23 @@ def test_a_rank_model_over_nccl_matches_the_unsharded_model(collective):
                             context_lens=cupy.asarray([1, 1], dtype=cupy.int32))
         outs.append(cupy.asnumpy(model.decode(batch, cache)))
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_engine_with_two_ranks_on_one_gpu_gives_the_one_rank_tokens_in_float32():
+    """Issue 22's identity target (64 prompts x 64 tokens, greedy, float32) on the one GPU this project is lent:
+    both ranks as threads on the same device (NOTE: a check of the sharded engine on the GPU, not a speed-up)."""
+    from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
+    from pagedkv.model import ModelConfig, random_weights
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=32,
+                      intermediate_size=512, max_position_embeddings=512)
+    weights = random_weights(cfg, seed=2, dtype="float32", device="gpu")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 512, int(rng.integers(4, 64))).tolist() for _ in range(64)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    outs = []
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model=cfg, dtype="float32", device="gpu", num_blocks=1024, max_num_seqs=64,
+                                        cuda_graph=False, tensor_parallel_size=tp), model_config=cfg, weights=weights)
+        outs.append([o.outputs[0].token_ids for o in engine.generate(prompts, params, progress=False)])
+    assert outs[1] == outs[0]
