@@ -155,15 +155,16 @@ def parse_args(argv=None):
     p.add_argument("--gen-len", type=int, default=None, help="generated tokens per prompt (default 64 / 16)")
     p.add_argument("--kv-cache-dtypes", nargs="+", default=["fp8_e4m3"], choices=FP8_DTYPES,
                    help="fp8 formats compared with the model-dtype cache (default fp8_e4m3)")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per engine (default: the engine's)")
+    p.add_argument("--num-gpu-blocks-override", dest="num_blocks", type=int, default=None, metavar="N",
+                   help="KV blocks per engine (default: the engine's)")
     p.add_argument("--skip-preset", action="store_true", help="evaluate only --checkpoint")
-    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES, plot=False)
+    cli.add_common(p, plot=False)
     args = p.parse_args(argv)
     cli.check_common(args)
-    for flag, lo, hi in (("--num-prompts", 1, 1024), ("--gen-len", 2, 4096), ("--num-blocks", 1, 10**7)):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            cli.in_range(flag, value, lo, hi)
+    for flag, dest, lo, hi in (("--num-prompts", "num_prompts", 1, 1024), ("--gen-len", "gen_len", 2, 4096),
+                               ("--num-gpu-blocks-override", "num_blocks", 1, 10**7)):
+        if getattr(args, dest) is not None:
+            cli.in_range(flag, getattr(args, dest), lo, hi)
     if args.skip_preset and args.checkpoint is None:
         raise cli.FlagError("--skip-preset needs --checkpoint")
     return args

@@ -47,9 +47,9 @@ stage() {  # stage NAME LIMIT CMD...: output to $R/NAME.log, status and seconds 
 stage tests 70 $PY -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_cpu.py &
 tests_pid=$!
 ( stage accuracy_preset 70 $PY -m experiments.fp8_accuracy --device gpu --model llama-1b \
-      --kv-cache-dtypes fp8_e4m3 fp8_e5m2 --num-blocks 4096 --json "$R/fp8_accuracy_llama1b.json"
+      --kv-cache-dtypes fp8_e4m3 fp8_e5m2 --num-gpu-blocks-override 4096 --json "$R/fp8_accuracy_llama1b.json"
   stage accuracy_checkpoint $((70 - SECONDS)) $PY -m experiments.fp8_accuracy --device gpu --model llama-1b \
-      --skip-preset --write-checkpoint /tmp/fp8_ckpt --checkpoint /tmp/fp8_ckpt --num-blocks 4096 \
+      --skip-preset --write-checkpoint /tmp/fp8_ckpt --checkpoint /tmp/fp8_ckpt --num-gpu-blocks-override 4096 \
       --json "$R/fp8_accuracy_checkpoint.json" ) &
 acc_pid=$!
 wait $tests_pid || status=1

@@ -42,6 +42,10 @@ class EngineConfig:
     ``"fp8_e5m2"`` in fp8 bytes (half of float16: ``kv_memory_bytes`` holds twice the blocks) with per-layer
     scales, 1.0 unless a checkpoint carries ``k_scale`` / ``v_scale`` tensors or ``calculate_kv_scales`` is on
     (scale = amax / the format's max over the first step's prompts, set before any CUDA graph is captured).
+    ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
+    columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
+    with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
+    graphs. One process per GPU over NCCL is not built yet.
     """
 
     model: str | ModelConfig = "tiny"
@@ -64,6 +68,7 @@ class EngineConfig:
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
     async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
+    tensor_parallel_size: int = 1  # ranks the model's heads and MLP are split over (pagedkv.model.parallel_model)
     kv_cache_dtype: str = "auto"  # "auto" | "fp8" | "fp8_e4m3" | "fp8_e5m2"
     calculate_kv_scales: bool = False  # fp8: K/V scales from the first prompts' amax (vLLM's name)
 
@@ -89,6 +94,14 @@ class EngineConfig:
                      "cuda_graph", "calculate_kv_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
+            raise ValueError(f"tensor_parallel_size must be an int in [1, 64], got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.cuda_graph:
+            raise ValueError("cuda_graph=True with tensor_parallel_size > 1: the ranks run as threads of one process "
+                             "here, without CUDA graphs; set cuda_graph=False (enforce_eager)")
+        if self.tensor_parallel_size > 1 and self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} with tensor_parallel_size > 1 is not built yet "
+                             "(the ranks' pools are in the model's dtype)")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be None or a bool, got {self.async_scheduling!r}")
         w = self.watermark
