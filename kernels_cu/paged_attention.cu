@@ -16,7 +16,15 @@
 //                              slot, each streams an equal share of the batch's K/V tiles, crossing from one
 //                              sequence to the next without draining its pipeline; only sequences cut
 //                              between blocks are merged, in the same launch, by the block whose piece of
-//                              the sequence finishes last.
+//                              the sequence finishes last. Its `mode` argument: 3 = that walk (version 3);
+//                              2 = the partition plan: kernel 2's per-item loop (sequence, head group,
+//                              partition of part_tokens) over the same persistent grid, items from an atomic
+//                              queue, split sequences merged by their last partition (no second launch);
+//                              0 = the dispatcher (the default): every block computes the same choice from
+//                              context_lens (near-uniform lengths or small pieces -> 2, else 3), so a captured
+//                              CUDA graph chooses again at every replay.
+//   Kernels 2 and 3 read float32/float16/bfloat16 caches, or fp8 (e4m3, e5m2) caches of raw bytes under
+//   float16/bfloat16 queries (template parameter CT, dequantized in registers: CacheType below).
 //   check_block_tables_kernel  GPU-side range check of block_tables / context_lens (one reduction).
 //
 // The balanced plan of kernel 3, computed again by every thread block from context_lens (so a captured CUDA
