@@ -262,6 +262,12 @@ def run_case(cupy, kernels, timer, rng, case: Case, variants: bool = False) -> d
     row["default_us"], row["default_spread_us"] = us, [min(times), max(times)]
     row["default_vs_v1_rel_err"] = _rel_err(cupy, out, ref)
     row["default_choice"] = kernels.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1])
+    group = case.num_qo_heads // case.num_kv_heads
+    if group & (group - 1):  # a group that is not a power of two (Qwen2.5's 7): GT 4 (two head tiles) beside GT 8
+        us, times = timer.median_us(attn(None, group_tile=4))
+        row["default_gt4_us"], row["default_gt4_spread_us"] = us, [min(times), max(times)]
+        row["default_gt4_rel_err"] = _rel_err(cupy, out, ref)
+        row["default_gt4_choice"] = kernels.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1], gt=4)
     row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
         lambda: kernels.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
     row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
@@ -310,6 +316,8 @@ def prewarm(kernels, cases, variants: bool) -> float:
             jobs.add(("v3", 1, case.head_dim, gt, tile, stages, extra, None))
         for kind in ("v2", "v3"):
             jobs.add((kind, 1, case.head_dim, gt, 4096, 4, (), 3))
+        if gt != case.num_qo_heads // case.num_kv_heads and gt == 8:  # the GT 4 variant of a group of 5-7
+            jobs.add(("v3", 1, case.head_dim, 4, 4096, 4, (), None))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda job: kernels._attention_kernel(*job), sorted(jobs, key=str)))
@@ -362,7 +370,7 @@ def print_table(result: dict) -> None:
                         f"v3 = balanced walk, dflt = default (dispatcher; mode P = partition plan, W = walk); "
                         f"fp8 = e4m3 cache, % of the ceiling counting fp8 bytes, x16 = fp8 / fp16 time of the default")
     cols = ["case", "KV MB", "v1 us", "v2 us", "v2 %", "v3 us", "v3 %", "dflt us", "dflt %", "mode", "target %",
-            "sdpa %", "fp8 v2 %", "fp8 v3 %", "fp8 dflt us", "fp8 dflt %", "fp8 mode", "x16"]
+            "sdpa %", "fp8 v2 %", "fp8 v3 %", "fp8 dflt us", "fp8 dflt %", "fp8 mode", "x16", "dflt GT4 %"]
     if result.get("variants"):
         cols += ["v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us"]
     for col in cols:
@@ -375,7 +383,8 @@ def print_table(result: dict) -> None:
                  fmt(r, "v3_us"), fmt(r, "v3_pct"), fmt(r, "default_us"), fmt(r, "default_pct"),
                  mode(r.get("default_choice")), "-" if r["target_pct"] is None else f">= {r['target_pct']}",
                  fmt(r, "sdpa_pct"), fmt(r, "fp8_v2_pct"), fmt(r, "fp8_v3_pct"), fmt(r, "fp8_default_us"),
-                 fmt(r, "fp8_default_pct"), mode(r.get("fp8_default_choice")), fmt(r, "fp8_vs_fp16", ".2f")]
+                 fmt(r, "fp8_default_pct"), mode(r.get("fp8_default_choice")), fmt(r, "fp8_vs_fp16", ".2f"),
+                 fmt(r, "default_gt4_pct")]
         if result.get("variants"):
             cells += [fmt(r, "v2_plain_us"), fmt(r, "v2_s6_us"), fmt(r, "v2_t8192_us"), fmt(r, "v3_s3_us"),
                       fmt(r, "v3_t8192_us")]
@@ -417,6 +426,7 @@ def main(argv=None) -> dict:
         cupy.get_default_memory_pool().free_all_blocks()
     for row in rows:
         for key, nbytes in (("v1", "kv_bytes"), ("v2", "kv_bytes"), ("v3", "kv_bytes"), ("default", "kv_bytes"),
+                            ("default_gt4", "kv_bytes"),
                             ("sdpa", "kv_bytes"), ("fp8_v2", "fp8_kv_bytes"), ("fp8_v3", "fp8_kv_bytes"),
                             ("fp8_default", "fp8_kv_bytes")):
             if row.get(f"{key}_us"):

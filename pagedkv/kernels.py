@@ -252,7 +252,8 @@ def cache_types(q_dtype, cache_dtype, kv_dtype=None) -> tuple[int, int]:
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
                     check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0, num_partitions=None, num_ctas=None,
-                    min_tiles=None, mode=None, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()):
+                    min_tiles=None, mode=None, group_tile=None, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES,
+                    extra_defines: tuple = ()):
     """Launch paged decode attention (see :func:`pagedkv.ops.paged_attention` for shapes).
 
     ``version``: 1, 2, 3 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
@@ -261,7 +262,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
     ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
     splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
-    dispatcher (the default's), 2 the partition plan, 3 the walk (version 3's).
+    dispatcher (the default's), 2 the partition plan, 3 the walk (version 3's); ``group_tile`` forces kernel 3's
+    query heads per block (one of :data:`GROUP_TILES`; default :func:`group_tile` of the group).
     ``kv_dtype``/``k_scale``/``v_scale``: an fp8 cache (uint8, :data:`FP8_KV_DTYPES`) and its per-layer scales
     (finite, > 0; stored x = byte value * scale); kernel 1 refuses fp8.
     ``tile_bytes`` / ``stages`` / ``extra_defines`` (e.g. ``(("PAGEDKV_V2_BUTTERFLY", 0),)``) pick a
@@ -282,6 +284,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     if mode is not None and (mode not in MODES or version in (1, 2)):
         raise ValueError(f"mode must be one of {sorted(MODES)} with version 3 or None, got mode={mode!r} "
                          f"version={version!r}")
+    if group_tile is not None and (group_tile not in GROUP_TILES or version in (1, 2)):
+        raise ValueError(f"group_tile must be one of {GROUP_TILES} with version 3 or None, got {group_tile!r}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
@@ -313,7 +317,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     else:
         mode = (3 if version == 3 else 0) if mode is None else mode
         launch = _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles,
-                             tile_bytes, stages, extra_defines, ct, scales, mode)
+                             tile_bytes, stages, extra_defines, ct, scales, mode, group_tile)
     # NOTE: the range check makes the host wait for the GPU, so every host-side step of the launch (plan,
     # scratch buffers) is done before it: only the launch itself follows the wait.
     if check:
@@ -412,7 +416,8 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
 
 
 def v3_launch_plan(q_shape, cache_shape, dt: int, num_ctas=None, min_tiles=None, tile_bytes=V2_TILE_BYTES,
-                   stages=V2_STAGES, extra_defines: tuple = (), ct: int | None = None, max_blocks: int = 0) -> dict:
+                   stages=V2_STAGES, extra_defines: tuple = (), ct: int | None = None, max_blocks: int = 0,
+                   gt: int | None = None) -> dict:
     """How kernel 3 (and the default) will be launched: group tile, grid (resident blocks), min tiles, shared
     memory, the partition plan's bound on partitions (``max_parts``, from the table's ``max_blocks``), the
     counters (``[4 + max(grid, batch * head groups)]`` int32: queue, blocks done, the last choice, spare, then
@@ -423,16 +428,16 @@ def v3_launch_plan(q_shape, cache_shape, dt: int, num_ctas=None, min_tiles=None,
     import cupy
 
     return dict(_v3_plan(tuple(q_shape), tuple(cache_shape), dt, num_ctas, min_tiles, tile_bytes, stages,
-                         tuple(extra_defines), dt if ct is None else ct, int(max_blocks), cupy.cuda.Device().id))
+                         tuple(extra_defines), dt if ct is None else ct, int(max_blocks), gt, cupy.cuda.Device().id))
 
 
 @lru_cache(maxsize=4096)
 def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines, ct, max_blocks,
-             device_id):
+             gt, device_id):
     batch, num_qo_heads, _ = q_shape
     _, num_kv_heads, block_size, head_dim = cache_shape
     group = num_qo_heads // num_kv_heads
-    gt = group_tile(group)
+    gt = group_tile(group) if gt is None else gt
     kernel = _attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
     smem = v3_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
     _opt_in_smem(kernel, smem, prefer_shared=True)
@@ -467,16 +472,17 @@ def _split_counters(size: int, device_id: int):
     return cupy.ndarray((size,), dtype=cupy.int32, memptr=cupy.cuda.MemoryPointer(memory, 0))
 
 
-def last_dispatch(q_shape, cache_shape, dt: int, ct: int | None = None, max_blocks: int = 0, num_ctas=None) -> dict:
+def last_dispatch(q_shape, cache_shape, dt: int, ct: int | None = None, max_blocks: int = 0, num_ctas=None,
+                  gt: int | None = None) -> dict:
     """What the last kernel-3 launch of this shape chose on the device (tests, benchmarks; reads the GPU):
     ``{"mode": 2 (partition plan) or 3 (walk), "parts": partitions of the partition plan}``."""
-    plan = v3_launch_plan(q_shape, cache_shape, dt, num_ctas, ct=ct, max_blocks=max_blocks)
+    plan = v3_launch_plan(q_shape, cache_shape, dt, num_ctas, ct=ct, max_blocks=max_blocks, gt=gt)
     word = int(plan["counters"][2].get())
     return {"mode": word & 0xFF, "parts": word >> 8}
 
 
 def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles, tile_bytes,
-                stages, extra_defines=(), ct=None, scales=(1.0, 1.0), mode=0):
+                stages, extra_defines=(), ct=None, scales=(1.0, 1.0), mode=0, gt=None):
     """Kernel 3 (persistent, planned on the device: the balanced walk or the partition plan, split sequences
     merged in-kernel) as a closure."""
     import cupy
@@ -485,7 +491,7 @@ def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
     batch, num_qo_heads, _ = q.shape
     max_blocks = block_tables.shape[1]
     plan = v3_launch_plan(q.shape, k_cache.shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines, ct,
-                          max_blocks)
+                          max_blocks, gt)
     ctas, gt = plan["ctas"], plan["gt"]
     part_out = cupy.empty((plan["slots"], gt, head_dim), dtype=cupy.float32)  # walk: slot 2b + (piece starts)
     part_ml = cupy.empty((plan["slots"], gt, 2), dtype=cupy.float32)

@@ -25,7 +25,8 @@ CT = {"fp8_e4m3": 3, "fp8_e5m2": 4}
 # (keyword arguments, versions): kernel 2 (its own plan and forced split-K), kernel 3 (its plan and forced
 # small grids), the default (dispatcher) and its two paths forced
 VARIANTS = (({}, (2, 3, None)), ({"num_partitions": 3}, (2,)), ({"num_ctas": 7, "min_tiles": 1}, (3,)),
-            ({"mode": 2}, (None,)), ({"mode": 2, "num_ctas": 5}, (None,)), ({"mode": 3}, (None,)))
+            ({"mode": 2}, (None,)), ({"mode": 2, "num_ctas": 5}, (None,)), ({"mode": 3}, (None,)),
+            ({"group_tile": 4}, (None,)))
 
 
 def quantize(x: np.ndarray, kv_dtype: str, scale: float) -> np.ndarray:

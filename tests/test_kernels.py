@@ -38,7 +38,7 @@ NAN_BITS = {2: 0x7E00, 4: 0x7FC00000}  # a quiet NaN for 16-bit (f16; bf16 reads
 # forced balanced splits, the dispatcher's partition plan forced (small grids: partitions and merges)
 VARIANTS = (({}, (1, 2, 3, None)), ({"num_partitions": 1}, (2,)), ({"num_partitions": 3}, (2,)),
             ({"num_ctas": 7, "min_tiles": 1}, (3,)), ({"num_ctas": 1}, (3,)), ({"mode": 2}, (None,)),
-            ({"mode": 2, "num_ctas": 7}, (None,)), ({"mode": 2, "num_ctas": 1}, (None,)))
+            ({"mode": 2, "num_ctas": 7}, (None,)), ({"mode": 2, "num_ctas": 1}, (None,)), ({"group_tile": 4}, (None,)))
 
 
 def _group(name: str) -> list:
