@@ -880,13 +880,25 @@ __device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ ou
     if (r < rows && i < items) {
       const int g = i / TPR, c = i - g * TPR;
       const float mx = s_mw[2 * g];
-#pragma unroll 4
-      for (int p = r; p < pieces; p += rows) {
-        const long long sg = slot(p) * GT + g;
-        const float w = exp2f(pagedkv::ld_cg(part_ml + sg * 2) - mx);
-        const float4 x = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sg * HEAD_DIM) + c);
-        acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
-        acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+      // NOTE: MERGE_BATCH pieces' loads in flight at once (a piece past the end reads piece r again with
+      // weight 0): a 64-piece merge waits out 4 L2 latencies, not 16 (1 x 32768 merges 63-66 pieces)
+      constexpr int MERGE_BATCH = 16;
+      for (int p0 = r; p0 < pieces; p0 += MERGE_BATCH * rows) {
+        float w[MERGE_BATCH];
+        float4 x[MERGE_BATCH];
+#pragma unroll
+        for (int k = 0; k < MERGE_BATCH; ++k) {
+          const int p = p0 + k * rows;
+          const long long sg = slot(p < pieces ? p : r) * GT + g;
+          w[k] = pagedkv::ld_cg(part_ml + sg * 2);
+          x[k] = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sg * HEAD_DIM) + c);
+        }
+#pragma unroll
+        for (int k = 0; k < MERGE_BATCH; ++k) {
+          w[k] = pagedkv::select(p0 + k * rows < pieces, exp2f(w[k] - mx), 0.f);
+          acc.x = fmaf(w[k], x[k].x, acc.x); acc.y = fmaf(w[k], x[k].y, acc.y);
+          acc.z = fmaf(w[k], x[k].z, acc.z); acc.w = fmaf(w[k], x[k].w, acc.w);
+        }
       }
     }
     if (rows > 1) {  // uniform
@@ -1006,14 +1018,14 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     // tokens, handed out by an atomic queue (counters[0]) as thread blocks free up; a sequence cut into
     // several partitions leaves partials in slots item (of [batch * num_hg * parts]) and the partition that
     // finishes last merges them (counters[4 + seq * num_hg + hg]). The last block out resets the queue.
+    // NOTE: a block whose first item (its index) is past the end takes nothing from the queue but still
+    // counts itself out, so the reset waits for every block.
     const int items = num_hg * batch * parts;
     int* seq_counters = counters + 4;
-    if (tid == 0) s_item[0] = atomicAdd(counters, 1);
-    __syncthreads();
-    int item = s_item[0];
+    int item = blockIdx.x;  // every block's first item is its own index; the queue hands out grid, grid + 1, ...
     for (int it = 1; item < items; ++it) {
       int next = 0;
-      if (tid == 0) next = atomicAdd(counters, 1);  // used after this item: its latency hides behind the item
+      if (tid == 0) next = grid + atomicAdd(counters, 1);  // used after this item: its latency hides behind it
       const int part = item % parts, rest = item / parts, hg = rest % num_hg, seq = rest / num_hg;
       const int len = context_lens[seq], start = part * part_tokens;
       if (start < len) {  // uniform

@@ -176,6 +176,7 @@ def test_fp8_graph_replay_dispatcher(_):
     q, k, v, bt, cl = make_fp8_problem(rng, F16, 128, 16, 28, 4, [1024] * 12, kv_dtype, ks, vs)
     dq, dk, dv, dbt, dcl = to_dev(q), to_dev(k), to_dev(v), to_dev(bt), to_dev(cl)
     out = poisoned_like(q.shape, F16)
+    cupy.cuda.Device().synchronize()  # NOTE: the uploads ran on the default stream; the launches do not
     kw = dict(out=out, check=False, kv_dtype=kv_dtype, k_scale=ks, v_scale=vs)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
@@ -187,7 +188,8 @@ def test_fp8_graph_replay_dispatcher(_):
     for lens in ([1024] * 12, rng.integers(1, 1025, 12).tolist()):
         lens = np.asarray(lens, dtype=np.int32)
         dcl.set(lens, stream=stream)
-        out.view(np.uint16).fill(NAN_BITS[2])
+        with stream:
+            out.view(np.uint16).fill(NAN_BITS[2])
         graph.launch(stream)
         stream.synchronize()
         ref = paged_decode_attention(q, dequantized(k, kv_dtype, ks), dequantized(v, kv_dtype, vs), bt, lens)

@@ -426,6 +426,7 @@ def test_attention_cuda_graph_replay(version):
     q, k, v, bt, cl = make_problem(rng, F16, hd, bs, *heads, [4000, 3000, 2500, 1, 700, 64] + [300] * 10)
     dq, dk, dv, dbt, dcl = to_dev(q), to_dev(k), to_dev(v), to_dev(bt), to_dev(cl)
     out = poisoned_like(q.shape, F16)
+    cupy.cuda.Device().synchronize()  # NOTE: the uploads ran on the default stream; the launches do not
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     with cupy.cuda.using_allocator(pool.malloc), stream:
         ops.paged_attention(dq, dk, dv, dbt, dcl, version=version, out=out, check=False)  # warm the pool
@@ -445,7 +446,8 @@ def test_attention_cuda_graph_replay(version):
         k2, v2 = k2.astype(np.float16), v2.astype(np.float16)
         for dev, host in ((dq, q2), (dk, k2), (dv, v2), (dbt, new_bt), (dcl, new_lens)):
             dev.set(host, stream=stream)
-        out.view(np.uint16).fill(NAN_BITS[2])
+        with stream:
+            out.view(np.uint16).fill(NAN_BITS[2])
         graph.launch(stream)
         stream.synchronize()
         got = to_host_f64(out, F16)
@@ -544,6 +546,7 @@ def test_dispatcher_graph_replay_chooses_per_launch(heads):
     q, k, v, bt, cl = make_problem(rng, F16, hd, bs, *heads, [capacity] * batch)
     dq, dk, dv, dbt, dcl = to_dev(q), to_dev(k), to_dev(v), to_dev(bt), to_dev(cl)
     out = poisoned_like(q.shape, F16)
+    cupy.cuda.Device().synchronize()  # NOTE: the uploads ran on the default stream; the launches do not
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     with cupy.cuda.using_allocator(pool.malloc), stream:
         ops.paged_attention(dq, dk, dv, dbt, dcl, out=out, check=False)
@@ -567,7 +570,8 @@ def test_dispatcher_graph_replay_chooses_per_launch(heads):
         k2, v2 = k2.astype(np.float16), v2.astype(np.float16)
         for dev, host in ((dq, q2), (dk, k2), (dv, v2), (dcl, new_lens)):
             dev.set(host, stream=stream)
-        out.view(np.uint16).fill(NAN_BITS[2])
+        with stream:
+            out.view(np.uint16).fill(NAN_BITS[2])
         graph.launch(stream)
         stream.synchronize()
         got = to_host_f64(out, F16)
