@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pagedkv.kernels import compile, decode, decode_plan
+
 from . import cli
 
 SEED = 0
@@ -117,8 +119,8 @@ class Timer:
         return statistics.median(times), times
 
 
-def make_read_kernel(cupy, kernels, sms):
-    fn = kernels._function("bench_ops.cu", "read_ceiling_kernel1")
+def make_read_kernel(cupy, sms):
+    fn = compile.load_function("bench_ops.cu", "read_ceiling_kernel1")
     sink = cupy.zeros(1, dtype=cupy.uint32)
 
     def read(buf):
@@ -214,19 +216,19 @@ def _time_variants(cupy, timer, row, version, variants, attn, out, ref) -> None:
             row[f"{key}_rel_err"] = _rel_err(cupy, out, ref)
 
 
-def run_fp8(cupy, kernels, timer, row, q, shape, bt, cl) -> None:
+def run_fp8(cupy, timer, row, q, shape, bt, cl) -> None:
     """The case with an fp8 e4m3 cache of the same shape: kernel 2, kernel 3, the default."""
     k8, v8 = fp8_pools(cupy, shape)
     out = cupy.empty_like(q)
     kw = dict(kv_dtype="fp8_e4m3", k_scale=FP8_SCALE, v_scale=FP8_SCALE, out=out, check=False)
     outs = {}
     for key, version in (("fp8_v2", 2), ("fp8_v3", 3), ("fp8_default", None)):
-        run = lambda: kernels.paged_attention(q, k8, v8, bt, cl, version=version, **kw)  # noqa: E731
+        run = lambda: decode.paged_attention(q, k8, v8, bt, cl, version=version, **kw)  # noqa: E731
         us, times = timer.median_us(run)
         row[f"{key}_us"], row[f"{key}_spread_us"] = us, [min(times), max(times)]
         outs[key] = out.astype(cupy.float32)
-    plan = kernels.v3_launch_plan(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
-    row["fp8_default_choice"] = kernels.last_dispatch(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
+    plan = decode.v3_launch_plan(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
+    row["fp8_default_choice"] = decode.last_dispatch(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
     row["fp8_v3_plan"] = {key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "smem", "num_regs", "tile_tokens")}
     for key in ("fp8_v3", "fp8_default"):  # the same bytes: kernel 2 is the yardstick
         row[f"{key}_vs_v2_rel_err"] = _rel_err(cupy, outs[key], outs["fp8_v2"])
@@ -234,9 +236,7 @@ def run_fp8(cupy, kernels, timer, row, q, shape, bt, cl) -> None:
     del k8, v8
 
 
-def run_case(cupy, kernels, timer, rng, case: Case, variants: bool = False) -> dict:
-    from pagedkv import decode_plan
-
+def run_case(cupy, timer, rng, case: Case, variants: bool = False) -> dict:
     q, k, v, bt, cl, kv_bytes = build_case(cupy, rng, case)
     out = cupy.empty_like(q)
     lens = cupy.asnumpy(cl)
@@ -248,7 +248,7 @@ def run_case(cupy, kernels, timer, rng, case: Case, variants: bool = False) -> d
         row["case"] = case.label()
 
     def attn(version, **kw):
-        return lambda: kernels.paged_attention(q, k, v, bt, cl, version=version, out=out, check=False, **kw)
+        return lambda: decode.paged_attention(q, k, v, bt, cl, version=version, out=out, check=False, **kw)
 
     first = timer.median_us(attn(1), runs=1)[0]
     row["v1_runs"] = RUNS if first < SLOW_V1_US else V1_SLOW_RUNS
@@ -261,15 +261,15 @@ def run_case(cupy, kernels, timer, rng, case: Case, variants: bool = False) -> d
     us, times = timer.median_us(attn(None))  # the default: kernel 3's launch with the dispatcher
     row["default_us"], row["default_spread_us"] = us, [min(times), max(times)]
     row["default_vs_v1_rel_err"] = _rel_err(cupy, out, ref)
-    row["default_choice"] = kernels.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1])
+    row["default_choice"] = decode.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1])
     group = case.num_qo_heads // case.num_kv_heads
     if group & (group - 1):  # a group that is not a power of two (Qwen2.5's 7): GT 4 (two head tiles) beside GT 8
         us, times = timer.median_us(attn(None, group_tile=4))
         row["default_gt4_us"], row["default_gt4_spread_us"] = us, [min(times), max(times)]
         row["default_gt4_rel_err"] = _rel_err(cupy, out, ref)
-        row["default_gt4_choice"] = kernels.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1], gt=4)
+        row["default_gt4_choice"] = decode.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1], gt=4)
     row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
-        lambda: kernels.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
+        lambda: decode.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
     row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
     row["sdpa_us"] = None
     if not case.ragged:
@@ -277,10 +277,10 @@ def run_case(cupy, kernels, timer, rng, case: Case, variants: bool = False) -> d
         if sdpa_out is not None:
             row["sdpa_vs_v1_rel_err"] = _rel_err(cupy, sdpa_out, ref)
     for name, (tile, stages, extra) in (V2_VARIANTS if variants else {"default": V2_VARIANTS["default"]}).items():
-        plan = kernels.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
+        plan = decode.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
         row[f"v2_{name}_plan"] = {key: plan[key] for key in
                                   ("gt", "parts", "part_tokens", "smem", "resident_ctas", "num_regs")}
-    plan = kernels.v3_launch_plan(q.shape, k.shape, 1, max_blocks=bt.shape[1])
+    plan = decode.v3_launch_plan(q.shape, k.shape, 1, max_blocks=bt.shape[1])
     balanced = decode_plan.balanced_plan(lens, case.num_kv_heads * plan["q_tiles"], plan["tile_tokens"],
                                          plan["ctas"], plan["min_tiles"])
     row["v3_default_plan"] = {**{key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "min_tiles", "smem",
@@ -294,17 +294,15 @@ def run_case(cupy, kernels, timer, rng, case: Case, variants: bool = False) -> d
     shape = k.shape
     del k, v
     cupy.get_default_memory_pool().free_all_blocks()
-    run_fp8(cupy, kernels, timer, row, q, shape, bt, cl)
+    run_fp8(cupy, timer, row, q, shape, bt, cl)
     return row
 
 
-def prewarm(kernels, cases, variants: bool) -> float:
+def prewarm(cases, variants: bool) -> float:
     """Compile every module the cases will launch, 16 at a time (NVRTC runs outside the GIL), so the
     compiles overlap instead of adding up; returns the seconds it took."""
     import time
     from concurrent.futures import ThreadPoolExecutor
-
-    from pagedkv import decode_plan
 
     jobs = set()
     for case in cases:
@@ -320,7 +318,7 @@ def prewarm(kernels, cases, variants: bool) -> float:
             jobs.add(("v3", 1, case.head_dim, 4, 4096, 4, (), None))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda job: kernels._attention_kernel(*job), sorted(jobs, key=str)))
+        list(pool.map(lambda job: decode.attention_kernel(*job), sorted(jobs, key=str)))
     return time.perf_counter() - t0
 
 
@@ -403,14 +401,12 @@ def main(argv=None) -> dict:
 
     import cupy
 
-    from pagedkv import kernels
-
     rng = np.random.default_rng(SEED)
     cupy.random.seed(SEED)
     props = cupy.cuda.runtime.getDeviceProperties(0)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    sms = kernels.num_sms(cupy.cuda.Device().id)
-    read = make_read_kernel(cupy, kernels, sms)
+    sms = compile.num_sms(cupy.cuda.Device().id)
+    read = make_read_kernel(cupy, sms)
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))
     result = {"gpu": gpu, "sms": sms, "l2_bytes": props.get("l2CacheSize"), "date": str(datetime.date.today()),
               "runs": RUNS, "head_dim": 128, "block_size": BLOCK_SIZE, "dtype": "float16",
@@ -418,11 +414,11 @@ def main(argv=None) -> dict:
               "fp8_scale": FP8_SCALE, "variants": args.variants}
     result.update(ceilings(cupy, timer, read))
     chosen = args.cases if args.cases else range(len(CASES))
-    result["prewarm_s"] = prewarm(kernels, [CASES[i] for i in chosen], args.variants)
+    result["prewarm_s"] = prewarm([CASES[i] for i in chosen], args.variants)
     print(f"compiled the kernels in {result['prewarm_s']:.1f} s", flush=True)
     rows = []
     for i in chosen:
-        rows.append(run_case(cupy, kernels, timer, rng, CASES[i], args.variants))
+        rows.append(run_case(cupy, timer, rng, CASES[i], args.variants))
         cupy.get_default_memory_pool().free_all_blocks()
     for row in rows:
         for key, nbytes in (("v1", "kv_bytes"), ("v2", "kv_bytes"), ("v3", "kv_bytes"), ("default", "kv_bytes"),

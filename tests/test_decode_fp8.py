@@ -3,7 +3,7 @@
 The caches are uint8 pools of raw e4m3fn / e5m2 bytes (the fp8 contract in the session brief): the reference
 dequantizes the same stored bytes with ``ml_dtypes`` (``bytes.view(float8).astype(float64) * scale``), so a
 kernel is compared with exactly what is stored. NOTE: a local helper (``dequantized``) until the fp8
-helper's reference plumbing (``pagedkv.reference``) lands on main.
+helper's reference plumbing (``pagedkv.kernels.reference``) lands on main.
 
 Unused cache slots hold fp8 NaN bytes and outputs start as NaN, so a finite result within tolerance proves
 the kernel wrote every row and read no slot it should not.
@@ -14,8 +14,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pagedkv import decode_plan, kernels
-from pagedkv.reference import paged_decode_attention
+from pagedkv.kernels import decode, decode_plan
+from pagedkv.kernels.reference import paged_decode_attention
 from test_kernels import BF16, F16, NAN_BITS, RTOL, SANITIZER, _group, poisoned_like, to_dev, to_host_f64
 
 gpu = pytest.mark.gpu
@@ -75,7 +75,7 @@ def check_fp8(rng, q_dtype, head_dim, block_size, heads, lens, kv_dtype, variant
     for kw, versions in variants:
         for version in versions:
             out = poisoned_like(q.shape, q_dtype)
-            kernels.paged_attention(dq, dk, dv, dbt, dcl, version=version, out=out, kv_dtype=kv_dtype,
+            decode.paged_attention(dq, dk, dv, dbt, dcl, version=version, out=out, kv_dtype=kv_dtype,
                                     k_scale=k_scale, v_scale=v_scale, **kw)
             got = to_host_f64(out, q_dtype)
             what = f"v{version} {kw} {kv_dtype} q {q_dtype} hd={head_dim} bs={block_size} {heads}"
@@ -87,24 +87,24 @@ def check_fp8(rng, q_dtype, head_dim, block_size, heads, lens, kv_dtype, variant
 # ---- CPU: launcher checks that need no GPU ---------------------------------------------------------
 
 def test_cache_types():
-    assert kernels.cache_types(np.float16, np.uint8, "fp8_e4m3") == (1, 3)
-    assert kernels.cache_types(np.float16, np.uint8, "fp8") == (1, 3)
-    assert kernels.cache_types(BF16, np.uint8, "fp8_e5m2") == (2, 4)
-    assert kernels.cache_types(np.float16, np.float16) == (1, 1)
+    assert decode.cache_types(np.float16, np.uint8, "fp8_e4m3") == (1, 3)
+    assert decode.cache_types(np.float16, np.uint8, "fp8") == (1, 3)
+    assert decode.cache_types(BF16, np.uint8, "fp8_e5m2") == (2, 4)
+    assert decode.cache_types(np.float16, np.float16) == (1, 1)
     with pytest.raises(ValueError, match="uint8 cache holds fp8 bytes"):
-        kernels.cache_types(np.float16, np.uint8)
+        decode.cache_types(np.float16, np.uint8)
     with pytest.raises(ValueError, match="'fp8_e3m4'"):
-        kernels.cache_types(np.float16, np.uint8, "fp8_e3m4")
+        decode.cache_types(np.float16, np.uint8, "fp8_e3m4")
     with pytest.raises(ValueError, match="needs a uint8 cache"):
-        kernels.cache_types(np.float16, np.float16, "fp8_e4m3")
+        decode.cache_types(np.float16, np.float16, "fp8_e4m3")
     with pytest.raises(ValueError, match="float32"):
-        kernels.cache_types(np.float32, np.uint8, "fp8_e4m3")
+        decode.cache_types(np.float32, np.uint8, "fp8_e4m3")
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan, "x", None])
 def test_scale_args(bad):
     with pytest.raises(ValueError, match="k_scale must be a finite number > 0"):
-        kernels._scale_arg("k_scale", bad)
+        decode.check_scale("k_scale", bad)
 
 
 def test_fp8_tile_shape():
@@ -180,10 +180,10 @@ def test_fp8_graph_replay_dispatcher(_):
     kw = dict(out=out, check=False, kv_dtype=kv_dtype, k_scale=ks, v_scale=vs)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        kernels.paged_attention(dq, dk, dv, dbt, dcl, **kw)
+        decode.paged_attention(dq, dk, dv, dbt, dcl, **kw)
         stream.synchronize()
         stream.begin_capture()
-        kernels.paged_attention(dq, dk, dv, dbt, dcl, **kw)
+        decode.paged_attention(dq, dk, dv, dbt, dcl, **kw)
         graph = stream.end_capture()
     for lens in ([1024] * 12, rng.integers(1, 1025, 12).tolist()):
         lens = np.asarray(lens, dtype=np.int32)
@@ -206,14 +206,14 @@ def test_fp8_launcher_errors():
     q, k, v, bt, cl = make_fp8_problem(rng, F16, 128, 16, 8, 8, [40, 17], "fp8_e4m3", 0.1, 0.1)
     dq, dk, dv, dbt, dcl = (cupy.asarray(x) for x in (q, k, v, bt, cl))
     with pytest.raises(ValueError, match="uint8 cache holds fp8 bytes"):
-        kernels.paged_attention(dq, dk, dv, dbt, dcl)
+        decode.paged_attention(dq, dk, dv, dbt, dcl)
     with pytest.raises(ValueError, match="kv_dtype"):
-        kernels.paged_attention(dq, dk, dv, dbt, dcl, kv_dtype="fp8_e8m0")
+        decode.paged_attention(dq, dk, dv, dbt, dcl, kv_dtype="fp8_e8m0")
     for name in ("k_scale", "v_scale"):
         for bad in (0.0, -2.0, math.inf, math.nan):
             with pytest.raises(ValueError, match=name):
-                kernels.paged_attention(dq, dk, dv, dbt, dcl, kv_dtype="fp8_e4m3", **{name: bad})
+                decode.paged_attention(dq, dk, dv, dbt, dcl, kv_dtype="fp8_e4m3", **{name: bad})
     with pytest.raises(ValueError, match="kernel 1"):
-        kernels.paged_attention(dq, dk, dv, dbt, dcl, kv_dtype="fp8_e4m3", version=1)
+        decode.paged_attention(dq, dk, dv, dbt, dcl, kv_dtype="fp8_e4m3", version=1)
     with pytest.raises(ValueError, match="float32"):
-        kernels.paged_attention(dq.astype(np.float32), dk, dv, dbt, dcl, kv_dtype="fp8_e4m3")
+        decode.paged_attention(dq.astype(np.float32), dk, dv, dbt, dcl, kv_dtype="fp8_e4m3")

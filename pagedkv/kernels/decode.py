@@ -1,14 +1,13 @@
-"""CUDA kernels of ``kernels_cu/`` loaded from text with ``cupy.RawModule``, and their thin launchers.
+"""Launchers of ``kernels_cu/paged_attention.cu``: paged decode attention, kernels 1, 2 and 3 (430 lines: three
+versions, the default's dispatcher and the fp8 cache types share the cached launch plans).
 
-One compiled module per launch and option set (file, kernel version, element type, head_dim, GT, ``-D``
-defines), cached for the process (CuPy caches extern "C" modules on disk too; templated ones it recompiles
-per process). A compile error raises :class:`KernelCompileError` naming the ``.cu`` file and carrying the
-compiler log. Launch arithmetic that needs no GPU (tile shapes, shared memory, the split-K plans) lives in
-:mod:`pagedkv.decode_plan`.
+Modules come from :mod:`pagedkv.kernels.compile` (one per launch and option set: kernel version, element
+type, head_dim, GT, ``-D`` defines). Launch arithmetic that needs no GPU (tile shapes, shared memory, the
+split-K plans) lives in :mod:`pagedkv.kernels.decode_plan`.
 
-The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.ops`; they check what only
-they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction and
-one small device-to-host read, skipped with ``check=False``), pick the launch shape, and launch.
+The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.kernels.ops`; they check what
+only they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction
+and one small device-to-host read, skipped with ``check=False``), pick the launch shape, and launch.
 
 bfloat16: CuPy arrays of ``ml_dtypes.bfloat16`` are used directly when CuPy accepts them; otherwise pass
 uint16 views and ``kv_dtype="bfloat16"``; the kernels only see raw 16-bit words either way.
@@ -21,13 +20,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
-from .decode_plan import (MIN_PARTITION_TOKENS, V2_STAGES, V2_THREADS, V2_TILE_BYTES, WAVE_EFFICIENCY,  # noqa: F401
-                          choose_num_partitions, group_tile, partition_max_parts, tile_shape, v2_shape,
+from .compile import U64_MAX, dt_code, int32_contiguous, load_function, num_sms
+from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile,
+                          partition_max_parts, tile_shape,
                           v2_smem_bytes, v3_min_tiles, v3_smem_bytes)
 
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
@@ -39,76 +37,6 @@ MODES = {0: "auto", 2: "partition", 3: "walk"}  # kernel 3's `mode` argument
 FP8_KV_DTYPES = {"fp8": 3, "fp8_e4m3": 3, "fp8_e5m2": 4}  # kv_dtype -> cache type code (uint8 caches)
 GROUP_TILES = (1, 2, 4, 8)  # query heads per v2/v3 thread block (template parameter GT)
 REDUCE_THREADS = 256  # PAGEDKV_REDUCE_THREADS in paged_attention.cu
-_U64_MAX = np.iinfo(np.uint64).max
-_DT_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
-
-
-class KernelCompileError(RuntimeError):
-    """A ``kernels_cu/*.cu`` file failed to compile; the message holds the file and the compiler log."""
-
-
-def _cu_dir() -> Path:
-    installed = Path(__file__).parent / "kernels_cu"
-    return installed if installed.is_dir() else Path(__file__).parent.parent / "kernels_cu"
-
-
-def cu_source(filename: str) -> str:
-    """The text of ``kernels_cu/<filename>`` with ``#include "common.cuh"`` inlined (so the cache key
-    covers the header too)."""
-    folder = _cu_dir()
-    common = (folder / "common.cuh").read_text()
-    return (folder / filename).read_text().replace('#include "common.cuh"', common)
-
-
-@lru_cache(maxsize=None)
-def _module(filename: str, name_expressions: tuple[str, ...], defines: tuple[tuple[str, int], ...] = ()):
-    import cupy
-
-    options = ("-std=c++17",) + tuple(f"-D{k}={v}" for k, v in defines)
-    module = cupy.RawModule(code=cu_source(filename), options=options,
-                            name_expressions=list(name_expressions) or None)
-    try:
-        module.compile()
-    except cupy.cuda.compiler.CompileException as exc:
-        raise KernelCompileError(f"compiling {_cu_dir() / filename} {options} failed:\n{exc}") from exc
-    return module
-
-
-@lru_cache(maxsize=None)
-def _function(filename, name, name_expressions=(), defines=()):
-    return _module(filename, tuple(name_expressions), tuple(defines)).get_function(name)
-
-
-@lru_cache(maxsize=1)
-def cupy_has_bfloat16() -> bool:
-    """Whether this CuPy allocates ``ml_dtypes.bfloat16`` arrays (CuPy >= 14 is expected to)."""
-    import cupy
-
-    try:
-        cupy.empty(8, dtype=ml_dtypes.bfloat16)
-        return True
-    except Exception:
-        return False
-
-
-def _dt_code(dtype, kv_dtype=None) -> int:
-    dt = np.dtype(ml_dtypes.bfloat16) if str(kv_dtype) in ("bfloat16", "bf16") else np.dtype(kv_dtype or dtype)
-    if dt not in _DT_CODES:
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dt}")
-    return _DT_CODES[dt]
-
-
-@lru_cache(maxsize=None)
-def num_sms(device_id: int) -> int:
-    import cupy
-
-    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
-def _int32_contiguous(a):
-    import cupy
-
-    return cupy.ascontiguousarray(a, dtype=cupy.int32)
 
 
 # ---- paged attention ------------------------------------------------------------------------------
@@ -118,7 +46,7 @@ def _ct_arg(dt: int, ct: int | None) -> str:
     return "" if ct is None or ct == dt else f", {ct}"
 
 
-def _attention_names(dt: int, head_dim: int, ct: int | None = None) -> tuple[str, ...]:
+def attention_names(dt: int, head_dim: int, ct: int | None = None) -> tuple[str, ...]:
     """Every template instantiation of paged_attention.cu for one element type, cache type and head_dim
     (kernel 1 only for a cache of q's type)."""
     c = _ct_arg(dt, ct)
@@ -135,7 +63,7 @@ _KERNEL_NAMES = {"v1": "paged_attention_v1_kernel<{dt}, {hd}>",
 _LAUNCH_GROUP = {"v1": ("v1",), "v2": ("v2", "reduce"), "reduce": ("v2", "reduce"), "v3": ("v3",)}
 
 
-def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
+def attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
                       stages=V2_STAGES, extra_defines: tuple = (), ct: int | None = None):
     """One kernel of paged_attention.cu. A module holds one launch's kernels (kernel 2 with its merge, or
     kernel 3, for one GT), so a process compiles only the instantiations it launches.
@@ -144,12 +72,12 @@ def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes
     for them); small modules keep that cost to the kernels actually used.
     """
     if kind == "check":  # extern "C", no templates instantiated: this module is disk-cached
-        return _function("paged_attention.cu", "check_block_tables_kernel")
+        return load_function("paged_attention.cu", "check_block_tables_kernel")
     c = _ct_arg(dt, ct)
     names = tuple(_KERNEL_NAMES[k].format(dt=dt, hd=head_dim, gt=gt, c=c) for k in _LAUNCH_GROUP[kind])
     defines = () if kind == "v1" else (("PAGEDKV_V2_TILE_BYTES", tile_bytes), ("PAGEDKV_V2_STAGES", stages),
                                        *extra_defines)
-    return _function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt, c=c), names,
+    return load_function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt, c=c), names,
                      defines)
 
 
@@ -169,14 +97,14 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
     cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, bad.nbytes, cupy.cuda.get_current_stream().ptr)  # UINT64_MAX
     total = batch * max_blocks
     grid = min(max(1, -(-total // 256)), 4 * num_sms(cupy.cuda.Device().id))
-    _attention_kernel("check", 0, 0)((grid,), (256,), (
+    attention_kernel("check", 0, 0)((grid,), (256,), (
         block_tables, context_lens, cupy.int32(batch), cupy.int32(max_blocks), cupy.int32(num_blocks),
         cupy.int32(block_size), bad))
     bad_len, bad_entry = (int(x) for x in bad.get())
-    if bad_len != _U64_MAX:
+    if bad_len != U64_MAX:
         raise ValueError(f"context_lens[{bad_len}]={int(context_lens[bad_len])} outside [1, {capacity}] "
                          f"(max_blocks * block_size)")
-    if bad_entry != _U64_MAX:
+    if bad_entry != U64_MAX:
         i, j = divmod(bad_entry, max_blocks)
         raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
 
@@ -218,7 +146,7 @@ def _blocks_per_sm(kernel, smem: int, kernel_key, device_id: int) -> int:
         return resident_ctas(kernel_key, kernel.num_regs, smem, device_id) // num_sms(device_id)
 
 
-def _scale_arg(name: str, value) -> float:
+def check_scale(name: str, value) -> float:
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -237,7 +165,7 @@ def cache_types(q_dtype, cache_dtype, kv_dtype=None) -> tuple[int, int]:
     if name in FP8_KV_DTYPES:
         if cache_dtype != np.uint8:
             raise ValueError(f"kv_dtype={name!r} needs a uint8 cache (raw fp8 bytes), got {cache_dtype}")
-        dt = _dt_code(q_dtype, "bfloat16" if np.dtype(q_dtype) == np.uint16 else None)
+        dt = dt_code(q_dtype, "bfloat16" if np.dtype(q_dtype) == np.uint16 else None)
         if dt == 0:
             raise ValueError("fp8 KV caches need float16 or bfloat16 queries, got float32")
         return dt, FP8_KV_DTYPES[name]
@@ -246,7 +174,7 @@ def cache_types(q_dtype, cache_dtype, kv_dtype=None) -> tuple[int, int]:
                          f"(got kv_dtype={kv_dtype!r})")
     if name not in (None, "bfloat16", "bf16"):
         raise ValueError(f"kv_dtype must be None, 'bfloat16' or one of {sorted(FP8_KV_DTYPES)}, got {kv_dtype!r}")
-    dt = _dt_code(q_dtype, kv_dtype)
+    dt = dt_code(q_dtype, kv_dtype)
     return dt, dt
 
 
@@ -254,7 +182,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
                     check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0, num_partitions=None, num_ctas=None,
                     min_tiles=None, mode=None, group_tile=None, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES,
                     extra_defines: tuple = ()):
-    """Launch paged decode attention (see :func:`pagedkv.ops.paged_attention` for shapes).
+    """Launch paged decode attention (see :func:`pagedkv.kernels.ops.paged_attention` for shapes).
 
     ``version``: 1, 2, 3 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
     walk or the partition plan on the device from ``context_lens``, so a captured graph chooses again at
@@ -275,7 +203,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
     dt, ct = cache_types(q.dtype, k_cache.dtype, kv_dtype)
-    k_scale, v_scale = _scale_arg("k_scale", k_scale), _scale_arg("v_scale", v_scale)
+    k_scale, v_scale = check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)
     if version is not None and version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS} or None (the dispatcher), got {version!r}")
     if version == 1 and ct != dt:
@@ -298,7 +226,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     q = cupy.ascontiguousarray(q)
     if q.data.ptr % 16:
         q = q.copy()
-    block_tables, context_lens = _int32_contiguous(block_tables), _int32_contiguous(context_lens)
+    block_tables, context_lens = int32_contiguous(block_tables), int32_contiguous(context_lens)
     if out is None:
         out = cupy.empty(q.shape, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous:
@@ -334,7 +262,7 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     batch, num_qo_heads, _ = q.shape
     max_blocks = block_tables.shape[1]
     logits = cupy.empty((batch, num_qo_heads, max_blocks * block_size), dtype=cupy.float32)
-    kernel = _attention_kernel("v1", dt, head_dim)
+    kernel = attention_kernel("v1", dt, head_dim)
     args = (out, logits, q, k_cache, v_cache, block_tables, context_lens, cupy.int32(num_qo_heads),
             cupy.int32(num_kv_heads), cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
             cupy.float32(scale))
@@ -363,7 +291,7 @@ def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, s
     q_tiles = -(-group // gt)
     tile_tokens = tile_shape(ct, head_dim, tile_bytes)["tile_tokens"]
     max_context = max_blocks * block_size
-    kernel = _attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
+    kernel = attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
     smem = v2_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
     _opt_in_smem(kernel, smem)
     key = ("v2", dt, ct, head_dim, gt, tile_bytes, stages, extra_defines)
@@ -376,7 +304,7 @@ def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, s
         parts = -(-max_context // part_tokens)
     return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": q_tiles, "parts": parts,
             "part_tokens": part_tokens, "smem": smem, "resident_ctas": resident, "num_regs": kernel.num_regs,
-            "reduce": None if parts == 1 else _attention_kernel("reduce", dt, head_dim, gt, tile_bytes, stages,
+            "reduce": None if parts == 1 else attention_kernel("reduce", dt, head_dim, gt, tile_bytes, stages,
                                                                 extra_defines, ct)}
 
 
@@ -438,7 +366,7 @@ def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, 
     _, num_kv_heads, block_size, head_dim = cache_shape
     group = num_qo_heads // num_kv_heads
     gt = group_tile(group) if gt is None else gt
-    kernel = _attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
+    kernel = attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
     smem = v3_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
     _opt_in_smem(kernel, smem, prefer_shared=True)
     per_sm = _blocks_per_sm(kernel, smem, ("v3", dt, ct, head_dim, gt, tile_bytes, stages, extra_defines), device_id)
@@ -501,91 +429,3 @@ def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
             cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)), cupy.float32(scales[0]),
             cupy.float32(scales[1]), cupy.int32(mode), cupy.int32(plan["max_parts"]))
     return lambda: plan["kernel"]((ctas,), (V2_THREADS,), args, shared_mem=plan["smem"])
-
-
-# ---- RMSNorm (the model's fused ops) ---------------------------------------------------------------
-
-NORM_THREADS = 256  # PAGEDKV_NORM_THREADS in rms_norm.cu
-_NORM_SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
-
-
-def rms_norm_kernel(dtype):
-    """The ``rms_norm_<f32|f16|bf16>`` kernel of ``kernels_cu/rms_norm.cu`` for ``dtype``."""
-    return _function("rms_norm.cu", f"rms_norm_{_NORM_SUFFIX[_dt_code(dtype)]}")
-
-
-# ---- cache ops ------------------------------------------------------------------------------------
-
-def _cache_kernel(name: str):
-    return _function("cache_ops.cu", name)
-
-
-def _word_bytes(row_bytes: int, arrays) -> int:
-    """The widest word (16, 4 or 2 bytes) dividing a row and every array's start address."""
-    for w in (16, 4, 2):
-        if row_bytes % w == 0 and all(a.data.ptr % w == 0 for a in arrays):
-            return w
-    raise ValueError(f"rows of {row_bytes} bytes cannot be copied in 2-byte words")
-
-
-def check_index_range(ids, lo: int, hi: int, name: str) -> None:
-    """GPU-side: raise ``ValueError`` naming the first entry of int64 ``ids`` outside ``[lo, hi)``."""
-    import cupy
-
-    n = ids.size
-    if n == 0:
-        return
-    bad = cupy.full(1, _U64_MAX, dtype=cupy.uint64)
-    grid = min(-(-n // 256), 4 * num_sms(cupy.cuda.Device().id))
-    _cache_kernel("check_index_kernel")((grid,), (256,), (ids, cupy.int64(n), cupy.int64(lo), cupy.int64(hi), bad))
-    i = int(bad.get()[0])
-    if i != _U64_MAX:
-        raise ValueError(f"{name}[{i}]={int(ids[i])} outside [{lo}, {hi})")
-
-
-def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
-    """Write K/V rows into their slots (see :func:`pagedkv.ops.write_kv`).
-
-    With ``check`` the slot range is verified on the GPU; duplicate slots are *not* detected on the GPU
-    (the caller's contract; the host path checks them).
-    """
-    import cupy
-
-    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not c.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous")
-    k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
-    slots = cupy.ascontiguousarray(slot_mapping, dtype=cupy.int64)
-    if check:
-        check_index_range(slots, -1, num_blocks * block_size, "slot_mapping")
-    if slots.size == 0:
-        return
-    word = _word_bytes(head_dim * k_cache.itemsize, (k, v, k_cache, v_cache))
-    _cache_kernel(f"write_kv_w{word}")((slots.size,), (128,), (
-        k_cache, v_cache, k, v, slots, cupy.int32(num_kv_heads), cupy.int32(block_size),
-        cupy.int32(head_dim * k_cache.itemsize // word)))
-
-
-def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
-    """``pool[:, dst[i]] = pool[:, src[i]]`` for K and V, every layer, one launch.
-
-    With ``check`` the (few) ids are read back once and checked on the host: ranges, distinct
-    destinations, no id both a source and a destination.
-    """
-    import cupy
-
-    from .ops import check_copy_ranges_host
-
-    num_layers, num_blocks = k_pool.shape[:2]
-    src = cupy.ascontiguousarray(src_block_ids, dtype=cupy.int64)
-    dst = cupy.ascontiguousarray(dst_block_ids, dtype=cupy.int64)
-    if check:
-        ids = cupy.concatenate([src, dst]).get()
-        check_copy_ranges_host(ids[: src.size], ids[src.size:], num_blocks)
-    if src.size == 0 or num_layers == 0:
-        return
-    block_bytes = math.prod(k_pool.shape[2:]) * k_pool.itemsize
-    word = _word_bytes(block_bytes, (k_pool, v_pool))
-    _cache_kernel(f"copy_blocks_w{word}")((src.size, num_layers, 2), (256,), (
-        k_pool, v_pool, src, dst, cupy.int64(num_blocks), cupy.int64(block_bytes // word)))
