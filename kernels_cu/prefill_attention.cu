@@ -13,8 +13,8 @@
 //                                softmax in registers, tiles above the diagonal skipped, the diagonal masked.
 //   prefill_attention_v2_fp8_kernel  version 2 over an fp8 cache (uint8 bytes, e4m3 or e5m2): cp.async
 //                                stages hold the raw bytes; each K/V tile is converted once per thread block
-//                                into one float16 / bfloat16 tile (exact: every fp8 value is a 16-bit value)
-//                                before the MMAs; k_scale folds into the softmax scale, v_scale into 1 / l.
+//                                into one float16 / bfloat16 tile (exact; e4m3 as value * 2^-8) before the
+//                                MMAs; k_scale folds into the softmax scale, v_scale into 1 / l.
 //   prefill_attention_v3_kernel  Hopper (sm_90a): version 2's walk with warpgroup MMA (wgmma) for head_dim 64
 //                                and 128: Q K^T and P V as wgmma over shared-memory descriptors (P from
 //                                registers), two warpgroups of 64 rows per block, P(n-1) V(n-1) overlapping the
@@ -163,22 +163,19 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return r;
 }
 
-// Four fp8 bytes (e4m3 when FMT == 1, e5m2 when FMT == 2) -> four 16-bit values of type DT, exactly (every
-// e4m3 / e5m2 value is a float16 and a bfloat16 value): lo = bytes 0, 1 (byte 0 in the low half), hi = 2, 3.
-// e5m2 is float16's top byte; e4m3 goes through cvt.f16x2.e4m3x2 (sm_89+); bfloat16 through float32.
+// Four fp8 bytes (e4m3 when FMT == 1, e5m2 when FMT == 2) -> four 16-bit values of type DT, exactly:
+// lo = bytes 0, 1 (byte 0 in the low half), hi = bytes 2, 3. e5m2 is float16's top byte (same exponent bias).
+// e4m3 s.eeee.mmm becomes the float16 bits s.0eeee.mmm0000000, the value times 2^-8 (FP8_UNIT: subnormals
+// too, both formats' subnormals line up), so the launcher multiplies k_scale and v_scale by 256 (decode
+// kernels 2 and 3 read e4m3 the same way). NaN bytes of e4m3 then read as finite values: never read here.
+// bfloat16 goes through float32 (exact).
 template <int DT, int FMT>
 __device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& hi) {
-  if constexpr (FMT == 2) {
-    lo = __byte_perm(x, 0u, 0x1404);  // {0, b0, 0, b1}
-    hi = __byte_perm(x, 0u, 0x3424);  // {0, b2, 0, b3}
-  } else {
-#if __CUDA_ARCH__ >= 890
-    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
-        : "=r"(lo), "=r"(hi) : "r"(x));
-#else
-    lo = hi = 0;
-    __trap();  // never reached: fp8 caches are refused below compute capability 8.9 before any launch
-#endif
+  lo = __byte_perm(x, 0u, 0x1404);  // {0, b0, 0, b1}: each half = byte << 8
+  hi = __byte_perm(x, 0u, 0x3424);  // {0, b2, 0, b3}
+  if constexpr (FMT == 1) {
+    lo = (lo & 0x80008000u) | ((lo >> 1) & 0x3f803f80u);
+    hi = (hi & 0x80008000u) | ((hi >> 1) & 0x3f803f80u);
   }
   if constexpr (DT == 2) {
     lo = pack2<2>(KV<1>::to_float((unsigned short)(lo & 0xffffu)), KV<1>::to_float((unsigned short)(lo >> 16)));
@@ -451,8 +448,9 @@ prefill_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, const typename
 // ================================================================================================
 // prefill_attention_v2_fp8_kernel: the same over an fp8 cache (KV_FMT 1 = e4m3, 2 = e5m2):
 //   k_cache, v_cache  uint8 [num_blocks, num_kv_heads, block_size, HEAD_DIM], the raw fp8 bytes
-//   scale_log2        softmax scale * k_scale * log2(e) (K's scale folded in: q.(k_scale k) = k_scale (q.k))
-//   v_scale           multiplies 1 / l at the end (P (v_scale V) = v_scale (P V))
+//   scale_log2        softmax scale * k_scale * unit * log2(e) (K's scale folded in: q.(k_scale k) =
+//                     k_scale (q.k)); unit = 256 for e4m3 (its tile holds value * 2^-8), 1 for e5m2
+//   v_scale           v_scale * unit: multiplies 1 / l at the end (P (v_scale V) = v_scale (P V))
 // dynamic shared memory: V2::SMEM_BYTES_FP8 = [BLOCK_M][ROW] Q + [BLOCK_N][ROW] K and V converted
 //   + [STAGES][BLOCK_N][HEAD_DIM] bytes K and V raw + [STAGES][BLOCK_N] int64 row offsets
 // Per tile, after it landed: every thread converts its chunks of the raw stage into the one K / V tile,

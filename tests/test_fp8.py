@@ -131,3 +131,34 @@ def test_calibrated_scale():
     assert fp8.calibrated_scale(57344.0, "fp8_e5m2") == 1.0
     assert fp8.calibrated_scale(0.0, "fp8") == 1.0
     assert fp8.calibrated_scale(math.nan, "fp8") == 1.0
+
+
+def _byte_perm(x: np.ndarray, sel: int) -> np.ndarray:
+    """CUDA's __byte_perm(x, 0, sel) on uint32 arrays: result byte i = byte (sel >> 4i) & 7 of (x, 0)."""
+    out = np.zeros_like(x)
+    for i in range(4):
+        s = (sel >> (4 * i)) & 7
+        byte = (x >> np.uint32(8 * s)) & np.uint32(0xFF) if s < 4 else np.zeros_like(x)
+        out |= byte << np.uint32(8 * i)
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_the_kernels_fp8_to_float16_bit_trick_is_exact(kv_dtype):
+    """prefill_attention.cu's fp8x4_to_16 (and decode's e4m3 path) emulated on every byte: e5m2 -> its byte as
+    float16's top byte; e4m3 -> bits s.0eeee.mmm0000000, the value times 2^-8 (the launcher's unit 256)."""
+    codes = np.arange(256, dtype=np.uint32)
+    words = codes | (codes[::-1] << np.uint32(8)) | (codes << np.uint32(16)) | (codes[::-1] << np.uint32(24))
+    lo, hi = _byte_perm(words, 0x1404), _byte_perm(words, 0x3424)
+    if kv_dtype == "fp8_e4m3":
+        lo = (lo & np.uint32(0x80008000)) | ((lo >> np.uint32(1)) & np.uint32(0x3F803F80))
+        hi = (hi & np.uint32(0x80008000)) | ((hi >> np.uint32(1)) & np.uint32(0x3F803F80))
+    unit = 256.0 if kv_dtype == "fp8_e4m3" else 1.0
+    halves = np.stack([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], axis=1).astype(np.uint16).view(np.float16)
+    got = halves.astype(np.float64) * unit  # [256, 4]: bytes 0..3 of each word
+    bytes_ = np.stack([codes, codes[::-1], codes, codes[::-1]], axis=1).astype(np.uint8)
+    want = fp8.dequantize(bytes_, kv_dtype)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    if kv_dtype == "fp8_e5m2":
+        assert np.isnan(got[np.isnan(want)]).all()  # e5m2 NaN bytes stay NaN (e4m3's read as finite: never read)

@@ -29,6 +29,7 @@ V1_THREADS = 128  # PAGEDKV_PREFILL_V1_THREADS
 V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles, 4 stages
 V3_THREADS, V3_BLOCK_M, V3_BLOCK_N, V3_STAGES = 256, 128, 64, 4
 PLAN_THREADS = 1024  # PAGEDKV_PLAN_THREADS
+FP8_UNIT = {1: 256.0}  # e4m3 tiles hold value * 2^-8 (prefill_attention.cu: fp8x4_to_16); folded into the scales
 CHECK_THREADS = 256
 
 
@@ -286,6 +287,7 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context
     _, num_kv_heads, block_size, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     plan = v2_launch_plan(q.shape, k_cache.shape, num_seqs, max_blocks, config, fmt != 0)
+    unit = FP8_UNIT.get(fmt, 1.0)
     if plan["capacity"] == 0 or num_tokens == 0:
         return lambda: None
     kernel, plan_kernel = _v2_kernel(dt, head_dim, config, defines, fmt), _plain_kernel("prefill_plan_kernel")
@@ -296,7 +298,8 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context
     args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
             cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
             cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
-            cupy.float32(scale * k_scale * math.log2(math.e)), *((cupy.float32(v_scale),) if fmt else ()))
+            cupy.float32(scale * k_scale * unit * math.log2(math.e)),
+            *((cupy.float32(v_scale * unit),) if fmt else ()))
 
     def launch():
         plan_kernel((1,), (PLAN_THREADS,), plan_args)
