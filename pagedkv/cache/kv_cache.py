@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import ops
-from .backend import dtype_of, get_backend
+from ..backend import dtype_of, get_backend
+from ..kernels import ops
 
 
 def _positive(name: str, value) -> int:
@@ -26,7 +26,7 @@ class KVCache:
         └─────────────────────────────┘
         slot s = b * block_size + offset  ->  k_pool[layer, b, :, offset, :]
 
-    Blocks are owned by a :class:`~pagedkv.block_manager.BlockManager`; this class only holds bytes.
+    Blocks are owned by a :class:`~pagedkv.cache.block_manager.BlockManager`; this class only holds bytes.
     ``bytes_per_block`` counts K and V of every layer.
 
     Args:
@@ -116,6 +116,22 @@ class KVCache:
             raise ValueError(f"src_block_ids {src.shape} and dst_block_ids {dst.shape} must be equal 1-D lengths")
         ops.check_copy_ranges_host(src, dst, self.num_blocks)
         ops.copy_blocks(self.k_pool, self.v_pool, self.xp.asarray(src), self.xp.asarray(dst), check=False)
+
+    def check_kv(self, k, v, token_shape: tuple) -> None:
+        """k/v must both be given or both omitted, with shape [num_layers, *token_shape, num_kv_heads, head_dim]
+        and the cache's dtype (``ValueError`` naming the offending one)."""
+        if (k is None) != (v is None):
+            raise ValueError("give both k and v, or neither")
+        if k is None:
+            return
+        want = (self.num_layers, *token_shape, self.num_kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+                raise ValueError(f"{name} must be an array of shape {want}, got {type(x).__name__}")
+            if tuple(x.shape) != want:
+                raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+            if x.dtype != self.dtype:
+                raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {self.dtype}")
 
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
