@@ -142,7 +142,7 @@ class BlockManager:
         """The blocks holding the longest cached prefix of a hash chain (no state changes).
 
         Args:
-            block_hashes: a sequence's full-block hashes in order (``pagedkv.block_hash.BlockHasher``).
+            block_hashes: a sequence's full-block hashes in order (``pagedkv.cache.block_hash.BlockHasher``).
         Returns:
             block ids of ``block_hashes[:k]`` for the largest ``k`` whose hashes are all cached
             (``[]`` without prefix caching). Valid until the next call that may evict (``allocate``).

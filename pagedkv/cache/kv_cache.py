@@ -117,23 +117,25 @@ class KVCache:
         ops.check_copy_ranges_host(src, dst, self.num_blocks)
         ops.copy_blocks(self.k_pool, self.v_pool, self.xp.asarray(src), self.xp.asarray(dst), check=False)
 
-    def check_kv(self, k, v, token_shape: tuple) -> None:
-        """k/v must both be given or both omitted, with shape [num_layers, *token_shape, num_kv_heads, head_dim]
-        and the cache's dtype (``ValueError`` naming the offending one)."""
-        if (k is None) != (v is None):
-            raise ValueError("give both k and v, or neither")
-        if k is None:
-            return
-        want = (self.num_layers, *token_shape, self.num_kv_heads, self.head_dim)
-        for name, x in (("k", k), ("v", v)):
-            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-                raise ValueError(f"{name} must be an array of shape {want}, got {type(x).__name__}")
-            if tuple(x.shape) != want:
-                raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-            if x.dtype != self.dtype:
-                raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {self.dtype}")
-
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer!r} outside [0, {self.num_layers})")
         return int(layer)
+
+
+def check_kv(cache, k, v, token_shape: tuple) -> None:
+    """k/v must both be given or both omitted, with shape [num_layers, *token_shape, num_kv_heads, head_dim] and
+    the dtype of ``cache`` (a :class:`KVCache`, or any pool with those four attributes): ``ValueError`` naming
+    the offending one."""
+    if (k is None) != (v is None):
+        raise ValueError("give both k and v, or neither")
+    if k is None:
+        return
+    want = (cache.num_layers, *token_shape, cache.num_kv_heads, cache.head_dim)
+    for name, x in (("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name} must be an array of shape {want}, got {type(x).__name__}")
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if x.dtype != cache.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {cache.dtype}")

@@ -2,7 +2,7 @@
 
 Over 400 lines because it is the one door to block ids (sequences, copy-on-write, cached prefixes, copies from
 a cached block, static reservations), every call under one lock; its lock-free helpers live beside it
-(``KVCache.check_kv``, ``usage.measure_usage``, ``block_manager.as_ids``).
+(``kv_cache.check_kv``, ``usage.measure_usage``, ``block_manager.as_ids``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from ..kernels import ops
 from .block_manager import BlockManager, OutOfBlocksError, as_hashes, as_ids
-from .kv_cache import KVCache
+from .kv_cache import KVCache, check_kv
 from .sequence import Sequence
 from .usage import Usage, measure_usage
 
@@ -126,7 +126,7 @@ class PagedAttentionManager:
         num_tokens = _count("num_tokens", num_tokens)
         cached = self._cached_ids(cached_block_ids, num_tokens)
         num_cached_tokens = len(cached) * self.block_size
-        self.kv_cache.check_kv(k, v, (num_tokens - num_cached_tokens,))
+        check_kv(self.kv_cache, k, v, (num_tokens - num_cached_tokens,))
         with self._lock:
             fresh = self._blocks_for(num_tokens) - len(cached)
             if copy_from is None:
@@ -222,7 +222,7 @@ class PagedAttentionManager:
 
     def append_token(self, seq_id: int, *, k=None, v=None) -> int:
         """Reserve one more position; optionally write its ``k, v: [num_layers, num_kv_heads, head_dim]``."""
-        self.kv_cache.check_kv(k, v, ())
+        check_kv(self.kv_cache, k, v, ())
         with self._lock:
             slot = int(self.append_slots(seq_id, 1)[0])
             if k is not None:
