@@ -14,7 +14,8 @@ What a new experiment uses (``from . import cli``; relative imports, so that it 
                                         named as the user called it (prog_name); give ``choices=`` so that help
                                         and validation cannot drift
     add_engine_flags(parser)            --kv-cache-memory-bytes | --num-gpu-blocks-override |
-                                        --gpu-memory-utilization, --enforce-eager, --kv-cache-dtype (vLLM's);
+                                        --gpu-memory-utilization, --enforce-eager, --tensor-parallel-size,
+                                        --kv-cache-dtype (vLLM's);
     check_engine_flags(args), engine_options(args, gpu=)   ranges; EngineConfig keyword arguments
     require_module(module, extra)       FlagError naming the pip install that brings a missing optional module
     @guarded main(argv)                 a FlagError raised anywhere in ``main`` becomes one line and exit 2
@@ -140,6 +141,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, *, pool: bool = True, pool
         size.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
                           help="share of the GPU's memory for weights, activations and the KV pool (GPU only)")
     group.add_argument("--enforce-eager", action="store_true", help="eager launches, no CUDA graphs")
+    group.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="split the model over N ranks (threads of this process in this build; no CUDA graphs)")
     group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                        help="KV cache element type (default auto: the model's dtype)")
 
@@ -150,11 +153,14 @@ def check_engine_flags(args) -> None:
         in_range("--num-gpu-blocks-override", args.num_gpu_blocks_override, 1, 10**8)
     if getattr(args, "gpu_memory_utilization", None) is not None:
         in_range("--gpu-memory-utilization", args.gpu_memory_utilization, 0.01, 1.0)
+    in_range("--tensor-parallel-size", args.tensor_parallel_size, 1, 64)
 
 
 def engine_options(args, *, gpu: bool) -> dict:
     """``EngineConfig`` keyword arguments of the shared engine flags (only those the user set)."""
-    options = {"cuda_graph": gpu and not args.enforce_eager}
+    options = {"cuda_graph": gpu and not args.enforce_eager and args.tensor_parallel_size == 1}
+    if args.tensor_parallel_size > 1:
+        options["tensor_parallel_size"] = args.tensor_parallel_size
     if getattr(args, "kv_cache_memory_bytes", None) is not None:
         options["kv_memory_bytes"] = args.kv_cache_memory_bytes
     if getattr(args, "num_gpu_blocks_override", None) is not None:

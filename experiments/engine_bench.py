@@ -373,7 +373,8 @@ def resolve(args, backend):
                  f" ({args.model}'s max_position_embeddings)")
     if args.compare_eager and (args.enforce_eager or not gpu):
         raise cli.FlagError("--compare-eager needs a GPU and CUDA graphs (not --enforce-eager)")
-    args.graph = "off" if args.enforce_eager or not gpu else ("both" if args.compare_eager else "on")
+    args.graph = ("off" if args.enforce_eager or args.tensor_parallel_size > 1 or not gpu else
+                  "both" if args.compare_eager else "on")
     return config
 
 

@@ -13,8 +13,8 @@ from pagedkv import fp8
 from pagedkv.kernels import ops, reference
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.engine.beam_search import beam_search
-from pagedkv.kv_cache import KVCache
-from pagedkv.manager import PagedAttentionManager
+from pagedkv.cache.kv_cache import KVCache
+from pagedkv.cache.manager import PagedAttentionManager
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..fp8 import calibrated_scale
-from ..kv_cache import KVCache
+from ..cache.kv_cache import KVCache
 from ..model.llama import PrefillBatch
 
 
