@@ -94,6 +94,13 @@ __device__ __forceinline__ unsigned short fp8x2_from_float(float lo, float hi) {
   return r;
 }
 
+// x / y, IEEE round to nearest (what the host's float32 division computes), whatever the compile flags.
+__device__ __forceinline__ float div_rn(float x, float y) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(x), "f"(y));
+  return r;
+}
+
 // Eight consecutive input elements of type KV<DT>::T as floats (two 16-byte loads for float32, one for
 // 16-bit types).
 template <int DT>
@@ -107,7 +114,7 @@ __device__ __forceinline__ void load8(const typename pagedkv::KV<DT>::T* p, floa
 }
 
 // write_kv_fp8_kernel: write_kv_kernel1 with quantization. Stored byte = fp8(sat(x / scale)) (x / scale
-// rounded to float32 first, IEEE division, as the host reference does).
+// rounded to float32 first, IEEE division (div.rn.f32), as the host reference does).
 //   k_cache, v_cache  [num_blocks, num_kv_heads, block_size, head_dim] uint8 (fp8 bytes; one layer)
 //   k, v              [num_tokens, num_kv_heads, head_dim] KV<DT>::T, C-contiguous, 16-byte aligned
 //   slot_mapping      [num_tokens] int64, block_id * block_size + offset, or -1
@@ -136,7 +143,7 @@ __device__ __forceinline__ void write_kv_fp8_kernel(unsigned char* __restrict__ 
       const float scale = kv == 0 ? k_scale : v_scale;
       unsigned short b[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = fp8x2_from_float<FMT>(__fdiv_rn(x[2 * j], scale), __fdiv_rn(x[2 * j + 1], scale));
+      for (int j = 0; j < 4; ++j) b[j] = fp8x2_from_float<FMT>(div_rn(x[2 * j], scale), div_rn(x[2 * j + 1], scale));
       *reinterpret_cast<uint2*>((kv == 0 ? k_cache : v_cache) + dst) =
           make_uint2(b[0] | ((unsigned)b[1] << 16), b[2] | ((unsigned)b[3] << 16));
     }

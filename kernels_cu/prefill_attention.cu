@@ -169,10 +169,16 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
 // too, both formats' subnormals line up), so the launcher multiplies k_scale and v_scale by 256 (decode
 // kernels 2 and 3 read e4m3 the same way). NaN bytes of e4m3 then read as finite values: never read here.
 // bfloat16 goes through float32 (exact).
+__device__ __forceinline__ unsigned prmt(unsigned x, unsigned sel) {  // bytes of (x, 0) picked by sel
+  unsigned r;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "r"(sel));
+  return r;
+}
+
 template <int DT, int FMT>
 __device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& hi) {
-  lo = __byte_perm(x, 0u, 0x1404);  // {0, b0, 0, b1}: each half = byte << 8
-  hi = __byte_perm(x, 0u, 0x3424);  // {0, b2, 0, b3}
+  lo = prmt(x, 0x1404u);  // {0, b0, 0, b1}: each half = byte << 8
+  hi = prmt(x, 0x3424u);  // {0, b2, 0, b3}
   if constexpr (FMT == 1) {
     lo = (lo & 0x80008000u) | ((lo >> 1) & 0x3f803f80u);
     hi = (hi & 0x80008000u) | ((hi >> 1) & 0x3f803f80u);
