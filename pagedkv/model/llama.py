@@ -52,14 +52,6 @@ class PrefillBatch:
     def rows(self) -> np.ndarray:
         return self.last_rows() if self.logit_rows is None else np.asarray(self.logit_rows, dtype=np.int64)
 
-    def token_block_tables(self) -> np.ndarray:
-        """int32 ``[T, max_blocks]``: each token's row is its sequence's block table (padded with 0)."""
-        width = max(len(t) for t in self.block_tables)
-        tables = np.zeros((len(self.block_tables), width), dtype=np.int32)
-        for row, table in zip(tables, self.block_tables):
-            row[: len(table)] = table
-        return np.repeat(tables, self.seq_lens, axis=0)
-
     def __post_init__(self):
         total = sum(self.seq_lens)
         if not len(self.token_ids) == len(self.positions) == len(self.slot_mapping) == total:

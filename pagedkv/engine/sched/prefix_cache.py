@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cache.block_hash import BlockHasher
-from .request import Branch, Request
+from ...cache.block_hash import BlockHasher
+from ..request import Branch, Request
 
 MAX_COPY_CANDIDATES = 32  # cached siblings compared for a partial match (most recently named first)
 
