@@ -1,5 +1,7 @@
-"""The inference engine: sampling, requests, scheduling (continuous or static, chunked prefill), the model runner
-and LLMEngine, the request loop."""
+"""The inference engine: LLMEngine (the request loop: add / abort / step / outputs), requests and their outputs;
+``sched/`` decides which requests run and which blocks they get (continuous or static, chunked prefill, prefix
+caching) and hands the model runner a step plan; ``runner/`` turns the plan into one forward and samples.
+Beam search (``pagedkv.beam``) is re-exported here as part of the engine's public face."""
 from ..sampling_params import SamplingParams
 from ..beam.search import BeamSearchOutput, BeamSearchParams, BeamSequence, beam_search
 from .config import EngineConfig

@@ -2,8 +2,8 @@
 
 A sequence gets a row the first time a step schedules it; its table is rewritten only when the step plan
 carries a new one (a new sequence, a new block, a copy-on-write, a fork: ``SchedulerOutput.block_tables``;
-the runner never reads the manager) and the row is recycled when the sequence is freed. A step's batch arrays are gathered from these rows with fancy indexing, so a
-decode step costs no Python loop over blocks::
+the runner never reads the manager) and the row is recycled when the sequence is freed. A step's batch
+arrays are gathered from these rows with fancy indexing, so a decode step costs no Python loop over blocks::
 
     rows (a step)      [4, 0, 2]                 tables [capacity, max_blocks]   row 0: [ 7  3  9  0 ...]
     block_tables  =    tables[rows]              (one NumPy take)                row 2: [ 5  1  0  0 ...]
