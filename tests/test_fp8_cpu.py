@@ -12,7 +12,7 @@ from test_checkpoint import tiny_folder
 from pagedkv import fp8
 from pagedkv.kernels import ops, reference
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
-from pagedkv.engine.beam_search import beam_search
+from pagedkv.beam.search import beam_search
 from pagedkv.cache.kv_cache import KVCache
 from pagedkv.cache.manager import PagedAttentionManager
 
@@ -305,3 +305,28 @@ def test_saved_checkpoint_round_trips_with_its_kv_scales(tmp_path):
     np.testing.assert_array_equal(loaded.layers[0].bqkv, weights.layers[0].bqkv)
     eng = LLMEngine.from_checkpoint(folder, EngineConfig(device="cpu", num_blocks=32, kv_cache_dtype="fp8_e5m2"))
     np.testing.assert_array_equal(eng.kv_cache.v_scales, [2.0, 4.0])
+
+
+def test_every_host_attention_path_reads_the_stored_bytes():
+    """The reference and dense prefill paths of the attention backend with an fp8 pool: both read the
+    dequantized cache (the dense path takes no varlen shortcut over the unquantized k, v), so their logits
+    agree; and they differ from the same model on a float32 pool (quantization is really there)."""
+    from pagedkv.backend import get_backend
+    from pagedkv.model import LlamaModel, PrefillBatch, get_config, random_weights
+
+    config = get_config("tiny")
+    weights = random_weights(config, seed=5, device="cpu")
+    backend = get_backend("cpu")
+    rng = np.random.default_rng(6)
+    lens = [7, 12]
+    positions = np.concatenate([np.arange(n) for n in lens])
+    batch = PrefillBatch(token_ids=rng.integers(0, 256, sum(lens)), positions=positions,
+                         slot_mapping=np.concatenate([np.arange(7), 16 + np.arange(12)]), seq_lens=lens,
+                         num_cached=[0, 0], block_tables=[[0, 1], [4, 5, 6]])
+    logits = {}
+    for kv, paged in (("fp8", None), ("fp8", False), ("auto", None)):
+        cache = KVCache(config.num_layers, 8, 4, config.num_kv_heads, config.head_dim, "float32", "cpu", kv)
+        model = LlamaModel(config, weights, backend, paged_prefill=paged)
+        logits[kv, paged] = np.asarray(model.prefill(batch, cache), dtype=np.float64)
+    np.testing.assert_allclose(logits["fp8", False], logits["fp8", None], rtol=1e-4, atol=1e-4)
+    assert np.abs(logits["fp8", None] - logits["auto", None]).max() > 1e-3
