@@ -19,5 +19,6 @@ BENCHMARKS = {
     "profile": "profile_engine",         # cProfile of a continuous-batching run
     "sampler": "sampler_bench",          # the device sampler vs cupy.argmax
     "agreement": "fp16_agreement",       # engine variants' greedy tokens vs the eager reference (float16)
+    "fp8": "fp8_accuracy",               # fp8 KV cache vs the model-dtype cache: greedy agreement, next-token KL
     "plots": "plots",                    # PNGs from the JSON results
 }
