@@ -1,0 +1,112 @@
+"""Launcher of ``kernels_cu/prefill_attention_sm90.cu``: version 4 of causal prefill attention, the Hopper
+kernel (warp-specialized wgmma, FlashAttention-3 structure; sm_90a, float16 / bfloat16, head_dim 64 / 128).
+
+It takes arrays already checked by :func:`pagedkv.kernels_prefill.prefill_attention` (which dispatches here)
+and shares version 2's launch contract: the plan kernel of ``prefill_attention.cu`` lists the work items
+heaviest first into a scratch array sized from shapes only, then ``capacity * num_kv_heads`` thread blocks of
+384 threads run (those past the real count exit), so a launch is captured in a CUDA graph and replayed with
+new lengths.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from .kernels import KernelCompileError, cu_source
+
+FILENAME = "prefill_attention_sm90.cu"
+VERSION = 4
+HEAD_DIMS = (64, 128)
+THREADS, BLOCK_M, BLOCK_N = 384, 128, 128
+STAGES = {64: 4, 128: 2}  # K/V ring depth: what fits next to the Q tile in 227 KB of shared memory
+PLAN_THREADS = 1024  # prefill_attention.cu: PAGEDKV_PLAN_THREADS
+
+
+def kernel_name(dt: int, head_dim: int) -> str:
+    return f"prefill_attention_v4_kernel<{dt}, {head_dim}, {STAGES[head_dim]}>"
+
+
+def names() -> tuple[str, ...]:
+    """Every instantiation the launcher may launch (the compile test's list)."""
+    return tuple(kernel_name(dt, hd) for dt in (1, 2) for hd in HEAD_DIMS)
+
+
+def smem_bytes(head_dim: int) -> int:
+    """Mirror of ``PAGEDKV_SM90_SMEM_BYTES``: alignment slack, Q tile, K and V rings, mbarriers."""
+    stages = STAGES[head_dim]
+    return 1024 + (BLOCK_M + 2 * stages * BLOCK_N) * head_dim * 2 + 8 * (1 + 4 * stages)
+
+
+@lru_cache(maxsize=None)
+def available(device_id: int) -> bool:
+    """Version 4 needs compute capability 9.0 (H100 / H200): wgmma and setmaxnreg are sm_90a instructions."""
+    import cupy
+
+    return cupy.cuda.Device(device_id).compute_capability == "90"
+
+
+def supports(dt: int, head_dim: int, device_id: int) -> bool:
+    """Whether version 4 runs (dt, head_dim) on this device: float16 / bfloat16 (codes 1, 2), head_dim 64 / 128."""
+    return dt in (1, 2) and head_dim in HEAD_DIMS and available(device_id)
+
+
+@lru_cache(maxsize=None)
+def _kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
+    """The kernel compiled for sm_90a by NVRTC directly: ``(module, function)``.
+
+    NOTE: CuPy's RawModule appends its own ``-arch=sm_90``, under which ptxas rejects wgmma, so this module is
+    built here (no disk cache: a few seconds per instantiation, once per process).
+    """
+    import cupy
+    from cupy_backends.cuda.libs import nvrtc
+
+    name = kernel_name(dt, head_dim)
+    prog = nvrtc.createProgram(cu_source(FILENAME), FILENAME, (), ())
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a", *(f"-D{k}={v}" for k, v in defines)))
+        except nvrtc.NVRTCError as exc:
+            raise KernelCompileError(f"compiling {FILENAME} {name} for sm_90a failed:\n"
+                                     f"{nvrtc.getProgramLog(prog)}") from exc
+        lowered, cubin = nvrtc.getLoweredName(prog, name), nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    function = module.get_function(lowered)
+    cupy.cuda.driver.funcSetAttribute(function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                      smem_bytes(head_dim))
+    return module, function
+
+
+def prepare(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale: float, dt: int,
+            plan_kernel, capacity, defines: tuple = ()):
+    """Version 4's launch (plan kernel, then the warp-specialized grid) as a closure; scratch allocated now.
+
+    ``plan_kernel``: prefill_attention.cu's ``prefill_plan_kernel``; ``capacity(num_tokens, num_seqs, group,
+    block_m)``: the work-list bound of version 2 (both passed in by the dispatcher, which owns them).
+    """
+    import cupy
+
+    num_tokens, num_qo_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    group = num_qo_heads // num_kv_heads
+    cap = capacity(num_tokens, num_seqs, group, BLOCK_M)
+    if cap == 0 or num_tokens == 0:
+        return lambda: None
+    _, kernel = _kernel(dt, head_dim, cupy.cuda.Device().id, tuple(defines))
+    work_list = cupy.empty(2 * cap, dtype=cupy.int32)
+    max_work = max(1, -(-max_blocks * block_size // BLOCK_N))
+    plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(group),
+                 cupy.int32(BLOCK_M), cupy.int32(BLOCK_N), cupy.int32(max_work), cupy.int32(cap))
+    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
+            cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(group),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.float32(scale * math.log2(math.e)))
+    smem = smem_bytes(head_dim)
+
+    def launch():
+        plan_kernel((1,), (PLAN_THREADS,), plan_args)
+        kernel((cap * num_kv_heads,), (THREADS,), args, shared_mem=smem)
+    return launch
