@@ -10,6 +10,7 @@
 #           a hang (a pipeline deadlock) stops the script here
 #   tests   the version-4 GPU tests (tests/test_prefill_attention.py -k "sm90 or ...")
 #   bench   python -m experiments.prefill_bench (head_dim 64 and 128, no TTFT) with BENCH_ARGS
+#   ncu     Nsight Compute on the default version 4 (8k tokens, head_dim 128; 32k, head_dim 64)
 # Logs and the benchmark JSON go to $OUT/prefill_sm90.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +18,11 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/pagedkv_prefill_sm90}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-200}
-BENCH_ARGS=${BENCH_ARGS:---cases 2k 8k 32k varlen_u256 over_16k prefix_8x512 --no-variants --runs 10}
+BENCH_ARGS=${BENCH_ARGS:---cases 2k 8k 32k varlen_u256 over_16k prefix_8x512 --runs 10 \
+    --variants v4_no_pingpong v4_not_persistent v4_exp2f v4_stages2 v4_stages3}
 mkdir -p "$OUT/logs" benchmarks/results
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(probe diag tests bench)
+[ ${#stages[@]} -eq 0 ] && stages=(probe diag tests bench ncu)
 
 run() {  # run STAGE LIMIT CMD...: output to $OUT/logs/STAGE.log; returns the command's exit status
     local stage=$1 limit=$2
@@ -58,7 +60,7 @@ for dtype in (F16, BF16):
         ref = reference.prefill_attention(*batch)
         rows = ops.owned_rows(batch[4], len(batch[0]))
         dev = [to_dev(a) for a in batch]
-        for version, defines in ((2, ()), (4, ()), (4, (("PAGEDKV_SM90_PINGPONG", 0),))):
+        for version, defines in ((2, ()), (4, ()), (4, (("PAGEDKV_SM90_PERSISTENT", 0),))):
             out = poisoned(batch[0].shape, dtype)
             t0 = time.time()
             kp.prefill_attention(*dev, out=out, version=version, defines=defines,
@@ -67,7 +69,7 @@ for dtype in (F16, BF16):
             d = got[rows] - ref[rows]
             err = np.linalg.norm(np.nan_to_num(d, nan=1e3)) / np.linalg.norm(ref[rows])
             unowned_ok = np.isnan(got[~rows]).all()
-            by_chunk = np.linalg.norm(np.nan_to_num(d, nan=1e3).reshape(len(d), -1, hd // 8, 8), axis=(0, 1, 3))
+            by_chunk = np.sqrt((np.nan_to_num(d, nan=1e3).reshape(len(d), -1, hd // 8, 8) ** 2).sum(axis=(0, 1, 3)))
             by_rows = [float(np.linalg.norm(np.nan_to_num(d[i:i + 64], nan=1e3))) for i in range(0, len(d), 64)]
             print(f"{dtype} hd={hd} v{version}{' ' + str(defines) if defines else ''}: rel err {err:.2e}, "
                   f"nan rows {int((~np.isfinite(got[rows]).all(axis=(1, 2))).sum())}, unowned kept {unowned_ok}, "
@@ -93,6 +95,22 @@ for stage in "${stages[@]}"; do
         # shellcheck disable=SC2086
         run bench "${T_BENCH:-120}" "$PY" -m experiments.prefill_bench --head-dims 64 128 --ttft-lens $BENCH_ARGS \
             --output-json "$OUT/prefill_bench_sm90.json" ;;
+    ncu)
+        for case in "8k 128" "32k 64"; do
+            set -- $case
+            run "ncu_$1_$2" "${T_NCU:-30}" ncu --clock-control none --kernel-name regex:prefill_attention_v4 \
+                --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+                --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
+                "$PY" -c "
+import cupy as cp, numpy as np
+from experiments.prefill_bench import build_case, case_lengths
+from pagedkv import kernels_prefill as kp
+new, cached = case_lengths('$1')
+q, k, v, bt, qsl, cl = build_case(cp, np.random.default_rng(0), new, cached, $2)
+bt, qsl, cl = cp.asarray(bt), cp.asarray(qsl), cp.asarray(cl)
+for _ in range(4): kp.prefill_attention(q, k, v, bt, qsl, cl, check=False)
+cp.cuda.runtime.deviceSynchronize()"
+        done ;;
     *)
         echo "unknown stage $stage" | tee -a "$OUT/logs/summary.log" ;;
     esac

@@ -9,7 +9,7 @@ In one run, on one GPU:
      512 new tokens over one shared 4k cached prefix (``prefix_8x512``: the same physical blocks).
      The default version (4 on sm_90, else 2), version 2 with its default tile, and (unless
      ``--no-variants``) the alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES``, version 3 (wgmma, on sm_90)
-     and version 4 without ping-pong (``--variants`` picks among them), beside torch SDPA
+     and version 4's options (``V4_VARIANTS``; ``--variants`` picks among them), beside torch SDPA
      on contiguous [1, heads, tokens, head_dim] tensors
      (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
      is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
@@ -71,13 +71,21 @@ def case_shared_tokens(name: str) -> int:
     return 4096 if name == "prefix_8x512" else 0
 
 
+# version 4's compile-time / launch options timed beside its default (kernels_cu/prefill_attention_sm90.cu)
+V4_VARIANTS = {"v4_no_pingpong": (("PAGEDKV_SM90_PINGPONG", 0),),
+               "v4_not_persistent": (("PAGEDKV_SM90_PERSISTENT", 0),),
+               "v4_exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),),
+               "v4_stages2": (("PAGEDKV_SM90_STAGES", 2),),
+               "v4_stages3": (("PAGEDKV_SM90_STAGES", 3),)}
+
+
 def variant_labels() -> tuple[str, ...]:
     """The optional kernel variants (``--variants``), beside the default version and version 2."""
     from pagedkv import kernels_prefill as kp
 
     default = kp.DEFAULT_CONFIGS[128].label
     return (*(f"v2_{c.label}" for c in kp.BENCH_CONFIGS), *(f"v2_{default}_{n}" for n, _ in kp.BENCH_DEFINES),
-            "v3_wgmma", "v3_wgmma_line_loads", "v4_no_pingpong")
+            "v3_wgmma", "v3_wgmma_line_loads", *V4_VARIANTS)
 
 
 def parse(argv):
@@ -228,7 +236,8 @@ def _variants(kp, head_dim: int, args) -> list[tuple[str, dict]]:
         optional += [("v3_wgmma", {"version": 3}),
                      ("v3_wgmma_line_loads", {"version": 3, "defines": (("PAGEDKV_V3_LINE_LOADS", 1),)})]
     if kp.sm90.supports(1, head_dim, device):
-        optional += [("v4_no_pingpong", {"version": 4, "defines": (("PAGEDKV_SM90_PINGPONG", 0),)})]
+        optional += [(label, {"version": 4, "defines": d}) for label, d in V4_VARIANTS.items()
+                     if kp.sm90.stages_of(head_dim, d) != kp.sm90.STAGES[head_dim] or "STAGES" not in d[0][0]]
     chosen = set(variant_labels()) if args.variants is None else set(args.variants)
     return found + [(label, kw) for label, kw in optional if label in chosen]
 

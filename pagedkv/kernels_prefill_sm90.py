@@ -3,16 +3,16 @@ kernel (warp-specialized wgmma, FlashAttention-3 structure; sm_90a, float16 / bf
 
 It takes arrays already checked by :func:`pagedkv.kernels_prefill.prefill_attention` (which dispatches here)
 and shares version 2's launch contract: the plan kernel of ``prefill_attention.cu`` lists the work items
-heaviest first into a scratch array sized from shapes only, then ``capacity * num_kv_heads`` thread blocks of
-384 threads run (those past the real count exit), so a launch is captured in a CUDA graph and replayed with
-new lengths.
+heaviest first into a scratch array sized from shapes only (``capacity * num_kv_heads`` work indices), then
+``min(capacity * num_kv_heads, number of SMs)`` persistent thread blocks of 384 threads walk it (past the real
+items they stop), so a launch is captured in a CUDA graph and replayed with new lengths.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
 
-from .kernels import KernelCompileError, cu_source
+from .kernels import KernelCompileError, cu_source, num_sms
 
 FILENAME = "prefill_attention_sm90.cu"
 VERSION = 4
@@ -22,8 +22,13 @@ STAGES = {64: 4, 128: 2}  # K/V ring depth: what fits next to the Q tile in 227 
 PLAN_THREADS = 1024  # prefill_attention.cu: PAGEDKV_PLAN_THREADS
 
 
-def kernel_name(dt: int, head_dim: int) -> str:
-    return f"prefill_attention_v4_kernel<{dt}, {head_dim}, {STAGES[head_dim]}>"
+def stages_of(head_dim: int, defines: tuple = ()) -> int:
+    """The K/V ring depth: ``PAGEDKV_SM90_STAGES`` from ``defines`` (benchmark variants), else :data:`STAGES`."""
+    return int(dict(defines).get("PAGEDKV_SM90_STAGES", STAGES[head_dim]))
+
+
+def kernel_name(dt: int, head_dim: int, stages: int | None = None) -> str:
+    return f"prefill_attention_v4_kernel<{dt}, {head_dim}, {stages or STAGES[head_dim]}>"
 
 
 def names() -> tuple[str, ...]:
@@ -31,10 +36,10 @@ def names() -> tuple[str, ...]:
     return tuple(kernel_name(dt, hd) for dt in (1, 2) for hd in HEAD_DIMS)
 
 
-def smem_bytes(head_dim: int) -> int:
+def smem_bytes(head_dim: int, stages: int | None = None) -> int:
     """Mirror of ``PAGEDKV_SM90_SMEM_BYTES``: alignment slack, Q tile, K and V rings, mbarriers."""
-    stages = STAGES[head_dim]
-    return 1024 + (BLOCK_M + 2 * stages * BLOCK_N) * head_dim * 2 + 8 * (1 + 4 * stages)
+    stages = stages or STAGES[head_dim]
+    return 1024 + (BLOCK_M + 2 * stages * BLOCK_N) * head_dim * 2 + 8 * (2 + 4 * stages)
 
 
 @lru_cache(maxsize=None)
@@ -60,7 +65,8 @@ def _kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
     import cupy
     from cupy_backends.cuda.libs import nvrtc
 
-    name = kernel_name(dt, head_dim)
+    stages = stages_of(head_dim, defines)
+    name = kernel_name(dt, head_dim, stages)
     prog = nvrtc.createProgram(cu_source(FILENAME), FILENAME, (), ())
     try:
         nvrtc.addNameExpression(prog, name)
@@ -76,13 +82,14 @@ def _kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
     module.load(cubin)
     function = module.get_function(lowered)
     cupy.cuda.driver.funcSetAttribute(function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                      smem_bytes(head_dim))
+                                      smem_bytes(head_dim, stages))
     return module, function
 
 
 def prepare(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale: float, dt: int,
             plan_kernel, capacity, defines: tuple = ()):
     """Version 4's launch (plan kernel, then the warp-specialized grid) as a closure; scratch allocated now.
+    ``defines``: ``-D`` options of the .cu file (``PAGEDKV_SM90_STAGES`` also picks the template argument).
 
     ``plan_kernel``: prefill_attention.cu's ``prefill_plan_kernel``; ``capacity(num_tokens, num_seqs, group,
     block_m)``: the work-list bound of version 2 (both passed in by the dispatcher, which owns them).
@@ -101,12 +108,15 @@ def prepare(out, q, k_cache, v_cache, block_tables, query_start_loc, context_len
     max_work = max(1, -(-max_blocks * block_size // BLOCK_N))
     plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(group),
                  cupy.int32(BLOCK_M), cupy.int32(BLOCK_N), cupy.int32(max_work), cupy.int32(cap))
-    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
+    num_work = cap * num_kv_heads
+    persistent = int(dict(defines).get("PAGEDKV_SM90_PERSISTENT", 1))
+    grid = min(num_work, num_sms(cupy.cuda.Device().id)) if persistent else num_work
+    args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list, cupy.int32(num_work),
             cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(group),
             cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.float32(scale * math.log2(math.e)))
-    smem = smem_bytes(head_dim)
+    smem = smem_bytes(head_dim, stages_of(head_dim, defines))
 
     def launch():
         plan_kernel((1,), (PLAN_THREADS,), plan_args)
-        kernel((cap * num_kv_heads,), (THREADS,), args, shared_mem=smem)
+        kernel((grid,), (THREADS,), args, shared_mem=smem)
     return launch

@@ -558,6 +558,28 @@ def test_sm90_varlen_cached_prefixes_and_gqa(dtype, head_dim, heads):
     check_batch(batch, dtype, versions=(4,), what=f"v4 {dtype} hd={head_dim} heads={heads}")
 
 
+SM90_VARIANTS = {"not persistent": (("PAGEDKV_SM90_PERSISTENT", 0),), "no ping-pong": (("PAGEDKV_SM90_PINGPONG", 0),),
+                  "exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),), "3 stages": (("PAGEDKV_SM90_STAGES", 3),)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", SM90_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype,head_dim", [(F16, 128), (BF16, 64)], ids=str)
+def test_sm90_variants(variant, dtype, head_dim):
+    """The benchmark's version-4 variants (compile-time options) against the reference too."""
+    _sm90_or_skip(dtype, head_dim)
+    rng = np.random.default_rng(_seed("sm90 variant", variant, str(dtype)))
+    batch = make_batch(rng, dtype, head_dim, 16, (28, 4), [1, 130, 0, 300], [0, 5, 0, 333], share=1, pad_rows=2)
+    ref = reference.prefill_attention(*batch)
+    rows = ops.owned_rows(batch[4], len(batch[0]))
+    out = poisoned(batch[0].shape, dtype)
+    kernels_prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, version=4,
+                                      defines=SM90_VARIANTS[variant], kv_dtype="bfloat16" if dtype == BF16 else None)
+    got = to_host(out, dtype)
+    assert (got.view(np.uint16)[~rows] == NAN_BITS[2]).all()
+    assert_close(got.astype(np.float64), ref, rows, dtype, f"v4 {variant}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", (1, 4, 32, 64, 256))
 def test_sm90_block_sizes(block_size):
