@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The prefill helper's GPU call for issue 16 (version 4, the Hopper kernel), from the repository root:
+# The prefill helper's GPU call for issue 16 (versions 4 and 5, the Hopper kernels), from the repository root:
 #
 #   bash experiments/gpu_prefill.sh [STAGE...]      default: probe diag tests bench
 #
 # Stages (each under min(its limit, the time left before DEADLINE seconds, default 200)):
 #   probe   GPU name, driver, CuPy / torch versions
-#   diag    version 4 (and 2 as the control) on one small batch per dtype x head_dim against the float64
+#   diag    versions 4 and 5 (and 2 as the control) on one small batch per dtype x head_dim against the float64
 #           reference: relative error, error by 64-row block and by 8-dim chunk (a layout bug shows a pattern);
 #           a hang (a pipeline deadlock) stops the script here
-#   tests   the version-4 GPU tests (tests/test_prefill_attention.py -k "sm90 or ...")
+#   tests   the version-4/5 GPU tests (tests/test_prefill_attention.py -k "sm90 or ...")
 #   bench   python -m experiments.prefill_bench (head_dim 64 and 128, no TTFT) with BENCH_ARGS
-#   ncu     Nsight Compute on the default version 4 (8k tokens, head_dim 128; 32k, head_dim 64)
+#   ncu     Nsight Compute on the default Hopper versions (8k tokens, head_dim 128; 32k, head_dim 64)
 # Logs and the benchmark JSON go to $OUT/prefill_sm90.tgz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ OUT=${OUT:-/tmp/pagedkv_prefill_sm90}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-200}
 BENCH_ARGS=${BENCH_ARGS:---cases 2k 8k 32k varlen_u256 over_16k prefix_8x512 --runs 10 \
-    --variants v4_no_pingpong v4_not_persistent v4_exp2f v4_stages2 v4_stages3}
+    --variants v5_no_pingpong v5_not_persistent v5_exp2f v5_stages2 v5_stages3}
 mkdir -p "$OUT/logs" benchmarks/results
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(probe diag tests bench ncu)
@@ -41,7 +41,7 @@ run() {  # run STAGE LIMIT CMD...: output to $OUT/logs/STAGE.log; returns the co
 
 DIAG_PY=$(mktemp /tmp/prefill_diag_XXXX.py)
 cat > "$DIAG_PY" <<'EOF'
-"""Version 4 vs the float64 reference on one small batch per (dtype, head_dim); version 2 as the control."""
+"""Versions 4 and 5 vs the float64 reference on one small batch per (dtype, head_dim); version 2 as the control."""
 import sys
 import time
 
@@ -60,7 +60,7 @@ for dtype in (F16, BF16):
         ref = reference.prefill_attention(*batch)
         rows = ops.owned_rows(batch[4], len(batch[0]))
         dev = [to_dev(a) for a in batch]
-        for version, defines in ((2, ()), (4, ()), (4, (("PAGEDKV_SM90_PERSISTENT", 0),))):
+        for version, defines in ((2, ()), (4, ()), (5, ())):
             out = poisoned(batch[0].shape, dtype)
             t0 = time.time()
             kp.prefill_attention(*dev, out=out, version=version, defines=defines,
@@ -90,7 +90,7 @@ for stage in "${stages[@]}"; do
         fi ;;
     tests)
         run tests "${T_TESTS:-80}" "$PY" -m pytest -p no:cacheprovider -q -rs --durations=5 tests/test_prefill_attention.py \
-            -m gpu -k "sm90 or default_version or (capture and 4) or (chunked and 4)" ;;
+            -m gpu -k "sm90 or default_version or (capture and (4 or 5)) or (chunked and (4 or 5))" ;;
     bench)
         # shellcheck disable=SC2086
         run bench "${T_BENCH:-120}" "$PY" -m experiments.prefill_bench --head-dims 64 128 --ttft-lens $BENCH_ARGS \
@@ -98,7 +98,7 @@ for stage in "${stages[@]}"; do
     ncu)
         for case in "8k 128" "32k 64"; do
             set -- $case
-            run "ncu_$1_$2" "${T_NCU:-30}" ncu --clock-control none --kernel-name regex:prefill_attention_v4 \
+            run "ncu_$1_$2" "${T_NCU:-30}" ncu --clock-control none --kernel-name regex:prefill_attention_v[45] \
                 --launch-skip 2 --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
                 --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section SchedulerStats \
                 "$PY" -c "

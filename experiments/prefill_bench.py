@@ -7,9 +7,10 @@ In one run, on one GPU:
      U[64, 4096] (seed 0); 512 new tokens after a 4k cached prefix; issue 16's cases: 16 prompts of
      U[256, 4096] (``varlen_u256``), 2,048 new tokens over a 16k cached context (``over_16k``), 8 sequences of
      512 new tokens over one shared 4k cached prefix (``prefix_8x512``: the same physical blocks).
-     The default version (4 on sm_90, else 2), version 2 with its default tile, and (unless
-     ``--no-variants``) the alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES``, version 3 (wgmma, on sm_90)
-     and version 4's options (``V4_VARIANTS``; ``--variants`` picks among them), beside torch SDPA
+     The default version (on sm_90: 5 at head_dim 64, 4 at 128; else 2), version 2 with its default tile, the
+     other Hopper version (on sm_90), and (unless ``--no-variants``) the alternatives of ``BENCH_CONFIGS`` /
+     ``BENCH_DEFINES``, version 3 (wgmma, on sm_90) and version 5's options (``V5_VARIANTS``; ``--variants``
+     picks among them), beside torch SDPA
      on contiguous [1, heads, tokens, head_dim] tensors
      (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
      is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
@@ -71,12 +72,12 @@ def case_shared_tokens(name: str) -> int:
     return 4096 if name == "prefix_8x512" else 0
 
 
-# version 4's compile-time / launch options timed beside its default (kernels_cu/prefill_attention_sm90.cu)
-V4_VARIANTS = {"v4_no_pingpong": (("PAGEDKV_SM90_PINGPONG", 0),),
-               "v4_not_persistent": (("PAGEDKV_SM90_PERSISTENT", 0),),
-               "v4_exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),),
-               "v4_stages2": (("PAGEDKV_SM90_STAGES", 2),),
-               "v4_stages3": (("PAGEDKV_SM90_STAGES", 3),)}
+# version 5's compile-time / launch options timed beside its default (kernels_cu/prefill_attention_sm90.cu)
+V5_VARIANTS = {"v5_no_pingpong": (("PAGEDKV_SM90_PINGPONG", 0),),
+               "v5_not_persistent": (("PAGEDKV_SM90_PERSISTENT", 0),),
+               "v5_exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),),
+               "v5_stages2": (("PAGEDKV_SM90_STAGES", 2),),
+               "v5_stages3": (("PAGEDKV_SM90_STAGES", 3),)}
 
 
 def variant_labels() -> tuple[str, ...]:
@@ -85,7 +86,7 @@ def variant_labels() -> tuple[str, ...]:
 
     default = kp.DEFAULT_CONFIGS[128].label
     return (*(f"v2_{c.label}" for c in kp.BENCH_CONFIGS), *(f"v2_{default}_{n}" for n, _ in kp.BENCH_DEFINES),
-            "v3_wgmma", "v3_wgmma_line_loads", *V4_VARIANTS)
+            "v3_wgmma", "v3_wgmma_line_loads", *V5_VARIANTS)
 
 
 def parse(argv):
@@ -221,22 +222,24 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
 
 
 def _variants(kp, head_dim: int, args) -> list[tuple[str, dict]]:
-    """(label, prefill_attention keyword arguments): the default version, version 2's default tile, then the
-    optional variants that run here."""
-    default = kp.DEFAULT_CONFIGS[head_dim]
-    found = [("default", {}), (f"v2_{default.label}", {"version": 2})]
-    if args.no_variants:
-        return found
+    """(label, prefill_attention keyword arguments): the default version, version 2's default tile, the other
+    Hopper version (on sm_90), then the optional variants that run here."""
     import cupy
 
     device = cupy.cuda.Device().id
+    default = kp.DEFAULT_CONFIGS[head_dim]
+    found = [("default", {}), (f"v2_{default.label}", {"version": 2})]
+    if kp.sm90.supports(1, head_dim, device):
+        found += [(f"v{v}", {"version": v}) for v in kp.sm90.VERSIONS if v != kp.sm90.DEFAULT_VERSION[head_dim]]
+    if args.no_variants:
+        return found
     optional = [(f"v2_{c.label}", {"version": 2, "config": c}) for c in kp.BENCH_CONFIGS]
     optional += [(f"v2_{kp.DEFAULT_CONFIGS[128].label}_{n}", {"version": 2, "defines": d}) for n, d in kp.BENCH_DEFINES]
     if head_dim in kp.V3_HEAD_DIMS and kp.v3_available(device):
         optional += [("v3_wgmma", {"version": 3}),
                      ("v3_wgmma_line_loads", {"version": 3, "defines": (("PAGEDKV_V3_LINE_LOADS", 1),)})]
     if kp.sm90.supports(1, head_dim, device):
-        optional += [(label, {"version": 4, "defines": d}) for label, d in V4_VARIANTS.items()
+        optional += [(label, {"version": 5, "defines": d}) for label, d in V5_VARIANTS.items()
                      if kp.sm90.stages_of(head_dim, d) != kp.sm90.STAGES[head_dim] or "STAGES" not in d[0][0]]
     chosen = set(variant_labels()) if args.variants is None else set(args.variants)
     return found + [(label, kw) for label, kw in optional if label in chosen]

@@ -17,15 +17,22 @@
 //                                while P V is on the tensor cores) and ping-pong between the two consumers
 //                                (named barriers order their GEMM issue, so one's softmax overlaps the other's
 //                                GEMMs). 128 x 128 tiles, causal tiles skipped, the diagonal masked.
-//                                Persistent: one block per SM walks the heaviest-first work list in snake
-//                                order, the K/V ring running on across items (the producer gathers the next
-//                                item's tiles while the consumers finish the current one).
+//                                One thread block per work item. The default at head_dim 128.
+//   prefill_attention_v5_kernel  version 4 made persistent (one block per SM walks the heaviest-first work
+//                                list in snake order; the K/V ring runs on across items, the producer
+//                                gathering the next item's tiles while the consumers finish the current one;
+//                                q_empty guards the Q tile, which also stages the output), with the softmax
+//                                on ex2.approx.ftz (one MUFU op; exp2f adds a 3-instruction range fix-up per
+//                                score) and row max / sum over 4 partials. The default at head_dim 64: +5 % at
+//                                8k / 32k over version 4; at head_dim 128 it measured 17 % slower than version 4
+//                                in every variant (persistent or not, ping-pong or not, exp2f or not), cause
+//                                not found yet (NOTES_prefill.md).
 //
 // Compile-time options (-D): PAGEDKV_SM90_PINGPONG (1): order the consumers' GEMM issue with named barriers;
-// PAGEDKV_SM90_FAST_EXP (1): ex2.approx.ftz (one MUFU op) instead of exp2f (which adds a range fix-up of 3
-// instructions per score); PAGEDKV_SM90_STAGES: the K/V ring depth (the launcher's template argument, 2 at
-// head_dim 128, 4 at 64; passed as a define only so that a variant gets its own module);
-// PAGEDKV_SM90_PERSISTENT (1): read by the launcher only: 0 launches one block per work item (non-persistent).
+// PAGEDKV_SM90_STAGES: the K/V ring depth (the launcher's template argument, 2 at head_dim 128, 4 at 64;
+// passed as a define only so that a variant gets its own module); version 5 only: PAGEDKV_SM90_FAST_EXP (1):
+// ex2.approx.ftz instead of exp2f; PAGEDKV_SM90_PERSISTENT (1): read by the launcher only: 0 launches one
+// block per work item.
 //
 // Layouts (one layer) and metadata: as prefill_attention.cu (its header draws them):
 //   q, out           [num_tokens, num_qo_heads, HEAD_DIM]
@@ -36,7 +43,7 @@
 // Shared memory (base rounded up to 1024 bytes: the swizzle pattern repeats every 8 rows x 128 bytes):
 //   Q  [HEAD_DIM / 64][128 rows][128 B]              one 64-element column block after the other
 //   K  [STAGES][HEAD_DIM / 64][128 keys][128 B]      (V alike)
-//   mbarriers: q_full, q_empty, k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES]
+//   mbarriers: q_full, (version 5: q_empty,) k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES]
 // 128-byte swizzle: 16-byte chunk c (0..7) of row r of a column block sits at r * 128 + ((c ^ (r % 8)) * 16),
 // the layout wgmma reads as K-major (Q, K: rows = M / N, 64 elements of K per row) and as MN-major (V: rows =
 // keys = the K of P V, 64 head dims per row) alike:
@@ -237,21 +244,324 @@ __device__ __forceinline__ bool load_item(int w, int num_work, const int* __rest
 //   query_start_loc [num_seqs + 1] int32, context_lens [num_seqs] int32
 //   work_list    [capacity, 2] int32 from prefill_plan_kernel(block_m = 128, block_n = 128): (sequence, query
 //                tile), heaviest first; sequence -1 = no work
+//   num_qo_heads, num_kv_heads, group = num_qo_heads / num_kv_heads, log2_block_size, max_blocks
+//   scale_log2   softmax scale * log2(e) > 0
+// grid: capacity * num_kv_heads (blockIdx.x = item * num_kv_heads + kv_head), block: 384 (3 warpgroups),
+// dynamic shared memory: PAGEDKV_SM90_V4_SMEM_BYTES(HEAD_DIM, STAGES)
+// ================================================================================================
+#define PAGEDKV_SM90_V4_SMEM_BYTES(HEAD_DIM, STAGES) \
+  (1024 + (PAGEDKV_SM90_BLOCK_M + 2 * (STAGES) * PAGEDKV_SM90_BLOCK_N) * (HEAD_DIM) * 2 + 8 * (1 + 4 * (STAGES)))
+
+template <int DT, int HEAD_DIM, int STAGES>
+__global__ void __launch_bounds__(PAGEDKV_SM90_THREADS, 1)
+prefill_attention_v4_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+                            const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
+                            const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+                            const int* __restrict__ context_lens, const int* __restrict__ work_list,
+                            int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
+                            float scale_log2) {
+  static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "wgmma shapes exist for head_dim 64 and 128");
+  constexpr int BLOCK_M = PAGEDKV_SM90_BLOCK_M, BLOCK_N = PAGEDKV_SM90_BLOCK_N;
+  constexpr int CPR = HEAD_DIM / 8;                   // 16-byte chunks per row
+  constexpr int TILE = BLOCK_N * HEAD_DIM * 2;        // bytes of one K (or V) stage
+  constexpr int NT_S = BLOCK_N / 8, NT_O = HEAD_DIM / 8, KSTEPS = HEAD_DIM / 16, PSTEPS = BLOCK_N / 16;
+
+  // work item: (sequence, query tile) of this KV head
+  const int tid = threadIdx.x;
+  const int item = blockIdx.x / num_kv_heads, kv_head = blockIdx.x - item * num_kv_heads;
+  const int seq = work_list[2 * item];
+  if (seq < 0) return;  // past the last work item (uniform over the block)
+  const int tile = work_list[2 * item + 1];
+  const int q_start = query_start_loc[seq];
+  const int n_new = query_start_loc[seq + 1] - q_start;
+  const int num_cached = context_lens[seq] - n_new;
+  const int rows = n_new * group;                           // packed rows of this sequence
+  const int m0 = tile * BLOCK_M, m_end = min(rows, m0 + BLOCK_M);
+  const int kv_end = num_cached + (m_end - 1) / group + 1;  // keys this tile attends: [0, kv_end)
+  const int num_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
+
+  // shared memory: tiles from a 1024-byte aligned base, then the mbarriers
+  extern __shared__ uint4 smem[];
+  const unsigned base = (pagedkv::smem_u32(smem) + 1023) & ~1023u;
+  const unsigned s_q = base, s_k = s_q + BLOCK_M * HEAD_DIM * 2, s_v = s_k + STAGES * TILE;
+  const unsigned q_full = s_v + STAGES * TILE, k_full = q_full + 8, v_full = k_full + 8 * STAGES;
+  const unsigned k_empty = v_full + 8 * STAGES, v_empty = k_empty + 8 * STAGES;
+  unsigned char* const smem_bytes = reinterpret_cast<unsigned char*>(smem) + (base - pagedkv::smem_u32(smem));
+  if (tid == 0) {
+    sm90::mbar_init(q_full, 128);
+    for (int s = 0; s < STAGES; ++s) {
+      sm90::mbar_init(k_full + 8 * s, 128);  // one cp.async arrive per producer thread
+      sm90::mbar_init(v_full + 8 * s, 128);
+      sm90::mbar_init(k_empty + 8 * s, 8);   // one arrive per consumer warp
+      sm90::mbar_init(v_empty + 8 * s, 8);
+    }
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // ---- producer warpgroup: Q, then K(0), then K(n) and V(n - 1) for n = 1 .., then the last V --------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(PAGEDKV_SM90_PRODUCER_REGS));
+    const int lane = tid & 31, warp = tid >> 5;
+    // load q: chunk c = i * 128 + tid -> packed row c / CPR, chunk c % CPR (rows past the sequence zero-filled)
+#pragma unroll 4
+    for (int i = 0; i < CPR; ++i) {
+      const int c = i * 128 + tid, r = c / CPR, col = c % CPR, pr = m0 + r;
+      const bool valid = pr < rows;
+      const unsigned short* src =
+          valid ? q + sm90::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8 : q;
+      pagedkv::cp_async16(s_q + sm90::swz(r, col, BLOCK_M), src, valid);
+    }
+    sm90::mbar_arrive_cp_async(q_full);
+
+    // K/V tile n: warp w copies keys 32w .. 32w + 31 of the tile; lane l looks up key 32w + l in the block
+    // table (its element offset, -1 at or past kv_end: zero-filled, never read) and the warp shares the
+    // offsets by shuffles: iteration i copies rows 32w + i * RPI + l / CPR, chunk l % CPR (whole rows per
+    // lane group: coalesced reads, one 128-byte shared line per 8 lanes: conflict-free writes)
+    constexpr int RPI = 32 / CPR;
+    const int* block_table = block_tables + (long long)seq * max_blocks;
+    const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
+    const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
+    const int in_block_mask = (1 << log2_block_size) - 1;
+    auto row_offset = [&](int n) -> long long {
+      const int key = n * BLOCK_N + warp * 32 + lane;
+      if (key >= kv_end) return -1;
+      return block_table[key >> log2_block_size] * block_elems + head_off + (long long)(key & in_block_mask) * HEAD_DIM;
+    };
+    auto copy_tile = [&](const unsigned short* __restrict__ cache, unsigned dst_stage, long long off) {
+#pragma unroll
+      for (int i = 0; i < CPR; ++i) {
+        const int rl = i * RPI + lane / CPR, col = lane % CPR, r = warp * 32 + rl;
+        const long long o = __shfl_sync(0xffffffffu, off, rl);
+        pagedkv::cp_async16(dst_stage + sm90::swz(r, col, BLOCK_N), cache + (o >= 0 ? o + col * 8 : 0), o >= 0);
+      }
+    };
+    auto load = [&](const unsigned short* __restrict__ cache, unsigned s_ring, unsigned full, unsigned empty, int n,
+                    long long off) {
+      const int stage = n % STAGES;
+      if (n >= STAGES) sm90::mbar_wait(empty + 8 * stage, ((n / STAGES) - 1) & 1);
+      copy_tile(cache, s_ring + stage * TILE, off);
+      sm90::mbar_arrive_cp_async(full + 8 * stage);
+    };
+    long long off_prev = row_offset(0);
+    load(k_cache, s_k, k_full, k_empty, 0, off_prev);
+    for (int n = 1; n < num_tiles; ++n) {
+      const long long off = row_offset(n);
+      load(k_cache, s_k, k_full, k_empty, n, off);
+      load(v_cache, s_v, v_full, v_empty, n - 1, off_prev);
+      off_prev = off;
+    }
+    load(v_cache, s_v, v_full, v_empty, num_tiles - 1, off_prev);
+    pagedkv::cp_async_wait<0>();
+    return;
+  }
+
+  // ---- consumer warpgroups 1, 2: 64 packed rows each -----------------------------------------------------
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(PAGEDKV_SM90_CONSUMER_REGS));
+  const int cw = (tid >> 7) - 1, wt = tid & 127, lane = tid & 31, warp = wt >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int wm0 = m0 + cw * 64 + warp * 16;            // this warp's first packed row
+  const int warp_first_pos = num_cached + wm0 / group;  // the smallest position among its rows
+  int pos[2];                                           // positions of this thread's rows g and g + 8
+#pragma unroll
+  for (int h = 0; h < 2; ++h) pos[h] = num_cached + (wm0 + g + 8 * h) / group;
+  const unsigned q_wg = s_q + cw * 64 * 128;  // this warpgroup's 64 rows of each column block
+
+  float o[NT_O][4], s[NT_S][4], m_run[2], l_run[2], alpha[2];
+  unsigned pa[PSTEPS][4];  // P of the previous tile: the A fragments of its P V
+#pragma unroll
+  for (int j = 0; j < NT_O; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) { m_run[h] = PAGEDKV_NEG_INF; l_run[h] = 0.f; }
+#pragma unroll
+  for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+
+  // ping-pong: consumer cw issues its GEMMs after bar(1 + cw) and then lets the other one go
+  const int my_bar = 1 + cw, other_bar = 2 - cw;
+  auto turn_begin = [&]() { if (PAGEDKV_SM90_PINGPONG) sm90::bar_sync(my_bar, 256); };
+  auto turn_end = [&]() { if (PAGEDKV_SM90_PINGPONG) sm90::bar_arrive(other_bar, 256); };
+  if (PAGEDKV_SM90_PINGPONG && cw == 1) sm90::bar_arrive(other_bar, 256);  // consumer 0 goes first
+
+  auto release = [&](unsigned bar) {  // this warp is done with a stage (its wgmma reads completed)
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(bar);
+  };
+  auto wait_full = [&](unsigned full, int n) {
+    sm90::mbar_wait(full + 8 * (n % STAGES), (n / STAGES) & 1);
+    sm90::fence_proxy_async();  // cp.async (generic proxy) writes -> wgmma (async proxy) reads
+  };
+  auto issue_qk = [&](int n) {  // S = Q K(n)^T; the first k16 step overwrites S
+    const unsigned k_tile = s_k + (n % STAGES) * TILE;
+#pragma unroll
+    for (int ks = 0; ks < KSTEPS; ++ks) {
+      const unsigned koff = (ks & 3) * 32;  // 16 elements along the 128-byte row of column block ks / 4
+      sm90::wgmma_ss_m64n128k16<DT>(s, sm90::desc_sw128(q_wg + (ks >> 2) * BLOCK_M * 128 + koff, 16, 1024),
+                                   sm90::desc_sw128(k_tile + (ks >> 2) * BLOCK_N * 128 + koff, 16, 1024), ks);
+    }
+    sm90::wgmma_commit();
+  };
+  auto issue_pv = [&](int n) {  // O += P(n) V(n)
+    const unsigned v_tile = s_v + (n % STAGES) * TILE;
+#pragma unroll
+    for (int kk = 0; kk < PSTEPS; ++kk) {
+      const unsigned long long desc = sm90::desc_sw128(v_tile + kk * 16 * 128, BLOCK_N * 128, 1024);
+      if constexpr (HEAD_DIM == 64) sm90::wgmma_rs_m64n64k16<DT>(o, pa[kk], desc, 1);
+      else sm90::wgmma_rs_m64n128k16<DT>(o, pa[kk], desc, 1);
+    }
+    sm90::wgmma_commit();
+  };
+  // mask the diagonal, then the online softmax statistics of S(n): p = exp2(s * c - m * c) in place, the row
+  // sums rescaled by alpha = exp2((m_old - m_new) * c); returns whether a row of this warp moved its max
+  auto softmax = [&](int n) -> bool {
+    sm90::reg_fence(s);
+    const int n0 = n * BLOCK_N;
+    if (n0 + BLOCK_N - 1 > warp_first_pos) {
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (n0 + j * 8 + 2 * t4 + (e & 1) > pos[e >> 1]) s[j][e] = PAGEDKV_NEG_INF;
+    }
+    bool moved = false;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = PAGEDKV_NEG_INF;
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[h], mx);
+      // NOTE: every row sees key 0 in tile 0, so m_new is finite; the guard keeps -inf - -inf out anyway
+      const float shift = m_new == PAGEDKV_NEG_INF ? 0.f : m_new * scale_log2;
+      alpha[h] = m_new == m_run[h] ? 1.f : exp2f(m_run[h] * scale_log2 - shift);
+      moved |= alpha[h] != 1.f;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NT_S; ++j)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          const float p = exp2f(fmaf(s[j][e], scale_log2, -shift));
+          s[j][e] = p;
+          sum += p;
+        }
+      l_run[h] = l_run[h] * alpha[h] + sum;
+      m_run[h] = m_new;
+    }
+    return moved;
+  };
+  auto rescale = [&](bool moved) {
+    if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+      for (int j = 0; j < NT_O; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e >> 1];
+    }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < PSTEPS; ++kk) {
+      pa[kk][0] = sm90::pack2<DT>(s[2 * kk][0], s[2 * kk][1]);          // row g,     keys 2t, 2t+1
+      pa[kk][1] = sm90::pack2<DT>(s[2 * kk][2], s[2 * kk][3]);          // row g + 8, keys 2t, 2t+1
+      pa[kk][2] = sm90::pack2<DT>(s[2 * kk + 1][0], s[2 * kk + 1][1]);  // row g,     keys 2t+8, 2t+9
+      pa[kk][3] = sm90::pack2<DT>(s[2 * kk + 1][2], s[2 * kk + 1][3]);  // row g + 8, keys 2t+8, 2t+9
+    }
+  };
+
+  sm90::mbar_wait(q_full, 0);
+  sm90::fence_proxy_async();
+
+  // tile 0: S(0), softmax, P(0)
+  wait_full(k_full, 0);
+  turn_begin();
+  sm90::wgmma_fence();
+  issue_qk(0);
+  turn_end();
+  sm90::wgmma_wait<0>();
+  release(k_empty);
+  softmax(0);
+  pack_p();
+  // tiles 1 ..: S(n) and P(n-1) V(n-1) in flight together; the softmax of S(n) runs under P V
+  for (int n = 1; n < num_tiles; ++n) {
+    wait_full(k_full, n);
+    wait_full(v_full, n - 1);  // NOTE: before the GEMMs: a wait loop between two wgmma would serialize them
+    turn_begin();
+    sm90::wgmma_fence();
+    issue_qk(n);
+    issue_pv(n - 1);
+    turn_end();
+    sm90::wgmma_wait<1>();  // S(n) landed
+    release(k_empty + 8 * (n % STAGES));
+    const bool moved = softmax(n);
+    sm90::wgmma_wait<0>();  // P(n-1) V(n-1) is in O: pa and the V stage are free
+    sm90::reg_fence(o);
+    release(v_empty + 8 * ((n - 1) % STAGES));
+    rescale(moved);
+    pack_p();
+  }
+  // the last tile's P V
+  wait_full(v_full, num_tiles - 1);
+  if (PAGEDKV_SM90_PINGPONG) sm90::bar_sync(my_bar, 256);
+  sm90::wgmma_fence();
+  issue_pv(num_tiles - 1);
+  if (PAGEDKV_SM90_PINGPONG && cw == 0) sm90::bar_arrive(other_bar, 256);  // consumer 1 issues the last GEMM
+  sm90::wgmma_wait<0>();
+  sm90::reg_fence(o);
+
+  // write out: O / l (l summed over the quad) into this warp's own 16 rows of the Q tile (swizzled, 16-bit),
+  // then 16-byte row chunks to out; rows past the sequence are not written
+  sm90::fence_proxy_async();
+  const int r0 = cw * 64 + warp * 16;  // the warp's first row in the tile
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = 1.f / l;
+    const int r = r0 + g + 8 * h;
+#pragma unroll
+    for (int j = 0; j < NT_O; ++j)
+      *reinterpret_cast<unsigned*>(smem_bytes + sm90::swz(r, j, BLOCK_M) + 4 * t4) =
+          sm90::pack2<DT>(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * CPR; i += 32) {
+    const int r = i / CPR, col = i % CPR, pr = wm0 + r;
+    if (pr < rows) {
+      unsigned short* dst = out + sm90::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(smem_bytes + sm90::swz(r0 + r, col, BLOCK_M));
+    }
+  }
+}
+
+// ================================================================================================
+// prefill_attention_v5_kernel: version 4, persistent, with the faster softmax (float16 / bfloat16, HEAD_DIM 64
+// or 128).
+//   out          [num_tokens, num_qo_heads, HEAD_DIM] (DT) out: only rows some sequence owns are written
+//   q            [num_tokens, num_qo_heads, HEAD_DIM] (DT)
+//   k_cache      [num_blocks, num_kv_heads, 1 << log2_block_size, HEAD_DIM] (DT); v_cache alike
+//   block_tables [num_seqs, max_blocks] int32
+//   query_start_loc [num_seqs + 1] int32, context_lens [num_seqs] int32
+//   work_list    [capacity, 2] int32 from prefill_plan_kernel(block_m = 128, block_n = 128): (sequence, query
+//                tile), heaviest first; sequence -1 = no work
 //   num_work     capacity * num_kv_heads: work index w = item * num_kv_heads + kv_head
 //   num_qo_heads, num_kv_heads, group = num_qo_heads / num_kv_heads, log2_block_size, max_blocks
 //   scale_log2   softmax scale * log2(e) > 0
 // grid: min(num_work, number of SMs) (persistent: each block walks work indices in snake order, see
 // work_index), or num_work (one item per block); block: 384 (3 warpgroups); dynamic shared memory:
-// PAGEDKV_SM90_SMEM_BYTES(HEAD_DIM, STAGES).
+// PAGEDKV_SM90_V5_SMEM_BYTES(HEAD_DIM, STAGES).
 // The K/V ring runs on across items: the producer gathers the next item's tiles while the consumers finish
 // the current one; it reloads Q after both consumers have written their output out of the Q tile (q_empty).
 // ================================================================================================
-#define PAGEDKV_SM90_SMEM_BYTES(HEAD_DIM, STAGES) \
+#define PAGEDKV_SM90_V5_SMEM_BYTES(HEAD_DIM, STAGES) \
   (1024 + (PAGEDKV_SM90_BLOCK_M + 2 * (STAGES) * PAGEDKV_SM90_BLOCK_N) * (HEAD_DIM) * 2 + 8 * (2 + 4 * (STAGES)))
 
 template <int DT, int HEAD_DIM, int STAGES>
 __global__ void __launch_bounds__(PAGEDKV_SM90_THREADS, 1)
-prefill_attention_v4_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+prefill_attention_v5_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
                             const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
                             const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
                             const int* __restrict__ context_lens, const int* __restrict__ work_list, int num_work,
