@@ -19,7 +19,7 @@ OUT=${OUT:-/tmp/pagedkv_prefill_sm90}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-200}
 BENCH_ARGS=${BENCH_ARGS:---cases 2k 8k 32k varlen_u256 over_16k prefix_8x512 --runs 10 \
-    --variants v5_no_pingpong v5_not_persistent v5_exp2f v5_stages2 v5_stages3}
+    --variants v4_fast_exp v5_no_pingpong v5_not_persistent v5_exp2f v5_stages3}
 mkdir -p "$OUT/logs" benchmarks/results
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(probe diag tests bench ncu)

@@ -9,8 +9,8 @@ In one run, on one GPU:
      512 new tokens over one shared 4k cached prefix (``prefix_8x512``: the same physical blocks).
      The default version (on sm_90: 5 at head_dim 64, 4 at 128; else 2), version 2 with its default tile, the
      other Hopper version (on sm_90), and (unless ``--no-variants``) the alternatives of ``BENCH_CONFIGS`` /
-     ``BENCH_DEFINES``, version 3 (wgmma, on sm_90) and version 5's options (``V5_VARIANTS``; ``--variants``
-     picks among them), beside torch SDPA
+     ``BENCH_DEFINES``, version 3 (wgmma, on sm_90) and versions 4 and 5's options (``V4_VARIANTS``,
+     ``V5_VARIANTS``; ``--variants`` picks among them), beside torch SDPA
      on contiguous [1, heads, tokens, head_dim] tensors
      (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
      is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
@@ -78,6 +78,7 @@ V5_VARIANTS = {"v5_no_pingpong": (("PAGEDKV_SM90_PINGPONG", 0),),
                "v5_exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),),
                "v5_stages2": (("PAGEDKV_SM90_STAGES", 2),),
                "v5_stages3": (("PAGEDKV_SM90_STAGES", 3),)}
+V4_VARIANTS = {"v4_fast_exp": (("PAGEDKV_SM90_V4_FAST_EXP", 1),)}  # not yet measured
 
 
 def variant_labels() -> tuple[str, ...]:
@@ -86,7 +87,7 @@ def variant_labels() -> tuple[str, ...]:
 
     default = kp.DEFAULT_CONFIGS[128].label
     return (*(f"v2_{c.label}" for c in kp.BENCH_CONFIGS), *(f"v2_{default}_{n}" for n, _ in kp.BENCH_DEFINES),
-            "v3_wgmma", "v3_wgmma_line_loads", *V5_VARIANTS)
+            "v3_wgmma", "v3_wgmma_line_loads", *V4_VARIANTS, *V5_VARIANTS)
 
 
 def parse(argv):
@@ -239,6 +240,7 @@ def _variants(kp, head_dim: int, args) -> list[tuple[str, dict]]:
         optional += [("v3_wgmma", {"version": 3}),
                      ("v3_wgmma_line_loads", {"version": 3, "defines": (("PAGEDKV_V3_LINE_LOADS", 1),)})]
     if kp.sm90.supports(1, head_dim, device):
+        optional += [(label, {"version": 4, "defines": d}) for label, d in V4_VARIANTS.items()]
         optional += [(label, {"version": 5, "defines": d}) for label, d in V5_VARIANTS.items()
                      if kp.sm90.stages_of(head_dim, d) != kp.sm90.STAGES[head_dim] or "STAGES" not in d[0][0]]
     chosen = set(variant_labels()) if args.variants is None else set(args.variants)

@@ -32,7 +32,12 @@
 // PAGEDKV_SM90_STAGES: the K/V ring depth (the launcher's template argument, 2 at head_dim 128, 4 at 64;
 // passed as a define only so that a variant gets its own module); version 5 only: PAGEDKV_SM90_FAST_EXP (1):
 // ex2.approx.ftz instead of exp2f; PAGEDKV_SM90_PERSISTENT (1): read by the launcher only: 0 launches one
-// block per work item.
+// block per work item. Not yet measured (a benchmark variant, off by default so that the default stays the
+// measured kernel): PAGEDKV_SM90_V4_FAST_EXP (0): version 4 on ex2.approx.ftz.
+// NOTE: the SASS of both versions shows ptxas placing the 64 MUFU.EX2 of a tile after the wait for
+// P(n-1) V(n-1) (only the mask and the row max run between the two waits), so a consumer's exponentials
+// overlap the other consumer's GEMMs (ping-pong) but not its own P V; a register fence plus __syncwarp after
+// the exponentials did not move them (ptxas, nvcc 13.0).
 //
 // Layouts (one layer) and metadata: as prefill_attention.cu (its header draws them):
 //   q, out           [num_tokens, num_qo_heads, HEAD_DIM]
@@ -56,7 +61,10 @@
 #define PAGEDKV_SM90_PINGPONG 1
 #endif
 #ifndef PAGEDKV_SM90_FAST_EXP
-#define PAGEDKV_SM90_FAST_EXP 1
+#define PAGEDKV_SM90_FAST_EXP 1  // version 5
+#endif
+#ifndef PAGEDKV_SM90_V4_FAST_EXP
+#define PAGEDKV_SM90_V4_FAST_EXP 0  // version 4 (not yet measured on: the default keeps the measured kernel)
 #endif
 #define PAGEDKV_SM90_THREADS 384
 #define PAGEDKV_SM90_BLOCK_M 128
@@ -120,8 +128,9 @@ __device__ __forceinline__ unsigned long long desc_sw128(unsigned addr, unsigned
 }
 
 // 2^x: one MUFU op (ftz: results under 2^-126 become 0, far below what a 16-bit P keeps; 2^-inf = 0)
+template <bool FAST = PAGEDKV_SM90_FAST_EXP>
 __device__ __forceinline__ float exp2_fast(float x) {
-  if constexpr (PAGEDKV_SM90_FAST_EXP) {
+  if constexpr (FAST) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
@@ -436,14 +445,14 @@ prefill_attention_v4_kernel(unsigned short* __restrict__ out, const unsigned sho
       const float m_new = fmaxf(m_run[h], mx);
       // NOTE: every row sees key 0 in tile 0, so m_new is finite; the guard keeps -inf - -inf out anyway
       const float shift = m_new == PAGEDKV_NEG_INF ? 0.f : m_new * scale_log2;
-      alpha[h] = m_new == m_run[h] ? 1.f : exp2f(m_run[h] * scale_log2 - shift);
+      alpha[h] = m_new == m_run[h] ? 1.f : sm90::exp2_fast<PAGEDKV_SM90_V4_FAST_EXP>(m_run[h] * scale_log2 - shift);
       moved |= alpha[h] != 1.f;
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < NT_S; ++j)
 #pragma unroll
         for (int e = 2 * h; e < 2 * h + 2; ++e) {
-          const float p = exp2f(fmaf(s[j][e], scale_log2, -shift));
+          const float p = sm90::exp2_fast<PAGEDKV_SM90_V4_FAST_EXP>(fmaf(s[j][e], scale_log2, -shift));
           s[j][e] = p;
           sum += p;
         }
@@ -779,7 +788,7 @@ prefill_attention_v5_kernel(unsigned short* __restrict__ out, const unsigned sho
         l_run[h] = l_run[h] * alpha[h] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
         m_run[h] = m_new;
       }
-      return moved;
+        return moved;
     };
 
     if (PAGEDKV_SM90_PINGPONG && cw == 1) sm90::bar_arrive(other_bar, 256);  // consumer 0 goes first

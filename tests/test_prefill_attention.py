@@ -562,26 +562,28 @@ def test_sm90_varlen_cached_prefixes_and_gqa(dtype, head_dim, heads):
     check_batch(batch, dtype, versions=SM90_VERSIONS, what=f"sm90 {dtype} hd={head_dim} heads={heads}")
 
 
-SM90_VARIANTS = {"not persistent": (("PAGEDKV_SM90_PERSISTENT", 0),), "no ping-pong": (("PAGEDKV_SM90_PINGPONG", 0),),
-                  "exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),), "3 stages": (("PAGEDKV_SM90_STAGES", 3),)}
+SM90_VARIANTS = {"not persistent": (5, (("PAGEDKV_SM90_PERSISTENT", 0),)),
+                 "no ping-pong": (5, (("PAGEDKV_SM90_PINGPONG", 0),)), "exp2f": (5, (("PAGEDKV_SM90_FAST_EXP", 0),)),
+                 "3 stages": (5, (("PAGEDKV_SM90_STAGES", 3),)), "v4 fast exp": (4, (("PAGEDKV_SM90_V4_FAST_EXP", 1),))}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", SM90_VARIANTS, ids=str)
 @pytest.mark.parametrize("dtype,head_dim", [(F16, 128), (BF16, 64)], ids=str)
 def test_sm90_variants(variant, dtype, head_dim):
-    """The benchmark's version-5 variants (compile-time and launch options) against the reference too."""
+    """The benchmark's version-4/5 variants (compile-time and launch options) against the reference too."""
     _sm90_or_skip(dtype, head_dim)
     rng = np.random.default_rng(_seed("sm90 variant", variant, str(dtype)))
     batch = make_batch(rng, dtype, head_dim, 16, (28, 4), [1, 130, 0, 300], [0, 5, 0, 333], share=1, pad_rows=2)
     ref = reference.prefill_attention(*batch)
     rows = ops.owned_rows(batch[4], len(batch[0]))
     out = poisoned(batch[0].shape, dtype)
-    kernels_prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, version=5,
-                                      defines=SM90_VARIANTS[variant], kv_dtype="bfloat16" if dtype == BF16 else None)
+    version, defines = SM90_VARIANTS[variant]
+    kernels_prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, version=version, defines=defines,
+                                      kv_dtype="bfloat16" if dtype == BF16 else None)
     got = to_host(out, dtype)
     assert (got.view(np.uint16)[~rows] == NAN_BITS[2]).all()
-    assert_close(got.astype(np.float64), ref, rows, dtype, f"v5 {variant}")
+    assert_close(got.astype(np.float64), ref, rows, dtype, f"v{version} {variant}")
 
 
 @pytest.mark.gpu
