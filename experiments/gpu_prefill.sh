@@ -51,7 +51,7 @@ sys.path.insert(0, "tests")
 from test_prefill_attention import BF16, F16, make_batch, poisoned, to_host  # noqa: E402
 from test_kernels import to_dev  # noqa: E402
 
-from pagedkv import kernels_prefill as kp, ops, reference  # noqa: E402
+from pagedkv.kernels import ops, prefill as kp, reference  # noqa: E402
 
 for dtype in (F16, BF16):
     for hd in (64, 128):
@@ -104,7 +104,7 @@ for stage in "${stages[@]}"; do
                 "$PY" -c "
 import cupy as cp, numpy as np
 from experiments.prefill_bench import build_case, case_lengths
-from pagedkv import kernels_prefill as kp
+from pagedkv.kernels import prefill as kp
 new, cached = case_lengths('$1')
 q, k, v, bt, qsl, cl = build_case(cp, np.random.default_rng(0), new, cached, $2)
 bt, qsl, cl = cp.asarray(bt), cp.asarray(qsl), cp.asarray(cl)

@@ -83,7 +83,7 @@ V4_VARIANTS = {"v4_fast_exp": (("PAGEDKV_SM90_V4_FAST_EXP", 1),)}  # not yet mea
 
 def variant_labels() -> tuple[str, ...]:
     """The optional kernel variants (``--variants``), beside the default version and version 2."""
-    from pagedkv import kernels_prefill as kp
+    from pagedkv.kernels import prefill as kp
 
     default = kp.DEFAULT_CONFIGS[128].label
     return (*(f"v2_{c.label}" for c in kp.BENCH_CONFIGS), *(f"v2_{default}_{n}" for n, _ in kp.BENCH_DEFINES),
@@ -177,7 +177,7 @@ def sdpa_runner(torch, seqs, expand: bool):
 
 
 def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
-    from pagedkv import kernels_prefill as kp
+    from pagedkv.kernels import prefill as kp
 
     new, cached = case_lengths(name)
     q, k, v, tables, starts, ctx = build_case(cp, rng, new, cached, head_dim, case_shared_tokens(name))

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedkv import kernels, kernels_prefill, ops, reference
+from pagedkv.kernels import compile, ops, prefill, reference
 from test_kernels import _bf16_native, _exact_allocations, to_dev  # noqa: F401 (an autouse fixture)
 from test_kernels_compile import ptxas_report
 
@@ -207,17 +207,17 @@ def test_capacity_bounds_the_work_items(lens, extra, group, block_m):
     """Launch shape from shapes only: the grid covers every batch of num_tokens tokens in num_seqs sequences."""
     num_tokens = sum(lens) + extra
     tiles = sum(-(-n * group // block_m) for n in lens)
-    assert kernels_prefill.capacity(num_tokens, len(lens), group, block_m) >= tiles
+    assert prefill.capacity(num_tokens, len(lens), group, block_m) >= tiles
 
 
 def test_causal_flops_counts_attended_pairs():
-    assert kernels_prefill.causal_flops(3, 0, 1, 1) == 4 * 6  # 1 + 2 + 3 pairs
-    assert kernels_prefill.causal_flops(2, 5, 32, 64) == 4 * 64 * 32 * (2 * 5 + 3)
+    assert prefill.causal_flops(3, 0, 1, 1) == 4 * 6  # 1 + 2 + 3 pairs
+    assert prefill.causal_flops(2, 5, 32, 64) == 4 * 64 * 32 * (2 * 5 + 3)
 
 
 def test_default_configs_cover_every_head_dim():
-    assert set(kernels_prefill.DEFAULT_CONFIGS) == set(kernels_prefill.HEAD_DIMS)
-    for hd, cfg in kernels_prefill.DEFAULT_CONFIGS.items():
+    assert set(prefill.DEFAULT_CONFIGS) == set(prefill.HEAD_DIMS)
+    for hd, cfg in prefill.DEFAULT_CONFIGS.items():
         assert cfg.block_n <= cfg.threads and cfg.smem_bytes(hd) <= 227 * 1024
 
 
@@ -225,20 +225,20 @@ def test_default_configs_cover_every_head_dim():
 def test_default_version_dispatch(monkeypatch):
     """The Hopper kernels where they run (sm_90, float16 / bfloat16: version 5 at head_dim 64, 4 at 128); 2 for
     the other 16-bit cases, 1 for float32."""
-    sm90 = kernels_prefill.sm90
+    sm90 = prefill.sm90
     monkeypatch.setattr(sm90, "available", lambda device_id: True)
-    assert [kernels_prefill.default_version(dt, hd, 0) for dt, hd in ((1, 64), (2, 128), (1, 80), (2, 256), (0, 64))] \
+    assert [prefill.default_version(dt, hd, 0) for dt, hd in ((1, 64), (2, 128), (1, 80), (2, 256), (0, 64))] \
         == [5, 4, 2, 2, 1]
     monkeypatch.setattr(sm90, "available", lambda device_id: False)
-    assert [kernels_prefill.default_version(dt, 128, 0) for dt in (0, 1, 2)] == [1, 2, 2]
+    assert [prefill.default_version(dt, 128, 0) for dt in (0, 1, 2)] == [1, 2, 2]
 
 
 def test_sm90_launch_resources_fit_an_h100():
-    sm90 = kernels_prefill.sm90
+    sm90 = prefill.sm90
     for hd in sm90.HEAD_DIMS:
         assert max(sm90.smem_bytes(v, hd) for v in sm90.VERSIONS) <= 227 * 1024
     # setmaxnreg: producer + consumers within the 64K registers of the SM, as the kernel's constants say
-    src = kernels.cu_source(sm90.FILENAME)
+    src = compile.cu_source(sm90.FILENAME)
     regs = {k: int(re.search(rf"#define PAGEDKV_SM90_{k}_REGS (\d+)", src).group(1)) for k in ("PRODUCER", "CONSUMER")}
     assert 128 * regs["PRODUCER"] + 256 * regs["CONSUMER"] <= 65536 and regs["CONSUMER"] % 8 == 0
 
@@ -279,16 +279,16 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("arch", ("sm_80", "sm_90", "sm_90a"))
 def test_prefill_kernels_compile_without_spills(tmp_path, arch):
     """Every instantiation the launcher may launch, compiled as the loader does (common.cuh inlined); version 3
-    (wgmma) for sm_90a, as kernels_prefill builds it."""
+    (wgmma) for sm_90a, as pagedkv.kernels.compile builds it."""
     if arch == "sm_90a":
-        names, flags = list(kernels_prefill.v3_names()), ["-gencode=arch=compute_90a,code=sm_90a"]
+        names, flags = list(prefill.v3_names()), ["-gencode=arch=compute_90a,code=sm_90a"]
     else:
-        names = [n for dt in (0, 1, 2) for hd in kernels_prefill.HEAD_DIMS
-                 for n in kernels_prefill.launched_names(dt, hd)]
+        names = [n for dt in (0, 1, 2) for hd in prefill.HEAD_DIMS
+                 for n in prefill.launched_names(dt, hd)]
         flags = [f"-arch={arch}"]
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     src = tmp_path / f"prefill.{arch}.cu"
-    src.write_text(kernels.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
+    src.write_text(compile.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
     proc = subprocess.run([NVCC, *flags, "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -303,10 +303,10 @@ def test_prefill_kernels_compile_without_spills(tmp_path, arch):
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
 def test_sm90_kernel_compiles_without_spills(tmp_path):
     """Versions 4 and 5 for sm_90a: every instantiation, no spills, no wgmma serialized by ptxas."""
-    names = kernels_prefill.sm90.names()
+    names = prefill.sm90.names()
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     src = tmp_path / "prefill_sm90.cu"
-    text = kernels.cu_source(kernels_prefill.sm90.FILENAME)
+    text = compile.cu_source(prefill.sm90.FILENAME)
     src.write_text(text + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
     proc = subprocess.run([NVCC, "-gencode=arch=compute_90a,code=sm_90a", "--cubin", "-std=c++17", "-Xptxas", "-v",
                            "-o", str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
@@ -346,7 +346,7 @@ def run_gpu(dev, dtype, version=None, **kw):
     if version is None and (dtype != BF16 or _bf16_native()):
         ops.prefill_attention(*dev, out=out, **kw)
     else:
-        kernels_prefill.prefill_attention(*dev, out=out, version=version,
+        prefill.prefill_attention(*dev, out=out, version=version,
                                           kv_dtype="bfloat16" if dtype == BF16 else None, **kw)
     return to_host(out, dtype)
 
@@ -359,9 +359,9 @@ def _versions(dtype, head_dim):
     import cupy
 
     dev, dt = cupy.cuda.Device().id, (1 if dtype == F16 else 2)
-    default = kernels_prefill.default_version(dt, head_dim, dev)
-    sm90 = kernels_prefill.sm90.supports(dt, head_dim, dev)
-    v3 = head_dim in kernels_prefill.V3_HEAD_DIMS and kernels_prefill.v3_available(dev)
+    default = prefill.default_version(dt, head_dim, dev)
+    sm90 = prefill.sm90.supports(dt, head_dim, dev)
+    v3 = head_dim in prefill.V3_HEAD_DIMS and prefill.v3_available(dev)
     runs = {2: True, 3: v3, 4: sm90, 5: sm90}
     return (None, 1, *(v for v, ok in runs.items() if ok and v != default))
 
@@ -370,7 +370,7 @@ def _runs_here(version, dtype=F16, head_dim=128) -> bool:
     import cupy
 
     dt = 1 if dtype == F16 else 2
-    return version == kernels_prefill.default_version(dt, head_dim, cupy.cuda.Device().id) or \
+    return version == prefill.default_version(dt, head_dim, cupy.cuda.Device().id) or \
         version in _versions(dtype, head_dim)
 
 
@@ -393,7 +393,7 @@ def _seed(*key) -> int:
 def _head_dim_grid():
     if SANITIZER:
         return [(F16, 128), (BF16, 64), (F32, 80), (F16, 256)]
-    return [(dt, hd) for dt in DTYPES for hd in kernels_prefill.HEAD_DIMS]
+    return [(dt, hd) for dt in DTYPES for hd in prefill.HEAD_DIMS]
 
 
 @pytest.mark.gpu
@@ -467,7 +467,7 @@ def test_chunked_prefill_equals_one_shot(version):
 @pytest.mark.gpu
 def test_hypothesis_small_batches(data):
     dtype = data.draw(st.sampled_from(DTYPES))
-    head_dim = data.draw(st.sampled_from(kernels_prefill.HEAD_DIMS))
+    head_dim = data.draw(st.sampled_from(prefill.HEAD_DIMS))
     block_size = data.draw(st.sampled_from((1, 2, 4, 8, 16, 32)))
     num_kv_heads = data.draw(st.sampled_from((1, 2)))
     group = data.draw(st.sampled_from((1, 3, 4, 7, 8)))
@@ -511,7 +511,7 @@ def test_cuda_graph_capture_and_replay_with_new_values(version):
         return tuple(host[n] for n in ("q", "k", "v", "bt")) + (qsl, cl)
 
     def call():
-        kernels_prefill.prefill_attention(dev["q"], dev["k"], dev["v"], dev["bt"], dev["qsl"], dev["cl"],
+        prefill.prefill_attention(dev["q"], dev["k"], dev["v"], dev["bt"], dev["qsl"], dev["cl"],
                                           out=dev["out"], check=False, version=version)
 
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
@@ -537,16 +537,16 @@ def test_cuda_graph_capture_and_replay_with_new_values(version):
 def _sm90_or_skip(dtype=F16, head_dim=128):
     import cupy
 
-    if not kernels_prefill.sm90.supports(1 if dtype == F16 else 2, head_dim, cupy.cuda.Device().id):
+    if not prefill.sm90.supports(1 if dtype == F16 else 2, head_dim, cupy.cuda.Device().id):
         pytest.skip("versions 4 and 5 need a compute capability 9.0 GPU")
 
 
 def _sm90_grid():
     heads = HEADS if not SANITIZER else ((28, 4), (16, 1))
-    return [(dt, hd, h) for dt in (F16, BF16) for hd in kernels_prefill.sm90.HEAD_DIMS for h in heads]
+    return [(dt, hd, h) for dt in (F16, BF16) for hd in prefill.sm90.HEAD_DIMS for h in heads]
 
 
-SM90_VERSIONS = kernels_prefill.sm90.VERSIONS
+SM90_VERSIONS = prefill.sm90.VERSIONS
 
 
 @pytest.mark.gpu
@@ -579,7 +579,7 @@ def test_sm90_variants(variant, dtype, head_dim):
     rows = ops.owned_rows(batch[4], len(batch[0]))
     out = poisoned(batch[0].shape, dtype)
     version, defines = SM90_VARIANTS[variant]
-    kernels_prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, version=version, defines=defines,
+    prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, version=version, defines=defines,
                                       kv_dtype="bfloat16" if dtype == BF16 else None)
     got = to_host(out, dtype)
     assert (got.view(np.uint16)[~rows] == NAN_BITS[2]).all()
@@ -614,14 +614,14 @@ def test_default_version_on_this_gpu():
 
     dev = cupy.cuda.Device().id
     hopper = cupy.cuda.Device(dev).compute_capability == "90"
-    assert kernels_prefill.default_version(1, 128, dev) == (4 if hopper else 2)
-    assert kernels_prefill.default_version(2, 64, dev) == (5 if hopper else 2)
-    assert kernels_prefill.default_version(1, 80, dev) == 2
-    assert kernels_prefill.default_version(0, 128, dev) == 1
+    assert prefill.default_version(1, 128, dev) == (4 if hopper else 2)
+    assert prefill.default_version(2, 64, dev) == (5 if hopper else 2)
+    assert prefill.default_version(1, 80, dev) == 2
+    assert prefill.default_version(0, 128, dev) == 1
     if not hopper:
         with pytest.raises(ValueError, match="version 4 needs"):
             z = cupy.zeros((2, 2, 16, 64), np.float16)
-            kernels_prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float16), z, z,
+            prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float16), z, z,
                                               cupy.zeros((1, 2), np.int32), cupy.asarray([0, 3], np.int32),
                                               cupy.asarray([3], np.int32), version=4)
 
@@ -649,7 +649,7 @@ def test_gpu_range_check_errors():
         ops.prefill_attention(cupy.zeros((3, 2, 48), np.float16), z, z, base[3], base[4][:3] * 0, base[5] * 0)
     with pytest.raises(ValueError, match="version 2"):
         z = cupy.zeros((2, 2, 16, 64), np.float32)
-        kernels_prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float32), z, z, base[3], base[4], base[5],
+        prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float32), z, z, base[3], base[4], base[5],
                                           version=2)
 
 

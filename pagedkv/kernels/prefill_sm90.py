@@ -3,7 +3,7 @@ Hopper kernels (warp-specialized wgmma, FlashAttention-3 structure; sm_90a, floa
 128). Version 4: one thread block per work item; version 5: persistent, faster softmax. The default per
 head_dim (:data:`DEFAULT_VERSION`) is the faster one on the benchmark (kernels_cu/NOTES_prefill.md).
 
-It takes arrays already checked by :func:`pagedkv.kernels_prefill.prefill_attention` (which dispatches here)
+It takes arrays already checked by :func:`pagedkv.kernels.prefill.prefill_attention` (which dispatches here)
 and shares version 2's launch contract: the plan kernel of ``prefill_attention.cu`` lists the work items
 heaviest first into a scratch array sized from shapes only (``capacity * num_kv_heads`` work indices), then
 thread blocks of 384 threads walk it: one per index (version 4; those past the real items exit) or
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from .kernels import KernelCompileError, cu_source, num_sms
+from .compile import load_sm90a, num_sms
 
 FILENAME = "prefill_attention_sm90.cu"
 VERSIONS = (4, 5)
@@ -64,30 +64,11 @@ def supports(dt: int, head_dim: int, device_id: int) -> bool:
 
 @lru_cache(maxsize=None)
 def _kernel(version: int, dt: int, head_dim: int, device_id: int, defines: tuple = ()):
-    """The kernel compiled for sm_90a by NVRTC directly: ``(module, function)``.
-
-    NOTE: CuPy's RawModule appends its own ``-arch=sm_90``, under which ptxas rejects wgmma, so this module is
-    built here (no disk cache: a few seconds per instantiation, once per process).
-    """
+    """The kernel compiled for sm_90a (:func:`pagedkv.kernels.compile.load_sm90a`): ``(module, function)``."""
     import cupy
-    from cupy_backends.cuda.libs import nvrtc
 
     stages = stages_of(head_dim, defines)
-    name = kernel_name(version, dt, head_dim, stages)
-    prog = nvrtc.createProgram(cu_source(FILENAME), FILENAME, (), ())
-    try:
-        nvrtc.addNameExpression(prog, name)
-        try:
-            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a", *(f"-D{k}={v}" for k, v in defines)))
-        except nvrtc.NVRTCError as exc:
-            raise KernelCompileError(f"compiling {FILENAME} {name} for sm_90a failed:\n"
-                                     f"{nvrtc.getProgramLog(prog)}") from exc
-        lowered, cubin = nvrtc.getLoweredName(prog, name), nvrtc.getCUBIN(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    module = cupy.cuda.function.Module()
-    module.load(cubin)
-    function = module.get_function(lowered)
+    module, function = load_sm90a(FILENAME, kernel_name(version, dt, head_dim, stages), tuple(defines))
     cupy.cuda.driver.funcSetAttribute(function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                       smem_bytes(version, head_dim, stages))
     return module, function
