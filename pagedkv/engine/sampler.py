@@ -24,7 +24,7 @@ copy of 32 bytes a row; padding rows become greedy). ``rows[i] = (params, seed, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any, Sequence
 
 import ml_dtypes
@@ -35,12 +35,23 @@ from .sampling import SamplingParams
 
 THREADS = 1024  # PAGEDKV_SAMPLE_THREADS in sampling.cu
 MASS_SCALE = np.float32(2.0**40)  # PAGEDKV_MASS_SCALE
+# The per-row sampling fields, declared once (SamplingTensors, the step's packed inputs and the sequence tables
+# iterate these): 64-bit fields first, so every view of a packed buffer stays aligned.
+#   PARAM_FIELDS: copied from the branch's SamplingParams (row_values); the rest are the runner's:
+#   flags / proc_row / state_row / mask_row: logits processing (pagedkv.engine.logits_process; 0: a plain row)
 _LAYOUT = (("seed", np.uint64), ("step", np.int64), ("temperature", np.float32), ("top_k", np.int32),
-           ("top_p", np.float32), ("min_p", np.float32))  # 64-bit fields first: every view stays aligned
+           ("top_p", np.float32), ("min_p", np.float32), ("flags", np.int32), ("proc_row", np.int32),
+           ("state_row", np.int32), ("mask_row", np.int32))
+ROW_FIELDS = _LAYOUT
+PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p")
 ROW_BYTES = sum(np.dtype(dt).itemsize for _, dt in _LAYOUT)
 _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _MASK32 = np.uint64(0xFFFFFFFF)
-_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P = (attrgetter(a) for a in ("temperature", "top_k", "top_p", "min_p"))
+
+
+def row_values(params: SamplingParams) -> tuple:
+    """The values of PARAM_FIELDS for a branch with ``params`` (top_k clipped to int32)."""
+    return params.temperature, min(params.top_k, 2**31 - 1), params.top_p, params.min_p
 
 
 def branch_seed(params: SamplingParams, index: int, rng: np.random.Generator) -> int:
@@ -55,9 +66,10 @@ class SamplingTensors:
     """Per-row sampling parameters as fixed-shape arrays (NumPy or CuPy), ``[num_rows]`` each.
 
     ``temperature`` f32 (0: greedy), ``top_k`` i32 (<= 0 or >= V: off), ``top_p`` f32 (1: off), ``min_p`` f32
-    (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count). Made by
-    :meth:`allocate`, the six arrays are views of one byte buffer ``raw`` (seed | step | temperature | top_k |
-    top_p | min_p, each ``num_rows`` long), so :meth:`copy_to` moves them all in one copy.
+    (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count); ``flags``,
+    ``proc_row``, ``state_row``, ``mask_row`` i32: logits processing (:mod:`.logits_process`; flags 0: none).
+    Made by :meth:`allocate`, the arrays are views of one byte buffer ``raw`` (in ``ROW_FIELDS`` order, each
+    ``num_rows`` long), so :meth:`copy_to` moves them all in one copy.
     """
 
     temperature: Any
@@ -66,10 +78,18 @@ class SamplingTensors:
     min_p: Any
     seed: Any
     step: Any
+    flags: Any = None
+    proc_row: Any = None
+    state_row: Any = None
+    mask_row: Any = None
     raw: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         n = self.temperature.shape[0] if getattr(self.temperature, "ndim", 0) == 1 else None
+        xp = array_module(self.temperature)
+        for name, dt in _LAYOUT[6:]:
+            if getattr(self, name) is None:
+                setattr(self, name, xp.zeros(n or 0, dtype=dt))
         for name, dt in _LAYOUT:
             a = getattr(self, name)
             if getattr(a, "ndim", 0) != 1 or a.shape[0] != n or a.dtype != dt or not a.flags.c_contiguous:
@@ -130,10 +150,9 @@ class SamplingTensors:
         self.raw[...] = 0
         self.top_p[...] = 1
         self.seed[:n], self.step[:n] = seed, step
-        self.top_k[:n] = np.minimum(np.fromiter(map(_TOP_K, params), np.int64, n), 2**31 - 1)  # top_k >= -1
-        self.temperature[:n] = np.fromiter(map(_TEMPERATURE, params), np.float32, n)
-        self.top_p[:n] = np.fromiter(map(_TOP_P, params), np.float32, n)
-        self.min_p[:n] = np.fromiter(map(_MIN_P, params), np.float32, n)
+        values = list(zip(*map(row_values, params))) if n else [()] * len(PARAM_FIELDS)
+        for name, column in zip(PARAM_FIELDS, values):
+            getattr(self, name)[:n] = column
 
     def copy_to(self, other: SamplingTensors) -> None:
         """Copy every row into ``other`` (host→device: one copy on the current stream)."""
@@ -147,9 +166,12 @@ class SamplingTensors:
         else:
             other.raw[...] = self.raw
 
-def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
+def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None, state=None, processed=None):
     """One token per row: ``int32 [B]``. ``logits [B, V]`` float32/float16/bfloat16 (a uint16 view with
     ``logits_dtype="bfloat16"``), unit stride along V; rows 0..B-1 of ``tensors`` are used.
+
+    ``state``: a :class:`~pagedkv.engine.logits_process.LogitsState` (allocated): rows with ``flags & PROCESS``
+    are first processed (penalties, masks) into ``processed`` (default ``state.processed``) and sample from there.
 
     CuPy input: one kernel launch on the current stream, no host synchronisation, no allocation when ``out``
     (``int32 [B]``, contiguous) is given — capturable in a CUDA graph. NumPy input: the same algorithm on the host.
@@ -170,10 +192,22 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
                          f"got {out.dtype} {out.shape}")
     if num_rows == 0:
         return out
+    if state is not None and not state.allocated:
+        state = None
+    if state is not None:
+        from .logits_process import process
+
+        process(logits if xp is not np else _as_float32(logits, dt), tensors, state, dt, processed)
+        processed = state.processed if processed is None else processed
     if xp is np:
-        out[...] = _sample_numpy(_as_float32(logits, dt), tensors)
+        x = _as_float32(logits, dt)
+        if state is not None and (tensors.flags[:num_rows] & 1).any():
+            x = x.copy()
+            rows = np.flatnonzero(tensors.flags[:num_rows] & 1)
+            x[rows] = processed[tensors.proc_row[rows]]
+        out[...] = _sample_numpy(x, tensors)
         return out
-    _launch(logits, tensors, out, dt, vocab)
+    _launch(logits, tensors, out, dt, vocab, processed if state is not None else None)
     return out
 
 
@@ -183,7 +217,7 @@ def _dt_code(logits, logits_dtype) -> int:
     return code(logits.dtype, logits_dtype)
 
 
-def _launch(logits, tensors, out, dt, vocab) -> None:
+def _launch(logits, tensors, out, dt, vocab, processed=None) -> None:
     import cupy
 
     from ..kernels import _function
@@ -195,8 +229,10 @@ def _launch(logits, tensors, out, dt, vocab) -> None:
     vec = int(logits.data.ptr % 16 == 0 and (row_stride * item) % 16 == 0)
     kernel = _function("sampling.cu", f"sample_{_SUFFIX[dt]}")
     t = tensors
+    proc_args = (processed, t.flags, t.proc_row, cupy.int32(vocab % 4 == 0)) if processed is not None else \
+        (cupy.uint64(0), cupy.uint64(0), cupy.uint64(0), cupy.int32(0))
     kernel((logits.shape[0],), (THREADS,), (out, logits, cupy.int64(row_stride), cupy.int32(vocab), cupy.int32(vec),
-                                            t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step))
+                                            t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step, *proc_args))
 
 
 def _as_float32(logits, dt: int):

@@ -3,10 +3,10 @@
 Everything a forward (and the sampler inside it) reads lives in one byte buffer, 8-byte fields first so every
 view stays aligned, the block tables last so that a step copies only the rows it uses::
 
-    slot_mapping i64[rows] | logit_rows i64[logits] | seed u64[samples] | step i64[samples] |
+    slot_mapping i64[rows] | logit_rows i64[logits] | 8-byte sampling fields [samples] (seed, step) |
     token_ids i32[rows] | src_rows i32[rows] | positions i32[rows] | context_lens i32[tables] |
-    query_start_loc i32[seqs + 1] | top_k i32[samples] | temperature f32[samples] | top_p f32[samples] |
-    min_p f32[samples] | block_tables i32[tables, blocks]      ◄── upload(n) copies everything up to row n of this
+    query_start_loc i32[seqs + 1] | 4-byte sampling fields [samples] (sampler.ROW_FIELDS: temperature, top_k,
+    ..., flags, proc_row, state_row, mask_row) | block_tables i32[tables, blocks]   ◄── upload(n) copies up to row n
 
 Two layouts: decode (``seqs == 0``: a table and a context length per token row, for ``paged_attention``) and
 prefill (a table and a context length per sequence, ``query_start_loc`` splitting the rows among sequences,
@@ -27,14 +27,13 @@ from functools import lru_cache
 import numpy as np
 
 from ..backend import array_module
-from .sampler import SamplingTensors
+from .sampler import ROW_FIELDS, SamplingTensors
 
-_FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), ("seed", np.uint64, "samples"),
-           ("step", np.int64, "samples"), ("token_ids", np.int32, "rows"), ("src_rows", np.int32, "rows"),
-           ("positions", np.int32, "rows"), ("context_lens", np.int32, "tables"),
-           ("query_start_loc", np.int32, "seqs1"), ("top_k", np.int32, "samples"),
-           ("temperature", np.float32, "samples"), ("top_p", np.float32, "samples"),
-           ("min_p", np.float32, "samples"))
+_WIDE = tuple((name, dt, "samples") for name, dt in ROW_FIELDS if np.dtype(dt).itemsize == 8)
+_NARROW = tuple((name, dt, "samples") for name, dt in ROW_FIELDS if np.dtype(dt).itemsize == 4)
+_FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), *_WIDE,
+           ("token_ids", np.int32, "rows"), ("src_rows", np.int32, "rows"), ("positions", np.int32, "rows"),
+           ("context_lens", np.int32, "tables"), ("query_start_loc", np.int32, "seqs1"), *_NARROW)
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
 
@@ -63,8 +62,8 @@ class InputViews:
     """Typed views of one packed buffer (NumPy or CuPy): the fields above, ``block_tables [rows, blocks]`` and
     ``sampling`` (a :class:`SamplingTensors` over the sampling fields)."""
 
-    __slots__ = ("block_tables", "context_lens", "logit_rows", "min_p", "positions", "query_start_loc", "raw",
-                 "sampling", "seed", "slot_mapping", "src_rows", "step", "temperature", "token_ids", "top_k", "top_p")
+    __slots__ = ("block_tables", "context_lens", "logit_rows", "positions", "query_start_loc", "raw", "sampling",
+                 "slot_mapping", "src_rows", "token_ids", *(name for name, _ in ROW_FIELDS))
 
     def __init__(self, raw, shape: InputShape):
         self.raw, offset, sizes = raw, 0, shape.sizes()
@@ -74,8 +73,7 @@ class InputViews:
             offset += nbytes
         self.block_tables = raw[offset:offset + 4 * shape.tables * shape.blocks].view(np.int32).reshape(
             shape.tables, shape.blocks)
-        self.sampling = SamplingTensors(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                        min_p=self.min_p, seed=self.seed, step=self.step)
+        self.sampling = SamplingTensors(**{name: getattr(self, name) for name, _ in ROW_FIELDS})
 
 
 def table_offset(shape: InputShape) -> int:
