@@ -22,7 +22,9 @@ from itertools import chain
 
 import numpy as np
 
+from .logits_process import PROCESS, UPDATE
 from .request import PLACEHOLDER
+from .sampler import PARAM_FIELDS, row_values
 from .seq_tables import SequenceTables, seed_of
 from .step_plan import ScheduledSeq
 from .step_inputs import InputViews
@@ -153,27 +155,38 @@ def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: S
                  num_logits: int) -> list[list[int]]:
     """Sampling rows: logits rows ``[0, num_logits)`` (greedy unless a sequence samples there), then the extra
     branches from ``num_logits`` on. Returns each sequence's sampled positions (one per sampling branch)."""
-    v.temperature[:num_logits] = 0
+    v.temperature[:num_logits], v.flags[:num_logits] = 0, 0
     if lay.logit_rows is not None:
         v.logit_rows[:len(lay.logit_rows)] = lay.logit_rows
         v.logit_rows[len(lay.logit_rows):num_logits] = 0
     samples = lay.sample_row >= 0
     at, rows = lay.sample_row[samples], lay.table_rows[samples]
-    v.seed[at], v.temperature[at], v.top_k[at] = tables.seed[rows], tables.temperature[rows], tables.top_k[rows]
-    v.top_p[at], v.min_p[at] = tables.top_p[rows], tables.min_p[rows]
+    v.seed[at] = tables.seed[rows]
+    for name in PARAM_FIELDS:
+        getattr(v, name)[at] = getattr(tables, name)[rows]
     v.step[at] = lay.ends[samples] - tables.prompt_len[rows]
+    flags = tables.flags[rows]
+    v.flags[at], v.state_row[at] = flags, rows
+    processed = (flags & PROCESS) != 0
+    v.proc_row[at[processed]] = np.arange(np.count_nonzero(processed), dtype=np.int32)
     positions = [[p] if p >= 0 else [] for p in lay.sample_row.tolist()]
     extra = num_logits
     for i in np.flatnonzero(np.fromiter((len(s.sample_branches) > 1 for s in seqs), dtype=bool, count=len(seqs))):
         s = seqs[i]
         for b in s.sample_branches[1:]:
-            _fill_extra(v, extra, s, b, tables)
+            _fill_extra(v, extra, s, b, tables, lay.sample_row[i], extra - num_logits)
             positions[i].append(extra)
             extra += 1
     return positions
 
 
-def _fill_extra(v: InputViews, at: int, s: ScheduledSeq, branch, tables: SequenceTables) -> None:
+def _fill_extra(v: InputViews, at: int, s: ScheduledSeq, branch, tables: SequenceTables, parent: int,
+                proc_row: int) -> None:
+    """An extra branch's first token: the parent row's logits, processed with the parent's state (not counted:
+    the branch's own state row is made at its first step)."""
     p = s.request.params
     v.seed[at], v.step[at] = seed_of(branch, p, tables.rng), s.end - s.request.prompt_len
-    v.temperature[at], v.top_k[at], v.top_p[at], v.min_p[at] = p.temperature, min(p.top_k, 2**31 - 1), p.top_p, p.min_p
+    for name, value in zip(PARAM_FIELDS, row_values(p)):
+        getattr(v, name)[at] = value
+    v.flags[at], v.state_row[at] = v.flags[parent] & ~UPDATE, v.state_row[parent]
+    v.proc_row[at], v.mask_row[at] = proc_row, v.mask_row[parent]

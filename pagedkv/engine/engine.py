@@ -60,6 +60,7 @@ from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput
+from .request_params import resolve_params
 from .sampling import SamplingParams
 from .validation import check_prompt, check_request_id
 from .scheduler import Scheduler
@@ -104,6 +105,7 @@ class LLMEngine:
         self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)
         self.eos_token_ids = config.eos_token_ids
         self.output_processor = OutputProcessor(self.eos_token_ids, tokenizer)
+        self.runner.lists.eos_token_ids, self.runner.lists.tokenizer = self.eos_token_ids, tokenizer
         self.default_params = SamplingParams()
         self.requests: dict = {}  # live requests (waiting or running) by id
         self._unreported: dict = {}  # requests with output not yet returned by step(), by id
@@ -134,7 +136,7 @@ class LLMEngine:
 
     @tokenizer.setter
     def tokenizer(self, tokenizer) -> None:
-        self.output_processor.tokenizer = tokenizer
+        self.output_processor.tokenizer = self.runner.lists.tokenizer = tokenizer
 
     # ---------------------------------------------------------------------------------------- requests
     def check_request(self, prompt_token_ids, params: SamplingParams | None = None, *, request_id=None,
@@ -166,6 +168,7 @@ class LLMEngine:
             raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need a tokenizer on the engine (use stop_token_ids)")
+        ids, params = resolve_params(params, ids, self.max_model_len, self.runner.lists, self.runner.grammars)
         self.scheduler.check_fits(len(ids), params)
         return ids, params
 

@@ -38,6 +38,40 @@ def needs_state(params: SamplingParams) -> bool:
             or params.allowed_token_ids is not None)
 
 
+def processes(params: SamplingParams) -> bool:
+    """The branch's rows are processed (state, or a grammar's bitmask)."""
+    return needs_state(params) or params.structured_outputs is not None
+
+
+class RequestLists:
+    """Each request's lists row (:func:`request_words`), computed once per SamplingParams object.
+
+    ``eos_token_ids`` (masked with the stop ids while ``min_tokens`` is not reached) and ``tokenizer`` (for
+    ``bad_words``) are the engine's; both may be set after construction.
+    """
+
+    def __init__(self, vocab_size: int, eos_token_ids=(), tokenizer=None):
+        self.vocab_size, self.eos_token_ids, self.tokenizer = vocab_size, frozenset(eos_token_ids), tokenizer
+        self._cache: dict[int, tuple] = {}
+
+    def words(self, params: SamplingParams) -> np.ndarray:
+        """Raises ``ValueError`` (token ids outside the vocabulary, bad words without a tokenizer, too long)."""
+        hit = self._cache.get(id(params))
+        if hit is not None and hit[0] is params:
+            return hit[1]
+        bad = []
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError(f"SamplingParams.bad_words {params.bad_words!r} need a tokenizer on the engine")
+            bad = bad_words_token_ids(params.bad_words, self.tokenizer)
+        stop_ids = () if params.ignore_eos else self.eos_token_ids
+        words = request_words(params, self.vocab_size, sorted(stop_ids | set(params.stop_token_ids)), bad)
+        if len(self._cache) > 4096:  # NOTE: keyed by id(): entries of finished requests are dropped in bulk
+            self._cache.clear()
+        self._cache[id(params)] = (params, words)
+        return words
+
+
 def bad_words_token_ids(bad_words, tokenizer) -> list[list[int]]:
     """vLLM's tokenization of ``bad_words``: each word as written (leading spaces stripped) and, when it
     tokenizes differently at the same length, with one leading space."""

@@ -22,9 +22,11 @@ import numpy as np
 from ..model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
+from .logits_process import LogitsState, RequestLists, count_tokens, processes
 from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
-from .sampler import SamplingTensors, sample
+from .request import PLACEHOLDER
+from .sampler import ROW_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
 from .step_plan import SchedulerOutput
@@ -72,7 +74,12 @@ class ModelRunner:
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // manager.block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
+        self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed),
+                                     on_state_row=self._init_state_row)
+        self.logits_state = LogitsState(model.config.vocab_size, max_num_seqs, self.xp)
+        self.lists = RequestLists(model.config.vocab_size)  # the engine sets its EOS ids and tokenizer
+        self.grammars = None  # structured outputs (pagedkv.engine.structured), set by the engine with a tokenizer
+        self._graphs_version = 0
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -80,15 +87,35 @@ class ModelRunner:
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
+        self._max_num_seqs = max_num_seqs
         if cuda_graph and self.backend.is_gpu:
-            self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
-                                     lambda rows: self.sampled[:rows], max_num_seqs)
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
                                                         PREFILL_LOGIT_ROWS + max_num_seqs, max_num_seqs), self.xp)
-            self.prefill_graphs = CudaGraphs(
-                lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
-                lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
+            self._make_graphs()
+
+    def _make_graphs(self) -> None:
+        """(Re)made empty: each bucket is captured at its first use (the logits state's buffers were allocated
+        or grown since the last capture)."""
+        self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
+                                 lambda rows: self.sampled[:rows], self._max_num_seqs)
+        rows = self.prefill_inputs.shape.rows
+        self.prefill_graphs = CudaGraphs(
+            lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
+            lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
+        self._graphs_version = self.logits_state.version
+
+    def _init_state_row(self, row: int, s) -> None:
+        """A sequence that needs logits state got table row ``row``: its device state row, from its prompt and
+        outputs (the last output may still be in flight: read on the device from the sampled buffer)."""
+        self.logits_state.ensure(self.tables.capacity)
+        b, p = s.branch, s.request.params
+        outputs = list(b.output_token_ids)
+        srcs = [-1] * len(outputs)
+        if outputs and outputs[-1] == PLACEHOLDER:
+            outputs[-1], srcs[-1] = 0, b.sample_pos
+        self.logits_state.init_row(row, self.lists.words(p), s.request.prompt_token_ids, outputs, srcs,
+                                   p.allowed_token_ids, self.sampled)
 
     # ------------------------------------------------------------------------------------------- launch
     def launch(self, out: SchedulerOutput, changes=((), ())) -> InFlight:
@@ -101,12 +128,16 @@ class ModelRunner:
         seqs = out.seqs
         decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
         lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
+        if self.graphs is not None and self._graphs_version != self.logits_state.version:
+            self._make_graphs()
         if self.backend.is_gpu:
             logits, positions, v, keep, t1 = self._launch_gpu(lay, seqs, decode)
         else:
             logits, positions, v, keep, t1 = self._launch_cpu(lay, seqs, decode)
         num_logits = logits.shape[0]
         num_sampled = self._sample_extras(logits, positions, seqs, v, num_logits)
+        if self.logits_state.allocated:  # NOTE: after the extras: they read their parent's counts before its token
+            count_tokens(self.sampled[:num_logits], v.sampling, self.logits_state)
         logprobs = LogprobRequests(self.xp, logits, self.sampled, positions, seqs, lay.prompt_rows)
         copies = HostCopy(self.xp)
         logprobs.enqueue(copies)
@@ -168,7 +199,7 @@ class ModelRunner:
                             logit_rows=None if num_logits is None else d.logit_rows[:num_logits],
                             query_start_loc=d.query_start_loc if per_seq else None)
         logits = self.model.decode(batch, self.kv_cache)
-        sample(logits, d.sampling, out=out[:logits.shape[0]])
+        sample(logits, d.sampling, out=out[:logits.shape[0]], state=self.logits_state)
         return logits
 
     def _launch_cpu(self, lay: Layout, seqs, decode: bool):
@@ -191,7 +222,7 @@ class ModelRunner:
                              block_tables=[self.manager.block_table(s.branch.seq_id) for s in seqs],
                              logit_rows=lay.logit_rows)
         logits = self.model.prefill(batch, self.kv_cache)
-        sample(logits, v.sampling, out=self.sampled[:logits.shape[0]])
+        sample(logits, v.sampling, out=self.sampled[:logits.shape[0]], state=self.logits_state)
         return logits, positions, v, (), t1
 
     def _sample_extras(self, logits, positions, seqs, v, num_logits: int) -> int:
@@ -201,9 +232,12 @@ class ModelRunner:
             return num_logits
         first, stop = num_logits, num_logits + len(extra)
         rows = self.xp.asarray(np.array([row for _, row in extra], dtype=np.int64))
-        tensors = SamplingTensors(**{name: getattr(v.sampling, name)[first:stop] for name in
-                                     ("temperature", "top_k", "top_p", "min_p", "seed", "step")})
-        sample(logits[rows], tensors, out=self.sampled[first:stop])
+        tensors = SamplingTensors(**{name: getattr(v.sampling, name)[first:stop] for name, _ in ROW_FIELDS})
+        processed = None
+        if self.logits_state.allocated and any(processes(s.request.params) for s in seqs if len(s.sample_branches) > 1):
+            processed = self.xp.empty((len(extra), logits.shape[1]), dtype=np.float32)
+        sample(logits[rows], tensors, out=self.sampled[first:stop], state=self.logits_state if processed is not None
+               else None, processed=processed)
         return stop
 
     def _read_back(self, num: int, copies: HostCopy) -> np.ndarray:
@@ -248,7 +282,7 @@ class ModelRunner:
         v = inputs.begin()
         v.token_ids[:num], v.positions[:num], v.context_lens[:num], v.slot_mapping[:num] = tokens, lens - 1, lens, slots
         v.token_ids[num:rows], v.positions[num:rows], v.context_lens[num:rows], v.slot_mapping[num:rows] = 0, 0, 1, -1
-        v.src_rows[:rows], v.temperature[:rows] = -1, 0
+        v.src_rows[:rows], v.temperature[:rows], v.flags[:rows] = -1, 0, 0
         v.block_tables[:num, :width], v.block_tables[:num, width:] = tables, 0
         inputs.upload(num)
         logits = self._replay(self.graphs, rows) if self.graphs is not None else None

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sampler import branch_seed
+from .logits_process import PROCESS, STATE, UPDATE, needs_state
+from .sampler import PARAM_FIELDS, ROW_FIELDS, branch_seed, row_values
 
-_PARAMS = (("seed", np.uint64), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
-           ("min_p", np.float32), ("prompt_len", np.int64))
+_PARAMS = (("seed", np.uint64), *((n, dt) for n, dt in ROW_FIELDS if n in PARAM_FIELDS), ("prompt_len", np.int64),
+           ("flags", np.int32))
 
 
 class SequenceTables:
@@ -28,10 +29,12 @@ class SequenceTables:
         max_blocks: the widest block table (``ceil(max_model_len / block_size)``).
         capacity: rows to start with (grows when more sequences are live).
         rng: draws the seed of branches whose request has none.
+        on_state_row: ``(row, scheduled seq)``, called when a sequence whose parameters need device state
+            (penalties, logit_bias, bad_words, ...) gets a row; its ``flags`` then say so.
     """
 
-    def __init__(self, manager, max_blocks: int, capacity: int, rng: np.random.Generator):
-        self.manager, self.max_blocks, self.rng = manager, max_blocks, rng
+    def __init__(self, manager, max_blocks: int, capacity: int, rng: np.random.Generator, on_state_row=None):
+        self.manager, self.max_blocks, self.rng, self.on_state_row = manager, max_blocks, rng, on_state_row
         self.block_size = manager.block_size
         self.row_of: dict[int, int] = {}
         self.tables = np.zeros((0, max_blocks), dtype=np.int32)
@@ -73,9 +76,17 @@ class SequenceTables:
         self._load(s.branch.seq_id, row)
         p = s.request.params
         self.seed[row] = seed_of(s.branch, p, self.rng)
-        self.temperature[row], self.top_k[row] = p.temperature, min(p.top_k, 2**31 - 1)
-        self.top_p[row], self.min_p[row], self.prompt_len[row] = p.top_p, p.min_p, s.request.prompt_len
+        for name, value in zip(PARAM_FIELDS, row_values(p)):
+            getattr(self, name)[row] = value
+        self.prompt_len[row] = s.request.prompt_len
+        self.flags[row] = PROCESS | STATE | UPDATE if needs_state(p) and self.on_state_row is not None else 0
+        if self.flags[row]:
+            self.on_state_row(row, s)
         return row
+
+    @property
+    def capacity(self) -> int:
+        return int(self.tables.shape[0])
 
     def _load(self, seq_id: int, row: int) -> None:
         table = self.manager.block_table(seq_id)
