@@ -137,6 +137,7 @@ class LLMEngine:
     @tokenizer.setter
     def tokenizer(self, tokenizer) -> None:
         self.output_processor.tokenizer = self.runner.lists.tokenizer = tokenizer
+        self.runner.grammars = None  # made again for this tokenizer at the next structured request
 
     # ---------------------------------------------------------------------------------------- requests
     def check_request(self, prompt_token_ids, params: SamplingParams | None = None, *, request_id=None,
@@ -168,9 +169,17 @@ class LLMEngine:
             raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}")
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need a tokenizer on the engine (use stop_token_ids)")
-        ids, params = resolve_params(params, ids, self.max_model_len, self.runner.lists, self.runner.grammars)
+        ids, params = resolve_params(params, ids, self.max_model_len, self.runner.lists, self._grammars(params))
         self.scheduler.check_fits(len(ids), params)
         return ids, params
+
+    def _grammars(self, params: SamplingParams):
+        """The runner's structured-output grammars (made at the first structured request; None: no tokenizer)."""
+        if params.structured_outputs is not None and self.runner.grammars is None and self.tokenizer is not None:
+            from .structured import Grammars
+
+            self.runner.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return self.runner.grammars
 
     def _new_id(self) -> int:
         while self._next_id in self.requests or self._next_id in self._unreported:
@@ -227,7 +236,8 @@ class LLMEngine:
                 return {}
             step_commit.apply_endings(self._inflight, self.scheduler)  # nothing runs before it: its ends hold
         retired = self._inflight
-        following = self._launch_next(timing) if self.async_scheduling else None
+        # NOTE: a structured request's grammar needs its token of this step before the next is launched
+        following = self._launch_next(timing) if self.async_scheduling and not _structured(retired) else None
         self._inflight = following
         try:
             advanced = self._retire(retired, timing)
@@ -360,6 +370,10 @@ class LLMEngine:
 
     def warmup_graphs(self) -> None:
         self.runner.warmup_graphs()
+
+
+def _structured(flight: InFlight) -> bool:
+    return any(s.request.params.structured_outputs is not None for s in flight.out.seqs)
 
 
 def _requests_of(*flights) -> list[Request]:

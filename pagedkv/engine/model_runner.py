@@ -22,7 +22,7 @@ import numpy as np
 from ..model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
-from .logits_process import LogitsState, RequestLists, count_tokens, processes
+from .logits_process import MASK, PROCESS, LogitsState, RequestLists, count_tokens, processes
 from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
 from .request import PLACEHOLDER
@@ -128,6 +128,8 @@ class ModelRunner:
         seqs = out.seqs
         decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
         lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
+        if self.grammars is not None and any(s.request.params.structured_outputs is not None for s in seqs):
+            self.logits_state.ensure(self.tables.capacity)
         if self.graphs is not None and self._graphs_version != self.logits_state.version:
             self._make_graphs()
         if self.backend.is_gpu:
@@ -172,6 +174,7 @@ class ModelRunner:
         if not decode:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
+        self._fill_grammar(v, lay, seqs, positions, num_logits)
         if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
             self._start_event.record()
         inputs.upload(lay.num_rows if decode else len(seqs))
@@ -180,6 +183,34 @@ class ModelRunner:
         if logits is None:
             logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled)
         return logits, positions, inputs.device, (inputs,), t1
+
+    def _fill_grammar(self, v, lay: Layout, seqs, positions, num_logits: int) -> None:
+        """Bitmasks of the structured requests' sampling rows (their branches' matchers), flags and mask rows
+        set, processed rows renumbered; on a GPU one host->device copy of the masks (current stream)."""
+        if self.grammars is None:
+            return
+        found = [i for i, s in enumerate(seqs) if positions[i] and s.request.params.structured_outputs is not None]
+        self.grammars.release()
+        if not found:
+            return
+        state, k = self.logits_state, len(found)
+        host = state.grammar if not self.backend.is_gpu else self._grammar_host()
+        self.grammars.fill([(seqs[i].request, seqs[i].branch) for i in found], host[:k].view(np.int32))
+        for row, i in enumerate(found):
+            for pos in positions[i]:  # NOTE: extra branches' first token: the parent's mask
+                v.flags[pos] |= PROCESS | MASK
+                v.mask_row[pos] = row
+        processed = np.flatnonzero(v.flags[:num_logits] & PROCESS)
+        v.proc_row[processed] = np.arange(len(processed), dtype=np.int32)
+        if self.backend.is_gpu:
+            state.grammar[:k].set(host[:k], stream=self.xp.cuda.get_current_stream())
+
+    def _grammar_host(self) -> np.ndarray:
+        if getattr(self, "_grammar_pinned", None) is None:
+            import cupyx
+
+            self._grammar_pinned = cupyx.empty_pinned(self.logits_state.grammar.shape, dtype=np.uint32)
+        return self._grammar_pinned
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:
@@ -212,6 +243,7 @@ class ModelRunner:
         v = inputs.begin()
         fill_rows(v, lay, self.tables, lay.num_rows, row_tables=decode)
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
+        self._fill_grammar(v, lay, seqs, positions, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
             return self._forward(inputs, lay.num_rows, None, self.sampled), positions, v, (), t1
