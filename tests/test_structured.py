@@ -125,3 +125,18 @@ def test_grammars_are_compiled_once_per_schema(tokenizer):
     eng.add_request([3, 4], SamplingParams(structured_outputs={"json": SCHEMA}))  # same schema as a dict
     assert grammars._compiled == compiled and len(compiled) == 1
     np.testing.assert_equal(len(eng.generate([[5, 6]], SamplingParams(max_tokens=3), progress=False)), 1)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_samples_validate_with_graphs_and_asynchronous_scheduling(tokenizer):
+    from engine_gpu_support import _gpu_engine
+
+    eng = _gpu_engine("float16", cuda_graph=True, eos_token_id=tokenizer.eos_token_id)
+    eng.tokenizer = tokenizer
+    so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=200, structured_outputs=so,
+                             repetition_penalty=1.1 if i % 2 else 1.0) for i in range(48)]
+    outs = eng.generate([tokenizer.encode("Pet:")] * 48, params, progress=False)
+    for out in outs:
+        assert out.outputs[0].finish_reason == "stop", out.outputs[0].text
+        validate(json.loads(out.outputs[0].text))

@@ -6,7 +6,9 @@ from .engine import LLMEngine
 from .metrics import EngineMetrics, StepMetrics
 from .request import CompletionOutput, RequestMetrics, RequestOutput
 from .sampling import SamplingParams
+from .structured_params import GuidedDecodingParams, StructuredOutputsParams
 from .scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSequence", "CompletionOutput", "EngineConfig", "EngineMetrics", "LLMEngine", "RequestMetrics", "RequestOutput",
-           "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics", "beam_search"]
+           "GuidedDecodingParams", "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics",
+           "StructuredOutputsParams", "beam_search"]
