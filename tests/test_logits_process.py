@@ -1,6 +1,10 @@
 """vLLM's logits processors (penalties, logit_bias, bad_words, allowed_token_ids, min_tokens): the device kernel
 and its NumPy twin against the float64 reference of vLLM's semantics; the engine's outputs against the same
 reference, row by row; per-row counts kept on the device."""
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -220,6 +224,21 @@ def test_penalties_change_greedy_output_and_n_branches_keep_their_own_counts():
     branches = eng.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=12,
                                                      repetition_penalty=1.5), progress=False)[0]
     assert len({tuple(c.token_ids) for c in branches.outputs}) > 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
+def test_kernels_compile_without_spills(tmp_path):
+    from pagedkv import kernels
+
+    src = tmp_path / "logits_process.cu"
+    src.write_text(kernels.cu_source("logits_process.cu"))
+    proc = subprocess.run([shutil.which("nvcc"), "-arch=sm_90", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
+                           str(tmp_path / "lp.cubin"), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert set(re.findall(r"Compiling entry function '(\w+)'", proc.stderr)) == {
+        "process_logits_f32", "process_logits_f16", "process_logits_bf16", "count_tokens"}
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
+    assert spills and all(s == ("0", "0") for s in spills), proc.stderr
 
 
 # ---- the device kernel: bit-equal to the NumPy twin -------------------------------------------------------
