@@ -236,11 +236,12 @@ class LLMEngine:
                 return {}
             step_commit.apply_endings(self._inflight, self.scheduler)  # nothing runs before it: its ends hold
         retired = self._inflight
-        # NOTE: a structured request's grammar needs its token of this step before the next is launched
-        following = self._launch_next(timing) if self.async_scheduling and not _structured(retired) else None
+        following = self._launch_next(timing) if self.async_scheduling else None
         self._inflight = following
         try:
             advanced = self._retire(retired, timing)
+            if following is not None and following.deferred:  # structured rows: masks from the tokens just retired
+                self.runner.finish(following)
         except BaseException:
             self._abort_failed(_requests_of(retired, following))
             self._inflight = None
@@ -370,10 +371,6 @@ class LLMEngine:
 
     def warmup_graphs(self) -> None:
         self.runner.warmup_graphs()
-
-
-def _structured(flight: InFlight) -> bool:
-    return any(s.request.params.structured_outputs is not None for s in flight.out.seqs)
 
 
 def _requests_of(*flights) -> list[Request]:

@@ -22,7 +22,7 @@ import numpy as np
 from ..model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
-from .logits_process import MASK, PROCESS, LogitsState, RequestLists, count_tokens, processes
+from .logits_process import MASK, PROCESS, UPDATE, LogitsState, RequestLists, count_tokens, processes
 from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
 from .request import PLACEHOLDER
@@ -49,14 +49,20 @@ class InFlight:
 
     out: SchedulerOutput
     positions: list
-    tokens: np.ndarray
-    copies: HostCopy
-    logprobs: LogprobRequests
+    tokens: np.ndarray | None = None
+    copies: HostCopy | None = None
+    logprobs: LogprobRequests | None = None
     keep: tuple = ()  # buffers the device still reads or writes (freed at retire)
     samples: list = field(default_factory=list)
     endings: list = field(default_factory=list)
     timing: StepTiming = field(default_factory=StepTiming)
     events: tuple | None = None
+    pending: tuple | None = None  # launched, not finished: (logits, device views, host views, layout, ...)
+
+    @property
+    def deferred(self) -> bool:
+        """Structured rows wait for the step before (their masks need its tokens): :meth:`ModelRunner.finish`."""
+        return self.pending is not None
 
 
 class ModelRunner:
@@ -80,6 +86,7 @@ class ModelRunner:
         self.lists = RequestLists(model.config.vocab_size)  # the engine sets its EOS ids and tokenizer
         self.grammars = None  # structured outputs (pagedkv.engine.structured), set by the engine with a tokenizer
         self._graphs_version = 0
+        self._deferred, self._host_views, self._mask_hosts, self._mask_turn = [], None, None, 0
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -120,7 +127,11 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------- launch
     def launch(self, out: SchedulerOutput, changes=((), ())) -> InFlight:
         """Enqueue one step (``out.seqs`` non-empty); ``changes``: the scheduler's (changed, freed) sequence ids
-        since the last launch. Raises whatever the forward raises (nothing of this step is then enqueued)."""
+        since the last launch. Raises whatever the forward raises (nothing of this step is then enqueued).
+
+        A structured request whose previous token is still in flight cannot have its mask yet: its row is sampled
+        again by :meth:`finish`, which the engine calls once that token is on the host (``flight.deferred``);
+        the step's token counts, logprobs and read-back wait for it. Otherwise the step is finished here."""
         t0 = time.perf_counter()
         self.tables.update(*changes)
         events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
@@ -138,18 +149,30 @@ class ModelRunner:
             logits, positions, v, keep, t1 = self._launch_cpu(lay, seqs, decode)
         num_logits = logits.shape[0]
         num_sampled = self._sample_extras(logits, positions, seqs, v, num_logits)
-        if self.logits_state.allocated:  # NOTE: after the extras: they read their parent's counts before its token
-            count_tokens(self.sampled[:num_logits], v.sampling, self.logits_state)
-        logprobs = LogprobRequests(self.xp, logits, self.sampled, positions, seqs, lay.prompt_rows)
-        copies = HostCopy(self.xp)
-        logprobs.enqueue(copies)
-        tokens = self._read_back(num_sampled, copies)
-        copies.record()
-        if events is not None:
-            events[1].record()
-        flight = InFlight(out, positions, tokens, copies, logprobs, keep, events=events)
+        flight = InFlight(out, positions, keep=keep, events=events)
+        flight.pending = (logits, v, self._host_views, lay, num_logits, num_sampled, self._deferred)
+        if not self._deferred:
+            self.finish(flight)
         flight.timing.prepare_s, flight.timing.launch_s = t1 - t0, time.perf_counter() - t1
         return flight
+
+    def finish(self, flight: InFlight) -> None:
+        """The rest of a launched step: deferred structured rows sampled with their masks (needs the tokens of
+        the step before on the host), token counts, logprobs, the one device->host copy, the end event."""
+        logits, v, host, lay, num_logits, num_sampled, deferred = flight.pending
+        flight.pending = None
+        if deferred:
+            self._resample_structured(logits, host, deferred, flight)
+        if self.logits_state.allocated:  # NOTE: after the extras: they read their parent's counts before its token
+            count_tokens(self.sampled[:num_logits], v.sampling, self.logits_state)
+        flight.logprobs = LogprobRequests(self.xp, logits, self.sampled, flight.positions, flight.out.seqs,
+                                          lay.prompt_rows)
+        flight.copies = HostCopy(self.xp)
+        flight.logprobs.enqueue(flight.copies)
+        flight.tokens = self._read_back(num_sampled, flight.copies)
+        flight.copies.record()
+        if flight.events is not None:
+            flight.events[1].record()
 
     def _launch_gpu(self, lay: Layout, seqs, decode: bool):
         """Fill and upload the inputs, replay a graph (or run eagerly); returns logits and the sample positions.
@@ -169,7 +192,7 @@ class ModelRunner:
                                            len(seqs)), self.xp, buffers=1)
         rows = graphs.bucket(lay.num_rows) if fits else lay.num_rows
         num_logits = rows if decode else (PREFILL_LOGIT_ROWS if fits else lay.num_logits)
-        v = inputs.begin()
+        v = self._host_views = inputs.begin()
         fill_rows(v, lay, self.tables, rows, row_tables=decode)
         if not decode:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
@@ -186,31 +209,68 @@ class ModelRunner:
 
     def _fill_grammar(self, v, lay: Layout, seqs, positions, num_logits: int) -> None:
         """Bitmasks of the structured requests' sampling rows (their branches' matchers), flags and mask rows
-        set, processed rows renumbered; on a GPU one host->device copy of the masks (current stream)."""
+        set, processed rows renumbered; on a GPU one host->device copy of the masks (current stream). Rows whose
+        branch's last token is still in flight are deferred (``self._deferred``: sampled again by finish)."""
+        self._deferred = []
         if self.grammars is None:
             return
         found = [i for i, s in enumerate(seqs) if positions[i] and s.request.params.structured_outputs is not None]
         self.grammars.release()
+        self._deferred = [i for i in found if _in_flight(seqs[i].branch)]
+        found = [i for i in found if not _in_flight(seqs[i].branch)]
         if not found:
             return
-        state, k = self.logits_state, len(found)
-        host = state.grammar if not self.backend.is_gpu else self._grammar_host()
-        self.grammars.fill([(seqs[i].request, seqs[i].branch) for i in found], host[:k].view(np.int32))
+        k = len(found)
+        host = self._upload_masks([(seqs[i].request, seqs[i].branch) for i in found])
         for row, i in enumerate(found):
             for pos in positions[i]:  # NOTE: extra branches' first token: the parent's mask
                 v.flags[pos] |= PROCESS | MASK
                 v.mask_row[pos] = row
         processed = np.flatnonzero(v.flags[:num_logits] & PROCESS)
         v.proc_row[processed] = np.arange(len(processed), dtype=np.int32)
-        if self.backend.is_gpu:
-            state.grammar[:k].set(host[:k], stream=self.xp.cuda.get_current_stream())
+        del host, k
 
-    def _grammar_host(self) -> np.ndarray:
-        if getattr(self, "_grammar_pinned", None) is None:
-            import cupyx
+    def _upload_masks(self, rows: list):
+        """Masks of ``rows`` ((request, branch) each) into the device's grammar rows ``[0, len(rows))``: filled
+        into one of two pinned host buffers (waiting for its previous copy), one copy on the current stream."""
+        state, k = self.logits_state, len(rows)
+        if not self.backend.is_gpu:
+            self.grammars.fill(rows, state.grammar[:k].view(np.int32))
+            return state.grammar
+        import cupyx
 
-            self._grammar_pinned = cupyx.empty_pinned(self.logits_state.grammar.shape, dtype=np.uint32)
-        return self._grammar_pinned
+        if self._mask_hosts is None:
+            self._mask_hosts = [[cupyx.empty_pinned(state.grammar.shape, dtype=np.uint32), None] for _ in range(2)]
+        self._mask_turn ^= 1
+        entry = self._mask_hosts[self._mask_turn]
+        if entry[1] is not None:
+            entry[1].synchronize()
+        self.grammars.fill(rows, entry[0][:k].view(np.int32))
+        stream = self.xp.cuda.get_current_stream()
+        state.grammar[:k].set(entry[0][:k], stream=stream)
+        entry[1] = self.xp.cuda.Event(block=False, disable_timing=True)
+        entry[1].record(stream)
+        return entry[0]
+
+    def _resample_structured(self, logits, host, deferred: list, flight: InFlight) -> None:
+        """Sample the deferred structured rows again, now with their masks (their other fields as launched)."""
+        seqs, xp = flight.out.seqs, self.xp
+        rows = [(seqs[i].request, seqs[i].branch) for i in deferred]
+        at = np.array([flight.positions[i][0] for i in deferred], dtype=np.int64)
+        self._upload_masks(rows)
+        t = SamplingTensors.allocate(len(deferred))
+        for name, _ in ROW_FIELDS:
+            getattr(t, name)[:] = getattr(host, name)[at]
+        t.flags[:] = (t.flags & ~UPDATE) | PROCESS | MASK
+        t.proc_row[:] = t.mask_row[:] = np.arange(len(deferred), dtype=np.int32)
+        tensors = t if xp is np else SamplingTensors.allocate(len(deferred), xp)
+        if tensors is not t:
+            t.copy_to(tensors)
+        index = xp.asarray(at)
+        out = xp.empty(len(deferred), dtype=np.int32)
+        processed = xp.empty((len(deferred), logits.shape[1]), dtype=np.float32)
+        sample(logits[index], tensors, out=out, state=self.logits_state, processed=processed)
+        self.sampled[index] = out
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:
@@ -240,7 +300,7 @@ class ModelRunner:
         else:
             num = lay.num_logits + sum(len(s.sample_branches) for s in seqs)
             inputs = StepInputs(InputShape(lay.num_rows, 1, lay.num_logits, num), np, buffers=1)
-        v = inputs.begin()
+        v = self._host_views = inputs.begin()
         fill_rows(v, lay, self.tables, lay.num_rows, row_tables=decode)
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
         self._fill_grammar(v, lay, seqs, positions, lay.num_logits)
@@ -349,6 +409,11 @@ class ModelRunner:
         inputs.upload(1)
         self._forward(inputs, num_rows, 1, self.xp.empty(1, dtype=np.int32))
         self.xp.cuda.get_current_stream().synchronize()
+
+
+def _in_flight(branch) -> bool:
+    """The branch's last output token is still being sampled (its value is not on the host yet)."""
+    return branch.num_known_outputs() < len(branch.output_token_ids)
 
 
 def _wants_prompt_logprobs(out: SchedulerOutput) -> bool:

@@ -13,8 +13,9 @@ See experiments/structured_bench.py for the per-token mask timing of both.
                     copy of the k rows
     end             EOS is allowed exactly when the grammar accepts (llguidance); a matcher in error allows EOS only
 
-NOTE: a matcher needs the branch's previous token on the host, so the engine does not launch step N + 1 before
-step N is retired while a structured request runs (asynchronous scheduling pauses for those steps).
+With asynchronous scheduling a structured row of step N + 1 is launched before its previous token (step N) is on
+the host: the forward (and the sampler, without the mask) runs at once, and once step N is retired the row's mask
+is filled while the GPU still runs that forward, then the row is sampled again with it (ModelRunner.finish).
 """
 from __future__ import annotations
 
