@@ -204,7 +204,7 @@ def _gemms(engine: LLMEngine, batch: int):
 
 
 def _attention(engine: LLMEngine, batch):
-    from pagedkv import ops
+    from pagedkv.kernels import ops
 
     xp, c, kv = engine.backend.xp, engine.model_config, engine.kv_cache
     q = xp.ones((len(batch.context_lens), c.num_heads, c.head_dim), dtype=engine.model.dtype)

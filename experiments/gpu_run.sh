@@ -76,9 +76,9 @@ for stage in "$@"; do
                 --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" -c "
 import cupy, numpy as np
 from experiments.kernel_bench import build_case
-from pagedkv import kernels
+from pagedkv.kernels import decode
 q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), *map(int, '$case'.split()))
-for _ in range(6): kernels.paged_attention(q, k, v, bt, cl, check=False)
+for _ in range(6): decode.paged_attention(q, k, v, bt, cl, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
     etests)

@@ -68,10 +68,10 @@ for stage in $stages; do
                 "$PY" -c "
 import cupy, numpy as np
 from experiments.kernel_bench import CASES, build_case
-from pagedkv import kernels
+from pagedkv.kernels import decode
 q, k, v, bt, cl, _ = build_case(cupy, np.random.default_rng(0), CASES[$case])
 for _ in range(3):
-    for version in (2, 3): kernels.paged_attention(q, k, v, bt, cl, version=version, check=False)
+    for version in (2, 3): decode.paged_attention(q, k, v, bt, cl, version=version, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
     *)

@@ -50,12 +50,12 @@ cat > "$WARM_PY" <<'EOF'
 import multiprocessing as mp
 import time
 
-from pagedkv import kernels, kernels_prefill as kp
+from pagedkv.kernels import compile, prefill as kp
 
 
 def build(job):
     t0 = time.time()
-    kernels._module(kp.FILENAME, *job)
+    compile.load_module(kp.FILENAME, *job)
     return job, time.time() - t0
 
 
@@ -108,7 +108,7 @@ for stage in "${stages[@]}"; do
                 "$PY" -c "
 import cupy as cp, numpy as np
 from experiments.prefill_bench import build_case, case_lengths
-from pagedkv import kernels_prefill as kp
+from pagedkv.kernels import prefill as kp
 new, cached = case_lengths('$1')
 q, k, v, bt, qsl, cl = build_case(cp, np.random.default_rng(0), new, cached, $2)
 bt, qsl, cl = cp.asarray(bt), cp.asarray(qsl), cp.asarray(cl)

@@ -99,7 +99,7 @@ fi
 #    through the prefill op (two launches)
 PYTHONPATH="$HERE" timeout "$(limit 30 5)" python3 - > "$LOGS/mixed_attention.log" 2>&1 <<'PY'
 import cupy as cp, numpy as np
-from pagedkv import ops
+from pagedkv.kernels import ops
 rng = np.random.default_rng(0)
 heads, kv_heads, dim, bs, num_blocks = 32, 8, 64, 16, 8192
 k = cp.asarray(rng.standard_normal((num_blocks, kv_heads, bs, dim)).astype(np.float16))

@@ -31,7 +31,7 @@ import cupy, numpy as np
 from rich.console import Console
 from rich.table import Table
 from pagedkv.engine.sampler import SamplingTensors, sample
-from pagedkv.engine.sampling import SamplingParams
+from pagedkv.sampling_params import SamplingParams
 
 SEED, VOCAB, BATCHES, REPS, WARMUP = 0, 128256, (1, 32, 128, 256), 50, 5
 CONFIGS = {  # name: (params, logits): "llm" = 2.5 N(0, 1) + 10 tokens a row raised by U(5, 15); "flat" = N(0, 1)

@@ -3,7 +3,7 @@ checked against the vocabulary, bad words tokenized, min_tokens honoured; refusa
 import pytest
 
 from pagedkv.engine import EngineConfig, LLMEngine
-from pagedkv.engine.sampling import SamplingParams
+from pagedkv.sampling_params import SamplingParams
 
 
 def _engine(**kwargs):

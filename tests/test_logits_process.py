@@ -16,7 +16,7 @@ from pagedkv.engine.logits_process import (COUNT_MASK, HISTORY, MASK, PROCESS, P
                                            allowed_bitmask, count_tokens, process_row, request_words)
 from pagedkv.engine.logits_reference import process_reference
 from pagedkv.engine.sampler import SamplingTensors, sample
-from pagedkv.engine.sampling import SamplingParams
+from pagedkv.sampling_params import SamplingParams
 
 VOCAB = 97
 
@@ -228,7 +228,7 @@ def test_penalties_change_greedy_output_and_n_branches_keep_their_own_counts():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on the PATH")
 def test_kernels_compile_without_spills(tmp_path):
-    from pagedkv import kernels
+    from pagedkv.kernels import compile as kernels
 
     src = tmp_path / "logits_process.cu"
     src.write_text(kernels.cu_source("logits_process.cu"))

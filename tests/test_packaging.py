@@ -16,11 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, pagedkv
-from pagedkv import kernels
-folder = kernels._cu_dir()
+from pagedkv.kernels import compile
+folder = compile.cu_dir()
 print(json.dumps({"package": pagedkv.__file__, "folder": str(folder),
                   "files": sorted(p.name for p in folder.iterdir()),
-                  "source_chars": len(kernels.cu_source("paged_attention.cu"))}))
+                  "source_chars": len(compile.cu_source("paged_attention.cu"))}))
 """
 
 

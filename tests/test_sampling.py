@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pagedkv.engine.sampling import SamplingParams, probabilities, sample
+from pagedkv.sampling_params import SamplingParams, probabilities, sample
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -75,8 +75,8 @@ def test_more_bad_sampling_params_raise(kwargs, match):
 
 from dataclasses import replace  # noqa: E402
 
-from pagedkv.engine.sampling import SamplingParamsError  # noqa: E402
-from pagedkv.engine.structured_params import GuidedDecodingParams, StructuredOutputsParams  # noqa: E402
+from pagedkv.sampling_params import SamplingParamsError  # noqa: E402
+from pagedkv.structured_params import GuidedDecodingParams, StructuredOutputsParams  # noqa: E402
 
 
 def test_vllm_defaults_and_names():

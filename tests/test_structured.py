@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("llguidance")
 
 from pagedkv.engine import EngineConfig, LLMEngine  # noqa: E402
-from pagedkv.engine.sampling import SamplingParams  # noqa: E402
-from pagedkv.engine.structured_params import StructuredOutputsError, StructuredOutputsParams  # noqa: E402
+from pagedkv.sampling_params import SamplingParams  # noqa: E402
+from pagedkv.structured_params import StructuredOutputsError, StructuredOutputsParams  # noqa: E402
 from pagedkv.model import get_config  # noqa: E402
 
 VOCAB = 512

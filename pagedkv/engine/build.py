@@ -9,7 +9,7 @@ from pathlib import Path
 from ..kv_cache import KVCache
 from ..model.config import ModelConfig
 from .config import EngineConfig
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 CPU_DEFAULT_BLOCKS = 1024
 GPU_FREE_MEMORY_SHARE = 0.4

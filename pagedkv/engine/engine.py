@@ -60,8 +60,8 @@ from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput
+from ..sampling_params import SamplingParams
 from .request_params import resolve_params
-from .sampling import SamplingParams
 from .validation import check_prompt, check_request_id
 from .scheduler import Scheduler
 from .step_plan import SchedulerOutput

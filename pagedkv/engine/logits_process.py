@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 PROCESS, STATE, UPDATE, MASK = 1, 2, 4, 8  # flags (PAGEDKV_LP_* in logits_process.cu)
 HEADER = 8  # PAGEDKV_LP_HEADER
@@ -202,12 +202,12 @@ def process(logits, tensors, state: LogitsState, dt: int, processed=None) -> Non
         return
     import cupy
 
-    from ..kernels import _function
+    from ..kernels.compile import load_function
 
     num_rows, vocab = logits.shape
     row_stride = logits.strides[0] // logits.itemsize if num_rows > 1 else vocab
     t = tensors
-    _function("logits_process.cu", f"process_logits_{_SUFFIX[dt]}")(
+    load_function("logits_process.cu", f"process_logits_{_SUFFIX[dt]}")(
         (num_rows,), (256,), (processed, logits, cupy.int64(row_stride), cupy.int32(vocab), t.flags, t.proc_row,
                               t.state_row, t.mask_row, t.step, state.counts, state.history, cupy.int32(HISTORY),
                               state.lists, cupy.int32(LIST_WORDS), state.allowed, state.grammar,
@@ -228,9 +228,9 @@ def count_tokens(tokens, tensors, state: LogitsState) -> None:
         return
     import cupy
 
-    from ..kernels import _function
+    from ..kernels.compile import load_function
 
-    _function("logits_process.cu", "count_tokens")(
+    load_function("logits_process.cu", "count_tokens")(
         (-(-num // 128),), (128,), (tokens, t.flags, t.state_row, t.step, state.counts, state.history,
                                     cupy.int32(HISTORY), cupy.int32(state.vocab_size), cupy.int32(num)))
 

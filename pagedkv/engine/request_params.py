@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .logits_process import RequestLists, needs_state
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 def resolve_params(params: SamplingParams, prompt_ids: list[int], max_model_len: int, lists: RequestLists,

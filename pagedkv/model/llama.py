@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ops
+from ..kernels import ops
 from ..backend import Backend
 from .config import ModelConfig
 from .layers import Rope, causal_attention, rms_norm, silu_mul, varlen_causal_attention, varlen_plan
@@ -183,7 +183,7 @@ class LlamaModel:
         NOTE: the same float64 arithmetic as the CPU decode path, so a token's logits do not depend on whether
         it was computed in a whole prompt, a chunk, a decode row or a mixed step (greedy outputs agree).
         """
-        from ..reference import dense_attention
+        from ..kernels.reference import dense_attention
 
         def attend(layer, q, k, v):
             out = np.empty_like(q)

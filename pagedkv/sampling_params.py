@@ -1,4 +1,4 @@
-"""Sampling parameters (vLLM's ``SamplingParams``: names, defaults, validation) and the host sampler.
+"""SamplingParams at the ground floor (vLLM's names, defaults and validation) and the host sampler.
 
 Fields in vLLM's order; every one is checked in ``__post_init__`` and a bad value raises
 :class:`SamplingParamsError` (a ``ValueError``, also a ``TypeError`` for unknown names) naming the field,
