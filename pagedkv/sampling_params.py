@@ -29,7 +29,12 @@ MIN_TEMPERATURE = 1e-3  # below this (and above 0) logits / T overflow float32 f
 
 
 class SamplingParamsError(ValueError, TypeError):
-    """A bad SamplingParams field (a ``ValueError``; a ``TypeError`` too, as for an unknown keyword)."""
+    """A bad SamplingParams field (a ``ValueError``; a ``TypeError`` too, as for an unknown keyword). The message
+    starts with the field's name; ``param`` holds it (None for an unknown field)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def _is_int(value) -> bool:
@@ -42,7 +47,7 @@ def _is_number(value) -> bool:
 
 
 def _fail(name: str, expected: str, value) -> None:
-    raise SamplingParamsError(f"SamplingParams.{name} must be {expected}, got {value!r}")
+    raise SamplingParamsError(f"{name} must be {expected}, got {value!r}", name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +153,15 @@ def _check_counts(p: SamplingParams) -> None:
         if not _is_int(p.best_of) or p.best_of < p.n:
             _fail("best_of", f"None or an int >= n ({p.n})", p.best_of)
         if p.best_of != p.n:
-            raise SamplingParamsError(f"SamplingParams.best_of={p.best_of} > n={p.n} is not supported (as in "
-                                      f"vLLM V1): ask for n={p.best_of} and pick by cumulative_logprob")
+            raise SamplingParamsError(f"best_of {p.best_of} > n={p.n} is not supported (as in vLLM V1): ask for "
+                                      f"n={p.best_of} and pick by cumulative_logprob", "best_of")
     if p.max_tokens is not None and (not _is_int(p.max_tokens) or p.max_tokens < 1):
         _fail("max_tokens", "None or an int >= 1", p.max_tokens)
     if not _is_int(p.min_tokens) or p.min_tokens < 0:
         _fail("min_tokens", "an int >= 0", p.min_tokens)
     if p.max_tokens is not None and p.min_tokens > p.max_tokens:
-        raise SamplingParamsError(f"SamplingParams.min_tokens ({p.min_tokens}) must be <= max_tokens "
-                                  f"({p.max_tokens})")
+        raise SamplingParamsError(f"min_tokens ({p.min_tokens}) must be <= max_tokens ({p.max_tokens})",
+                                  "min_tokens")
 
 
 def _check_floats(p: SamplingParams) -> None:
@@ -257,12 +262,19 @@ def _logit_bias(bias) -> dict[int, float]:
     return out
 
 
+def _structured(name: str, value):
+    try:
+        return StructuredOutputsParams.coerce(value, name)
+    except ValueError as exc:
+        raise SamplingParamsError(str(exc), name) from None
+
+
 def _check_structured(p: SamplingParams) -> None:
-    so = StructuredOutputsParams.coerce(p.structured_outputs, "SamplingParams.structured_outputs")
-    gd = StructuredOutputsParams.coerce(p.guided_decoding, "SamplingParams.guided_decoding")
+    so = _structured("structured_outputs", p.structured_outputs)
+    gd = _structured("guided_decoding", p.guided_decoding)
     if so is not None and gd is not None and so != gd:
-        raise SamplingParamsError("SamplingParams: give structured_outputs or guided_decoding (its older name), "
-                                  "not both")
+        raise SamplingParamsError("structured_outputs and guided_decoding (its older name) differ: give one",
+                                  "structured_outputs")
     _set(p, "structured_outputs", so or gd)
     _set(p, "guided_decoding", so or gd)
 

@@ -135,7 +135,7 @@ def test_sample_with_state_draws_from_the_processed_row():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"logit_bias": {VOCAB: 1.0}}, "logit_bias: token id"), ({"allowed_token_ids": [VOCAB + 3]}, "allowed_token_ids"),
+    ({"logit_bias": {VOCAB: 1.0}}, "logit_bias token id"), ({"allowed_token_ids": [VOCAB + 3]}, "allowed_token_ids"),
 ])
 def test_request_words_refuse_ids_outside_the_vocabulary(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -62,7 +62,7 @@ class RequestLists:
         bad = []
         if params.bad_words:
             if self.tokenizer is None:
-                raise ValueError(f"SamplingParams.bad_words {params.bad_words!r} need a tokenizer on the engine")
+                raise ValueError(f"bad_words {params.bad_words!r} need a tokenizer on the engine")
             bad = bad_words_token_ids(params.bad_words, self.tokenizer)
         stop_ids = () if params.ignore_eos else self.eos_token_ids
         words = request_words(params, self.vocab_size, sorted(stop_ids | set(params.stop_token_ids)), bad)
@@ -94,10 +94,10 @@ def request_words(params: SamplingParams, vocab_size: int, stop_ids, bad_word_id
                       params.allowed_token_ids or ()), ("bad_words", [t for w in bad_word_ids for t in w])):
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"SamplingParams.{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     long = [w for w in bad_word_ids if len(w) > HISTORY + 1]
     if long:
-        raise ValueError(f"SamplingParams.bad_words: a word of {len(long[0])} tokens; at most {HISTORY + 1}")
+        raise ValueError(f"bad_words has a word of {len(long[0])} tokens; at most {HISTORY + 1}")
     stop_ids = sorted({int(t) for t in stop_ids if 0 <= t < vocab_size}) if params.min_tokens else []
     bias = params.logit_bias or {}
     header = [len(bias), len(stop_ids), len(bad_word_ids), int(params.allowed_token_ids is not None),
@@ -106,8 +106,8 @@ def request_words(params: SamplingParams, vocab_size: int, stop_ids, bad_word_id
     data = [w for t, b in bias.items() for w in (t, _bits(b))] + stop_ids + \
         [w for ids in bad_word_ids for w in (len(ids), *ids)]
     if HEADER + len(data) > LIST_WORDS:
-        raise ValueError(f"SamplingParams: logit_bias, bad_words and min_tokens' stop ids need "
-                         f"{HEADER + len(data)} words; at most {LIST_WORDS}")
+        raise ValueError(f"logit_bias, bad_words and min_tokens' stop ids need {HEADER + len(data)} words; at most "
+                         f"{LIST_WORDS}")
     return np.array(header + data, dtype=np.int32)
 
 

@@ -32,6 +32,6 @@ def resolve_params(params: SamplingParams, prompt_ids: list[int], max_model_len:
         lists.words(params)
     if params.structured_outputs is not None:
         if grammars is None:
-            raise ValueError("SamplingParams.structured_outputs needs a tokenizer on the engine")
+            raise ValueError("structured_outputs needs a tokenizer on the engine")
         grammars.check(params.structured_outputs)
     return prompt_ids, params
