@@ -26,7 +26,7 @@ from .logits_process import MASK, PROCESS, UPDATE, LogitsState, RequestLists, co
 from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
 from .request import PLACEHOLDER
-from .sampler import ROW_FIELDS, SamplingTensors, sample
+from .sampler import ROW_BYTES, ROW_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
 from .step_plan import SchedulerOutput
@@ -87,6 +87,7 @@ class ModelRunner:
         self.grammars = None  # structured outputs (pagedkv.engine.structured), set by the engine with a tokenizer
         self._graphs_version = 0
         self._deferred, self._host_views, self._mask_hosts, self._mask_turn = [], None, None, 0
+        self._stage = self._staged = None  # staging of deferred structured rows (_resample_structured)
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -253,24 +254,47 @@ class ModelRunner:
         return entry[0]
 
     def _resample_structured(self, logits, host, deferred: list, flight: InFlight) -> None:
-        """Sample the deferred structured rows again, now with their masks (their other fields as launched)."""
-        seqs, xp = flight.out.seqs, self.xp
-        rows = [(seqs[i].request, seqs[i].branch) for i in deferred]
+        """Sample the deferred structured rows again, now with their masks (their other fields as launched). Its
+        inputs travel through pinned staging (a pageable host->device copy would wait for the running forward)."""
+        seqs, xp, n = flight.out.seqs, self.xp, len(deferred)
         at = np.array([flight.positions[i][0] for i in deferred], dtype=np.int64)
-        self._upload_masks(rows)
-        t = SamplingTensors.allocate(len(deferred))
+        self._upload_masks([(seqs[i].request, seqs[i].branch) for i in deferred])
+        t, index, tensors, d_index = self._staging()
         for name, _ in ROW_FIELDS:
-            getattr(t, name)[:] = getattr(host, name)[at]
-        t.flags[:] = (t.flags & ~UPDATE) | PROCESS | MASK
-        t.proc_row[:] = t.mask_row[:] = np.arange(len(deferred), dtype=np.int32)
-        tensors = t if xp is np else SamplingTensors.allocate(len(deferred), xp)
-        if tensors is not t:
-            t.copy_to(tensors)
-        index = xp.asarray(at)
-        out = xp.empty(len(deferred), dtype=np.int32)
-        processed = xp.empty((len(deferred), logits.shape[1]), dtype=np.float32)
-        sample(logits[index], tensors, out=out, state=self.logits_state, processed=processed)
-        self.sampled[index] = out
+            getattr(t, name)[:n] = getattr(host, name)[at]
+        t.flags[:n] = (t.flags[:n] & ~UPDATE) | PROCESS | MASK
+        t.proc_row[:n] = t.mask_row[:n] = np.arange(n, dtype=np.int32)
+        index[:n] = at
+        if xp is not np:
+            stream = xp.cuda.get_current_stream()
+            tensors.raw.set(t.raw, stream=stream)
+            d_index.set(index, stream=stream)
+            self._staged = xp.cuda.Event(block=False, disable_timing=True)
+            self._staged.record(stream)
+        out = xp.empty(n, dtype=np.int32)
+        processed = xp.empty((n, logits.shape[1]), dtype=np.float32)
+        sample(logits[d_index[:n]], tensors, out=out, state=self.logits_state, processed=processed)
+        self.sampled[d_index[:n]] = out
+
+    def _staging(self):
+        """(host tensors, host index, device tensors, device index) of ``max_num_seqs`` rows; on a GPU the host
+        side is pinned and reused once its last copy has been done."""
+        if self._stage is None:
+            rows = self._max_num_seqs
+            if self.xp is np:
+                t = SamplingTensors.allocate(rows)
+                self._stage = (t, np.zeros(rows, dtype=np.int64), t, None)
+            else:
+                import cupyx
+
+                host = SamplingTensors.on_buffer(cupyx.empty_pinned(ROW_BYTES * rows, dtype=np.uint8))
+                self._stage = (host, cupyx.empty_pinned(rows, dtype=np.int64),
+                               SamplingTensors.allocate(rows, self.xp), self.xp.zeros(rows, dtype=np.int64))
+        if self._staged is not None:
+            self._staged.synchronize()
+            self._staged = None
+        t, index, tensors, d_index = self._stage
+        return t, index, tensors, index if d_index is None else d_index
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:

@@ -102,7 +102,13 @@ class SamplingTensors:
         """``capacity`` greedy rows in one buffer of ``xp`` (``numpy`` for the host side, ``cupy`` for the device)."""
         if not isinstance(capacity, (int, np.integer)) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        raw = xp.zeros(ROW_BYTES * int(capacity), dtype=xp.uint8)
+        return cls.on_buffer(xp.zeros(ROW_BYTES * int(capacity), dtype=xp.uint8))
+
+    @classmethod
+    def on_buffer(cls, raw) -> SamplingTensors:
+        """Greedy rows over the byte buffer ``raw`` (``ROW_BYTES`` per row; e.g. pinned host memory)."""
+        capacity = raw.shape[0] // ROW_BYTES
+        raw[...] = 0
         views, offset = {}, 0
         for name, dt in _LAYOUT:
             nbytes = np.dtype(dt).itemsize * int(capacity)
