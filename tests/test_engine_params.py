@@ -51,3 +51,10 @@ def test_min_tokens_suppresses_eos_until_reached():
     out = eng.generate([[1, 2, 3]], SamplingParams(temperature=0, min_tokens=5, max_tokens=12), progress=False)[0]
     ids = out.outputs[0].token_ids
     assert len(ids) >= 5 and first not in ids[:5]
+
+
+def test_penalties_with_ignore_eos_and_min_tokens_run():  # ignore_eos: min_tokens masks the stop ids only
+    eng = _engine()
+    out = eng.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, min_tokens=3,
+                                                    presence_penalty=0.5, stop_token_ids=[9]), progress=False)[0]
+    assert len(out.outputs[0].token_ids) >= 3 and 9 not in out.outputs[0].token_ids[:3]

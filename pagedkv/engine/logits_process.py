@@ -65,7 +65,7 @@ class RequestLists:
                 raise ValueError(f"bad_words {params.bad_words!r} need a tokenizer on the engine")
             bad = bad_words_token_ids(params.bad_words, self.tokenizer)
         stop_ids = () if params.ignore_eos else self.eos_token_ids
-        words = request_words(params, self.vocab_size, sorted(stop_ids | set(params.stop_token_ids)), bad)
+        words = request_words(params, self.vocab_size, sorted({*stop_ids, *params.stop_token_ids}), bad)
         if len(self._cache) > 4096:  # NOTE: keyed by id(): entries of finished requests are dropped in bulk
             self._cache.clear()
         self._cache[id(params)] = (params, words)
