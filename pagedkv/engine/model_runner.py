@@ -113,10 +113,15 @@ class ModelRunner:
             lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
         self._graphs_version = self.logits_state.version
 
+    def _ensure_state(self) -> None:
+        """The logits state covers every table row. NOTE: twice max_num_seqs at first: rows of sequences that
+        ended are recycled one step late, and growing the state later means capturing the graphs again."""
+        self.logits_state.ensure(max(self.tables.capacity, 2 * self._max_num_seqs))
+
     def _init_state_row(self, row: int, s) -> None:
         """A sequence that needs logits state got table row ``row``: its device state row, from its prompt and
         outputs (the last output may still be in flight: read on the device from the sampled buffer)."""
-        self.logits_state.ensure(self.tables.capacity)
+        self._ensure_state()
         b, p = s.branch, s.request.params
         outputs = list(b.output_token_ids)
         srcs = [-1] * len(outputs)
@@ -141,7 +146,7 @@ class ModelRunner:
         decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
         lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
         if self.grammars is not None and any(s.request.params.structured_outputs is not None for s in seqs):
-            self.logits_state.ensure(self.tables.capacity)
+            self._ensure_state()
         if self.graphs is not None and self._graphs_version != self.logits_state.version:
             self._make_graphs()
         if self.backend.is_gpu:
