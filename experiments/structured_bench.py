@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from experiments import cli
+from . import cli
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams, StructuredOutputsParams
 from pagedkv.model import get_config
 

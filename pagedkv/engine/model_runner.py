@@ -22,14 +22,15 @@ import numpy as np
 from ..model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
-from .logits_process import MASK, PROCESS, UPDATE, LogitsState, RequestLists, count_tokens, processes
+from .logits_process import LogitsState, RequestLists, count_tokens, processes
 from .logprob_rows import LogprobRequests
 from .metrics import StepTiming
 from .request import PLACEHOLDER
-from .sampler import ROW_BYTES, ROW_FIELDS, SamplingTensors, sample
+from .sampler import ROW_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
 from .step_plan import SchedulerOutput
+from .structured_rows import StructuredRows
 
 
 @dataclass(slots=True)
@@ -84,10 +85,9 @@ class ModelRunner:
                                      on_state_row=self._init_state_row)
         self.logits_state = LogitsState(model.config.vocab_size, max_num_seqs, self.xp)
         self.lists = RequestLists(model.config.vocab_size)  # the engine sets its EOS ids and tokenizer
-        self.grammars = None  # structured outputs (pagedkv.engine.structured), set by the engine with a tokenizer
+        self.structured = StructuredRows(self.xp, self.logits_state, max_num_seqs)
         self._graphs_version = 0
-        self._deferred, self._host_views, self._mask_hosts, self._mask_turn = [], None, None, 0
-        self._stage = self._staged = None  # staging of deferred structured rows (_resample_structured)
+        self._host_views = None
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -112,6 +112,15 @@ class ModelRunner:
             lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
             lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
         self._graphs_version = self.logits_state.version
+
+    @property
+    def grammars(self):
+        """The structured outputs' grammars (:class:`~pagedkv.engine.structured.Grammars`; set by the engine)."""
+        return self.structured.grammars
+
+    @grammars.setter
+    def grammars(self, grammars) -> None:
+        self.structured.grammars = grammars
 
     def _ensure_state(self) -> None:
         """The logits state covers every table row. NOTE: twice max_num_seqs at first: rows of sequences that
@@ -145,7 +154,8 @@ class ModelRunner:
         seqs = out.seqs
         decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
         lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
-        if self.grammars is not None and any(s.request.params.structured_outputs is not None for s in seqs):
+        if self.structured.grammars is not None and any(s.request.params.structured_outputs is not None
+                                                        for s in seqs):
             self._ensure_state()
         if self.graphs is not None and self._graphs_version != self.logits_state.version:
             self._make_graphs()
@@ -156,8 +166,8 @@ class ModelRunner:
         num_logits = logits.shape[0]
         num_sampled = self._sample_extras(logits, positions, seqs, v, num_logits)
         flight = InFlight(out, positions, keep=keep, events=events)
-        flight.pending = (logits, v, self._host_views, lay, num_logits, num_sampled, self._deferred)
-        if not self._deferred:
+        flight.pending = (logits, v, self._host_views, lay, num_logits, num_sampled, self.structured.deferred)
+        if not self.structured.deferred:
             self.finish(flight)
         flight.timing.prepare_s, flight.timing.launch_s = t1 - t0, time.perf_counter() - t1
         return flight
@@ -168,7 +178,7 @@ class ModelRunner:
         logits, v, host, lay, num_logits, num_sampled, deferred = flight.pending
         flight.pending = None
         if deferred:
-            self._resample_structured(logits, host, deferred, flight)
+            self.structured.resample(logits, host, deferred, flight.positions, flight.out.seqs, self.sampled)
         if self.logits_state.allocated:  # NOTE: after the extras: they read their parent's counts before its token
             count_tokens(self.sampled[:num_logits], v.sampling, self.logits_state)
         flight.logprobs = LogprobRequests(self.xp, logits, self.sampled, flight.positions, flight.out.seqs,
@@ -203,7 +213,7 @@ class ModelRunner:
         if not decode:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
-        self._fill_grammar(v, lay, seqs, positions, num_logits)
+        self.structured.fill(v, seqs, positions, num_logits)
         if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
             self._start_event.record()
         inputs.upload(lay.num_rows if decode else len(seqs))
@@ -212,94 +222,6 @@ class ModelRunner:
         if logits is None:
             logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled)
         return logits, positions, inputs.device, (inputs,), t1
-
-    def _fill_grammar(self, v, lay: Layout, seqs, positions, num_logits: int) -> None:
-        """Bitmasks of the structured requests' sampling rows (their branches' matchers), flags and mask rows
-        set, processed rows renumbered; on a GPU one host->device copy of the masks (current stream). Rows whose
-        branch's last token is still in flight are deferred (``self._deferred``: sampled again by finish)."""
-        self._deferred = []
-        if self.grammars is None:
-            return
-        found = [i for i, s in enumerate(seqs) if positions[i] and s.request.params.structured_outputs is not None]
-        self.grammars.release()
-        self._deferred = [i for i in found if _in_flight(seqs[i].branch)]
-        found = [i for i in found if not _in_flight(seqs[i].branch)]
-        if not found:
-            return
-        k = len(found)
-        host = self._upload_masks([(seqs[i].request, seqs[i].branch) for i in found])
-        for row, i in enumerate(found):
-            for pos in positions[i]:  # NOTE: extra branches' first token: the parent's mask
-                v.flags[pos] |= PROCESS | MASK
-                v.mask_row[pos] = row
-        processed = np.flatnonzero(v.flags[:num_logits] & PROCESS)
-        v.proc_row[processed] = np.arange(len(processed), dtype=np.int32)
-        del host, k
-
-    def _upload_masks(self, rows: list):
-        """Masks of ``rows`` ((request, branch) each) into the device's grammar rows ``[0, len(rows))``: filled
-        into one of two pinned host buffers (waiting for its previous copy), one copy on the current stream."""
-        state, k = self.logits_state, len(rows)
-        if not self.backend.is_gpu:
-            self.grammars.fill(rows, state.grammar[:k].view(np.int32))
-            return state.grammar
-        import cupyx
-
-        if self._mask_hosts is None:
-            self._mask_hosts = [[cupyx.empty_pinned(state.grammar.shape, dtype=np.uint32), None] for _ in range(2)]
-        self._mask_turn ^= 1
-        entry = self._mask_hosts[self._mask_turn]
-        if entry[1] is not None:
-            entry[1].synchronize()
-        self.grammars.fill(rows, entry[0][:k].view(np.int32))
-        stream = self.xp.cuda.get_current_stream()
-        state.grammar[:k].set(entry[0][:k], stream=stream)
-        entry[1] = self.xp.cuda.Event(block=False, disable_timing=True)
-        entry[1].record(stream)
-        return entry[0]
-
-    def _resample_structured(self, logits, host, deferred: list, flight: InFlight) -> None:
-        """Sample the deferred structured rows again, now with their masks (their other fields as launched). Its
-        inputs travel through pinned staging (a pageable host->device copy would wait for the running forward)."""
-        seqs, xp, n = flight.out.seqs, self.xp, len(deferred)
-        at = np.array([flight.positions[i][0] for i in deferred], dtype=np.int64)
-        self._upload_masks([(seqs[i].request, seqs[i].branch) for i in deferred])
-        t, index, tensors, d_index = self._staging()
-        for name, _ in ROW_FIELDS:
-            getattr(t, name)[:n] = getattr(host, name)[at]
-        t.flags[:n] = (t.flags[:n] & ~UPDATE) | PROCESS | MASK
-        t.proc_row[:n] = t.mask_row[:n] = np.arange(n, dtype=np.int32)
-        index[:n] = at
-        if xp is not np:
-            stream = xp.cuda.get_current_stream()
-            tensors.raw.set(t.raw, stream=stream)
-            d_index.set(index, stream=stream)
-            self._staged = xp.cuda.Event(block=False, disable_timing=True)
-            self._staged.record(stream)
-        out = xp.empty(n, dtype=np.int32)
-        processed = xp.empty((n, logits.shape[1]), dtype=np.float32)
-        sample(logits[d_index[:n]], tensors, out=out, state=self.logits_state, processed=processed)
-        self.sampled[d_index[:n]] = out
-
-    def _staging(self):
-        """(host tensors, host index, device tensors, device index) of ``max_num_seqs`` rows; on a GPU the host
-        side is pinned and reused once its last copy has been done."""
-        if self._stage is None:
-            rows = self._max_num_seqs
-            if self.xp is np:
-                t = SamplingTensors.allocate(rows)
-                self._stage = (t, np.zeros(rows, dtype=np.int64), t, None)
-            else:
-                import cupyx
-
-                host = SamplingTensors.on_buffer(cupyx.empty_pinned(ROW_BYTES * rows, dtype=np.uint8))
-                self._stage = (host, cupyx.empty_pinned(rows, dtype=np.int64),
-                               SamplingTensors.allocate(rows, self.xp), self.xp.zeros(rows, dtype=np.int64))
-        if self._staged is not None:
-            self._staged.synchronize()
-            self._staged = None
-        t, index, tensors, d_index = self._stage
-        return t, index, tensors, index if d_index is None else d_index
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:
@@ -332,7 +254,7 @@ class ModelRunner:
         v = self._host_views = inputs.begin()
         fill_rows(v, lay, self.tables, lay.num_rows, row_tables=decode)
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
-        self._fill_grammar(v, lay, seqs, positions, lay.num_logits)
+        self.structured.fill(v, seqs, positions, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
             return self._forward(inputs, lay.num_rows, None, self.sampled), positions, v, (), t1
@@ -438,11 +360,6 @@ class ModelRunner:
         inputs.upload(1)
         self._forward(inputs, num_rows, 1, self.xp.empty(1, dtype=np.int32))
         self.xp.cuda.get_current_stream().synchronize()
-
-
-def _in_flight(branch) -> bool:
-    """The branch's last output token is still being sampled (its value is not on the host yet)."""
-    return branch.num_known_outputs() < len(branch.output_token_ids)
 
 
 def _wants_prompt_logprobs(out: SchedulerOutput) -> bool:
