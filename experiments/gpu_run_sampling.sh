@@ -28,12 +28,12 @@ T "${T_KERNELS:-30}" $PY -m pytest -q -x -p no:cacheprovider -rs -m gpu tests/te
     | tail -15 | tee "$OUT/kernels.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-T "${T_PENALTIES:-45}" $PY -m experiments.engine_bench --device gpu --graph on --penalties \
-    --json "$OUT/engine_bench_penalties.json" 2>&1 | tail -22 | tee "$OUT/penalties.log"
+T "${T_PENALTIES:-45}" $PY -m experiments.engine_bench --device gpu --penalties \
+    --output-json "$OUT/engine_bench_penalties.json" 2>&1 | tail -22 | tee "$OUT/penalties.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 T "${T_STRUCTURED:-30}" $PY -m experiments.structured_bench --device gpu --libs \
-    --json "$OUT/structured_bench.json" 2>&1 | tail -12 | tee "$OUT/structured.log"
+    --output-json "$OUT/structured_bench.json" 2>&1 | tail -12 | tee "$OUT/structured.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 T "${T_ENGINE:-25}" $PY -m pytest -q -x -p no:cacheprovider -rs -m gpu tests/test_logits_process.py \

@@ -260,7 +260,7 @@ def _writable(flag: str, path: Path, is_dir: bool) -> Path:
 
 
 def parse_args(argv):
-    parser = cli.Parser(prog="python -m experiments.kernel_bench", description=__doc__.splitlines()[0],
+    parser = cli.Parser(description=__doc__.splitlines()[0],
                         epilog="cases: " + "; ".join(f"{i}: {c.label()}" for i, c in enumerate(CASES)))
     parser.add_argument("--cases", type=int, nargs="*", help="indices into the case list below (default: all)")
     parser.add_argument("--out-dir", default="benchmarks/results", help="folder of the default JSON name")

@@ -12,7 +12,7 @@ Libraries (``--libs``): a random walk of allowed tokens through the schema (llgu
 library the median time of one ``fill_next_token_bitmask`` along that walk (one row, one thread). xgrammar needs
 torch; where it is missing the row says so.
 
-    python -m experiments.structured_bench --device gpu --json structured.json
+    python -m experiments.structured_bench --device gpu --output-json structured.json
 """
 from __future__ import annotations
 
@@ -146,14 +146,14 @@ def _xgrammar(tokenizer, vocab: int, walk: list) -> tuple:
 
 
 def parse_args(argv=None):
-    p = cli.Parser(prog="python -m experiments.structured_bench", description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     from pagedkv.model.config import PRESETS
 
     p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
                    help="random-weight model preset (default: llama-1b on a GPU, tiny with vocab 512 on the CPU)")
     p.add_argument("--num-prompts", dest="num_requests", type=int, default=32, help="requests (default 32)")
     p.add_argument("--libs", action="store_true", help="also time llguidance's and xgrammar's masks")
-    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES, plot=False)
+    cli.add_common(p, plot=False)
     args = p.parse_args(argv)
     cli.check_common(args)
     cli.in_range("--num-prompts", args.num_requests, 1, 512)
