@@ -3,7 +3,7 @@ mask time of llguidance and xgrammar on the same token walks.
 
 Engine run (``--device gpu``: llama-1b float16, random weights; CPU: the tiny model): a byte-level BPE tokenizer
 trained on the spot with the model's vocabulary size (synthetic merges fill it: 128,256 ids for llama-1b); N
-requests (default 32) of 64 random prompt tokens, 256 output tokens each (``ignore_eos``: every run produces the
+requests (default 32; CPU: 4 of 24 tokens) of 64 random prompt tokens, 256 output tokens each (``ignore_eos``: every run produces the
 same number of tokens; after the object closes the grammar allows EOS only), temperature 0.8, seeded per request.
 ``schema`` and ``plain`` runs on one engine, each after a warm-up of the same kind; output tokens/s = tokens /
 wall. ``mask_fill_ms_per_step``: the host's bitmask time per step (llguidance, parallel over the rows).
@@ -33,20 +33,21 @@ SCHEMA = {"type": "object", "properties": {  # NOTE: no maxLength: it makes llgu
     "tags": {"type": "array", "items": {"type": "string"}}, "ok": {"type": "boolean"}},
     "required": ["name", "age", "pet", "tags", "ok"], "additionalProperties": False}
 PROMPT_LEN, OUTPUT_LEN, WALK = 64, 256, 200
+CPU_NUM_REQUESTS, CPU_OUTPUT_LEN = 4, 24  # the CPU smoke run (NumPy forward): seconds
 
 
 def make_engine(args, tokenizer) -> LLMEngine:
     gpu = args.device == "gpu"
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, block_size=16,
-                          max_num_seqs=max(args.num_requests, 8), max_model_len=PROMPT_LEN + OUTPUT_LEN + 16,
+                          max_num_seqs=max(args.num_requests, 8), max_model_len=PROMPT_LEN + args.output_len + 16,
                           max_num_batched_tokens=4096, seed=args.seed, cuda_graph=gpu,
                           num_blocks=None if gpu else 1024, eos_token_id=tokenizer.eos_token_id)
     return LLMEngine(config, tokenizer=tokenizer)
 
 
-def run(engine: LLMEngine, prompts, structured: bool) -> dict:
+def run(engine: LLMEngine, prompts, structured: bool, output_len: int) -> dict:
     so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True) if structured else None
-    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=OUTPUT_LEN, ignore_eos=True, structured_outputs=so)
+    params = [SamplingParams(temperature=0.8, seed=i, max_tokens=output_len, ignore_eos=True, structured_outputs=so)
               for i in range(len(prompts))]
     engine.generate(prompts[:4], params[:4], progress=False)  # warm-up (allocates the mask buffers)
     engine.warmup_graphs()
@@ -151,12 +152,14 @@ def parse_args(argv=None):
 
     p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
                    help="random-weight model preset (default: llama-1b on a GPU, tiny with vocab 512 on the CPU)")
-    p.add_argument("--num-prompts", dest="num_requests", type=int, default=32, help="requests (default 32)")
+    p.add_argument("--num-prompts", dest="num_requests", type=int, default=None,
+                   help=f"requests (default 32 on a GPU, {CPU_NUM_REQUESTS} on the CPU)")
     p.add_argument("--libs", action="store_true", help="also time llguidance's and xgrammar's masks")
     cli.add_common(p, plot=False)
     args = p.parse_args(argv)
     cli.check_common(args)
-    cli.in_range("--num-prompts", args.num_requests, 1, 512)
+    if args.num_requests is not None:
+        cli.in_range("--num-prompts", args.num_requests, 1, 512)
     return args
 
 
@@ -169,6 +172,8 @@ def main(argv=None) -> int:
     args.device = backend.name
     args.model = args.model if args.model != "auto" else ("llama-1b" if backend.is_gpu else "tiny")
     args.dtype = args.dtype if args.dtype != "auto" else ("float16" if backend.is_gpu else "float32")
+    args.num_requests = args.num_requests or (32 if backend.is_gpu else CPU_NUM_REQUESTS)
+    args.output_len = OUTPUT_LEN if backend.is_gpu else CPU_OUTPUT_LEN
     vocab = get_config(args.model).vocab_size
     if not backend.is_gpu and vocab < 512:
         args.model, vocab = get_config("tiny", vocab_size=512), 512
@@ -177,11 +182,11 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, vocab, PROMPT_LEN).tolist() for _ in range(args.num_requests)]
     engine = make_engine(args, tokenizer)
-    runs = {"plain": run(engine, prompts, False), "schema": run(engine, prompts, True)}
+    runs = {"plain": run(engine, prompts, False, args.output_len), "schema": run(engine, prompts, True, args.output_len)}
     runs["schema"]["over_plain"] = runs["schema"]["tokens_per_s"] / runs["plain"]["tokens_per_s"]
     results = {"info": cli.run_info(backend), "workload": {"model": str(getattr(args.model, "name", args.model)),
                "dtype": args.dtype, "num_requests": args.num_requests, "prompt_len": PROMPT_LEN,
-               "output_len": OUTPUT_LEN, "vocab": vocab, "schema": SCHEMA}, "runs": runs}
+               "output_len": args.output_len, "vocab": vocab, "schema": SCHEMA}, "runs": runs}
     if args.libs:
         results["libraries"] = library_masks(tokenizer, vocab, args.seed)
     _print(results)
