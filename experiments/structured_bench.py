@@ -3,7 +3,8 @@ mask time of llguidance and xgrammar on the same token walks.
 
 Engine run (``--device gpu``: llama-1b float16, random weights; CPU: the tiny model): a byte-level BPE tokenizer
 trained on the spot with the model's vocabulary size (synthetic merges fill it: 128,256 ids for llama-1b); N
-requests (default 32; CPU: 4 of 24 tokens) of 64 random prompt tokens, 256 output tokens each (``ignore_eos``: every run produces the
+requests (default 32; CPU: 4 of 24 tokens)
+of 64 random prompt tokens, 256 output tokens each (``ignore_eos``: every run produces the
 same number of tokens; after the object closes the grammar allows EOS only), temperature 0.8, seeded per request.
 ``schema`` and ``plain`` runs on one engine, each after a warm-up of the same kind; output tokens/s = tokens /
 wall. ``mask_fill_ms_per_step``: the host's bitmask time per step (llguidance, parallel over the rows).
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, vocab, PROMPT_LEN).tolist() for _ in range(args.num_requests)]
     engine = make_engine(args, tokenizer)
-    runs = {"plain": run(engine, prompts, False, args.output_len), "schema": run(engine, prompts, True, args.output_len)}
+    runs = {name: run(engine, prompts, name == "schema", args.output_len) for name in ("plain", "schema")}
     runs["schema"]["over_plain"] = runs["schema"]["tokens_per_s"] / runs["plain"]["tokens_per_s"]
     results = {"info": cli.run_info(backend), "workload": {"model": str(getattr(args.model, "name", args.model)),
                "dtype": args.dtype, "num_requests": args.num_requests, "prompt_len": PROMPT_LEN,

@@ -6,7 +6,7 @@ view stays aligned, the block tables last so that a step copies only the rows it
     slot_mapping i64[rows] | logit_rows i64[logits] | 8-byte sampling fields [samples] (seed, step) |
     token_ids i32[rows] | src_rows i32[rows] | positions i32[rows] | context_lens i32[tables] |
     query_start_loc i32[seqs + 1] | 4-byte sampling fields [samples] (sampler.ROW_FIELDS: temperature, top_k,
-    ..., flags, proc_row, state_row, mask_row) | block_tables i32[tables, blocks]   ◄── upload(n) copies up to row n
+    ..., flags, proc_row, state_row, mask_row) | block_tables i32[tables, blocks]  ◄── upload(n): up to row n
 
 Two layouts: decode (``seqs == 0``: a table and a context length per token row, for ``paged_attention``) and
 prefill (a table and a context length per sequence, ``query_start_loc`` splitting the rows among sequences,
