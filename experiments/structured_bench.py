@@ -3,9 +3,9 @@ mask time of llguidance and xgrammar on the same token walks.
 
 Engine run (``--device gpu``: llama-1b float16, random weights; CPU: the tiny model): a byte-level BPE tokenizer
 trained on the spot with the model's vocabulary size (synthetic merges fill it: 128,256 ids for llama-1b); N
-requests (default 32; CPU: 4 of 24 tokens)
-of 64 random prompt tokens, 256 output tokens each (``ignore_eos``: every run produces the
-same number of tokens; after the object closes the grammar allows EOS only), temperature 0.8, seeded per request.
+requests (default 32) of 64 random prompt tokens, 256 output tokens each (CPU: 4 requests of 24 tokens;
+``ignore_eos``: every run produces the same number of tokens; after the object closes the grammar allows EOS
+only), temperature 0.8, seeded per request.
 ``schema`` and ``plain`` runs on one engine, each after a warm-up of the same kind; output tokens/s = tokens /
 wall. ``mask_fill_ms_per_step``: the host's bitmask time per step (llguidance, parallel over the rows).
 
