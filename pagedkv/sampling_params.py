@@ -1,11 +1,11 @@
-"""SamplingParams at the ground floor (vLLM's names, defaults and validation) and the host sampler.
+"""SamplingParams at the ground floor: how one request is decoded (vLLM's names, defaults and validation).
 
 Fields in vLLM's order; every one is checked in ``__post_init__`` and a bad value raises
 :class:`SamplingParamsError` (a ``ValueError``, also a ``TypeError`` for unknown names) naming the field,
 in one line. Checks that need the engine (token ids against the vocabulary, ``max_tokens=None`` resolved to
 the context left, bad words tokenized, grammars compiled) happen when the request is added.
 
-Penalties and friends follow vLLM's semantics (applied on the device, :mod:`pagedkv.engine.logits_process`):
+Penalties and friends follow vLLM's semantics (applied on the device, :mod:`pagedkv.engine.runner.logits_process`):
 
     allowed_token_ids   every other token -inf                     bad_words   last token of a word -inf when
     min_tokens          EOS + stop_token_ids -inf until reached                 the output ends with its prefix
@@ -277,33 +277,3 @@ def _check_structured(p: SamplingParams) -> None:
                                   "structured_outputs")
     _set(p, "structured_outputs", so or gd)
     _set(p, "guided_decoding", so or gd)
-
-
-def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Sampling distribution over the vocabulary after temperature, top-k and top-p (float64 [vocab])."""
-    z = np.asarray(logits, dtype=np.float64) / params.temperature
-    if 0 < params.top_k < z.size:
-        kth = np.partition(z, -params.top_k)[-params.top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if params.top_p < 1:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]  # smallest prefix with mass >= top_p
-        mask = np.zeros_like(p)
-        mask[keep] = 1
-        p = p * mask
-        p /= p.sum()
-    return p
-
-
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from ``logits`` [vocab] (host float array); greedy draws no random number.
-
-    NOTE: the engine samples with :mod:`pagedkv.engine.sampler` (batched, on the device, seeded per branch);
-    this inverse-CDF draw is kept for :func:`probabilities`' tests."""
-    if params.greedy:
-        return int(np.argmax(logits))
-    p = probabilities(logits, params)
-    return int(min(np.searchsorted(np.cumsum(p), rng.random(), side="right"), p.size - 1))

@@ -2,7 +2,7 @@
 
 Exactly one of ``json`` (a JSON schema: dict or JSON text), ``regex``, ``choice`` (a list of strings),
 ``grammar`` (Lark syntax, llguidance's dialect) or ``json_object=True`` (any JSON object). The grammar is
-compiled when the request is added (:mod:`pagedkv.engine.structured`); a schema that does not compile is
+compiled when the request is added (:mod:`pagedkv.engine.runner.structured`); a schema that does not compile is
 refused there with one line. No grammar library is imported here.
 """
 from __future__ import annotations

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pagedkv.engine.model_runner as model_runner
+import pagedkv.engine.runner.model_runner as model_runner
 from pagedkv.engine import EngineConfig, LLMEngine
-from pagedkv.engine.logits_process import (COUNT_MASK, HISTORY, MASK, PROCESS, PROMPT_BIT, STATE, UPDATE, LogitsState,
+from pagedkv.engine.runner.logits_process import (COUNT_MASK, HISTORY, MASK, PROCESS, PROMPT_BIT, STATE, UPDATE, LogitsState,
                                            allowed_bitmask, count_tokens, process_row, request_words)
-from pagedkv.engine.logits_reference import process_reference
-from pagedkv.engine.sampler import SamplingTensors, sample
+from pagedkv.engine.runner.logits_reference import process_reference
+from pagedkv.engine.runner.sampler import SamplingTensors, sample
 from pagedkv.sampling_params import SamplingParams
 
 VOCAB = 97
@@ -281,7 +281,7 @@ def test_kernel_processing_equals_numpy_and_reference(dtype):
         state.grammar[1] = state.xp.asarray(allowed_bitmask(list(range(500, 700)), vocab))
     dev = SamplingTensors.from_rows([(SamplingParams(temperature=0), 0, 0)] * num, cp)
     t.copy_to(dev)
-    from pagedkv.engine.logits_process import process
+    from pagedkv.engine.runner.logits_process import process
     process(device_logits, dev, states[cp], {"float32": 0, "float16": 1, "bfloat16": 2}[dtype])
     process(host, t, states[np], 0)
     got = states[cp].processed.get()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .logits_process import RequestLists, needs_state
+from .runner.logits_process import RequestLists, needs_state
 from ..sampling_params import SamplingParams
 
 

@@ -1,5 +1,5 @@
 """The float64 oracle of vLLM's logits processors (the order of vLLM's V1 sampler), written from the
-definitions, independent of :mod:`pagedkv.engine.logits_process`::
+definitions, independent of :mod:`pagedkv.engine.runner.logits_process`::
 
     grammar bitmask, allowed_token_ids    other tokens -inf
     bad_words                             last token of a word -inf when the output ends with the word's prefix

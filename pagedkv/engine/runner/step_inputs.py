@@ -3,10 +3,10 @@
 Everything a forward (and the sampler inside it) reads lives in one byte buffer, 8-byte fields first so every
 view stays aligned, the block tables last so that a step copies only the rows it uses::
 
-    slot_mapping i64[rows] | logit_rows i64[logits] | 8-byte sampling fields [samples] (seed, step) |
+    slot_mapping i64[rows] | logit_rows i64[logits] | seed u64[samples] | step i64[samples] |
     token_ids i32[rows] | src_rows i32[rows] | positions i32[rows] | context_lens i32[tables] |
-    query_start_loc i32[seqs + 1] | 4-byte sampling fields [samples] (sampler.ROW_FIELDS: temperature, top_k,
-    ..., flags, proc_row, state_row, mask_row) | block_tables i32[tables, blocks]  ◄── upload(n): up to row n
+    query_start_loc i32[seqs + 1] | top_k i32[samples] | temperature f32[samples] | top_p f32[samples] |
+    min_p f32[samples] | block_tables i32[tables, blocks]      ◄── upload(n) copies everything up to row n of this
 
 Two layouts: decode (``seqs == 0``: a table and a context length per token row, for ``paged_attention``) and
 prefill (a table and a context length per sequence, ``query_start_loc`` splitting the rows among sequences,
@@ -26,14 +26,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..backend import array_module
-from .sampler import ROW_FIELDS, SamplingTensors
+from ...backend import array_module
+from .sampler import SAMPLING_FIELDS, SamplingTensors
 
-_WIDE = tuple((name, dt, "samples") for name, dt in ROW_FIELDS if np.dtype(dt).itemsize == 8)
-_NARROW = tuple((name, dt, "samples") for name, dt in ROW_FIELDS if np.dtype(dt).itemsize == 4)
-_FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), *_WIDE,
+_SAMPLING_8 = tuple((f.name, f.dtype, "samples") for f in SAMPLING_FIELDS if np.dtype(f.dtype).itemsize == 8)
+_SAMPLING_4 = tuple((f.name, f.dtype, "samples") for f in SAMPLING_FIELDS if np.dtype(f.dtype).itemsize == 4)
+_FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), *_SAMPLING_8,
            ("token_ids", np.int32, "rows"), ("src_rows", np.int32, "rows"), ("positions", np.int32, "rows"),
-           ("context_lens", np.int32, "tables"), ("query_start_loc", np.int32, "seqs1"), *_NARROW)
+           ("context_lens", np.int32, "tables"), ("query_start_loc", np.int32, "seqs1"), *_SAMPLING_4)
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
 
@@ -62,8 +62,7 @@ class InputViews:
     """Typed views of one packed buffer (NumPy or CuPy): the fields above, ``block_tables [rows, blocks]`` and
     ``sampling`` (a :class:`SamplingTensors` over the sampling fields)."""
 
-    __slots__ = ("block_tables", "context_lens", "logit_rows", "positions", "query_start_loc", "raw", "sampling",
-                 "slot_mapping", "src_rows", "token_ids", *(name for name, _ in ROW_FIELDS))
+    __slots__ = ("block_tables", "raw", "sampling", *(name for name, _, _ in _FIELDS))
 
     def __init__(self, raw, shape: InputShape):
         self.raw, offset, sizes = raw, 0, shape.sizes()
@@ -73,7 +72,7 @@ class InputViews:
             offset += nbytes
         self.block_tables = raw[offset:offset + 4 * shape.tables * shape.blocks].view(np.int32).reshape(
             shape.tables, shape.blocks)
-        self.sampling = SamplingTensors(**{name: getattr(self, name) for name, _ in ROW_FIELDS})
+        self.sampling = SamplingTensors(**{f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
 
 
 def table_offset(shape: InputShape) -> int:
@@ -145,7 +144,7 @@ def _reset(views: InputViews) -> None:
     views.slot_mapping[...] = -1
     views.src_rows[...] = -1
     views.context_lens[...] = 1
-    views.top_p[...] = 1
+    views.sampling.clear()
 
 
 class HostCopy:

@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from ..structured_params import StructuredOutputsError, StructuredOutputsParams
+from ...structured_params import StructuredOutputsError, StructuredOutputsParams
 
 
 def _llguidance():

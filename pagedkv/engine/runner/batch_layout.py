@@ -22,11 +22,11 @@ from itertools import chain
 
 import numpy as np
 
+from ..request import PLACEHOLDER
+from ..sched.step_plan import ScheduledSeq
 from .logits_process import PROCESS, UPDATE
-from .request import PLACEHOLDER
-from .sampler import PARAM_FIELDS, row_values
+from .sampler import PARAM_FIELDS
 from .seq_tables import SequenceTables, seed_of
-from .step_plan import ScheduledSeq
 from .step_inputs import InputViews
 
 
@@ -161,10 +161,9 @@ def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: S
         v.logit_rows[len(lay.logit_rows):num_logits] = 0
     samples = lay.sample_row >= 0
     at, rows = lay.sample_row[samples], lay.table_rows[samples]
-    v.seed[at] = tables.seed[rows]
-    for name in PARAM_FIELDS:
-        getattr(v, name)[at] = getattr(tables, name)[rows]
-    v.step[at] = lay.ends[samples] - tables.prompt_len[rows]
+    v.seed[at], v.step[at] = tables.seed[rows], lay.ends[samples] - tables.prompt_len[rows]
+    for f in PARAM_FIELDS:
+        getattr(v, f.name)[at] = getattr(tables, f.name)[rows]
     flags = tables.flags[rows]
     v.flags[at], v.state_row[at] = flags, rows
     processed = (flags & PROCESS) != 0
@@ -186,7 +185,7 @@ def _fill_extra(v: InputViews, at: int, s: ScheduledSeq, branch, tables: Sequenc
     the branch's own state row is made at its first step)."""
     p = s.request.params
     v.seed[at], v.step[at] = seed_of(branch, p, tables.rng), s.end - s.request.prompt_len
-    for name, value in zip(PARAM_FIELDS, row_values(p)):
-        getattr(v, name)[at] = value
+    for f in PARAM_FIELDS:
+        getattr(v, f.name)[at] = f.of_params(p)
     v.flags[at], v.state_row[at] = v.flags[parent] & ~UPDATE, v.state_row[parent]
     v.proc_row[at], v.mask_row[at] = proc_row, v.mask_row[parent]

@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model import DecodeBatch, PrefillBatch
+from ...model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
 from .logits_process import LogitsState, RequestLists, count_tokens, processes
 from .logprob_rows import LogprobRequests
-from .metrics import StepTiming
-from .request import PLACEHOLDER
-from .sampler import ROW_FIELDS, SamplingTensors, sample
+from ..metrics import StepTiming
+from ..request import PLACEHOLDER
+from .sampler import SAMPLING_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
-from .step_plan import SchedulerOutput
+from ..sched.step_plan import SchedulerOutput
 from .structured_rows import StructuredRows
 
 
@@ -67,27 +67,28 @@ class InFlight:
 
 
 class ModelRunner:
-    """Runs scheduled steps of ``model`` on ``kv_cache`` (sequences and block tables from ``manager``).
+    """Runs scheduled steps of ``model`` on ``kv_cache``; block ids come in the step plans (never from the
+    manager).
 
     Args:
+        block_size: tokens per block of ``kv_cache``.
         max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (buffer sizes).
         cuda_graph: replay decode (and small prefill) steps as CUDA graphs on a GPU.
         seed: draws the sampling seeds of requests that have none.
     """
 
-    def __init__(self, model, kv_cache, manager, *, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, model, kv_cache, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, cuda_graph: bool, seed: int = 0):
-        self.model, self.kv_cache, self.manager = model, kv_cache, manager
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.backend, self.xp = model.backend, model.backend.xp
-        self.max_blocks = -(-max_model_len // manager.block_size)
+        self.max_blocks = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed),
+        self.tables = SequenceTables(block_size, self.max_blocks, max_num_seqs, np.random.default_rng(seed),
                                      on_state_row=self._init_state_row)
         self.logits_state = LogitsState(model.config.vocab_size, max_num_seqs, self.xp)
         self.lists = RequestLists(model.config.vocab_size)  # the engine sets its EOS ids and tokenizer
         self.structured = StructuredRows(self.xp, self.logits_state, max_num_seqs)
-        self._graphs_version = 0
-        self._host_views = None
+        self._graphs_version, self._host_views, self._max_num_seqs = 0, None, max_num_seqs
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -95,7 +96,6 @@ class ModelRunner:
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
-        self._max_num_seqs = max_num_seqs
         if cuda_graph and self.backend.is_gpu:
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
@@ -115,7 +115,7 @@ class ModelRunner:
 
     @property
     def grammars(self):
-        """The structured outputs' grammars (:class:`~pagedkv.engine.structured.Grammars`; set by the engine)."""
+        """The structured outputs' grammars (:class:`~.structured.Grammars`; set by the engine)."""
         return self.structured.grammars
 
     @grammars.setter
@@ -140,15 +140,15 @@ class ModelRunner:
                                    p.allowed_token_ids, self.sampled)
 
     # ------------------------------------------------------------------------------------------- launch
-    def launch(self, out: SchedulerOutput, changes=((), ())) -> InFlight:
-        """Enqueue one step (``out.seqs`` non-empty); ``changes``: the scheduler's (changed, freed) sequence ids
-        since the last launch. Raises whatever the forward raises (nothing of this step is then enqueued).
+    def launch(self, out: SchedulerOutput) -> InFlight:
+        """Enqueue one step (``out.seqs`` non-empty; ``out.block_tables`` / ``out.freed_seq_ids`` update the
+        persistent tables first). Raises whatever the forward raises (nothing of this step is then enqueued).
 
         A structured request whose previous token is still in flight cannot have its mask yet: its row is sampled
         again by :meth:`finish`, which the engine calls once that token is on the host (``flight.deferred``);
         the step's token counts, logprobs and read-back wait for it. Otherwise the step is finished here."""
         t0 = time.perf_counter()
-        self.tables.update(*changes)
+        self.tables.update(out.block_tables, out.freed_seq_ids)
         events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
         self._start_event = events[0] if events else None
         seqs = out.seqs
@@ -262,7 +262,8 @@ class ModelRunner:
         batch = PrefillBatch(token_ids=v.token_ids[:lay.num_rows].astype(np.int64), positions=lay.positions,
                              slot_mapping=v.slot_mapping[:lay.num_rows].copy(),
                              seq_lens=[s.num_tokens for s in seqs], num_cached=[s.start for s in seqs],
-                             block_tables=[self.manager.block_table(s.branch.seq_id) for s in seqs],
+                             block_tables=[self.tables.tables[row, :-(-s.end // self.block_size)].tolist()
+                                           for row, s in zip(lay.table_rows, seqs)],
                              logit_rows=lay.logit_rows)
         logits = self.model.prefill(batch, self.kv_cache)
         sample(logits, v.sampling, out=self.sampled[:logits.shape[0]], state=self.logits_state)
@@ -275,7 +276,7 @@ class ModelRunner:
             return num_logits
         first, stop = num_logits, num_logits + len(extra)
         rows = self.xp.asarray(np.array([row for _, row in extra], dtype=np.int64))
-        tensors = SamplingTensors(**{name: getattr(v.sampling, name)[first:stop] for name, _ in ROW_FIELDS})
+        tensors = SamplingTensors(**{f.name: getattr(v.sampling, f.name)[first:stop] for f in SAMPLING_FIELDS})
         processed = None
         if self.logits_state.allocated and any(processes(s.request.params) for s in seqs if len(s.sample_branches) > 1):
             processed = self.xp.empty((len(extra), logits.shape[1]), dtype=np.float32)

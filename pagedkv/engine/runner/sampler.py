@@ -24,34 +24,45 @@ copy of 32 bytes a row; padding rows become greedy). ``rows[i] = (params, seed, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import itemgetter
-from typing import Any, Sequence
+from operator import attrgetter, itemgetter
+from typing import Any, Callable, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ..backend import array_module
-from ..sampling_params import SamplingParams
+from ...backend import array_module
+from ...sampling_params import SamplingParams
 
 THREADS = 1024  # PAGEDKV_SAMPLE_THREADS in sampling.cu
 MASS_SCALE = np.float32(2.0**40)  # PAGEDKV_MASS_SCALE
-# The per-row sampling fields, declared once (SamplingTensors, the step's packed inputs and the sequence tables
-# iterate these): 64-bit fields first, so every view of a packed buffer stays aligned.
-#   PARAM_FIELDS: copied from the branch's SamplingParams (row_values); the rest are the runner's:
-#   flags / proc_row / state_row / mask_row: logits processing (pagedkv.engine.logits_process; 0: a plain row)
-_LAYOUT = (("seed", np.uint64), ("step", np.int64), ("temperature", np.float32), ("top_k", np.int32),
-           ("top_p", np.float32), ("min_p", np.float32), ("flags", np.int32), ("proc_row", np.int32),
-           ("state_row", np.int32), ("mask_row", np.int32))
-ROW_FIELDS = _LAYOUT
-PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingField:
+    """One per-row sampling parameter: its name, dtype, the value that turns it off (greedy and padding rows),
+    and how a request's :class:`SamplingParams` gives it (None: per branch, filled by the runner)."""
+
+    name: str
+    dtype: type
+    off: int | float = 0
+    of_params: Callable[[SamplingParams], int | float] | None = None
+
+
+# NOTE: the one declaration of the sampling fields: SamplingTensors, the runner's step inputs, its per-sequence
+# rows and the batch layout iterate it (64-bit fields first, so that every view of a packed buffer is aligned)
+SAMPLING_FIELDS = (SamplingField("seed", np.uint64), SamplingField("step", np.int64),
+                   SamplingField("temperature", np.float32, 0, attrgetter("temperature")),
+                   SamplingField("top_k", np.int32, 0, lambda p: min(p.top_k, 2**31 - 1)),  # top_k >= -1
+                   SamplingField("top_p", np.float32, 1, attrgetter("top_p")),
+                   SamplingField("min_p", np.float32, 0, attrgetter("min_p")),
+                   # logits processing (pagedkv.engine.runner.logits_process; flags 0: a plain row): the runner's
+                   SamplingField("flags", np.int32), SamplingField("proc_row", np.int32),
+                   SamplingField("state_row", np.int32), SamplingField("mask_row", np.int32))
+PARAM_FIELDS = tuple(f for f in SAMPLING_FIELDS if f.of_params is not None)  # the request's, not the branch's
+_LAYOUT = tuple((f.name, f.dtype) for f in SAMPLING_FIELDS)
 ROW_BYTES = sum(np.dtype(dt).itemsize for _, dt in _LAYOUT)
 _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _MASK32 = np.uint64(0xFFFFFFFF)
-
-
-def row_values(params: SamplingParams) -> tuple:
-    """The values of PARAM_FIELDS for a branch with ``params`` (top_k clipped to int32)."""
-    return params.temperature, min(params.top_k, 2**31 - 1), params.top_p, params.min_p
 
 
 def branch_seed(params: SamplingParams, index: int, rng: np.random.Generator) -> int:
@@ -67,9 +78,9 @@ class SamplingTensors:
 
     ``temperature`` f32 (0: greedy), ``top_k`` i32 (<= 0 or >= V: off), ``top_p`` f32 (1: off), ``min_p`` f32
     (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count); ``flags``,
-    ``proc_row``, ``state_row``, ``mask_row`` i32: logits processing (:mod:`.logits_process`; flags 0: none).
-    Made by :meth:`allocate`, the arrays are views of one byte buffer ``raw`` (in ``ROW_FIELDS`` order, each
-    ``num_rows`` long), so :meth:`copy_to` moves them all in one copy.
+    ``proc_row``, ``state_row``, ``mask_row`` i32: logits processing (zeros when not given). Made by
+    :meth:`allocate`, the arrays are views of one byte buffer ``raw`` (SAMPLING_FIELDS' order, each ``num_rows``
+    long), so :meth:`copy_to` moves them all in one copy.
     """
 
     temperature: Any
@@ -86,10 +97,9 @@ class SamplingTensors:
 
     def __post_init__(self):
         n = self.temperature.shape[0] if getattr(self.temperature, "ndim", 0) == 1 else None
-        xp = array_module(self.temperature)
-        for name, dt in _LAYOUT[6:]:
+        for name, dt in _LAYOUT:
             if getattr(self, name) is None:
-                setattr(self, name, xp.zeros(n or 0, dtype=dt))
+                setattr(self, name, array_module(self.temperature).zeros(n or 0, dtype=dt))
         for name, dt in _LAYOUT:
             a = getattr(self, name)
             if getattr(a, "ndim", 0) != 1 or a.shape[0] != n or a.dtype != dt or not a.flags.c_contiguous:
@@ -106,16 +116,16 @@ class SamplingTensors:
 
     @classmethod
     def on_buffer(cls, raw) -> SamplingTensors:
-        """Greedy rows over the byte buffer ``raw`` (``ROW_BYTES`` per row; e.g. pinned host memory)."""
+        """Rows (all off) over the byte buffer ``raw`` (``ROW_BYTES`` a row; e.g. pinned host memory)."""
         capacity = raw.shape[0] // ROW_BYTES
-        raw[...] = 0
         views, offset = {}, 0
         for name, dt in _LAYOUT:
             nbytes = np.dtype(dt).itemsize * int(capacity)
             views[name] = raw[offset:offset + nbytes].view(dt)
             offset += nbytes
-        views["top_p"][...] = 1
-        return cls(**views, raw=raw)
+        tensors = cls(**views, raw=raw)
+        tensors.clear()
+        return tensors
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple], xp=np) -> SamplingTensors:
@@ -131,6 +141,11 @@ class SamplingTensors:
     @property
     def num_rows(self) -> int:
         return int(self.temperature.shape[0])
+
+    def clear(self) -> None:
+        """Every row off: greedy, seed and step 0."""
+        for f in SAMPLING_FIELDS:
+            getattr(self, f.name)[...] = f.off
 
     def fill(self, rows: Sequence[tuple]) -> None:
         """Host side: row i from ``rows[i] = (params, seed, step)``; rows past ``len(rows)`` become greedy.
@@ -153,12 +168,10 @@ class SamplingTensors:
             raise ValueError(f"seeds must be ints in [0, 2**64) and steps ints in [0, 2**63): {exc}") from None
         if n and step.min() < 0:
             raise ValueError(f"step must be >= 0, got {int(step.min())}")
-        self.raw[...] = 0
-        self.top_p[...] = 1
+        self.clear()
         self.seed[:n], self.step[:n] = seed, step
-        values = list(zip(*map(row_values, params))) if n else [()] * len(PARAM_FIELDS)
-        for name, column in zip(PARAM_FIELDS, values):
-            getattr(self, name)[:n] = column
+        for f in PARAM_FIELDS:
+            getattr(self, f.name)[:n] = np.fromiter(map(f.of_params, params), f.dtype, n)
 
     def copy_to(self, other: SamplingTensors) -> None:
         """Copy every row into ``other`` (host→device: one copy on the current stream)."""
@@ -176,8 +189,9 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None, sta
     """One token per row: ``int32 [B]``. ``logits [B, V]`` float32/float16/bfloat16 (a uint16 view with
     ``logits_dtype="bfloat16"``), unit stride along V; rows 0..B-1 of ``tensors`` are used.
 
-    ``state``: a :class:`~pagedkv.engine.logits_process.LogitsState` (allocated): rows with ``flags & PROCESS``
-    are first processed (penalties, masks) into ``processed`` (default ``state.processed``) and sample from there.
+    ``state``: a :class:`~pagedkv.engine.runner.logits_process.LogitsState` (allocated): rows with
+    ``flags & PROCESS`` are first processed (penalties, masks) into ``processed`` (default ``state.processed``)
+    and sample from there.
 
     CuPy input: one kernel launch on the current stream, no host synchronisation, no allocation when ``out``
     (``int32 [B]``, contiguous) is given — capturable in a CUDA graph. NumPy input: the same algorithm on the host.
@@ -218,7 +232,7 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None, sta
 
 
 def _dt_code(logits, logits_dtype) -> int:
-    from ..kernels.compile import dt_code
+    from ...kernels.compile import dt_code
 
     return dt_code(logits.dtype, logits_dtype)
 
@@ -226,7 +240,7 @@ def _dt_code(logits, logits_dtype) -> int:
 def _launch(logits, tensors, out, dt, vocab, processed=None) -> None:
     import cupy
 
-    from ..kernels.compile import load_function
+    from ...kernels.compile import load_function
 
     item = logits.itemsize
     row_stride = logits.strides[0] // item if logits.shape[0] > 1 else vocab

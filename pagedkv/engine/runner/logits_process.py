@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
-from ..sampling_params import SamplingParams
+from ...backend import array_module
+from ...sampling_params import SamplingParams
 
 PROCESS, STATE, UPDATE, MASK = 1, 2, 4, 8  # flags (PAGEDKV_LP_* in logits_process.cu)
 HEADER = 8  # PAGEDKV_LP_HEADER
@@ -202,7 +202,7 @@ def process(logits, tensors, state: LogitsState, dt: int, processed=None) -> Non
         return
     import cupy
 
-    from ..kernels.compile import load_function
+    from ...kernels.compile import load_function
 
     num_rows, vocab = logits.shape
     row_stride = logits.strides[0] // logits.itemsize if num_rows > 1 else vocab
@@ -228,7 +228,7 @@ def count_tokens(tokens, tensors, state: LogitsState) -> None:
         return
     import cupy
 
-    from ..kernels.compile import load_function
+    from ...kernels.compile import load_function
 
     load_function("logits_process.cu", "count_tokens")(
         (-(-num // 128),), (128,), (tokens, t.flags, t.state_row, t.step, state.counts, state.history,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .logits_process import MASK, PROCESS, UPDATE
-from .sampler import ROW_BYTES, ROW_FIELDS, SamplingTensors, sample
+from .sampler import ROW_BYTES, SAMPLING_FIELDS, SamplingTensors, sample
 
 
 class StructuredRows:
@@ -77,7 +77,7 @@ class StructuredRows:
         at = np.array([positions[i][0] for i in deferred], dtype=np.int64)
         self.upload_masks([(seqs[i].request, seqs[i].branch) for i in deferred])
         t, index, tensors, d_index = self._staging()
-        for name, _ in ROW_FIELDS:
+        for name in (f.name for f in SAMPLING_FIELDS):
             getattr(t, name)[:n] = getattr(host, name)[at]
         t.flags[:n] = (t.flags[:n] & ~UPDATE) | PROCESS | MASK
         t.proc_row[:n] = t.mask_row[:n] = np.arange(n, dtype=np.int32)
