@@ -1,4 +1,4 @@
-"""pagedkv.engine.sampler: the distribution it samples, its filters at their edges, per-seed reproducibility,
+"""pagedkv.engine.runner.sampler: the distribution it samples, its filters at their edges, per-seed reproducibility,
 log-probabilities, the parameter tensors; on a GPU (marked ``gpu``) the kernel against the NumPy path.
 
 The float64 reference below is the definition written independently of the sampler: softmax(x / T), then
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pagedkv.kernels import compile
-from pagedkv.engine.sampler import (ROW_BYTES, SamplingTensors, branch_seed, gumbel_noise, kept_mask, logprobs,
+from pagedkv.engine.runner.sampler import (ROW_BYTES, SamplingTensors, branch_seed, gumbel_noise, kept_mask, logprobs,
                                     philox4x32_10, sample)
 from pagedkv.sampling_params import SamplingParams
 
@@ -426,7 +426,8 @@ def test_kernel_fallback_pass_matches_numpy():
     t, out = SamplingTensors.from_rows(rows, cupy), cupy.full(66, -1, cupy.int32)
     xd = cupy.asarray(x)
     kernel((66,), (mod.THREADS,), (out, xd, cupy.int64(32000), cupy.int32(32000), cupy.int32(1), t.temperature,
-                                   t.top_k, t.top_p, t.min_p, t.seed, t.step))
+                                   t.top_k, t.top_p, t.min_p, t.seed, t.step, cupy.uint64(0), cupy.uint64(0),
+                                   cupy.uint64(0), cupy.int32(0)))  # no processed rows
     ref = sample(x, SamplingTensors.from_rows(rows))
     assert np.mean(out.get() == ref) >= 0.99
 

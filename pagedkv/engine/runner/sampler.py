@@ -25,22 +25,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ..backend import array_module
-from ..sampling_params import SamplingParams
+from ...backend import array_module
+from ...sampling_params import SamplingParams
 
 THREADS = 1024  # PAGEDKV_SAMPLE_THREADS in sampling.cu
 MASS_SCALE = np.float32(2.0**40)  # PAGEDKV_MASS_SCALE
-_LAYOUT = (("seed", np.uint64), ("step", np.int64), ("temperature", np.float32), ("top_k", np.int32),
-           ("top_p", np.float32), ("min_p", np.float32))  # 64-bit fields first: every view stays aligned
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingField:
+    """One per-row sampling parameter: its name, dtype, the value that turns it off (greedy and padding rows),
+    and how a request's :class:`SamplingParams` gives it (None: per branch, filled by the runner)."""
+
+    name: str
+    dtype: type
+    off: int | float = 0
+    of_params: Callable[[SamplingParams], int | float] | None = None
+
+
+# NOTE: the one declaration of the sampling fields: SamplingTensors, the runner's step inputs, its per-sequence
+# rows and the batch layout iterate it (64-bit fields first, so that every view of a packed buffer is aligned)
+SAMPLING_FIELDS = (SamplingField("seed", np.uint64), SamplingField("step", np.int64),
+                   SamplingField("temperature", np.float32, 0, attrgetter("temperature")),
+                   SamplingField("top_k", np.int32, 0, lambda p: min(p.top_k, 2**31 - 1)),  # top_k >= -1
+                   SamplingField("top_p", np.float32, 1, attrgetter("top_p")),
+                   SamplingField("min_p", np.float32, 0, attrgetter("min_p")),
+                   # logits processing (pagedkv.engine.runner.logits_process; flags 0: a plain row): the runner's
+                   SamplingField("flags", np.int32), SamplingField("proc_row", np.int32),
+                   SamplingField("state_row", np.int32), SamplingField("mask_row", np.int32))
+PARAM_FIELDS = tuple(f for f in SAMPLING_FIELDS if f.of_params is not None)  # the request's, not the branch's
+_LAYOUT = tuple((f.name, f.dtype) for f in SAMPLING_FIELDS)
 ROW_BYTES = sum(np.dtype(dt).itemsize for _, dt in _LAYOUT)
 _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _MASK32 = np.uint64(0xFFFFFFFF)
-_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P = (attrgetter(a) for a in ("temperature", "top_k", "top_p", "min_p"))
 
 
 def branch_seed(params: SamplingParams, index: int, rng: np.random.Generator) -> int:
@@ -55,9 +77,10 @@ class SamplingTensors:
     """Per-row sampling parameters as fixed-shape arrays (NumPy or CuPy), ``[num_rows]`` each.
 
     ``temperature`` f32 (0: greedy), ``top_k`` i32 (<= 0 or >= V: off), ``top_p`` f32 (1: off), ``min_p`` f32
-    (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count). Made by
-    :meth:`allocate`, the six arrays are views of one byte buffer ``raw`` (seed | step | temperature | top_k |
-    top_p | min_p, each ``num_rows`` long), so :meth:`copy_to` moves them all in one copy.
+    (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count); ``flags``,
+    ``proc_row``, ``state_row``, ``mask_row`` i32: logits processing (zeros when not given). Made by
+    :meth:`allocate`, the arrays are views of one byte buffer ``raw`` (SAMPLING_FIELDS' order, each ``num_rows``
+    long), so :meth:`copy_to` moves them all in one copy.
     """
 
     temperature: Any
@@ -66,10 +89,17 @@ class SamplingTensors:
     min_p: Any
     seed: Any
     step: Any
+    flags: Any = None
+    proc_row: Any = None
+    state_row: Any = None
+    mask_row: Any = None
     raw: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         n = self.temperature.shape[0] if getattr(self.temperature, "ndim", 0) == 1 else None
+        for name, dt in _LAYOUT:
+            if getattr(self, name) is None:
+                setattr(self, name, array_module(self.temperature).zeros(n or 0, dtype=dt))
         for name, dt in _LAYOUT:
             a = getattr(self, name)
             if getattr(a, "ndim", 0) != 1 or a.shape[0] != n or a.dtype != dt or not a.flags.c_contiguous:
@@ -82,14 +112,20 @@ class SamplingTensors:
         """``capacity`` greedy rows in one buffer of ``xp`` (``numpy`` for the host side, ``cupy`` for the device)."""
         if not isinstance(capacity, (int, np.integer)) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        raw = xp.zeros(ROW_BYTES * int(capacity), dtype=xp.uint8)
+        return cls.on_buffer(xp.zeros(ROW_BYTES * int(capacity), dtype=xp.uint8))
+
+    @classmethod
+    def on_buffer(cls, raw) -> SamplingTensors:
+        """Rows (all off) over the byte buffer ``raw`` (``ROW_BYTES`` a row; e.g. pinned host memory)."""
+        capacity = raw.shape[0] // ROW_BYTES
         views, offset = {}, 0
         for name, dt in _LAYOUT:
             nbytes = np.dtype(dt).itemsize * int(capacity)
             views[name] = raw[offset:offset + nbytes].view(dt)
             offset += nbytes
-        views["top_p"][...] = 1
-        return cls(**views, raw=raw)
+        tensors = cls(**views, raw=raw)
+        tensors.clear()
+        return tensors
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple], xp=np) -> SamplingTensors:
@@ -105,6 +141,11 @@ class SamplingTensors:
     @property
     def num_rows(self) -> int:
         return int(self.temperature.shape[0])
+
+    def clear(self) -> None:
+        """Every row off: greedy, seed and step 0."""
+        for f in SAMPLING_FIELDS:
+            getattr(self, f.name)[...] = f.off
 
     def fill(self, rows: Sequence[tuple]) -> None:
         """Host side: row i from ``rows[i] = (params, seed, step)``; rows past ``len(rows)`` become greedy.
@@ -127,13 +168,10 @@ class SamplingTensors:
             raise ValueError(f"seeds must be ints in [0, 2**64) and steps ints in [0, 2**63): {exc}") from None
         if n and step.min() < 0:
             raise ValueError(f"step must be >= 0, got {int(step.min())}")
-        self.raw[...] = 0
-        self.top_p[...] = 1
+        self.clear()
         self.seed[:n], self.step[:n] = seed, step
-        self.top_k[:n] = np.minimum(np.fromiter(map(_TOP_K, params), np.int64, n), 2**31 - 1)  # top_k >= -1
-        self.temperature[:n] = np.fromiter(map(_TEMPERATURE, params), np.float32, n)
-        self.top_p[:n] = np.fromiter(map(_TOP_P, params), np.float32, n)
-        self.min_p[:n] = np.fromiter(map(_MIN_P, params), np.float32, n)
+        for f in PARAM_FIELDS:
+            getattr(self, f.name)[:n] = np.fromiter(map(f.of_params, params), f.dtype, n)
 
     def copy_to(self, other: SamplingTensors) -> None:
         """Copy every row into ``other`` (host→device: one copy on the current stream)."""
@@ -147,9 +185,13 @@ class SamplingTensors:
         else:
             other.raw[...] = self.raw
 
-def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
+def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None, state=None, processed=None):
     """One token per row: ``int32 [B]``. ``logits [B, V]`` float32/float16/bfloat16 (a uint16 view with
     ``logits_dtype="bfloat16"``), unit stride along V; rows 0..B-1 of ``tensors`` are used.
+
+    ``state``: a :class:`~pagedkv.engine.runner.logits_process.LogitsState` (allocated): rows with
+    ``flags & PROCESS`` are first processed (penalties, masks) into ``processed`` (default ``state.processed``)
+    and sample from there.
 
     CuPy input: one kernel launch on the current stream, no host synchronisation, no allocation when ``out``
     (``int32 [B]``, contiguous) is given — capturable in a CUDA graph. NumPy input: the same algorithm on the host.
@@ -170,23 +212,35 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
                          f"got {out.dtype} {out.shape}")
     if num_rows == 0:
         return out
+    if state is not None and not state.allocated:
+        state = None
+    if state is not None:
+        from .logits_process import process
+
+        process(logits if xp is not np else _as_float32(logits, dt), tensors, state, dt, processed)
+        processed = state.processed if processed is None else processed
     if xp is np:
-        out[...] = _sample_numpy(_as_float32(logits, dt), tensors)
+        x = _as_float32(logits, dt)
+        if state is not None and (tensors.flags[:num_rows] & 1).any():
+            x = x.copy()
+            rows = np.flatnonzero(tensors.flags[:num_rows] & 1)
+            x[rows] = processed[tensors.proc_row[rows]]
+        out[...] = _sample_numpy(x, tensors)
         return out
-    _launch(logits, tensors, out, dt, vocab)
+    _launch(logits, tensors, out, dt, vocab, processed if state is not None else None)
     return out
 
 
 def _dt_code(logits, logits_dtype) -> int:
-    from ..kernels.compile import dt_code
+    from ...kernels.compile import dt_code
 
     return dt_code(logits.dtype, logits_dtype)
 
 
-def _launch(logits, tensors, out, dt, vocab) -> None:
+def _launch(logits, tensors, out, dt, vocab, processed=None) -> None:
     import cupy
 
-    from ..kernels.compile import load_function
+    from ...kernels.compile import load_function
 
     item = logits.itemsize
     row_stride = logits.strides[0] // item if logits.shape[0] > 1 else vocab
@@ -195,8 +249,10 @@ def _launch(logits, tensors, out, dt, vocab) -> None:
     vec = int(logits.data.ptr % 16 == 0 and (row_stride * item) % 16 == 0)
     kernel = load_function("sampling.cu", f"sample_{_SUFFIX[dt]}")
     t = tensors
+    proc_args = (processed, t.flags, t.proc_row, cupy.int32(vocab % 4 == 0)) if processed is not None else \
+        (cupy.uint64(0), cupy.uint64(0), cupy.uint64(0), cupy.int32(0))
     kernel((logits.shape[0],), (THREADS,), (out, logits, cupy.int64(row_stride), cupy.int32(vocab), cupy.int32(vec),
-                                            t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step))
+                                            t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step, *proc_args))
 
 
 def _as_float32(logits, dt: int):
