@@ -881,9 +881,10 @@ __device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ ou
       const int g = i / TPR, c = i - g * TPR;
       const float mx = s_mw[2 * g];
       // NOTE: MERGE_BATCH pieces' loads in flight at once (a piece past the end reads piece r again with
-      // weight 0): a 64-piece merge waits out 4 L2 latencies, not 16 (1 x 32768 merges 63-66 pieces). 8 for
-      // float32 queries: at 16 their kernel 3 spilled 4-44 bytes (sm_80, 128 registers)
-      constexpr int MERGE_BATCH = DT == 0 ? 8 : 16;
+      // weight 0): a 64-piece merge waits out 8 L2 latencies, not 16 (1 x 32768 merges 63-66 pieces). 16
+      // (measured in device call 2) spilled 4-44 bytes at the 128-register cap (sm_80 and sm_90, head dim
+      // 80 and GT 1-4 among others)
+      constexpr int MERGE_BATCH = 8;
       for (int p0 = r; p0 < pieces; p0 += MERGE_BATCH * rows) {
         float w[MERGE_BATCH];
         float4 x[MERGE_BATCH];
