@@ -98,7 +98,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager, prefix_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, self.manager, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed)
+                                  max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed,
+                                  cascade_attention=config.cascade_attention if config.cascade_attention is not None
+                                  else self.backend.is_gpu and dtype.itemsize == 2)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
             self.backend.is_gpu
         self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..model import DecodeBatch, PrefillBatch
+from ..model.cascade_backend import CASCADE, CascadeBackend
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
 from .logprob_rows import LogprobRequests
@@ -64,10 +65,12 @@ class ModelRunner:
         max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (buffer sizes).
         cuda_graph: replay decode (and small prefill) steps as CUDA graphs on a GPU.
         seed: draws the sampling seeds of requests that have none.
+        cascade_attention: decode steps whose rows share long prefixes use cascade attention where its rule says
+            it pays (:mod:`pagedkv.model.cascade_backend`; one more decode graph per bucket).
     """
 
     def __init__(self, model, kv_cache, manager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, cuda_graph: bool, seed: int = 0):
+                 max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool = False):
         self.model, self.kv_cache, self.manager = model, kv_cache, manager
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // manager.block_size)
@@ -79,10 +82,16 @@ class ModelRunner:
         self._turn = 0
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
+        self.cascade = CascadeBackend(self.xp, max_num_seqs, manager.block_size, enabled=cascade_attention)
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
+        self.variant_graphs = {}  # decode graphs of the attention backend's variants (cascade), by variant
         if cuda_graph and self.backend.is_gpu:
             self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
                                      lambda rows: self.sampled[:rows], max_num_seqs)
+            if cascade_attention:
+                self.variant_graphs[CASCADE] = CudaGraphs(
+                    lambda rows, out: self._forward(self.decode_inputs, rows, None, out, CASCADE),
+                    lambda rows: self.sampled[:rows], max_num_seqs)
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
                                                         PREFILL_LOGIT_ROWS + max_num_seqs, max_num_seqs), self.xp)
@@ -143,11 +152,16 @@ class ModelRunner:
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
         if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
             self._start_event.record()
+        # the attention backend's variant of this decode step (uploads its own metadata when not plain)
+        variant = self.cascade.prepare(v.block_tables, v.context_lens, lay.num_rows) if decode else None
+        if variant is not None:
+            graphs = self.variant_graphs.get(variant)
+            fits = fits and graphs is not None
         inputs.upload(lay.num_rows if decode else len(seqs))
         t1 = time.perf_counter()
         logits = self._replay(graphs, rows) if fits else None
         if logits is None:
-            logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled)
+            logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled, variant)
         return logits, positions, inputs.device, (inputs,), t1
 
     def _replay(self, graphs: CudaGraphs, rows: int):
@@ -157,8 +171,9 @@ class ModelRunner:
             self._drop_graphs(exc)
             return None
 
-    def _forward(self, inputs: StepInputs, rows: int, num_logits: int | None, out):
-        """Feed, forward and sample on the device views of ``inputs`` (captured as one graph per bucket)."""
+    def _forward(self, inputs: StepInputs, rows: int, num_logits: int | None, out, variant=None):
+        """Feed, forward and sample on the device views of ``inputs`` (captured as one graph per bucket and
+        attention variant)."""
         d, per_seq = inputs.device, inputs.shape.seqs > 0
         feed_tokens(d.token_ids[:rows], d.src_rows[:rows], self.sampled)
         batch = DecodeBatch(token_ids=d.token_ids[:rows], positions=d.positions[:rows],
@@ -166,7 +181,8 @@ class ModelRunner:
                             block_tables=d.block_tables if per_seq else d.block_tables[:rows],
                             context_lens=d.context_lens if per_seq else d.context_lens[:rows],
                             logit_rows=None if num_logits is None else d.logit_rows[:num_logits],
-                            query_start_loc=d.query_start_loc if per_seq else None)
+                            query_start_loc=d.query_start_loc if per_seq else None,
+                            decode_attention=self.cascade.attention if variant is not None else None)
         logits = self.model.decode(batch, self.kv_cache)
         sample(logits, d.sampling, out=out[:logits.shape[0]])
         return logits
@@ -183,7 +199,8 @@ class ModelRunner:
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
-            return self._forward(inputs, lay.num_rows, None, self.sampled), positions, v, (), t1
+            variant = self.cascade.prepare(v.block_tables, v.context_lens, lay.num_rows)
+            return self._forward(inputs, lay.num_rows, None, self.sampled, variant), positions, v, (), t1
         feed_tokens(v.token_ids[:lay.num_rows], v.src_rows[:lay.num_rows], self.sampled)
         batch = PrefillBatch(token_ids=v.token_ids[:lay.num_rows].astype(np.int64), positions=lay.positions,
                              slot_mapping=v.slot_mapping[:lay.num_rows].copy(),
@@ -259,12 +276,14 @@ class ModelRunner:
     # --------------------------------------------------------------------------------------- graphs
     def _drop_graphs(self, exc: Exception) -> None:
         self.graph_error, self.graphs, self.prefill_graphs = f"{type(exc).__name__}: {exc}", None, None
+        self.variant_graphs = {}
 
     def warmup_graphs(self) -> None:
         """Capture the decode and prefill graphs of every bucket now (else lazily, at first use), then run the
         largest eager step once (vLLM's profile run: memory pools grown, cuBLAS heuristics cached)."""
         try:
-            for graphs, inputs in ((self.graphs, self.decode_inputs), (self.prefill_graphs, self.prefill_inputs)):
+            decode = [(g, self.decode_inputs) for g in (self.graphs, *self.variant_graphs.values())]
+            for graphs, inputs in (*decode, (self.prefill_graphs, self.prefill_inputs)):
                 if graphs is not None:
                     inputs.reset()  # NOTE: the warm-up runs write K/V of every row with a slot: none may have one
                     graphs.capture_all()

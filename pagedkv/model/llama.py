@@ -88,6 +88,8 @@ class DecodeBatch:
     context_lens: object  # [B] int32, the new token included (prefill layout: [S], the new tokens included)
     logit_rows: object = None  # [R] int64, or None for every row
     query_start_loc: object = None  # [S + 1] int32 (prefill layout): sequence i owns rows qsl[i]..qsl[i+1]-1
+    # decode layout: the attention to use instead of ops.paged_attention (same arguments), e.g. cascade
+    decode_attention: object = None
 
 
 class ElementwiseOps:
@@ -246,9 +248,11 @@ class LlamaModel:
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, batch: DecodeBatch, kv_cache):
         """The forward of rows (see :class:`DecodeBatch`); returns logits [B (or R), vocab] (model dtype)."""
+        decode_attention = batch.decode_attention or ops.paged_attention
+
         def attend(layer, q, k, v):
-            return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
-                                       batch.context_lens, scale=self.scale, check=self.check)
+            return decode_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
+                                    batch.context_lens, scale=self.scale, check=self.check)
 
         if batch.query_start_loc is not None:
             attend = self.paged_prefill_attention(batch.block_tables, batch.query_start_loc, batch.context_lens,
