@@ -5,6 +5,8 @@ Two workloads through ``LLMEngine`` (greedy, ``ignore_eos``; random weights of `
     shared   N requests = one shared document + a few own tokens each, G tokens generated each, no explicit fork:
              prefix caching on vs off -> prompt tokens computed, peak KV blocks (vs the ideal of an explicit
              fork), requests/s, TTFT p50/p99, and whether the outputs agree
+    cascade  issue 17: cascade attention on vs off (shared document, n = 16 parallel sampling, W1; see
+             experiments/cascade_workloads.py; ``--cascade-parts`` picks among them)
     long     prompts U[min, max] tokens, outputs U[min, max]: chunked prefill on (at --chunk-budget, and at the
              unchunked budget) vs off (every prompt in one forward: budget = max_model_len) -> decode
              inter-token latency p50/p99, TTFT p50/p99, requests/s, agreement
@@ -33,7 +35,10 @@ CPU_DEFAULTS = dict(model="tiny", dtype="float32", num_prompts=16, shared_len=20
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m experiments.prefix_workloads", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--workload", choices=["shared", "long", "both"], default="both")
+    p.add_argument("--workload", choices=["shared", "long", "both", "cascade"], default="both",
+                   help="both = shared and long")
+    p.add_argument("--cascade-parts", nargs="+", choices=["shared", "parallel", "w1"],
+                   default=["shared", "parallel", "w1"], help="the cascade workload's parts")
     p.add_argument("--model", help="model preset (default: llama-1b on a GPU, tiny on a CPU)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     for name in ("num-prompts", "shared-len", "own-len", "output-len", "long-num-prompts", "long-min-len",
@@ -171,6 +176,19 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     result = {"args": vars(args)}
+    if args.workload == "cascade":
+        from . import cascade_workloads
+
+        def sink(partial):
+            result["cascade"] = partial
+            if args.output_json:
+                with open(args.output_json, "w") as f:
+                    json.dump(result, f, indent=1)
+        cascade_workloads.run_all(args, make_engine, args.cascade_parts, sink)
+        from rich.console import Console
+
+        Console(width=200).print(result["cascade"])
+        return 0
     for name, fn in (("shared", shared_workload), ("long", long_workload)):
         if args.workload in (name, "both"):
             result[name] = fn(args)
