@@ -150,13 +150,13 @@ class ModelRunner:
         if not decode:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
-        if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
-            self._start_event.record()
-        # the attention backend's variant of this decode step (uploads its own metadata when not plain)
+        # the attention backend's variant of this decode step (its metadata is uploaded with the inputs)
         variant = self.cascade.prepare(v.block_tables, v.context_lens, lay.num_rows) if decode else None
         if variant is not None:
             graphs = self.variant_graphs.get(variant)
             fits = fits and graphs is not None
+        if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
+            self._start_event.record()
         inputs.upload(lay.num_rows if decode else len(seqs))
         t1 = time.perf_counter()
         logits = self._replay(graphs, rows) if fits else None

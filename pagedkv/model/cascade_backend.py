@@ -63,7 +63,8 @@ class CascadeBackend:
 
     def prepare(self, block_tables: np.ndarray, context_lens: np.ndarray, num_rows: int):
         """Decide for the step's ``num_rows`` real rows (host arrays, at least that many rows); when cascade pays,
-        upload the plan. Returns the variant: :data:`CASCADE` or None (plain decode)."""
+        enqueue the plan's upload on the current stream (before the step's inputs). Returns the variant:
+        :data:`CASCADE` or None (plain decode)."""
         if not self.enabled or num_rows < 2:
             return None
         plan = self.rule.plan(block_tables[:num_rows], context_lens[:num_rows], self.block_size)
