@@ -12,13 +12,13 @@ ceiling. Every launch follows an L2 flush (a 512 MB read), median of RUNS (kerne
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import cli
 from .kernel_bench import FLUSH_BYTES, Timer, ceilings, make_read_kernel
 
 SEED = 0
@@ -120,18 +120,24 @@ def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.cascade_bench", description=__doc__.splitlines()[0])
-    p.add_argument("--cases", type=int, nargs="*", help=f"indices into the case list (0 .. {len(CASES) - 1})")
+    p = cli.Parser(prog="python -m experiments.cascade_bench", description=__doc__.splitlines()[0],
+                   epilog="cases: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(CASES)))
+    p.add_argument("--cases", type=int, nargs="*", help="indices into the case list below (default: all)")
     p.add_argument("--output-json", help="write the JSON here")
     args = p.parse_args(argv)
     for i in args.cases or ():
-        if not 0 <= i < len(CASES):
-            p.error(f"--cases: {i} outside [0, {len(CASES) - 1}]")
+        cli.in_range("--cases", i, 0, len(CASES) - 1)
     return args
 
 
+@cli.guarded
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from pagedkv.backend import gpu_status
+
+    usable, reason = gpu_status()
+    if not usable:  # one line and exit code 2, no traceback
+        raise cli.FlagError(f"cascade_bench measures a GPU and none is usable: {reason}")
     import cupy
     from rich.console import Console
     from rich.table import Table
