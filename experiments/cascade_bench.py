@@ -38,13 +38,14 @@ class Case:
     num_kv_heads: int = 8
     head_dim: int = 64
     splits: tuple[int, ...] = ()  # extra prefix-split counts timed beside the default
+    m_tiles: bool = False  # also time both prefix tile heights (16 and 32 rows per warp)
 
 
 CASES = (
-    Case("shared document 128 x (4000 + U[42, 170])", 1, 128, 4000, (42, 170), splits=(2, 4, 16)),
+    Case("shared document 128 x (4000 + U[42, 170])", 1, 128, 4000, (42, 170), splits=(2, 4, 16), m_tiles=True),
     Case("shared document 256 x (4000 + U[42, 170])", 1, 256, 4000, (42, 170)),
     Case("shared document 128 x (4000 + U[42, 170]), hd 128", 1, 128, 4000, (42, 170), head_dim=128),
-    Case("n = 16: 8 prompts x 16 branches x (2048 + U[1, 256])", 8, 16, 2048, (1, 256), splits=(2, 4)),
+    Case("n = 16: 8 prompts x 16 branches x (2048 + U[1, 256])", 8, 16, 2048, (1, 256), splits=(2, 4), m_tiles=True),
     Case("n = 16: 1 prompt x 16 branches x (2048 + U[1, 256])", 1, 16, 2048, (1, 256), splits=(2, 8, 16)),
     # the rule's grid: one group holding every row
     *(Case(f"rule: {g} x ({p} + U[16, 128])", 1, g, p) for p in (256, 1024, 4096) for g in (2, 4, 8, 16, 32, 128)),
@@ -89,8 +90,8 @@ def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
     scale = case.head_dim ** -0.5
     plain = kernels.paged_attention(q, k, v, bt, cl, check=False)
     out = cupy.empty_like(q)
-    run = lambda splits=None: kc.cascade_attention(q, k, v, bt, cl, starts, rows, plens, sufs, scale=scale,  # noqa
-                                                   out=out, num_splits=splits)
+    run = lambda splits=None, m=None: kc.cascade_attention(q, k, v, bt, cl, starts, rows, plens, sufs,  # noqa
+                                                           scale=scale, out=out, num_splits=splits, m_tiles=m)
     run()
     err = float(cupy.abs(out.astype(cupy.float32) - plain.astype(cupy.float32)).max())
     row = {"case": case.label, "rows": int(q.shape[0]), "groups": case.num_groups, "group_size": case.group_size,
@@ -98,12 +99,15 @@ def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
            "bytes_read_once": read_once, "bytes_plain": read_plain, "max_abs_diff_vs_plain": err,
            "floor_us": read_once / ceiling_gbps / 1e3,
            "default_splits": kc.choose_num_splits(q.shape[0], case.num_qo_heads // case.num_kv_heads,
-                                                  case.num_kv_heads, case.head_dim, cupy.cuda.Device().id)}
+                                                  case.num_kv_heads, case.head_dim, cupy.cuda.Device().id),
+           "prefix_shape": kc.prefix_shape(q.shape[0], case.num_qo_heads // case.num_kv_heads, case.head_dim)}
     row["plain_us"] = timer.median_us(lambda: kernels.paged_attention(q, k, v, bt, cl, out=plain, check=False),
                                       runs=RUNS)[0]
     row["cascade_us"] = timer.median_us(run, runs=RUNS)[0]
     for s in case.splits:
         row[f"cascade_s{s}_us"] = timer.median_us(lambda: run(s), runs=RUNS)[0]
+    for m in (1, 2) if case.m_tiles else ():
+        row[f"cascade_m{m}_us"] = timer.median_us(lambda: run(None, m), runs=RUNS)[0]
     # each kernel alone (default splits)
     dt, splits = 1, row["default_splits"]
     o_part = cupy.empty((splits + 1, *q.shape), dtype=cupy.float32)
@@ -112,6 +116,9 @@ def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
                                                                   starts, rows, plens, scale, dt), runs=RUNS)[0]
     row["suffix_us"] = timer.median_us(lambda: kc.rows_partial(o_part[splits], lse_part[splits], q, k, v, bt, sufs,
                                                                cl, scale, dt), runs=RUNS)[0]
+    row["suffix_merged_us"] = timer.median_us(lambda: kc.rows_partial(
+        None, None, q, k, v, bt, sufs, cl, scale, dt, out=out, prefix_o=o_part[:splits],
+        prefix_lse=lse_part[:splits]), runs=RUNS)[0]
     row["merge_us"] = timer.median_us(lambda: kc.merge_partials(out, None, o_part, lse_part, sufs, dt), runs=RUNS)[0]
     row["speedup"] = row["plain_us"] / row["cascade_us"]
     row["cascade_vs_floor"] = row["cascade_us"] / row["floor_us"]
@@ -163,13 +170,15 @@ def main(argv=None) -> dict:
     table = Table(title=f"cascade decode attention, {gpu}, {result['date']}: read ceiling {result['read_GBps']:.0f} GB/s "
                         f"(float16, block 16; one layer)")
     for col in ("case", "plain us", "cascade us", "speed-up", "floor us", "x floor", "prefix us", "suffix us",
-                "merge us", "splits", "other splits us", "max |diff|"):
+                "suffix+merge us", "merge us", "splits", "variants us", "max |diff|"):
         table.add_column(col, justify="right")
     for r in rows:
-        others = " ".join(f"s{k[9:-3]}:{v:.1f}" for k, v in r.items() if k.startswith("cascade_s") and k.endswith("_us"))
+        others = " ".join(f"{k[8:-3]}:{v:.1f}" for k, v in r.items() if k[:9] in ("cascade_s", "cascade_m")
+                          and k.endswith("_us"))
         table.add_row(r["case"], f"{r['plain_us']:.1f}", f"{r['cascade_us']:.1f}", f"{r['speedup']:.2f}",
                       f"{r['floor_us']:.1f}", f"{r['cascade_vs_floor']:.2f}", f"{r['prefix_us']:.1f}",
-                      f"{r['suffix_us']:.1f}", f"{r['merge_us']:.1f}", str(r["default_splits"]), others,
+                      f"{r['suffix_us']:.1f}", f"{r['suffix_merged_us']:.1f}", f"{r['merge_us']:.1f}",
+                      str(r["default_splits"]), others,
                       f"{r['max_abs_diff_vs_plain']:.2g}")
     Console(width=240).print(table)
     return result

@@ -438,22 +438,31 @@ cascade_prefix_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, 
 }
 
 // ================================================================================================
-// cascade_rows_kernel: keys [begin[row], end[row]) of each row through its own block table, CUDA cores.
-//   o_part   [num_rows, num_qo_heads, HEAD_DIM] float32 out (one part), normalised; 0 where the range is empty
-//   lse_part [num_rows, num_qo_heads] float32 out: natural log-sum-exp of scale * q.k; -inf where empty
+// cascade_rows_kernel: keys [begin[row], end[row]) of each row through its own block table, CUDA cores; with
+// `out` set, the row's prefix partials are merged in (the suffix pass and the merge in one launch).
+//   o_part, lse_part  (out == nullptr) [num_rows, num_qo_heads(, HEAD_DIM)] float32: this pass's normalised O
+//                     and natural log-sum-exp (0 and -inf for an empty range)
+//   out               [num_rows, num_qo_heads, HEAD_DIM] DT, or nullptr: out = merge(prefix parts 0 .. P - 1,
+//                     this pass) for rows with begin[row] > 0 (in a group), this pass alone for the others
+//   prefix_o, prefix_lse  [P, num_rows, num_qo_heads(, HEAD_DIM)] float32 from cascade_prefix_kernel (out only)
 //   q, k_cache, v_cache, block_tables: see the file header
 //   begin    [num_rows] int32 first key, or nullptr for 0; end [num_rows] int32 one past the last key
 //   scale_log2  softmax scale * log2(e)
 // grid: (num_rows, num_kv_heads, ceil(group / GT)), block: PAGEDKV_CASCADE_ROWS_THREADS. A thread block holds
 // GT query heads of one KV head; each 16-byte chunk of a key row goes to one lane (LPR lanes per key row,
-// KPW key rows per warp at a time); each (warp, key slot) keeps its own online softmax, merged at the end.
+// KPW key rows per warp at a time, UNROLL rounds in flight); each (warp, key slot) keeps its own online softmax,
+// merged at the end. The row's block ids are staged in shared memory TABLE_CHUNK at a time, so a round waits
+// for one global load (K/V), not two (table, then K/V).
 // ================================================================================================
-template <int DT, int HEAD_DIM, int GT>
+#define PAGEDKV_CASCADE_TABLE_CHUNK 256
+template <int DT, int HEAD_DIM, int GT, int UNROLL>
 __global__ void __launch_bounds__(PAGEDKV_CASCADE_ROWS_THREADS)
-cascade_rows_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, const typename KV<DT>::T* __restrict__ q,
-                    const typename KV<DT>::T* __restrict__ k_cache, const typename KV<DT>::T* __restrict__ v_cache,
-                    const int* __restrict__ block_tables, const int* __restrict__ begin, const int* __restrict__ end,
-                    int num_qo_heads, int num_kv_heads, int log2_block_size, int max_blocks, float scale_log2) {
+cascade_rows_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, typename KV<DT>::T* __restrict__ out,
+                    const float* __restrict__ prefix_o, const float* __restrict__ prefix_lse, int num_prefix_parts,
+                    const typename KV<DT>::T* __restrict__ q, const typename KV<DT>::T* __restrict__ k_cache,
+                    const typename KV<DT>::T* __restrict__ v_cache, const int* __restrict__ block_tables,
+                    const int* __restrict__ begin, const int* __restrict__ end, int num_rows, int num_qo_heads,
+                    int num_kv_heads, int log2_block_size, int max_blocks, float scale_log2) {
   typedef KV<DT> kv;
   constexpr int NW = PAGEDKV_CASCADE_ROWS_THREADS / 32;
   constexpr int VE = pagedkv::Vec<DT>::N;                      // elements per 16-byte chunk
@@ -465,11 +474,12 @@ cascade_rows_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, co
   static_assert(HEAD_DIM % VE == 0, "head_dim");
   __shared__ float s_m[SLOTS][GT], s_l[SLOTS][GT];
   __shared__ float s_acc[SLOTS][GT][HEAD_DIM];
+  __shared__ int s_ids[PAGEDKV_CASCADE_TABLE_CHUNK];
 
   const int row = blockIdx.x, kv_head = blockIdx.y;
   const int group = num_qo_heads / num_kv_heads;
   const int h0 = blockIdx.z * GT;  // first query head of this block within the KV head's group
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = lane / LPR, cl = lane % LPR;
   const int slot = warp * KPW + sub;
   const int key_begin = begin ? begin[row] : 0, key_end = end[row];
@@ -503,57 +513,66 @@ cascade_rows_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, co
   const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
   const int in_block_mask = (1 << log2_block_size) - 1;
 
-  // walk the keys, two key rows per slot in flight: load both, then q.k and the online softmax of each
-  constexpr int STEP = SLOTS;
-  for (int base = key_begin + slot; base - slot < key_end; base += 2 * STEP) {
-    uint4 kr[2][CPL], vr[2][CPL];
-    bool ok[2];
+  // walk the keys a table chunk at a time; in a chunk, UNROLL key rows per slot in flight: load all, then q.k
+  // and the online softmax of each
+  const int first_block = key_begin >> log2_block_size;
+  for (int c0 = first_block; (c0 << log2_block_size) < key_end; c0 += PAGEDKV_CASCADE_TABLE_CHUNK) {
+    const int c_end = min(key_end, (c0 + PAGEDKV_CASCADE_TABLE_CHUNK) << log2_block_size);
+    const int num_ids = ((c_end - 1) >> log2_block_size) - c0 + 1;
+    __syncthreads();  // the previous chunk's ids are no longer read
+    for (int i = tid; i < num_ids; i += PAGEDKV_CASCADE_ROWS_THREADS) s_ids[i] = block_table[c0 + i];
+    __syncthreads();
+    const int k0 = max(key_begin, c0 << log2_block_size);
+    for (int base = k0 + slot; base - slot < c_end; base += UNROLL * SLOTS) {  // uniform over the block
+      uint4 kr[UNROLL][CPL], vr[UNROLL][CPL];
+      bool ok[UNROLL];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int key = base + u * STEP;
-      ok[u] = key < key_end;
-      long long off = 0;
-      if (ok[u]) off = (long long)block_table[key >> log2_block_size] * block_elems + head_off +
-                       (long long)(key & in_block_mask) * HEAD_DIM;
+      for (int u = 0; u < UNROLL; ++u) {
+        const int key = base + u * SLOTS;
+        ok[u] = key < c_end;
+        long long off = 0;
+        if (ok[u]) off = (long long)s_ids[(key >> log2_block_size) - c0] * block_elems + head_off +
+                         (long long)(key & in_block_mask) * HEAD_DIM;
 #pragma unroll
-      for (int c = 0; c < CPL; ++c) {
-        const int chunk = cl + c * LPR;
-        kr[u][c] = vr[u][c] = make_uint4(0, 0, 0, 0);
-        if (ok[u] && chunk < CHUNKS) {
-          kr[u][c] = *reinterpret_cast<const uint4*>(k_cache + off + chunk * VE);
-          vr[u][c] = *reinterpret_cast<const uint4*>(v_cache + off + chunk * VE);
+        for (int c = 0; c < CPL; ++c) {
+          const int chunk = cl + c * LPR;
+          kr[u][c] = vr[u][c] = make_uint4(0, 0, 0, 0);
+          if (ok[u] && chunk < CHUNKS) {
+            kr[u][c] = *reinterpret_cast<const uint4*>(k_cache + off + chunk * VE);
+            vr[u][c] = *reinterpret_cast<const uint4*>(v_cache + off + chunk * VE);
+          }
         }
       }
-    }
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      float kf[CPL * VE], vf[CPL * VE];
+      for (int u = 0; u < UNROLL; ++u) {
+        float kf[CPL * VE], vf[CPL * VE];
 #pragma unroll
-      for (int c = 0; c < CPL; ++c) {
-        pagedkv::unpack16<DT>(kr[u][c], &kf[c * VE]);
-        pagedkv::unpack16<DT>(vr[u][c], &vf[c * VE]);
-      }
+        for (int c = 0; c < CPL; ++c) {
+          pagedkv::unpack16<DT>(kr[u][c], &kf[c * VE]);
+          pagedkv::unpack16<DT>(vr[u][c], &vf[c * VE]);
+        }
 #pragma unroll
-      for (int h = 0; h < GT; ++h) {
-        float dot = 0.f;
+        for (int h = 0; h < GT; ++h) {
+          float dot = 0.f;
 #pragma unroll
-        for (int i = 0; i < CPL * VE; ++i) dot = fmaf(qr[h][i], kf[i], dot);
+          for (int i = 0; i < CPL * VE; ++i) dot = fmaf(qr[h][i], kf[i], dot);
 #pragma unroll
-        for (int o = LPR / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        // online softmax of this slot (log2 domain); an invalid key changes nothing
-        const float s = pagedkv::select(ok[u], dot, PAGEDKV_NEG_INF);
-        const float m_new = fmaxf(m[h], s);
-        const float alpha = m_new == PAGEDKV_NEG_INF ? 1.f : exp2f(m[h] - m_new);
-        const float p = m_new == PAGEDKV_NEG_INF ? 0.f : exp2f(s - m_new);
-        l[h] = l[h] * alpha + p;
+          for (int o = LPR / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+          // online softmax of this slot (log2 domain); an invalid key changes nothing
+          const float s = pagedkv::select(ok[u], dot, PAGEDKV_NEG_INF);
+          const float m_new = fmaxf(m[h], s);
+          const float alpha = m_new == PAGEDKV_NEG_INF ? 1.f : exp2f(m[h] - m_new);
+          const float p = m_new == PAGEDKV_NEG_INF ? 0.f : exp2f(s - m_new);
+          l[h] = l[h] * alpha + p;
 #pragma unroll
-        for (int i = 0; i < CPL * VE; ++i) acc[h][i] = fmaf(acc[h][i], alpha, p * vf[i]);
-        m[h] = m_new;
+          for (int i = 0; i < CPL * VE; ++i) acc[h][i] = fmaf(acc[h][i], alpha, p * vf[i]);
+          m[h] = m_new;
+        }
       }
     }
   }
 
-  // merge the slots: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
+  // merge the slots: O = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
   if (cl == 0) {
 #pragma unroll
     for (int h = 0; h < GT; ++h) { s_m[slot][h] = m[h]; s_l[slot][h] = l[h]; }
@@ -568,7 +587,9 @@ cascade_rows_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, co
         for (int e = 0; e < VE; ++e) s_acc[slot][h][chunk * VE + e] = acc[h][c * VE + e];
     }
   __syncthreads();
-  for (int i = threadIdx.x; i < GT * HEAD_DIM; i += PAGEDKV_CASCADE_ROWS_THREADS) {
+  const long long pairs = (long long)num_rows * num_qo_heads;
+  const int parts = out && begin && key_begin > 0 ? num_prefix_parts : 0;  // prefix parts merged into this row
+  for (int i = tid; i < GT * HEAD_DIM; i += PAGEDKV_CASCADE_ROWS_THREADS) {
     const int h = i / HEAD_DIM, d = i - h * HEAD_DIM;
     if (h0 + h >= group) continue;
     float mx = PAGEDKV_NEG_INF;
@@ -584,8 +605,31 @@ cascade_rows_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, co
       }
     }
     const long long pair = (long long)row * num_qo_heads + kv_head * group + h0 + h;
-    o_part[pair * HEAD_DIM + d] = den > 0.f ? num / den : 0.f;
-    if (d == 0) lse_part[pair] = den > 0.f ? (log2f(den) + mx) * PAGEDKV_LN2 : PAGEDKV_NEG_INF;
+    const float lse = den > 0.f ? (log2f(den) + mx) * PAGEDKV_LN2 : PAGEDKV_NEG_INF;
+    if (!out) {
+      o_part[pair * HEAD_DIM + d] = den > 0.f ? num / den : 0.f;
+      if (d == 0) lse_part[pair] = lse;
+      continue;
+    }
+    // fused merge: weights e^(lse_p - L) over the prefix parts and this pass (a part with -inf carries no keys)
+    float big = lse;
+    for (int p = 0; p < parts; ++p) big = fmaxf(big, prefix_lse[p * pairs + pair]);
+    float total = 0.f, o = 0.f;
+    if (big != PAGEDKV_NEG_INF) {
+      if (den > 0.f) {
+        const float w = expf(lse - big);
+        total = w;
+        o = w * (num / den);
+      }
+      for (int p = 0; p < parts; ++p) {
+        const float lp = prefix_lse[p * pairs + pair];
+        if (lp == PAGEDKV_NEG_INF) continue;
+        const float w = expf(lp - big);
+        total += w;
+        o = fmaf(w, prefix_o[(p * pairs + pair) * HEAD_DIM + d], o);
+      }
+    }
+    out[pair * HEAD_DIM + d] = kv::from_float(total > 0.f ? o / total : 0.f);
   }
 }
 

@@ -53,8 +53,11 @@ def rows_gt(group: int) -> int:
     return 1 if group == 1 else 2 if group == 2 else 4
 
 
-def rows_name(dt: int, head_dim: int, gt: int) -> str:
-    return f"cascade_rows_kernel<{dt}, {head_dim}, {gt}>"
+ROWS_UNROLL = 4  # key rows per slot in flight (template UNROLL)
+
+
+def rows_name(dt: int, head_dim: int, gt: int, unroll: int = ROWS_UNROLL) -> str:
+    return f"cascade_rows_kernel<{dt}, {head_dim}, {gt}, {unroll}>"
 
 
 def merge_name(dt: int, head_dim: int) -> str:
@@ -89,11 +92,28 @@ def tile_capacity(num_rows: int, num_groups: int, group: int, m_tiles: int) -> i
     return -(-num_rows * group // block_m) + num_groups
 
 
-def choose_num_splits(num_rows: int, group: int, num_kv_heads: int, head_dim: int, device_id: int) -> int:
-    """Prefix splits: enough thread blocks for about two per SM when one group holds every row (shape-only)."""
-    m_tiles, _ = prefix_shape(num_rows, group, head_dim)
-    tiles = max(1, -(-num_rows * group // (64 * m_tiles)))
-    return max(1, min(MAX_SPLITS, -(-2 * num_sms(device_id) // (tiles * num_kv_heads))))
+def choose_num_splits(num_rows: int, group: int, num_kv_heads: int, head_dim: int, device_id: int, dt: int = 1,
+                      m_tiles: int | None = None) -> int:
+    """Prefix splits: as many as keep one group of every row within one wave of resident thread blocks
+    (shape-only). NOTE: call 1 on the H100: 9 splits = 288 blocks for 264 resident cost a second wave."""
+    m_auto, stages = prefix_shape(num_rows, group, head_dim)
+    m_tiles = m_tiles or m_auto
+    tiles = max(1, -(-num_rows * group // (64 * m_tiles))) * num_kv_heads
+    resident = prefix_blocks_per_sm(dt, head_dim, m_tiles, stages, device_id) * num_sms(device_id)
+    return max(1, min(MAX_SPLITS, resident // tiles))
+
+
+@lru_cache(maxsize=None)
+def prefix_blocks_per_sm(dt: int, head_dim: int, m_tiles: int, stages: int, device_id: int) -> int:
+    """Resident prefix-kernel blocks per SM (the driver's occupancy calculator; 1 if it is unavailable)."""
+    import cupy
+
+    kernel = _prefix_kernel(dt, head_dim, m_tiles, stages)
+    try:
+        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            kernel.ptr, PREFIX_THREADS, prefix_smem_bytes(head_dim, m_tiles, stages))))
+    except Exception:  # noqa: BLE001 - a hint for the split count only
+        return 1
 
 
 def uses_tensor_cores(dt: int, head_dim: int) -> bool:
@@ -112,7 +132,7 @@ def _check_launch(q, k_cache, v_cache):
 
 
 def prefix_partials(o_part, lse_part, q, k_cache, v_cache, block_tables, group_starts, group_rows, prefix_lens,
-                    scale: float, dt: int) -> None:
+                    scale: float, dt: int, m_tiles: int | None = None) -> None:
     """Parts ``0 .. S-1`` (S = ``o_part.shape[0]``) of the rows of groups with a prefix: the tensor-core prefix
     pass split S ways along the prefix. ``o_part`` [>= S, rows, heads, dim] float32, ``lse_part`` [>= S, rows,
     heads] float32 (only the first S parts are written)."""
@@ -124,7 +144,8 @@ def prefix_partials(o_part, lse_part, q, k_cache, v_cache, block_tables, group_s
     if num_rows == 0 or num_groups == 0:
         return
     group = num_qo_heads // num_kv_heads
-    m_tiles, stages = prefix_shape(num_rows, group, head_dim)
+    m_auto, stages = prefix_shape(num_rows, group, head_dim)
+    m_tiles = m_tiles or m_auto
     kernel = _prefix_kernel(dt, head_dim, m_tiles, stages)
     splits = o_part.shape[0]
     grid = (tile_capacity(num_rows, num_groups, group, m_tiles), num_kv_heads, splits)
@@ -135,9 +156,14 @@ def prefix_partials(o_part, lse_part, q, k_cache, v_cache, block_tables, group_s
         cupy.float32(scale * math.log2(math.e))), shared_mem=prefix_smem_bytes(head_dim, m_tiles, stages))
 
 
-def rows_partial(o_part, lse_part, q, k_cache, v_cache, block_tables, begin, end, scale: float, dt: int) -> None:
-    """One part: keys ``[begin[row], end[row])`` of every row (``begin`` None: from 0). ``o_part`` [rows, heads,
-    dim] float32, ``lse_part`` [rows, heads] float32, C-contiguous views."""
+def rows_partial(o_part, lse_part, q, k_cache, v_cache, block_tables, begin, end, scale: float, dt: int, *,
+                 out=None, prefix_o=None, prefix_lse=None) -> None:
+    """Keys ``[begin[row], end[row])`` of every row (``begin`` None: from 0).
+
+    Without ``out``: one part, ``o_part`` [rows, heads, dim] float32 and ``lse_part`` [rows, heads] float32
+    (C-contiguous views). With ``out`` [rows, heads, dim] (dtype ``dt``): the fused merge, ``out`` = this pass
+    merged with the prefix parts ``prefix_o`` [P, rows, heads, dim] / ``prefix_lse`` [P, rows, heads] of the rows
+    with ``begin[row] > 0``."""
     import cupy
 
     num_rows, num_qo_heads, head_dim = q.shape
@@ -146,8 +172,12 @@ def rows_partial(o_part, lse_part, q, k_cache, v_cache, block_tables, begin, end
         return
     group = num_qo_heads // num_kv_heads
     gt = rows_gt(group)
+    fused = out is not None
+    parts = prefix_o.shape[0] if fused else 0
+    nul = lambda a: _NULL if a is None else a  # noqa: E731
     _kernel(rows_name(dt, head_dim, gt))((num_rows, num_kv_heads, -(-group // gt)), (ROWS_THREADS,), (
-        o_part, lse_part, q, k_cache, v_cache, block_tables, _NULL if begin is None else begin, end, cupy.int32(num_qo_heads),
+        nul(o_part), nul(lse_part), nul(out), nul(prefix_o), nul(prefix_lse), cupy.int32(parts), q, k_cache,
+        v_cache, block_tables, nul(begin), end, cupy.int32(num_rows), cupy.int32(num_qo_heads),
         cupy.int32(num_kv_heads), cupy.int32(block_size.bit_length() - 1), cupy.int32(block_tables.shape[1]),
         cupy.float32(scale * math.log2(math.e))))
 
@@ -167,12 +197,14 @@ def merge_partials(out, lse_out, o_part, lse_part, suffix_starts, dt: int) -> No
 
 
 def cascade_attention(q, k_cache, v_cache, block_tables, context_lens, group_starts, group_rows, prefix_lens,
-                      suffix_starts, *, scale: float, out=None, num_splits: int | None = None, kv_dtype=None):
-    """Decode attention in three launches: prefix partials of grouped rows, each row's suffix
-    ``[suffix_starts[row], context_lens[row])``, the merge (see :func:`pagedkv.cascade.cascade_attention`).
+                      suffix_starts, *, scale: float, out=None, num_splits: int | None = None, kv_dtype=None,
+                      m_tiles: int | None = None):
+    """Decode attention in two launches: prefix partials of grouped rows, then each row's suffix
+    ``[suffix_starts[row], context_lens[row])`` merged with them (see :func:`pagedkv.cascade.cascade_attention`).
 
-    ``num_splits``: prefix splits (default :func:`choose_num_splits`; 1 where the rows kernel does the prefix).
-    Scratch ([splits + 1, rows, heads, dim] float32) is allocated per call (a graph's private pool in a capture).
+    ``num_splits``: prefix splits (default :func:`choose_num_splits`; 1 where the rows kernel does the prefix);
+    ``m_tiles``: 16-row MMA tiles per warp of the prefix kernel (default :func:`prefix_shape`; benchmarks).
+    Scratch ([splits, rows, heads, dim] float32) is allocated per call (a graph's private pool in a capture).
     """
     import cupy
 
@@ -191,18 +223,18 @@ def cascade_attention(q, k_cache, v_cache, block_tables, context_lens, group_sta
         splits = 1
     elif num_splits is None:
         splits = choose_num_splits(num_rows, num_qo_heads // num_kv_heads, num_kv_heads, head_dim,
-                                   cupy.cuda.Device().id)
+                                   cupy.cuda.Device().id, dt, m_tiles)
     else:
         splits = int(num_splits)
         if not 1 <= splits <= MAX_SPLITS:
             raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
-    o_part = cupy.empty((splits + 1, num_rows, num_qo_heads, head_dim), dtype=cupy.float32)
-    lse_part = cupy.empty((splits + 1, num_rows, num_qo_heads), dtype=cupy.float32)
+    o_part = cupy.empty((splits, num_rows, num_qo_heads, head_dim), dtype=cupy.float32)
+    lse_part = cupy.empty((splits, num_rows, num_qo_heads), dtype=cupy.float32)
     if tensor_cores:
-        prefix_partials(o_part[:splits], lse_part[:splits], q, k_cache, v_cache, tables, starts, rows, plens, scale,
-                        dt)
+        prefix_partials(o_part, lse_part, q, k_cache, v_cache, tables, starts, rows, plens, scale, dt, m_tiles)
     else:  # NOTE: each row reads the prefix through its own table (the same ids): no saving, the same result
         rows_partial(o_part[0], lse_part[0], q, k_cache, v_cache, tables, None, sufs, scale, dt)
-    rows_partial(o_part[splits], lse_part[splits], q, k_cache, v_cache, tables, sufs, lens, scale, dt)
-    merge_partials(out, None, o_part, lse_part, sufs, dt)
+    # the suffix pass with the merge fused in (one launch; merge_partials is the stand-alone merge)
+    rows_partial(None, None, q, k_cache, v_cache, tables, sufs, lens, scale, dt, out=out, prefix_o=o_part,
+                 prefix_lse=lse_part)
     return out

@@ -421,8 +421,9 @@ def _instantiation(name: str) -> str:
     args = {"cascade_prefix_kernel": "float*, float*, const unsigned short*, const unsigned short*, "
                                      "const unsigned short*, const int*, const int*, const int*, const int*, int, int, "
                                      "int, int, int, int, int, float",
-            "cascade_rows_kernel": "float*, float*, const KV<{dt}>::T*, const KV<{dt}>::T*, const KV<{dt}>::T*, "
-                                   "const int*, const int*, const int*, int, int, int, int, float",
+            "cascade_rows_kernel": "float*, float*, KV<{dt}>::T*, const float*, const float*, int, const KV<{dt}>::T*, "
+                                   "const KV<{dt}>::T*, const KV<{dt}>::T*, const int*, const int*, const int*, int, "
+                                   "int, int, int, int, float",
             "cascade_merge_kernel": "KV<{dt}>::T*, float*, const float*, const float*, const int*, int, int, int"}
     dt = params.split(",")[0]
     return f"template __global__ void {name}({args[kernel].format(dt=dt)});\n"
