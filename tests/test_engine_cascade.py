@@ -50,6 +50,18 @@ def test_parallel_sampling_branches_use_cascade():
 def test_default_is_off_on_the_cpu():
     eng = LLMEngine(EngineConfig(device="cpu", num_blocks=64))
     assert not eng.runner.cascade.enabled
+
+
+def test_host_backend_runs_any_head_dim():
+    assert CascadeBackend(np, max_rows=4, block_size=16, head_dim=16).enabled  # the float64 reference
+
+
+@pytest.mark.gpu
+def test_gpu_backend_off_for_head_dims_without_kernels():
+    import cupy
+
+    assert not CascadeBackend(cupy, max_rows=4, block_size=16, head_dim=16).enabled
+    assert CascadeBackend(cupy, max_rows=4, block_size=16, head_dim=64).enabled
     with pytest.raises(ValueError, match="cascade_attention"):
         EngineConfig(device="cpu", cascade_attention="yes")
 
@@ -92,12 +104,16 @@ def test_backend_keeps_the_largest_groups():
 def test_gpu_float16_greedy_identical_cascade_on_and_off():
     """float16, CUDA graphs: requests over one shared document, greedy, cascade on (default rule made eager) and
     off: at most one request of 16 may differ (float16 rounding of the two paths)."""
+    from engine_gpu_support import GPU_MODEL
+
+    from pagedkv.model import ModelConfig
+
     prompts = shared_prompts(num=16, doc_len=300, own=5)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     outs = {}
     for cascade in (True, False):
-        eng = LLMEngine(EngineConfig(model="tiny", dtype="float16", device="gpu", num_blocks=2048, seed=0,
-                                     cuda_graph=True, cascade_attention=cascade))
+        eng = LLMEngine(EngineConfig(model=ModelConfig(**GPU_MODEL), dtype="float16", device="gpu", num_blocks=2048,
+                                     seed=0, max_model_len=512, cuda_graph=True, cascade_attention=cascade))
         eng.runner.cascade.rule = CascadeRule(min_prefix_tokens=16, min_saved_tokens=0)
         outs[cascade] = [o.outputs[0].token_ids for o in eng.generate(prompts, params, progress=False)]
         if cascade:

@@ -82,13 +82,14 @@ class ModelRunner:
         self._turn = 0
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
-        self.cascade = CascadeBackend(self.xp, max_num_seqs, manager.block_size, enabled=cascade_attention)
+        self.cascade = CascadeBackend(self.xp, max_num_seqs, manager.block_size, head_dim=model.config.head_dim,
+                                      enabled=cascade_attention)
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
         self.variant_graphs = {}  # decode graphs of the attention backend's variants (cascade), by variant
         if cuda_graph and self.backend.is_gpu:
             self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
                                      lambda rows: self.sampled[:rows], max_num_seqs)
-            if cascade_attention:
+            if self.cascade.enabled:
                 self.variant_graphs[CASCADE] = CudaGraphs(
                     lambda rows, out: self._forward(self.decode_inputs, rows, None, out, CASCADE),
                     lambda rows: self.sampled[:rows], max_num_seqs)

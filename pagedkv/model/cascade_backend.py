@@ -29,19 +29,24 @@ class CascadeBackend:
         xp: numpy (host: the float64 reference runs) or cupy.
         max_rows: the most decode rows of a step (the runner's ``max_num_seqs``).
         block_size: the KV pool's block size.
+        head_dim: the model's; on a GPU cascade stays off for head dims the kernels lack.
         enabled: False: :meth:`prepare` always answers plain decode.
         rule: when cascade pays (default :class:`~pagedkv.cascade.CascadeRule`).
     """
 
-    def __init__(self, xp, max_rows: int, block_size: int, *, enabled: bool = True, rule: CascadeRule | None = None):
-        self.xp, self.block_size, self.enabled = xp, block_size, enabled
+    def __init__(self, xp, max_rows: int, block_size: int, *, head_dim: int | None = None, enabled: bool = True,
+                 rule: CascadeRule | None = None):
+        from ..kernels_cascade import HEAD_DIMS
+
+        self.on_gpu = xp is not np
+        self.xp, self.block_size = xp, block_size
+        self.enabled = enabled and (not self.on_gpu or head_dim in HEAD_DIMS)
         self.rule = rule or CascadeRule()
         self.max_rows, self.max_groups = max_rows, max(1, min(MAX_GROUPS, max_rows // 2))
         self.num_cascade_steps = 0
         g, r = self.max_groups, max_rows
         self._sizes = (g + 1, g, r, r)
         total = sum(self._sizes)
-        self.on_gpu = xp is not np
         if self.on_gpu:
             import cupyx
 
