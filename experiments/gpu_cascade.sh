@@ -2,6 +2,8 @@
 # Device calls of the cascade helper (issue 17). Usage, from this tree's snapshot root:
 #   bash experiments/gpu_cascade.sh kernels   # GPU tests of the kernels (quick set) + experiments.cascade_bench
 #   bash experiments/gpu_cascade.sh engine    # engine GPU test + prefix_workloads --workload cascade
+#   bash experiments/gpu_cascade.sh all       # one process: kernel + engine GPU tests, the cascade workloads,
+#                                             # cascade_bench, then the engine/runner GPU tests if time is left
 # Everything lands in $OUT/cascade_<stage>.tgz; each stage under its own timeout (BUDGET seconds in all).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" PAGEDKV_CASCADE_QUICK=1
@@ -17,7 +19,28 @@ git_rev="$(cat .cascade_rev 2>/dev/null)"; echo "tree: $git_rev" | tee -a "$LOGS
 t0=$SECONDS
 left() { echo $(( ${BUDGET:-150} - (SECONDS - t0) )); }
 
-if [ "$STAGE" = kernels ]; then
+if [ "$STAGE" = all ]; then
+  timeout "$(( $(left) - 5 ))" python3 - "$LOGS" <<'PY' > "$LOGS/all.log" 2>&1
+import sys, time, pytest
+logs, t0 = sys.argv[1], time.time()
+rc = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_cascade.py", "tests/test_engine_cascade.py",
+                  "-k", "not compiles"])
+print(f"pytest rc {int(rc)} ({time.time() - t0:.0f} s)", flush=True)
+from experiments import prefix_workloads, cascade_bench
+prefix_workloads.main(["--device", "gpu", "--workload", "cascade", "--output-json", logs + "/prefix_workloads_cascade.json"])
+print(f"workloads done ({time.time() - t0:.0f} s)", flush=True)
+cascade_bench.main(["--output-json", logs + "/cascade_bench.json", "--cases", "0", "1", "2", "3", "4", "10", "16", "22"])
+print(f"bench done ({time.time() - t0:.0f} s)", flush=True)
+PY
+  echo "all rc=$? ($((SECONDS - t0)) s)"
+  grep -E "passed|failed|^FAILED|^E  |Error|pytest rc|done|identical|_vs_|requests_per_s'|decode_tokens_per_s'|full_batch" "$LOGS/all.log" | head -70
+  sed -n '/cascade decode attention/,$p' "$LOGS/all.log" | head -30
+  if [ "$(left)" -gt 25 ]; then
+    timeout "$(( $(left) - 3 ))" python3 -m pytest -q -x -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine_runner_gpu.py \
+      > "$LOGS/pytest_engine_gpu.log" 2>&1
+    echo "engine GPU tests rc=$? ($((SECONDS - t0)) s)"; grep -E "passed|failed|^FAILED" "$LOGS/pytest_engine_gpu.log" | tail -5
+  fi
+elif [ "$STAGE" = kernels ]; then
   # one process: the tests' compiled modules serve the bench too
   timeout "$(left)" python3 - "$LOGS" <<'PY' > "$LOGS/kernels.log" 2>&1
 import sys, pytest
