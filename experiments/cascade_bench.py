@@ -84,11 +84,11 @@ def build(cupy, rng, case: Case):
 
 
 def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
-    from pagedkv import kernels, kernels_cascade as kc
+    from pagedkv.kernels import cascade as kc, decode
 
     q, k, v, (bt, cl, starts, rows, plens, sufs), read_once, read_plain = build(cupy, rng, case)
     scale = case.head_dim ** -0.5
-    plain = kernels.paged_attention(q, k, v, bt, cl, check=False)
+    plain = decode.paged_attention(q, k, v, bt, cl, check=False)
     out = cupy.empty_like(q)
     run = lambda splits=None, m=None: kc.cascade_attention(q, k, v, bt, cl, starts, rows, plens, sufs,  # noqa
                                                            scale=scale, out=out, num_splits=splits, m_tiles=m)
@@ -101,7 +101,7 @@ def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
            "default_splits": kc.choose_num_splits(q.shape[0], case.num_qo_heads // case.num_kv_heads,
                                                   case.num_kv_heads, case.head_dim, cupy.cuda.Device().id),
            "prefix_shape": kc.prefix_shape(q.shape[0], case.num_qo_heads // case.num_kv_heads, case.head_dim)}
-    row["plain_us"] = timer.median_us(lambda: kernels.paged_attention(q, k, v, bt, cl, out=plain, check=False),
+    row["plain_us"] = timer.median_us(lambda: decode.paged_attention(q, k, v, bt, cl, out=plain, check=False),
                                       runs=RUNS)[0]
     row["cascade_us"] = timer.median_us(run, runs=RUNS)[0]
     for s in case.splits:
@@ -149,13 +149,13 @@ def main(argv=None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from pagedkv import kernels
+    from pagedkv.kernels import compile as kcompile
 
     rng = np.random.default_rng(SEED)
     cupy.random.seed(SEED)
     props = cupy.cuda.runtime.getDeviceProperties(0)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    read = make_read_kernel(cupy, kernels, kernels.num_sms(cupy.cuda.Device().id))
+    read = make_read_kernel(cupy, kcompile.num_sms(cupy.cuda.Device().id))
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))
     result = {"gpu": gpu, "date": str(datetime.date.today()), "runs": RUNS, "block_size": BLOCK_SIZE,
               "dtype": "float16", **ceilings(cupy, timer, read)}

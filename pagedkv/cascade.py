@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import reference_cascade
 from .backend import is_gpu_array
+from .kernels import reference_cascade
 
 
 @dataclass(slots=True)
@@ -189,7 +189,7 @@ def cascade_attention(q, k_cache, v_cache, block_tables, context_lens, group_sta
     if q.ndim != 3 or k_cache.ndim != 4 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[1]:
         raise ValueError(f"q {q.shape} does not match the cache {k_cache.shape}")
     if is_gpu_array(q):
-        from . import kernels_cascade
+        from .kernels import cascade as kernels_cascade
 
         return kernels_cascade.cascade_attention(q, k_cache, v_cache, block_tables, context_lens, group_starts,
                                                  group_rows, prefix_lens, suffix_starts, scale=scale, out=out,

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedkv import cascade, reference, reference_cascade
+from pagedkv import cascade
+from pagedkv.kernels import reference, reference_cascade
 from pagedkv.cascade import CascadePlan, CascadeRule, find_groups
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -123,7 +124,7 @@ def test_float32_op_host_path_within_1e5_of_plain():
     rng = np.random.default_rng(3)
     q, k, v, bt, cl, plan = make_batch(rng, F32, 32, 16, (4, 4), GROUPS, [9])
     got = cascade.cascade_attention(q, k, v, bt, cl, *plan_args(plan))
-    from pagedkv import ops
+    from pagedkv.kernels import ops
 
     want = ops.paged_attention(q, k, v, bt, cl)
     assert got.dtype == F32
@@ -301,7 +302,7 @@ def test_gpu_kernel_parts_match_reference(dtype):
     """Each kernel on its own: prefix partials (every split), the suffix part, the merge with its lse."""
     import cupy
 
-    from pagedkv import kernels_cascade as kc
+    from pagedkv.kernels import cascade as kc
 
     rng = np.random.default_rng(7)
     q, k, v, bt, cl, plan = make_batch(rng, dtype, 64, 16, (32, 8), GROUPS, [5])
@@ -350,7 +351,7 @@ def test_gpu_hypothesis_group_structures(structure):
 def test_gpu_float32_within_1e5_of_plain_decode():
     rng = np.random.default_rng(11)
     q, k, v, bt, cl, plan = make_batch(rng, F32, 128, 16, (32, 8), [(64, 1024, [9] * 16)], [100])
-    from pagedkv import ops
+    from pagedkv.kernels import ops
 
     got = cascade.cascade_attention(_dev(q), _dev(k), _dev(v), _dev(bt), _dev(cl), *map(_dev, plan_args(plan)))
     want = ops.paged_attention(_dev(q), _dev(k), _dev(v), _dev(bt), _dev(cl))
@@ -402,7 +403,7 @@ def test_gpu_graph_replay_with_new_groups():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_compiles_without_spills(tmp_path):
     """Every instantiation the launchers use: sm_90, no spill stores."""
-    from pagedkv import kernels_cascade as kc
+    from pagedkv.kernels import cascade as kc
 
     names = sorted({n for dt in (0, 1, 2) for hd in (64, 128) for n in kc.launched_names(dt, hd)})
     src = tmp_path / "inst.cu"

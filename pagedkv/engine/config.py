@@ -39,6 +39,10 @@ class EngineConfig:
     while it is launched, so there is nothing to overlap).
     ``cascade_attention``: decode steps whose rows share long prefixes read each shared prefix once per group
     where the rule of :mod:`pagedkv.cascade` says it pays; None: on for float16 / bfloat16 models on a GPU.
+    ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
+    columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
+    with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
+    graphs. One process per GPU over NCCL is not built yet.
     """
 
     model: str | ModelConfig = "tiny"
@@ -61,6 +65,7 @@ class EngineConfig:
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
     async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
+    tensor_parallel_size: int = 1  # ranks the model's heads and MLP are split over (pagedkv.model.parallel_model)
     cascade_attention: bool | None = None  # shared prefixes read once per decode step (None: GPU, 16-bit dtypes)
 
     def __post_init__(self):
@@ -84,6 +89,11 @@ class EngineConfig:
                      "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
+            raise ValueError(f"tensor_parallel_size must be an int in [1, 64], got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.cuda_graph:
+            raise ValueError("cuda_graph=True with tensor_parallel_size > 1: the ranks run as threads of one process "
+                             "here, without CUDA graphs; set cuda_graph=False (enforce_eager)")
         for name in ("async_scheduling", "cascade_attention"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be None or a bool, got {getattr(self, name)!r}")

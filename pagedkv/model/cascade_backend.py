@@ -36,7 +36,7 @@ class CascadeBackend:
 
     def __init__(self, xp, max_rows: int, block_size: int, *, head_dim: int | None = None, enabled: bool = True,
                  rule: CascadeRule | None = None):
-        from ..kernels_cascade import HEAD_DIMS
+        from ..kernels.cascade import HEAD_DIMS
 
         self.on_gpu = xp is not np
         self.xp, self.block_size = xp, block_size

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .engine_loop import EngineError, EngineLoop, Sink
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from .responses import ResponseBuilder

@@ -9,7 +9,7 @@ pass, and the prefix pass of float32 and of head dims the tensor-core kernel lac
 captured in a CUDA graph and replayed with new groups, prefix lengths and context lengths.
 
 The launchers take arrays already checked by :mod:`pagedkv.cascade`; they check what only they know (head_dim,
-block size, contiguity, alignment) and launch. Module loading reuses :mod:`pagedkv.kernels`.
+block size, contiguity, alignment) and launch. Modules load through :mod:`pagedkv.kernels.compile`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .kernels import _dt_code, _function, _int32_contiguous, num_sms
+from .compile import dt_code, int32_contiguous, load_function, num_sms
 
 FILENAME = "cascade_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # the rows and merge kernels
@@ -73,7 +73,7 @@ def launched_names(dt: int, head_dim: int) -> tuple[str, ...]:
 
 
 def _kernel(name: str):
-    return _function(FILENAME, name, (name,))
+    return load_function(FILENAME, name, (name,))
 
 
 @lru_cache(maxsize=None)
@@ -211,9 +211,9 @@ def cascade_attention(q, k_cache, v_cache, block_tables, context_lens, group_sta
     _check_launch(q, k_cache, v_cache)
     num_rows, num_qo_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    dt = _dt_code(q.dtype, kv_dtype)
-    tables, lens = _int32_contiguous(block_tables), _int32_contiguous(context_lens)
-    starts, rows, plens, sufs = (_int32_contiguous(a) for a in (group_starts, group_rows, prefix_lens, suffix_starts))
+    dt = dt_code(q.dtype, kv_dtype)
+    tables, lens = int32_contiguous(block_tables), int32_contiguous(context_lens)
+    starts, rows, plens, sufs = (int32_contiguous(a) for a in (group_starts, group_rows, prefix_lens, suffix_starts))
     if out is None:
         out = cupy.empty(q.shape, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous:

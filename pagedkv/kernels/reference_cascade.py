@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 from .reference import paged_gather
 
 
