@@ -15,6 +15,8 @@
 //                           the group is small; each split leaves a normalised partial (O, LSE).
 //   cascade_merge_kernel    merge_attn_states: out = sum_i e^(lse_i - L) O_i / sum_i e^(lse_i - L) over a row's
 //                           partials (the prefix splits and the suffix); optionally writes L = log sum e^lse_i.
+// The rows kernel can also merge the prefix partials in its epilogue (`out` set: two launches per layer); the
+// launcher uses the separate merge: faster on the H100 (kernels_cu/NOTES_cascade.md, device call 2).
 //
 // Layouts (one layer):
 //   q               [num_rows, num_qo_heads, HEAD_DIM]            one decode query per row
