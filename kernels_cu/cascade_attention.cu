@@ -1,6 +1,7 @@
 // cascade_attention.cu: decode attention split in two passes merged by log-sum-exp, so that a run of KV
 // blocks that many sequences share (a prefix-cached document, the prompt of n sampled branches) is read once
-// per step for the whole group instead of once per sequence (issue 17).
+// per step for the whole group instead of once per sequence (issue 17). NOTE: over 400 lines: one operation's
+// three kernels, which share the layouts below and the partials' format.
 //
 // Versions (one operation, three kernels that compose it):
 //   cascade_rows_kernel     version 1: one thread block per (row, KV head, head tile) on CUDA cores, every
