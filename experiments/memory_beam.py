@@ -130,7 +130,7 @@ def _run(engine, prompts, sc: BeamScenario, share: bool):
     from pagedkv.engine.beam_group import BeamGroup
     from pagedkv.engine.beam_search import BeamSearchParams
 
-    bm, cow = engine.manager.block_manager, engine.manager.num_cow_copies
+    bm, cow = engine.manager, engine.manager.num_cow_copies
     params = BeamSearchParams(sc.beam_width, sc.gen_len, ignore_eos=True)
     search = BeamGroup(engine, prompts, params, frozenset(), share_blocks=share)
     timeline = []

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..kv_cache import KVCache
+from ..cache.kv_cache import KVCache
 from ..model.config import ModelConfig
 from .config import EngineConfig
 from ..sampling_params import SamplingParams

@@ -47,8 +47,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..backend import dtype_of, get_backend
-from ..block_hash import BlockHasher
-from ..manager import PagedAttentionManager
+from ..cache.block_hash import BlockHasher
+from ..cache.manager import PagedAttentionManager
 from ..model import ModelWeights, get_config, random_weights
 from ..model.config import ModelConfig
 from .build import build_model, default_params, read_generation
@@ -326,9 +326,9 @@ class LLMEngine:
     # --------------------------------------------------------------------------------------- metrics
     def _account(self, out: SchedulerOutput, start: float, end: float) -> None:
         account_step(self.totals, out, end - start)
-        t, bm = self.totals, self.manager.block_manager
-        t.num_preemptions, t.num_cow_copies = self.scheduler.num_preemptions, self.manager.num_cow_copies
-        t.num_used_blocks, t.num_free_blocks = bm.num_used_blocks, bm.num_free_blocks
+        t, m = self.totals, self.manager
+        t.num_preemptions, t.num_cow_copies = self.scheduler.num_preemptions, m.num_cow_copies
+        t.num_used_blocks, t.num_free_blocks = m.num_used_blocks, m.num_free_blocks
         if self.config.record_steps:
             self.step_metrics.append(step_metrics(self.scheduler, out, self.totals.num_steps, end - self._t0,
                                                   end - start))
@@ -339,7 +339,7 @@ class LLMEngine:
         t.num_used_blocks, t.num_free_blocks = usage.num_used_blocks, usage.num_free_blocks
         t.num_token_slots_used, t.num_token_slots_reserved = used, usage.num_token_slots_reserved
         t.utilization = used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0
-        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.block_manager)
+        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.cache_counts())
         return t
 
     # ------------------------------------------------------------------ the model runner's CUDA graphs
