@@ -22,7 +22,8 @@ from .compile import dt_code, int32_contiguous, load_function, num_sms
 
 FILENAME = "cascade_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # the rows and merge kernels
-PREFIX_HEAD_DIMS = (32, 64, 96, 128)  # the tensor-core prefix kernel (no spills at sm_90; others: rows kernel)
+# the tensor-core prefix kernel: the head dims tested on the GPU (others: the rows kernel does the prefix pass)
+PREFIX_HEAD_DIMS = (64, 128)
 PREFIX_THREADS, PREFIX_BLOCK_N, ROWS_THREADS, MERGE_THREADS = 128, 64, 128, 128
 MAX_SPLITS = 16
 _NULL = np.uint64(0)  # a null pointer argument (CuPy passes a 64-bit integer as is)

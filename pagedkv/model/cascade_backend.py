@@ -20,6 +20,7 @@ import numpy as np
 from .. import cascade
 from ..cascade import CascadeRule
 
+ENGINE_HEAD_DIMS = (64, 128)  # where the engine turns cascade on (measured on the H100; NOTES_cascade.md)
 MAX_GROUPS = 16  # groups per step (NOTE: the prefix kernel's grid grows with it; more groups: largest savings kept)
 CASCADE = "cascade"  # the variant key of a cascade step (None: plain decode)
 
@@ -29,18 +30,16 @@ class CascadeBackend:
         xp: numpy (host: the float64 reference runs) or cupy.
         max_rows: the most decode rows of a step (the runner's ``max_num_seqs``).
         block_size: the KV pool's block size.
-        head_dim: the model's; on a GPU cascade stays off for head dims the kernels lack.
+        head_dim: the model's; on a GPU cascade stays off outside :data:`ENGINE_HEAD_DIMS`.
         enabled: False: :meth:`prepare` always answers plain decode.
         rule: when cascade pays (default :class:`~pagedkv.cascade.CascadeRule`).
     """
 
     def __init__(self, xp, max_rows: int, block_size: int, *, head_dim: int | None = None, enabled: bool = True,
                  rule: CascadeRule | None = None):
-        from ..kernels.cascade import HEAD_DIMS
-
         self.on_gpu = xp is not np
         self.xp, self.block_size = xp, block_size
-        self.enabled = enabled and (not self.on_gpu or head_dim in HEAD_DIMS)
+        self.enabled = enabled and (not self.on_gpu or head_dim in ENGINE_HEAD_DIMS)
         self.rule = rule or CascadeRule()
         self.max_rows, self.max_groups = max_rows, max(1, min(MAX_GROUPS, max_rows // 2))
         self.num_cascade_steps = 0
