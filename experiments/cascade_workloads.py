@@ -11,7 +11,7 @@ cascade`` (its flags) or directly.
     w1         engine_bench's W1 (no sharing: the rule never fires) with cascade on vs off: requests/s
 
 ``python -m experiments.cascade_workloads [flags]`` = ``python -m experiments.prefix_workloads --workload cascade
-[flags]``. Cascade on/off is the attention backend's switch (``runner.cascade.enabled``) on one engine, so both runs use the
+[flags]``. Cascade on/off is the attention backend's switch (``model.attention.cascade.enabled``) on one engine, so both runs use the
 same weights, pool and captured graphs.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def timed_run(engine, prompts, params) -> tuple[dict, list]:
     included: with 256 prompts of 4k tokens that host work (~20 ms a step on the H100 host, device call 2) hid
     the decode step entirely, for cascade on and off alike."""
     engine.runner.record_gpu_time = engine.backend.is_gpu
-    cascade_before = engine.runner.cascade.num_cascade_steps
+    cascade_before = engine.model.attention.cascade.num_cascade_steps
     before = engine.metrics().as_dict()
     full_steps, step = [], engine._step
 
@@ -66,7 +66,7 @@ def timed_run(engine, prompts, params) -> tuple[dict, list]:
                "decode_tokens_per_s": delta["num_decode_tokens"] / max(delta["decode_time_s"], 1e-9),
                "full_batch_step_gpu_s": float(np.median(full_steps)) if full_steps else None,
                "num_full_batch_steps": len(full_steps),
-               "cascade_steps": engine.runner.cascade.num_cascade_steps - cascade_before,
+               "cascade_steps": engine.model.attention.cascade.num_cascade_steps - cascade_before,
                "graph_error": engine.graph_error}
     return figures, [[c.token_ids for c in o.outputs] for o in outs]
 
@@ -99,10 +99,10 @@ def _on_off(engine, prompts, params) -> tuple[dict, dict]:
     out, tokens = {}, {}
     for name, enabled in (("cascade_on", True), ("cascade_off", False)):
         print(f"  {name} ...", flush=True)
-        engine.runner.cascade.enabled = enabled
+        engine.model.attention.cascade.enabled = enabled
         drop_prefix_cache(engine)
         out[name], tokens[name] = timed_run(engine, prompts, params)
-    engine.runner.cascade.enabled = True
+    engine.model.attention.cascade.enabled = True
     return out, tokens
 
 

@@ -13,8 +13,13 @@ EAGER_RULE = CascadeRule(min_prefix_tokens=4, min_saved_tokens=0)
 def engine(cascade, **kwargs):
     kwargs = {"device": "cpu", "block_size": 4, "num_blocks": 512, "seed": 0, "cascade_attention": cascade, **kwargs}
     eng = LLMEngine(EngineConfig(**kwargs))
-    eng.runner.cascade.rule = EAGER_RULE  # NOTE: tiny prompts: the default rule never pays off there
+    cascade_of(eng).rule = EAGER_RULE  # NOTE: tiny prompts: the default rule never pays off there
     return eng
+
+
+def cascade_of(eng):
+    """The attention backend's cascade state (what only measurements and tests look at)."""
+    return eng.model.attention.cascade
 
 
 def shared_prompts(num=6, doc_len=42, own=3, seed=0):
@@ -32,8 +37,8 @@ def test_greedy_outputs_identical_cascade_on_and_off(caching):
     want = [o.outputs[0].token_ids for o in off.generate(prompts, params, progress=False)]
     assert got == want
     # with caching the document's blocks are shared and cascade runs; without, nothing is shared
-    assert (on.runner.cascade.num_cascade_steps > 0) == caching
-    assert off.runner.cascade.num_cascade_steps == 0
+    assert (cascade_of(on).num_cascade_steps > 0) == caching
+    assert cascade_of(off).num_cascade_steps == 0
 
 
 def test_parallel_sampling_branches_use_cascade():
@@ -44,12 +49,14 @@ def test_parallel_sampling_branches_use_cascade():
     got = [[c.token_ids for c in o.outputs] for o in on.generate(prompts, params, progress=False)]
     want = [[c.token_ids for c in o.outputs] for o in off.generate(prompts, params, progress=False)]
     assert got == want
-    assert on.runner.cascade.num_cascade_steps > 0
+    assert cascade_of(on).num_cascade_steps > 0
 
 
-def test_default_is_off_on_the_cpu():
+def test_default_is_off_on_the_cpu_and_with_tensor_parallelism():
     eng = LLMEngine(EngineConfig(device="cpu", num_blocks=64))
-    assert not eng.runner.cascade.enabled
+    assert not cascade_of(eng).enabled and eng.runner.variants == ()
+    tp = LLMEngine(EngineConfig(device="cpu", num_blocks=64, tensor_parallel_size=2, cascade_attention=True))
+    assert tp.runner.variants == ()  # the ranks' backends are not asked
 
 
 def test_host_backend_runs_any_head_dim():
@@ -114,10 +121,10 @@ def test_gpu_float16_greedy_identical_cascade_on_and_off():
     for cascade in (True, False):
         eng = LLMEngine(EngineConfig(model=ModelConfig(**GPU_MODEL), dtype="float16", device="gpu", num_blocks=2048,
                                      seed=0, max_model_len=512, cuda_graph=True, cascade_attention=cascade))
-        eng.runner.cascade.rule = CascadeRule(min_prefix_tokens=16, min_saved_tokens=0)
+        cascade_of(eng).rule = CascadeRule(min_prefix_tokens=16, min_saved_tokens=0)
         outs[cascade] = [o.outputs[0].token_ids for o in eng.generate(prompts, params, progress=False)]
         if cascade:
-            assert eng.runner.cascade.num_cascade_steps > 0
+            assert cascade_of(eng).num_cascade_steps > 0
             assert eng.graph_error is None
     same = sum(a == b for a, b in zip(outs[True], outs[False]))
     assert same >= 15, f"{same}/16 identical"

@@ -56,14 +56,14 @@ from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
 from . import step_commit
-from .model_runner import InFlight, ModelRunner
+from .runner.model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
-from .prefix_cache import PrefixCache
+from .sched.prefix_cache import PrefixCache
 from .request import Request, RequestOutput
 from ..sampling_params import SamplingParams
 from .validation import check_prompt, check_request_id
-from .scheduler import Scheduler
-from .step_plan import SchedulerOutput
+from .sched.scheduler import Scheduler
+from .sched.step_plan import SchedulerOutput
 
 
 class LLMEngine:
@@ -94,11 +94,11 @@ class LLMEngine:
             hasher = BlockHasher.for_model(repr(self.model_config), str(dtype), config.block_size)
             prefix_cache = PrefixCache(self.manager, hasher)
         self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager, prefix_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.manager, max_num_seqs=config.max_num_seqs,
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size=self.manager.block_size,
+                                  max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed,
-                                  cascade_attention=config.cascade_attention if config.cascade_attention is not None
-                                  else self.backend.is_gpu and dtype.itemsize == 2 and config.tensor_parallel_size == 1)
+                                  cascade_attention=_cascade_choice(config, self.backend, dtype))
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
             self.backend.is_gpu
         self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)
@@ -254,7 +254,7 @@ class LLMEngine:
         if not out.seqs:
             return None
         try:
-            flight = self.runner.launch(out, self.scheduler.drain_table_changes())
+            flight = self.runner.launch(out)
             step_commit.commit(flight, self.scheduler, self.output_processor)
         except BaseException:
             self._abort_failed(list({id(s.request): s.request for s in out.seqs}.values()))
@@ -362,3 +362,13 @@ class LLMEngine:
 def _requests_of(*flights) -> list[Request]:
     """The requests of the launched steps (None entries skipped), each once."""
     return list({id(s.request): s.request for f in flights if f is not None for s in f.out.seqs}.values())
+
+
+def _cascade_choice(config: EngineConfig, backend, dtype) -> bool | None:
+    """The runner's ``cascade_attention``: None with tensor parallelism (its ranks' backends are not asked),
+    else the config's choice, by default on for 16-bit models on a GPU."""
+    if config.tensor_parallel_size > 1:
+        return None
+    if config.cascade_attention is not None:
+        return config.cascade_attention
+    return backend.is_gpu and np.dtype(dtype).itemsize == 2

@@ -19,16 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model import DecodeBatch, PrefillBatch
-from ..model.cascade_backend import CASCADE, CascadeBackend
+from ...model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
 from .logprob_rows import LogprobRequests
-from .metrics import StepTiming
-from .sampler import SamplingTensors, sample
+from ..metrics import StepTiming
+from .sampler import SAMPLING_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
-from .step_plan import SchedulerOutput
+from ..sched.step_plan import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -59,39 +58,46 @@ class InFlight:
 
 
 class ModelRunner:
-    """Runs scheduled steps of ``model`` on ``kv_cache`` (sequences and block tables from ``manager``).
+    """Runs scheduled steps of ``model`` on ``kv_cache``; block ids come in the step plans (never from the
+    manager).
 
     Args:
+        block_size: tokens per block of ``kv_cache``.
         max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (buffer sizes).
         cuda_graph: replay decode (and small prefill) steps as CUDA graphs on a GPU.
         seed: draws the sampling seeds of requests that have none.
-        cascade_attention: decode steps whose rows share long prefixes use cascade attention where its rule says
-            it pays (:mod:`pagedkv.model.cascade_backend`; one more decode graph per bucket).
+        cascade_attention: let the attention backend run decode steps whose rows share long prefixes as cascade
+            attention where its rule says it pays: the backend names the decode variants
+            (``model.attention.setup_decode``), the runner keeps one set of decode graphs per variant and replays
+            the one ``model.attention.prepare_decode`` answers for each step (it knows no more than that).
+            False: set up, switched off; None: the backend is not asked (a model without one, e.g. tensor
+            parallel ranks).
     """
 
-    def __init__(self, model, kv_cache, manager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool = False):
-        self.model, self.kv_cache, self.manager = model, kv_cache, manager
+    def __init__(self, model, kv_cache, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool | None = None):
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.backend, self.xp = model.backend, model.backend.xp
-        self.max_blocks = -(-max_model_len // manager.block_size)
+        self.max_blocks = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
+        self.tables = SequenceTables(block_size, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
         self._turn = 0
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
-        self.cascade = CascadeBackend(self.xp, max_num_seqs, manager.block_size, head_dim=model.config.head_dim,
-                                      enabled=cascade_attention)
+        self.variants = () if cascade_attention is None else \
+            model.attention.setup_decode(max_num_seqs, block_size, cascade=cascade_attention)
+        self._ask_backend = cascade_attention is not None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
         self.variant_graphs = {}  # decode graphs of the attention backend's variants (cascade), by variant
         if cuda_graph and self.backend.is_gpu:
             self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
                                      lambda rows: self.sampled[:rows], max_num_seqs)
-            if self.cascade.enabled:
-                self.variant_graphs[CASCADE] = CudaGraphs(
-                    lambda rows, out: self._forward(self.decode_inputs, rows, None, out, CASCADE),
+            for variant in self.variants:
+                self.variant_graphs[variant] = CudaGraphs(
+                    lambda rows, out, variant=variant: self._forward(self.decode_inputs, rows, None, out, variant),
                     lambda rows: self.sampled[:rows], max_num_seqs)
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
@@ -101,11 +107,11 @@ class ModelRunner:
                 lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
 
     # ------------------------------------------------------------------------------------------- launch
-    def launch(self, out: SchedulerOutput, changes=((), ())) -> InFlight:
-        """Enqueue one step (``out.seqs`` non-empty); ``changes``: the scheduler's (changed, freed) sequence ids
-        since the last launch. Raises whatever the forward raises (nothing of this step is then enqueued)."""
+    def launch(self, out: SchedulerOutput) -> InFlight:
+        """Enqueue one step (``out.seqs`` non-empty; ``out.block_tables`` / ``out.freed_seq_ids`` update the
+        persistent tables first). Raises whatever the forward raises (nothing of this step is then enqueued)."""
         t0 = time.perf_counter()
-        self.tables.update(*changes)
+        self.tables.update(out.block_tables, out.freed_seq_ids)
         events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
         self._start_event = events[0] if events else None
         seqs = out.seqs
@@ -152,7 +158,7 @@ class ModelRunner:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
         # the attention backend's variant of this decode step (its metadata is uploaded with the inputs)
-        variant = self.cascade.prepare(v.block_tables, v.context_lens, lay.num_rows) if decode else None
+        variant = self._decode_variant(v, lay.num_rows) if decode else None
         if variant is not None:
             graphs = self.variant_graphs.get(variant)
             fits = fits and graphs is not None
@@ -164,6 +170,13 @@ class ModelRunner:
         if logits is None:
             logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled, variant)
         return logits, positions, inputs.device, (inputs,), t1
+
+    def _decode_variant(self, v, num_rows: int):
+        """The attention backend's variant of a decode step from its host rows (None: plain decode); the backend
+        uploads whatever metadata the variant needs on the current stream."""
+        if not self._ask_backend:
+            return None
+        return self.model.attention.prepare_decode(v.block_tables, v.context_lens, num_rows)
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:
@@ -183,7 +196,7 @@ class ModelRunner:
                             context_lens=d.context_lens if per_seq else d.context_lens[:rows],
                             logit_rows=None if num_logits is None else d.logit_rows[:num_logits],
                             query_start_loc=d.query_start_loc if per_seq else None,
-                            decode_attention=self.cascade.attention if variant is not None else None)
+                            attention_variant=variant)
         logits = self.model.decode(batch, self.kv_cache)
         sample(logits, d.sampling, out=out[:logits.shape[0]])
         return logits
@@ -200,13 +213,14 @@ class ModelRunner:
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
-            variant = self.cascade.prepare(v.block_tables, v.context_lens, lay.num_rows)
+            variant = self._decode_variant(v, lay.num_rows)
             return self._forward(inputs, lay.num_rows, None, self.sampled, variant), positions, v, (), t1
         feed_tokens(v.token_ids[:lay.num_rows], v.src_rows[:lay.num_rows], self.sampled)
         batch = PrefillBatch(token_ids=v.token_ids[:lay.num_rows].astype(np.int64), positions=lay.positions,
                              slot_mapping=v.slot_mapping[:lay.num_rows].copy(),
                              seq_lens=[s.num_tokens for s in seqs], num_cached=[s.start for s in seqs],
-                             block_tables=[self.manager.block_table(s.branch.seq_id) for s in seqs],
+                             block_tables=[self.tables.tables[row, :-(-s.end // self.block_size)].tolist()
+                                           for row, s in zip(lay.table_rows, seqs)],
                              logit_rows=lay.logit_rows)
         logits = self.model.prefill(batch, self.kv_cache)
         sample(logits, v.sampling, out=self.sampled[:logits.shape[0]])
@@ -219,8 +233,7 @@ class ModelRunner:
             return num_logits
         first, stop = num_logits, num_logits + len(extra)
         rows = self.xp.asarray(np.array([row for _, row in extra], dtype=np.int64))
-        tensors = SamplingTensors(**{name: getattr(v.sampling, name)[first:stop] for name in
-                                     ("temperature", "top_k", "top_p", "min_p", "seed", "step")})
+        tensors = SamplingTensors(**{f.name: getattr(v.sampling, f.name)[first:stop] for f in SAMPLING_FIELDS})
         sample(logits[rows], tensors, out=self.sampled[first:stop])
         return stop
 
