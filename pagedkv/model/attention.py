@@ -154,7 +154,8 @@ class AttentionBackend:
 
     def _attend(self, layer: int, q, k, v, meta: AttentionMetadata):
         c = meta.kv_cache
-        if meta.path == "decode":
+        if meta.path == "decode" or meta.path == "cascade" and c.k_cache(layer).dtype != q.dtype:
+            # NOTE: the cascade kernels read caches of q's dtype only (no fp8): such a step decodes plainly
             return ops.paged_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
                                        scale=self.scale, check=self.check)
         if meta.path == "cascade":
