@@ -128,3 +128,33 @@ def test_gpu_float16_greedy_identical_cascade_on_and_off():
             assert eng.graph_error is None
     same = sum(a == b for a, b in zip(outs[True], outs[False]))
     assert same >= 15, f"{same}/16 identical"
+
+
+def test_attention_backend_routes_the_cascade_variant():
+    """plan_rows takes the cascade path for the variant prepare_decode answered, and the layer call (write K/V,
+    then attend) gives what the plain decode path gives (CPU: float64 references on both sides)."""
+    from pagedkv.cache import KVCache
+    from pagedkv.model import DecodeBatch
+    from pagedkv.model.attention import AttentionBackend
+
+    rng = np.random.default_rng(5)
+    cache = KVCache(1, 16, 4, 2, 8, "float32", "cpu")
+    cache.k_cache(0)[...] = rng.standard_normal(cache.k_cache(0).shape)
+    cache.v_cache(0)[...] = rng.standard_normal(cache.v_cache(0).shape)
+    tables = np.array([[0, 1, 2, 5], [0, 1, 2, 6], [3, 4, 7, 8]], dtype=np.int32)
+    lens = np.array([14, 13, 15], dtype=np.int32)
+    backend = AttentionBackend(4, 2, 8, np, is_gpu=False)
+    assert backend.setup_decode(8, 4, cascade=True) == (CASCADE,)
+    backend.cascade.rule = EAGER_RULE
+    variant = backend.prepare_decode(tables, lens, 3)
+    assert variant == CASCADE and backend.cascade.prefix_lens[0] == 12  # rows 0, 1 share blocks 0-2
+    q, k, v = (rng.standard_normal((3, h, 8)).astype(np.float32) for h in (4, 2, 2))
+    slots = (tables[np.arange(3), (lens - 1) // 4] * 4 + (lens - 1) % 4).astype(np.int64)
+    outs = []
+    for var in (variant, None):
+        batch = DecodeBatch(token_ids=None, positions=lens - 1, slot_mapping=slots, block_tables=tables,
+                            context_lens=lens, attention_variant=var)
+        meta = backend.plan_rows(batch, cache)
+        assert meta.path == ("cascade" if var else "decode")
+        outs.append(backend(0, q, k, v, meta))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
