@@ -17,7 +17,7 @@ def test_help_lists_the_vllm_named_flags():
         assert flag in run.stdout
 
 
-@pytest.mark.parametrize("argv", [[], ["--model", "x", "--port", "0"], ["--model", "x", "--port", "70000"],
+@pytest.mark.parametrize("argv", [["--model", "x", "--port", "0"], ["--model", "x", "--port", "70000"],
                                   ["--model", "x", "--dtype", "int8"], ["--model", "x", "--block-size", "12"],
                                   ["--model", "x", "--max-model-len", "-5"]])
 def test_bad_flags_exit_2(argv, capsys):
