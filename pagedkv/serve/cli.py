@@ -204,6 +204,20 @@ def build_state(llm, served_model_name: str | None = None, root: str = "", **sta
                        vocab_size=llm.engine.model_config.vocab_size, **state_options)
 
 
+def build_server(args):
+    """``(app, state)`` from parsed flags: the model loaded, the engine loop not started (the app's lifespan
+    starts it). Raises ValueError for a flag or model the engine refuses."""
+    from ..llm import LLM
+    from .app import create_app
+
+    model = model_of(args)
+    template = read_chat_template(args.chat_template)
+    llm = LLM(model, tokenizer=args.tokenizer, **engine_options(args))
+    state = build_state(llm, args.served_model_name, model, limits=server_limits(args), api_key=args.api_key,
+                        chat_template=template)
+    return create_app(state), state
+
+
 def main(argv=None, prog: str = "pagedkv serve") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
@@ -213,19 +227,12 @@ def main(argv=None, prog: str = "pagedkv serve") -> int:
         return 2
     uvicorn = modules[1]
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    from ..llm import LLM
-    from .app import create_app
-
     try:
-        model = model_of(args)
-        template = read_chat_template(args.chat_template)
-        llm = LLM(model, tokenizer=args.tokenizer, **engine_options(args))
-        state = build_state(llm, args.served_model_name, model, limits=server_limits(args), api_key=args.api_key,
-                            chat_template=template)
+        app, state = build_server(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"pagedkv: serving {state.model_name!r} (max_model_len {state.max_model_len}) on "
           f"http://{args.host}:{args.port}/v1{' (API key required)' if args.api_key else ''}", file=sys.stderr)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 
 from .limits import ServerLimits
 from .protocol import ChatCompletionRequest, OpenAIError
@@ -26,14 +27,40 @@ RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "chat
                                       "documents", "special_tokens", "source", "self", "continue_final_message"})
 
 
+class DaemonPool:
+    """At most ``max_workers`` calls at once, each in a daemon thread of its own: a call that never returns
+    (a runaway template) holds one slot but never blocks the interpreter's exit, as an executor's thread would."""
+
+    def __init__(self, max_workers: int, name: str):
+        self.slots, self.name = threading.BoundedSemaphore(max_workers), name
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            with self.slots:  # NOTE: waits here, in its own thread, while every slot is taken
+                if not future.set_running_or_notify_cancel():
+                    return
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # NOTE: the caller's to handle, in its own thread
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name=self.name, daemon=True).start()
+        return future
+
+    def shutdown(self, **_) -> None:
+        pass
+
+
 class PromptWorkers:
     """The thread pools of one server (tokenizing, templates) and its limits."""
 
     def __init__(self, tokenizer, limits: ServerLimits, max_model_len: int):
         self.tokenizer, self.limits = tokenizer, limits
         self.max_prompt_tokens = min(limits.max_prompt_tokens or max_model_len, max_model_len)
-        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="pagedkv-tokenize")
-        self.template_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="pagedkv-template")
+        self.tokenize_pool = DaemonPool(2, "pagedkv-tokenize")
+        self.template_pool = DaemonPool(4, "pagedkv-template")
 
     def shutdown(self) -> None:
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
