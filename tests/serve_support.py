@@ -15,9 +15,12 @@ ENGINE_FLAGS = ["--device", "cpu", "--num-gpu-blocks-override", "96", "--block-s
                 "256", "--max-num-seqs", "64"]
 
 
-def serve(argv: list[str]) -> SimpleNamespace:
-    """``pagedkv serve *argv`` live; ``.stop()`` when done. ``.state`` is the server's shared state."""
+def serve(argv: list[str], **state_fields) -> SimpleNamespace:
+    """``pagedkv serve *argv`` live; ``.stop()`` when done. ``.state`` is the server's shared state
+    (``state_fields`` set on it before it starts)."""
     app, state = build_server(build_parser().parse_args(argv))
+    for name, value in state_fields.items():
+        setattr(state, name, value)
     live = LiveServer(app)
     return SimpleNamespace(base=live.base, url=live.url, model=state.model_name, state=state, stop=live.stop,
                            max_model_len=state.max_model_len)
