@@ -22,8 +22,13 @@ def serve(argv: list[str], **state_fields) -> SimpleNamespace:
     for name, value in state_fields.items():
         setattr(state, name, value)
     live = LiveServer(app)
-    return SimpleNamespace(base=live.base, url=live.url, model=state.model_name, state=state, stop=live.stop,
-                           max_model_len=state.max_model_len)
+    http = httpx.Client(timeout=120)  # NOTE: one client: a new one per call costs ~50 ms of this process's GIL
+
+    def stop():
+        http.close()
+        live.stop()
+    return SimpleNamespace(base=live.base, url=live.url, model=state.model_name, state=state, stop=stop,
+                           max_model_len=state.max_model_len, http=http)
 
 
 def assert_openai_error(response, status: int, param=None) -> dict:
@@ -49,7 +54,7 @@ def metrics(base: str) -> dict:
 def timed_completion(server, max_tokens=8, prompt="The victim asks", **extra) -> float:
     """Seconds for one non-streamed completion of ``max_tokens`` tokens (ignore_eos)."""
     t0 = time.perf_counter()
-    r = httpx.post(server.url + "/completions", json={"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
+    r = server.http.post(server.url + "/completions", json={"model": server.model, "prompt": prompt, "max_tokens": max_tokens,
                                                       "ignore_eos": True, "temperature": 0, **extra}, timeout=120)
     assert r.status_code == 200, r.text[:300]
     assert r.json()["usage"]["completion_tokens"] == max_tokens
@@ -59,6 +64,51 @@ def timed_completion(server, max_tokens=8, prompt="The victim asks", **extra) ->
 def idle_latency(server, runs=5, **kwargs) -> float:
     timed_completion(server, **kwargs)  # warm
     return statistics.median(timed_completion(server, **kwargs) for _ in range(runs))
+
+
+FLOOD = r"""
+import asyncio, json, sys, time
+import httpx
+url, concurrency, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+bodies = json.load(open(path))
+async def run():
+    limit, out, t0 = asyncio.Semaphore(concurrency), [], time.perf_counter()
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(body):
+            async with limit:
+                r = await client.post(url, json=body)
+                out.append((r.status_code, time.perf_counter() - t0))
+        print("started", flush=True)
+        await asyncio.gather(*(one(b) for b in bodies))
+    print(json.dumps(out), flush=True)
+asyncio.run(run())
+"""
+
+
+class Flood:
+    """Another client: POSTs every body from a process of its own (its own GIL, as a real client would be),
+    at most ``concurrency`` at once. ``wait()`` returns [(status, seconds since its start)]."""
+
+    def __init__(self, server, bodies, path="/completions", concurrency=None):
+        import json
+        import subprocess
+        import sys
+        import tempfile
+
+        self.file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump(bodies, self.file)
+        self.file.close()
+        self.proc = subprocess.Popen([sys.executable, "-c", FLOOD, server.url + path, str(concurrency or len(bodies)),
+                                      self.file.name], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "started"
+
+    def wait(self, timeout=300) -> list:
+        import json
+        import os
+
+        out, _ = self.proc.communicate(timeout=timeout)
+        os.unlink(self.file.name)
+        return [tuple(x) for x in json.loads(out.strip().splitlines()[-1])]
 
 
 class HealthWatch:

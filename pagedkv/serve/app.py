@@ -33,7 +33,8 @@ from .limits import ServerLimits
 from .metrics import ServerMetrics, engine_snapshot
 from .middleware import ServerMiddleware
 from .prompts import PromptWorkers
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError, TokenizeRequest
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError, TokenizeRequest,
+                       early_fan_out_check, parse_json_body)
 
 logger = logging.getLogger("pagedkv.serve")
 STATS_LOG_INTERVAL_S = 5.0
@@ -110,6 +111,20 @@ def _card(state: ServerState) -> dict:
             "vocab_size": state.vocab_size}
 
 
+async def parse_body(request: Request, model, limits: ServerLimits | None = None):
+    """The body as ``model``: JSON parsed and lone surrogates refused (400), the fan-out cap checked on the raw
+    JSON (a 2,000-prompt body is refused before its prompts are validated), then pydantic (400 naming the field)."""
+    from pydantic import ValidationError
+
+    data = parse_json_body(await request.body())
+    if limits is not None:
+        early_fan_out_check(data, limits)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
@@ -143,7 +158,8 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
 
 def _add_text_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
+    async def tokenize(request: Request):
+        body = await parse_body(request, TokenizeRequest)
         check_model(state, body.model)
         if body.prompt is not None:
             ids = await state.workers.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -154,7 +170,8 @@ def _add_text_routes(app: FastAPI, state: ServerState) -> None:
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
+    async def detokenize(request: Request):
+        body = await parse_body(request, DetokenizeRequest)
         check_model(state, body.model)
         ids = token_ids(state, body.tokens) if body.tokens else []
         return {"prompt": state.tokenizer.decode(ids, skip_special_tokens=False)}
@@ -162,7 +179,8 @@ def _add_text_routes(app: FastAPI, state: ServerState) -> None:
 
 def _add_generate_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest, state.limits)
         check_model(state, body.model)
         body.refuse_unsupported()
         prompts = body.prompts()
@@ -176,7 +194,8 @@ def _add_generate_routes(app: FastAPI, state: ServerState) -> None:
         return await generate(state, request, body, "completions", ids, texts, body.max_tokens, body.logprobs, echo)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatCompletionRequest, state.limits)
         check_model(state, body.model)
         body.refuse_unsupported()
         body.check_limits(state.limits, 1)

@@ -2,7 +2,8 @@
 both answered with OpenAI's error JSON before any route runs; every response carries ``X-Request-Id``.
 
 A body is refused from its ``Content-Length`` before a byte is read, or, without one (chunked), as soon as the
-bytes received pass the limit: an oversized body is never buffered whole.
+bytes received pass the limit: an oversized body is never buffered whole. (With a Content-Length the server's
+HTTP parser never delivers more bytes than it announced.)
 """
 from __future__ import annotations
 
@@ -19,10 +20,6 @@ def _error_response(status: int, message: str, type_: str, code: str | None = No
     return [{"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]},
             {"type": "http.response.body", "body": body}]
-
-
-class BodyLimitTooLarge(Exception):
-    pass
 
 
 class ServerMiddleware:
@@ -57,30 +54,33 @@ class ServerMiddleware:
             for message in refusal:
                 await send_with_id(message)
             return
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyLimitTooLarge()
-            return message
-
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send_with_id(message)
-
-        try:
-            await self.app(scope, counted_receive, tracking_send)
-        except BodyLimitTooLarge:
-            if not started:
+        if scope.get("method") in ("POST", "PUT", "PATCH") and b"content-length" not in headers:
+            receive = await self._buffered(receive)
+            if receive is None:
                 for message in self._too_large():
                     await send_with_id(message)
+                return
+        await self.app(scope, receive, send_with_id)
+
+    async def _buffered(self, receive):
+        """A body without Content-Length, read up to the limit (None past it) and replayed to the app."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                parts.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            parts.append(message)
+            if not message.get("more_body", False):
+                break
+        replay = iter(parts)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+        return replayed
 
     def _too_large(self):
         return _error_response(413, f"the request body exceeds this server's limit of {self.max_body_bytes} bytes "
