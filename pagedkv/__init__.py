@@ -13,4 +13,4 @@ __all__ = [
     "OutOfBlocksError", "PagedAttentionManager", "PoolSnapshot", "RequestOutput", "SamplingParams", "Usage",
     "get_backend", "gpu_status",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

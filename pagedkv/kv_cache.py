@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
+from .kernels import ops
 from .backend import dtype_of, get_backend
 
 

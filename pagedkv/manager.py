@@ -7,7 +7,7 @@ from itertools import count
 
 import numpy as np
 
-from . import ops
+from .kernels import ops
 from .block_manager import BlockManager, OutOfBlocksError, _as_hashes, _as_ids
 from .kv_cache import KVCache
 from .sequence import Sequence

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from pagedkv import KVCache, OutOfBlocksError, PagedAttentionManager
 from pagedkv.block_hash import BlockHasher
-from pagedkv.reference import dense_attention
+from pagedkv.kernels.reference import dense_attention
 
 L, H, D = 2, 2, 4  # layers, kv heads, head dim of the small managers below
 

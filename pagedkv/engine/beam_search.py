@@ -33,7 +33,7 @@ import numpy as np
 
 from ..block_hash import BlockHasher
 from .beam_group import Beam, BeamGroup, worst_case_blocks
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 def _is_int(value) -> bool:

@@ -49,9 +49,9 @@ import numpy as np
 from ..backend import dtype_of, get_backend
 from ..block_hash import BlockHasher
 from ..manager import PagedAttentionManager
-from ..model import LlamaModel, ModelWeights, get_config, random_weights
+from ..model import ModelWeights, get_config, random_weights
 from ..model.config import ModelConfig
-from .build import build_kv_cache, default_params, read_generation, resolve_max_model_len
+from .build import build_model, default_params, read_generation
 from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
@@ -60,7 +60,7 @@ from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .validation import check_prompt, check_request_id
 from .scheduler import Scheduler
 from .step_plan import SchedulerOutput
@@ -86,10 +86,8 @@ class LLMEngine:
         dtype = np.dtype(weights.embed.dtype)
         if config.dtype is not None and dtype_of(config.dtype) != dtype:
             raise ValueError(f"the weights are {dtype} but config.dtype is {config.dtype}")
-        self.kv_cache = build_kv_cache(config, self.model_config, dtype, self.backend)
-        self.max_model_len = resolve_max_model_len(config, self.model_config, self.kv_cache.num_blocks)
-        self.model = LlamaModel(self.model_config, weights, self.backend, max_positions=self.max_model_len,
-                                fused=config.fused)
+        self.model, self.kv_cache, self.max_model_len = build_model(config, self.model_config, weights, dtype,
+                                                                    self.backend)
         self.manager = PagedAttentionManager(self.kv_cache, enable_prefix_caching=config.enable_prefix_caching)
         prefix_cache = None
         if config.enable_prefix_caching:  # NOTE: one engine, one set of weights: the model's shapes name it

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")
 PLACEHOLDER = -1  # an output token sampled by a step still running on the device (its value comes at retire)

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import SamplingParams
+from ..sampling_params import SamplingParams
 from ..engine.async_llm import AsyncLLM, EngineError
 from .generate import check_model, generate, token_ids
 from .limits import ServerLimits

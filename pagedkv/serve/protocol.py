@@ -17,10 +17,9 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from ..engine import SamplingParams
+from ..sampling_params import MAX_LOGPROBS, SamplingParams
 from .limits import ServerLimits
 
-MAX_LOGPROBS = 20  # OpenAI's limit for chat; vLLM's default max_logprobs
 NEUTRAL = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
            "logit_bias": None}
 
