@@ -25,7 +25,7 @@ for _name in ("tokenizers", "jinja2", "fastapi", "uvicorn", "openai", "httpx", "
 
 import httpx  # noqa: E402
 from serve_support import (ENGINE_FLAGS, Flood, HealthWatch, assert_openai_error, idle_latency,  # noqa: E402
-                           serve, timed_completion)
+                           metrics, serve, timed_completion)
 from test_text_support import write_checkpoint  # noqa: E402
 
 SLOW_TEMPLATE = ("{% for i in range(100000) %}{% for j in range(300) %}{% endfor %}{% endfor %}"
@@ -238,11 +238,22 @@ def narrow_server(checkpoint):
     live.stop()
 
 
+def wait_for_queue(server, num_waiting: int, timeout: float = 60) -> None:
+    """Until /metrics shows ``num_waiting`` requests waiting (the flood has arrived whole)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server.base)
+        if m.get("pagedkv:num_requests_waiting", m.get("pagedkv_num_requests_waiting", 0)) >= num_waiting:
+            return
+        assert time.monotonic() < deadline, m
+        time.sleep(0.02)
+
+
 def test_a_request_does_not_wait_behind_another_clients_whole_batch(narrow_server):
     server = narrow_server
     batch = {"model": "m", "prompt": [[5 + i, 6, 7] for i in range(48)], "max_tokens": 16, "ignore_eos": True}
     attack = Flood(server, [batch])
-    time.sleep(0.5)  # the batch is queued and running
+    wait_for_queue(server, 40)  # the batch is queued and running
     latency = timed_completion(server)
     results = attack.wait()
     [(status, batch_s)] = results
@@ -255,7 +266,7 @@ def test_a_users_many_requests_share_with_another_user(narrow_server):
     server = narrow_server
     body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 16, "ignore_eos": True, "user": "flood"}
     attack = Flood(server, [body] * 48)
-    time.sleep(0.5)
+    wait_for_queue(server, 40)
     latency = timed_completion(server, user="victim")
     results = attack.wait()
     assert len(results) == 48 and all(status == 200 for status, _ in results)
