@@ -21,14 +21,14 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PY=python3
 
-SERVE_PACKAGES="fastapi uvicorn openai httpx jinja2"
-if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" 2>/dev/null; then
+SERVE_PACKAGES="fastapi uvicorn openai httpx jinja2 prometheus_client"
+if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2, prometheus_client" 2>/dev/null; then
     # NOTE: a target folder on PYTHONPATH, not a venv: the device's python3 is itself a venv (torch, cupy), and a
     # venv made from it would not see those packages
     # shellcheck disable=SC2086
     $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" --target "$WORK/site" $SERVE_PACKAGES
     export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$WORK/site"
-    $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" \
+    $PY -c "import fastapi, uvicorn, openai, httpx, jinja2, prometheus_client" \
         || { echo "could not install the [serve] wheels from ${WHEELS:-.whl}" | tee "$OUT/env.txt"; exit 1; }
 fi
 {
