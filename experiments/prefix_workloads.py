@@ -113,7 +113,7 @@ def run(engine, prompts, output_lens) -> tuple[dict, list]:
     engine.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), progress=False)
     engine.warmup_graphs()
     before = engine.metrics().as_dict()
-    bm = engine.manager.block_manager
+    bm = engine.manager
     start = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True))
            for p, m in zip(prompts, output_lens)]

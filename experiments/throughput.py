@@ -93,7 +93,7 @@ class Timeline:
         self.time_s.append(round(time_s, 4))
         self.num_running.append(sum(len(r.active_branches()) for r in running))
         self.slots_used.append(sum(_slots_filled(r) for r in [*running, *held]))
-        bm = engine.manager.block_manager
+        bm = engine.manager
         self.slots_reserved.append(bm.num_used_blocks * bm.block_size)
 
 

@@ -153,7 +153,7 @@ class LLM:
                     ignore_eos: bool = False) -> list:
         """Beam search of each prompt (strings or token-id lists) with vLLM's rules; beams share every common
         KV block (``fork_sequence``). Returns ``BeamSearchOutput``s: ``sequences`` best first, with text."""
-        from .engine.beam_search import beam_search_text
+        from .beam.search import beam_search_text
 
         return beam_search_text(self, prompts, beam_width, max_tokens, length_penalty, ignore_eos=ignore_eos)
 

@@ -1,4 +1,4 @@
-"""Tests of kernels_cu/ through pagedkv.ops / pagedkv.kernels, against the float64 references.
+"""Tests of kernels_cu/ through pagedkv.kernels.ops / pagedkv.kernels.decode, against the float64 references.
 
 Every attention launch writes into an output poisoned with NaN, and every cache holds NaN in the slots a
 launch must not read (unused slots of referenced blocks, unreferenced blocks, padding block 0), so a
@@ -6,7 +6,7 @@ finite result within tolerance proves the kernel wrote everything and read nothi
 
 GPU tests carry the ``gpu`` mark. The CPU tests at the top check kernel 3's balanced plan: a line-by-line
 port of the kernel's walk (plan, pieces, partial slots, merge records, merge) in float64 against the
-reference, and against :func:`pagedkv.decode_plan.balanced_plan`.
+reference, and against :func:`pagedkv.kernels.decode_plan.balanced_plan`.
 
 PAGEDKV_SANITIZER_GRID=1 shrinks the grid for compute-sanitizer runs (and skips the huge cases). With
 pytest-xdist, ``--dist loadgroup`` keeps each (dtype, head_dim) on one worker, so each worker compiles

@@ -1,8 +1,8 @@
 """CPU (CI): every kernels_cu/*.cu compiles with nvcc for sm_80 and sm_90, kernels 2 and 3 never spill, their
 shuffles are exactly the ones the algorithm needs (none duplicated into divergent branches), and the Python
-mirrors of the kernels' tile shape and shared memory (pagedkv.decode_plan) match the C++.
+mirrors of the kernels' tile shape and shared memory (pagedkv.kernels.decode_plan) match the C++.
 
-Compiled exactly as the loader does (pagedkv.kernels.cu_source: common.cuh inlined, same -D defines);
+Compiled exactly as the loader does (pagedkv.kernels.compile.cu_source: common.cuh inlined, same -D defines);
 the templates are instantiated by taking the address of every name expression the loader asks for.
 NOTE: all instantiations of paged_attention.cu (3 dtypes x 9 head dims x (v1, 4 GT x (v2, v3), merges),
 298 kernels) take about two minutes per architecture on one core, so CI compiles a representative subset:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagedkv.backend import get_backend
-from pagedkv.kv_cache import KVCache
+from pagedkv.cache.kv_cache import KVCache
 from pagedkv.model import LlamaModel, ModelConfig, random_weights
 from pagedkv.model.llama import DecodeBatch, PrefillBatch
 from pagedkv.model.parallel_model import ParallelModel, ShardedKVCache

@@ -47,8 +47,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..backend import dtype_of, get_backend
-from ..block_hash import BlockHasher
-from ..manager import PagedAttentionManager
+from ..cache.block_hash import BlockHasher
+from ..cache.manager import PagedAttentionManager
 from ..model import ModelWeights, get_config, random_weights
 from ..model.config import ModelConfig
 from .build import build_model, default_params, read_generation
@@ -56,14 +56,14 @@ from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
 from . import step_commit
-from .model_runner import InFlight, ModelRunner
+from .runner.model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
-from .prefix_cache import PrefixCache
+from .sched.prefix_cache import PrefixCache
 from .request import Request, RequestOutput
 from ..sampling_params import SamplingParams
 from .validation import check_prompt, check_request_id
-from .scheduler import Scheduler
-from .step_plan import SchedulerOutput
+from .sched.scheduler import Scheduler
+from .sched.step_plan import SchedulerOutput
 
 
 class LLMEngine:
@@ -94,7 +94,8 @@ class LLMEngine:
             hasher = BlockHasher.for_model(repr(self.model_config), str(dtype), config.block_size)
             prefix_cache = PrefixCache(self.manager, hasher)
         self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager, prefix_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.manager, max_num_seqs=config.max_num_seqs,
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size=self.manager.block_size,
+                                  max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
@@ -252,7 +253,7 @@ class LLMEngine:
         if not out.seqs:
             return None
         try:
-            flight = self.runner.launch(out, self.scheduler.drain_table_changes())
+            flight = self.runner.launch(out)
             step_commit.commit(flight, self.scheduler, self.output_processor)
         except BaseException:
             self._abort_failed(list({id(s.request): s.request for s in out.seqs}.values()))
@@ -324,9 +325,9 @@ class LLMEngine:
     # --------------------------------------------------------------------------------------- metrics
     def _account(self, out: SchedulerOutput, start: float, end: float) -> None:
         account_step(self.totals, out, end - start)
-        t, bm = self.totals, self.manager.block_manager
-        t.num_preemptions, t.num_cow_copies = self.scheduler.num_preemptions, self.manager.num_cow_copies
-        t.num_used_blocks, t.num_free_blocks = bm.num_used_blocks, bm.num_free_blocks
+        t, m = self.totals, self.manager
+        t.num_preemptions, t.num_cow_copies = self.scheduler.num_preemptions, m.num_cow_copies
+        t.num_used_blocks, t.num_free_blocks = m.num_used_blocks, m.num_free_blocks
         if self.config.record_steps:
             self.step_metrics.append(step_metrics(self.scheduler, out, self.totals.num_steps, end - self._t0,
                                                   end - start))
@@ -337,7 +338,7 @@ class LLMEngine:
         t.num_used_blocks, t.num_free_blocks = usage.num_used_blocks, usage.num_free_blocks
         t.num_token_slots_used, t.num_token_slots_reserved = used, usage.num_token_slots_reserved
         t.utilization = used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0
-        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.block_manager)
+        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.cache_counts())
         return t
 
     # ------------------------------------------------------------------ the model runner's CUDA graphs

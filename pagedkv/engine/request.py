@@ -129,7 +129,6 @@ class Request:
         self.branches: list[Branch] = []
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache at the first admission
-        self.reserved_block_ids: list[int] = []  # static batching: blocks held for future tokens
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
         self.aborted = False

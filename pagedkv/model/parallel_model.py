@@ -15,7 +15,7 @@ aborts the step's requests and frees their blocks) and no rank is left waiting.
 """
 from __future__ import annotations
 
-from ..kv_cache import KVCache
+from ..cache.kv_cache import KVCache
 from .config import ModelConfig
 from .llama import LlamaModel
 from .tensor_parallel import TensorParallelPlan, ThreadWorld, run_ranks, shard_weights
@@ -25,7 +25,7 @@ from .weights import ModelWeights
 class ShardedKVCache:
     """One K/V pool per rank (each with the rank's KV heads), the same ``num_blocks`` and block ids on every
     rank. Block-level operations (``copy_blocks``) apply to every rank; ``ranks[r]`` is rank r's
-    :class:`~pagedkv.kv_cache.KVCache`."""
+    :class:`~pagedkv.cache.kv_cache.KVCache`."""
 
     def __init__(self, ranks: list[KVCache]):
         if not ranks or len({(c.num_blocks, c.block_size, c.num_layers, c.dtype) for c in ranks}) != 1:

@@ -58,8 +58,7 @@ def engine_snapshot(engine, num_pending: int = 0) -> EngineSnapshot:
         snap.num_running, snap.num_waiting = len(scheduler.running), len(scheduler.waiting) + num_pending
     manager = getattr(engine, "manager", None)
     if manager is not None:
-        bm = manager.block_manager
-        snap.num_blocks, snap.num_free_blocks = bm.num_blocks, bm.num_free_blocks
+        snap.num_blocks, snap.num_free_blocks = manager.num_blocks, manager.num_free_blocks
     elif hasattr(engine, "num_free_blocks"):
         snap.num_blocks, snap.num_free_blocks = engine.num_blocks, engine.num_free_blocks
     if hasattr(engine, "metrics"):
