@@ -33,8 +33,9 @@ from .limits import ServerLimits
 from .metrics import ServerMetrics, engine_snapshot
 from .middleware import ServerMiddleware
 from .prompts import PromptWorkers
-from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, OpenAIError, TokenizeRequest,
-                       early_fan_out_check, parse_json_body)
+from .body_checks import early_fan_out_check, parse_json_body
+from .errors import OpenAIError
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 logger = logging.getLogger("pagedkv.serve")
 STATS_LOG_INTERVAL_S = 5.0

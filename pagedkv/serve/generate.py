@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine.async_llm import EngineError, Sink
-from .protocol import OpenAIError
+from .errors import OpenAIError
 from .responses import ResponseBuilder, new_request_id
 
 logger = logging.getLogger("pagedkv.serve")

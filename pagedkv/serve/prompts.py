@@ -20,7 +20,8 @@ import concurrent.futures
 import threading
 
 from .limits import ServerLimits
-from .protocol import ChatCompletionRequest, OpenAIError
+from .errors import OpenAIError
+from .protocol import ChatCompletionRequest
 
 # what chat_template_kwargs may not set: the template call's own arguments and the renderer's
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt", "chat_template", "tokenize", "tools",
