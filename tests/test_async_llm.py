@@ -109,7 +109,7 @@ def test_admission_is_round_robin_across_groups(llm):
         return order
 
     order = asyncio.run(go())
-    assert order.index("b") <= 5, order  # first-come first-served would put it last (index 12)
+    assert order.index("b") <= 7, order  # in the second round of 4; first-come first-served: last (index 12)
     assert idle(llm)
 
 
