@@ -53,7 +53,7 @@ def structured_output(kind: str, schema=None):
 def _import_param_class(name: str):
     import importlib
 
-    for module in ("pagedkv.sampling_params", "pagedkv.engine.sampling", "pagedkv.engine.structured",
+    for module in ("pagedkv.sampling_params", "pagedkv.structured_params", "pagedkv.engine.structured",
                    "pagedkv.structured"):
         try:
             cls = getattr(importlib.import_module(module), name, None)
