@@ -42,12 +42,15 @@ def structured_output(kind: str, schema=None):
         if field in names and cls is None:
             cls = _import_param_class(cls_name)
         if field in names and cls is not None:
+            param = "structured_outputs" if kind == "structured_outputs" else "response_format"
             try:
+                if kind == "structured_outputs":  # vLLM's extra field: StructuredOutputsParams' own fields
+                    return field, cls(**schema)
                 return field, cls(json_object=True) if kind == "json_object" else cls(json=schema)
             except (TypeError, ValueError) as exc:
-                raise OpenAIError(f"response_format: {exc}", param="response_format") from None
-    raise OpenAIError(f"response_format {kind!r} needs structured output, which this server's build lacks",
-                      param="response_format")
+                raise OpenAIError(f"{param}: {exc}", param=param) from None
+    raise OpenAIError(f"{kind!r} needs structured output, which this server's build lacks",
+                      param="structured_outputs" if kind == "structured_outputs" else "response_format")
 
 
 def _import_param_class(name: str):
@@ -87,6 +90,7 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     response_format: dict | None = None
     # vLLM's extras
+    structured_outputs: dict | None = None  # StructuredOutputsParams fields: json, regex, choice, grammar, ...
     top_k: StrictInt | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -124,6 +128,10 @@ class _SamplingFields(BaseModel):
                 raise OpenAIError("logit_bias keys must be token ids (integers as strings)",
                                   param="logit_bias") from None
         fmt = self.response_format
+        if self.structured_outputs is not None:
+            if fmt is not None and fmt.get("type", "text") != "text":
+                raise OpenAIError("give response_format or structured_outputs, not both", param="structured_outputs")
+            out.update([structured_output("structured_outputs", self.structured_outputs)])
         if fmt is not None:
             kind = fmt.get("type", "text")
             if kind == "json_object":
