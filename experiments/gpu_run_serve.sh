@@ -87,7 +87,7 @@ kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
 
 # the same rates through the engine loop in this process, no HTTP: the baseline of "TTFT and ITL within 1.2x"
 inproc_rc=0
-if [ "${INPROC:-1}" = 1 ] && [ ! -d "$MODEL" ]; then
+if [ "${INPROC:-1}" = 1 ]; then
     # shellcheck disable=SC2086
     timeout "${T_INPROC:-240}" $PY -m experiments.serve_bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
         --max-model-len "$MAX_MODEL_LEN" --request-rate $RATES --num-prompts "$NUM_PROMPTS" --random-input-len 256 \
