@@ -166,4 +166,4 @@ class ServerMetrics:
         return (f"Avg prompt throughput: {(snap.num_prompt_tokens - prompt0) / dt:.1f} tokens/s, "
                 f"Avg generation throughput: {(snap.num_generated_tokens - gen0) / dt:.1f} tokens/s, "
                 f"Running: {snap.num_running} reqs, Waiting: {snap.num_waiting} reqs, "
-                f"GPU KV cache usage: {100 * snap.kv_cache_usage:.1f}%, Prefix cache hit rate: {100 * hit:.1f}%")
+                f"KV cache usage: {100 * snap.kv_cache_usage:.1f}%, Prefix cache hit rate: {100 * hit:.1f}%")
