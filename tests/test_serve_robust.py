@@ -170,11 +170,9 @@ def test_a_template_that_never_finishes_is_a_400_and_health_answers(server):
         deadline = time.monotonic() + 60
         while pool.num_running and time.monotonic() < deadline:  # the next tests run without it
             time.sleep(0.1)
-    if still_rendering:
-        # NOTE: a Python thread cannot be stopped: the runaway render keeps a share of the GIL until the template
-        # module's own time limit (pagedkv.text, the offline helper's branch) ends it
-        pytest.xfail(f"the render outlived its 400 (no time limit inside the template module yet); an 8-token "
-                     f"request took {latency:.3f} s against {server.idle:.3f} s idle")
+    # NOTE: a Python thread cannot be stopped: a runaway render (still_rendering: True until the template
+    # module's own time limit is merged) keeps a share of the GIL until it ends; the 2x target holds even so
+    print(f"render still running after its 400: {still_rendering}; victim {latency:.3f} s, idle {server.idle:.3f} s")
     assert latency <= 2 * server.idle + SLACK_S, (latency, server.idle)
 
 
