@@ -68,27 +68,28 @@ for stage in "$@"; do
             $PY -c 'import cupy, numpy, torch, transformers; print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__, \"transformers\", transformers.__version__)';
             which compute-sanitizer ncu nvcc; nproc" ;;
     ktests)
-        run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider -n 4 \
-            --durations=10 -rs ;;
+        run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py tests/test_decode_fp8.py -q \
+            -p no:cacheprovider -n 4 --durations=10 -rs ${KTEST_K:+-k "$KTEST_K"} ;;
     sanitize)
         for tool in memcheck racecheck; do
             PAGEDKV_SANITIZER_GRID=1 run "$tool" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
                 --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist tests/test_kernels.py \
                 tests/test_prefill_attention.py tests/test_sampler.py tests/test_model_gpu.py \
-                -k 'grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add or padding' \
-                -k 'not compiles and not 16k and not torch'
+                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add or padding)
+                    and not compiles and not 16k and not torch'
         done ;;
     kbench)
-        run kbench "${T_KBENCH:-240}" "$PY" -m experiments.kernel_bench ;;
+        # shellcheck disable=SC2086
+        run kbench "${T_KBENCH:-240}" "$PY" -m experiments.kernel_bench ${KBENCH_ARGS:-} ;;
     ncu)
-        for case in "32 8192 32 8" "1 32768 32 8"; do
-            run "ncu_${case// /_}" "${T_NCU:-90}" ncu --clock-control none --kernel-name regex:paged_attention_v2 \
+        for case in "32 8192 32 8" "1 32768 32 8"; do  # batch, length, query heads, KV heads (head_dim 128)
+            run "ncu_${case// /_}" "${T_NCU:-90}" ncu --clock-control none --kernel-name regex:paged_attention_v \
                 --launch-skip 8 --launch-count 2 --section SpeedOfLight --section Occupancy \
                 --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" -c "
 import cupy, numpy as np
-from experiments.kernel_bench import build_case
+from experiments.kernel_bench import Case, build_case
 from pagedkv.kernels import decode
-q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), *map(int, '$case'.split()))
+q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), Case(*map(int, '$case'.split())))
 for _ in range(6): decode.paged_attention(q, k, v, bt, cl, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
