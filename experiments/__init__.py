@@ -15,6 +15,7 @@ BENCHMARKS = {
     "prefill": ("prefill_bench", "prefill attention vs torch SDPA, engine TTFT vs transformers"),
     "memory": ("memory_share", "KV memory of naive copies vs shared, forked prompts (+ beams)"),
     "beams": ("memory_beam", "KV blocks of beam search, shared vs copied"),
+    "cascade": ("cascade_bench", "cascade attention's kernels vs plain decode and the read ceiling"),
     "prefix": ("prefix_workloads", "prefix caching and chunked prefill on vs off"),
     "profile": ("profile_engine", "cProfile of a continuous-batching run"),
     "sampler": ("sampler_bench", "the device sampler vs cupy.argmax"),

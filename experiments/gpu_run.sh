@@ -24,6 +24,8 @@
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
 #   prefix      python -m experiments.prefix_workloads: prefix caching on/off, chunked prefill on/off
+#   cascade     prefix_workloads --workload cascade (shared document, n = 16 branches; cascade on/off) and
+#               python -m experiments.cascade_bench (the prefix / suffix / merge kernels vs plain decode)
 #   serve       experiments/gpu_run_serve.sh: the OpenAI-compatible server (llama-1b, a tokenizer trained on
 #               the spot), tests/test_serve.py through the openai client against it, serve_bench at 3 rates
 #   ncu         Nsight Compute on the decode kernels for cases 32 x 8192 and 1 x 32768
@@ -151,6 +153,11 @@ cupy.cuda.runtime.deviceSynchronize()"
     prefix)
         run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-cache-memory-bytes 40GiB \
             --output-json benchmarks/results/prefix_workloads_gpu.json ;;
+    cascade)
+        run cascade_workloads "${T_CASCADE:-200}" "$PY" -m experiments.prefix_workloads --device gpu --workload cascade \
+            --num-prompts "${CASCADE_PROMPTS:-128}" --output-json "benchmarks/results/prefix_workloads_cascade_gpu.json"
+        run cascade_bench "${T_CASCADE_BENCH:-120}" "$PY" -m experiments.cascade_bench \
+            --output-json "benchmarks/results/cascade_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     pbench)
         run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench \
             --output-json "benchmarks/results/prefill_bench_${GPU_NAME}_$(date -u +%F).json" ;;
