@@ -12,8 +12,8 @@
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
-#   base        W1 and the prefill kernels of the tree in ../baseline (BASE=...; its own flag names in
-#               BASE_EBENCH_FLAGS), then of this tree, in the same call: the before/after comparison
+#   base        W1 and the prefill kernels (BASE_PREFILL=0: W1 only) of the tree in ../baseline (BASE=..., an
+#               absolute path; its own flag names in BASE_EBENCH_FLAGS), then of this tree, in the same call
 #   agreement   python -m experiments.fp16_agreement: engine variants vs the eager reference in float16
 #   sbench      python -m experiments.sampler_bench: the device sampler vs cupy.argmax
 #   sampling    issue 19's measurements: engine_bench --penalties (sampled W1 with presence/frequency/repetition
@@ -102,8 +102,9 @@ cupy.cuda.runtime.deviceSynchronize()"
             # shellcheck disable=SC2086
             (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "w1_$name" "${T_BASE:-120}" "$PY" -m experiments.engine_bench \
                 --device gpu $flags --output-json "$OUT/logs/engine_bench_$name.json")
-            (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "prefill_$name" "${T_BASE:-120}" "$PY" -m experiments.prefill_bench \
-                --head-dims 64 128 --ttft-lens --output-json "$OUT/logs/prefill_bench_$name.json")
+            [ "${BASE_PREFILL:-1}" = 1 ] && (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "prefill_$name" \
+                "${T_BASE:-120}" "$PY" -m experiments.prefill_bench --head-dims 64 128 --ttft-lens --no-variants \
+                --output-json "$OUT/logs/prefill_bench_$name.json")
         done ;;
     agreement)
         run agreement "${T_AGREEMENT:-90}" "$PY" -m experiments.fp16_agreement \
