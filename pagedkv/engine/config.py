@@ -42,6 +42,8 @@ class EngineConfig:
     ``"fp8_e5m2"`` in fp8 bytes (half of float16: ``kv_memory_bytes`` holds twice the blocks) with per-layer
     scales, 1.0 unless a checkpoint carries ``k_scale`` / ``v_scale`` tensors or ``calculate_kv_scales`` is on
     (scale = amax / the format's max over the first step's prompts, set before any CUDA graph is captured).
+    ``cascade_attention``: decode steps whose rows share long prefixes read each shared prefix once per group
+    where the rule of :mod:`pagedkv.cascade` says it pays; None: on for float16 / bfloat16 models on a GPU.
     ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
     columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
     with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
@@ -71,6 +73,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks the model's heads and MLP are split over (pagedkv.model.parallel_model)
     kv_cache_dtype: str = "auto"  # "auto" | "fp8" | "fp8_e4m3" | "fp8_e5m2"
     calculate_kv_scales: bool = False  # fp8: K/V scales from the first prompts' amax (vLLM's name)
+    cascade_attention: bool | None = None  # shared prefixes read once per decode step (None: GPU, 16-bit dtypes)
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
@@ -102,8 +105,9 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.kv_cache_dtype != "auto":
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} with tensor_parallel_size > 1 is not built yet "
                              "(the ranks' pools are in the model's dtype)")
-        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be None or a bool, got {self.async_scheduling!r}")
+        for name in ("async_scheduling", "cascade_attention"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be None or a bool, got {getattr(self, name)!r}")
         w = self.watermark
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
             raise ValueError(f"watermark must be a number in [0, 1), got {w!r}")
