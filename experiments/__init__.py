@@ -21,5 +21,6 @@ BENCHMARKS = {
     "sampler": ("sampler_bench", "the device sampler vs cupy.argmax"),
     "structured": ("structured_bench", "decode throughput with a JSON schema vs without (llguidance)"),
     "agreement": ("fp16_agreement", "engine variants' greedy tokens vs the eager reference (float16)"),
+    "fp8": ("fp8_accuracy", "fp8 KV cache vs the model-dtype cache: greedy agreement, next-token KL"),
     "plots": ("plots", "PNGs from the JSON results"),
 }

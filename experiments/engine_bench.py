@@ -21,6 +21,11 @@ The decode step at full batch: 128 sequences with W1's prompts, timed over many 
     python -m experiments.engine_bench                       # GPU: W1, llama-1b (about a minute)
     python -m experiments.engine_bench                       # CPU: W1 / 8 on the tiny model (seconds)
     python -m experiments.engine_bench --device cpu --model tiny --dtype float32 --num-prompts 8 --max-model-len 64
+    python -m experiments.engine_bench --fp8-preemption --no-profile   # W1 where float16 preempts, fp8 not
+
+``--fp8-preemption``: W1 twice in the same KV byte budget, sized so that the fp8 cache holds every request at
+its full length (blocks of the whole workload + 5 %) and the model-dtype cache half as many blocks (it preempts):
+the ``fp8_over_auto`` ratio is the fp8 run's useful tokens/s over the other's (issue 18's target: >= 1.3).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import numpy as np
 
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.model import get_config
+
 
 from . import cli
 
@@ -58,8 +64,15 @@ def workload(num_requests: int, vocab: int, max_len: int, seed: int):
     return prompts, [int(n) for n in output_lens]
 
 
-def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: int = 128) -> LLMEngine:
+def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: int = 128,
+                kv_cache_dtype: str | None = None, budget: int | None = None) -> LLMEngine:
+    """``kv_cache_dtype`` / ``budget`` (bytes) override the flags' (the --fp8-preemption runs)."""
     options = cli.engine_options(args, gpu=args.device != "cpu")
+    if budget is not None:
+        options = {k: v for k, v in options.items() if k not in ("num_blocks", "gpu_memory_utilization")}
+        options["kv_memory_bytes"] = budget
+    if kv_cache_dtype is not None:
+        options["kv_cache_dtype"] = kv_cache_dtype
     if not {"kv_memory_bytes", "num_blocks", "gpu_memory_utilization"} & options.keys():
         options.update({"kv_memory_bytes": KV_BUDGET_BYTES} if args.device != "cpu" else {"num_blocks": CPU_NUM_BLOCKS})
     options["cuda_graph"] = cuda_graph
@@ -337,6 +350,10 @@ def parse_args(argv=None):
     p.add_argument("--compare-eager", action="store_true",
                    help="run W1 eager too, before the CUDA-graph run (GPU; default: CUDA graphs only)")
     p.add_argument("--static", action="store_true", help="also run static batching (max_num_seqs 64)")
+    p.add_argument("--fp8-preemption", action="store_true",
+                   help="instead: W1 with the model-dtype cache and with fp8 in one KV byte budget where only the "
+                        "former preempts")
+    p.add_argument("--no-profile", action="store_true", help="skip the decode / prefill step profiles")
     p.add_argument("--penalties", action="store_true",
                    help="the sampled run also applies presence 0.5, frequency 0.5 and repetition 1.1 penalties "
                         "(on the device, in the CUDA graph)")
@@ -391,6 +408,40 @@ def _describe(runs: dict, name: str) -> str:
                                    if k not in ("profile", "tokens"))
 
 
+def fp8_budget(config, output_lens, prompts) -> int:
+    """KV bytes holding every W1 request at its full length in an fp8 cache (+5 %, and the watermark)."""
+    from pagedkv import KVCache
+
+    blocks = sum(-(-(len(p) + n) // BLOCK_SIZE) for p, n in zip(prompts, output_lens))
+    per = KVCache.block_bytes(config.num_layers, BLOCK_SIZE, config.num_kv_heads, config.head_dim, "float16", "fp8")
+    return int(blocks * 1.05 / 0.99) * per
+
+
+def run_fp8_preemption(args, backend, prompts, output_lens) -> dict:
+    """W1 with the model-dtype cache and with fp8 in the same byte budget (see the module docstring)."""
+    config = get_config(args.model)
+    budget, graph = fp8_budget(config, output_lens, prompts), backend.is_gpu
+    runs, weights = {}, None
+    for kv in ("auto", "fp8"):
+        name = f"{kv}-cache" + ("+graph" if graph else "")
+        try:
+            engine = make_engine(args, "continuous", graph, weights, 128, kv_cache_dtype=kv, budget=budget)
+            weights = engine.model.weights
+            runs[name] = run_w1(engine, prompts, output_lens)
+            runs[name].update(kv_cache_dtype=kv, kv_memory_bytes=budget, num_blocks=engine.kv_cache.num_blocks)
+        except Exception:
+            traceback.print_exc()
+            runs[name] = {"error": traceback.format_exc(limit=3)}
+        engine = None
+        print(_describe(runs, name), flush=True)
+    auto, eight = (r for r in runs.values())
+    if "error" not in auto and "error" not in eight:
+        eight["fp8_over_auto"] = eight["useful_tokens_per_s"] / auto["useful_tokens_per_s"]
+        same = [a == b for a, b in zip(auto["tokens"], eight["tokens"])]
+        eight["requests_identical_to_auto"] = f"{sum(same)}/{len(same)}"
+    return runs
+
+
 def run_plan(args, backend, prompts, output_lens) -> dict:
     """Every configuration of the run; one that fails records its error (NOTE: it must not lose the others'
     figures) and makes the exit status 1."""
@@ -405,7 +456,7 @@ def run_plan(args, backend, prompts, output_lens) -> dict:
             engine = make_engine(args, mode, graph, weights, max_num_seqs)
             weights = engine.model.weights
             runs[name] = run_w1(engine, prompts, output_lens)
-            if mode == "continuous":
+            if mode == "continuous" and not args.no_profile:
                 steps = max(1, min(PROFILE_STEPS, args.max_len // 8))
                 runs[name]["profile"] = profile_decode(engine, prompts[:128], steps, bandwidth)
                 if engine.backend.is_gpu:
@@ -456,15 +507,16 @@ def main(argv=None) -> int:
     check_memory(args, backend, config, max(len(p) + n for p, n in zip(prompts, output_lens)))
     print(f"engine_bench: {args.num_requests} requests, {sum(output_lens):,} output tokens, {args.model} "
           f"{args.dtype} on {backend.name}, max_model_len {args.max_len}", flush=True)
-    runs = run_plan(args, backend, prompts, output_lens)
+    runs = (run_fp8_preemption if args.fp8_preemption else run_plan)(args, backend, prompts, output_lens)
     names = [n for n in runs if "tokens" in runs[n] and not n.endswith("+sampled")]
-    for name in names[1:]:
+    for name in names[1:] if not args.fp8_preemption else ():
         same = [a == b for a, b in zip(runs[names[0]]["tokens"], runs[name]["tokens"])]
         runs[name]["requests_identical_to_" + names[0]] = f"{sum(same)}/{len(same)}"
     for r in runs.values():
         r.pop("tokens", None)
     results = {"info": cli.run_info(backend), "workload": {"num_requests": args.num_requests, "seed": args.seed,
                "model": args.model, "dtype": args.dtype, "max_model_len": args.max_len,
+               "kv_cache_dtype": "fp8-preemption" if args.fp8_preemption else args.kv_cache_dtype,
                "useful_tokens": sum(output_lens)}, "runs": runs}
     _print(results)
     if args.json:

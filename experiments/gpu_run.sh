@@ -20,6 +20,9 @@
 #               penalties against greedy W1, same engine build), structured_bench --libs (decode tokens/s with a
 #               JSON schema against without; llguidance vs xgrammar per-token masks)
 #   memory      python -m experiments.memory_share at full size
+#   fp8         issue 18: experiments.fp8_accuracy (llama-1b preset + an HF-saved checkpoint with its scale
+#               tensors), engine_bench --fp8-preemption (W1 where float16 preempts, fp8 not), prefill_bench
+#               --kv-cache-dtype fp8 (the fp8 GPU tests run in gputests)
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
@@ -154,6 +157,15 @@ cupy.cuda.runtime.deviceSynchronize()"
     prefix)
         run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-cache-memory-bytes 40GiB \
             --output-json benchmarks/results/prefix_workloads_gpu.json ;;
+    fp8)
+        run fp8_accuracy "${T_FP8:-150}" "$PY" -m experiments.fp8_accuracy --device gpu --model llama-1b \
+            --kv-cache-dtypes fp8_e4m3 fp8_e5m2 --num-gpu-blocks-override 4096 --write-checkpoint /tmp/fp8_ckpt \
+            --checkpoint /tmp/fp8_ckpt --output-json benchmarks/results/fp8_accuracy_gpu.json
+        run fp8_ebench "${T_FP8:-150}" "$PY" -m experiments.engine_bench --device gpu --fp8-preemption --no-profile \
+            --output-json benchmarks/results/engine_bench_fp8_preemption_gpu.json
+        run fp8_pbench "${T_FP8:-150}" "$PY" -m experiments.prefill_bench --kv-cache-dtype fp8 --cases 8k varlen \
+            --head-dims 128 64 --no-variants --ttft-lens --runs 10 \
+            --output-json "benchmarks/results/prefill_bench_fp8_${GPU_NAME}_$(date -u +%F).json" ;;
     cascade)
         run cascade_workloads "${T_CASCADE:-200}" "$PY" -m experiments.prefix_workloads --device gpu --workload cascade \
             --num-prompts "${CASCADE_PROMPTS:-128}" --output-json "benchmarks/results/prefix_workloads_cascade_gpu.json"

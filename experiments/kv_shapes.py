@@ -19,8 +19,9 @@ class KVShape:
     head_dim: int
     num_qo_heads: int
 
-    def bytes_per_block(self, block_size: int, dtype: str) -> int:
-        return KVCache.block_bytes(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
+    def bytes_per_block(self, block_size: int, dtype: str, kv_dtype=None) -> int:
+        """K and V of every layer; ``kv_dtype`` an fp8 name: one byte per element."""
+        return KVCache.block_bytes(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype, kv_dtype)
 
     def label(self, dtype: str) -> str:
         return (f"{self.name} ({self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}, "

@@ -21,8 +21,13 @@ every decode attention output (every request, layer and step) must be bit-identi
 runs through a tiny random Llama (``pagedkv.model``): its greedy tokens and logits must be bit-identical too.
 The run compares everything and exits 1 if anything differs.
 
+The "fp8 memory" column: the same blocks in an fp8 KV cache (1 byte per element: half of float16's bytes).
+``--kv-cache-dtype fp8`` also allocates the pools (and the model check's) in fp8, so the comparisons then run
+on quantized bytes.
+
     python -m experiments.memory_share                       # small sizes on the CPU: seconds
     python -m experiments.memory_share --device gpu --num-requests 256 --prompt-len 4000 --gen-len 128
+    python -m experiments.memory_share --kv-cache-dtype fp8
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import numpy as np
 
 from pagedkv import KVCache, PagedAttentionManager
 from pagedkv.backend import dtype_of, to_numpy
+from pagedkv.fp8 import KV_CACHE_DTYPES
 
 from . import cli, memory_beam
 from .kv_shapes import LLAMA_1B, SMALL, KVShape, fmt_bytes
@@ -81,6 +87,7 @@ class ModeResult:
     bytes_used: int          # at the reported shape
     peak_bytes: int          # at the reported shape
     allocated_bytes_used: int  # at the shape really allocated in this run
+    bytes_used_fp8: int      # the same blocks at the reported shape in an fp8 KV cache
 
 
 class Pool:
@@ -113,12 +120,13 @@ class Pool:
         for layer in range(kv.num_layers):
             kv.write(layer, slots, k[layer].reshape(-1, *k.shape[3:]), v[layer].reshape(-1, *v.shape[3:]))
 
-    def result(self, report_bytes: int) -> ModeResult:
+    def result(self, report_bytes: int, fp8_bytes: int) -> ModeResult:
         u = self.manager.usage()
         peak = max(self.timeline)
         return ModeResult(self.mode, u.num_blocks, u.num_used_blocks, peak, u.num_token_slots_used,
                           u.num_logical_tokens, u.num_shared_blocks, u.num_cow_copies,
-                          u.num_used_blocks * report_bytes, peak * report_bytes, u.bytes_used)
+                          u.num_used_blocks * report_bytes, peak * report_bytes, u.bytes_used,
+                          u.num_used_blocks * fp8_bytes)
 
     def free_all(self) -> int:
         for s in set(self.manager.seq_ids):
@@ -174,7 +182,8 @@ def run_scenario(sc: Scenario, shape: KVShape, args, backend, progress=None) -> 
         if progress:
             progress.advance(task)
     report_bytes = LLAMA_1B.bytes_per_block(args.block_size, args.dtype)
-    naive, shared = (p.result(report_bytes) for p in pools)
+    fp8_bytes = LLAMA_1B.bytes_per_block(args.block_size, args.dtype, "fp8")
+    naive, shared = (p.result(report_bytes, fp8_bytes) for p in pools)
     leaked = [p.free_all() for p in pools]
     assert leaked == [0, 0], f"blocks still used after freeing every sequence: {leaked}"
     return {"scenario": asdict(sc), "naive": asdict(naive), "shared": asdict(shared),
@@ -206,7 +215,7 @@ def _each(pools, fn) -> None:
 def _manager(sc: Scenario, mode: str, shape: KVShape, args) -> PagedAttentionManager:
     num_blocks = args.num_blocks or sc.blocks_needed(mode, args.block_size)
     return PagedAttentionManager.create(shape.num_layers, num_blocks, args.block_size, shape.num_kv_heads,
-                                        shape.head_dim, args.dtype, args.device)
+                                        shape.head_dim, args.dtype, args.device, kv_dtype=args.kv_cache_dtype)
 
 
 # -- the same scenario through a real model -----------------------------------------------------------------
@@ -246,7 +255,7 @@ def _model_run(model, mode: str, sc: Scenario, prompt, suffixes, args):
     """Returns (tokens [num_requests, gen_len + 1], logits of every step, the pool's Usage at the end)."""
     c, xp = model.config, model.xp
     m = PagedAttentionManager(KVCache(c.num_layers, sc.blocks_needed(mode, args.block_size), args.block_size,
-                                      c.num_kv_heads, c.head_dim, model.dtype, args.device))
+                                      c.num_kv_heads, c.head_dim, model.dtype, args.device, args.kv_cache_dtype))
     if mode == "shared":
         parent = m.add_sequence(sc.prompt_len)
         first = _prefill(model, m, parent, prompt, 0)
@@ -315,6 +324,8 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=16, choices=BLOCK_SIZES, help="tokens per block (default 16)")
     p.add_argument("--num-gpu-blocks-override", dest="num_blocks", type=int, default=0, metavar="N",
                    help="blocks per pool; 0 = what each mode needs (default)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="the pools' element type (default auto: --dtype; fp8: quantized bytes, e4m3)")
     p.add_argument("--alloc-shape", default="auto", choices=ALLOC_SHAPES,
                    help="K/V shape allocated: auto (llama-1b on GPU, small on CPU) | small | llama-1b")
     p.add_argument("--skip-model-check", action="store_true",
@@ -363,7 +374,7 @@ def memory_needed(args, shape: KVShape, backend) -> dict:
     """Bytes the run allocates at once (the larger scenario): both pools, the K/V drawn for them, and the
     model check's pools; on a GPU all of it is device memory."""
     item = dtype_of(args.dtype).itemsize
-    per_block = shape.bytes_per_block(args.block_size, args.dtype)
+    per_block = shape.bytes_per_block(args.block_size, args.dtype, args.kv_cache_dtype)
     pools = draws = check = 0
     tiny = KVShape("tiny", 2, 2, 64, 4)
     for sc in scenarios(args):
@@ -411,13 +422,13 @@ def render_table(payload: dict):
     t = Table(title="KV memory: naive copies vs shared prompt (fork + copy-on-write)",
               caption=_bytes_note(payload))
     for col in ("scenario", "mode", "blocks used", "peak blocks", f"memory ({rep['name']} {rep['dtype']})",
-                "saved", "CoW copies", "shared blocks", "outputs"):
+                "fp8 memory", "saved", "CoW copies", "shared blocks", "outputs"):
         t.add_column(col, justify="left" if col in ("scenario", "mode", "outputs") else "right")
     for r in payload["scenarios"]:
         for mode in ("naive", "shared"):
             m = r[mode]
             t.add_row(r["scenario"]["name"] if mode == "naive" else "", mode, f"{m['num_used_blocks']:,}",
-                      f"{m['peak_used_blocks']:,}", fmt_bytes(m["bytes_used"]),
+                      f"{m['peak_used_blocks']:,}", fmt_bytes(m["bytes_used"]), fmt_bytes(m["bytes_used_fp8"]),
                       f"{r['saved_pct']:.1f}%" if mode == "shared" else "", f"{m['num_cow_copies']:,}",
                       f"{m['num_shared_blocks']:,}",
                       ("identical" if identical(r) else "DIFFER") if mode == "shared" else "")
@@ -437,7 +448,9 @@ def _bytes_note(payload: dict) -> str:
 
 def _shape_info(shape: KVShape, args) -> dict:
     return {**asdict(shape), "dtype": args.dtype, "label": shape.label(args.dtype),
-            "bytes_per_block": shape.bytes_per_block(args.block_size, args.dtype)}
+            "bytes_per_block": shape.bytes_per_block(args.block_size, args.dtype),
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "bytes_per_block_fp8": shape.bytes_per_block(args.block_size, args.dtype, "fp8")}
 
 
 @cli.guarded

@@ -21,6 +21,9 @@ In one run, on one GPU:
      prefill runs eagerly through the prefill op) ``generate(max_tokens=1)`` on one prompt of 2k / 8k / 32k
      random tokens, beside a transformers ``LlamaForCausalLM`` of the same shape (random weights, SDPA,
      float16, logits of the last position only) in the same process.
+  3. ``--kv-cache-dtype fp8`` (or fp8_e5m2): each kernel case also runs version 2 (the fp8 load path) over fp8
+     copies of the same K/V (uint8 caches, scales 1; fp8 -> float16 before the MMAs) and reports its rate over
+     version 2 on the float16 cache (issue 18's target: >= 0.9x) and over the default version.
 Kernel times: median of ``--runs`` CUDA-event-timed launches after 3 warm-ups. TTFT: median wall time of
 ``--ttft-runs`` calls after one warm-up (each call ends with the sampled token on the host).
 JSON with ``--output-json [PATH]`` (default path ``benchmarks/results/prefill_bench_<gpu>_<date>.json``).
@@ -102,6 +105,8 @@ def parse(argv):
     parser.add_argument("--ttft-lens", nargs="*", type=int, default=list(TTFT_LENS), choices=TTFT_LENS,
                         help="prompt lengths of the engine TTFT part (none: skip it)")
     parser.add_argument("--ttft-runs", type=int, default=3, help="timed calls per TTFT measurement (1..50)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                        help="also time version 2 over an fp8 cache of the same K/V (default auto: no)")
     parser.add_argument("--output-json", nargs="?", const="default", default=None, metavar="PATH",
                         help="write the results as JSON (PATH omitted: "
                              "benchmarks/results/prefill_bench_<gpu>_<date>.json)")
@@ -187,7 +192,7 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
            "cached_tokens": sum(cached), "shared_tokens": case_shared_tokens(name), "flops": flops,
            "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS.get((name, head_dim)),
            "target_vs_8k": TARGETS_VS_8K.get(name)}
-    seqs, ref = sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx), None
+    seqs, ref = (sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx) if torch is not None else []), None
     for label, expand in (("sdpa_expanded", True), ("sdpa_enable_gqa", False)):
         try:
             runner = sdpa_runner(torch, seqs, expand)
@@ -216,10 +221,31 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
                                              / cp.linalg.norm(ref.astype(cp.float32)))
         row.setdefault("variants", {})[label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_sdpa": err}
     row["ours"] = row["variants"]["default"] | {"config": f"v{version}"}
+    if args.kv_cache_dtype != "auto":
+        v2 = row["variants"][f"v2_{kp.DEFAULT_CONFIGS[head_dim].label}"]["ms"]
+        row["fp8"] = fp8_case(cp, kp, (q, k, v, bt, qsl, cl), out, args, flops, v2, row["ours"]["ms"])
     best = max(row["variants"], key=lambda c: row["variants"][c]["tflops"])
     row["best"] = row["variants"][best] | {"config": best}
     row["ratio"] = row["ours"]["tflops"] / row["sdpa"]["tflops"] if sdpa else None
     return row
+
+
+def fp8_case(cp, kp, batch, out, args, flops: int, v2_ms: float, default_ms: float) -> dict:
+    """Version 2 (the fp8 load path) over fp8 copies of the case's K/V: time, rate, rate over version 2 and over
+    the default version on the float16 cache, and the error against the last float16-cache output."""
+    from pagedkv import fp8
+
+    q, k, v, bt, qsl, cl = batch
+    ref = out.copy()
+    k8, v8 = (cp.asarray(fp8.quantize(cp.asnumpy(x), args.kv_cache_dtype)) for x in (k, v))
+
+    def run():
+        kp.prefill_attention(q, k8, v8, bt, qsl, cl, out=out, check=False, kv_dtype=args.kv_cache_dtype)
+    ms = median_ms(cp, run, args.runs)
+    err = float(cp.linalg.norm((out - ref).astype(cp.float32)) / cp.linalg.norm(ref.astype(cp.float32)))
+    return {"kv_cache_dtype": args.kv_cache_dtype, "ms": ms, "tflops": flops / ms / 1e9,
+            "rate_over_fp16_cache": v2_ms / ms, "rate_over_default_fp16": default_ms / ms,
+            "rel_err_vs_fp16_cache": err}
 
 
 def _variants(kp, head_dim: int, args) -> list[tuple[str, dict]]:
@@ -336,6 +362,18 @@ def print_tables(result: dict) -> None:
                       "-" if r["target_vs_8k"] is None else f">= {r['target_vs_8k']}x",
                       f"{r['ours']['rel_err_vs_sdpa'] or nan:.1e}")
     console.print(table)
+    fp8_rows = [r for r in result["kernel"] if "fp8" in r]
+    if fp8_rows:
+        table = Table(title="version 2 over an fp8 KV cache vs the float16 cache (same K/V, same run)")
+        for col in ("case", "hd", "cache", "fp8-cache ms", "fp8 TF/s", "fp8 / fp16 v2", "target",
+                    "fp8 / fp16 default", "rel err vs fp16 cache"):
+            table.add_column(col, justify="right")
+        for r in fp8_rows:
+            f = r["fp8"]
+            table.add_row(r["case"], str(r["head_dim"]), f["kv_cache_dtype"], f"{f['ms']:.3f}", f"{f['tflops']:.0f}",
+                          f"{f['rate_over_fp16_cache']:.2f}x", ">= 0.9x", f"{f['rate_over_default_fp16']:.2f}x",
+                          f"{f['rel_err_vs_fp16_cache']:.1e}")
+        console.print(table)
     if result.get("ttft"):
         table = Table(title="time to first token: LLMEngine (llama-1b, float16, cuda_graph off) vs transformers (SDPA)")
         for col in ("prompt tokens", "engine ms", "transformers ms", "engine / transformers", "target"):
@@ -355,22 +393,26 @@ def main(argv=None) -> dict:
     if not usable:  # one line and exit code 2, no traceback
         raise cli.FlagError(f"prefill_bench measures a GPU and none is usable: {reason}")
     import cupy as cp
-    import torch
+    try:
+        import torch
+    except ImportError:  # NOTE: the kernel and fp8 rows still run; SDPA and TTFT need torch
+        torch = None
 
     cp.random.seed(SEED)
     rng = np.random.default_rng(SEED)
     props = cp.cuda.runtime.getDeviceProperties(0)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     result = {"gpu": gpu, "date": str(datetime.date.today()), "runs": args.runs, "block_size": BLOCK_SIZE,
-              "heads": [NUM_QO_HEADS, NUM_KV_HEADS], "dtype": "float16", "torch": torch.__version__,
+              "heads": [NUM_QO_HEADS, NUM_KV_HEADS], "dtype": "float16", "torch": getattr(torch, "__version__", None),
               "flops": "4 * head_dim * num_qo_heads * sum_i (n_i * cached_i + n_i (n_i + 1) / 2)", "kernel": []}
     for head_dim in args.head_dims:
         for name in args.cases:
             result["kernel"].append(kernel_case(cp, torch, rng, name, head_dim, args))
             cp.get_default_memory_pool().free_all_blocks()
-            torch.cuda.empty_cache()
+            if torch is not None:
+                torch.cuda.empty_cache()
     rate_vs_8k(result["kernel"])
-    if args.ttft_lens:
+    if args.ttft_lens and torch is not None:
         result["ttft"] = engine_ttft(cp, torch, sorted(args.ttft_lens), args.ttft_runs)
     print_tables(result)
     if args.output_json:

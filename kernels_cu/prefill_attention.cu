@@ -11,6 +11,10 @@
 //                                mma.sync.m16n8k16 for Q K^T and P V, ldmatrix (.trans for V), cp.async
 //                                multi-stage K/V tiles gathered row by row through the block table, online
 //                                softmax in registers, tiles above the diagonal skipped, the diagonal masked.
+//   prefill_attention_v2_fp8_kernel  version 2 over an fp8 cache (uint8 bytes, e4m3 or e5m2): cp.async
+//                                stages hold the raw bytes; each K/V tile is converted once per thread block
+//                                into one float16 / bfloat16 tile (exact; e4m3 as value * 2^-8) before the
+//                                MMAs; k_scale folds into the softmax scale, v_scale into 1 / l.
 //   prefill_attention_v3_kernel  Hopper (sm_90a): version 2's walk with warpgroup MMA (wgmma) for head_dim 64
 //                                and 128: Q K^T and P V as wgmma over shared-memory descriptors (P from
 //                                registers), two warpgroups of 64 rows per block, P(n-1) V(n-1) overlapping the
@@ -159,6 +163,32 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
   return r;
 }
 
+// Four fp8 bytes (e4m3 when FMT == 1, e5m2 when FMT == 2) -> four 16-bit values of type DT, exactly:
+// lo = bytes 0, 1 (byte 0 in the low half), hi = bytes 2, 3. e5m2 is float16's top byte (same exponent bias).
+// e4m3 s.eeee.mmm becomes the float16 bits s.0eeee.mmm0000000, the value times 2^-8 (FP8_UNIT: subnormals
+// too, both formats' subnormals line up), so the launcher multiplies k_scale and v_scale by 256 (decode
+// kernels 2 and 3 read e4m3 the same way). NaN bytes of e4m3 then read as finite values: never read here.
+// bfloat16 goes through float32 (exact).
+__device__ __forceinline__ unsigned prmt(unsigned x, unsigned sel) {  // bytes of (x, 0) picked by sel
+  unsigned r;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "r"(sel));
+  return r;
+}
+
+template <int DT, int FMT>
+__device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& hi) {
+  lo = prmt(x, 0x1404u);  // {0, b0, 0, b1}: each half = byte << 8
+  hi = prmt(x, 0x3424u);  // {0, b2, 0, b3}
+  if constexpr (FMT == 1) {
+    lo = (lo & 0x80008000u) | ((lo >> 1) & 0x3f803f80u);
+    hi = (hi & 0x80008000u) | ((hi >> 1) & 0x3f803f80u);
+  }
+  if constexpr (DT == 2) {
+    lo = pack2<2>(KV<1>::to_float((unsigned short)(lo & 0xffffu)), KV<1>::to_float((unsigned short)(lo >> 16)));
+    hi = pack2<2>(KV<1>::to_float((unsigned short)(hi & 0xffffu)), KV<1>::to_float((unsigned short)(hi >> 16)));
+  }
+}
+
 // Compile-time shape of a version-2 thread block (mirrored by pagedkv/kernels_prefill.py: TileConfig), and the
 // per-warp stages of one K/V tile. Fragment arrays live in registers: every index below is a compile-time
 // constant after unrolling.
@@ -182,6 +212,11 @@ struct V2 {
   static constexpr int QF_M = Q_IN_REGS ? M_TILES : 1, QF_K = Q_IN_REGS ? KSTEPS : 1;
   // Q tile, K and V stages, then one 64-bit row offset per key of every stage
   static constexpr int SMEM_BYTES = (BLOCK_M + 2 * STAGES * BLOCK_N) * ROW * 2 + STAGES * BLOCK_N * 8;
+  // fp8 cache: Q tile, ONE converted K and V tile, the raw fp8 stages (rows of HEAD_DIM bytes), row offsets
+  static constexpr int CPR8 = HEAD_DIM / 16;                  // 16-byte chunks per fp8 row
+  static constexpr int KV8_CHUNKS = BLOCK_N * CPR8, KV8_LOADS = (KV8_CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int SMEM_BYTES_FP8 =
+      (BLOCK_M + 2 * BLOCK_N) * ROW * 2 + 2 * STAGES * BLOCK_N * HEAD_DIM + STAGES * BLOCK_N * 8;
   static_assert(HEAD_DIM % 16 == 0 && BLOCK_N % 16 == 0 && STAGES >= 2, "tile shapes");
   static_assert(BLOCK_N <= THREADS, "one thread per key row of a tile");
 
@@ -417,25 +452,41 @@ prefill_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, const typename
 //   = [BLOCK_M][ROW] Q (reused to stage O) + [STAGES][BLOCK_N][ROW] K + [STAGES][BLOCK_N][ROW] V
 //   + [STAGES][BLOCK_N] int64 row offsets
 // ================================================================================================
+// prefill_attention_v2_fp8_kernel: the same over an fp8 cache (KV_FMT 1 = e4m3, 2 = e5m2):
+//   k_cache, v_cache  uint8 [num_blocks, num_kv_heads, block_size, HEAD_DIM], the raw fp8 bytes
+//   scale_log2        softmax scale * k_scale * unit * log2(e) (K's scale folded in: q.(k_scale k) =
+//                     k_scale (q.k)); unit = 256 for e4m3 (its tile holds value * 2^-8), 1 for e5m2
+//   v_scale           v_scale * unit: multiplies 1 / l at the end (P (v_scale V) = v_scale (P V))
+// dynamic shared memory: V2::SMEM_BYTES_FP8 = [BLOCK_M][ROW] Q + [BLOCK_N][ROW] K and V converted
+//   + [STAGES][BLOCK_N][HEAD_DIM] bytes K and V raw + [STAGES][BLOCK_N] int64 row offsets
+// Per tile, after it landed: every thread converts its chunks of the raw stage into the one K / V tile,
+// then a second barrier; the MMAs read the converted tile exactly as version 2 reads a stage.
+// ================================================================================================
 // NOTE: 4-warp configurations ask for 2 blocks per SM (<= 255 registers: M_TILES = 2 holds a 32 x HEAD_DIM
 // accumulator); 8-warp ones for 1. ptxas must report no spills (tests/test_prefill_attention.py checks it).
-template <int DT, int HEAD_DIM, int NUM_WARPS, int M_TILES, int BLOCK_N, int STAGES>
-__global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
-prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
-                            const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
-                            const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
-                            const int* __restrict__ context_lens, const int* __restrict__ work_list,
-                            int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
-                            float scale_log2) {
+namespace prefill {
+
+template <int DT, int KV_FMT, int HEAD_DIM, int NUM_WARPS, int M_TILES, int BLOCK_N, int STAGES, typename CacheT>
+__device__ __forceinline__ void v2_body(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+                                        const CacheT* __restrict__ k_cache, const CacheT* __restrict__ v_cache,
+                                        const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+                                        const int* __restrict__ context_lens, const int* __restrict__ work_list,
+                                        int num_qo_heads, int num_kv_heads, int group, int log2_block_size,
+                                        int max_blocks, float scale_log2, float v_scale) {
   typedef prefill::V2<DT, HEAD_DIM, NUM_WARPS, M_TILES, BLOCK_N, STAGES> S;
   constexpr int THREADS = S::THREADS, WARP_M = S::WARP_M, BLOCK_M = S::BLOCK_M, ROW = S::ROW, CPR = S::CPR;
+  constexpr bool FP8 = KV_FMT != 0;
+  constexpr int KV_STAGES = FP8 ? 1 : STAGES;  // 16-bit K / V tiles the MMAs read
+  constexpr int RAW_BYTES = FP8 ? STAGES * BLOCK_N * HEAD_DIM : 0;  // fp8 stages of K (and of V)
 
   extern __shared__ uint4 smem[];
   unsigned short* const s_q_ptr = reinterpret_cast<unsigned short*>(smem);
-  long long* const s_off = reinterpret_cast<long long*>(s_q_ptr + (BLOCK_M + 2 * STAGES * BLOCK_N) * ROW);
+  unsigned char* const s_raw_ptr = reinterpret_cast<unsigned char*>(s_q_ptr + (BLOCK_M + 2 * KV_STAGES * BLOCK_N) * ROW);
+  long long* const s_off = reinterpret_cast<long long*>(s_raw_ptr + 2 * RAW_BYTES);
   const unsigned s_q = pagedkv::smem_u32(smem);
   const unsigned s_k = s_q + BLOCK_M * ROW * 2;
-  const unsigned s_v = s_k + STAGES * BLOCK_N * ROW * 2;
+  const unsigned s_v = s_k + KV_STAGES * BLOCK_N * ROW * 2;
+  const unsigned s_rk = pagedkv::smem_u32(s_raw_ptr), s_rv = s_rk + RAW_BYTES;  // fp8 only
 
   // work item: (sequence, query tile) of this KV head
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -495,17 +546,33 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
   };
   auto issue = [&](int n) {  // rows at or past kv_end (and a negative id) are zero-filled, never read
     const int stage = n % STAGES;
+    if constexpr (FP8) {  // raw bytes: rows of HEAD_DIM bytes, CPR8 chunks each
 #pragma unroll
-    for (int i = 0; i < S::KV_LOADS; ++i) {
-      const int c = tid + i * THREADS;
-      if (S::KV_CHUNKS % THREADS == 0 || c < S::KV_CHUNKS) {
-        const int r = c / CPR, col = c - r * CPR;
-        const long long off = s_off[stage * BLOCK_N + r];
-        const bool valid = off >= 0;
-        const long long src = valid ? off + col * 8 : 0;
-        const unsigned dst = ((stage * BLOCK_N + r) * ROW + col * 8) * 2;
-        pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
-        pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
+      for (int i = 0; i < S::KV8_LOADS; ++i) {
+        const int c = tid + i * THREADS;
+        if (S::KV8_CHUNKS % THREADS == 0 || c < S::KV8_CHUNKS) {
+          const int r = c / S::CPR8, col = c - r * S::CPR8;
+          const long long off = s_off[stage * BLOCK_N + r];
+          const bool valid = off >= 0;
+          const long long src = valid ? off + col * 16 : 0;
+          const unsigned dst = (stage * BLOCK_N + r) * HEAD_DIM + col * 16;
+          pagedkv::cp_async16(s_rk + dst, k_cache + src, valid);
+          pagedkv::cp_async16(s_rv + dst, v_cache + src, valid);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < S::KV_LOADS; ++i) {
+        const int c = tid + i * THREADS;
+        if (S::KV_CHUNKS % THREADS == 0 || c < S::KV_CHUNKS) {
+          const int r = c / CPR, col = c - r * CPR;
+          const long long off = s_off[stage * BLOCK_N + r];
+          const bool valid = off >= 0;
+          const long long src = valid ? off + col * 8 : 0;
+          const unsigned dst = ((stage * BLOCK_N + r) * ROW + col * 8) * 2;
+          pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
+          pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
+        }
       }
     }
   };
@@ -561,11 +628,34 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
     pagedkv::cp_async_commit();
     const bool more = n + STAGES < num_tiles;
     if (more) load_id(n + STAGES);
+    if constexpr (FP8) {  // raw stage n % STAGES -> the converted tile (free: every warp passed the barrier)
+      const unsigned char* rk = s_raw_ptr + (n % STAGES) * BLOCK_N * HEAD_DIM;
+#pragma unroll
+      for (int i = 0; i < S::KV8_LOADS; ++i) {
+        const int c = tid + i * THREADS;
+        if (S::KV8_CHUNKS % THREADS == 0 || c < S::KV8_CHUNKS) {
+          const int r = c / S::CPR8, col = c - r * S::CPR8;
+#pragma unroll
+          for (int kv = 0; kv < 2; ++kv) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(rk + kv * RAW_BYTES + r * HEAD_DIM + col * 16);
+            uint4 a, b;
+            fp8x4_to_16<DT, KV_FMT>(raw.x, a.x, a.y);
+            fp8x4_to_16<DT, KV_FMT>(raw.y, a.z, a.w);
+            fp8x4_to_16<DT, KV_FMT>(raw.z, b.x, b.y);
+            fp8x4_to_16<DT, KV_FMT>(raw.w, b.z, b.w);
+            uint4* dst = reinterpret_cast<uint4*>(s_q_ptr + (BLOCK_M + kv * BLOCK_N + r) * ROW + col * 16);
+            dst[0] = a;
+            dst[1] = b;
+          }
+        }
+      }
+      __syncthreads();
+    }
 #pragma unroll
     for (int sub = 0; sub < BLOCK_N / S::SUB_N; ++sub) {  // softmax steps of SUB_N keys
       const int n0 = n * BLOCK_N + sub * S::SUB_N;
       if (n0 < warp_kv_end) {  // causal skip: a warp whose rows all lie before these keys skips the math
-        const unsigned off = ((n % STAGES) * BLOCK_N + sub * S::SUB_N) * ROW * 2;
+        const unsigned off = ((FP8 ? 0 : n % STAGES) * BLOCK_N + sub * S::SUB_N) * ROW * 2;
         typename S::Score s;
         S::qk(s, q_frag, q_lane, s_k + off + k_lane);                             // S = Q K^T
         if (n0 + S::SUB_N - 1 > warp_first_pos) S::mask(s, n0, wm0 + g, num_cached, group, t4);  // diagonal
@@ -588,7 +678,8 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
       float l = l_run[mt][h];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = 1.f / l;
+      float inv = 1.f / l;
+      if constexpr (FP8) inv *= v_scale;
       unsigned short* dst = s_q_ptr + (warp * WARP_M + mt * 16 + h * 8 + g) * ROW + 2 * t4;
 #pragma unroll
       for (int j = 0; j < S::NT_O; ++j)
@@ -603,6 +694,35 @@ prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned sho
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s_q_ptr + (warp * WARP_M + r) * ROW + col * 8);
     }
   }
+}
+
+}  // namespace prefill
+
+template <int DT, int HEAD_DIM, int NUM_WARPS, int M_TILES, int BLOCK_N, int STAGES>
+__global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
+prefill_attention_v2_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+                            const unsigned short* __restrict__ k_cache, const unsigned short* __restrict__ v_cache,
+                            const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+                            const int* __restrict__ context_lens, const int* __restrict__ work_list,
+                            int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
+                            float scale_log2) {
+  prefill::v2_body<DT, 0, HEAD_DIM, NUM_WARPS, M_TILES, BLOCK_N, STAGES>(
+      out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list, num_qo_heads, num_kv_heads,
+      group, log2_block_size, max_blocks, scale_log2, 1.f);
+}
+
+template <int DT, int KV_FMT, int HEAD_DIM, int NUM_WARPS, int M_TILES, int BLOCK_N, int STAGES>
+__global__ void __launch_bounds__(NUM_WARPS * 32, NUM_WARPS <= 4 ? 2 : 1)
+prefill_attention_v2_fp8_kernel(unsigned short* __restrict__ out, const unsigned short* __restrict__ q,
+                                const unsigned char* __restrict__ k_cache, const unsigned char* __restrict__ v_cache,
+                                const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+                                const int* __restrict__ context_lens, const int* __restrict__ work_list,
+                                int num_qo_heads, int num_kv_heads, int group, int log2_block_size, int max_blocks,
+                                float scale_log2, float v_scale) {
+  static_assert(KV_FMT == 1 || KV_FMT == 2, "fp8 format: 1 = e4m3, 2 = e5m2");
+  prefill::v2_body<DT, KV_FMT, HEAD_DIM, NUM_WARPS, M_TILES, BLOCK_N, STAGES>(
+      out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list, num_qo_heads, num_kv_heads,
+      group, log2_block_size, max_blocks, scale_log2, v_scale);
 }
 
 // ================================================================================================

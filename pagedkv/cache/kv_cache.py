@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import dtype_of, get_backend
+from .. import fp8
+from ..backend import dtype_of, get_backend, to_numpy
 from ..kernels import ops
 
 
@@ -29,46 +30,91 @@ class KVCache:
     Blocks are owned by a :class:`~pagedkv.cache.block_manager.BlockManager`; this class only holds bytes.
     ``bytes_per_block`` counts K and V of every layer.
 
+    fp8 (``kv_dtype="fp8"`` / ``"fp8_e4m3"`` / ``"fp8_e5m2"``): the pools hold uint8 fp8 bytes (half the bytes
+    of float16, so a byte budget holds twice the blocks); K and V rows are written in ``dtype`` and quantized
+    with per-layer scales ``k_scales[layer]``, ``v_scales[layer]`` (float32, finite, > 0; see
+    :mod:`pagedkv.fp8`). :meth:`attention_args` gives the keyword arguments every op of a layer takes.
+
     Args:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim: positive ints.
-        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: the model's (K/V written, attention read).
         device: ``"auto"`` (CuPy when a GPU is usable), ``"gpu"`` or ``"cpu"``.
+        kv_dtype: None or ``"auto"`` (the pools in ``dtype``), or an fp8 name (a GPU needs compute
+            capability >= 8.9).
+        k_scales, v_scales: one number for every layer or ``num_layers`` numbers (fp8 only; default 1.0).
     """
 
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16",
-                 device="auto"):
+                 device="auto", kv_dtype=None, k_scales=1.0, v_scales=1.0):
         self.num_layers = _positive("num_layers", num_layers)
         self.num_blocks = _positive("num_blocks", num_blocks)
         self.block_size = _positive("block_size", block_size)
         self.num_kv_heads = _positive("num_kv_heads", num_kv_heads)
         self.head_dim = _positive("head_dim", head_dim)
         self.dtype = dtype_of(dtype)
+        self.kv_dtype = fp8.resolve_kv_cache_dtype("auto" if kv_dtype is None else kv_dtype)
+        self.k_scales = fp8.check_scales("k_scales", k_scales, self.num_layers)
+        self.v_scales = fp8.check_scales("v_scales", v_scales, self.num_layers)
         self.backend = get_backend(device)
         self.xp = self.backend.xp
+        if self.kv_dtype is not None and self.backend.is_gpu:
+            fp8.check_device_supports_fp8(self.xp.cuda.Device().compute_capability)
         shape = (self.num_layers, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
-        self.k_pool = self.xp.empty(shape, dtype=self.dtype)
-        self.v_pool = self.xp.empty(shape, dtype=self.dtype)
+        self.k_pool = self.xp.empty(shape, dtype=self.cache_dtype)
+        self.v_pool = self.xp.empty(shape, dtype=self.cache_dtype)
+
+    @property
+    def cache_dtype(self) -> np.dtype:
+        """The pools' element dtype: uint8 for fp8, else the model's dtype."""
+        return np.dtype(np.uint8) if self.kv_dtype is not None else self.dtype
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.kv_dtype is not None
+
+    def set_scales(self, k_scales, v_scales) -> None:
+        """Replace the per-layer scales (one number or ``num_layers``); all checked before either changes.
+
+        NOTE: bytes already written keep the scales they were written with: set scales before the first write
+        (calibration does; a CUDA graph captured before this call would keep the old values).
+        """
+        k = fp8.check_scales("k_scales", k_scales, self.num_layers)
+        v = fp8.check_scales("v_scales", v_scales, self.num_layers)
+        self.k_scales, self.v_scales = k, v
+
+    def attention_args(self, layer: int) -> dict:
+        """Keyword arguments of every op on layer ``layer``: ``{}``, or ``kv_dtype``, ``k_scale``, ``v_scale``."""
+        if self.kv_dtype is None:
+            return {}
+        layer = self._layer(layer)
+        return {"kv_dtype": self.kv_dtype, "k_scale": float(self.k_scales[layer]),
+                "v_scale": float(self.v_scales[layer])}
 
     @classmethod
     def from_memory_budget(cls, budget_bytes, *, num_layers, block_size, num_kv_heads, head_dim,
-                           dtype="float16", device="auto") -> "KVCache":
+                           dtype="float16", device="auto", kv_dtype=None, k_scales=1.0,
+                           v_scales=1.0) -> "KVCache":
         """As many blocks as fit in ``budget_bytes`` (K and V of every layer); at least one must fit."""
-        per_block = cls.block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype)
+        per_block = cls.block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype, kv_dtype)
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)):
             raise ValueError(f"budget_bytes must be an int, got {budget_bytes!r}")
         if budget_bytes < per_block:
             raise ValueError(f"budget_bytes={budget_bytes} is below one block ({per_block} bytes)")
-        return cls(num_layers, int(budget_bytes) // per_block, block_size, num_kv_heads, head_dim, dtype, device)
+        return cls(num_layers, int(budget_bytes) // per_block, block_size, num_kv_heads, head_dim, dtype, device,
+                   kv_dtype, k_scales, v_scales)
 
     @staticmethod
-    def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+    def block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype, kv_dtype=None) -> int:
+        """Bytes of one block, K and V of every layer: 1 byte per element for fp8, else ``dtype``'s size."""
         sizes = [_positive(n, v) for n, v in (("num_layers", num_layers), ("block_size", block_size),
                                               ("num_kv_heads", num_kv_heads), ("head_dim", head_dim))]
-        return 2 * int(np.prod(sizes)) * dtype_of(dtype).itemsize
+        fp8_cache = fp8.resolve_kv_cache_dtype("auto" if kv_dtype is None else kv_dtype) is not None
+        return 2 * int(np.prod(sizes)) * (1 if fp8_cache else dtype_of(dtype).itemsize)
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+        return self.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype,
+                                self.kv_dtype)
 
     @property
     def total_bytes(self) -> int:
@@ -85,10 +131,12 @@ class KVCache:
         """Write ``k, v: [num_tokens, num_kv_heads, head_dim]`` into ``slot_mapping`` (-1 skips a token)."""
         layer = self._layer(layer)
         slots = self.xp.asarray(slot_mapping)
-        ops.write_kv(self.xp.asarray(k), self.xp.asarray(v), self.k_pool[layer], self.v_pool[layer], slots)
+        ops.write_kv(self.xp.asarray(k), self.xp.asarray(v), self.k_pool[layer], self.v_pool[layer], slots,
+                     **self.attention_args(layer))
 
     def gather(self, layer: int, block_table, context_len: int):
-        """K and V of one sequence, contiguous: ``[context_len, num_kv_heads, head_dim]`` each, on the backend."""
+        """K and V of one sequence, contiguous: ``[context_len, num_kv_heads, head_dim]`` each, on the backend;
+        an fp8 cache's are the dequantized bytes in float64 (the reference's values)."""
         layer = self._layer(layer)
         table = np.asarray(block_table, dtype=np.int64)
         num_used = -(-int(context_len) // self.block_size)
@@ -97,7 +145,11 @@ class KVCache:
         if ((table[:num_used] < 0) | (table[:num_used] >= self.num_blocks)).any():
             raise ValueError(f"block table {table[:num_used].tolist()} has ids outside [0, {self.num_blocks})")
         ids = self.xp.asarray(table[:num_used])
-        return tuple(self._gather_pool(pool[layer], ids, int(context_len)) for pool in (self.k_pool, self.v_pool))
+        k, v = (self._gather_pool(pool[layer], ids, int(context_len)) for pool in (self.k_pool, self.v_pool))
+        if self.kv_dtype is None:
+            return k, v
+        return tuple(self.xp.asarray(fp8.dequantize(to_numpy(x), self.kv_dtype, float(s[layer])))
+                     for x, s in ((k, self.k_scales), (v, self.v_scales)))
 
     def _gather_pool(self, cache, ids, context_len: int):
         blocks = cache[ids]  # [num_used, num_kv_heads, block_size, head_dim]

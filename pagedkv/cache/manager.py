@@ -58,9 +58,11 @@ class PagedAttentionManager:
 
     @classmethod
     def create(cls, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype="float16",
-               device="auto", *, enable_prefix_caching: bool = False) -> "PagedAttentionManager":
-        return cls(KVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device),
-                   enable_prefix_caching=enable_prefix_caching)
+               device="auto", *, enable_prefix_caching: bool = False, kv_dtype=None, k_scales=1.0,
+               v_scales=1.0) -> "PagedAttentionManager":
+        """A manager over a new :class:`KVCache` (``kv_dtype="fp8"`` etc.: an fp8 pool, see its docstring)."""
+        return cls(KVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, kv_dtype,
+                           k_scales, v_scales), enable_prefix_caching=enable_prefix_caching)
 
     @property
     def lock(self) -> threading.RLock:
@@ -362,7 +364,8 @@ class PagedAttentionManager:
         with self._lock:
             tables, lens = self.block_tables(seq_ids), self.context_lens(seq_ids)
             return ops.paged_attention(q, self.kv_cache.k_cache(layer), self.kv_cache.v_cache(layer),
-                                       xp.asarray(tables), xp.asarray(lens), scale=scale)
+                                       xp.asarray(tables), xp.asarray(lens), scale=scale,
+                                       **self.kv_cache.attention_args(layer))
 
     # -- accounting ---------------------------------------------------------------------------------
     def usage(self) -> Usage:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..backend import dtype_of
 from ..cache.kv_cache import KVCache
 from ..model.config import ModelConfig
 from ..model.generation_config import read_generation_config
@@ -14,11 +15,16 @@ CPU_DEFAULT_BLOCKS = 1024
 GPU_FREE_MEMORY_SHARE = 0.4
 
 
-def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend) -> KVCache:
+def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend, kv_scales=None) -> KVCache:
     """The pool from ``num_blocks``, or ``kv_memory_bytes``, or a default (1024 blocks on the CPU, 40% of the
-    free GPU memory)."""
+    free GPU memory), in ``config.kv_cache_dtype``; ``kv_scales``: ``(k_scales, v_scales)`` per layer (fp8)."""
+    k_scales, v_scales = (1.0, 1.0) if kv_scales is None else kv_scales
+    if config.kv_cache_dtype != "auto" and backend.is_gpu and dtype_of(dtype).itemsize != 2:
+        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} on a GPU needs a float16 or bfloat16 model, "
+                         f"got {dtype_of(dtype)}")
     shape = dict(num_layers=model.num_layers, block_size=config.block_size, num_kv_heads=model.num_kv_heads,
-                 head_dim=model.head_dim, dtype=dtype, device=backend.name)
+                 head_dim=model.head_dim, dtype=dtype, device=backend.name, kv_dtype=config.kv_cache_dtype,
+                 k_scales=k_scales, v_scales=v_scales)
     budget = config.kv_memory_bytes
     if config.num_blocks is None and budget is None:
         if not backend.is_gpu:
@@ -29,15 +35,16 @@ def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend) -> 
     return KVCache(num_blocks=config.num_blocks, **shape)
 
 
-def build_model(config: EngineConfig, model: ModelConfig, weights, dtype, backend):
+def build_model(config: EngineConfig, model: ModelConfig, weights, dtype, backend, kv_scales=None):
     """``(model, kv_cache, max_model_len)``: one :class:`~pagedkv.model.LlamaModel` and its pool, or with
     ``tensor_parallel_size`` > 1 a :class:`~pagedkv.model.parallel_model.ParallelModel` whose ranks each hold a
-    pool of ``num_blocks`` blocks over their KV heads (the pool's size applies per rank)."""
+    pool of ``num_blocks`` blocks over their KV heads (the pool's size applies per rank). ``kv_scales``: an fp8
+    pool's per-layer ``(k_scales, v_scales)``."""
     from ..model import LlamaModel
 
     tp = config.tensor_parallel_size
     if tp == 1:
-        kv_cache = build_kv_cache(config, model, dtype, backend)
+        kv_cache = build_kv_cache(config, model, dtype, backend, kv_scales)
         max_model_len = resolve_max_model_len(config, model, kv_cache.num_blocks)
         return (LlamaModel(model, weights, backend, max_positions=max_model_len, fused=config.fused), kv_cache,
                 max_model_len)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import DEVICES, dtype_of
+from ..fp8 import resolve_kv_cache_dtype
 from ..model.config import PRESETS, ModelConfig
 from .sched.scheduler import MODES, SchedulerConfig
 
@@ -37,6 +38,10 @@ class EngineConfig:
     ``async_scheduling``: each step call launches the next step before waiting for the current one's tokens
     (see :mod:`pagedkv.engine.engine`); None: on when the model runs on a GPU (on the CPU the forward runs
     while it is launched, so there is nothing to overlap).
+    ``kv_cache_dtype`` (vLLM's values): ``"auto"`` stores K/V in the model's dtype; ``"fp8"`` / ``"fp8_e4m3"`` /
+    ``"fp8_e5m2"`` in fp8 bytes (half of float16: ``kv_memory_bytes`` holds twice the blocks) with per-layer
+    scales, 1.0 unless a checkpoint carries ``k_scale`` / ``v_scale`` tensors or ``calculate_kv_scales`` is on
+    (scale = amax / the format's max over the first step's prompts, set before any CUDA graph is captured).
     ``cascade_attention``: decode steps whose rows share long prefixes read each shared prefix once per group
     where the rule of :mod:`pagedkv.cascade` says it pays; None: on for float16 / bfloat16 models on a GPU.
     ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
@@ -66,6 +71,8 @@ class EngineConfig:
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
     async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
     tensor_parallel_size: int = 1  # ranks the model's heads and MLP are split over (pagedkv.model.parallel_model)
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" | "fp8_e4m3" | "fp8_e5m2"
+    calculate_kv_scales: bool = False  # fp8: K/V scales from the first prompts' amax (vLLM's name)
     cascade_attention: bool | None = None  # shared prefixes read once per decode step (None: GPU, 16-bit dtypes)
 
     def __post_init__(self):
@@ -85,8 +92,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
         if self.num_blocks is not None and self.kv_memory_bytes is not None:
             raise ValueError("give num_blocks or kv_memory_bytes, not both")
+        resolve_kv_cache_dtype(self.kv_cache_dtype)  # raises ValueError naming the value and the choices
         for name in ("static_padding", "enable_chunked_prefill", "enable_prefix_caching", "record_steps", "fused",
-                     "cuda_graph"):
+                     "cuda_graph", "calculate_kv_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
@@ -94,6 +102,9 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.cuda_graph:
             raise ValueError("cuda_graph=True with tensor_parallel_size > 1: the ranks run as threads of one process "
                              "here, without CUDA graphs; set cuda_graph=False (enforce_eager)")
+        if self.tensor_parallel_size > 1 and self.kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} with tensor_parallel_size > 1 is not built yet "
+                             "(the ranks' pools are in the model's dtype)")
         for name in ("async_scheduling", "cascade_attention"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be None or a bool, got {getattr(self, name)!r}")

@@ -56,6 +56,7 @@ from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
 from . import step_commit
+from .kv_calibration import calibrate_kv_scales
 from .runner.model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .sched.prefix_cache import PrefixCache
@@ -74,10 +75,11 @@ class LLMEngine:
         config: the engine's settings (model preset, dtype, device, pool size, limits, scheduling).
         model_config, weights: use these instead of random weights for ``config.model`` (a checkpoint).
         tokenizer: a ``pagedkv.text.Tokenizer`` (or None): outputs then carry text, and stop strings work.
+        kv_scales: ``(k_scales, v_scales)`` per layer for an fp8 KV cache (a checkpoint's; default 1.0).
     """
 
     def __init__(self, config: EngineConfig | None = None, *, model_config: ModelConfig | None = None,
-                 weights: ModelWeights | None = None, tokenizer=None):
+                 weights: ModelWeights | None = None, tokenizer=None, kv_scales=None):
         self.config = config = config or EngineConfig()
         self.backend = get_backend(config.device)
         self.model_config = model_config or get_config(config.model)
@@ -88,7 +90,7 @@ class LLMEngine:
         if config.dtype is not None and dtype_of(config.dtype) != dtype:
             raise ValueError(f"the weights are {dtype} but config.dtype is {config.dtype}")
         self.model, self.kv_cache, self.max_model_len = build_model(config, self.model_config, weights, dtype,
-                                                                    self.backend)
+                                                                    self.backend, kv_scales)
         self.manager = PagedAttentionManager(self.kv_cache, enable_prefix_caching=config.enable_prefix_caching)
         prefix_cache = None
         if config.enable_prefix_caching:  # NOTE: one engine, one set of weights: the model's shapes name it
@@ -114,19 +116,22 @@ class LLMEngine:
         self.step_metrics: list[StepMetrics] = []
         self._t0 = None
         self.last_step_timing = StepTiming()
+        self._calibrate_pending = config.calculate_kv_scales and self.kv_cache.is_fp8
 
     @classmethod
     def from_checkpoint(cls, folder, config: EngineConfig | None = None, *, tokenizer=None) -> LLMEngine:
         """An engine on a Hugging Face checkpoint folder: weights in ``config.dtype`` (None: the checkpoint's),
         EOS ids (unless ``config.eos_token_id`` is set) and default sampling parameters from its configs."""
         from ..model import load_checkpoint
+        from ..model.kv_scales import load_kv_scales
 
         config = config or EngineConfig()
         model_config, weights = load_checkpoint(folder, dtype=config.dtype, device=get_backend(config.device))
         generation = read_generation(folder)
         if config.eos_token_id is None and generation.eos_token_ids:
             config = replace(config, eos_token_id=generation.eos_token_ids)
-        engine = cls(config, model_config=model_config, weights=weights, tokenizer=tokenizer)
+        kv_scales = load_kv_scales(folder, model_config.num_layers) if config.kv_cache_dtype != "auto" else None
+        engine = cls(config, model_config=model_config, weights=weights, tokenizer=tokenizer, kv_scales=kv_scales)
         engine.default_params = default_params(generation.defaults, folder)
         return engine
 
@@ -227,6 +232,8 @@ class LLMEngine:
     def _step(self) -> dict:
         """Launch the next step (with asynchronous scheduling: while the one in flight runs), retire the one in
         flight; returns the requests its tokens advanced."""
+        if self._calibrate_pending and self.scheduler.waiting:
+            self._calibrate_kv_scales()
         start = time.perf_counter()
         self._t0 = start if self._t0 is None else self._t0
         timing = StepTiming()
@@ -255,6 +262,16 @@ class LLMEngine:
         self._account(retired.out, start, time.perf_counter())
         self.last_step_timing = timing
         return advanced
+
+    def _calibrate_kv_scales(self) -> None:
+        """``calculate_kv_scales``: fp8 scales from the waiting prompts, once, before the first step (graphs
+        captured earlier are dropped: they carry the old scales)."""
+        self._calibrate_pending = False
+        calibrate_kv_scales(self.model, self.kv_cache, [r.prompt_token_ids for r in self.scheduler.waiting],
+                            self.config.max_num_batched_tokens)
+        for graphs in (self.runner.graphs, self.runner.prefill_graphs):
+            if graphs is not None:
+                graphs.clear()
 
     def _launch_next(self, timing: StepTiming) -> InFlight | None:
         """Schedule and launch a step (None when there is nothing to run), committed (:mod:`step_commit`)."""

@@ -15,15 +15,16 @@ import math
 
 import numpy as np
 
-from .compile import U64_MAX, load_function, num_sms
+from ..fp8 import FP8_CODES, check_device_supports_fp8, check_kv_dtype, check_scale
+from .compile import DT_SUFFIXES, U64_MAX, dt_code, load_function, num_sms
 
 
 def _word_bytes(row_bytes: int, arrays) -> int:
-    """The widest word (16, 4 or 2 bytes) dividing a row and every array's start address."""
-    for w in (16, 4, 2):
+    """The widest word (16, 4, 2 or 1 bytes) dividing a row and every array's start address."""
+    for w in (16, 4, 2, 1):  # NOTE: 1-byte words: fp8 (uint8) pools of odd-sized rows
         if row_bytes % w == 0 and all(a.data.ptr % w == 0 for a in arrays):
             return w
-    raise ValueError(f"rows of {row_bytes} bytes cannot be copied in 2-byte words")
+    raise ValueError(f"rows of {row_bytes} bytes cannot be copied")
 
 
 def check_index_range(ids, lo: int, hi: int, name: str) -> None:
@@ -55,13 +56,17 @@ def check_copy_ranges_host(src: np.ndarray, dst: np.ndarray, num_blocks: int) ->
         raise ValueError(f"blocks {np.intersect1d(src, dst).tolist()} are both a source and a destination")
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
-    """Write K/V rows into their slots (see :func:`pagedkv.kernels.ops.write_kv`).
+def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0):
+    """Write K/V rows into their slots (see :func:`pagedkv.kernels.ops.write_kv`); ``kv_dtype`` fp8: quantize
+    into uint8 caches with the two scales (:func:`write_kv_fp8`).
 
     With ``check`` the slot range is verified on the GPU; duplicate slots are *not* detected on the GPU
     (the caller's contract; the host path checks them).
     """
     import cupy
+
+    if kv_dtype is not None:
+        return write_kv_fp8(k, v, k_cache, v_cache, slot_mapping, kv_dtype, k_scale, v_scale, check=check)
 
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -99,3 +104,35 @@ def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
     word = _word_bytes(block_bytes, (k_pool, v_pool))
     load_function("cache_ops.cu", f"copy_blocks_w{word}")((src.size, num_layers, 2), (256,), (
         k_pool, v_pool, src, dst, cupy.int64(num_blocks), cupy.int64(block_bytes // word)))
+
+
+def write_kv_fp8(k, v, k_cache, v_cache, slot_mapping, kv_dtype, k_scale, v_scale, *, check=True):
+    """Quantize K/V rows (float16 / bfloat16 / float32) into uint8 fp8 caches: ``fp8(sat(x / scale))``.
+
+    One thread block per token, 8 elements per thread step: head_dim a multiple of 8, rows 16-byte aligned.
+    Refused on a GPU without fp8 conversions (compute capability < 8.9).
+    """
+    import cupy
+
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    fmt = FP8_CODES[check_kv_dtype(kv_dtype)]
+    k_scale, v_scale = check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)
+    check_device_supports_fp8(cupy.cuda.Device().compute_capability)
+    if k_cache.dtype != cupy.uint8 or v_cache.dtype != cupy.uint8:
+        raise ValueError(f"fp8 caches must be uint8, got {k_cache.dtype} and {v_cache.dtype}")
+    if head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8 for fp8 writes, got {head_dim}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not c.flags.c_contiguous or c.data.ptr % 8:
+            raise ValueError(f"{name} must be C-contiguous and 8-byte aligned")
+    k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
+    k, v = (x if x.data.ptr % 16 == 0 else x.copy() for x in (k, v))
+    slots = cupy.ascontiguousarray(slot_mapping, dtype=cupy.int64)
+    if check:
+        check_index_range(slots, -1, num_blocks * block_size, "slot_mapping")
+    if slots.size == 0:
+        return
+    suffix = DT_SUFFIXES[dt_code(k.dtype)] + {1: "_e4m3", 2: "_e5m2"}[fmt]
+    load_function("cache_ops.cu", f"write_kv_fp8_{suffix}")((slots.size,), (128,), (
+        k_cache, v_cache, k, v, slots, cupy.int32(num_kv_heads), cupy.int32(block_size), cupy.int32(head_dim),
+        cupy.float32(k_scale), cupy.float32(v_scale)))

@@ -10,11 +10,16 @@ Layouts (one layer; the pool adds a leading ``num_layers`` axis):
 
     k_cache, v_cache   [num_blocks, num_kv_heads, block_size, head_dim]
     slot               block_id * block_size + offset_in_block   (-1 in slot_mapping = skip)
+
+fp8 caches (:mod:`pagedkv.fp8`): uint8 pools of fp8 bytes, named by ``kv_dtype="fp8_e4m3" | "fp8_e5m2"`` with
+per-call ``k_scale`` / ``v_scale``; ``write_kv`` quantizes, the attention ops read the dequantized bytes, and
+``copy_blocks`` copies bytes whatever the pool's dtype. q, k, v and out stay in the model's dtype.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import fp8
 from ..backend import SUPPORTED_DTYPES, is_gpu_array
 from . import cache_ops, decode, prefill, reference
 from .cache_ops import check_copy_ranges_host
@@ -38,15 +43,31 @@ def _check_int_array(name: str, a, ndim: int) -> None:
         raise ValueError(f"{name} must be a {ndim}-D integer array, got shape {a.shape} dtype {a.dtype}")
 
 
-def check_cache_pair(k_cache, v_cache, ndim: int = 4) -> None:
-    """k/v caches: same shape and dtype, supported dtype, C-contiguous, ``ndim`` dimensions."""
+def check_kv_format(k_cache, kv_dtype, k_scale, v_scale):
+    """The cache format of a call: ``(None, 1.0, 1.0)`` for a cache in the model's dtype, else the canonical
+    fp8 name and the two scales as floats. An fp8 ``kv_dtype`` needs uint8 caches and finite scales > 0; a
+    uint8 cache needs an fp8 ``kv_dtype``."""
+    is_bytes = np.dtype(k_cache.dtype) == np.uint8
+    if kv_dtype is None or kv_dtype in ("auto", "bfloat16", "bf16"):
+        if is_bytes:
+            raise ValueError(f"a uint8 cache holds fp8 bytes: pass kv_dtype as one of {fp8.FP8_DTYPES}")
+        return None, 1.0, 1.0
+    kv_dtype = fp8.check_kv_dtype(kv_dtype)
+    if not is_bytes:
+        raise ValueError(f"kv_dtype={kv_dtype!r} needs uint8 caches, got {k_cache.dtype}")
+    return kv_dtype, fp8.check_scale("k_scale", k_scale), fp8.check_scale("v_scale", v_scale)
+
+
+def check_cache_pair(k_cache, v_cache, ndim: int = 4, allow_bytes: bool = False) -> None:
+    """k/v caches: same shape and dtype, supported dtype (uint8 fp8 bytes with ``allow_bytes``), C-contiguous,
+    ``ndim`` dimensions."""
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
         raise ValueError(
             f"k_cache {k_cache.shape} {k_cache.dtype} and v_cache {v_cache.shape} {v_cache.dtype} differ"
         )
     if k_cache.ndim != ndim:
         raise ValueError(f"cache must have {ndim} dimensions, got shape {k_cache.shape}")
-    if np.dtype(k_cache.dtype) not in SUPPORTED_DTYPES:
+    if np.dtype(k_cache.dtype) not in SUPPORTED_DTYPES and not (allow_bytes and k_cache.dtype == np.uint8):
         raise ValueError(f"cache dtype must be float16, bfloat16 or float32, got {k_cache.dtype}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not c.flags.c_contiguous:
@@ -59,16 +80,19 @@ def _check_arrays(**arrays) -> None:
             raise ValueError(f"{name} must be an array, got {type(a).__name__}")
 
 
-def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int | None = None) -> None:
+def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int | None = None,
+                         fp8_cache: bool = False) -> None:
     """Shape and dtype checks for :func:`paged_attention` (metadata only: no data is read)."""
     _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
     if version is not None and version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS} or None, got {version!r}")
-    check_cache_pair(k_cache, v_cache)
+    check_cache_pair(k_cache, v_cache, allow_bytes=fp8_cache)
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     if q.ndim != 3 or q.shape[2] != head_dim:
         raise ValueError(f"q must be [batch, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
-    if q.dtype != k_cache.dtype:
+    if fp8_cache and np.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if not fp8_cache and q.dtype != k_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
@@ -99,7 +123,7 @@ def check_ranges_host(block_tables, context_lens, num_blocks: int, block_size: i
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
-                    check=True):
+                    check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0):
     """Decode attention: one query token per sequence over its paged K/V.
 
     Args:
@@ -115,22 +139,27 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
             path always uses the float64 reference.
         out: optional [batch, num_qo_heads, head_dim] output, q's dtype.
         check: validate index ranges (on the GPU: one reduction). Turn off only for benchmarks.
+        kv_dtype, k_scale, v_scale: an fp8 cache (uint8 bytes) and its scales; None: the cache is in q's dtype.
     Returns:
         out: [batch, num_qo_heads, head_dim], q's dtype.
     """
+    _check_arrays(k_cache=k_cache)
+    kv_dtype, k_scale, v_scale = check_kv_format(k_cache, kv_dtype, k_scale, v_scale)
     if is_gpu_array(q):
         q, k_cache, v_cache = _as_device(q), _as_device(k_cache), _as_device(v_cache)
         block_tables, context_lens = _as_device(block_tables), _as_device(context_lens)
-        check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version)
+        check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version, kv_dtype is not None)
         out = None if out is None else _as_device(out)
+        fp8_args = {} if kv_dtype is None else {"kv_dtype": kv_dtype, "k_scale": k_scale, "v_scale": v_scale}
         return decode.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                       scale=scale, version=version, out=out, check=check)
-    check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version)
+                                       scale=scale, version=version, out=out, check=check, **fp8_args)
+    check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version, kv_dtype is not None)
     if check:
         check_ranges_host(block_tables, context_lens, k_cache.shape[0], k_cache.shape[2])
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise ValueError(f"out must be {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
-    result = reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale)
+    result = reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale=scale,
+                                              kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
     if out is None:
         return result.astype(q.dtype)
     out[...] = result
@@ -138,15 +167,17 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
 
 
 def check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale=None,
-                       out=None) -> None:
+                       out=None, fp8_cache: bool = False) -> None:
     """Shape and dtype checks for :func:`prefill_attention` (metadata only: no data is read)."""
     _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                   query_start_loc=query_start_loc, context_lens=context_lens)
-    check_cache_pair(k_cache, v_cache)
+    check_cache_pair(k_cache, v_cache, allow_bytes=fp8_cache)
     _, num_kv_heads, _, head_dim = k_cache.shape
     if q.ndim != 3 or q.shape[2] != head_dim:
         raise ValueError(f"q must be [num_tokens, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
-    if q.dtype != k_cache.dtype:
+    if fp8_cache and np.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if not fp8_cache and q.dtype != k_cache.dtype:
         raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
     if q.shape[1] % num_kv_heads:
         raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
@@ -198,7 +229,7 @@ def owned_rows(query_start_loc, num_tokens: int) -> np.ndarray:
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None, out=None,
-                      check=True):
+                      check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0):
     """Causal prefill attention: the new tokens of each sequence attend its paged K/V (cached prefix included).
 
     The new tokens' K/V must already be in the cache (``write_kv`` first)::
@@ -218,21 +249,27 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         scale: softmax scale > 0, default ``head_dim ** -0.5``.
         out: optional [num_tokens, num_qo_heads, head_dim], q's dtype; only owned rows are written.
         check: validate index ranges (on the GPU: one small kernel and a sync). Off only for trusted metadata.
+        kv_dtype, k_scale, v_scale: an fp8 cache (uint8 bytes) and its scales; None: the cache is in q's dtype.
     Returns:
         out (a new array when not given: rows no sequence owns are 0).
     """
+    _check_arrays(k_cache=k_cache)
+    kv_dtype, k_scale, v_scale = check_kv_format(k_cache, kv_dtype, k_scale, v_scale)
+    fp8_cache = kv_dtype is not None
     if is_gpu_array(q):
         arrays = map(_as_device, (q, k_cache, v_cache, block_tables, query_start_loc, context_lens))
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens = arrays
         out = None if out is None else _as_device(out)
-        check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out)
+        check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out, fp8_cache)
+        fp8_args = {} if kv_dtype is None else {"kv_dtype": kv_dtype, "k_scale": k_scale, "v_scale": v_scale}
         return prefill.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                                                 scale=scale, out=out, check=check)
-    check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out)
+                                                 scale=scale, out=out, check=check, **fp8_args)
+    check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out, fp8_cache)
     if check:
         check_prefill_ranges_host(block_tables, query_start_loc, context_lens, k_cache.shape[0], k_cache.shape[2],
                                   q.shape[0])
-    result = reference.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale=scale)
+    result = reference.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale=scale,
+                                         kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
     rows = owned_rows(query_start_loc, q.shape[0])
     if out is None:
         out = np.zeros(q.shape, dtype=q.dtype)
@@ -240,17 +277,19 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     return out
 
 
-def check_write_args(k, v, k_cache, v_cache, slot_mapping) -> None:
+def check_write_args(k, v, k_cache, v_cache, slot_mapping, fp8_cache: bool = False) -> None:
     """Shape and dtype checks for :func:`write_kv`."""
     _check_arrays(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
-    check_cache_pair(k_cache, v_cache)
+    check_cache_pair(k_cache, v_cache, allow_bytes=fp8_cache)
     _, num_kv_heads, _, head_dim = k_cache.shape
     for name, x in (("k", k), ("v", v)):
         if x.ndim != 3 or x.shape[1:] != (num_kv_heads, head_dim):
             raise ValueError(
                 f"{name} must be [num_tokens, num_kv_heads={num_kv_heads}, head_dim={head_dim}], got {x.shape}"
             )
-        if x.dtype != k_cache.dtype:
+        if fp8_cache and np.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {x.dtype}")
+        if not fp8_cache and x.dtype != k_cache.dtype:
             raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {k_cache.dtype}")
     _check_int_array("slot_mapping", slot_mapping, 1)
     if not k.shape[0] == v.shape[0] == slot_mapping.shape[0]:
@@ -259,26 +298,33 @@ def check_write_args(k, v, k_cache, v_cache, slot_mapping) -> None:
         )
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
+def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0):
     """Write each token's K/V into its slot of one layer's cache (slot -1: skip that token).
 
     Args:
-        k, v: [num_tokens, num_kv_heads, head_dim], the cache's dtype.
+        k, v: [num_tokens, num_kv_heads, head_dim], the cache's dtype (fp8 cache: float16/bfloat16/float32).
         k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim], written in place.
         slot_mapping: [num_tokens] int; ``block_id * block_size + offset`` or -1. No slot twice.
+        kv_dtype, k_scale, v_scale: an fp8 cache (uint8): stores ``fp8(sat(x / scale))``, round to nearest even.
     """
+    _check_arrays(k_cache=k_cache)
+    kv_dtype, k_scale, v_scale = check_kv_format(k_cache, kv_dtype, k_scale, v_scale)
+    fp8_cache = kv_dtype is not None
     if is_gpu_array(k_cache):
         k, v, k_cache, v_cache = map(_as_device, (k, v, k_cache, v_cache))
         slot_mapping = _as_device(slot_mapping)
-        check_write_args(k, v, k_cache, v_cache, slot_mapping)
-        return cache_ops.write_kv(k, v, k_cache, v_cache, slot_mapping, check=check)
-    check_write_args(k, v, k_cache, v_cache, slot_mapping)
+        check_write_args(k, v, k_cache, v_cache, slot_mapping, fp8_cache)
+        fp8_args = {} if kv_dtype is None else {"kv_dtype": kv_dtype, "k_scale": k_scale, "v_scale": v_scale}
+        return cache_ops.write_kv(k, v, k_cache, v_cache, slot_mapping, check=check, **fp8_args)
+    check_write_args(k, v, k_cache, v_cache, slot_mapping, fp8_cache)
     num_blocks, _, block_size, _ = k_cache.shape
     slots = np.asarray(slot_mapping, dtype=np.int64)
     if check:
         check_slots_host(slots, num_blocks * block_size)
     keep = slots >= 0
     blocks, offsets = np.divmod(slots[keep], block_size)
+    if fp8_cache:
+        k, v = fp8.quantize(k, kv_dtype, k_scale), fp8.quantize(v, kv_dtype, v_scale)
     k_cache[blocks, :, offsets] = k[keep]
     v_cache[blocks, :, offsets] = v[keep]
 
@@ -294,8 +340,9 @@ def check_slots_host(slots: np.ndarray, num_slots: int) -> None:
 
 
 def check_copy_args(k_pool, v_pool, src, dst) -> None:
-    """Shape checks for :func:`copy_blocks` (pools carry a leading ``num_layers`` axis)."""
-    check_cache_pair(k_pool, v_pool, ndim=5)
+    """Shape checks for :func:`copy_blocks` (pools carry a leading ``num_layers`` axis; any pool dtype, uint8
+    fp8 bytes included: the copy moves bytes)."""
+    check_cache_pair(k_pool, v_pool, ndim=5, allow_bytes=True)
     _check_int_array("src_block_ids", src, 1)
     _check_int_array("dst_block_ids", dst, 1)
     if src.shape != dst.shape:

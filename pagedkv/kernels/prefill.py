@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..fp8 import FP8_CODES, check_device_supports_fp8, check_kv_dtype, check_scale
 from . import prefill_sm90 as sm90
 from .compile import U64_MAX, dt_code, int32_contiguous, load_function, load_sm90a, num_sms
 
@@ -32,6 +33,7 @@ V1_THREADS = 128  # PAGEDKV_PREFILL_V1_THREADS
 V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles, 4 stages
 V3_THREADS, V3_BLOCK_M, V3_BLOCK_N, V3_STAGES = 256, 128, 64, 4
 PLAN_THREADS = 1024  # PAGEDKV_PLAN_THREADS
+FP8_UNIT = {1: 256.0}  # e4m3 tiles hold value * 2^-8 (prefill_attention.cu: fp8x4_to_16); folded into the scales
 CHECK_THREADS = 256
 
 
@@ -56,13 +58,20 @@ class TileConfig:
     def block_m(self) -> int:
         return 16 * self.m_tiles * self.num_warps
 
-    def smem_bytes(self, head_dim: int) -> int:
-        """Mirror of ``V2::SMEM_BYTES``: Q tile, K and V stages (rows padded by 8 elements), row offsets."""
-        return (self.block_m + 2 * self.stages * self.block_n) * (head_dim + 8) * 2 + self.stages * self.block_n * 8
+    def smem_bytes(self, head_dim: int, fp8: bool = False) -> int:
+        """Mirror of ``V2::SMEM_BYTES``: Q tile, K and V stages (rows padded by 8 elements), row offsets; with
+        ``fp8`` of ``V2::SMEM_BYTES_FP8``: Q tile, one converted K and V tile, the raw fp8 stages, row offsets."""
+        row = (head_dim + 8) * 2
+        if fp8:
+            return ((self.block_m + 2 * self.block_n) * row + 2 * self.stages * self.block_n * head_dim
+                    + self.stages * self.block_n * 8)
+        return (self.block_m + 2 * self.stages * self.block_n) * row + self.stages * self.block_n * 8
 
-    def kernel_name(self, dt: int, head_dim: int) -> str:
-        return (f"prefill_attention_v2_kernel<{dt}, {head_dim}, {self.num_warps}, {self.m_tiles}, {self.block_n}, "
-                f"{self.stages}>")
+    def kernel_name(self, dt: int, head_dim: int, fmt: int = 0) -> str:
+        """The instantiation for element type ``dt``; ``fmt`` 1 / 2: the fp8 (e4m3 / e5m2) cache kernel."""
+        tail = f"{head_dim}, {self.num_warps}, {self.m_tiles}, {self.block_n}, {self.stages}>"
+        return f"prefill_attention_v2_fp8_kernel<{dt}, {fmt}, {tail}" if fmt else \
+            f"prefill_attention_v2_kernel<{dt}, {tail}"
 
     @property
     def label(self) -> str:
@@ -107,10 +116,10 @@ def v3_names() -> tuple[str, ...]:
     return tuple(f"prefill_attention_v3_kernel<{dt}, {hd}>" for dt in (1, 2) for hd in V3_HEAD_DIMS)
 
 
-def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = ()):
-    name = config.kernel_name(dt, head_dim)
+def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = (), fmt: int = 0):
+    name = config.kernel_name(dt, head_dim, fmt)
     kernel = load_function(FILENAME, name, (name,), tuple(defines))
-    smem = config.smem_bytes(head_dim)
+    smem = config.smem_bytes(head_dim, fmt != 0)
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
     return kernel
@@ -190,7 +199,7 @@ def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, b
 
 def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None, out=None,
                       check=True, version=None, kv_dtype=None, config: TileConfig | None = None,
-                      defines: tuple = ()):
+                      defines: tuple = (), k_scale: float = 1.0, v_scale: float = 1.0):
     """Launch causal prefill attention (see :func:`pagedkv.kernels.ops.prefill_attention` for shapes).
 
     ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16), 3 (wgmma on sm_90, head_dim
@@ -200,12 +209,22 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     options of version 2, 3, 4 or 5,
     e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
+    ``kv_dtype="fp8_e4m3" | "fp8_e5m2"``: uint8 caches of fp8 bytes read back as ``byte * k_scale`` (V:
+    ``v_scale``), version 2 only, q float16 / bfloat16 (a GPU of compute capability >= 8.9).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
     """
     import cupy
 
     num_blocks, _, block_size, head_dim = k_cache.shape
-    dt = dt_code(q.dtype, kv_dtype)
+    fmt = FP8_CODES[check_kv_dtype(kv_dtype)] if kv_dtype not in (None, "bfloat16", "bf16") else 0
+    dt = dt_code(q.dtype, None if fmt else kv_dtype)
+    if fmt and (dt == 0 or version not in (None, 2) or k_cache.dtype != cupy.uint8 or v_cache.dtype != cupy.uint8):
+        raise ValueError(f"an fp8 cache ({kv_dtype}) runs version 2 with uint8 caches and float16 / bfloat16 q, got "
+                         f"version {version}, q {q.dtype}, caches {k_cache.dtype}")
+    k_scale, v_scale = (check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)) if fmt else (1.0, 1.0)
+    if fmt:
+        check_device_supports_fp8(cupy.cuda.Device().compute_capability)
+        version = 2  # NOTE: the fp8 load path is version 2's (the Hopper versions read 16-bit caches only)
     version = default_version(dt, head_dim, cupy.cuda.Device().id) if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
@@ -246,7 +265,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         launch = _prepare_v3(out, q, k_cache, v_cache, tables, starts, lens, scale, dt, defines)
     else:
         launch = _prepare_v2(out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
-                             config or DEFAULT_CONFIGS[head_dim], defines)
+                             config or DEFAULT_CONFIGS[head_dim], defines, fmt, k_scale, v_scale)
     # NOTE: the range check makes the host wait for the GPU: every host-side step is done before it
     if check:
         check_ranges(tables, starts, lens, num_blocks, block_size, q.shape[0])
@@ -270,35 +289,39 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, query_start_loc, context
     return lambda: kernel((num_tokens, num_qo_heads), (V1_THREADS,), args)
 
 
-def v2_launch_plan(q_shape, cache_shape, num_seqs: int, max_blocks: int, config: TileConfig) -> dict:
+def v2_launch_plan(q_shape, cache_shape, num_seqs: int, max_blocks: int, config: TileConfig, fp8: bool = False) -> dict:
     """Version 2's launch shape from array shapes alone: work-list capacity, grid, block, shared memory."""
     num_tokens, num_qo_heads, head_dim = q_shape
     _, num_kv_heads, block_size, _ = cache_shape
     group = num_qo_heads // num_kv_heads
     cap = capacity(num_tokens, num_seqs, group, config.block_m)
     return {"group": group, "capacity": cap, "grid": cap * num_kv_heads, "threads": config.threads,
-            "smem": config.smem_bytes(head_dim), "max_work": max(1, -(-max_blocks * block_size // config.block_n))}
+            "smem": config.smem_bytes(head_dim, fp8), "max_work": max(1, -(-max_blocks * block_size // config.block_n))}
 
 
 def _prepare_v2(out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, dt, config,
-                defines=()):
-    """Version 2's launch (plan kernel, then the attention grid) as a closure; scratch allocated now."""
+                defines=(), fmt=0, k_scale=1.0, v_scale=1.0):
+    """Version 2's launch (plan kernel, then the attention grid) as a closure; scratch allocated now. An fp8
+    cache (``fmt`` 1 / 2): k_scale folds into the softmax scale, v_scale is the kernel's last argument."""
     import cupy
 
     num_tokens, num_qo_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
-    plan = v2_launch_plan(q.shape, k_cache.shape, num_seqs, max_blocks, config)
+    plan = v2_launch_plan(q.shape, k_cache.shape, num_seqs, max_blocks, config, fmt != 0)
+    unit = FP8_UNIT.get(fmt, 1.0)
     if plan["capacity"] == 0 or num_tokens == 0:
         return lambda: None
-    kernel, plan_kernel = _v2_kernel(dt, head_dim, config, defines), _plain_kernel("prefill_plan_kernel")
+    kernel, plan_kernel = _v2_kernel(dt, head_dim, config, defines, fmt), _plain_kernel("prefill_plan_kernel")
     work_list = cupy.empty(2 * plan["capacity"], dtype=cupy.int32)
     plan_args = (work_list, query_start_loc, context_lens, cupy.int32(num_seqs), cupy.int32(plan["group"]),
                  cupy.int32(config.block_m), cupy.int32(config.block_n), cupy.int32(plan["max_work"]),
                  cupy.int32(plan["capacity"]))
     args = (out, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, work_list,
             cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
-            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.float32(scale * math.log2(math.e)))
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
+            cupy.float32(scale * k_scale * unit * math.log2(math.e)),
+            *((cupy.float32(v_scale * unit),) if fmt else ()))
 
     def launch():
         plan_kernel((1,), (PLAN_THREADS,), plan_args)

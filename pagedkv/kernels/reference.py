@@ -10,11 +10,15 @@ Shapes (all inputs may be NumPy or device arrays; outputs are float64 NumPy arra
     context_lens            [batch] int
 
 Query head ``h`` reads KV head ``h // (num_qo_heads // num_kv_heads)`` (MHA, GQA and MQA alike).
+
+fp8 caches (``kv_dtype="fp8_e4m3"`` / ``"fp8_e5m2"``): the pools hold uint8 bytes; the references dequantize
+exactly the stored bytes, ``float(q) * k_scale`` (V: ``v_scale``), so a kernel is compared with what is stored.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .. import fp8
 from ..backend import to_numpy
 
 
@@ -68,13 +72,23 @@ def paged_gather(cache, block_table, context_len: int) -> np.ndarray:
     return tokens[: int(context_len)]
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None) -> np.ndarray:
+def kv_values(tokens, kv_dtype=None, scale: float = 1.0) -> np.ndarray:
+    """Gathered cache rows as float64: the stored values, or for an fp8 cache the dequantized bytes."""
+    if kv_dtype is None:
+        return _f64(tokens)
+    return fp8.dequantize(to_numpy(tokens), kv_dtype, scale)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, kv_dtype=None,
+                           k_scale: float = 1.0, v_scale: float = 1.0) -> np.ndarray:
     """One decode query per sequence attending its whole paged context, in float64.
 
     Args:
         q: [batch, num_qo_heads, head_dim]
         k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim]
         block_tables: [batch, max_blocks]; context_lens: [batch]
+        kv_dtype, k_scale, v_scale: None for a cache in q's dtype, else the fp8 format of uint8 caches and
+            the scales their bytes are read back with.
     Returns:
         [batch, num_qo_heads, head_dim] float64.
     """
@@ -82,13 +96,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, s
     block_tables, context_lens = to_numpy(block_tables), to_numpy(context_lens)
     out = np.empty(q.shape, dtype=np.float64)
     for i in range(q.shape[0]):
-        k = paged_gather(k_cache, block_tables[i], context_lens[i])
-        v = paged_gather(v_cache, block_tables[i], context_lens[i])
+        k = kv_values(paged_gather(k_cache, block_tables[i], context_lens[i]), kv_dtype, k_scale)
+        v = kv_values(paged_gather(v_cache, block_tables[i], context_lens[i]), kv_dtype, v_scale)
         out[i] = dense_attention(q[i : i + 1], k, v, scale=scale)[0]
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None) -> np.ndarray:
+def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None,
+                      kv_dtype=None, k_scale: float = 1.0, v_scale: float = 1.0) -> np.ndarray:
     """Causal prefill over paged K/V, in float64: each sequence's new tokens attend its cached prefix and
     themselves.
 
@@ -105,6 +120,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         q: [num_tokens, num_qo_heads, head_dim]
         k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim]
         block_tables: [num_seqs, max_blocks]; query_start_loc: [num_seqs + 1]; context_lens: [num_seqs]
+        kv_dtype, k_scale, v_scale: as :func:`paged_decode_attention`.
     Returns:
         [num_tokens, num_qo_heads, head_dim] float64; rows no sequence owns are 0.
     """
@@ -117,8 +133,8 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         a, b = int(starts[i]), int(starts[i + 1])
         if b <= a:
             continue  # a padding sequence
-        k = paged_gather(k_cache, block_tables[i], lens[i]).astype(np.float64)
-        v = paged_gather(v_cache, block_tables[i], lens[i]).astype(np.float64)
+        k = kv_values(paged_gather(k_cache, block_tables[i], lens[i]), kv_dtype, k_scale)
+        v = kv_values(paged_gather(v_cache, block_tables[i], lens[i]), kv_dtype, v_scale)
         out[a:b] = _causal_chunks(q[a:b], k, v, scale)
     return out
 

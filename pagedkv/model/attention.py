@@ -25,9 +25,11 @@ model runner replays the forward in CUDA graphs from static buffers.
 Where the next features plug in (each touches this module, the kernels and the config; not ``llama.py``, not
 the runner):
 
-- **fp8 KV cache**: the pool's dtype differs from q's. :meth:`_write` quantizes K/V into the pool (scales from
-  the cache: ``kv_cache`` carries its dtype and per-layer scales) and :meth:`_attend` passes the scales and
-  the kv dtype to the kernels; :class:`AttentionMetadata` needs nothing new.
+- **fp8 KV cache** (built): the pool's dtype differs from q's. :meth:`_write` quantizes K/V into the pool and
+  :meth:`_attend` passes the kv dtype and this layer's scales to the kernels, both from
+  ``kv_cache.attention_args(layer)`` (``{}`` for a pool in the model's dtype); the host paths read the
+  dequantized bytes (``kv_cache.gather``), never the unquantized ``k, v`` (dense: no varlen shortcut);
+  :class:`AttentionMetadata` needs nothing new.
 - **cascade attention** (issue 17, built): :meth:`prepare_decode` sees a decode step's host block tables before
   the runner uploads them and decides whether shared prefixes (the same first blocks in many rows) are read once
   per group; its plan lives in the static buffers of :mod:`pagedkv.model.cascade_backend`, :meth:`plan_rows`
@@ -137,7 +139,7 @@ class AttentionBackend:
                                      xp.asarray(starts.astype(np.int32)))
         path = "reference" if self.paged_prefill is None else "dense"
         varlen = None
-        if path == "dense" and not any(batch.num_cached):
+        if path == "dense" and not any(batch.num_cached) and not _is_fp8(kv_cache):
             varlen = varlen_plan(batch.seq_lens, self.num_qo_heads, self.num_kv_heads, xp)
         return AttentionMetadata(path, kv_cache, slots, batch.block_tables, starts=starts,
                                  num_cached=batch.num_cached, seq_lens=batch.seq_lens, varlen=varlen)
@@ -150,20 +152,22 @@ class AttentionBackend:
 
     def _write(self, layer: int, k, v, meta: AttentionMetadata) -> None:
         c = meta.kv_cache
-        ops.write_kv(k, v, c.k_cache(layer), c.v_cache(layer), meta.slot_mapping, check=self.check)
+        ops.write_kv(k, v, c.k_cache(layer), c.v_cache(layer), meta.slot_mapping, check=self.check,
+                     **_fp8_args(c, layer))
 
     def _attend(self, layer: int, q, k, v, meta: AttentionMetadata):
         c = meta.kv_cache
         if meta.path == "decode" or meta.path == "cascade" and c.k_cache(layer).dtype != q.dtype:
             # NOTE: the cascade kernels read caches of q's dtype only (no fp8): such a step decodes plainly
             return ops.paged_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
-                                       scale=self.scale, check=self.check)
+                                       scale=self.scale, check=self.check, **_fp8_args(c, layer))
         if meta.path == "cascade":
             return self.cascade.attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
                                           scale=self.scale)
         if meta.path == "prefill":
             return ops.prefill_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables,
-                                         meta.query_start_loc, meta.context_lens, scale=self.scale, check=self.check)
+                                         meta.query_start_loc, meta.context_lens, scale=self.scale, check=self.check,
+                                         **_fp8_args(c, layer))
         if meta.path == "reference":
             return self._reference(layer, q, meta)
         return self._dense(layer, q, k, v, meta)
@@ -187,11 +191,24 @@ class AttentionBackend:
         if meta.varlen is not None:
             return varlen_causal_attention(q, k, v, meta.varlen, self.scale)
         out = self.xp.empty_like(q)
+        fp8 = _is_fp8(meta.kv_cache)  # NOTE: an fp8 cache is read back (the stored values), never k / v
         for i, (a, b) in enumerate(itertools.pairwise(meta.starts)):
-            if meta.num_cached[i]:
+            if meta.num_cached[i] or fp8:
                 ctx = meta.num_cached[i] + meta.seq_lens[i]
                 kc, vc = meta.kv_cache.gather(layer, meta.block_tables[i], ctx)
+                kc, vc = kc.astype(q.dtype, copy=False), vc.astype(q.dtype, copy=False)
             else:
                 kc, vc = k[a:b], v[a:b]
             out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
         return out
+
+
+def _is_fp8(kv_cache) -> bool:
+    return bool(getattr(kv_cache, "is_fp8", False))
+
+
+def _fp8_args(kv_cache, layer: int) -> dict:
+    """``kv_dtype``, ``k_scale``, ``v_scale`` of an fp8 pool's layer for the ops; ``{}`` otherwise (and for
+    pools without the method: a tensor-parallel rank's)."""
+    args = getattr(kv_cache, "attention_args", None)
+    return args(layer) if args is not None else {}

@@ -19,6 +19,7 @@ import numpy as np
 from ..backend import dtype_of, get_backend
 from .config import ModelConfig
 from .hf_config import ARCHITECTURES, config_from_hf, read_json_object, torch_dtype
+from .kv_scales import is_kv_scale
 from .safetensors import load_file
 from .weights import LayerWeights, ModelWeights
 
@@ -64,7 +65,7 @@ def check_tensors(tensors: dict[str, np.ndarray], config: ModelConfig, folder) -
     for name in (n for n in tensors if n not in want):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             want[name] = (config.vocab_size, config.hidden_size)  # NOTE: unused (tied), but it must fit
-        elif not IGNORED.fullmatch(name):
+        elif not IGNORED.fullmatch(name) and not is_kv_scale(name):  # fp8 KV scales: model/kv_scales.py
             raise ValueError(f"checkpoint {folder} has tensor {name!r}, which a {_describe(config)} model "
                              "does not have")
     for name, want_shape in want.items():  # in model order: the embedding first, then layer by layer

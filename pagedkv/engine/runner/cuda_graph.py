@@ -62,6 +62,10 @@ class CudaGraphs:
         graph.launch(self.cp.cuda.get_current_stream())
         return logits
 
+    def clear(self) -> None:
+        """Forget every captured graph (recaptured at next use): e.g. after the KV scales they carry changed."""
+        self.graphs.clear()
+
     def capture_all(self) -> None:
         """Capture every bucket now (the static inputs must be all padding: nothing is written to the cache)."""
         for bucket in self.buckets:
