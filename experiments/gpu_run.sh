@@ -101,7 +101,7 @@ cupy.cuda.runtime.deviceSynchronize()"
     base)
         for tree in "$BASE" "$PWD"; do
             name=$([ "$tree" = "$PWD" ] && echo here || echo base)
-            flags=$([ "$tree" = "$PWD" ] && echo "" || echo "${BASE_EBENCH_FLAGS:---graph on}")
+            flags=$([ "$tree" = "$PWD" ] && echo "${HERE_EBENCH_FLAGS:-}" || echo "${BASE_EBENCH_FLAGS:---graph on}")
             # shellcheck disable=SC2086
             (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "w1_$name" "${T_BASE:-120}" "$PY" -m experiments.engine_bench \
                 --device gpu $flags --output-json "$OUT/logs/engine_bench_$name.json")
@@ -157,19 +157,20 @@ cupy.cuda.runtime.deviceSynchronize()"
     prefix)
         run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-cache-memory-bytes 40GiB \
             --output-json benchmarks/results/prefix_workloads_gpu.json ;;
-    fp8)
-        run fp8_accuracy "${T_FP8:-150}" "$PY" -m experiments.fp8_accuracy --device gpu --model llama-1b \
+    fp8)  # FP8_PARTS: which of "accuracy ebench pbench" (default all)
+        parts=" ${FP8_PARTS:-accuracy ebench pbench} "
+        [[ $parts == *" accuracy "* ]] && run fp8_accuracy "${T_FP8:-150}" "$PY" -m experiments.fp8_accuracy --device gpu --model llama-1b \
             --kv-cache-dtypes fp8_e4m3 fp8_e5m2 --num-gpu-blocks-override 4096 --write-checkpoint /tmp/fp8_ckpt \
             --checkpoint /tmp/fp8_ckpt --output-json benchmarks/results/fp8_accuracy_gpu.json
-        run fp8_ebench "${T_FP8:-150}" "$PY" -m experiments.engine_bench --device gpu --fp8-preemption --no-profile \
+        [[ $parts == *" ebench "* ]] && run fp8_ebench "${T_FP8:-150}" "$PY" -m experiments.engine_bench --device gpu --fp8-preemption --no-profile \
             --output-json benchmarks/results/engine_bench_fp8_preemption_gpu.json
-        run fp8_pbench "${T_FP8:-150}" "$PY" -m experiments.prefill_bench --kv-cache-dtype fp8 --cases 8k varlen \
+        [[ $parts == *" pbench "* ]] && run fp8_pbench "${T_FP8:-150}" "$PY" -m experiments.prefill_bench --kv-cache-dtype fp8 --cases 8k varlen \
             --head-dims 128 64 --no-variants --ttft-lens --runs 10 \
             --output-json "benchmarks/results/prefill_bench_fp8_${GPU_NAME}_$(date -u +%F).json" ;;
     cascade)
         run cascade_workloads "${T_CASCADE:-200}" "$PY" -m experiments.prefix_workloads --device gpu --workload cascade \
             --num-prompts "${CASCADE_PROMPTS:-128}" --output-json "benchmarks/results/prefix_workloads_cascade_gpu.json"
-        run cascade_bench "${T_CASCADE_BENCH:-120}" "$PY" -m experiments.cascade_bench \
+        [ "${CASCADE_BENCH:-1}" = 1 ] && run cascade_bench "${T_CASCADE_BENCH:-120}" "$PY" -m experiments.cascade_bench \
             --output-json "benchmarks/results/cascade_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     pbench)
         run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench \
