@@ -26,8 +26,28 @@ def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend) -> 
             return KVCache(num_blocks=CPU_DEFAULT_BLOCKS, **shape)
         budget = int(GPU_FREE_MEMORY_SHARE * backend.xp.cuda.Device().mem_info[0])
     if budget is not None:
+        _check_host_memory(budget, "kv_memory_bytes", backend)
         return KVCache.from_memory_budget(budget, **shape)
+    per_block = KVCache.block_bytes(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
+    _check_host_memory(config.num_blocks * per_block, f"num_blocks={config.num_blocks} ×", backend)
     return KVCache(num_blocks=config.num_blocks, **shape)
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_host_memory(nbytes: int, what: str, backend) -> None:
+    """A CPU pool larger than the host's memory is a caller's mistake: refused naming the size."""
+    total = None if backend.is_gpu else host_memory_bytes()
+    if total is not None and nbytes > total:
+        raise ValueError(f"{what} asks for a KV pool of {nbytes} bytes but this host has {total} bytes of memory")
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig, num_blocks: int) -> int:

@@ -59,6 +59,8 @@ class EngineConfig:
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
     async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
+    max_stop_strings: int = 128  # stop strings per request (more: ValueError); the server's limit too
+    max_stop_string_len: int = 512  # characters per stop string
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
@@ -71,6 +73,9 @@ class EngineConfig:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if not _is_int(self.block_size) or not 1 <= self.block_size <= 1024 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two in [1, 1024], got {self.block_size!r}")
+        for name in ("max_stop_strings", "max_stop_string_len"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("num_blocks", "kv_memory_bytes", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
