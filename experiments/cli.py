@@ -4,19 +4,25 @@ Every experiment reports a user mistake the same way, before any work starts, wi
 
     $ python -m experiments.memory_share --block-size 12
     error: argument --block-size: invalid choice: 12 (choose from 8, 16, 32)
-    $ python -m experiments.throughput --kv-budget-bytes 1099511627776 --device cpu
+    $ python -m experiments.throughput --kv-cache-memory-bytes 1TiB --device cpu
     error: this run needs about 1.0 TiB of host memory (KV pool 1.0 TiB, ...), but about 21.3 GiB is available
 
 What a new experiment uses (``from . import cli``; relative imports, so that it runs both as
 ``python -m experiments.NAME`` in a checkout and as ``python -m pagedkv.experiments.NAME`` once installed):
 
-    Parser(prog=..., description=...)   argparse whose parse errors are one ``error:`` line and exit code 2;
-                                        give ``choices=`` so that help and validation cannot drift
+    Parser(description=...)             argparse whose parse errors are one ``error:`` line and exit code 2,
+                                        named as the user called it (prog_name); give ``choices=`` so that help
+                                        and validation cannot drift
+    add_engine_flags(parser)            --kv-cache-memory-bytes | --num-gpu-blocks-override |
+                                        --gpu-memory-utilization, --enforce-eager, --tensor-parallel-size,
+                                        --kv-cache-dtype (vLLM's);
+    check_engine_flags(args), engine_options(args, gpu=)   ranges; EngineConfig keyword arguments
+    require_module(module, extra)       FlagError naming the pip install that brings a missing optional module
     @guarded main(argv)                 a FlagError raised anywhere in ``main`` becomes one line and exit 2
     FlagError(msg)                      a user mistake found after parsing (a range, a combination, memory)
     fail(msg, code=2)                   print ``error: msg`` and exit now
     in_range(flag, value, lo, hi)       value or FlagError naming the flag and the range
-    add_common(parser, dtype=, plot=)   --device, --dtype, --seed, --output-json (alias --json), [--plot]
+    add_common(parser, auto_dtype=, plot=)  --device, --dtype (auto), --seed, --output-json, [--plot]
     check_common(args)                  seed range; output paths writable (check_output_path)
     check_output_path(path, flag)       FlagError unless ``path`` can be written (checked before the run)
     resolve_backend(device)             the Backend, or a FlagError when --device gpu finds no GPU
@@ -43,6 +49,10 @@ from pathlib import Path
 
 DEVICES = ("auto", "cpu", "gpu")
 DTYPES = ("float16", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# NOTE: how the running tool calls itself in usage lines and in the JSON's "command"; set by the ``pagedkv``
+# console script (``pagedkv bench kernels``), else ``python -m`` + the module's real name
+PROG_ENV = "PAGEDKV_PROG"
 
 
 class FlagError(ValueError):
@@ -50,10 +60,21 @@ class FlagError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a parse error (unknown flag, ``abc`` for an int, a bad choice) is one line and exit code 2."""
+    """argparse, but a parse error (unknown flag, ``abc`` for an int, a bad choice) is one line and exit code 2,
+    and the program name is the one the user typed (:func:`prog_name`), unless ``prog=`` is given."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("prog", prog_name())
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         fail(message)
+
+
+def prog_name() -> str:
+    """``pagedkv bench NAME`` under the console script, else ``python -m <the running module's real name>``
+    (``pagedkv.experiments.kernel_bench`` once installed, ``experiments.kernel_bench`` in a checkout)."""
+    return os.environ.get(PROG_ENV) or "python -m " + _module_name()
 
 
 def fail(message: str, code: int = 2):
@@ -87,23 +108,102 @@ def in_choices(flag: str, value, choices):
     return value
 
 
+# -- engine flags (one spelling per concept, vLLM's) -----------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1073741824"``, ``"512MiB"``, ``"40GiB"``, ``"1.5G"`` -> bytes (an argparse ``type=``)."""
+    raw = str(text).strip().lower().replace("_", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):].strip()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 536870912, 512MiB, 40GiB)") from None
+    if not 1 <= value <= 2**50:
+        raise argparse.ArgumentTypeError(f"size out of range [1 B, 1 PiB]: {text!r}")
+    return int(value)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, *, pool: bool = True, pool_default: str = "the engine's") -> None:
+    """The engine flags that tools share, spelled as vLLM spells them: the KV pool size (bytes, blocks or a
+    fraction of the GPU), ``--enforce-eager`` (no CUDA graphs) and ``--kv-cache-dtype``. Read back with
+    :func:`engine_options`."""
+    group = parser.add_argument_group("engine (vLLM's flag names)")
+    if pool:
+        size = group.add_mutually_exclusive_group()
+        size.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None, metavar="BYTES",
+                          help=f"KV pool size, e.g. 536870912, 512MiB, 40GiB (default: {pool_default})")
+        size.add_argument("--num-gpu-blocks-override", type=int, default=None, metavar="N",
+                          help="KV pool size in blocks (instead of bytes)")
+        size.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                          help="share of the GPU's memory for weights, activations and the KV pool (GPU only)")
+    group.add_argument("--enforce-eager", action="store_true", help="eager launches, no CUDA graphs")
+    group.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                       help="split the model over N ranks (threads of this process in this build; no CUDA graphs)")
+    group.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                       help="KV cache element type (default auto: the model's dtype)")
+
+
+def check_engine_flags(args) -> None:
+    """Ranges of the shared engine flags (before any work)."""
+    if getattr(args, "num_gpu_blocks_override", None) is not None:
+        in_range("--num-gpu-blocks-override", args.num_gpu_blocks_override, 1, 10**8)
+    if getattr(args, "gpu_memory_utilization", None) is not None:
+        in_range("--gpu-memory-utilization", args.gpu_memory_utilization, 0.01, 1.0)
+    in_range("--tensor-parallel-size", args.tensor_parallel_size, 1, 64)
+
+
+def engine_options(args, *, gpu: bool) -> dict:
+    """``EngineConfig`` keyword arguments of the shared engine flags (only those the user set)."""
+    options = {"cuda_graph": gpu and not args.enforce_eager and args.tensor_parallel_size == 1}
+    if args.tensor_parallel_size > 1:
+        options["tensor_parallel_size"] = args.tensor_parallel_size
+    if getattr(args, "kv_cache_memory_bytes", None) is not None:
+        options["kv_memory_bytes"] = args.kv_cache_memory_bytes
+    if getattr(args, "num_gpu_blocks_override", None) is not None:
+        options["num_blocks"] = args.num_gpu_blocks_override
+    if getattr(args, "gpu_memory_utilization", None) is not None:
+        if not gpu:
+            raise FlagError("--gpu-memory-utilization needs a GPU; size the pool with --kv-cache-memory-bytes")
+        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.kv_cache_dtype != "auto":
+        options["kv_cache_dtype"] = args.kv_cache_dtype
+    return options
+
+
+def require_module(module: str, extra: str) -> None:
+    """:class:`FlagError` naming the ``pip install`` that brings ``module`` when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise FlagError(f"this needs the '{module}' package: pip install 'pagedkv[{extra}]'")
+
+
 # -- common flags ----------------------------------------------------------------------------------------------
-def add_common(parser: argparse.ArgumentParser, *, dtype: str = "float16", dtypes=DTYPES, plot: bool = True) -> None:
-    """The flags experiments share: device, dtype, seed, the JSON output (vLLM's ``--output-json``) and a PNG."""
+def add_common(parser: argparse.ArgumentParser, *, auto_dtype: str | None = None, plot: bool = True) -> None:
+    """The flags experiments share: device, dtype, seed, the JSON output (vLLM's ``--output-json``) and a PNG.
+
+    ``--dtype auto`` (the default) becomes ``auto_dtype`` in :func:`check_common`; None leaves "auto" for the
+    experiment to resolve by device (float16 on a GPU, float32 on the CPU, as the engine experiments do)."""
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run (default auto: a GPU if usable)")
-    parser.add_argument("--dtype", default=dtype, choices=dtypes, help=f"K/V and weights dtype (default {dtype})")
+    parser.add_argument("--dtype", default="auto", choices=("auto",) + DTYPES,
+                        help=f"K/V and weights dtype (default auto: {auto_dtype or 'by device'})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    parser.add_argument("--output-json", "--json", dest="json", default=None, metavar="PATH",
+    parser.add_argument("--output-json", dest="json", default=None, metavar="PATH",
                         help="write the results as JSON here (default: nothing is written)")
+    parser.set_defaults(auto_dtype=auto_dtype)
     if plot:
         parser.add_argument("--plot", default=None, metavar="PATH", help="also draw a PNG here (needs matplotlib)")
 
 
-def check_common(args, dtypes=None) -> None:
+def check_common(args) -> None:
     """The seed's range and the writability of ``--output-json`` / ``--plot``, before any work."""
-    if dtypes is not None:
-        in_choices("--dtype", args.dtype, dtypes)
+    if args.dtype == "auto" and args.auto_dtype is not None:
+        args.dtype = args.auto_dtype
     in_range("--seed", args.seed, 0, 2**32 - 1)
     check_output_path(args.json, "--output-json")
     check_output_path(getattr(args, "plot", None), "--plot")
@@ -232,7 +332,7 @@ def run_info(backend) -> dict:
         "device": device_name(backend),
         "backend": backend.name,
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m " + " ".join([_module_name()] + sys.argv[1:]),
+        "command": " ".join([prog_name()] + sys.argv[1:]),
         "python": platform.python_version(),
     }
 

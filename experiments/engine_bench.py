@@ -58,12 +58,14 @@ def workload(num_requests: int, vocab: int, max_len: int, seed: int):
 
 
 def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: int = 128) -> LLMEngine:
-    budget = KV_BUDGET_BYTES if args.device != "cpu" else None
+    options = cli.engine_options(args, gpu=args.device != "cpu")
+    if not {"kv_memory_bytes", "num_blocks", "gpu_memory_utilization"} & options.keys():
+        options.update({"kv_memory_bytes": KV_BUDGET_BYTES} if args.device != "cpu" else {"num_blocks": CPU_NUM_BLOCKS})
+    options["cuda_graph"] = cuda_graph
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=BLOCK_SIZE,
-        kv_memory_bytes=budget, num_blocks=None if budget else CPU_NUM_BLOCKS, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_model_len=args.max_len,
-        scheduling=mode, cuda_graph=cuda_graph)
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len),
+        max_model_len=args.max_len, scheduling=mode, **options)
     return LLMEngine(config, model_config=get_config(args.model), weights=weights)
 
 
@@ -198,7 +200,7 @@ def _gemms(engine: LLMEngine, batch: int):
 
 
 def _attention(engine: LLMEngine, batch):
-    from pagedkv import ops
+    from pagedkv.kernels import ops
 
     xp, c, kv = engine.backend.xp, engine.model_config, engine.kv_cache
     q = xp.ones((len(batch.context_lens), c.num_heads, c.head_dim), dtype=engine.model.dtype)
@@ -316,24 +318,23 @@ def parse_args(argv=None):
     """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
     from pagedkv.model.config import PRESETS
 
-    p = cli.Parser(prog="python -m experiments.engine_bench", description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
                    help="random-weight model preset (default: llama-1b on a GPU, tiny on the CPU)")
-    p.add_argument("--num-prompts", "--num-requests", dest="num_requests", metavar="N", type=int, default=None,
+    p.add_argument("--num-prompts", dest="num_requests", metavar="N", type=int, default=None,
                    help=f"requests (default {NUM_REQUESTS} on a GPU, {CPU_NUM_REQUESTS} on the CPU)")
-    p.add_argument("--max-model-len", "--max-len", dest="max_len", type=int, default=None,
+    p.add_argument("--max-model-len", dest="max_len", type=int, default=None,
                    help="max_model_len; below 1024 it scales W1's lengths down (default: 1024 on a GPU, "
                         f"{CPU_MAX_LEN} on the CPU)")
-    graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--graph", default="auto", choices=("auto", "off", "on", "both"),
-                        help="decode with CUDA graphs: off, on, or both runs (default auto: both on a GPU, off on "
-                             "the CPU)")
-    graphs.add_argument("--enforce-eager", dest="graph", action="store_const", const="off",
-                        help="eager launches only (vLLM's flag; the same as --graph off)")
+    cli.add_engine_flags(p, pool_default=f"{KV_BUDGET_BYTES >> 30} GiB on a GPU, which holds every W1 request "
+                         f"at full length; {CPU_NUM_BLOCKS} blocks on the CPU")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="run W1 eager too, before the CUDA-graph run (GPU; default: CUDA graphs only)")
     p.add_argument("--static", action="store_true", help="also run static batching (max_num_seqs 64)")
-    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES, plot=False)
+    cli.add_common(p, plot=False)
     args = p.parse_args(argv)
     cli.check_common(args)
+    cli.check_engine_flags(args)
     if args.num_requests is not None:
         cli.in_range("--num-prompts", args.num_requests, 1, 4096)
     if args.max_len is not None:
@@ -353,15 +354,17 @@ def resolve(args, backend):
     args.max_len = args.max_len or min(1024 if gpu else CPU_MAX_LEN, config.max_position_embeddings)
     cli.in_range("--max-model-len", args.max_len, MIN_LEN, config.max_position_embeddings,
                  f" ({args.model}'s max_position_embeddings)")
-    if args.graph in ("on", "both") and not gpu:
-        raise cli.FlagError(f"--graph {args.graph} needs a GPU (the CPU path has no CUDA graphs)")
-    args.graph = args.graph if args.graph != "auto" else ("both" if gpu else "off")
+    if args.compare_eager and (args.enforce_eager or not gpu):
+        raise cli.FlagError("--compare-eager needs a GPU and CUDA graphs (not --enforce-eager)")
+    args.graph = ("off" if args.enforce_eager or args.tensor_parallel_size > 1 or not gpu else
+                  "both" if args.compare_eager else "on")
     return config
 
 
 def check_memory(args, backend, config, longest: int) -> None:
     """Weights + KV pool + activations (for the longest request, ``longest`` tokens) against what is free."""
-    kv = KV_BUDGET_BYTES if backend.is_gpu else CPU_NUM_BLOCKS * _block_bytes(config, args.dtype)
+    kv = (args.kv_cache_memory_bytes or (args.num_gpu_blocks_override or 0) * _block_bytes(config, args.dtype)
+          or (KV_BUDGET_BYTES if backend.is_gpu else CPU_NUM_BLOCKS * _block_bytes(config, args.dtype)))
     parts = cli.engine_bytes(config, args.dtype, kv_bytes=kv,
                              max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len), max_len=longest, max_num_seqs=min(args.num_requests, 128))
     cli.require_memory(backend=backend, parts=parts, **{"device" if backend.is_gpu else "host": sum(parts.values())})

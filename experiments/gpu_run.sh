@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
 # Every GPU run of the project, in named stages, for one device call (from the repository root):
 #
-#   bash experiments/gpu_run.sh STAGE...        e.g.  bash experiments/gpu_run.sh probe ktests kbench
+#   bash experiments/gpu_run.sh STAGE...        e.g.  bash experiments/gpu_run.sh probe gputests kbench
 #
 # Stages (each under its own time limit, seconds, override with T_<STAGE>=...):
 #   probe       GPU, driver, CuPy / torch / transformers versions, tools on the PATH
-#   ktests      pytest -m gpu tests/test_kernels.py (the full grid; 4 workers share the GPU)
-#   sanitize    compute-sanitizer memcheck and racecheck over tests/test_kernels.py on the reduced grid
+#   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
+#   ktests      pytest -m gpu tests/test_kernels.py (the decode grid; 4 workers share the GPU)
+#   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1) of the
+#               decode kernels, the prefill kernels, the sampler and the fused norms
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
-#   ncu         Nsight Compute on kernel 2 (and the split-K merge) for cases 32 x 8192 and 1 x 32768
-#   etests      pytest -m gpu tests/test_model_gpu.py tests/test_engine_gpu.py (cuBLAS capture, transformers parity)
-#   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16)
+#   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
+#   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
+#   base        W1 and the prefill kernels of the tree in ../baseline (BASE=...; its own flag names in
+#               BASE_EBENCH_FLAGS), then of this tree, in the same call: the before/after comparison
+#   agreement   python -m experiments.fp16_agreement: engine variants vs the eager reference in float16
+#   sbench      python -m experiments.sampler_bench: the device sampler vs cupy.argmax
 #   memory      python -m experiments.memory_share at full size
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
-#   plots       the PNGs of docs/ from the JSON of this run
-#   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
-#   sanitize2   compute-sanitizer memcheck + racecheck on the sampler, fused-norm and prefill reduced grids
+#   prefix      python -m experiments.prefix_workloads: prefix caching on/off, chunked prefill on/off
 #   serve       experiments/gpu_run_serve.sh: the OpenAI-compatible server (llama-1b, a tokenizer trained on
 #               the spot), tests/test_serve.py through the openai client against it, serve_bench at 3 rates
-#   prefix      python -m experiments.prefix_workloads: prefix caching on/off, chunked prefill on/off
-#   pbench      python -m experiments.prefill_bench: prefill kernel vs SDPA, engine TTFT vs transformers
+#   ncu         Nsight Compute on the decode kernels for cases 32 x 8192 and 1 x 32768
+#   plots       the PNGs of docs/ from the JSON of this run
 # Logs go to $OUT/<stage>.log; at the end every log, JSON and PNG of the run is packed into $OUT/results.tgz
 # (the device tool brings back at most 8 files). Exit status: 1 if any stage failed or ran out of time.
 set -uo pipefail
@@ -31,11 +34,14 @@ OUT=${OUT:-/tmp/pagedkv_gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/logs" benchmarks/results docs
 status=0
-# Wheels carried in .whl/ (pytest-xdist; fastapi, uvicorn, openai for the server): into /tmp/site, once
-if [ -d .whl ] && ! "$PY" -c "import xdist" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*xdist*.whl .whl/execnet*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
+# Wheels carried in .whl/ (WHEELS=...; pytest-xdist, the server's and the grammar library's): into /tmp/site, once
+WHEELS=${WHEELS:-.whl}
+if [ -d "$WHEELS" ] && ! "$PY" -c "import xdist, fastapi, prometheus_client" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl
 fi
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+BASE=${BASE:-../baseline}
 
 run() {  # run STAGE LIMIT CMD...: one command, its output tee'd to $OUT/logs/STAGE.log
     local stage=$1 limit=$2
@@ -64,8 +70,10 @@ for stage in "$@"; do
     sanitize)
         for tool in memcheck racecheck; do
             PAGEDKV_SANITIZER_GRID=1 run "$tool" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
-                "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py \
-                -k 'grid or hypothesis or exact or errors'
+                --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist tests/test_kernels.py \
+                tests/test_prefill_attention.py tests/test_sampler.py tests/test_model_gpu.py \
+                -k 'grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add or padding' \
+                -k 'not compiles and not 16k and not torch'
         done ;;
     kbench)
         run kbench "${T_KBENCH:-240}" "$PY" -m experiments.kernel_bench ;;
@@ -76,13 +84,27 @@ for stage in "$@"; do
                 --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" -c "
 import cupy, numpy as np
 from experiments.kernel_bench import build_case
-from pagedkv import kernels
+from pagedkv.kernels import decode
 q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), *map(int, '$case'.split()))
-for _ in range(6): kernels.paged_attention(q, k, v, bt, cl, check=False)
+for _ in range(6): decode.paged_attention(q, k, v, bt, cl, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
-    etests)
-        run etests "${T_ETESTS:-180}" "$PY" -m pytest -m gpu tests/test_model_gpu.py tests/test_engine_gpu.py -q -p no:cacheprovider -rs ;;
+    base)
+        for tree in "$BASE" "$PWD"; do
+            name=$([ "$tree" = "$PWD" ] && echo here || echo base)
+            flags=$([ "$tree" = "$PWD" ] && echo "" || echo "${BASE_EBENCH_FLAGS:---graph on}")
+            # shellcheck disable=SC2086
+            (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "w1_$name" "${T_BASE:-120}" "$PY" -m experiments.engine_bench \
+                --device gpu $flags --output-json "$OUT/logs/engine_bench_$name.json")
+            (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "prefill_$name" "${T_BASE:-120}" "$PY" -m experiments.prefill_bench \
+                --head-dims 64 128 --ttft-lens --output-json "$OUT/logs/prefill_bench_$name.json")
+        done ;;
+    agreement)
+        run agreement "${T_AGREEMENT:-90}" "$PY" -m experiments.fp16_agreement \
+            --output-json benchmarks/results/engine_fp16_agreement_gpu.json ;;
+    sbench)
+        run sbench "${T_SBENCH:-60}" "$PY" -m experiments.sampler_bench \
+            --output-json "benchmarks/results/sampler_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     ebench)
         run ebench "${T_EBENCH:-240}" "$PY" -m experiments.engine_bench --device gpu --static \
             --output-json benchmarks/results/engine_bench_gpu.json ;;
@@ -90,22 +112,22 @@ cupy.cuda.runtime.deviceSynchronize()"
         # llama-1b's K/V shape (16 layers x 8 KV heads x 64, fp16) really allocated for every request
         run memory "${T_MEMORY:-150}" "$PY" -m experiments.memory_share --device gpu --dtype float16 \
             --block-size 16 --num-requests 256 --prompt-len 4010 --suffix-len 32 --gen-len 128 --num-branches 64 \
-            --json benchmarks/results/memory_share_gpu.json ;;
+            --output-json benchmarks/results/memory_share_gpu.json ;;
     throughput)
         for workload in w1 longtail; do
             run "throughput_$workload" "${T_THROUGHPUT:-150}" "$PY" -m experiments.throughput --device gpu \
-                --model llama-1b --dtype float16 --workload "$workload" --num-requests 128 --scale 1 \
-                --kv-budget-mb 512 --max-num-seqs 256 --block-size 16 --cuda-graph on \
-                --json "benchmarks/results/throughput_${workload}_gpu.json"
+                --model llama-1b --dtype float16 --workload "$workload" --num-prompts 128 --scale 1 \
+                --kv-cache-memory-bytes 512MiB --max-num-seqs 256 --block-size 16 \
+                --output-json "benchmarks/results/throughput_${workload}_gpu.json"
         done ;;
     unpadded)
         run throughput_w1_unpadded "${T_THROUGHPUT:-150}" "$PY" -m experiments.throughput --device gpu \
-            --model llama-1b --dtype float16 --workload w1 --num-requests 128 --scale 1 --kv-budget-mb 512 \
-            --max-num-seqs 256 --block-size 16 --cuda-graph on --static-padding off \
-            --json benchmarks/results/throughput_w1_unpadded_gpu.json ;;
+            --model llama-1b --dtype float16 --workload w1 --num-prompts 128 --scale 1 \
+            --kv-cache-memory-bytes 512MiB --max-num-seqs 256 --block-size 16 --static-padding off \
+            --output-json benchmarks/results/throughput_w1_unpadded_gpu.json ;;
     profile)
         run profile "${T_PROFILE:-120}" "$PY" -m experiments.profile_engine --device gpu --workload w1 \
-            --mode continuous --kv-budget-mb 512 --top 45 ;;
+            --mode continuous --kv-cache-memory-bytes 512MiB --top 45 ;;
     plots)
         plot --memory-json benchmarks/results/memory_share_gpu.json docs/memory_share.png
         plot --throughput-json benchmarks/results/throughput_w1_gpu.json docs/throughput_w1.png
@@ -115,20 +137,14 @@ cupy.cuda.runtime.deviceSynchronize()"
     gputests)
         run gputests "${T_GPUTESTS:-330}" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -n 6 \
             --dist loadfile --durations=15 -rs ;;
-    sanitize2)
-        for tool in memcheck racecheck; do
-            PAGEDKV_SANITIZER_GRID=1 run "${tool}2" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
-                "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist tests/test_sampler.py \
-                tests/test_model_gpu.py -k 'not compiles and (sampler or sample or rms_norm or fused_add)'
-        done ;;
     serve)
         run serve "${T_SERVE:-420}" env OUT="$OUT/serve" bash experiments/gpu_run_serve.sh ;;
     prefix)
-        run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-memory-gb 40 \
+        run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-cache-memory-bytes 40GiB \
             --output-json benchmarks/results/prefix_workloads_gpu.json ;;
     pbench)
         run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench \
-            --output-json "benchmarks/results/prefill_bench_$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')_$(date -u +%F).json" ;;
+            --output-json "benchmarks/results/prefill_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     *)
         echo "unknown stage $stage" | tee -a "$OUT/logs/summary.log"; status=1 ;;
     esac

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pagedkv.kernels import compile, decode, decode_plan
+
 from . import cli
 
 SEED = 0
@@ -112,8 +114,8 @@ class Timer:
         return statistics.median(times), times
 
 
-def make_read_kernel(cupy, kernels, sms):
-    fn = kernels._function("bench_ops.cu", "read_ceiling_kernel1")
+def make_read_kernel(cupy, sms):
+    fn = compile.load_function("bench_ops.cu", "read_ceiling_kernel1")
     sink = cupy.zeros(1, dtype=cupy.uint32)
 
     def read(buf):
@@ -199,8 +201,7 @@ def _time_variants(cupy, timer, row, version, variants, attn, out, ref) -> None:
             row[f"{key}_rel_err"] = _rel_err(cupy, out, ref)
 
 
-def run_case(cupy, kernels, timer, rng, case: Case) -> dict:
-    from pagedkv import decode_plan
+def run_case(cupy, timer, rng, case: Case) -> dict:
 
     q, k, v, bt, cl, kv_bytes = build_case(cupy, rng, case)
     out = cupy.empty_like(q)
@@ -213,7 +214,7 @@ def run_case(cupy, kernels, timer, rng, case: Case) -> dict:
         row["case"] = case.label()
 
     def attn(version, **kw):
-        return lambda: kernels.paged_attention(q, k, v, bt, cl, version=version, out=out, check=False, **kw)
+        return lambda: decode.paged_attention(q, k, v, bt, cl, version=version, out=out, check=False, **kw)
 
     first = timer.median_us(attn(1), runs=1)[0]
     row["v1_runs"] = RUNS if first < SLOW_V1_US else V1_SLOW_RUNS
@@ -223,7 +224,7 @@ def run_case(cupy, kernels, timer, rng, case: Case) -> dict:
                    attn, out, ref)
     _time_variants(cupy, timer, row, 3, V3_VARIANTS, attn, out, ref)
     row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
-        lambda: kernels.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
+        lambda: decode.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
     row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
     row["sdpa_us"] = None
     if not case.ragged:
@@ -231,10 +232,10 @@ def run_case(cupy, kernels, timer, rng, case: Case) -> dict:
         if sdpa_out is not None:
             row["sdpa_vs_v1_rel_err"] = _rel_err(cupy, sdpa_out, ref)
     for name, (tile, stages, extra) in V2_VARIANTS.items():
-        plan = kernels.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
+        plan = decode.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
         row[f"v2_{name}_plan"] = {key: plan[key] for key in
                                   ("gt", "parts", "part_tokens", "smem", "resident_ctas", "num_regs")}
-    plan = kernels.v3_launch_plan(q.shape, k.shape, 1)
+    plan = decode.v3_launch_plan(q.shape, k.shape, 1)
     balanced = decode_plan.balanced_plan(lens, case.num_kv_heads * plan["q_tiles"], plan["tile_tokens"],
                                          plan["ctas"], plan["min_tiles"])
     row["v3_default_plan"] = {**{key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "min_tiles", "smem",
@@ -259,7 +260,7 @@ def _writable(flag: str, path: Path, is_dir: bool) -> Path:
 
 
 def parse_args(argv):
-    parser = cli.Parser(prog="python -m experiments.kernel_bench", description=__doc__.splitlines()[0],
+    parser = cli.Parser(description=__doc__.splitlines()[0],
                         epilog="cases: " + "; ".join(f"{i}: {c.label()}" for i, c in enumerate(CASES)))
     parser.add_argument("--cases", type=int, nargs="*", help="indices into the case list below (default: all)")
     parser.add_argument("--out-dir", default="benchmarks/results", help="folder of the default JSON name")
@@ -313,22 +314,20 @@ def main(argv=None) -> dict:
 
     import cupy
 
-    from pagedkv import kernels
-
     rng = np.random.default_rng(SEED)
     cupy.random.seed(SEED)
     props = cupy.cuda.runtime.getDeviceProperties(0)
     gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    sms = kernels.num_sms(cupy.cuda.Device().id)
-    read = make_read_kernel(cupy, kernels, sms)
+    sms = compile.num_sms(cupy.cuda.Device().id)
+    read = make_read_kernel(cupy, sms)
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))
     result = {"gpu": gpu, "sms": sms, "l2_bytes": props.get("l2CacheSize"), "date": str(datetime.date.today()),
               "runs": RUNS, "head_dim": 128, "block_size": BLOCK_SIZE, "dtype": "float16",
-              "default_version": kernels.DEFAULT_VERSION}
+              "default_version": decode.DEFAULT_VERSION}
     result.update(ceilings(cupy, timer, read))
     rows = []
     for i in args.cases if args.cases else range(len(CASES)):
-        rows.append(run_case(cupy, kernels, timer, rng, CASES[i]))
+        rows.append(run_case(cupy, timer, rng, CASES[i]))
         cupy.get_default_memory_pool().free_all_blocks()
     for row in rows:
         for key in ("v1", "v2", "v3", "sdpa"):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import cli
+from .kv_shapes import LLAMA_1B, fmt_bytes
 
 BEAM_WIDTHS = (2, 4, 8)
 # NOTE: sizes default per device. On a GPU: a shared prompt of a few hundred tokens, 128 generated tokens, 4 prompts;
@@ -129,7 +130,7 @@ def _run(engine, prompts, sc: BeamScenario, share: bool):
     from pagedkv.engine.beam_group import BeamGroup
     from pagedkv.engine.beam_search import BeamSearchParams
 
-    bm, cow = engine.manager.block_manager, engine.manager.num_cow_copies
+    bm, cow = engine.manager, engine.manager.num_cow_copies
     params = BeamSearchParams(sc.beam_width, sc.gen_len, ignore_eos=True)
     search = BeamGroup(engine, prompts, params, frozenset(), share_blocks=share)
     timeline = []
@@ -181,12 +182,11 @@ def render_table(results: list[dict]):
 
 # -- command line (this scenario alone) ----------------------------------------------------------------------
 def parse_args(argv=None):
-    p = cli.Parser(prog="python -m experiments.memory_beam",
-                   description="KV blocks of beam search: beams sharing blocks vs each beam holding its own copy, "
+    p = cli.Parser(description="KV blocks of beam search: beams sharing blocks vs each beam holding its own copy, "
                                "measured from the pool (also run by experiments.memory_share).")
     p.add_argument("--block-size", type=int, default=16, choices=(8, 16, 32), help="tokens per block (default 16)")
     add_flags(p)
-    cli.add_common(p)
+    cli.add_common(p, auto_dtype="float16")
     args = p.parse_args(argv)
     cli.check_common(args)
     check_flags(args, cli.in_range)
@@ -197,7 +197,6 @@ def parse_args(argv=None):
 
 @cli.guarded
 def main(argv=None) -> int:
-    from .memory_share import LLAMA_1B, fmt_bytes
 
     args = parse_args(argv)
     backend = cli.resolve_backend(args.device)

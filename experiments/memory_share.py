@@ -36,33 +36,10 @@ from pagedkv import KVCache, PagedAttentionManager
 from pagedkv.backend import dtype_of, to_numpy
 
 from . import cli, memory_beam
+from .kv_shapes import LLAMA_1B, SMALL, KVShape, fmt_bytes
 
 BLOCK_SIZES = (8, 16, 32)
 ALLOC_SHAPES = ("auto", "small", "llama-1b")
-GB = 1e9
-
-
-@dataclass(frozen=True, slots=True)
-class KVShape:
-    """The K/V shape of a model: what one block holds, per layer, for every KV head."""
-
-    name: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    num_qo_heads: int
-
-    def bytes_per_block(self, block_size: int, dtype: str) -> int:
-        return KVCache.block_bytes(self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype)
-
-    def label(self, dtype: str) -> str:
-        return (f"{self.name} ({self.num_layers} layers x {self.num_kv_heads} KV heads x head_dim {self.head_dim}, "
-                f"{dtype})")
-
-
-LLAMA_1B = KVShape("llama-1b", num_layers=16, num_kv_heads=8, head_dim=64, num_qo_heads=32)
-# NOTE: small enough that the CPU path (a float64 NumPy reference per request and layer) stays in seconds.
-SMALL = KVShape("small", num_layers=2, num_kv_heads=1, head_dim=64, num_qo_heads=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,8 +302,7 @@ CPU_DEFAULTS = {"num_requests": 8, "num_branches": 4, "prompt_len": 490, "gen_le
 
 def parse_args(argv=None):
     """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
-    p = cli.Parser(prog="python -m experiments.memory_share",
-                   description="KV memory of naive copies vs a shared, forked prompt, measured from the pool.")
+    p = cli.Parser(description="KV memory of naive copies vs a shared, forked prompt, measured from the pool.")
     size = lambda k: f"(default {GPU_DEFAULTS[k]} on a GPU, {CPU_DEFAULTS[k]} on the CPU)"  # noqa: E731
     p.add_argument("--num-requests", type=int, default=None,
                    help=f"requests sharing the prompt {size('num_requests')}; not vLLM's --num-prompts: every "
@@ -337,13 +313,14 @@ def parse_args(argv=None):
     p.add_argument("--suffix-len", type=int, default=24, help="distinct tokens per request (default 24)")
     p.add_argument("--gen-len", type=int, default=None, help=f"generated tokens per request {size('gen_len')}")
     p.add_argument("--block-size", type=int, default=16, choices=BLOCK_SIZES, help="tokens per block (default 16)")
-    p.add_argument("--num-blocks", type=int, default=0, help="blocks per pool; 0 = what each mode needs (default)")
+    p.add_argument("--num-gpu-blocks-override", dest="num_blocks", type=int, default=0, metavar="N",
+                   help="blocks per pool; 0 = what each mode needs (default)")
     p.add_argument("--alloc-shape", default="auto", choices=ALLOC_SHAPES,
                    help="K/V shape allocated: auto (llama-1b on GPU, small on CPU) | small | llama-1b")
     p.add_argument("--skip-model-check", action="store_true",
                    help="skip the generated-token check with a tiny random Llama (pagedkv.model)")
     memory_beam.add_flags(p)
-    cli.add_common(p)
+    cli.add_common(p, auto_dtype="float16")
     args = p.parse_args(argv)
     check_args(args)
     if args.plot:
@@ -360,7 +337,7 @@ def check_args(args) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             cli.in_range(flag, value, lo, hi)
-    cli.in_range("--num-blocks", args.num_blocks, 0, 10**7)
+    cli.in_range("--num-gpu-blocks-override", args.num_blocks, 0, 10**7)
     memory_beam.check_flags(args, cli.in_range)
 
 
@@ -376,7 +353,7 @@ def resolve(args, backend) -> KVShape:
         cli.in_range("--prompt-len", args.prompt_len, 1, pool_tokens,
                      f" (the pool holds {args.num_blocks} blocks x {args.block_size} tokens)")
         need = max(sc.blocks_needed("naive", args.block_size) for sc in scenarios(args))
-        cli.in_range("--num-blocks", args.num_blocks, need, 10**7, " (what the naive mode needs; 0 = auto)")
+        cli.in_range("--num-gpu-blocks-override", args.num_blocks, need, 10**7, " (what the naive mode needs; 0 = auto)")
     shape = {"small": SMALL, "llama-1b": LLAMA_1B}.get(args.alloc_shape, LLAMA_1B if backend.is_gpu else SMALL)
     cli.require_memory(backend=backend, **memory_needed(args, shape, backend))
     return shape
@@ -425,10 +402,6 @@ def verdict(r: dict) -> str:
     same = f"outputs identical ({how})" if identical(r) else f"OUTPUTS DIFFER (checked: {how}; see the JSON)"
     return (f"{sc['name']}, {what}: naive {fmt_bytes(r['naive']['bytes_used'])}, "
             f"shared {fmt_bytes(r['shared']['bytes_used'])}: {r['saved_pct']:.1f}% saved, {same}")
-
-
-def fmt_bytes(n: int) -> str:
-    return f"{n / GB:.2f} GB" if n >= GB / 10 else f"{n / 1e6:.1f} MB"
 
 
 def render_table(payload: dict):

@@ -202,8 +202,7 @@ RESULTS = Path("benchmarks") / "results"
 
 
 def parse_args(argv=None):
-    p = cli.Parser(prog="python -m experiments.plots",
-                   description="Draw PNGs from the experiments' JSON (written with --output-json). Without an "
+    p = cli.Parser(description="Draw PNGs from the experiments' JSON (written with --output-json). Without an "
                                f"input flag, every result in ./{RESULTS} is drawn into --out-dir.")
     group = p.add_mutually_exclusive_group()
     for kind, flag in FLAGS.items():

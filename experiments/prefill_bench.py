@@ -133,7 +133,7 @@ def sdpa_runner(torch, seqs, expand: bool):
 
 
 def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
-    from pagedkv import kernels_prefill as kp
+    from pagedkv.kernels import prefill as kp
 
     new, cached = case_lengths(name)
     q, k, v, tables, starts, ctx = build_case(cp, rng, new, cached, head_dim)

@@ -16,11 +16,11 @@ Times are host wall clock around ``engine.step()`` (each step ends with a device
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import numpy as np
+
+from . import cli
 
 GPU_DEFAULTS = dict(model="llama-1b", dtype="float16", num_prompts=256, shared_len=4010, own_len=32, output_len=128,
                     long_num_prompts=24, long_min_len=2048, long_max_len=16384, long_min_output=64,
@@ -30,40 +30,78 @@ CPU_DEFAULTS = dict(model="tiny", dtype="float32", num_prompts=16, shared_len=20
                     chunk_budget=32)
 
 
+INT_FLAGS = ("num-prompts", "shared-len", "own-len", "output-len", "long-num-prompts", "long-min-len",
+             "long-max-len", "long-min-output", "long-max-output", "chunk-budget")
+MAX_PROMPTS = 4096  # requests per workload
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.prefix_workloads", description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
+    from pagedkv.model.config import PRESETS
+
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=["shared", "long", "both"], default="both")
-    p.add_argument("--model", help="model preset (default: llama-1b on a GPU, tiny on a CPU)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
-    for name in ("num-prompts", "shared-len", "own-len", "output-len", "long-num-prompts", "long-min-len",
-                 "long-max-len", "long-min-output", "long-max-output", "chunk-budget"):
+    p.add_argument("--model", choices=sorted(PRESETS), help="model preset (default: llama-1b on a GPU, tiny on a CPU)")
+    for name in INT_FLAGS:
         p.add_argument(f"--{name}", type=int, help="(default: the device's)")
-    p.add_argument("--kv-memory-gb", type=float, help="KV pool size (default: the engine's)")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-json")
+    cli.add_engine_flags(p)
+    cli.add_common(p, plot=False)
     args = p.parse_args(argv)
-    for key, value in (GPU_DEFAULTS if args.device == "gpu" else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("num_prompts", "shared_len", "own_len", "output_len", "long_num_prompts", "long_min_len",
-                "long_min_output", "chunk_budget"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.long_max_len < args.long_min_len or args.long_max_output < args.long_min_output:
-        p.error("--long-max-len / --long-max-output must be >= their minimum")
+    cli.check_common(args)
+    cli.check_engine_flags(args)
+    cli.in_range("--max-num-seqs", args.max_num_seqs, 1, 4096)
     return args
+
+
+def resolve(args, backend) -> None:
+    """The device's defaults, the sizes' ranges and the memory the run needs, before any work."""
+    from pagedkv.model import get_config
+
+    args.device = backend.name
+    for key, value in (GPU_DEFAULTS if backend.is_gpu else CPU_DEFAULTS).items():
+        if getattr(args, key) in (None, "auto"):
+            setattr(args, key, value)
+    config = get_config(args.model)
+    longest = config.max_position_embeddings
+    for flag in INT_FLAGS:
+        key = flag.replace("-", "_")
+        hi = MAX_PROMPTS if key.endswith("num_prompts") else longest
+        cli.in_range(f"--{flag}", getattr(args, key), 1, hi, f" ({args.model}'s max_position_embeddings)"
+                     if hi == longest else "")
+    if args.long_max_len < args.long_min_len or args.long_max_output < args.long_min_output:
+        raise cli.FlagError("--long-max-len / --long-max-output must be >= their minimum")
+    lens = []
+    if args.workload in ("shared", "both"):
+        lens.append(args.shared_len + args.own_len + args.output_len)
+    if args.workload in ("long", "both"):
+        lens.append(args.long_max_len + args.long_max_output)
+    for max_len in lens:
+        cli.in_range("the longest request (prompt + output)", max_len, 1, longest,
+                     f" ({args.model}'s max_position_embeddings)")
+    max_len = max(lens)
+    kv = args.kv_cache_memory_bytes or _default_pool_bytes(args, config, backend)
+    parts = cli.engine_bytes(config, args.dtype, kv_bytes=kv, max_num_batched_tokens=max(8192, max_len),
+                             max_len=max_len, max_num_seqs=args.max_num_seqs)
+    cli.require_memory(backend=backend, parts=parts, **{"device" if backend.is_gpu else "host": sum(parts.values())})
+
+
+def _default_pool_bytes(args, config, backend) -> int:
+    """What the engine would allocate by default: a block count's bytes, or 40 % of the free GPU memory."""
+    from pagedkv import KVCache
+
+    per_block = KVCache.block_bytes(config.num_layers, 16, config.num_kv_heads, config.head_dim, args.dtype)
+    if args.num_gpu_blocks_override:
+        return args.num_gpu_blocks_override * per_block
+    return 1024 * per_block if not backend.is_gpu else int(0.4 * cli.available_memory(backend)[1])
 
 
 def make_engine(args, max_model_len: int, **overrides):
     from pagedkv.engine import EngineConfig, LLMEngine
 
-    kv = {} if args.kv_memory_gb is None else {"kv_memory_bytes": int(args.kv_memory_gb * 2**30)}
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=16,
                           max_num_seqs=args.max_num_seqs, max_model_len=max_model_len,
-                          cuda_graph=args.device == "gpu" and not args.enforce_eager, **kv, **overrides)
+                          **cli.engine_options(args, gpu=args.device == "gpu"), **overrides)
     return LLMEngine(config)
 
 
@@ -75,7 +113,7 @@ def run(engine, prompts, output_lens) -> tuple[dict, list]:
     engine.generate(warm, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), progress=False)
     engine.warmup_graphs()
     before = engine.metrics().as_dict()
-    bm = engine.manager.block_manager
+    bm = engine.manager
     start = time.perf_counter()
     ids = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=int(m), ignore_eos=True))
            for p, m in zip(prompts, output_lens)]
@@ -165,18 +203,20 @@ def long_workload(args) -> dict:
     return out
 
 
+@cli.guarded
 def main(argv=None) -> int:
-    args = parse_args(argv)
     from rich.console import Console
     from rich.table import Table
 
-    result = {"args": vars(args)}
+    args = parse_args(argv)
+    backend = cli.resolve_backend(args.device)
+    resolve(args, backend)
+    result = {"info": cli.run_info(backend), "args": vars(args)}
     for name, fn in (("shared", shared_workload), ("long", long_workload)):
         if args.workload in (name, "both"):
             result[name] = fn(args)
-            if args.output_json:  # NOTE: written after each workload, so a cut-off run keeps what it measured
-                with open(args.output_json, "w") as f:
-                    json.dump(result, f, indent=1)
+            if args.json:  # NOTE: written after each workload, so a cut-off run keeps what it measured
+                cli.write_json(args.json, result)
     console = Console()
     for workload in ("shared", "long"):
         if workload not in result:

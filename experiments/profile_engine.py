@@ -4,7 +4,7 @@ Runs the throughput experiment's workload in one mode under ``cProfile``, times 
 (host wall clock with the device synchronised before and after) and prints the functions with the most
 cumulative time. A diagnostic, not a benchmark: profiling slows the host down.
 
-    python -m experiments.profile_engine --device gpu --workload w1 --mode continuous --kv-budget-mb 512
+    python -m experiments.profile_engine --device gpu --workload w1 --mode continuous --kv-cache-memory-bytes 512MiB
 """
 from __future__ import annotations
 
@@ -50,19 +50,19 @@ def _timed_prefill(engine, log: list):
 def parse_args(argv=None):
     from pagedkv.model.config import PRESETS
 
-    p = cli.Parser(prog="python -m experiments.profile_engine", description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", default="w1", choices=throughput.WORKLOADS, help="request lengths (default w1)")
     p.add_argument("--mode", default="continuous", choices=throughput.MODES, help="scheduling (default continuous)")
     p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
                    help="random-weight model preset (default: llama-1b on GPU, tiny on CPU)")
-    p.add_argument("--num-prompts", "--num-requests", dest="num_requests", metavar="N", type=int, default=None,
+    p.add_argument("--num-prompts", dest="num_requests", metavar="N", type=int, default=None,
                    help="requests (default 128 on a GPU, 32 on the CPU)")
-    p.add_argument("--kv-budget-mb", type=float, default=512, help="KV pool in MiB (default 512)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs on a GPU (vLLM's flag)")
+    cli.add_engine_flags(p, pool_default="512MiB")
     p.add_argument("--top", type=int, default=30, help="functions listed, by cumulative time (default 30)")
-    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES, plot=False)
+    cli.add_common(p, plot=False)
     args = p.parse_args(argv)
     cli.check_common(args)
+    cli.check_engine_flags(args)
     cli.in_range("--top", args.top, 1, 10000)
     return args
 
@@ -70,9 +70,13 @@ def parse_args(argv=None):
 def _throughput_args(args, backend):
     """The throughput experiment's namespace for the same run (its checks, defaults and memory estimate)."""
     num_requests = args.num_requests or (128 if backend.is_gpu else 32)
+    pool = (["--num-gpu-blocks-override", str(args.num_gpu_blocks_override)] if args.num_gpu_blocks_override else
+            ["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes or 512 << 20)])
+    if args.gpu_memory_utilization is not None:
+        raise cli.FlagError("--gpu-memory-utilization: profile with a fixed pool (--kv-cache-memory-bytes)")
     ns = throughput.parse_args(["--device", backend.name, "--workload", args.workload, "--num-prompts",
-                                str(num_requests), "--kv-budget-mb", str(args.kv_budget_mb), "--cuda-graph",
-                                "on" if backend.is_gpu and not args.enforce_eager else "off", "--model", args.model,
+                                str(num_requests), *pool, *(["--enforce-eager"] if args.enforce_eager else []),
+                                "--kv-cache-dtype", args.kv_cache_dtype, "--model", args.model,
                                 "--dtype", args.dtype, "--seed", str(args.seed)])
     return ns, throughput.resolve(ns, backend)
 

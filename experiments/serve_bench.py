@@ -36,7 +36,7 @@ GPU_SIZES = {"num_prompts": 200, "random_input_len": 256, "random_output_len": 1
 
 
 def parse_args(argv):
-    p = cli.Parser(prog="python -m experiments.serve_bench", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default=None, help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8000 "
                    "(default: none; the engine runs in this process behind its engine loop, without HTTP)")
     p.add_argument("--model", default=None, help="with --base-url: the served model id (default: the server's "
@@ -55,9 +55,10 @@ def parse_args(argv):
     p.add_argument("--output-json", default=None, metavar="PATH", help="also write the results here")
     local = p.add_argument_group("in-process runs (no --base-url)")
     local.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json (not needed: prompts are ids)")
-    local.add_argument("--device", default=None, help="auto | cpu | gpu (default auto)")
-    local.add_argument("--dtype", default=None, help="float16 | bfloat16 | float32 (default: a checkpoint's; "
-                       "presets float16 on a GPU, float32 on a CPU)")
+    local.add_argument("--device", default=None, choices=cli.DEVICES, help="where to run (default auto)")
+    local.add_argument("--dtype", default=None, choices=("auto",) + cli.DTYPES,
+                       help="weights and K/V (default auto: a checkpoint's; presets float16 on a GPU, float32 on a "
+                            "CPU)")
     local.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the "
                        "engine's)")
     local.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
@@ -86,8 +87,7 @@ def check(args) -> None:
         gpu = True
     else:
         args.device = cli.in_choices("--device", args.device or "auto", cli.DEVICES)
-        if args.dtype is not None:
-            cli.in_choices("--dtype", args.dtype, cli.DTYPES)
+        args.dtype = None if args.dtype == "auto" else args.dtype
         gpu = cli.resolve_backend(args.device).is_gpu
         args.model = args.model or ("llama-1b" if gpu else "tiny")
     for name, default in (GPU_SIZES if gpu else CPU_SIZES).items():
@@ -245,11 +245,20 @@ def render_table(rows: list[dict], title: str):
 # ----------------------------------------------------------------------------------------------- main
 async def http_target(args):
     """(send function, model id, vocab size, client to close) for a running server."""
+    cli.require_module("httpx", "serve")
     import httpx
 
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None))
     url = args.base_url.rstrip("/")
-    card = (await client.get(url + "/v1/models")).json()["data"][0]
+    try:
+        response = await client.get(url + "/v1/models", timeout=10.0)
+        response.raise_for_status()
+        card = response.json()["data"][0]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        await client.aclose()
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise cli.FlagError(f"--base-url {args.base_url}: no OpenAI-compatible server answered GET /v1/models "
+                            f"({why})") from None
     model = args.model or card["id"]
     vocab = args.vocab_size or card.get("vocab_size")
     if vocab is None:
@@ -307,8 +316,7 @@ def main(argv=None) -> int:
         config = {k: (v if not isinstance(v, list) else [x if math.isfinite(x) else "inf" for x in v])
                   for k, v in vars(args).items()}
         payload = {"experiment": "serve_bench", "target": target, "config": config, "results": rows,
-                   "run": {"command": "python -m experiments.serve_bench " + " ".join(sys.argv[1:] if argv is None
-                                                                                       else argv),
+                   "run": {"command": " ".join([cli.prog_name()] + (sys.argv[1:] if argv is None else argv)),
                            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}}
         console.print(f"wrote {cli.write_json(args.output_json, payload)}", soft_wrap=True)
     return 0 if all(r["failed"] == 0 for r in rows) else 1

@@ -13,7 +13,7 @@ outputs must be identical; the run compares them. Counts (model steps, KV slots)
 ``time.perf_counter``; this script's bookkeeping between steps is excluded).
 
     python -m experiments.throughput                                   # CPU: tiny model, lengths x 1/8
-    python -m experiments.throughput --device gpu --model llama-1b --scale 1 --kv-budget-mb 512
+    python -m experiments.throughput --device gpu --model llama-1b --scale 1 --kv-cache-memory-bytes 512MiB
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class Timeline:
         self.time_s.append(round(time_s, 4))
         self.num_running.append(sum(len(r.active_branches()) for r in running))
         self.slots_used.append(sum(_slots_filled(r) for r in [*running, *held]))
-        bm = engine.manager.block_manager
+        bm = engine.manager
         self.slots_reserved.append(bm.num_used_blocks * bm.block_size)
 
 
@@ -124,10 +124,11 @@ def engine_config(mode: str, args, workload: Workload):
     so only the KV budget and ``max_num_seqs`` limit a batch (a static batch is admitted in one step)."""
     from pagedkv.engine import EngineConfig
 
-    extra = {"cuda_graph": True} if args.cuda_graph == "on" else {}
-    extra["static_padding"] = args.static_padding == "on"
+    extra = {**cli.engine_options(args, gpu=args.device == "gpu"), "kv_memory_bytes": args.kv_pool_bytes,
+             "static_padding": args.static_padding == "on"}
+    extra.pop("num_blocks", None)
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-                        block_size=args.block_size, kv_memory_bytes=args.kv_budget_bytes,
+                        block_size=args.block_size,
                         max_num_seqs=args.max_num_seqs, max_model_len=workload.max_len,
                         max_num_batched_tokens=max(8192, workload.summary()["prompt_tokens"]), scheduling=mode,
                         **extra)
@@ -215,30 +216,22 @@ def parse_args(argv=None):
     """Parse and check the flags that do not depend on the device (the rest: :func:`resolve`)."""
     from pagedkv.model.config import PRESETS
 
-    p = cli.Parser(prog="python -m experiments.throughput",
-                   description="Static vs continuous batching of the same requests under the same KV memory budget.")
+    p = cli.Parser(description="Static vs continuous batching of the same requests under the same KV memory budget.")
     p.add_argument("--workload", default="w1", choices=WORKLOADS, help="request lengths (default w1)")
-    p.add_argument("--num-prompts", "--num-requests", dest="num_requests", metavar="N", type=int, default=128,
+    p.add_argument("--num-prompts", dest="num_requests", metavar="N", type=int, default=128,
                    help="requests (default 128)")
     p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
                    help="random-weight model preset (default: llama-1b on GPU, tiny on CPU)")
     p.add_argument("--scale", type=float, default=None,
                    help="multiply prompt and output lengths (default: 1 on GPU, 0.125 on CPU)")
-    p.add_argument("--kv-budget-mb", type=float, default=None,
-                   help=f"KV pool in MiB, both modes (default: {100 * DEFAULT_BUDGET_FRACTION:.0f}%% of the token "
-                        "slots that every request at full length would need at once)")
-    p.add_argument("--kv-budget-bytes", type=int, default=None, help="KV pool in bytes (instead of --kv-budget-mb)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in a batch, both modes (default 256)")
     p.add_argument("--block-size", type=int, default=16, choices=(8, 16, 32), help="tokens per block (default 16)")
-    graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
-                        help="replay decode steps as CUDA graphs (default auto: on with a GPU, off on the CPU)")
-    graphs.add_argument("--enforce-eager", dest="cuda_graph", action="store_const", const="off",
-                        help="eager launches, no CUDA graphs (vLLM's flag; the same as --cuda-graph off)")
+    cli.add_engine_flags(p, pool_default=f"{100 * DEFAULT_BUDGET_FRACTION:.0f}%% of the token slots that every "
+                         "request at full length would need at once, both modes")
     p.add_argument("--static-padding", default="on", choices=("on", "off"),
                    help="a static batch reserves the batch's longest length for every request (on, as a dense "
                         "[batch, max_len] cache does) or each request's own (default on)")
-    cli.add_common(p, dtype="auto", dtypes=("auto",) + cli.DTYPES)
+    cli.add_common(p)
     args = p.parse_args(argv)
     check_args(args)
     if args.plot:
@@ -254,12 +247,10 @@ def check_args(args) -> None:
     if args.scale is not None:
         cli.in_range("--scale", args.scale, 0.001, 1.0)
     cli.in_range("--max-num-seqs", args.max_num_seqs, 1, 4096)
-    if args.kv_budget_mb is not None and args.kv_budget_bytes is not None:
-        raise cli.FlagError("give --kv-budget-mb or --kv-budget-bytes, not both")
-    if args.kv_budget_mb is not None:
-        cli.in_range("--kv-budget-mb", args.kv_budget_mb, 0.001, 10**6)
-    if args.kv_budget_bytes is not None:
-        cli.in_range("--kv-budget-bytes", args.kv_budget_bytes, 1, 2**40)
+    cli.check_engine_flags(args)
+    if args.gpu_memory_utilization is not None:
+        raise cli.FlagError("--gpu-memory-utilization: both modes must get the same pool here; give "
+                            "--kv-cache-memory-bytes or --num-gpu-blocks-override")
 
 
 def resolve(args, backend) -> Workload:
@@ -269,9 +260,6 @@ def resolve(args, backend) -> Workload:
 
     gpu = backend.is_gpu
     args.device = backend.name
-    if args.cuda_graph == "on" and not gpu:
-        raise cli.FlagError("--cuda-graph on needs a GPU (the CPU path has no CUDA graphs)")
-    args.cuda_graph = args.cuda_graph if args.cuda_graph != "auto" else ("on" if gpu else "off")
     args.model = args.model if args.model != "auto" else ("llama-1b" if gpu else "tiny")
     args.dtype = args.dtype if args.dtype != "auto" else ("float16" if gpu else "float32")
     args.scale = args.scale if args.scale is not None else (1.0 if gpu else 0.125)
@@ -279,10 +267,13 @@ def resolve(args, backend) -> Workload:
     workload = make_workload(args.workload, args.num_requests, seed=args.seed, scale=args.scale,
                              vocab_size=m.vocab_size)
     per_block = KVCache.block_bytes(m.num_layers, args.block_size, m.num_kv_heads, m.head_dim, args.dtype)
-    if args.kv_budget_bytes is None:
+    if args.num_gpu_blocks_override is not None:
+        args.kv_pool_bytes = args.num_gpu_blocks_override * per_block
+    elif args.kv_cache_memory_bytes is not None:
+        args.kv_pool_bytes = args.kv_cache_memory_bytes
+    else:
         tokens = DEFAULT_BUDGET_FRACTION * (workload.summary()["prompt_tokens"] + sum(workload.max_tokens))
-        args.kv_budget_bytes = (int(args.kv_budget_mb * 2**20) if args.kv_budget_mb is not None else
-                                per_block * max(-(-int(tokens) // args.block_size), _min_blocks(args, workload)))
+        args.kv_pool_bytes = per_block * max(-(-int(tokens) // args.block_size), _min_blocks(args, workload))
     _check_budget(args, workload, per_block)
     cli.require_memory(backend=backend, **memory_needed(args, workload, m))
     return workload
@@ -290,7 +281,7 @@ def resolve(args, backend) -> Workload:
 
 def memory_needed(args, workload: Workload, model) -> dict:
     """One engine at a time (the modes run one after the other): weights + KV pool + a step's activations."""
-    parts = cli.engine_bytes(model, args.dtype, kv_bytes=args.kv_budget_bytes,
+    parts = cli.engine_bytes(model, args.dtype, kv_bytes=args.kv_pool_bytes,
                              max_num_batched_tokens=max(8192, workload.summary()["prompt_tokens"]),
                              max_len=workload.max_len, max_num_seqs=args.max_num_seqs)
     total = sum(parts.values())
@@ -300,13 +291,12 @@ def memory_needed(args, workload: Workload, model) -> dict:
 def _check_budget(args, workload: Workload, per_block: int) -> None:
     """The longest request must fit the pool (minus the engine's 1% watermark), or the engine refuses it."""
     need, min_blocks = -(-workload.max_len // args.block_size), _min_blocks(args, workload)
-    num_blocks = args.kv_budget_bytes // per_block
+    num_blocks = args.kv_pool_bytes // per_block
     if num_blocks < min_blocks:
-        flag, got, lo = (("--kv-budget-mb", f"{args.kv_budget_mb:g}", f"{min_blocks * per_block / 2**20:.3f}")
-                         if args.kv_budget_mb is not None else
-                         ("--kv-budget-bytes", str(args.kv_budget_bytes), str(int(min_blocks * per_block))))
-        hi = "1000000" if flag == "--kv-budget-mb" else str(2**40)
-        raise cli.FlagError(f"{flag} must be in [{lo}, {hi}] (the longest request, {workload.max_len} tokens, "
+        flag, got, lo = (("--num-gpu-blocks-override", args.num_gpu_blocks_override, min_blocks)
+                         if args.num_gpu_blocks_override is not None else
+                         ("--kv-cache-memory-bytes", args.kv_pool_bytes, min_blocks * per_block))
+        raise cli.FlagError(f"{flag} must be at least {lo} (the longest request, {workload.max_len} tokens, "
                             f"needs {need} blocks of {per_block} bytes), got {got}")
 
 
@@ -320,7 +310,7 @@ def verdict(r: dict, args) -> str:
     same = (f"outputs identical ({out['num_identical']}/{out['num_requests']} requests, greedy)" if out["identical"]
             else f"outputs DIFFER ({out['num_identical']}/{out['num_requests']} requests identical)")
     head = (f"{w['name']}, {w['num_requests']} requests, {args.model} {args.dtype} on {args.device}, "
-            f"{args.kv_budget_bytes / 2**20:.1f} MiB of KV for both: ")
+            f"{args.kv_pool_bytes / 2**20:.1f} MiB of KV for both: ")
     steps = f"{c['num_steps']:,} vs {s['num_steps']:,} model steps ({r['step_ratio']:.2f}x fewer)"
     util = f"KV utilization {100 * c['kv_utilization_mean']:.0f}% vs {100 * s['kv_utilization_mean']:.0f}%"
     if args.device == "cpu":  # NOTE: the CPU path's step time grows with batch x context: wall-clock misleads
@@ -347,7 +337,7 @@ def render_table(r: dict, args):
               caption=(f"{args.model} {args.dtype} on {r.get('device', args.device)}; prompts "
                        f"{w['prompt_len_min']}-{w['prompt_len_max']}, outputs {w['output_len_min']}-"
                        f"{w['output_len_max']} tokens (scale {args.scale:g}); KV pool "
-                       f"{args.kv_budget_bytes / 2**20:.1f} MiB = {r['pool_token_slots']:,} token slots "
+                       f"{args.kv_pool_bytes / 2**20:.1f} MiB = {r['pool_token_slots']:,} token slots "
                        f"({r['pool_token_slots'] / need:.0%} of all requests at full length); max_num_seqs "
                        f"{args.max_num_seqs}; static reservations "
                        f"{'padded to the batch longest' if args.static_padding == 'on' else 'per request'}; decode: "
@@ -377,7 +367,7 @@ def main(argv=None) -> int:
     with Progress(console=Console(stderr=True), transient=True) as progress:
         result = run_workload(workload, args, progress)
     run = cli.run_info(backend)
-    result.update(device=run["device"], pool_token_slots=args.kv_budget_bytes // per_block * args.block_size)
+    result.update(device=run["device"], pool_token_slots=args.kv_pool_bytes // per_block * args.block_size)
     payload = {"experiment": "throughput", "run": run, "config": vars(args), **result,
                "verdict": verdict(result, args)}
     console = cli.console()

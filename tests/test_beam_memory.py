@@ -24,7 +24,7 @@ ARGS = ["--num-requests", "2", "--num-branches", "2", "--prompt-len", "20", "--s
 @pytest.fixture(scope="module")
 def payload(tmp_path_factory):
     path = tmp_path_factory.mktemp("beam") / "out.json"
-    assert memory_share.main(ARGS + ["--device", "cpu", "--json", str(path)]) == 0
+    assert memory_share.main(ARGS + ["--device", "cpu", "--output-json", str(path)]) == 0
     return json.loads(path.read_text())
 
 
@@ -61,7 +61,7 @@ def test_beam_verdicts_are_printed_with_the_others(payload):
 def test_beam_scenario_can_be_skipped(tmp_path):
     path = tmp_path / "out.json"
     args = ARGS[:ARGS.index("--beam-widths")] + ["--beam-widths", "0"]
-    assert memory_share.main(args + ["--device", "cpu", "--json", str(path)]) == 0
+    assert memory_share.main(args + ["--device", "cpu", "--output-json", str(path)]) == 0
     assert json.loads(path.read_text())["beam_search"] == []
 
 
@@ -79,7 +79,7 @@ def test_the_scenario_alone(tmp_path, capsys):
 
     path = tmp_path / "beam.json"
     args = ARGS[ARGS.index("--block-size"):ARGS.index("--block-size") + 2] + ARGS[ARGS.index("--beam-widths"):]
-    assert memory_beam.main(args + ["--device", "cpu", "--json", str(path)]) == 0
+    assert memory_beam.main(args + ["--device", "cpu", "--output-json", str(path)]) == 0
     alone = json.loads(path.read_text())
     assert [r["scenario"]["beam_width"] for r in alone["beam_search"]] == [2, 3]
     assert all(r["identical"] for r in alone["beam_search"])

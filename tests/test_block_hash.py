@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pagedkv.block_hash import BlockHasher, main
+from pagedkv.cache.block_hash import BlockHasher, main
 
 HASHER = BlockHasher.for_model("tiny", "float32", 4)
 
@@ -75,7 +75,7 @@ def test_numpy_and_list_inputs_agree():
 
 def test_same_digests_in_every_process():
     """Unlike ``hash()``, salted per process, two interpreters with different hash seeds agree."""
-    code = ("from pagedkv.block_hash import BlockHasher\n"
+    code = ("from pagedkv.cache.block_hash import BlockHasher\n"
             "print(BlockHasher.for_model('m', 'float16', 2).hash_full_blocks([5, 6, 7, 8], 2)[1].hex())")
     outs = set()
     for seed in ("1", "2"):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pagedkv.block_manager import BlockManager, InvariantError, OutOfBlocksError
+from pagedkv.cache.block_manager import BlockManager, InvariantError, OutOfBlocksError
 
 
 def free_list(bm):
@@ -372,7 +372,7 @@ def test_check_invariants_raises_under_python_O():
     """Asserts vanish under ``python -O``; the checker must raise a real exception there too."""
     import subprocess
     import sys
-    code = ("from pagedkv.block_manager import BlockManager\n"
+    code = ("from pagedkv.cache.block_manager import BlockManager\n"
             "bm = BlockManager(4, 4); bm.allocate(2); bm._ref_counts[0] = 0\n"
             "try:\n    bm.check_invariants()\nexcept Exception as e:\n    print('raised', type(e).__name__)\n"
             "else:\n    print('nothing')\n")

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("experiments") is None:  # plain `pytest` (not `python -m pytest`) from elsewhere
     sys.path.insert(0, str(ROOT))
 
-from experiments import cli, engine_bench, memory_share, plots, profile_engine, throughput  # noqa: E402
+from experiments import BENCHMARKS, cli, engine_bench, memory_share, plots, profile_engine, throughput  # noqa: E402
 
-MODULES = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem not in ("__init__", "cli"))
+MODULES = sorted(BENCHMARKS.values())
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -86,14 +86,21 @@ def test_bare_invocation_works_on_a_cpu_and_writes_nothing(module, tmp_path):
 @pytest.mark.parametrize("module, args, expected", [
     ("memory_share", ["--block-size", "12"], "error: argument --block-size: invalid choice: 12 (choose from 8, 16"),
     ("memory_share", ["--num-requests", "0"], "error: --num-requests must be in [1, 4096], got 0"),
-    ("memory_share", ["--num-blocks", "4", "--prompt-len", "100", "--device", "cpu"],
+    ("memory_share", ["--num-gpu-blocks-override", "4", "--prompt-len", "100", "--device", "cpu"],
      "error: --prompt-len must be in [1, 64]"),
     ("memory_share", ["--device", "tpu"], "error: argument --device: invalid choice: 'tpu'"),
     ("throughput", ["--workload", "w9"], "error: argument --workload: invalid choice: 'w9'"),
-    ("throughput", ["--device", "cpu", "--kv-budget-bytes", "4096"], "error: --kv-budget-bytes must be in ["),
-    ("throughput", ["--num-requests", "abc"], "error: argument --num-prompts/--num-requests: invalid int value"),
-    ("throughput", ["--cuda-graph", "on", "--enforce-eager"], "error: argument --enforce-eager: not allowed with"),
-    ("engine_bench", ["--max-len", "0"], "error: --max-model-len must be in [8, "),
+    ("throughput", ["--device", "cpu", "--kv-cache-memory-bytes", "4096"],
+     "error: --kv-cache-memory-bytes must be at least "),
+    ("throughput", ["--kv-cache-memory-bytes", "12 apples"], "error: argument --kv-cache-memory-bytes: not a size"),
+    ("throughput", ["--num-prompts", "abc"], "error: argument --num-prompts: invalid int value"),
+    ("throughput", ["--kv-cache-memory-bytes", "1GiB", "--num-gpu-blocks-override", "8"],
+     "error: argument --num-gpu-blocks-override: not allowed with"),
+    ("engine_bench", ["--max-model-len", "0"], "error: --max-model-len must be in [8, "),
+    ("engine_bench", ["--enforce-eager", "--compare-eager"], "error: --compare-eager needs a GPU and CUDA graphs"),
+    ("prefix_workloads", ["--num-prompts", "100000", "--shared-len", "100000000"],
+     "error: --num-prompts must be in [1, 4096], got 100000"),
+    ("prefix_workloads", ["--device", "cpu", "--shared-len", "100000000"], "error: --shared-len must be in [1, "),
     ("engine_bench", ["--num-prompts", "0"], "error: --num-prompts must be in [1, 4096], got 0"),
     ("engine_bench", ["--model", "llama-9b"], "error: argument --model: invalid choice: 'llama-9b'"),
     ("profile_engine", ["--mode", "fast"], "error: argument --mode: invalid choice: 'fast'"),
@@ -106,13 +113,14 @@ def test_bad_flag_is_one_line_and_exit_code_2(module, args, expected, capsys):
 
 
 def test_bad_flag_from_the_shell_has_no_traceback():
-    one_line_error(run_module("engine_bench", "--max-len", "0"))  # it printed a traceback and exited 0
+    one_line_error(run_module("engine_bench", "--max-model-len", "0"))  # it printed a traceback and exited 0
 
 
 def test_engine_bench_small_request_counts_run(tmp_path):
     # --num-requests 2 raised "2 prompts but 4 SamplingParams" (a traceback, exit 0); --max-len 8 is the smallest
     out = tmp_path / "eb.json"
-    assert engine_bench.main(["--device", "cpu", "--num-requests", "2", "--max-len", "8", "--json", str(out)]) == 0
+    assert engine_bench.main(["--device", "cpu", "--num-prompts", "2", "--max-model-len", "8",
+                              "--output-json", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
     assert list(runs) == ["continuous"] and "error" not in runs["continuous"]
     assert runs["continuous"]["useful_tokens"] == json.loads(out.read_text())["workload"]["useful_tokens"]
@@ -121,6 +129,7 @@ def test_engine_bench_small_request_counts_run(tmp_path):
 @pytest.mark.parametrize("main, argv", [
     (memory_share.main, ["--device", "cpu"]), (throughput.main, ["--device", "cpu"]),
     (engine_bench.main, ["--device", "cpu"]), (profile_engine.main, ["--device", "cpu"]),
+    (importlib.import_module("experiments.prefix_workloads").main, ["--device", "cpu"]),
 ])
 @pytest.mark.parametrize("where", ["folder", "file-as-folder", "virtual"])
 def test_unwritable_output_is_refused_before_the_run(main, argv, where, tmp_path, capsys, monkeypatch):
@@ -138,12 +147,16 @@ def test_plot_path_is_checked_before_the_run(tmp_path, capsys):
 
 # -- memory: sizes the range checks accept are refused with the number, not a MemoryError -------------------------
 @pytest.mark.parametrize("main, argv, part", [
-    (throughput.main, ["--kv-budget-bytes", str(2**40)], "KV pool 1.0 TiB"),  # 1 TiB passed the range check
-    (throughput.main, ["--kv-budget-mb", "1000000"], "KV pool 976.6 GiB"),
+    (throughput.main, ["--kv-cache-memory-bytes", str(2**40)], "KV pool 1.0 TiB"),  # 1 TiB passed the range check
+    (throughput.main, ["--kv-cache-memory-bytes", "1000000MiB"], "KV pool 976.6 GiB"),
     (memory_share.main, ["--num-requests", "4096", "--prompt-len", "131072"], "KV pools"),  # 8 TiB on a GPU
     (memory_share.main, ["--alloc-shape", "llama-1b", "--num-requests", "1024", "--prompt-len", "4000"], "KV pools"),
     (engine_bench.main, ["--model", "llama-1b", "--num-prompts", "16", "--max-model-len", "64"], "weights"),
-    (profile_engine.main, ["--kv-budget-mb", "100000"], "KV pool"),
+    (profile_engine.main, ["--kv-cache-memory-bytes", "100000MiB"], "KV pool"),
+    # issue 21 finding 10: prefix_workloads allocated 48.8 TiB and died with a traceback
+    (importlib.import_module("experiments.prefix_workloads").main,
+     ["--model", "tiny", "--num-prompts", "4096", "--shared-len", "900", "--kv-cache-memory-bytes", "4TiB"],
+     "KV pool 4.0 TiB"),
 ])
 def test_runs_larger_than_memory_are_refused_with_the_number(main, argv, part, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_host_available", lambda: 2 << 30)  # a 2 GiB machine, whatever runs the tests
@@ -152,7 +165,7 @@ def test_runs_larger_than_memory_are_refused_with_the_number(main, argv, part, c
 
 
 def test_a_terabyte_run_is_refused_from_the_shell():
-    proc = run_module("throughput", "--device", "cpu", "--kv-budget-bytes", str(2**40), timeout=30)
+    proc = run_module("throughput", "--device", "cpu", "--kv-cache-memory-bytes", "1TiB", timeout=30)
     assert "1.0 TiB" in one_line_error(proc)
 
 
@@ -167,8 +180,8 @@ def test_memory_estimate_admits_the_default_runs(monkeypatch):
 
 # -- no flag silently ignored ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("main, argv, fragment", [
-    (throughput.main, ["--cuda-graph", "on"], "--cuda-graph on needs a GPU"),
-    (engine_bench.main, ["--graph", "both"], "--graph both needs a GPU"),
+    (engine_bench.main, ["--compare-eager"], "--compare-eager needs a GPU"),
+    (throughput.main, ["--gpu-memory-utilization", "0.5"], "--gpu-memory-utilization"),
     (engine_bench.main, ["--plot", "x.png"], "unrecognized arguments: --plot"),
     (profile_engine.main, ["--plot", "x.png"], "unrecognized arguments: --plot"),
 ])
@@ -189,13 +202,19 @@ def test_profile_engine_honours_dtype_seed_and_json(tmp_path):
     assert a["workload"] != b["workload"]  # the seed reaches the workload
 
 
-def test_vllm_flag_names_and_old_aliases_mean_the_same():
-    a = throughput.parse_args(["--num-prompts", "5", "--output-json", "x.json", "--enforce-eager"])
-    b = throughput.parse_args(["--num-requests", "5", "--json", "x.json", "--cuda-graph", "off"])
-    assert vars(a) == vars(b)
-    a = engine_bench.parse_args(["--max-model-len", "64", "--num-prompts", "3", "--enforce-eager"])
-    b = engine_bench.parse_args(["--max-len", "64", "--num-requests", "3", "--graph", "off"])
-    assert vars(a) == vars(b)
+def test_one_spelling_per_concept():
+    """Issue 20: the KV pool size had six spellings across tools, CUDA graphs two: each concept has one now."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "experiments").glob("*.py"))
+    sources += "\n".join(p.read_text() for p in (ROOT / "pagedkv").rglob("*.py"))
+    for old in ("--kv-budget-mb", "--kv-budget-bytes", "--kv-memory-gb", "--num-blocks\"", "--cuda-graph\"",
+                "\"--graph\"", "\"--json\"", "\"--max-len\"", "\"--num-requests\", dest=\"num_requests\""):
+        assert old not in sources, old
+
+
+def test_sizes_take_units():
+    assert cli.parse_bytes("512MiB") == 512 << 20 and cli.parse_bytes("40GiB") == 40 << 30
+    assert cli.parse_bytes("1073741824") == 1 << 30 and cli.parse_bytes("1.5G") == 1_500_000_000
+
 
 
 # -- plots -------------------------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_prefill_op_rows_match_the_decode_rows_oracle(dtype):
     import cupy as cp
 
     from pagedkv.backend import get_backend
-    from pagedkv.kv_cache import KVCache
+    from pagedkv.cache.kv_cache import KVCache
     from pagedkv.model import DecodeBatch, LlamaModel, ModelConfig, random_weights
 
     config, backend = ModelConfig(**GPU_MODEL), get_backend("gpu")

@@ -27,4 +27,4 @@ def test_prefix_workloads_refuses_bad_sizes(capsys):
 
     with pytest.raises(SystemExit):
         prefix_workloads.main(["--num-prompts", "0"])
-    assert "--num-prompts must be >= 1" in capsys.readouterr().err
+    assert "--num-prompts must be in [1, 4096], got 0" in capsys.readouterr().err

@@ -20,7 +20,7 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 def run_json(main, args, tmp_path, name="out.json"):
     path = tmp_path / name
-    assert main(args + ["--device", "cpu", "--json", str(path)]) == 0
+    assert main(args + ["--device", "cpu", "--output-json", str(path)]) == 0
     return json.loads(path.read_text())
 
 
@@ -73,7 +73,7 @@ def test_memory_share_verdict_and_labels(memory):
 # -- throughput --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["w1", "longtail"])
 def batching(request, tmp_path_factory):
-    args = ["--workload", request.param, "--num-requests", "24", "--scale", "0.06", "--block-size", "8",
+    args = ["--workload", request.param, "--num-prompts", "24", "--scale", "0.06", "--block-size", "8",
             "--max-num-seqs", "64"]
     return run_json(throughput.main, args, tmp_path_factory.mktemp("throughput"))
 

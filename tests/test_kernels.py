@@ -1,4 +1,4 @@
-"""Tests of kernels_cu/ through pagedkv.ops / pagedkv.kernels, against the float64 references.
+"""Tests of kernels_cu/ through pagedkv.kernels.ops / pagedkv.kernels.decode, against the float64 references.
 
 Every attention launch writes into an output poisoned with NaN, and every cache holds NaN in the slots a
 launch must not read (unused slots of referenced blocks, unreferenced blocks, padding block 0), so a
@@ -6,7 +6,7 @@ finite result within tolerance proves the kernel wrote everything and read nothi
 
 GPU tests carry the ``gpu`` mark. The CPU tests at the top check kernel 3's balanced plan: a line-by-line
 port of the kernel's walk (plan, pieces, partial slots, merge records, merge) in float64 against the
-reference, and against :func:`pagedkv.decode_plan.balanced_plan`.
+reference, and against :func:`pagedkv.kernels.decode_plan.balanced_plan`.
 
 PAGEDKV_SANITIZER_GRID=1 shrinks the grid for compute-sanitizer runs (and skips the huge cases). With
 pytest-xdist, ``--dist loadgroup`` keeps each (dtype, head_dim) on one worker, so each worker compiles
@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedkv import decode_plan, kernels, ops
-from pagedkv.reference import paged_decode_attention
+from pagedkv.kernels import cache_ops, compile, decode, decode_plan, ops
+from pagedkv.kernels.reference import paged_decode_attention
 
 gpu = pytest.mark.gpu
 SANITIZER = os.environ.get("PAGEDKV_SANITIZER_GRID") == "1"
@@ -179,7 +179,7 @@ def _exact_allocations():
 
 
 def _bf16_native() -> bool:
-    return kernels.cupy_has_bfloat16()
+    return compile.cupy_has_bfloat16()
 
 
 def to_dev(a: np.ndarray):
@@ -212,9 +212,9 @@ def attention(q, kc, vc, bt, cl, dtype, version, **kw):
     """Run the GPU attention into a NaN-poisoned output and return it as float64 on the host."""
     out = poisoned_like(q.shape, dtype)
     if dtype == BF16 and not _bf16_native():
-        kernels.paged_attention(q, kc, vc, bt, cl, version=version, out=out, kv_dtype="bfloat16", **kw)
+        decode.paged_attention(q, kc, vc, bt, cl, version=version, out=out, kv_dtype="bfloat16", **kw)
     elif kw:
-        kernels.paged_attention(q, kc, vc, bt, cl, version=version, out=out, **kw)
+        decode.paged_attention(q, kc, vc, bt, cl, version=version, out=out, **kw)
     else:
         ops.paged_attention(q, kc, vc, bt, cl, version=version, out=out)
     return to_host_f64(out, dtype)
@@ -277,7 +277,7 @@ def _grid():
         cases = [(F16, 128, 16, (32, 8)), (BF16, 80, 8, (16, 1)), (F32, 256, 32, (8, 8)), (F16, 96, 16, (32, 4))]
     else:
         new = [(bs, h) for bs, h in zip((8, 16, 32, 16), HEADS)]  # each block size and head layout once
-        cases = [(dt, hd, bs, h) for dt in DTYPES for hd in kernels.HEAD_DIMS
+        cases = [(dt, hd, bs, h) for dt in DTYPES for hd in decode.HEAD_DIMS
                  for bs, h in ([(bs, h) for bs in (8, 16, 32) for h in HEADS] if hd in ORIGINAL_HEAD_DIMS else new)]
     return [pytest.param(*c, marks=_group(f"{c[0]}-{c[1]}"), id=f"{c[0]}-hd{c[1]}-bs{c[2]}-{c[3][0]}x{c[3][1]}")
             for c in cases]
@@ -313,7 +313,7 @@ def _ragged_cases():
 def test_attention_ragged_balanced(dtype, head_dim, block_size, heads):
     """Ragged batches through kernel 3's plan: the default grid and small forced grids (splits, merges)."""
     rng = np.random.default_rng(head_dim * 1000 + block_size)
-    tile = decode_plan.tile_shape(kernels._dt_code(dtype), head_dim)["tile_tokens"]
+    tile = decode_plan.tile_shape(compile.dt_code(dtype), head_dim)["tile_tokens"]
     variants = (({}, (2, 3)), ({"num_ctas": 3, "min_tiles": 1}, (3,)), ({"num_ctas": 64, "min_tiles": 1}, (3,)),
                 ({"num_ctas": 1000, "min_tiles": 1}, (3,)), ({"min_tiles": 40}, (3,)))
     check_attention(rng, dtype, head_dim, block_size, heads, _ragged_lens(rng, block_size, tile), variants)
@@ -424,7 +424,7 @@ def test_pool_over_2_pow_31_elements(_):
     small_bt = np.vectorize(lambda b: remap.get(int(b), 0))(bt).astype(np.int32)
     q = rng.standard_normal((2, 32, head_dim)).astype(np.float16)
     ref = paged_decode_attention(q, small_k, small_v, small_bt, lens)
-    for version in kernels.VERSIONS:
+    for version in decode.VERSIONS:
         got = attention(cupy.asarray(q), kc, vc, cupy.asarray(bt), cupy.asarray(lens), F16, version)
         assert np.isfinite(got).all()
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= RTOL[F16]
@@ -445,7 +445,7 @@ def _random_cache(rng, dtype, shape):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", (*kernels.HEAD_DIMS, 72, 3))
+@pytest.mark.parametrize("head_dim", (*decode.HEAD_DIMS, 72, 3))
 def test_write_kv_exact(dtype, head_dim):
     rng = np.random.default_rng(head_dim)
     num_blocks, num_kv_heads, block_size, num_tokens = 20, 4, 16, 37
@@ -457,7 +457,7 @@ def test_write_kv_exact(dtype, head_dim):
     slots[::5] = -1
     dk, dv, dkc, dvc = to_dev(k), to_dev(v), to_dev(kc), to_dev(vc)
     if dtype == BF16 and not _bf16_native():
-        kernels.write_kv(dk, dv, dkc, dvc, to_dev(slots))
+        cache_ops.write_kv(dk, dv, dkc, dvc, to_dev(slots))
     else:
         ops.write_kv(dk, dv, dkc, dvc, to_dev(slots))
     ops.write_kv(k, v, kc, vc, slots)  # host path
@@ -476,7 +476,7 @@ def test_copy_blocks_exact(dtype, shape):
     src, dst = ids[:3], ids[3:6]
     dkp, dvp = to_dev(kp), to_dev(vp)
     if dtype == BF16 and not _bf16_native():
-        kernels.copy_blocks(dkp, dvp, to_dev(src), to_dev(dst))
+        cache_ops.copy_blocks(dkp, dvp, to_dev(src), to_dev(dst))
     else:
         ops.copy_blocks(dkp, dvp, to_dev(src), to_dev(dst))
     ops.copy_blocks(kp, vp, src, dst)  # host path
@@ -493,7 +493,7 @@ def _small_problem(head_dim=128, block_size=16):
 
 
 @gpu
-@pytest.mark.parametrize("version", kernels.VERSIONS)
+@pytest.mark.parametrize("version", decode.VERSIONS)
 def test_attention_errors(version):
     import cupy
 
@@ -557,9 +557,9 @@ def test_check_false_skips_the_check():
 
 @gpu
 def test_compile_error_names_the_file(monkeypatch):
-    monkeypatch.setattr(kernels, "cu_source", lambda filename: "this is not CUDA;")
-    with pytest.raises(kernels.KernelCompileError, match=r"paged_attention\.cu"):
-        kernels._module("paged_attention.cu", ("nonexistent_kernel",), (("PAGEDKV_TEST_BROKEN", 1),))
+    monkeypatch.setattr(compile, "cu_source", lambda filename: "this is not CUDA;")
+    with pytest.raises(compile.KernelCompileError, match=r"paged_attention\.cu"):
+        compile.load_module("paged_attention.cu", ("nonexistent_kernel",), (("PAGEDKV_TEST_BROKEN", 1),))
 
 
 @gpu

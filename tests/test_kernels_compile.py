@@ -1,8 +1,8 @@
 """CPU (CI): every kernels_cu/*.cu compiles with nvcc for sm_80 and sm_90, kernels 2 and 3 never spill, their
 shuffles are exactly the ones the algorithm needs (none duplicated into divergent branches), and the Python
-mirrors of the kernels' tile shape and shared memory (pagedkv.decode_plan) match the C++.
+mirrors of the kernels' tile shape and shared memory (pagedkv.kernels.decode_plan) match the C++.
 
-Compiled exactly as the loader does (pagedkv.kernels.cu_source: common.cuh inlined, same -D defines);
+Compiled exactly as the loader does (pagedkv.kernels.compile.cu_source: common.cuh inlined, same -D defines);
 the templates are instantiated by taking the address of every name expression the loader asks for.
 NOTE: all instantiations of paged_attention.cu (3 dtypes x 9 head dims x (v1, 4 GT x (v2, v3), merges),
 298 kernels) take about two minutes per architecture on one core, so CI compiles a representative subset:
@@ -18,24 +18,24 @@ import subprocess
 
 import pytest
 
-from pagedkv import decode_plan, kernels
+from pagedkv.kernels import compile, decode, decode_plan
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
 ARCHS = ("sm_80", "sm_90")
-DEFINES = (("PAGEDKV_V2_TILE_BYTES", kernels.V2_TILE_BYTES), ("PAGEDKV_V2_STAGES", kernels.V2_STAGES))
-HEAD_DIMS = kernels.HEAD_DIMS if os.environ.get("PAGEDKV_COMPILE_ALL") == "1" else (80, 128)
+DEFINES = (("PAGEDKV_V2_TILE_BYTES", decode_plan.V2_TILE_BYTES), ("PAGEDKV_V2_STAGES", decode_plan.V2_STAGES))
+HEAD_DIMS = decode.HEAD_DIMS if os.environ.get("PAGEDKV_COMPILE_ALL") == "1" else (80, 128)
 
 
 def _instantiations(dt: int) -> str:
-    names = [n for hd in HEAD_DIMS for n in kernels._attention_names(dt, hd)]
+    names = [n for hd in HEAD_DIMS for n in decode.attention_names(dt, hd)]
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     return f"\nconst void* pagedkv_instantiate[] = {{\n  {refs}\n}};\n"
 
 
 def _compile(tmp_path, filename: str, arch: str, extra: str = "", tag: str = "") -> str:
     src = tmp_path / f"{filename}.{arch}{tag}.cu"
-    src.write_text(kernels.cu_source(filename) + extra)
+    src.write_text(compile.cu_source(filename) + extra)
     cmd = [NVCC, f"-arch={arch}", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o", str(src.with_suffix(".cubin")),
            *(f"-D{k}={v}" for k, v in DEFINES), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -74,7 +74,7 @@ def test_paged_attention_compiles_without_spills(tmp_path, arch, dt):
     report = ptxas_report(_compile(tmp_path, "paged_attention.cu", arch, _instantiations(dt), f".dt{dt}"))
     for kernel in ("paged_attention_v2_kernel", "paged_attention_v3_kernel"):
         found = {n: r for n, r in report.items() if kernel in n}
-        assert len(found) == len(HEAD_DIMS) * len(kernels.GROUP_TILES), kernel
+        assert len(found) == len(HEAD_DIMS) * len(decode.GROUP_TILES), kernel
     assert "check_block_tables_kernel" in report
     spilled = {n: r for n, r in report.items() if r[1] or r[2]}
     assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
@@ -83,7 +83,7 @@ def test_paged_attention_compiles_without_spills(tmp_path, arch, dt):
 def test_tile_shape_and_smem_mirrors(tmp_path):
     """decode_plan's tile_shape / v2_smem_bytes / v3_smem_bytes equal TileShape / TileSmem in the .cu, for
     every dtype, head dim, GT and the benchmark's tile sizes (a host program prints the C++ constants)."""
-    cases = [(dt, hd, gt, tb) for dt in (0, 1, 2) for hd in kernels.HEAD_DIMS for gt in kernels.GROUP_TILES
+    cases = [(dt, hd, gt, tb) for dt in (0, 1, 2) for hd in decode.HEAD_DIMS for gt in decode.GROUP_TILES
              for tb in (4096, 8192)]
     lines = []
     for tb in (4096, 8192):
@@ -94,7 +94,7 @@ def test_tile_shape_and_smem_mirrors(tmp_path):
             f"TileSmem<{dt}, {hd}, {gt}>::SMALL + TileSmem<{dt}, {hd}, {gt}>::META);"
             for dt, hd, gt, t in cases if t == tb)
         src = tmp_path / f"shapes{tb}.cu"
-        src.write_text(kernels.cu_source("paged_attention.cu") + f"\n#include <cstdio>\nint main() {{\n{body}\n}}\n")
+        src.write_text(compile.cu_source("paged_attention.cu") + f"\n#include <cstdio>\nint main() {{\n{body}\n}}\n")
         exe = tmp_path / f"shapes{tb}"
         proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", f"-DPAGEDKV_V2_TILE_BYTES={tb}", "-o", str(exe),
                                str(src)], capture_output=True, text=True)
@@ -105,7 +105,7 @@ def test_tile_shape_and_smem_mirrors(tmp_path):
         dt, hd, gt, tb, tile_tokens, lpr, pipe, red, v3_smem = map(int, line.split())
         shape = decode_plan.tile_shape(dt, hd, tb)
         assert (shape["tile_tokens"], shape["lpr"]) == (tile_tokens, lpr), line
-        assert decode_plan.v2_smem_bytes(dt, hd, gt, tb) - decode_plan._smem_parts(dt, hd, gt, tb, 4)["small"] == \
+        assert decode_plan.v2_smem_bytes(dt, hd, gt, tb) - decode_plan.smem_parts(dt, hd, gt, tb, 4)["small"] == \
             max(pipe, red), line
         assert decode_plan.v3_smem_bytes(dt, hd, gt, tb) == v3_smem, line
 
@@ -125,11 +125,11 @@ def test_no_divergent_shuffles(tmp_path, butterfly):
     """nvcc/NVRTC 13 once duplicated kernel 2's q.k shuffles into the two arms of a lane-dependent branch
     (26 shuffles instead of 20 for float16/128/GT 4; 1.5x slower, 3.3x without the butterfly): the PTX
     must hold exactly the shuffles the algorithm needs."""
-    cases = [(k, dt, hd, gt) for k in ("v2", "v3") for dt in (0, 1) for hd in HEAD_DIMS for gt in kernels.GROUP_TILES]
+    cases = [(k, dt, hd, gt) for k in ("v2", "v3") for dt in (0, 1) for hd in HEAD_DIMS for gt in decode.GROUP_TILES]
     refs = "\n".join(f"const void* i{n} = (const void*)&paged_attention_{k}_kernel<{dt}, {hd}, {gt}>;"
                      for n, (k, dt, hd, gt) in enumerate(cases))
     src = tmp_path / "shuffles.cu"
-    src.write_text(kernels.cu_source("paged_attention.cu") + "\n" + refs + "\n")
+    src.write_text(compile.cu_source("paged_attention.cu") + "\n" + refs + "\n")
     ptx = tmp_path / "shuffles.ptx"
     proc = subprocess.run([NVCC, "-arch=sm_90", "-ptx", "-std=c++17", f"-DPAGEDKV_V2_BUTTERFLY={butterfly}",
                            "-o", str(ptx), str(src)], capture_output=True, text=True)

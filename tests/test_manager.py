@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pagedkv import KVCache, OutOfBlocksError, PagedAttentionManager
-from pagedkv.block_hash import BlockHasher
-from pagedkv.reference import dense_attention
+from pagedkv.cache.block_hash import BlockHasher
+from pagedkv.kernels.reference import dense_attention
 
 L, H, D = 2, 2, 4  # layers, kv heads, head dim of the small managers below
 

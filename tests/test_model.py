@@ -4,7 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from pagedkv import KVCache, PagedAttentionManager, reference
+from pagedkv import KVCache, PagedAttentionManager
+from pagedkv.kernels import reference
 from pagedkv.backend import get_backend
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
 from pagedkv.model import DecodeBatch, LlamaModel, PrefillBatch, get_config, random_weights

@@ -70,14 +70,14 @@ def test_gemm_refuses_bad_shapes():
 def test_rms_norm_kernel_matches_float64(dtype, hidden):
     import cupy as cp
 
-    from pagedkv import kernels
+    from pagedkv.kernels import norm
 
     rng = np.random.default_rng(hidden)
     x = (3 * rng.standard_normal((37, hidden))).astype(np.float32).astype(dtype)
     w = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32).astype(dtype)
     dx, dw = cp.asarray(x.view(np.uint16) if dtype == BF16 else x), cp.asarray(w.view(np.uint16) if dtype == BF16 else w)
     out = cp.full(dx.shape, np.nan, dtype=np.float32).astype(dx.dtype) if dtype != BF16 else cp.full(dx.shape, 0x7FC0, np.uint16)
-    kernels.rms_norm_kernel(dtype)((x.shape[0],), (kernels.NORM_THREADS,), (
+    norm.rms_norm_kernel(dtype)((x.shape[0],), (norm.NORM_THREADS,), (
         out, dx, dw, np.int32(hidden), np.float32(1.0 / hidden), np.float32(1e-5)))
     got = out.get()
     got = (got.view(BF16) if dtype == BF16 else got).astype(np.float64)

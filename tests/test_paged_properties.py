@@ -10,7 +10,8 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from pagedkv import KVCache, ops, reference
+from pagedkv import KVCache
+from pagedkv.kernels import ops, reference
 
 BLOCK_SIZES = (1, 8, 16, 32)
 GROUPS = (1, 2, 4, 8)

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedkv import kernels, kernels_prefill, ops, reference
+from pagedkv.kernels import compile, ops, prefill, reference
 from test_kernels import _bf16_native, _exact_allocations, to_dev  # noqa: F401 (an autouse fixture)
 from test_kernels_compile import ptxas_report
 
@@ -206,17 +206,17 @@ def test_capacity_bounds_the_work_items(lens, extra, group, block_m):
     """Launch shape from shapes only: the grid covers every batch of num_tokens tokens in num_seqs sequences."""
     num_tokens = sum(lens) + extra
     tiles = sum(-(-n * group // block_m) for n in lens)
-    assert kernels_prefill.capacity(num_tokens, len(lens), group, block_m) >= tiles
+    assert prefill.capacity(num_tokens, len(lens), group, block_m) >= tiles
 
 
 def test_causal_flops_counts_attended_pairs():
-    assert kernels_prefill.causal_flops(3, 0, 1, 1) == 4 * 6  # 1 + 2 + 3 pairs
-    assert kernels_prefill.causal_flops(2, 5, 32, 64) == 4 * 64 * 32 * (2 * 5 + 3)
+    assert prefill.causal_flops(3, 0, 1, 1) == 4 * 6  # 1 + 2 + 3 pairs
+    assert prefill.causal_flops(2, 5, 32, 64) == 4 * 64 * 32 * (2 * 5 + 3)
 
 
 def test_default_configs_cover_every_head_dim():
-    assert set(kernels_prefill.DEFAULT_CONFIGS) == set(kernels_prefill.HEAD_DIMS)
-    for hd, cfg in kernels_prefill.DEFAULT_CONFIGS.items():
+    assert set(prefill.DEFAULT_CONFIGS) == set(prefill.HEAD_DIMS)
+    for hd, cfg in prefill.DEFAULT_CONFIGS.items():
         assert cfg.block_n <= cfg.threads and cfg.smem_bytes(hd) <= 227 * 1024
 
 
@@ -257,16 +257,16 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("arch", ("sm_80", "sm_90", "sm_90a"))
 def test_prefill_kernels_compile_without_spills(tmp_path, arch):
     """Every instantiation the launcher may launch, compiled as the loader does (common.cuh inlined); version 3
-    (wgmma) for sm_90a, as kernels_prefill builds it."""
+    (wgmma) for sm_90a, as pagedkv.kernels.compile builds it."""
     if arch == "sm_90a":
-        names, flags = list(kernels_prefill.v3_names()), ["-gencode=arch=compute_90a,code=sm_90a"]
+        names, flags = list(prefill.v3_names()), ["-gencode=arch=compute_90a,code=sm_90a"]
     else:
-        names = [n for dt in (0, 1, 2) for hd in kernels_prefill.HEAD_DIMS
-                 for n in kernels_prefill.launched_names(dt, hd)]
+        names = [n for dt in (0, 1, 2) for hd in prefill.HEAD_DIMS
+                 for n in prefill.launched_names(dt, hd)]
         flags = [f"-arch={arch}"]
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     src = tmp_path / f"prefill.{arch}.cu"
-    src.write_text(kernels.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
+    src.write_text(compile.cu_source("prefill_attention.cu") + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
     proc = subprocess.run([NVCC, *flags, "--cubin", "-std=c++17", "-Xptxas", "-v", "-o",
                            str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -306,7 +306,7 @@ def run_gpu(dev, dtype, version=None, **kw):
     if version is None and (dtype != BF16 or _bf16_native()):
         ops.prefill_attention(*dev, out=out, **kw)
     else:
-        kernels_prefill.prefill_attention(*dev, out=out, version=version,
+        prefill.prefill_attention(*dev, out=out, version=version,
                                           kv_dtype="bfloat16" if dtype == BF16 else None, **kw)
     return to_host(out, dtype)
 
@@ -317,7 +317,7 @@ def _versions(dtype, head_dim):
         return (1,)
     import cupy
 
-    v3 = head_dim in kernels_prefill.V3_HEAD_DIMS and kernels_prefill.v3_available(cupy.cuda.Device().id)
+    v3 = head_dim in prefill.V3_HEAD_DIMS and prefill.v3_available(cupy.cuda.Device().id)
     return (None, 1, 3) if v3 else (None, 1)
 
 
@@ -340,7 +340,7 @@ def _seed(*key) -> int:
 def _head_dim_grid():
     if SANITIZER:
         return [(F16, 128), (BF16, 64), (F32, 80), (F16, 256)]
-    return [(dt, hd) for dt in DTYPES for hd in kernels_prefill.HEAD_DIMS]
+    return [(dt, hd) for dt in DTYPES for hd in prefill.HEAD_DIMS]
 
 
 @pytest.mark.gpu
@@ -414,7 +414,7 @@ def test_chunked_prefill_equals_one_shot(version):
 @pytest.mark.gpu
 def test_hypothesis_small_batches(data):
     dtype = data.draw(st.sampled_from(DTYPES))
-    head_dim = data.draw(st.sampled_from(kernels_prefill.HEAD_DIMS))
+    head_dim = data.draw(st.sampled_from(prefill.HEAD_DIMS))
     block_size = data.draw(st.sampled_from((1, 2, 4, 8, 16, 32)))
     num_kv_heads = data.draw(st.sampled_from((1, 2)))
     group = data.draw(st.sampled_from((1, 3, 4, 7, 8)))
@@ -458,7 +458,7 @@ def test_cuda_graph_capture_and_replay_with_new_values(version):
         return tuple(host[n] for n in ("q", "k", "v", "bt")) + (qsl, cl)
 
     def call():
-        kernels_prefill.prefill_attention(dev["q"], dev["k"], dev["v"], dev["bt"], dev["qsl"], dev["cl"],
+        prefill.prefill_attention(dev["q"], dev["k"], dev["v"], dev["bt"], dev["qsl"], dev["cl"],
                                           out=dev["out"], check=False, version=version)
 
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
@@ -502,7 +502,7 @@ def test_gpu_range_check_errors():
         ops.prefill_attention(cupy.zeros((3, 2, 48), np.float16), z, z, base[3], base[4][:3] * 0, base[5] * 0)
     with pytest.raises(ValueError, match="version 2"):
         z = cupy.zeros((2, 2, 16, 64), np.float32)
-        kernels_prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float32), z, z, base[3], base[4], base[5],
+        prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float32), z, z, base[3], base[4], base[5],
                                           version=2)
 
 

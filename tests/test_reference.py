@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pagedkv import ops, reference
+from pagedkv.kernels import ops, reference
 
 
 def naive_attention(q, k, v, scale=None, causal=False):

@@ -12,10 +12,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pagedkv import kernels
+from pagedkv.kernels import compile
 from pagedkv.engine.sampler import (ROW_BYTES, SamplingTensors, branch_seed, gumbel_noise, kept_mask, logprobs,
                                     philox4x32_10, sample)
-from pagedkv.engine.sampling import SamplingParams
+from pagedkv.sampling_params import SamplingParams
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BF16)
@@ -347,7 +347,7 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_sampling_kernel_compiles_without_spills(tmp_path, arch):
     src = tmp_path / "sampling.cu"
-    src.write_text(kernels.cu_source("sampling.cu"))
+    src.write_text(compile.cu_source("sampling.cu"))
     cmd = [NVCC, f"-arch={arch}", "--cubin", "-std=c++17", "-Xptxas", "-v", "-o", str(tmp_path / "s.cubin"), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -381,7 +381,7 @@ def to_dev(a):
 
     if a.dtype == BF16:
         raw = cupy.asarray(a.view(np.uint16))
-        return raw.view(BF16) if kernels.cupy_has_bfloat16() else raw
+        return raw.view(BF16) if compile.cupy_has_bfloat16() else raw
     return cupy.asarray(a)
 
 
@@ -422,7 +422,7 @@ def test_kernel_fallback_pass_matches_numpy():
 
     rng = np.random.default_rng(5)
     rows, x = gpu_batch(rng, 66, 32000, np.dtype(np.float16))
-    kernel = kernels._function("sampling.cu", "sample_f16", (), (("PAGEDKV_SAMPLE_FORCE_RETRY", 1),))
+    kernel = compile.load_function("sampling.cu", "sample_f16", (), (("PAGEDKV_SAMPLE_FORCE_RETRY", 1),))
     t, out = SamplingTensors.from_rows(rows, cupy), cupy.full(66, -1, cupy.int32)
     xd = cupy.asarray(x)
     kernel((66,), (mod.THREADS,), (out, xd, cupy.int64(32000), cupy.int32(32000), cupy.int32(1), t.temperature,
@@ -494,7 +494,7 @@ def test_logprobs_on_the_device(dtype):
     rng = np.random.default_rng(9)
     x = (rng.normal(size=(6, 151936)) * 4).astype(dtype)
     ids = rng.integers(0, 151936, size=6)
-    bf = dict(logits_dtype="bfloat16") if dtype == BF16 and not kernels.cupy_has_bfloat16() else {}
+    bf = dict(logits_dtype="bfloat16") if dtype == BF16 and not compile.cupy_has_bfloat16() else {}
     sampled, top_ids, top_lp = (a.get() for a in logprobs(to_dev(x), to_dev(ids), 5, **bf))
     ref = log_softmax64(x.astype(np.float64))
     np.testing.assert_allclose(sampled, ref[np.arange(6), ids], rtol=1e-5, atol=2e-5)

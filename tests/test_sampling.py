@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pagedkv.engine.sampling import SamplingParams, probabilities, sample
+from pagedkv.sampling_params import SamplingParams, probabilities, sample
 
 
 @pytest.mark.parametrize("kwargs, match", [

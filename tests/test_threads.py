@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pagedkv import OutOfBlocksError, PagedAttentionManager
-from pagedkv.block_hash import BlockHasher
+from pagedkv.cache.block_hash import BlockHasher
 
 NUM_THREADS = 8
 DURATION_S = 3.0

@@ -226,7 +226,7 @@ class BeamGroup:
 
     def _lookup(self, prompt: list[int]) -> tuple[list, list[int]]:
         """(hashes of the prompt's full blocks, cached blocks to start on); nothing without caching."""
-        if self.hasher is None or not self.manager.block_manager.enable_prefix_caching:
+        if self.hasher is None or not self.manager.enable_prefix_caching:
             return [], []
         hashes = self.hasher.hash_full_blocks(prompt, self.manager.block_size)
         return hashes, self.manager.lookup(hashes, len(prompt))

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..block_hash import BlockHasher
+from ..cache.block_hash import BlockHasher
 from .beam_group import Beam, BeamGroup, worst_case_blocks
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 def _is_int(value) -> bool:
@@ -171,7 +171,7 @@ def plan_groups(engine, prompts: list[list[int]], params: BeamSearchParams, *, s
     if params.beam_width > max_rows:
         raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs={max_rows}: its beams could never "
                          f"run in one step")
-    free, bs = engine.manager.block_manager.num_free_blocks, engine.manager.block_size
+    free, bs = engine.manager.num_free_blocks, engine.manager.block_size
     groups: list[list[int]] = []
     used = rows = 0
     for i, prompt in enumerate(prompts):
@@ -194,7 +194,7 @@ def eos_ids(engine, params: BeamSearchParams) -> frozenset[int]:
 def prefix_hasher(engine) -> BlockHasher | None:
     """The engine's block hasher when its manager caches prefixes (its prefix cache's, so that the search and
     the engine name the same blocks alike), else None."""
-    if not engine.manager.block_manager.enable_prefix_caching:
+    if not engine.manager.enable_prefix_caching:
         return None
     cache = getattr(engine.scheduler, "prefix_cache", None)
     if cache is not None:

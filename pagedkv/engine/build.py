@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..kv_cache import KVCache
+from ..cache.kv_cache import KVCache
 from ..model.config import ModelConfig
 from .config import EngineConfig
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 CPU_DEFAULT_BLOCKS = 1024
 GPU_FREE_MEMORY_SHARE = 0.4
@@ -48,6 +48,28 @@ def _check_host_memory(nbytes: int, what: str, backend) -> None:
     total = None if backend.is_gpu else host_memory_bytes()
     if total is not None and nbytes > total:
         raise ValueError(f"{what} asks for a KV pool of {nbytes} bytes but this host has {total} bytes of memory")
+
+
+def build_model(config: EngineConfig, model: ModelConfig, weights, dtype, backend):
+    """``(model, kv_cache, max_model_len)``: one :class:`~pagedkv.model.LlamaModel` and its pool, or with
+    ``tensor_parallel_size`` > 1 a :class:`~pagedkv.model.parallel_model.ParallelModel` whose ranks each hold a
+    pool of ``num_blocks`` blocks over their KV heads (the pool's size applies per rank)."""
+    from ..model import LlamaModel
+
+    tp = config.tensor_parallel_size
+    if tp == 1:
+        kv_cache = build_kv_cache(config, model, dtype, backend)
+        max_model_len = resolve_max_model_len(config, model, kv_cache.num_blocks)
+        return (LlamaModel(model, weights, backend, max_positions=max_model_len, fused=config.fused), kv_cache,
+                max_model_len)
+    from ..model.parallel_model import ParallelModel
+    from ..model.tensor_parallel import TensorParallelPlan
+
+    rank0 = build_kv_cache(config, TensorParallelPlan(model, tp, 0).local_config(), dtype, backend)
+    max_model_len = resolve_max_model_len(config, model, rank0.num_blocks)
+    parallel = ParallelModel(model, weights, backend, tp, max_positions=max_model_len, fused=config.fused)
+    kv_cache = parallel.make_kv_cache(rank0.num_blocks, config.block_size, dtype, backend.name, first=rank0)
+    return parallel, kv_cache, max_model_len
 
 
 def resolve_max_model_len(config: EngineConfig, model: ModelConfig, num_blocks: int) -> int:

@@ -37,6 +37,10 @@ class EngineConfig:
     ``async_scheduling``: each step call launches the next step before waiting for the current one's tokens
     (see :mod:`pagedkv.engine.engine`); None: on when the model runs on a GPU (on the CPU the forward runs
     while it is launched, so there is nothing to overlap).
+    ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
+    columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
+    with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
+    graphs. One process per GPU over NCCL is not built yet.
     """
 
     model: str | ModelConfig = "tiny"
@@ -59,6 +63,7 @@ class EngineConfig:
     fused: bool = True  # fused elementwise GPU kernels (self-checked; falls back when they fail)
     cuda_graph: bool = False  # GPU: replay the decode forward as a CUDA graph per padded batch size
     async_scheduling: bool | None = None  # launch step N+1 before retiring step N (None: on a GPU only)
+    tensor_parallel_size: int = 1  # ranks the model's heads and MLP are split over (pagedkv.model.parallel_model)
     max_stop_strings: int = 128  # stop strings per request (more: ValueError); the server's limit too
     max_stop_string_len: int = 512  # characters per stop string
 
@@ -86,6 +91,11 @@ class EngineConfig:
                      "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
+            raise ValueError(f"tensor_parallel_size must be an int in [1, 64], got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.cuda_graph:
+            raise ValueError("cuda_graph=True with tensor_parallel_size > 1: the ranks run as threads of one process "
+                             "here, without CUDA graphs; set cuda_graph=False (enforce_eager)")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"async_scheduling must be None or a bool, got {self.async_scheduling!r}")
         w = self.watermark

@@ -49,11 +49,11 @@ from dataclasses import replace
 import numpy as np
 
 from ..backend import dtype_of, get_backend
-from ..block_hash import BlockHasher
-from ..manager import PagedAttentionManager
-from ..model import LlamaModel, ModelWeights, get_config, random_weights
+from ..cache.block_hash import BlockHasher
+from ..cache.manager import PagedAttentionManager
+from ..model import ModelWeights, get_config, random_weights
 from ..model.config import ModelConfig
-from .build import build_kv_cache, default_params, read_generation, resolve_max_model_len
+from .build import build_model, default_params, read_generation
 from .config import EngineConfig
 from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cache, account_step, slot_usage,
                       step_metrics)
@@ -63,7 +63,7 @@ from .model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
 from .request import Request, RequestOutput
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .validation import check_prompt, check_request_id, check_stop_strings
 from .scheduler import Scheduler
 from .step_plan import SchedulerOutput
@@ -90,10 +90,8 @@ class LLMEngine:
         dtype = np.dtype(weights.embed.dtype)
         if config.dtype is not None and dtype_of(config.dtype) != dtype:
             raise ValueError(f"the weights are {dtype} but config.dtype is {config.dtype}")
-        self.kv_cache = build_kv_cache(config, self.model_config, dtype, self.backend)
-        self.max_model_len = resolve_max_model_len(config, self.model_config, self.kv_cache.num_blocks)
-        self.model = LlamaModel(self.model_config, weights, self.backend, max_positions=self.max_model_len,
-                                fused=config.fused)
+        self.model, self.kv_cache, self.max_model_len = build_model(config, self.model_config, weights, dtype,
+                                                                    self.backend)
         self.manager = PagedAttentionManager(self.kv_cache, enable_prefix_caching=config.enable_prefix_caching)
         prefix_cache = None
         if config.enable_prefix_caching:  # NOTE: one engine, one set of weights: the model's shapes name it
@@ -342,9 +340,9 @@ class LLMEngine:
     # --------------------------------------------------------------------------------------- metrics
     def _account(self, out: SchedulerOutput, start: float, end: float) -> None:
         account_step(self.totals, out, end - start)
-        t, bm = self.totals, self.manager.block_manager
-        t.num_preemptions, t.num_cow_copies = self.scheduler.num_preemptions, self.manager.num_cow_copies
-        t.num_used_blocks, t.num_free_blocks = bm.num_used_blocks, bm.num_free_blocks
+        t, m = self.totals, self.manager
+        t.num_preemptions, t.num_cow_copies = self.scheduler.num_preemptions, m.num_cow_copies
+        t.num_used_blocks, t.num_free_blocks = m.num_used_blocks, m.num_free_blocks
         if self.config.record_steps:
             self.step_metrics.append(step_metrics(self.scheduler, out, self.totals.num_steps, end - self._t0,
                                                   end - start))
@@ -356,7 +354,7 @@ class LLMEngine:
         t.num_used_blocks, t.num_free_blocks = usage.num_used_blocks, usage.num_free_blocks
         t.num_token_slots_used, t.num_token_slots_reserved = used, usage.num_token_slots_reserved
         t.utilization = used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0
-        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.block_manager)
+        account_prefix_cache(t, self.scheduler.prefix_cache, self.manager.cache_counts())
         return t
 
     # ------------------------------------------------------------------ the model runner's CUDA graphs

@@ -142,12 +142,13 @@ def step_metrics(scheduler: Scheduler, out: SchedulerOutput, step: int, time_s: 
         utilization=used / usage.num_token_slots_reserved if usage.num_token_slots_reserved else 1.0)
 
 
-def account_prefix_cache(t: EngineMetrics, prefix_cache, block_manager) -> None:
-    """Copy the prefix cache's lookup counts and the pool's cached / evictable / evicted blocks."""
+def account_prefix_cache(t: EngineMetrics, prefix_cache, cache_counts: dict) -> None:
+    """Copy the prefix cache's lookup counts and the pool's cached / evictable / evicted blocks
+    (``PagedAttentionManager.cache_counts()``)."""
     if prefix_cache is not None:
         p = prefix_cache.stats
         t.num_prefix_query_tokens, t.num_prefix_hit_tokens = p.num_query_tokens, p.num_hit_tokens
         t.num_prefix_query_blocks, t.num_prefix_hit_blocks = p.num_query_blocks, p.num_hit_blocks
-    t.num_cached_blocks = getattr(block_manager, "num_cached_blocks", 0)
-    t.num_evictable_blocks = getattr(block_manager, "num_evictable_blocks", 0)
-    t.num_evictions = getattr(block_manager, "num_evictions", 0)
+    t.num_cached_blocks = cache_counts["num_cached_blocks"]
+    t.num_evictable_blocks = cache_counts["num_evictable_blocks"]
+    t.num_evictions = cache_counts["num_evictions"]

@@ -41,7 +41,7 @@ class ContinuousPolicy:
         s = self.s
         if out.preempted or not s.waiting:
             return
-        bm, now, cache = s.manager.block_manager, time.perf_counter(), s.prefix_cache
+        now, cache = time.perf_counter(), s.prefix_cache
         num_seqs = sum(r.num_seqs() for r in s.running)
         pending = cache.pending_hashes(s.running) if cache is not None else set()
         while s.waiting and out.budget > 0:
@@ -51,7 +51,7 @@ class ContinuousPolicy:
             request.materialize()
             first = request.computing_branches()[0]
             start, size, hit = s.plan(request, first, out)
-            if size == 0 or bm.num_free_blocks - s.blocks_to_start(start + size, hit) < s.watermark_blocks:
+            if size == 0 or s.manager.num_free_blocks - s.blocks_to_start(start + size, hit) < s.watermark_blocks:
                 break
             if pending and cache.waits_for(first, len(hit.block_ids), pending):
                 break
@@ -68,8 +68,8 @@ class ContinuousPolicy:
         """Free ``num_blocks()`` blocks for ``request`` by preempting the newest running requests; False when
         it could not (``preempt`` off, or ``request`` itself was the newest). ``num_blocks`` is asked again
         after each preemption (a victim's blocks may be the cached ones ``request`` is about to take)."""
-        s, bm = self.s, self.s.manager.block_manager
-        while not bm.can_allocate(num_blocks()):
+        s = self.s
+        while not s.manager.can_allocate(num_blocks()):
             if not preempt or not s.running:
                 return False
             victim = s.running[-1]
@@ -99,7 +99,7 @@ class StaticPolicy:
         now = time.perf_counter()
         for request in batch:
             s.waiting.popleft()
-            request.reserved_block_ids = s.manager.block_manager.allocate(self.reserved_blocks([request], longest))
+            s.manager.reserve(request.request_id, self.reserved_blocks([request], longest))
             s.start(request, now)
 
     def _next_batch(self, out: SchedulerOutput) -> tuple[list, int]:
@@ -112,7 +112,7 @@ class StaticPolicy:
                 break
             if batch and not c.enable_chunked_prefill and tokens + request.prompt_len > out.budget:
                 break
-            if not s.manager.block_manager.can_allocate(self.reserved_blocks(batch + [request], length)):
+            if not s.manager.can_allocate(self.reserved_blocks(batch + [request], length)):
                 break
             batch.append(request)
             longest, seqs, tokens = length, seqs + request.params.n, tokens + request.prompt_len
@@ -134,12 +134,9 @@ class StaticPolicy:
 
     def make_room(self, request: Request, num_blocks, out: SchedulerOutput, preempt: bool) -> bool:
         """Hand ``num_blocks()`` of the request's reservation back to the pool, right before they are allocated."""
-        num_blocks = num_blocks()
-        bm, give = self.s.manager.block_manager, min(num_blocks, len(request.reserved_block_ids))
-        if give:
-            bm.free(request.reserved_block_ids[-give:])
-            del request.reserved_block_ids[-give:]
-        if not bm.can_allocate(num_blocks):
+        num_blocks, manager = num_blocks(), self.s.manager
+        manager.release_reserved(request.request_id, num_blocks)
+        if not manager.can_allocate(num_blocks):
             raise RuntimeError(f"static reservation of request {request.request_id!r} is short of {num_blocks} "
                                f"blocks (a scheduler bug)")
         return True

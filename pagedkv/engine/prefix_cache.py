@@ -1,6 +1,6 @@
 """The engine's side of automatic prefix caching: hash chains of branches, lookups, registration, hit counts.
 
-A full block's identity is a hash of its tokens chained on its parent block's hash (``pagedkv.block_hash``),
+A full block's identity is a hash of its tokens chained on its parent block's hash (``pagedkv.cache.block_hash``),
 so one hash names a whole prefix. A new sequence (a request's prompt, or a preempted branch recomputing
 ``prompt + output``) starts on the longest run of cached blocks of its tokens and computes only the rest::
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..block_hash import BlockHasher
+from ..cache.block_hash import BlockHasher
 from .request import Branch, Request
 
 MAX_COPY_CANDIDATES = 32  # cached siblings compared for a partial match (most recently named first)
@@ -98,14 +98,14 @@ class PrefixCache:
         children = self._children.get(parent)
         best, best_len, seen = None, 0, 0
         for h, child_tokens in reversed(list(children.items()) if children else []):
-            found = self.manager.block_manager.lookup([h])
-            if not found:  # evicted since it was named
+            found = self.manager.cached_block(h)
+            if found is None:  # evicted since it was named
                 del children[h]
                 self._num_children -= 1
                 continue
             k = _common_start(child_tokens, tokens)
             if k > best_len:
-                best, best_len = found[0], k
+                best, best_len = found, k
             seen += 1
             if best_len == len(tokens) or seen == MAX_COPY_CANDIDATES:
                 break
@@ -129,23 +129,21 @@ class PrefixCache:
         if full <= branch.num_registered:
             return
         hashes, bs = self._hashes(request, branch, full), self.block_size
-        table, bm = self.manager.block_table(branch.seq_id), self.manager.block_manager
         for i in range(branch.num_registered, full):
-            if bm.register(table[i], hashes[i]):  # False: the same content is cached in another block already
+            if self.manager.register_block(branch.seq_id, i, hashes[i]):  # False: the same content is cached in another block already
                 parent = hashes[i - 1] if i else self.hasher.root
                 self._children.setdefault(parent, {})[hashes[i]] = tuple(request.token_slice(branch, i * bs,
                                                                                              (i + 1) * bs))
                 self._num_children += 1
         branch.num_registered = full
-        if self._num_children > 4 * self.manager.block_manager.num_blocks:
+        if self._num_children > 4 * self.manager.num_blocks:
             self._prune()
 
     def _prune(self) -> None:
         """Drop index entries of blocks evicted since they were named."""
-        bm = self.manager.block_manager
         for parent in list(self._children):
             children = self._children[parent]
-            for h in [h for h in children if not bm.lookup([h])]:
+            for h in [h for h in children if self.manager.cached_block(h) is None]:
                 del children[h]
             if not children:
                 del self._children[parent]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 FINISH_REASONS = ("stop", "length", "abort")
 PLACEHOLDER = -1  # an output token sampled by a step still running on the device (its value comes at retire)
@@ -129,7 +129,6 @@ class Request:
         self.branches: list[Branch] = []
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache at the first admission
-        self.reserved_block_ids: list[int] = []  # static batching: blocks held for future tokens
         self.prompt_logprobs: list[dict[int, float] | None] | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
         self.aborted = False

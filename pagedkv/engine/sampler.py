@@ -31,7 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from ..backend import array_module
-from .sampling import SamplingParams
+from ..sampling_params import SamplingParams
 
 THREADS = 1024  # PAGEDKV_SAMPLE_THREADS in sampling.cu
 MASS_SCALE = np.float32(2.0**40)  # PAGEDKV_MASS_SCALE
@@ -178,22 +178,22 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
 
 
 def _dt_code(logits, logits_dtype) -> int:
-    from ..kernels import _dt_code as code
+    from ..kernels.compile import dt_code
 
-    return code(logits.dtype, logits_dtype)
+    return dt_code(logits.dtype, logits_dtype)
 
 
 def _launch(logits, tensors, out, dt, vocab) -> None:
     import cupy
 
-    from ..kernels import _function
+    from ..kernels.compile import load_function
 
     item = logits.itemsize
     row_stride = logits.strides[0] // item if logits.shape[0] > 1 else vocab
     if logits.strides[1] != item or logits.strides[0] % item or (logits.shape[0] > 1 and row_stride < vocab):
         raise ValueError(f"logits must have unit stride along V and rows >= V apart, got strides {logits.strides}")
     vec = int(logits.data.ptr % 16 == 0 and (row_stride * item) % 16 == 0)
-    kernel = _function("sampling.cu", f"sample_{_SUFFIX[dt]}")
+    kernel = load_function("sampling.cu", f"sample_{_SUFFIX[dt]}")
     t = tensors
     kernel((logits.shape[0],), (THREADS,), (out, logits, cupy.int64(row_stride), cupy.int32(vocab), cupy.int32(vec),
                                             t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step))

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..manager import PagedAttentionManager
+from ..cache.manager import PagedAttentionManager
 from .policy import ContinuousPolicy, StaticPolicy
 from .prefix_cache import PrefixHit
 from .request import Branch, Request
@@ -81,7 +81,7 @@ class Scheduler:
         # runner last drained them (its persistent block tables are updated from these alone)
         self.changed_seq_ids: set[int] = set()
         self.freed_seq_ids: list[int] = []
-        self.watermark_blocks = int(config.watermark * manager.block_manager.num_blocks)
+        self.watermark_blocks = int(config.watermark * manager.num_blocks)
         self.policy = StaticPolicy(self) if config.mode == "static" else ContinuousPolicy(self)
         # NOTE: static batches reserve and compute everything (the dense-tensor baseline): no prefix cache
         self.prefix_cache = prefix_cache if config.mode == "continuous" else None
@@ -98,7 +98,7 @@ class Scheduler:
         if max_len > c.max_model_len:
             raise ValueError(f"prompt ({prompt_len}) + max_tokens ({params.max_tokens}) = {max_len} exceeds "
                              f"max_model_len={c.max_model_len}")
-        usable = self.manager.block_manager.num_blocks - self.watermark_blocks
+        usable = self.manager.num_blocks - self.watermark_blocks
         if n * self.blocks_for(max_len) > usable:  # NOTE: nothing shared: branches recomputed after preemption
             raise ValueError(f"request needs up to {n * self.blocks_for(max_len)} blocks (n={n}, {max_len} tokens) "
                              f"but the pool has {usable} usable blocks")
@@ -171,10 +171,7 @@ class Scheduler:
 
     def blocks_to_start(self, end: int, hit: PrefixHit) -> int:
         """How far the pool's free count drops when a sequence of ``end`` tokens starts from ``hit``."""
-        need = self.manager.num_blocks_to_add(end, cached_block_ids=hit.block_ids) if hit.block_ids else \
-            self.blocks_for(end)
-        copy = hit.copy_from is not None and self.manager.block_manager.ref_count(hit.copy_from) == 0
-        return need + int(copy)  # an evictable copy source is held while it is read
+        return self.manager.num_blocks_to_add(end, cached_block_ids=hit.block_ids, copy_from=hit.copy_from)
 
     def schedule_branch(self, request: Request, branch: Branch, out: SchedulerOutput,
                         preempt: bool = True) -> bool | None:
@@ -202,19 +199,8 @@ class Scheduler:
     def _start_sequence(self, branch: Branch, end: int, hit: PrefixHit) -> None:
         """A new sequence of ``end`` positions on ``hit``'s cached blocks; a partly matching cached block is
         copied into its next block (held meanwhile, so that the allocation cannot evict it)."""
-        m, src = self.manager, hit.copy_from
-        if src is None:
-            branch.seq_id = m.add_sequence(end, cached_block_ids=hit.block_ids) if hit.block_ids else \
-                m.add_sequence(end)
-            self.changed_seq_ids.add(branch.seq_id)
-            return
-        m.block_manager.acquire([src])
-        try:
-            branch.seq_id = m.add_sequence(end, cached_block_ids=hit.block_ids)
-            self.changed_seq_ids.add(branch.seq_id)
-            m.kv_cache.copy_blocks([src], [m.block_table(branch.seq_id)[len(hit.block_ids)]])
-        finally:
-            m.block_manager.free([src])
+        branch.seq_id = self.manager.add_sequence(end, cached_block_ids=hit.block_ids, copy_from=hit.copy_from)
+        self.changed_seq_ids.add(branch.seq_id)
 
     def _append(self, request: Request, branch: Branch, start: int, end: int, out, preempt: bool) -> bool:
         """Make positions ``[start, end)`` of the branch's sequence exist (appended slots).
@@ -236,12 +222,7 @@ class Scheduler:
 
     def _blocks_to_append(self, branch: Branch, count: int) -> int:
         """Blocks ``append_slots(count)`` takes: new blocks, plus one copy-on-write of a shared partial block."""
-        reserved = branch.num_reserved
-        grow = self.blocks_for(reserved + count) - self.blocks_for(reserved)
-        if reserved % self.block_size == 0:
-            return grow
-        last = self.manager.block_table(branch.seq_id)[-1]  # NOTE: only at the first decode after a prefill
-        return grow + int(self.manager.block_manager.ref_count(last) > 1)
+        return self.manager.num_blocks_to_append(branch.seq_id, count)
 
     # ------------------------------------------------------------------------------- state changes
     def start(self, request: Request, now: float) -> None:
@@ -322,9 +303,7 @@ class Scheduler:
     def free_request(self, request: Request) -> None:
         for b in request.branches:
             self.free_branch(b)
-        if request.reserved_block_ids:
-            self.manager.block_manager.free(request.reserved_block_ids)
-            request.reserved_block_ids = []
+        self.manager.release_reserved(request.request_id)
 
     def free_branch(self, branch: Branch) -> None:
         """Free the branch's sequence (if it has one)."""

@@ -88,6 +88,10 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
                             head_dim=64, intermediate_size=8192, rope_theta=500000.0,
                             tie_word_embeddings=True, max_position_embeddings=131072),
+    # llama-8b: the Llama-3.1-8B shapes (issue 22: tensor parallelism's measurement), untied LM head
+    "llama-8b": ModelConfig(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                            head_dim=128, intermediate_size=14336, rope_theta=500000.0,
+                            max_position_embeddings=131072),
 }
 
 

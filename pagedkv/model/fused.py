@@ -17,8 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
-
+from ..kernels import norm
 
 @lru_cache(maxsize=1)
 def _kernels() -> dict:
@@ -72,21 +71,17 @@ class FusedOps:
 
     def norm(self, x, weight):
         """RMSNorm of ``x`` [rows, hidden]: one launch of ``kernels_cu/rms_norm.cu``."""
-        from .. import kernels
-
         x = self.cp.ascontiguousarray(x)
         out = self.cp.empty_like(x)
         rows, hidden = x.shape
         if rows:
-            kernels.rms_norm_kernel(x.dtype)((rows,), (kernels.NORM_THREADS,), (
+            norm.rms_norm_kernel(x.dtype)((rows,), (norm.NORM_THREADS,), (
                 out, x, weight, np.int32(hidden), np.float32(1.0 / hidden), self.eps))
         return out
 
     def add_norm(self, x, y, weight):
         """``(x + y, norm(x + y))`` for ``x, y`` [rows, hidden]: ``x`` (C-contiguous, the residual stream) is
         overwritten with the sum; one launch of ``kernels_cu/add_rms_norm.cu``."""
-        from .. import kernels
-
         if not self.fused_add or not x.flags.c_contiguous:
             x = x + y
             return x, self.norm(x, weight)
@@ -94,9 +89,9 @@ class FusedOps:
         out = self.cp.empty_like(x)
         rows, hidden = x.shape
         if rows:
-            kernels._function("add_rms_norm.cu", f"add_rms_norm_{_SUFFIX[np.dtype(x.dtype)]}")(
-                (rows,), (kernels.NORM_THREADS,), (out, x, y, weight, np.int32(hidden), np.float32(1.0 / hidden),
-                                                   self.eps))
+            norm.add_rms_norm_kernel(x.dtype)(
+                (rows,), (norm.NORM_THREADS,), (out, x, y, weight, np.int32(hidden), np.float32(1.0 / hidden),
+                                                self.eps))
         return x, out
 
     def qkv_rope(self, qkv, bias, positions):

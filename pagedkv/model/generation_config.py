@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..sampling_params import MIN_TEMPERATURE
 from .hf_config import Fields, read_json_object
 
 TOKEN_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id")
@@ -85,8 +86,6 @@ def _one_id(f: Fields, key: str, vocab: int | None, notes: list) -> int | None:
 
 def _defaults(f: Fields, notes: list) -> dict:
     """generation_config.json's sampling keys under SamplingParams' names, each range-checked."""
-    from ..engine.sampling import MIN_TEMPERATURE  # NOTE: lazy: pagedkv.engine imports pagedkv.model
-
     out = {}
     if f.present("temperature"):
         out["temperature"] = f.float("temperature", lo=0.0, lo_open=False)

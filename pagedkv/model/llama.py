@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import ops
+from ..kernels import ops
 from ..backend import Backend
 from .config import ModelConfig
 from .layers import Rope, causal_attention, rms_norm, silu_mul, varlen_causal_attention, varlen_plan
@@ -130,6 +130,9 @@ class LlamaModel:
             (default on a GPU); False: dense float32 products over padded groups; None on the CPU: the float64
             reference over each sequence's cache, the same arithmetic for a decode row, a prefill chunk or a
             whole prompt.
+        parallel, collective: one rank of a tensor-parallel model (:mod:`pagedkv.model.tensor_parallel`):
+            ``config`` and ``weights`` are the rank's slice; the output projection's and the MLP's partial sums
+            are all-reduced, the vocab-parallel embedding too, and the logits all-gathered.
 
     On a GPU the matrix products go through :mod:`pagedkv.model.cublas` (capturable into CUDA graphs) when it
     loads and self-checks; ``gemm_error`` / ``fused_error`` say why a fallback was taken (None: none was).
@@ -137,8 +140,10 @@ class LlamaModel:
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend, *,
-                 max_positions: int | None = None, fused: bool = True, paged_prefill: bool | None = None):
+                 max_positions: int | None = None, fused: bool = True, paged_prefill: bool | None = None,
+                 parallel=None, collective=None):
         self.config, self.weights, self.backend, self.xp = config, weights, backend, backend.xp
+        self.parallel, self.collective = parallel, collective
         self.dtype = np.dtype(weights.embed.dtype)
         self.rope = Rope(config.head_dim, config.rope_theta, max_positions or config.max_position_embeddings,
                          self.xp, config.rope_llama3_scaling)
@@ -163,7 +168,7 @@ class LlamaModel:
         xp = self.xp
         positions = xp.asarray(np.asarray(batch.positions, dtype=np.int64))
         slots = xp.asarray(np.asarray(batch.slot_mapping, dtype=np.int64))
-        x = self.weights.embed[xp.asarray(np.asarray(batch.token_ids, dtype=np.int64))]
+        x = self._embed(xp.asarray(np.asarray(batch.token_ids, dtype=np.int64)))
         starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int64)
         x = self._layers(x, positions, slots, kv_cache, self.prefill_attention(batch, kv_cache, starts))
         return self._logits(x[xp.asarray(batch.rows())])
@@ -183,7 +188,7 @@ class LlamaModel:
         NOTE: the same float64 arithmetic as the CPU decode path, so a token's logits do not depend on whether
         it was computed in a whole prompt, a chunk, a decode row or a mixed step (greedy outputs agree).
         """
-        from ..reference import dense_attention
+        from ..kernels.reference import dense_attention
 
         def attend(layer, q, k, v):
             out = np.empty_like(q)
@@ -254,7 +259,7 @@ class LlamaModel:
             attend = self.paged_prefill_attention(batch.block_tables, batch.query_start_loc, batch.context_lens,
                                                   kv_cache)
 
-        x = self.weights.embed[batch.token_ids]
+        x = self._embed(batch.token_ids)
         x = self._layers(x, batch.positions, batch.slot_mapping, kv_cache, attend)
         return self._logits(x if batch.logit_rows is None else x[batch.logit_rows])
 
@@ -268,15 +273,33 @@ class LlamaModel:
             q, k, v = self.ops.qkv_rope(self.matmul(h, lw.wqkv), lw.bqkv, positions)
             ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check)
             attn = attend(layer, q, k, v)
-            x, h = self.ops.add_norm(x, self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo), lw.post_norm)
-            mlp = self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down)
+            out = self._reduce(self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo))
+            x, h = self.ops.add_norm(x, out, lw.post_norm)
+            mlp = self._reduce(self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down))
             if layer + 1 == len(layers):
                 return x + mlp
             x, h = self.ops.add_norm(x, mlp, layers[layer + 1].input_norm)
         return x
 
     def _logits(self, x):
-        return self.matmul(self.ops.norm(x, self.weights.final_norm), self.weights.lm_head)
+        logits = self.matmul(self.ops.norm(x, self.weights.final_norm), self.weights.lm_head)
+        if self.parallel is None:
+            return logits
+        return self.collective.all_gather(logits)[:, :self.parallel.config.vocab_size]  # the padding cut off
+
+    def _embed(self, token_ids):
+        """Embedding rows of ``token_ids``; vocab-parallel: this rank's rows, zeros elsewhere, summed by all ranks."""
+        if self.parallel is None:
+            return self.weights.embed[token_ids]
+        xp, per = self.xp, self.parallel.vocab_per_rank
+        local = token_ids - self.parallel.rank * per
+        inside = (local >= 0) & (local < per)
+        x = self.weights.embed[xp.where(inside, local, 0)] * inside[:, None].astype(self.dtype)
+        return self.collective.all_reduce(x)
+
+    def _reduce(self, x):
+        """A row-parallel product's partial sums, summed over the ranks (the identity on one rank)."""
+        return x if self.parallel is None else self.collective.all_reduce(x)
 
 
 def host_matmul(x, w):

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.sampling import SamplingParams
+from ..sampling_params import SamplingParams
 from .engine_loop import EngineError, EngineLoop, Sink
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from .responses import ResponseBuilder
@@ -104,10 +104,10 @@ def create_app(state: ServerState) -> FastAPI:
 
 def engine_stats(engine) -> dict:
     """Gauges of the engine's state (call on the engine thread)."""
-    bm = engine.manager.block_manager
+    m = engine.manager
     return {"pagedkv_num_requests_running": len(engine.scheduler.running),
             "pagedkv_num_requests_waiting": len(engine.scheduler.waiting),
-            "pagedkv_kv_num_blocks": bm.num_blocks, "pagedkv_kv_num_free_blocks": bm.num_free_blocks}
+            "pagedkv_kv_num_blocks": m.num_blocks, "pagedkv_kv_num_free_blocks": m.num_free_blocks}
 
 
 # -------------------------------------------------------------------------------------------- prompts

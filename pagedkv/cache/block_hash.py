@@ -12,7 +12,7 @@ Two sequences get the same ``h_i`` exactly when they agree on tokens ``0 .. (i+1
 ``extra`` (up to a SHA-256 collision), so the longest run of cached hashes is the longest shared prefix.
 
 Choice of hash: ``hashlib.sha256``, full 32-byte digests. Measured on this project's CPU machine (AMD EPYC,
-Python 3.11.7, xxhash 4.1.0) with ``python -m pagedkv.block_hash`` (a 4,000-token prompt, 250 blocks of 16,
+Python 3.11.7, xxhash 4.1.0) with ``python -m pagedkv.cache.block_hash`` (a 4,000-token prompt, 250 blocks of 16,
 the whole chain including turning the token list into bytes, best of 7 x 200 runs)::
 
     serialize tokens only (array('q'))          58 us    (231 ns/block)

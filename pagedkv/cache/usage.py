@@ -38,3 +38,20 @@ class Usage:
     @property
     def bytes_total(self) -> int:
         return self.num_blocks * self.bytes_per_block
+
+
+def measure_usage(sequences, block_manager, block_size: int, bytes_per_block: int, num_cow_copies: int) -> Usage:
+    """The pool's :class:`Usage` from its sequences (``Sequence``: ``block_table``, ``num_tokens``) and allocator."""
+    filled: dict[int, int] = {}
+    for s in sequences:
+        for i, b in enumerate(s.block_table):
+            filled[b] = max(filled.get(b, 0), min(block_size, s.num_tokens - i * block_size))
+    bm = block_manager
+    refs = bm.snapshot().ref_counts
+    return Usage(
+        num_blocks=bm.num_blocks, num_used_blocks=bm.num_used_blocks, num_free_blocks=bm.num_free_blocks,
+        num_token_slots_used=sum(filled.values()), num_token_slots_reserved=bm.num_used_blocks * block_size,
+        num_logical_tokens=sum(s.num_tokens for s in sequences), bytes_per_block=bytes_per_block,
+        num_shared_blocks=sum(1 for r in refs if r > 1), num_cow_copies=num_cow_copies,
+        num_sequences=len(sequences),
+    )

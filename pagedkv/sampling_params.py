@@ -1,4 +1,4 @@
-"""Sampling parameters and the host sampler: greedy, temperature, top-k, top-p, min-p, seeded per request."""
+"""SamplingParams at the ground floor (the model, the engine and the server read it), and the host sampler."""
 from __future__ import annotations
 
 import math

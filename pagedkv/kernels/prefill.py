@@ -3,7 +3,7 @@
 Version 1 runs on CUDA cores for every dtype (the float32 path, and a GPU oracle); version 2 runs on tensor
 cores (mma.sync) for float16 / bfloat16 (the default for them); version 3 (wgmma, sm_90a, head_dim 64 / 128)
 is opt-in: correct, but slower than version 2 on the benchmark (kernels_cu/NOTES_prefill.md). Both take arrays already shape/dtype-checked by
-:func:`pagedkv.ops.prefill_attention`; here we check what only the launcher knows (head_dim, block size,
+:func:`pagedkv.kernels.ops.prefill_attention`; here we check what only the launcher knows (head_dim, block size,
 contiguity, alignment), run the GPU-side range check (one small kernel and one 24-byte read, skipped with
 ``check=False``), work out the launch shape and launch.
 
@@ -11,7 +11,7 @@ The launch shape depends on array shapes only, never on device values, so a laun
 CUDA graph and replayed with new lengths: version 2 launches the plan kernel (one block) and
 ``capacity(...) * num_kv_heads`` blocks; version 1 launches ``(num_tokens, num_qo_heads)`` blocks.
 
-Loading and caching the modules reuses :mod:`pagedkv.kernels` (``_function``, ``_dt_code``, ...).
+Modules are loaded and cached by :mod:`pagedkv.kernels.compile` (version 3 through its sm_90a NVRTC path).
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-
-from .kernels import _U64_MAX, KernelCompileError, _dt_code, _function, _int32_contiguous, cu_source, num_sms
+from .compile import U64_MAX, dt_code, int32_contiguous, load_function, load_sm90a, num_sms
 
 FILENAME = "prefill_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)
@@ -106,7 +105,7 @@ def v3_names() -> tuple[str, ...]:
 
 def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = ()):
     name = config.kernel_name(dt, head_dim)
-    kernel = _function(FILENAME, name, (name,), tuple(defines))
+    kernel = load_function(FILENAME, name, (name,), tuple(defines))
     smem = config.smem_bytes(head_dim)
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem  # opt in above the 48 KB default
@@ -114,12 +113,12 @@ def _v2_kernel(dt: int, head_dim: int, config: TileConfig, defines: tuple = ()):
 
 
 def _v1_kernel(dt: int, head_dim: int):
-    return _function(FILENAME, v1_names(dt, head_dim)[0], v1_names(dt, head_dim))
+    return load_function(FILENAME, v1_names(dt, head_dim)[0], v1_names(dt, head_dim))
 
 
 def _plain_kernel(name: str):
     """The extern "C" kernels (plan, check): a module without template instantiations compiles fast."""
-    return _function(FILENAME, name)
+    return load_function(FILENAME, name)
 
 
 def v3_smem_bytes(head_dim: int) -> int:
@@ -137,29 +136,10 @@ def v3_available(device_id: int) -> bool:
 
 @lru_cache(maxsize=None)
 def _v3_kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
-    """Version 3 compiled for sm_90a by NVRTC directly: ``(module, function)``.
-
-    NOTE: CuPy's RawModule appends its own ``-arch=sm_90``, under which ptxas rejects wgmma, so this module is
-    built here (no disk cache: about a second per instantiation, once per process).
-    """
+    """Version 3 compiled for sm_90a (:func:`pagedkv.kernels.compile.load_sm90a`): ``(module, function)``."""
     import cupy
-    from cupy_backends.cuda.libs import nvrtc
 
-    name = f"prefill_attention_v3_kernel<{dt}, {head_dim}>"
-    prog = nvrtc.createProgram(cu_source(FILENAME), FILENAME, (), ())
-    try:
-        nvrtc.addNameExpression(prog, name)
-        try:
-            nvrtc.compileProgram(prog, ("-std=c++17", "-arch=sm_90a", *(f"-D{k}={v}" for k, v in defines)))
-        except nvrtc.NVRTCError as exc:
-            raise KernelCompileError(f"compiling {FILENAME} {name} for sm_90a failed:\n"
-                                     f"{nvrtc.getProgramLog(prog)}") from exc
-        lowered, cubin = nvrtc.getLoweredName(prog, name), nvrtc.getCUBIN(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    module = cupy.cuda.function.Module()
-    module.load(cubin)
-    function = module.get_function(lowered)
+    module, function = load_sm90a(FILENAME, f"prefill_attention_v3_kernel<{dt}, {head_dim}>", tuple(defines))
     cupy.cuda.driver.funcSetAttribute(function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                       v3_smem_bytes(head_dim))
     return module, function
@@ -183,14 +163,14 @@ def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, b
         query_start_loc, context_lens, block_tables, cupy.int32(num_seqs), cupy.int32(max_blocks),
         cupy.int32(num_blocks), cupy.int32(block_size.bit_length() - 1), cupy.int32(num_tokens), bad))
     bad_start, bad_len, bad_entry = (int(x) for x in bad.get())
-    if bad_start != _U64_MAX:
+    if bad_start != U64_MAX:
         raise ValueError(f"query_start_loc[{bad_start}]={int(query_start_loc[bad_start])}: query_start_loc must be "
                          f"non-decreasing, from >= 0 to <= num_tokens={num_tokens}")
-    if bad_len != _U64_MAX:
+    if bad_len != U64_MAX:
         n = int(query_start_loc[bad_len + 1]) - int(query_start_loc[bad_len])
         raise ValueError(f"context_lens[{bad_len}]={int(context_lens[bad_len])} outside [{n}, "
                          f"{max_blocks * block_size}] (its new tokens .. max_blocks * block_size)")
-    if bad_entry != _U64_MAX:
+    if bad_entry != U64_MAX:
         i, j = divmod(bad_entry, max_blocks)
         raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
 
@@ -198,7 +178,7 @@ def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, b
 def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, *, scale=None, out=None,
                       check=True, version=None, kv_dtype=None, config: TileConfig | None = None,
                       defines: tuple = ()):
-    """Launch causal prefill attention (see :func:`pagedkv.ops.prefill_attention` for shapes).
+    """Launch causal prefill attention (see :func:`pagedkv.kernels.ops.prefill_attention` for shapes).
 
     ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16) or 3 (wgmma on sm_90, head_dim
     64/128, float16/bfloat16); default 2 for 16-bit dtypes, 1 for float32. ``config`` picks a version-2 tile
@@ -210,7 +190,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     import cupy
 
     num_blocks, _, block_size, head_dim = k_cache.shape
-    dt = _dt_code(q.dtype, kv_dtype)
+    dt = dt_code(q.dtype, kv_dtype)
     version = (1 if dt == 0 else 2) if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
@@ -235,7 +215,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         out = cupy.zeros(q.shape, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous or out.data.ptr % 16:
         raise ValueError(f"out must be C-contiguous, 16-byte aligned {q.shape} {q.dtype}, got {out.shape} {out.dtype}")
-    tables, starts, lens = (_int32_contiguous(a) for a in (block_tables, query_start_loc, context_lens))
+    tables, starts, lens = (int32_contiguous(a) for a in (block_tables, query_start_loc, context_lens))
     scale = head_dim**-0.5 if scale is None else float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")

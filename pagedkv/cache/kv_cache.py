@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import ops
-from .backend import dtype_of, get_backend
+from ..backend import dtype_of, get_backend
+from ..kernels import ops
 
 
 def _positive(name: str, value) -> int:
@@ -26,7 +26,7 @@ class KVCache:
         └─────────────────────────────┘
         slot s = b * block_size + offset  ->  k_pool[layer, b, :, offset, :]
 
-    Blocks are owned by a :class:`~pagedkv.block_manager.BlockManager`; this class only holds bytes.
+    Blocks are owned by a :class:`~pagedkv.cache.block_manager.BlockManager`; this class only holds bytes.
     ``bytes_per_block`` counts K and V of every layer.
 
     Args:
@@ -121,3 +121,21 @@ class KVCache:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer!r} outside [0, {self.num_layers})")
         return int(layer)
+
+
+def check_kv(cache, k, v, token_shape: tuple) -> None:
+    """k/v must both be given or both omitted, with shape [num_layers, *token_shape, num_kv_heads, head_dim] and
+    the dtype of ``cache`` (a :class:`KVCache`, or any pool with those four attributes): ``ValueError`` naming
+    the offending one."""
+    if (k is None) != (v is None):
+        raise ValueError("give both k and v, or neither")
+    if k is None:
+        return
+    want = (cache.num_layers, *token_shape, cache.num_kv_heads, cache.head_dim)
+    for name, x in (("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name} must be an array of shape {want}, got {type(x).__name__}")
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
+        if x.dtype != cache.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {cache.dtype}")

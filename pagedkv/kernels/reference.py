@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 
 
 def _f64(a) -> np.ndarray:

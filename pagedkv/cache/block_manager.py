@@ -132,7 +132,7 @@ class BlockManager:
 
     def count_evictable(self, block_ids: Iterable[int]) -> int:
         """How many distinct ``block_ids`` are evictable now: acquiring them lowers ``num_free_blocks`` by it."""
-        block_ids = _as_ids(block_ids)
+        block_ids = as_ids(block_ids)
         with self._lock:
             for b in block_ids:
                 self._check_id(b)
@@ -142,12 +142,12 @@ class BlockManager:
         """The blocks holding the longest cached prefix of a hash chain (no state changes).
 
         Args:
-            block_hashes: a sequence's full-block hashes in order (``pagedkv.block_hash.BlockHasher``).
+            block_hashes: a sequence's full-block hashes in order (``pagedkv.cache.block_hash.BlockHasher``).
         Returns:
             block ids of ``block_hashes[:k]`` for the largest ``k`` whose hashes are all cached
             (``[]`` without prefix caching). Valid until the next call that may evict (``allocate``).
         """
-        block_hashes = _as_hashes(block_hashes)
+        block_hashes = as_hashes(block_hashes)
         with self._lock:
             out = []
             for h in block_hashes:
@@ -183,7 +183,7 @@ class BlockManager:
         Raises:
             ValueError: an id is not a block carrying a hash (nothing changes).
         """
-        block_ids = _as_ids(block_ids)
+        block_ids = as_ids(block_ids)
         with self._lock:
             self._validate_cached(block_ids)
             self._acquire(block_ids)
@@ -196,7 +196,7 @@ class BlockManager:
         Raises:
             OutOfBlocksError: the fresh blocks do not fit once the evictable cached ones are taken.
         """
-        cached_block_ids, num_blocks = _as_ids(cached_block_ids), _check_count(num_blocks)
+        cached_block_ids, num_blocks = as_ids(cached_block_ids), _check_count(num_blocks)
         with self._lock:
             self._validate_cached(cached_block_ids)
             self._check_room(num_blocks + sum(1 for b in set(cached_block_ids) if b in self._evictable))
@@ -212,7 +212,7 @@ class BlockManager:
         Raises:
             ValueError: caching is off, the block is not used, or it already carries a different hash.
         """
-        (block_hash,) = _as_hashes([block_hash])
+        (block_hash,) = as_hashes([block_hash])
         block_id = self._one_id(block_id)
         if not self.enable_prefix_caching:
             raise ValueError("cannot register a block hash: prefix caching is disabled")
@@ -230,7 +230,7 @@ class BlockManager:
 
     def share(self, block_ids: Iterable[int]) -> None:
         """Add one reference to each used block (a fork). An id may appear more than once."""
-        block_ids = _as_ids(block_ids)
+        block_ids = as_ids(block_ids)
         with self._lock:
             self._validate_used(block_ids, "share")
             for b in block_ids:
@@ -243,7 +243,7 @@ class BlockManager:
         The whole list is validated first: an unknown id, a free id, or more drops than references
         raises ``ValueError`` and no count changes.
         """
-        block_ids = _as_ids(block_ids)
+        block_ids = as_ids(block_ids)
         with self._lock:
             self._validate_used(block_ids, "free")
             for b in block_ids:
@@ -288,7 +288,7 @@ class BlockManager:
                 f"requested {num_blocks} blocks but only {self.num_free_blocks} of {self.num_blocks} are free")
 
     def _one_id(self, block_id) -> int:
-        (block_id,) = _as_ids([block_id])
+        (block_id,) = as_ids([block_id])
         self._check_id(block_id)
         return block_id
 
@@ -349,7 +349,7 @@ def _check_count(num_blocks) -> int:
     return num_blocks
 
 
-def _as_ids(block_ids: Iterable[int]) -> list:
+def as_ids(block_ids: Iterable[int]) -> list:
     """Python ints from any integer-like ids (NumPy ints too); other values are kept and refused later."""
     if isinstance(block_ids, (str, bytes)) or not hasattr(block_ids, "__iter__"):
         raise ValueError(f"block ids must be an iterable of ints, got {block_ids!r}")
@@ -362,7 +362,7 @@ def _as_ids(block_ids: Iterable[int]) -> list:
     return out
 
 
-def _as_hashes(block_hashes: Iterable[bytes]) -> list[bytes]:
+def as_hashes(block_hashes: Iterable[bytes]) -> list[bytes]:
     """A list of non-empty ``bytes`` hashes (a single bytes object is refused: it would iterate as ints)."""
     if isinstance(block_hashes, (str, bytes, bytearray)) or not hasattr(block_hashes, "__iter__"):
         raise ValueError(f"block hashes must be an iterable of bytes, got {block_hashes!r:.80}")

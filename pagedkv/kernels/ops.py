@@ -2,8 +2,9 @@
 
 Every call validates its inputs first (dtype, shape, index ranges) and raises ``ValueError`` naming the
 bad value before anything is written. NumPy inputs run on the host (attention through
-:mod:`pagedkv.reference`); device inputs (CuPy, or anything with ``__cuda_array_interface__`` / DLPack,
-e.g. a CUDA torch tensor, zero-copy) run the CUDA kernels of ``kernels_cu/`` through :mod:`pagedkv.kernels`.
+:mod:`pagedkv.kernels.reference`); device inputs (CuPy, or anything with ``__cuda_array_interface__`` /
+DLPack, e.g. a CUDA torch tensor, zero-copy) run the CUDA kernels of ``kernels_cu/`` through the launchers
+:mod:`~pagedkv.kernels.decode`, :mod:`~pagedkv.kernels.prefill` and :mod:`~pagedkv.kernels.cache_ops`.
 
 Layouts (one layer; the pool adds a leading ``num_layers`` axis):
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import reference
-from .backend import SUPPORTED_DTYPES, is_gpu_array
-from .kernels import HEAD_DIMS, VERSIONS  # noqa: F401  (the GPU kernels' head sizes and versions)
+from ..backend import SUPPORTED_DTYPES, is_gpu_array
+from . import cache_ops, decode, prefill, reference
+from .cache_ops import check_copy_ranges_host
+from .decode import VERSIONS
 
 
 def _as_device(a):
@@ -108,7 +110,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         scale: softmax scale, default ``head_dim ** -0.5``.
         version: 1 (two-pass, correctness first), 2 (one-pass online softmax, split-K by the table's
             capacity) or 3 (kernel 2's tile loop in a persistent grid, split-K balanced over the batch on the
-            device); None: the fastest measured (``pagedkv.kernels.DEFAULT_VERSION``). GPU only; the host
+            device); None: the fastest measured (``pagedkv.kernels.decode.DEFAULT_VERSION``). GPU only; the host
             path always uses the float64 reference.
         out: optional [batch, num_qo_heads, head_dim] output, q's dtype.
         check: validate index ranges (on the GPU: one reduction). Turn off only for benchmarks.
@@ -116,13 +118,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         out: [batch, num_qo_heads, head_dim], q's dtype.
     """
     if is_gpu_array(q):
-        from . import kernels
-
         q, k_cache, v_cache = _as_device(q), _as_device(k_cache), _as_device(v_cache)
         block_tables, context_lens = _as_device(block_tables), _as_device(context_lens)
         check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version)
         out = None if out is None else _as_device(out)
-        return kernels.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
+        return decode.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
                                        scale=scale, version=version, out=out, check=check)
     check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version)
     if check:
@@ -221,13 +221,11 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         out (a new array when not given: rows no sequence owns are 0).
     """
     if is_gpu_array(q):
-        from . import kernels_prefill
-
         arrays = map(_as_device, (q, k_cache, v_cache, block_tables, query_start_loc, context_lens))
         q, k_cache, v_cache, block_tables, query_start_loc, context_lens = arrays
         out = None if out is None else _as_device(out)
         check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out)
-        return kernels_prefill.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+        return prefill.prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
                                                  scale=scale, out=out, check=check)
     check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out)
     if check:
@@ -239,6 +237,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         out = np.zeros(q.shape, dtype=q.dtype)
     out[rows] = result[rows]
     return out
+
 
 def check_write_args(k, v, k_cache, v_cache, slot_mapping) -> None:
     """Shape and dtype checks for :func:`write_kv`."""
@@ -268,12 +267,10 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
         slot_mapping: [num_tokens] int; ``block_id * block_size + offset`` or -1. No slot twice.
     """
     if is_gpu_array(k_cache):
-        from . import kernels
-
         k, v, k_cache, v_cache = map(_as_device, (k, v, k_cache, v_cache))
         slot_mapping = _as_device(slot_mapping)
         check_write_args(k, v, k_cache, v_cache, slot_mapping)
-        return kernels.write_kv(k, v, k_cache, v_cache, slot_mapping, check=check)
+        return cache_ops.write_kv(k, v, k_cache, v_cache, slot_mapping, check=check)
     check_write_args(k, v, k_cache, v_cache, slot_mapping)
     num_blocks, _, block_size, _ = k_cache.shape
     slots = np.asarray(slot_mapping, dtype=np.int64)
@@ -304,18 +301,6 @@ def check_copy_args(k_pool, v_pool, src, dst) -> None:
         raise ValueError(f"src_block_ids {src.shape} and dst_block_ids {dst.shape} differ in length")
 
 
-def check_copy_ranges_host(src: np.ndarray, dst: np.ndarray, num_blocks: int) -> None:
-    for name, ids in (("src_block_ids", src), ("dst_block_ids", dst)):
-        bad = np.flatnonzero((ids < 0) | (ids >= num_blocks))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"{name}[{i}]={int(ids[i])} outside [0, {num_blocks})")
-    if np.unique(dst).size != dst.size:
-        raise ValueError("dst_block_ids names a block twice")
-    if np.intersect1d(src, dst).size:
-        raise ValueError(f"blocks {np.intersect1d(src, dst).tolist()} are both a source and a destination")
-
-
 def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
     """Copy whole blocks ``src[i] -> dst[i]`` in every layer's K and V pool (copy-on-write).
 
@@ -324,12 +309,10 @@ def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
         src_block_ids, dst_block_ids: [num_pairs] int. Destinations distinct and never a source.
     """
     if is_gpu_array(k_pool):
-        from . import kernels
-
         k_pool, v_pool = _as_device(k_pool), _as_device(v_pool)
         src, dst = _as_device(src_block_ids), _as_device(dst_block_ids)
         check_copy_args(k_pool, v_pool, src, dst)
-        return kernels.copy_blocks(k_pool, v_pool, src, dst, check=check)
+        return cache_ops.copy_blocks(k_pool, v_pool, src, dst, check=check)
     src, dst = np.asarray(src_block_ids), np.asarray(dst_block_ids)
     check_copy_args(k_pool, v_pool, src, dst)
     if check:

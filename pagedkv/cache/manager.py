@@ -1,4 +1,9 @@
-"""PagedAttentionManager: sequences on a paged KV cache, with fork, copy-on-write and cached prefixes."""
+"""PagedAttentionManager: sequences on a paged KV cache, with fork, copy-on-write and cached prefixes.
+
+Over 400 lines because it is the one door to block ids (sequences, copy-on-write, cached prefixes, copies from
+a cached block, static reservations), every call under one lock; its lock-free helpers live beside it
+(``kv_cache.check_kv``, ``usage.measure_usage``, ``block_manager.as_ids``).
+"""
 from __future__ import annotations
 
 import operator
@@ -7,11 +12,11 @@ from itertools import count
 
 import numpy as np
 
-from . import ops
-from .block_manager import BlockManager, OutOfBlocksError, _as_hashes, _as_ids
-from .kv_cache import KVCache
+from ..kernels import ops
+from .block_manager import BlockManager, OutOfBlocksError, as_hashes, as_ids
+from .kv_cache import KVCache, check_kv
 from .sequence import Sequence
-from .usage import Usage
+from .usage import Usage, measure_usage
 
 
 class PagedAttentionManager:
@@ -30,7 +35,7 @@ class PagedAttentionManager:
     :meth:`register_blocks` names a sequence's full blocks by their hashes once their K/V is written, so
     that later sequences find them. Cached blocks are full, so they are never written and never copied::
 
-        hashes  h0 -> h1 -> h2                 (pagedkv.block_hash: each chained on its parent; bs 16)
+        hashes  h0 -> h1 -> h2                 (pagedkv.cache.block_hash: each chained on its parent; bs 16)
         lookup([h0, h1, h2], 50) -> [5, 9]     h2 is not cached: the prefix is blocks 5 and 9 (32 tokens)
         add_sequence(50, cached_block_ids=[5, 9])   table [5 9 | 12 3]; only t32..t49 are computed
         register_blocks(seq, [h0, h1, h2])     names block 12 h2 once its K/V is written (5, 9 already are)
@@ -46,6 +51,7 @@ class PagedAttentionManager:
         self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size,
                                           enable_prefix_caching=enable_prefix_caching)
         self._seqs: dict[int, Sequence] = {}
+        self._reserved: dict[object, list[int]] = {}  # static batching: owner -> blocks held for later
         self._next_id = count()
         self._lock = threading.RLock()
         self.num_cow_copies = 0
@@ -77,25 +83,31 @@ class PagedAttentionManager:
             that at least one token is always computed (a fully cached prompt recomputes its last block).
         """
         num_tokens = _count("num_tokens", num_tokens)
-        block_hashes = _as_hashes(block_hashes)
+        block_hashes = as_hashes(block_hashes)
         return self.block_manager.lookup(block_hashes[: (num_tokens - 1) // self.block_size])
 
-    def num_blocks_to_add(self, num_tokens: int, *, cached_block_ids=()) -> int:
-        """How far ``num_free_blocks`` drops if this sequence is added now (fresh + evictable cached blocks)."""
+    def num_blocks_to_add(self, num_tokens: int, *, cached_block_ids=(), copy_from: int | None = None) -> int:
+        """How far ``num_free_blocks`` drops if this sequence is added now (fresh + evictable cached blocks, + an
+        evictable ``copy_from`` block, held while it is read)."""
         num_tokens = _count("num_tokens", num_tokens)
         cached = self._cached_ids(cached_block_ids, num_tokens)
         with self._lock:
-            return self._blocks_for(num_tokens) - len(cached) + self.block_manager.count_evictable(cached)
+            held = copy_from is not None and self.block_manager.ref_count(copy_from) == 0
+            return self._blocks_for(num_tokens) - len(cached) + self.block_manager.count_evictable(cached) + int(held)
 
-    def can_add(self, num_tokens: int, *, cached_block_ids=()) -> bool:
-        return self.block_manager.can_allocate(self.num_blocks_to_add(num_tokens, cached_block_ids=cached_block_ids))
+    def can_add(self, num_tokens: int, *, cached_block_ids=(), copy_from: int | None = None) -> bool:
+        need = self.num_blocks_to_add(num_tokens, cached_block_ids=cached_block_ids, copy_from=copy_from)
+        return self.block_manager.can_allocate(need)
 
-    def add_sequence(self, num_tokens: int, *, k=None, v=None, cached_block_ids=()) -> int:
+    def add_sequence(self, num_tokens: int, *, k=None, v=None, cached_block_ids=(), copy_from: int | None = None) -> int:
         """Register a sequence of ``num_tokens`` tokens and reserve ``ceil(num_tokens / block_size)`` blocks,
         the first ones being ``cached_block_ids`` (acquired: ref + 1, their K/V already in the cache)::
 
             cached_block_ids = [5, 9], block_size 4, num_tokens 10
             block_table [ 5: t0..t3 | 9: t4..t7 | fresh: t8 t9 . . ]    k, v hold t8 t9 only
+
+        ``copy_from``: a cached block whose first tokens match the block after the cached prefix; its K/V is
+        copied into that (fresh) block, the source held meanwhile so that the allocation cannot evict it.
 
         Args:
             num_tokens: >= 1.
@@ -103,24 +115,44 @@ class PagedAttentionManager:
                 the tokens after the cached prefix (``num_cached_tokens = len(cached_block_ids) * block_size``).
             cached_block_ids: blocks from :meth:`lookup`, in order, with no allocation since (single thread,
                 or hold :attr:`lock` across both calls).
+            copy_from: optional id of a cached block (see :meth:`cached_block`); needs a block after the prefix.
         Returns:
             the new sequence id.
         Raises:
-            ValueError: a cached id is not a cached block, appears twice, or covers more than num_tokens.
+            ValueError: a cached id is not a cached block, appears twice, or covers more than num_tokens; a
+                ``copy_from`` that is not a cached block, or with no block after the prefix to copy into.
             OutOfBlocksError: the fresh blocks do not fit (nothing acquired, nothing allocated).
         """
         num_tokens = _count("num_tokens", num_tokens)
         cached = self._cached_ids(cached_block_ids, num_tokens)
         num_cached_tokens = len(cached) * self.block_size
-        self._check_kv(k, v, (num_tokens - num_cached_tokens,))
+        check_kv(self.kv_cache, k, v, (num_tokens - num_cached_tokens,))
         with self._lock:
             fresh = self._blocks_for(num_tokens) - len(cached)
-            block_table = self.block_manager.acquire_and_allocate(cached, fresh)  # raises before any change
+            if copy_from is None:
+                block_table = self.block_manager.acquire_and_allocate(cached, fresh)  # raises before any change
+            else:
+                block_table = self._allocate_copying(cached, fresh, copy_from)
             seq = Sequence(next(self._next_id), block_table, num_tokens, num_cached_tokens)
             self._seqs[seq.seq_id] = seq
             if k is not None and k.shape[1]:
                 self._write(seq, num_cached_tokens, k, v)
             return seq.seq_id
+
+    def _allocate_copying(self, cached: list[int], fresh: int, src) -> list[int]:
+        """``cached + fresh`` blocks, the first fresh one a copy of cached block ``src`` (held while read)."""
+        bm = self.block_manager
+        if isinstance(src, bool) or not isinstance(src, (int, np.integer)) or bm.block_hash(int(src)) is None:
+            raise ValueError(f"copy_from={src!r} is not a cached block")
+        if fresh < 1 or src in cached:
+            raise ValueError(f"copy_from={src!r} needs a fresh block after the {len(cached)} cached ones")
+        bm.acquire([int(src)])
+        try:
+            block_table = bm.acquire_and_allocate(cached, fresh)  # raises before any change
+            self.kv_cache.copy_blocks([int(src)], [block_table[len(cached)]])
+            return block_table
+        finally:
+            bm.free([int(src)])
 
     def register_blocks(self, seq_id: int, block_hashes) -> int:
         """Name a sequence's first ``len(block_hashes)`` blocks by their content hashes (their K/V is written).
@@ -133,7 +165,7 @@ class PagedAttentionManager:
         Raises:
             ValueError: caching is off, more hashes than full blocks, or a block named differently before.
         """
-        block_hashes = _as_hashes(block_hashes)
+        block_hashes = as_hashes(block_hashes)
         with self._lock:
             seq, bm = self._get(seq_id), self.block_manager
             if not bm.enable_prefix_caching:
@@ -147,10 +179,27 @@ class PagedAttentionManager:
                     raise ValueError(f"block {b} of sequence {seq.seq_id} already holds other content")
             return sum(bm.block_hash(b) is None and bm.register(b, h) for b, h in pairs)
 
-    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
+    def register_block(self, seq_id: int, index: int, block_hash: bytes) -> bool:
+        """Name block ``index`` of a sequence (full, its K/V written) by its hash: True when it carries the hash
+        afterwards, False when the hash already names another block (this copy stays unnamed)."""
         with self._lock:
-            need = self._blocks_to_append(self._get(seq_id), _count("num_tokens", num_tokens))
-            return self.block_manager.can_allocate(need)
+            seq = self._get(seq_id)
+            if not 0 <= index < seq.num_tokens // self.block_size:
+                raise ValueError(f"block {index} of sequence {seq.seq_id} is not a full block")
+            return self.block_manager.register(seq.block_table[index], block_hash)
+
+    def cached_block(self, block_hash: bytes) -> int | None:
+        """The cached block named ``block_hash``, or None (never named, or evicted since)."""
+        found = self.block_manager.lookup(as_hashes([block_hash]))
+        return found[0] if found else None
+
+    def num_blocks_to_append(self, seq_id: int, num_tokens: int = 1) -> int:
+        """Blocks :meth:`append_slots` takes: new blocks, plus one copy-on-write of a shared partial block."""
+        with self._lock:
+            return self._blocks_to_append(self._get(seq_id), _count("num_tokens", num_tokens))
+
+    def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
+        return self.block_manager.can_allocate(self.num_blocks_to_append(seq_id, num_tokens))
 
     def append_slots(self, seq_id: int, num_tokens: int) -> np.ndarray:
         """Reserve the next ``num_tokens`` positions of a sequence (copy-on-write included).
@@ -173,7 +222,7 @@ class PagedAttentionManager:
 
     def append_token(self, seq_id: int, *, k=None, v=None) -> int:
         """Reserve one more position; optionally write its ``k, v: [num_layers, num_kv_heads, head_dim]``."""
-        self._check_kv(k, v, ())
+        check_kv(self.kv_cache, k, v, ())
         with self._lock:
             slot = int(self.append_slots(seq_id, 1)[0])
             if k is not None:
@@ -202,6 +251,60 @@ class PagedAttentionManager:
             table = seq.block_table[::-1] if self.block_manager.enable_prefix_caching else seq.block_table
             self.block_manager.free(table)
             del self._seqs[seq.seq_id]
+
+    # -- reservations (static batching) ------------------------------------------------------------
+    def reserve(self, owner, num_blocks: int) -> None:
+        """Take ``num_blocks`` raw blocks for ``owner`` (a request id): held, in no sequence, until released.
+
+        Raises:
+            OutOfBlocksError: they do not fit; nothing changed.
+        """
+        with self._lock:
+            blocks = self.block_manager.allocate(num_blocks)
+            self._reserved.setdefault(owner, []).extend(blocks)
+
+    def release_reserved(self, owner, num_blocks: int | None = None) -> int:
+        """Give back ``num_blocks`` (default: all) of ``owner``'s reservation to the pool; returns how many."""
+        with self._lock:
+            held = self._reserved.get(owner, [])
+            give = len(held) if num_blocks is None else min(num_blocks, len(held))
+            if give:
+                self.block_manager.free(held[-give:])
+                del held[-give:]
+            if not held:
+                self._reserved.pop(owner, None)
+            return give
+
+    def num_reserved(self, owner) -> int:
+        with self._lock:
+            return len(self._reserved.get(owner, ()))
+
+    # -- pool figures -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks, evictable cached ones included (``allocate`` may hand them out)."""
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self.block_manager.enable_prefix_caching
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return self.block_manager.can_allocate(num_blocks)
+
+    def cache_counts(self) -> dict[str, int]:
+        """The pool's cached / evictable blocks and evictions so far (prefix caching's gauges)."""
+        bm = self.block_manager
+        return {"num_cached_blocks": bm.num_cached_blocks, "num_evictable_blocks": bm.num_evictable_blocks,
+                "num_evictions": bm.num_evictions}
 
     # -- per-sequence queries -----------------------------------------------------------------------
     def context_len(self, seq_id: int) -> int:
@@ -264,21 +367,8 @@ class PagedAttentionManager:
     def usage(self) -> Usage:
         """Pool figures; evictable cached blocks count as free (``allocate`` may hand them out), not used."""
         with self._lock:
-            filled: dict[int, int] = {}
-            for s in self._seqs.values():
-                for i, b in enumerate(s.block_table):
-                    filled[b] = max(filled.get(b, 0), min(self.block_size, s.num_tokens - i * self.block_size))
-            bm = self.block_manager
-            refs = bm.snapshot().ref_counts
-            return Usage(
-                num_blocks=bm.num_blocks, num_used_blocks=bm.num_used_blocks, num_free_blocks=bm.num_free_blocks,
-                num_token_slots_used=sum(filled.values()),
-                num_token_slots_reserved=bm.num_used_blocks * self.block_size,
-                num_logical_tokens=sum(s.num_tokens for s in self._seqs.values()),
-                bytes_per_block=self.kv_cache.bytes_per_block,
-                num_shared_blocks=sum(1 for r in refs if r > 1),
-                num_cow_copies=self.num_cow_copies, num_sequences=len(self._seqs),
-            )
+            return measure_usage(list(self._seqs.values()), self.block_manager, self.block_size,
+                                 self.kv_cache.bytes_per_block, self.num_cow_copies)
 
     def snapshot(self):
         """The manager's bookkeeping as values (the cache's bytes are not included)."""
@@ -315,24 +405,8 @@ class PagedAttentionManager:
         for layer in range(self.kv_cache.num_layers):
             self.kv_cache.write(layer, slots, k[layer], v[layer])
 
-    def _check_kv(self, k, v, token_shape: tuple) -> None:
-        """k/v must both be given or both omitted, with shape [num_layers, *token_shape, H, D], cache dtype."""
-        if (k is None) != (v is None):
-            raise ValueError("give both k and v, or neither")
-        if k is None:
-            return
-        c = self.kv_cache
-        want = (c.num_layers, *token_shape, c.num_kv_heads, c.head_dim)
-        for name, x in (("k", k), ("v", v)):
-            if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-                raise ValueError(f"{name} must be an array of shape {want}, got {type(x).__name__}")
-            if tuple(x.shape) != want:
-                raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-            if x.dtype != c.dtype:
-                raise ValueError(f"{name} dtype {x.dtype} differs from the cache dtype {c.dtype}")
-
     def _cached_ids(self, cached_block_ids, num_tokens: int) -> list[int]:
-        cached = _as_ids(cached_block_ids)
+        cached = as_ids(cached_block_ids)
         for b in cached:
             if isinstance(b, bool) or not isinstance(b, int):
                 raise ValueError(f"cached block id {b!r} is not an int")

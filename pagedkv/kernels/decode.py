@@ -1,111 +1,32 @@
-"""CUDA kernels of ``kernels_cu/`` loaded from text with ``cupy.RawModule``, and their thin launchers.
+"""Launchers of ``kernels_cu/paged_attention.cu``: paged decode attention, kernels 1, 2 and 3.
 
-One compiled module per launch and option set (file, kernel version, element type, head_dim, GT, ``-D``
-defines), cached for the process (CuPy caches extern "C" modules on disk too; templated ones it recompiles
-per process). A compile error raises :class:`KernelCompileError` naming the ``.cu`` file and carrying the
-compiler log. Launch arithmetic that needs no GPU (tile shapes, shared memory, the split-K plans) lives in
-:mod:`pagedkv.decode_plan`.
+Modules come from :mod:`pagedkv.kernels.compile` (one per launch and option set: kernel version, element
+type, head_dim, GT, ``-D`` defines). Launch arithmetic that needs no GPU (tile shapes, shared memory, the
+split-K plans) lives in :mod:`pagedkv.kernels.decode_plan`.
 
-The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.ops`; they check what only
-they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction and
-one small device-to-host read, skipped with ``check=False``), pick the launch shape, and launch.
-
-bfloat16: CuPy arrays of ``ml_dtypes.bfloat16`` are used directly when CuPy accepts them; otherwise pass
-uint16 views and ``kv_dtype="bfloat16"``; the kernels only see raw 16-bit words either way.
+The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.kernels.ops`; they check what
+only they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction
+and one small device-to-host read, skipped with ``check=False``), pick the launch shape, and launch.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
-from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-
-from .decode_plan import (MIN_PARTITION_TOKENS, V2_STAGES, V2_THREADS, V2_TILE_BYTES, WAVE_EFFICIENCY,  # noqa: F401
-                          choose_num_partitions, group_tile, tile_shape, v2_shape, v2_smem_bytes, v3_min_tiles,
-                          v3_smem_bytes)
+from .compile import U64_MAX, dt_code, int32_contiguous, load_function, num_sms
+from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile, tile_shape,
+                          v2_smem_bytes, v3_min_tiles, v3_smem_bytes)
 
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
 VERSIONS = (1, 2, 3)
 DEFAULT_VERSION = 3  # the fastest measured (kernels_cu/NOTES.md)
 GROUP_TILES = (1, 2, 4, 8)  # query heads per v2/v3 thread block (template parameter GT)
 REDUCE_THREADS = 256  # PAGEDKV_REDUCE_THREADS in paged_attention.cu
-_U64_MAX = np.iinfo(np.uint64).max
-_DT_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}
-
-
-class KernelCompileError(RuntimeError):
-    """A ``kernels_cu/*.cu`` file failed to compile; the message holds the file and the compiler log."""
-
-
-def _cu_dir() -> Path:
-    installed = Path(__file__).parent / "kernels_cu"
-    return installed if installed.is_dir() else Path(__file__).parent.parent / "kernels_cu"
-
-
-def cu_source(filename: str) -> str:
-    """The text of ``kernels_cu/<filename>`` with ``#include "common.cuh"`` inlined (so the cache key
-    covers the header too)."""
-    folder = _cu_dir()
-    common = (folder / "common.cuh").read_text()
-    return (folder / filename).read_text().replace('#include "common.cuh"', common)
-
-
-@lru_cache(maxsize=None)
-def _module(filename: str, name_expressions: tuple[str, ...], defines: tuple[tuple[str, int], ...] = ()):
-    import cupy
-
-    options = ("-std=c++17",) + tuple(f"-D{k}={v}" for k, v in defines)
-    module = cupy.RawModule(code=cu_source(filename), options=options,
-                            name_expressions=list(name_expressions) or None)
-    try:
-        module.compile()
-    except cupy.cuda.compiler.CompileException as exc:
-        raise KernelCompileError(f"compiling {_cu_dir() / filename} {options} failed:\n{exc}") from exc
-    return module
-
-
-@lru_cache(maxsize=None)
-def _function(filename, name, name_expressions=(), defines=()):
-    return _module(filename, tuple(name_expressions), tuple(defines)).get_function(name)
-
-
-@lru_cache(maxsize=1)
-def cupy_has_bfloat16() -> bool:
-    """Whether this CuPy allocates ``ml_dtypes.bfloat16`` arrays (CuPy >= 14 is expected to)."""
-    import cupy
-
-    try:
-        cupy.empty(8, dtype=ml_dtypes.bfloat16)
-        return True
-    except Exception:
-        return False
-
-
-def _dt_code(dtype, kv_dtype=None) -> int:
-    dt = np.dtype(ml_dtypes.bfloat16) if str(kv_dtype) in ("bfloat16", "bf16") else np.dtype(kv_dtype or dtype)
-    if dt not in _DT_CODES:
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dt}")
-    return _DT_CODES[dt]
-
-
-@lru_cache(maxsize=None)
-def num_sms(device_id: int) -> int:
-    import cupy
-
-    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
-def _int32_contiguous(a):
-    import cupy
-
-    return cupy.ascontiguousarray(a, dtype=cupy.int32)
 
 
 # ---- paged attention ------------------------------------------------------------------------------
 
-def _attention_names(dt: int, head_dim: int) -> tuple[str, ...]:
+def attention_names(dt: int, head_dim: int) -> tuple[str, ...]:
     """Every template instantiation of paged_attention.cu for one element type and head_dim."""
     return (f"paged_attention_v1_kernel<{dt}, {head_dim}>",
             *(f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES),
@@ -128,11 +49,11 @@ def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes
     for them); small modules keep that cost to the kernels actually used.
     """
     if kind == "check":  # extern "C", no templates instantiated: this module is disk-cached
-        return _function("paged_attention.cu", "check_block_tables_kernel")
+        return load_function("paged_attention.cu", "check_block_tables_kernel")
     names = tuple(_KERNEL_NAMES[k].format(dt=dt, hd=head_dim, gt=gt) for k in _LAUNCH_GROUP[kind])
     defines = () if kind == "v1" else (("PAGEDKV_V2_TILE_BYTES", tile_bytes), ("PAGEDKV_V2_STAGES", stages),
                                        *extra_defines)
-    return _function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt), names, defines)
+    return load_function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt), names, defines)
 
 
 def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> None:
@@ -155,10 +76,10 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
         block_tables, context_lens, cupy.int32(batch), cupy.int32(max_blocks), cupy.int32(num_blocks),
         cupy.int32(block_size), bad))
     bad_len, bad_entry = (int(x) for x in bad.get())
-    if bad_len != _U64_MAX:
+    if bad_len != U64_MAX:
         raise ValueError(f"context_lens[{bad_len}]={int(context_lens[bad_len])} outside [1, {capacity}] "
                          f"(max_blocks * block_size)")
-    if bad_entry != _U64_MAX:
+    if bad_entry != U64_MAX:
         i, j = divmod(bad_entry, max_blocks)
         raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
 
@@ -203,7 +124,7 @@ def _blocks_per_sm(kernel, smem: int, kernel_key, device_id: int) -> int:
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
                     check=True, kv_dtype=None, num_partitions=None, num_ctas=None, min_tiles=None,
                     tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()):
-    """Launch paged decode attention (see :func:`pagedkv.ops.paged_attention` for shapes).
+    """Launch paged decode attention (see :func:`pagedkv.kernels.ops.paged_attention` for shapes).
 
     ``version``: 1, 2 or 3 (default :data:`DEFAULT_VERSION`). Kernel 2: ``num_partitions`` forces the
     split-K count (default: :func:`choose_num_partitions`). Kernel 3: ``num_ctas`` forces the grid
@@ -217,7 +138,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
 
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
-    dt = _dt_code(q.dtype, kv_dtype)
+    dt = dt_code(q.dtype, kv_dtype)
     version = DEFAULT_VERSION if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
@@ -233,7 +154,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     q = cupy.ascontiguousarray(q)
     if q.data.ptr % 16:
         q = q.copy()
-    block_tables, context_lens = _int32_contiguous(block_tables), _int32_contiguous(context_lens)
+    block_tables, context_lens = int32_contiguous(block_tables), int32_contiguous(context_lens)
     if out is None:
         out = cupy.empty(q.shape, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.flags.c_contiguous:
@@ -406,91 +327,3 @@ def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
             cupy.int32(block_size.bit_length() - 1), cupy.int32(block_tables.shape[1]),
             cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)))
     return lambda: plan["kernel"]((ctas,), (V2_THREADS,), args, shared_mem=plan["smem"])
-
-
-# ---- RMSNorm (the model's fused ops) ---------------------------------------------------------------
-
-NORM_THREADS = 256  # PAGEDKV_NORM_THREADS in rms_norm.cu
-_NORM_SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
-
-
-def rms_norm_kernel(dtype):
-    """The ``rms_norm_<f32|f16|bf16>`` kernel of ``kernels_cu/rms_norm.cu`` for ``dtype``."""
-    return _function("rms_norm.cu", f"rms_norm_{_NORM_SUFFIX[_dt_code(dtype)]}")
-
-
-# ---- cache ops ------------------------------------------------------------------------------------
-
-def _cache_kernel(name: str):
-    return _function("cache_ops.cu", name)
-
-
-def _word_bytes(row_bytes: int, arrays) -> int:
-    """The widest word (16, 4 or 2 bytes) dividing a row and every array's start address."""
-    for w in (16, 4, 2):
-        if row_bytes % w == 0 and all(a.data.ptr % w == 0 for a in arrays):
-            return w
-    raise ValueError(f"rows of {row_bytes} bytes cannot be copied in 2-byte words")
-
-
-def check_index_range(ids, lo: int, hi: int, name: str) -> None:
-    """GPU-side: raise ``ValueError`` naming the first entry of int64 ``ids`` outside ``[lo, hi)``."""
-    import cupy
-
-    n = ids.size
-    if n == 0:
-        return
-    bad = cupy.full(1, _U64_MAX, dtype=cupy.uint64)
-    grid = min(-(-n // 256), 4 * num_sms(cupy.cuda.Device().id))
-    _cache_kernel("check_index_kernel")((grid,), (256,), (ids, cupy.int64(n), cupy.int64(lo), cupy.int64(hi), bad))
-    i = int(bad.get()[0])
-    if i != _U64_MAX:
-        raise ValueError(f"{name}[{i}]={int(ids[i])} outside [{lo}, {hi})")
-
-
-def write_kv(k, v, k_cache, v_cache, slot_mapping, *, check=True):
-    """Write K/V rows into their slots (see :func:`pagedkv.ops.write_kv`).
-
-    With ``check`` the slot range is verified on the GPU; duplicate slots are *not* detected on the GPU
-    (the caller's contract; the host path checks them).
-    """
-    import cupy
-
-    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not c.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous")
-    k, v = cupy.ascontiguousarray(k), cupy.ascontiguousarray(v)
-    slots = cupy.ascontiguousarray(slot_mapping, dtype=cupy.int64)
-    if check:
-        check_index_range(slots, -1, num_blocks * block_size, "slot_mapping")
-    if slots.size == 0:
-        return
-    word = _word_bytes(head_dim * k_cache.itemsize, (k, v, k_cache, v_cache))
-    _cache_kernel(f"write_kv_w{word}")((slots.size,), (128,), (
-        k_cache, v_cache, k, v, slots, cupy.int32(num_kv_heads), cupy.int32(block_size),
-        cupy.int32(head_dim * k_cache.itemsize // word)))
-
-
-def copy_blocks(k_pool, v_pool, src_block_ids, dst_block_ids, *, check=True):
-    """``pool[:, dst[i]] = pool[:, src[i]]`` for K and V, every layer, one launch.
-
-    With ``check`` the (few) ids are read back once and checked on the host: ranges, distinct
-    destinations, no id both a source and a destination.
-    """
-    import cupy
-
-    from .ops import check_copy_ranges_host
-
-    num_layers, num_blocks = k_pool.shape[:2]
-    src = cupy.ascontiguousarray(src_block_ids, dtype=cupy.int64)
-    dst = cupy.ascontiguousarray(dst_block_ids, dtype=cupy.int64)
-    if check:
-        ids = cupy.concatenate([src, dst]).get()
-        check_copy_ranges_host(ids[: src.size], ids[src.size:], num_blocks)
-    if src.size == 0 or num_layers == 0:
-        return
-    block_bytes = math.prod(k_pool.shape[2:]) * k_pool.itemsize
-    word = _word_bytes(block_bytes, (k_pool, v_pool))
-    _cache_kernel(f"copy_blocks_w{word}")((src.size, num_layers, 2), (256,), (
-        k_pool, v_pool, src, dst, cupy.int64(num_blocks), cupy.int64(block_bytes // word)))

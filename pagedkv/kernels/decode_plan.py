@@ -40,11 +40,8 @@ def tile_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
     return {"vpr": vpr, "lpr": lpr, "row_groups": row_groups, "tile_tokens": tokens, "tile_vecs": tokens * vpr}
 
 
-def v2_shape(dt: int, head_dim: int, tile_bytes: int = V2_TILE_BYTES) -> dict:
-    return tile_shape(dt, head_dim, tile_bytes)
-
-
-def _smem_parts(dt, head_dim, gt, tile_bytes, stages) -> dict:
+def smem_parts(dt, head_dim, gt, tile_bytes, stages) -> dict:
+    """The parts of a kernel-2/3 block's shared memory, in bytes: pipeline, reduction, small arrays, q, meta."""
     s = tile_shape(dt, head_dim, tile_bytes)
     return {"pipe": 2 * stages * s["tile_vecs"] * 16, "red": max(s["row_groups"] * gt * head_dim * 4, V2_THREADS * 16),
             "small": 4 * (gt * s["tile_tokens"] + V2_THREADS + 3 * gt), "q": stages * gt * s["vpr"] * 16,
@@ -53,13 +50,13 @@ def _smem_parts(dt, head_dim, gt, tile_bytes, stages) -> dict:
 
 def v2_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
     """Dynamic shared memory of one kernel-2 block: the pipeline, reused for the final reduction."""
-    p = _smem_parts(dt, head_dim, gt, tile_bytes, stages)
+    p = smem_parts(dt, head_dim, gt, tile_bytes, stages)
     return max(p["pipe"], p["red"]) + p["small"]
 
 
 def v3_smem_bytes(dt: int, head_dim: int, gt: int, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES) -> int:
     """Dynamic shared memory of one kernel-3 block: pipeline, q stages, reduction, scores, descriptors."""
-    p = _smem_parts(dt, head_dim, gt, tile_bytes, stages)
+    p = smem_parts(dt, head_dim, gt, tile_bytes, stages)
     return p["pipe"] + p["q"] + p["red"] + p["small"] + p["meta"]
 
 
