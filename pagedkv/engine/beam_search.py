@@ -50,8 +50,12 @@ class BeamSearchParams:
     ignore_eos: bool = False
     length_penalty: float = 1.0
     eos_token_ids: tuple[int, ...] | None = None
+    temperature: float = 0.0  # vLLM's field; beams are scored on raw log-probabilities: only 0 is accepted
 
     def __post_init__(self):
+        if self.temperature != 0:
+            raise ValueError(f"temperature={self.temperature!r}: pagedkv scores beams on the model's raw "
+                             "log-probabilities (temperature=0 only)")
         if not _is_int(self.beam_width) or self.beam_width < 1:
             raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -82,7 +86,13 @@ class BeamSequence:
     score: float
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""  # the generated text (an ending EOS not included) when searched through beam_search_text
+    text: str = ""  # the generated text (an ending EOS not included) when searched through LLM.beam_search
+    tokens: list[int] = field(default_factory=list)  # vLLM's: prompt + generated ids (set by LLM.beam_search)
+
+    @property
+    def cum_logprob(self) -> float:
+        """vLLM's name of ``cumulative_logprob``."""
+        return self.cumulative_logprob
 
 
 @dataclass(slots=True)
@@ -108,6 +118,11 @@ def beam_search(engine, prompts_token_ids, beam_width: int, max_tokens: int, len
     """
     params = BeamSearchParams(beam_width, max_tokens, ignore_eos, length_penalty,
                               None if eos_token_ids is None else eos_token_ids)
+    with engine.serial.lock:  # NOTE: the search drives the engine's manager and model: one caller at a time
+        return _search(engine, prompts_token_ids, params)
+
+
+def _search(engine, prompts_token_ids, params: BeamSearchParams) -> list[BeamSearchOutput]:
     prompts = check_prompts(engine, prompts_token_ids, params)
     groups = plan_groups(engine, prompts, params)
     outputs = []

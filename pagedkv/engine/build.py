@@ -24,7 +24,13 @@ def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend) -> 
     if config.num_blocks is None and budget is None:
         if not backend.is_gpu:
             return KVCache(num_blocks=CPU_DEFAULT_BLOCKS, **shape)
-        budget = int(GPU_FREE_MEMORY_SHARE * backend.xp.cuda.Device().mem_info[0])
+        free, total = backend.xp.cuda.Device().mem_info
+        budget = int(GPU_FREE_MEMORY_SHARE * free)
+        if config.gpu_memory_utilization is not None:  # vLLM: the process's share of the whole GPU
+            budget = int(free - (1 - config.gpu_memory_utilization) * total)
+            if budget <= 0:
+                raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no memory for the "
+                                 f"KV cache ({total - free} of {total} bytes are in use already)")
     if budget is not None:
         _check_host_memory(budget, "kv_memory_bytes", backend)
         return KVCache.from_memory_budget(budget, **shape)
@@ -60,7 +66,8 @@ def build_model(config: EngineConfig, model: ModelConfig, weights, dtype, backen
     if tp == 1:
         kv_cache = build_kv_cache(config, model, dtype, backend)
         max_model_len = resolve_max_model_len(config, model, kv_cache.num_blocks)
-        return (LlamaModel(model, weights, backend, max_positions=max_model_len, fused=config.fused), kv_cache,
+        return (LlamaModel(model, weights, backend, max_positions=max_model_len, fused=config.fused,
+                           host_matmul=config.host_matmul), kv_cache,
                 max_model_len)
     from ..model.parallel_model import ParallelModel
     from ..model.tensor_parallel import TensorParallelPlan
