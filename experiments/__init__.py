@@ -19,5 +19,6 @@ BENCHMARKS = {
     "profile": "profile_engine",         # cProfile of a continuous-batching run
     "sampler": "sampler_bench",          # the device sampler vs cupy.argmax
     "agreement": "fp16_agreement",       # engine variants' greedy tokens vs the eager reference (float16)
+    "cpu": "cpu_demo",                   # LLM("small") on the CPU: first token, tokens/s, float32 vs float64
     "plots": "plots",                    # PNGs from the JSON results
 }
