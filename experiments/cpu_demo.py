@@ -6,7 +6,9 @@ batch-invariant oracle, what ``LLM`` used before), measured in one run on this m
     python -m experiments.cpu_demo --model llama-1b --max-tokens 8 --host-matmul float32 float64
 
 Time to first token: from ``stream()`` being called to its first text delta (tokenize, prefill, one sample);
-tokens/s: the decode tokens after the first over the time after the first (``ignore_eos``, greedy). The median
+tokens/s: the decode tokens after the first over the time after the first (``ignore_eos``, greedy). A preset
+without a tokenizer (``llama-1b``) gets token ids through ``generate`` and is timed by the request's metrics
+(its CPU column is then all tokens over the whole call's CPU time). The median
 of ``--runs`` runs after one warm-up. Prints a table; writes JSON only with ``--output-json``.
 """
 from __future__ import annotations
@@ -42,7 +44,13 @@ def measure(llm, prompt: str, max_tokens: int) -> tuple[float, float, float, flo
     from pagedkv import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
+    if llm.get_tokenizer() is None:  # token ids in; the request's own timestamps
+        cpu_start = time.process_time()
+        m = llm.generate([[1] + [100 + i for i in range(len(prompt))]], params, use_tqdm=False)[0].metrics
+        cpu = time.process_time() - cpu_start
+        decode_s = m.last_token_time - m.first_token_time
+        return (m.first_token_time - m.arrival_time, (max_tokens - 1) / decode_s, float("nan"),
+                max_tokens / max(cpu, 1e-9))
     first = cpu_first = None
     for _ in llm.stream(prompt, params):
         if first is None:
@@ -53,19 +61,10 @@ def measure(llm, prompt: str, max_tokens: int) -> tuple[float, float, float, flo
 
 
 def tokenizer_for(model: str):
-    """The preset's tokenizer, or (for presets without one) a byte-level BPE of the preset's vocabulary."""
-    from pagedkv.model.config import PRESETS
+    """The preset's tokenizer, or None (then the prompt goes in as token ids, one per character)."""
     from pagedkv.text.presets import preset_tokenizer
 
-    tok = preset_tokenizer(model)
-    if tok is None:
-        import tempfile
-
-        from pagedkv.text.train import train_tokenizer
-
-        with tempfile.TemporaryDirectory() as folder:
-            tok = train_tokenizer(folder, PRESETS[model].vocab_size)
-    return tok
+    return preset_tokenizer(model)
 
 
 def _load_average() -> float | None:
