@@ -1,6 +1,6 @@
 """The beam-search scenario of ``experiments.memory_share``: KV blocks of beams that share vs beams that copy.
 
-The same beam search (``pagedkv.engine.beam_group.BeamGroup``, a tiny random Llama, ``ignore_eos`` so every
+The same beam search (``pagedkv.beam.group.BeamGroup``, a tiny random Llama, ``ignore_eos`` so every
 beam runs ``gen_len`` tokens) runs twice on one pool, per beam width:
 
     shared   children fork their parent (the prompt and every common generated block held once; copy-on-write
@@ -94,7 +94,7 @@ def scenarios(args) -> list[BeamScenario]:
 def run_beam_scenario(sc: BeamScenario, args, backend, report_bytes: int) -> dict:
     """Both modes on one engine's pool; returns the JSON-ready result (``report_bytes``: bytes per block of
     the reported shape)."""
-    from pagedkv.engine.beam_group import worst_case_blocks
+    from pagedkv.beam.group import worst_case_blocks
 
     engine = _engine(sc, args, backend)
     rng = np.random.default_rng(args.seed)
@@ -114,7 +114,7 @@ def run_beam_scenario(sc: BeamScenario, args, backend, report_bytes: int) -> dic
 def _engine(sc: BeamScenario, args, backend):
     """A tiny random Llama whose pool holds the copied mode's worst case."""
     from pagedkv.engine import EngineConfig, LLMEngine
-    from pagedkv.engine.beam_group import worst_case_blocks
+    from pagedkv.beam.group import worst_case_blocks
     from pagedkv.model import get_config
 
     total = sc.prompt_len + sc.gen_len
@@ -127,8 +127,8 @@ def _engine(sc: BeamScenario, args, backend):
 
 
 def _run(engine, prompts, sc: BeamScenario, share: bool):
-    from pagedkv.engine.beam_group import BeamGroup
-    from pagedkv.engine.beam_search import BeamSearchParams
+    from pagedkv.beam.group import BeamGroup
+    from pagedkv.beam.search import BeamSearchParams
 
     bm, cow = engine.manager, engine.manager.num_cow_copies
     params = BeamSearchParams(sc.beam_width, sc.gen_len, ignore_eos=True)

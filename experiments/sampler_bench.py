@@ -51,7 +51,7 @@ def median_us(cupy, fn, flush) -> float:
 
 def run(cupy, seed: int) -> list[dict]:
     from pagedkv.engine import SamplingParams
-    from pagedkv.engine.sampler import SamplingTensors, sample
+    from pagedkv.engine.runner.sampler import SamplingTensors, sample
 
     rng = np.random.default_rng(seed)
     flush = cupy.empty(64 * 2**20, dtype=cupy.float32)

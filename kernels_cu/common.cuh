@@ -4,7 +4,7 @@
 // without an include path. Half and bfloat16 values travel as raw 16-bit words (unsigned short); the
 // conversions below are single PTX instructions (sm_80+).
 //
-// Element type codes (template parameter DT), the same numbers pagedkv/kernels.py passes:
+// Element type codes (template parameter DT), the same numbers pagedkv/kernels/compile.py passes:
 //   0 = float32, 1 = float16, 2 = bfloat16
 #pragma once
 

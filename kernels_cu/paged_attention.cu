@@ -37,10 +37,10 @@
 //   block whose piece finishes last merges them (counters[1], the sequence's first block, counts pieces).
 //   Merges here: c/hg 0 (blocks 1-2), a/hg 1 (blocks 2-3), c/hg 1 (blocks 3-4). Only a block's first and
 //   last pieces can belong to split sequences, hence two partial slots per block.
-//   (tests/test_kernels.py::test_balanced_plan_picture checks these numbers; pagedkv.decode_plan mirrors
+//   (tests/test_kernels.py::test_balanced_plan_picture checks these numbers; pagedkv.kernels.decode_plan mirrors
 //   the plan on the host.)
 //
-// Compile-time options (-D, one cached module per set; pagedkv/kernels.py mirrors the defaults):
+// Compile-time options (-D, one cached module per set; pagedkv/kernels/decode_plan.py mirrors the defaults):
 //   PAGEDKV_V2_TILE_BYTES (4096) and PAGEDKV_V2_STAGES (4): tile size and cp.async pipeline depth (kernels
 //   2 and 3); PAGEDKV_V2_BUTTERFLY (1): reduce-scatter shuffles for the GQA dots; PAGEDKV_V2_LAZY_RESCALE (1).
 //   Measurements behind the defaults: NOTES.md.

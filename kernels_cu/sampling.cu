@@ -18,7 +18,7 @@
 //                    (cupy.argmax: 189 us). NOTE: one block per row, so B = 1 costs as much as B = 128 (one SM
 //                    does the row's work); splitting a row over several blocks would cut small-batch latency.
 //
-// The distribution (pagedkv/engine/sampler.py implements the same steps in NumPy, the test reference):
+// The distribution (pagedkv/engine/runner/sampler.py implements the same steps in NumPy, the test reference):
 //   x = logits as float32, z = x * (1 / T) (float32 reciprocal, then multiply), m = max(x) * (1 / T)
 //   A  = {i : z_i - m >= logf(min_p)}  ∩  {i : x_i >= the k-th largest x, when 0 < top_k < V}
 //   Q_i = rint(expf(z_i - m) * 2^40)   (integer mass: sums are exact, so the kernel is deterministic)

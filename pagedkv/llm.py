@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .engine import EngineConfig, LLMEngine, RequestOutput
-from .engine.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from .beam.search import BeamSearchOutput, BeamSearchParams, beam_search
 from .llm_inputs import config_field_names, engine_options, is_token_ids, parse_prompts, per_prompt
 from .llm_stream import Mailboxes, Stream
 from .logprob import Logprob

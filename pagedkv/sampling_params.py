@@ -1,4 +1,4 @@
-"""SamplingParams at the ground floor (the model, the engine and the server read it), and the host sampler."""
+"""SamplingParams at the ground floor: how one request is decoded (the model, the engine and the server read it)."""
 from __future__ import annotations
 
 import math
@@ -113,32 +113,3 @@ def _token_ids(ids) -> tuple[int, ...]:
         raise ValueError(f"stop_token_ids must be non-negative ints, got {ids!r}")
     return tuple(int(t) for t in ids)
 
-
-def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Sampling distribution over the vocabulary after temperature, top-k and top-p (float64 [vocab])."""
-    z = np.asarray(logits, dtype=np.float64) / params.temperature
-    if 0 < params.top_k < z.size:
-        kth = np.partition(z, -params.top_k)[-params.top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if params.top_p < 1:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]  # smallest prefix with mass >= top_p
-        mask = np.zeros_like(p)
-        mask[keep] = 1
-        p = p * mask
-        p /= p.sum()
-    return p
-
-
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token id from ``logits`` [vocab] (host float array); greedy draws no random number.
-
-    NOTE: the engine samples with :mod:`pagedkv.engine.sampler` (batched, on the device, seeded per branch);
-    this inverse-CDF draw is kept for :func:`probabilities`' tests."""
-    if params.greedy:
-        return int(np.argmax(logits))
-    p = probabilities(logits, params)
-    return int(min(np.searchsorted(np.cumsum(p), rng.random(), side="right"), p.size - 1))

@@ -12,7 +12,7 @@ if importlib.util.find_spec("experiments") is None:  # plain `pytest` (not `pyth
     sys.path.insert(0, str(ROOT))
 
 from experiments import memory_share  # noqa: E402
-from pagedkv.engine.beam_group import worst_case_blocks  # noqa: E402
+from pagedkv.beam.group import worst_case_blocks  # noqa: E402
 
 BLOCK_SIZE, PROMPT_LEN, GEN_LEN, NUM_PROMPTS = 8, 13, 7, 2
 ARGS = ["--num-requests", "2", "--num-branches", "2", "--prompt-len", "20", "--suffix-len", "2", "--gen-len", "2",

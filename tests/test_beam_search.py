@@ -1,4 +1,4 @@
-"""Beam search (pagedkv.engine.beam_search) against an exhaustive float64 reference beam search, and its blocks.
+"""Beam search (pagedkv.beam.search) against an exhaustive float64 reference beam search, and its blocks.
 
 The reference recomputes the whole forward of every live beam's sequence at every step in float64 NumPy from
 the model's weights (no cache at all) and applies vLLM's rules plainly. Inputs are chosen so that no near-tie
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
-from pagedkv.engine.beam_group import BeamGroup, top_candidates, worst_case_blocks
-from pagedkv.engine.beam_search import BeamSearchParams, beam_search, beam_search_text, eos_ids, prefix_hasher
+from pagedkv.beam.group import BeamGroup, top_candidates, worst_case_blocks
+from pagedkv.beam.search import BeamSearchParams, beam_search, beam_search_text, eos_ids, prefix_hasher
 
 BLOCK_SIZE = 4
 LOGPROB_TOL = 5e-5  # float32 engine vs float64 reference, per cumulative log-probability (seen: ~1e-6 a token)

@@ -46,9 +46,9 @@ def launched_rows(eng) -> list:
     """Record every launched step's scheduled (request id, branch index, start) rows."""
     log, launch = [], eng.runner.launch
 
-    def spy(out, changes=((), ())):
+    def spy(out):
         log.append([(s.request.request_id, s.branch.index, s.start) for s in out.seqs])
-        return launch(out, changes)
+        return launch(out)
     eng.runner.launch = spy
     return log
 

@@ -9,7 +9,7 @@ import pytest
 from test_model import dense_forward
 
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
-from pagedkv.engine.logprobs import log_softmax
+from pagedkv.kernels.reference import log_softmax
 from pagedkv.model import get_config, random_weights
 from pagedkv.model.safetensors import save_file
 

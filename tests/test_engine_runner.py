@@ -1,6 +1,6 @@
 """The model runner's persistent metadata (issue 11): per-sequence rows updated only when a sequence's table
-changes, every decode step's packed inputs equal to what the manager says, and placeholders fed from the
-sampled-token buffer."""
+changes (the step plan carries it), every decode step's packed inputs equal to what the manager says, and
+placeholders fed from the sampled-token buffer."""
 import numpy as np
 import pytest
 
@@ -23,18 +23,18 @@ def test_block_tables_are_read_again_only_for_sequences_that_changed():
     m, tables, reads = eng.manager, eng.runner.tables, []
     load = tables._load
 
-    def counting_load(seq_id, row):
-        reads[-1].add(seq_id)
-        return load(seq_id, row)
+    def counting_load(table, row):
+        reads[-1].add(next(seq_id for seq_id, r in tables.row_of.items() if r == row))
+        return load(table, row)
     tables._load = counting_load
     launch, changed = eng.runner.launch, []
 
-    def spy(out, changes=((), ())):
+    def spy(out):
         reads.append(set())
         live = {s.branch.seq_id: m.block_table(s.branch.seq_id) for s in out.seqs}
         changed.append({i for i, t in live.items() if previous.get(i) != t})
         previous.update(live)
-        return launch(out, changes)
+        return launch(out)
     previous: dict = {}
     eng.runner.launch = spy
     eng.generate(prompts(), SamplingParams(n=2, temperature=0, max_tokens=20), progress=False)
@@ -51,8 +51,8 @@ def test_every_decode_steps_packed_inputs_match_the_manager(asynchronous):
     m, runner, checked = eng.manager, eng.runner, [0]
     launch = runner.launch
 
-    def spy(out, changes=((), ())):
-        flight = launch(out, changes)
+    def spy(out):
+        flight = launch(out)
         decode = all(s.num_tokens == 1 for s in out.seqs)
         if decode:
             v, n = runner.decode_inputs.host, len(out.seqs)

@@ -1,13 +1,13 @@
-"""Sampling in the model runner (issue 11): every row is drawn by ``pagedkv.engine.sampler.sample`` (the NumPy
+"""Sampling in the model runner (issue 11): every row is drawn by ``pagedkv.engine.runner.sampler.sample`` (the NumPy
 path on the CPU, the same algorithm as the device kernel) with its branch's seed and ``step`` = the branch's
 generated-token count, so a seeded request gives the same tokens alone or in any batch, preempted or not;
 greedy rows are the argmax of their logits."""
 import numpy as np
 import pytest
 
-import pagedkv.engine.model_runner as model_runner
+import pagedkv.engine.runner.model_runner as model_runner
 from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
-from pagedkv.engine.sampler import sample
+from pagedkv.engine.runner.sampler import sample
 
 SEEDED = SamplingParams(n=2, temperature=0.8, top_p=0.95, seed=123, max_tokens=16)
 

@@ -1,4 +1,4 @@
-"""pagedkv.engine.sampler: the distribution it samples, its filters at their edges, per-seed reproducibility,
+"""pagedkv.engine.runner.sampler: the distribution it samples, its filters at their edges, per-seed reproducibility,
 log-probabilities, the parameter tensors; on a GPU (marked ``gpu``) the kernel against the NumPy path.
 
 The float64 reference below is the definition written independently of the sampler: softmax(x / T), then
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pagedkv.kernels import compile
-from pagedkv.engine.sampler import (ROW_BYTES, SamplingTensors, branch_seed, gumbel_noise, kept_mask, logprobs,
+from pagedkv.engine.runner.sampler import (ROW_BYTES, SamplingTensors, branch_seed, gumbel_noise, kept_mask, logprobs,
                                     philox4x32_10, sample)
 from pagedkv.sampling_params import SamplingParams
 

@@ -1,8 +1,38 @@
-"""SamplingParams validation and the sampler's distributions."""
+"""SamplingParams validation, and a host inverse-CDF sampler (temperature, top-k, top-p) as a float64 oracle."""
 import numpy as np
 import pytest
 
-from pagedkv.sampling_params import SamplingParams, probabilities, sample
+from pagedkv.sampling_params import SamplingParams
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Sampling distribution over the vocabulary after temperature, top-k and top-p (float64 [vocab])."""
+    z = np.asarray(logits, dtype=np.float64) / params.temperature
+    if 0 < params.top_k < z.size:
+        kth = np.partition(z, -params.top_k)[-params.top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if params.top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, params.top_p)) + 1]  # smallest prefix with mass >= top_p
+        mask = np.zeros_like(p)
+        mask[keep] = 1
+        p = p * mask
+        p /= p.sum()
+    return p
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token id from ``logits`` [vocab] (host float array); greedy draws no random number.
+
+    NOTE: the engine samples with :mod:`pagedkv.engine.runner.sampler` (batched, on the device, seeded per
+    branch); this inverse-CDF draw checks :func:`probabilities` here."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    p = probabilities(logits, params)
+    return int(min(np.searchsorted(np.cumsum(p), rng.random(), side="right"), p.size - 1))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -99,7 +99,8 @@ class PagedAttentionManager:
         need = self.num_blocks_to_add(num_tokens, cached_block_ids=cached_block_ids, copy_from=copy_from)
         return self.block_manager.can_allocate(need)
 
-    def add_sequence(self, num_tokens: int, *, k=None, v=None, cached_block_ids=(), copy_from: int | None = None) -> int:
+    def add_sequence(self, num_tokens: int, *, k=None, v=None, cached_block_ids=(),
+                     copy_from: int | None = None) -> int:
         """Register a sequence of ``num_tokens`` tokens and reserve ``ceil(num_tokens / block_size)`` blocks,
         the first ones being ``cached_block_ids`` (acquired: ref + 1, their K/V already in the cache)::
 

@@ -2,14 +2,13 @@
 settings (EOS ids, default sampling parameters)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from ..cache.kv_cache import KVCache
 from ..model.config import ModelConfig
-from .config import EngineConfig
+from ..model.generation_config import read_generation_config
 from ..sampling_params import SamplingParams
+from .config import EngineConfig
 
 CPU_DEFAULT_BLOCKS = 1024
 GPU_FREE_MEMORY_SHARE = 0.4
@@ -105,30 +104,9 @@ class Generation:
 
 def read_generation(folder) -> Generation:
     """EOS ids and defaults through the loader's ``read_generation_config`` (config.json, then
-    generation_config.json), or, where that module is absent, the EOS ids of those two files."""
-    try:
-        from ..model.generation_config import read_generation_config
-    except ImportError:
-        return Generation(_eos_from_files(Path(folder)))
+    generation_config.json)."""
     g = read_generation_config(folder)
     return Generation(tuple(g.eos_token_ids), dict(g.defaults))
-
-
-def _eos_from_files(folder: Path) -> tuple[int, ...]:
-    """``eos_token_id`` (an int or a list) of generation_config.json, else of config.json; () if neither says."""
-    for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        value = json.loads(path.read_text()).get("eos_token_id")
-        if value is None:
-            continue
-        ids = [value] if isinstance(value, int) else value
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                for t in ids):
-            raise ValueError(f"{path}: eos_token_id must be a non-negative int or a list of them, got {value!r}")
-        return tuple(ids)
-    return ()
 
 
 def default_params(defaults: dict, source) -> SamplingParams:

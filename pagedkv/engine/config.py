@@ -9,7 +9,7 @@ import numpy as np
 from ..backend import DEVICES, dtype_of
 from ..model.config import PRESETS, ModelConfig
 from ..model.host_matmul import HOST_MATMULS
-from .scheduler import MODES, SchedulerConfig
+from .sched.scheduler import MODES, SchedulerConfig
 
 
 def _is_int(value) -> bool:
@@ -30,11 +30,11 @@ class EngineConfig:
     ``max_model_len`` None: the model's ``max_position_embeddings``, bounded by what the pool can hold for one
     sequence (minus the watermark). ``eos_token_id``: one id or several (Llama 3 lists a few); None: none.
     ``scheduling`` is ``"continuous"`` (iteration-level batching, preemption by recompute) or ``"static"``
-    (fixed batches in arrival order, memory reserved up front: see :mod:`pagedkv.engine.scheduler`).
+    (fixed batches in arrival order, memory reserved up front: see :mod:`pagedkv.engine.sched.scheduler`).
     ``enable_chunked_prefill``: a prompt longer than what is left of a step's ``max_num_batched_tokens`` is
     prefilled over several steps (off: a prompt is prefilled whole, so ``max_num_batched_tokens`` must be at
     least ``max_model_len``). ``enable_prefix_caching``: a new sequence starts on the longest run of cached full
-    blocks of its tokens (continuous scheduling; see :mod:`pagedkv.engine.prefix_cache`).
+    blocks of its tokens (continuous scheduling; see :mod:`pagedkv.engine.sched.prefix_cache`).
     ``async_scheduling``: each step call launches the next step before waiting for the current one's tokens
     (see :mod:`pagedkv.engine.engine`); None: on when the model runs on a GPU (on the CPU the forward runs
     while it is launched, so there is nothing to overlap).

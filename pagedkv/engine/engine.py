@@ -59,14 +59,14 @@ from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cac
                       step_metrics)
 from . import step_commit
 from .serialized import Serialization, abort_soon, serialized
-from .model_runner import InFlight, ModelRunner
+from .runner.model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
-from .prefix_cache import PrefixCache
+from .sched.prefix_cache import PrefixCache
 from .request import Request, RequestOutput
 from ..sampling_params import SamplingParams
 from .validation import check_prompt, check_request_id, check_stop_strings
-from .scheduler import Scheduler
-from .step_plan import SchedulerOutput
+from .sched.scheduler import Scheduler
+from .sched.step_plan import SchedulerOutput
 
 
 class LLMEngine:
@@ -98,7 +98,8 @@ class LLMEngine:
             hasher = BlockHasher.for_model(repr(self.model_config), str(dtype), config.block_size)
             prefix_cache = PrefixCache(self.manager, hasher)
         self.scheduler = Scheduler(config.scheduler_config(self.max_model_len), self.manager, prefix_cache)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.manager, max_num_seqs=config.max_num_seqs,
+        self.runner = ModelRunner(self.model, self.kv_cache, block_size=self.manager.block_size,
+                                  max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
@@ -267,7 +268,7 @@ class LLMEngine:
         if not out.seqs:
             return None
         try:
-            flight = self.runner.launch(out, self.scheduler.drain_table_changes())
+            flight = self.runner.launch(out)
             step_commit.commit(flight, self.scheduler, self.output_processor)
         except BaseException:
             self._abort_failed(list({id(s.request): s.request for s in out.seqs}.values()))

@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .scheduler import Scheduler
-    from .step_plan import SchedulerOutput
+    from .sched.scheduler import Scheduler
+    from .sched.step_plan import SchedulerOutput
 
 
 @dataclass(slots=True)

@@ -14,9 +14,9 @@ between commit and retire of step N (see :mod:`pagedkv.engine.engine`).
 """
 from __future__ import annotations
 
-from .model_runner import InFlight, StepResult
+from .runner.model_runner import InFlight, StepResult
 from .output_processor import OutputProcessor
-from .scheduler import Scheduler
+from .sched.scheduler import Scheduler
 
 
 def commit(flight: InFlight, scheduler: Scheduler, outputs: OutputProcessor) -> None:

@@ -1,4 +1,5 @@
-"""The model's fused RMSNorm kernels: ``kernels_cu/rms_norm.cu`` and ``kernels_cu/add_rms_norm.cu``.
+"""The model's fused RMSNorm kernels: ``kernels_cu/rms_norm.cu`` (the norm, and the norm fused with the residual
+add before it).
 
 Both launch one thread block of :data:`NORM_THREADS` per row of ``x`` [rows, hidden].
 """
@@ -6,7 +7,7 @@ from __future__ import annotations
 
 from .compile import DT_SUFFIXES, dt_code, load_function
 
-NORM_THREADS = 256  # PAGEDKV_NORM_THREADS in rms_norm.cu and add_rms_norm.cu
+NORM_THREADS = 256  # PAGEDKV_NORM_THREADS in rms_norm.cu
 
 
 def rms_norm_kernel(dtype):
@@ -15,5 +16,5 @@ def rms_norm_kernel(dtype):
 
 
 def add_rms_norm_kernel(dtype):
-    """The ``add_rms_norm_<f32|f16|bf16>`` kernel of ``kernels_cu/add_rms_norm.cu`` for ``dtype``."""
-    return load_function("add_rms_norm.cu", f"add_rms_norm_{DT_SUFFIXES[dt_code(dtype)]}")
+    """The ``add_rms_norm_<f32|f16|bf16>`` kernel of ``kernels_cu/rms_norm.cu`` for ``dtype``."""
+    return load_function("rms_norm.cu", f"add_rms_norm_{DT_SUFFIXES[dt_code(dtype)]}")

@@ -151,3 +151,11 @@ def _causal_chunks(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) ->
         o = p @ vt[:, None, :end]  # [kv, g, rows, d]
         out[c0:c1] = o.transpose(2, 0, 1, 3).reshape(c1 - c0, num_qo_heads, d)
     return out
+
+
+def log_softmax(logits) -> np.ndarray:
+    """float64 log-probabilities of a ``[vocab]`` (or ``[rows, vocab]``) array: the oracle of the sampler's
+    ``logprobs`` (the model's distribution before temperature and filters)."""
+    z = _f64(logits)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

@@ -1,4 +1,5 @@
-"""A Llama-architecture decoder (Llama, Qwen2) on the paged KV cache."""
+"""A Llama-architecture decoder (Llama, Qwen2) on the paged KV cache; its attention runs in one backend
+(:mod:`pagedkv.model.attention`)."""
 from .checkpoint import load_checkpoint
 from .config import PRESETS, ModelConfig, get_config
 from .generation_config import GenerationConfig, read_generation_config

@@ -3,8 +3,8 @@
 Each replaces several array operations (and their launches) of :class:`~pagedkv.model.llama.ElementwiseOps`:
 
     norm      RMSNorm, one launch of kernels_cu/rms_norm.cu                            instead of ~6
-    add_norm  residual add + the RMSNorm after it, one launch of kernels_cu/add_rms_norm.cu (bitwise the
-              add then the norm; the add is done in place in the residual stream)       instead of 2
+    add_norm  residual add + the RMSNorm after it, one launch of rms_norm.cu's add_rms_norm (bitwise the add
+              then the norm; the add is done in place in the residual stream)           instead of 2
     qkv_rope  bias + split q|k|v + rotary embedding, contiguous outputs (1 launch)     instead of ~15
     act       silu(gate) * up over the fused gate|up GEMM output (1 launch)             instead of ~5
 
@@ -81,7 +81,7 @@ class FusedOps:
 
     def add_norm(self, x, y, weight):
         """``(x + y, norm(x + y))`` for ``x, y`` [rows, hidden]: ``x`` (C-contiguous, the residual stream) is
-        overwritten with the sum; one launch of ``kernels_cu/add_rms_norm.cu``."""
+        overwritten with the sum; one launch of ``kernels_cu/rms_norm.cu`` (``add_rms_norm_*``)."""
         if not self.fused_add or not x.flags.c_contiguous:
             x = x + y
             return x, self.norm(x, weight)

@@ -5,23 +5,24 @@ sequence)::
 
     h = rms_norm(x)
     q|k|v = h @ wqkv (+ bqkv)  ─► RoPE(q, k) at positions
-    write_kv(k, v, slot_mapping)                          # into the paged pool, layer ``l``
-    attn = prefill_attention over each sequence's pages (prefill: prefix + new) | paged_attention (decode)
+    attn = attention(l, q, k, v, meta)                    # writes k, v into the paged pool, then attends
     x = x + attn @ wo
     x = x + silu(h2 @ w_gate) * (h2 @ w_up) @ w_down       # h2 = rms_norm(x), gate|up fused
+
+``meta`` is built once a forward by :mod:`pagedkv.model.attention` (the attention backend), which alone
+chooses the path (decode, prefill, reference, dense) and owns the attention metadata.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import ops
 from ..backend import Backend
+from .attention import AttentionBackend
 from .config import ModelConfig
 from .host_matmul import float64_matmul, make_host_matmul
-from .layers import Rope, causal_attention, rms_norm, silu_mul, varlen_causal_attention, varlen_plan
+from .layers import Rope, rms_norm, silu_mul
 from .weights import ModelWeights
 
 
@@ -53,14 +54,6 @@ class PrefillBatch:
     def rows(self) -> np.ndarray:
         return self.last_rows() if self.logit_rows is None else np.asarray(self.logit_rows, dtype=np.int64)
 
-    def token_block_tables(self) -> np.ndarray:
-        """int32 ``[T, max_blocks]``: each token's row is its sequence's block table (padded with 0)."""
-        width = max(len(t) for t in self.block_tables)
-        tables = np.zeros((len(self.block_tables), width), dtype=np.int32)
-        for row, table in zip(tables, self.block_tables):
-            row[: len(table)] = table
-        return np.repeat(tables, self.seq_lens, axis=0)
-
     def __post_init__(self):
         total = sum(self.seq_lens)
         if not len(self.token_ids) == len(self.positions) == len(self.slot_mapping) == total:
@@ -78,7 +71,7 @@ class DecodeBatch:
     positions + 1``): the decode-rows path, kept as a test oracle of the prefill op.
 
     Prefill layout (``query_start_loc`` given): the rows are the new tokens of ``S`` sequences concatenated,
-    attended by :meth:`LlamaModel.paged_prefill_attention` — a table and a context length per *sequence*.
+    attended by the paged prefill op — a table and a context length per *sequence*.
     ``logit_rows`` picks the rows whose logits are wanted (None: every row).
     """
 
@@ -149,8 +142,6 @@ class LlamaModel:
         self.dtype = np.dtype(weights.embed.dtype)
         self.rope = Rope(config.head_dim, config.rope_theta, max_positions or config.max_position_embeddings,
                          self.xp, config.rope_llama3_scaling)
-        self.scale = config.head_dim ** -0.5
-        self.paged_prefill = paged_prefill
         self.ops = ElementwiseOps(config, self.rope)
         self.fused_error = None
         if backend.is_gpu and fused:
@@ -162,119 +153,38 @@ class LlamaModel:
             from .cublas import make_gemm
 
             self.matmul, self.gemm_error = make_gemm(self.dtype)
-        self.check = not backend.is_gpu  # NOTE: range checks sync the GPU; the engine's metadata is trusted
+        # NOTE: range checks sync the GPU; the engine's metadata is trusted there
+        self.attention = AttentionBackend(config.num_heads, config.num_kv_heads, config.head_dim, self.xp,
+                                          is_gpu=backend.is_gpu, paged_prefill=paged_prefill,
+                                          check=not backend.is_gpu)
+        self.scale = self.attention.scale
 
     # ----------------------------------------------------------------------------------------- prefill
     def prefill(self, batch: PrefillBatch, kv_cache):
         """Run the new tokens of each sequence, write their K/V, return logits of each last token [B, vocab]."""
         xp = self.xp
         positions = xp.asarray(np.asarray(batch.positions, dtype=np.int64))
-        slots = xp.asarray(np.asarray(batch.slot_mapping, dtype=np.int64))
         x = self._embed(xp.asarray(np.asarray(batch.token_ids, dtype=np.int64)))
-        starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int64)
-        x = self._layers(x, positions, slots, kv_cache, self.prefill_attention(batch, kv_cache, starts))
+        x = self._layers(x, positions, self.attention.plan_prefill(batch, kv_cache))
         return self._logits(x[xp.asarray(batch.rows())])
-
-    def prefill_attention(self, batch: PrefillBatch, kv_cache, starts):
-        """The one attention function of a prefill (or mixed prefill + decode) forward: ``attend(layer, q, k, v)``
-        with each sequence's new K/V already written to the cache."""
-        if self.paged_prefill or (self.paged_prefill is None and self.backend.is_gpu):
-            return self._paged_prefill(batch, kv_cache)
-        if self.paged_prefill is None:
-            return self._reference_prefill(batch, kv_cache, starts)
-        return self._dense_prefill(batch, kv_cache, starts)
-
-    def _reference_prefill(self, batch: PrefillBatch, kv_cache, starts):
-        """Float64 attention of each sequence's new tokens over its whole cached context (the CPU default).
-
-        NOTE: the same float64 arithmetic as the CPU decode path, so a token's logits do not depend on whether
-        it was computed in a whole prompt, a chunk, a decode row or a mixed step (greedy outputs agree).
-        """
-        from ..kernels.reference import dense_attention
-
-        def attend(layer, q, k, v):
-            out = np.empty_like(q)
-            for i, (a, b) in enumerate(itertools.pairwise(starts)):
-                ctx = batch.num_cached[i] + batch.seq_lens[i]
-                kc, vc = kv_cache.gather(layer, batch.block_tables[i], ctx)
-                out[a:b] = dense_attention(q[a:b], kc, vc, scale=self.scale, causal=True)
-            return out
-        return attend
-
-    def _paged_prefill(self, batch: PrefillBatch, kv_cache):
-        """Causal attention through the paged prefill op: one launch per layer for the whole batch.
-
-        ``_layers`` writes a layer's K/V into the cache before it attends, so each sequence's new tokens read
-        positions ``[0, num_cached + n)`` through its block table (a cached, forked prefix included)::
-
-            q rows            a0 a1 a2 | b0 b1          (sequence b had 4 cached tokens)
-            query_start_loc   0        3        5
-            context_lens      3        | 6
-            block_tables      [A...]   | [B...]         (one row per sequence, padded with 0)
-        """
-        xp = self.xp
-        width = max(len(t) for t in batch.block_tables)
-        tables = np.zeros((len(batch.block_tables), width), dtype=np.int32)
-        for row, table in zip(tables, batch.block_tables):
-            row[: len(table)] = table
-        starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int32)
-        lens = (np.asarray(batch.num_cached) + np.asarray(batch.seq_lens)).astype(np.int32)
-        return self.paged_prefill_attention(xp.asarray(tables), xp.asarray(starts), xp.asarray(lens), kv_cache)
-
-    def paged_prefill_attention(self, block_tables, query_start_loc, context_lens, kv_cache):
-        """``attend`` through ``ops.prefill_attention`` on device metadata (per sequence: ``block_tables [S,
-        max_blocks]``, ``query_start_loc [S + 1]``, ``context_lens [S]``, new tokens included). Its launch
-        depends only on shapes, so a model runner replays it in CUDA graphs from static buffers."""
-        def attend(layer, q, k, v):
-            return ops.prefill_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), block_tables,
-                                         query_start_loc, context_lens, scale=self.scale, check=self.check)
-        return attend
-
-    def _dense_prefill(self, batch: PrefillBatch, kv_cache, starts):
-        """Causal attention with dense matrix products: padded groups of sequences, or per sequence over its
-        gathered context when it has cached tokens (the CPU path, and the reference for the paged one)."""
-        xp, c = self.xp, self.config
-        plan = None if any(batch.num_cached) else varlen_plan(batch.seq_lens, c.num_heads, c.num_kv_heads, xp)
-
-        def attend(layer, q, k, v):
-            if plan is not None:
-                return varlen_causal_attention(q, k, v, plan, self.scale)
-            out = xp.empty_like(q)
-            for i, (a, b) in enumerate(itertools.pairwise(starts)):
-                if batch.num_cached[i]:
-                    ctx = batch.num_cached[i] + batch.seq_lens[i]
-                    kc, vc = kv_cache.gather(layer, batch.block_tables[i], ctx)
-                else:
-                    kc, vc = k[a:b], v[a:b]
-                out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
-            return out
-        return attend
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, batch: DecodeBatch, kv_cache):
         """The forward of rows (see :class:`DecodeBatch`); returns logits [B (or R), vocab] (model dtype)."""
-        def attend(layer, q, k, v):
-            return ops.paged_attention(q, kv_cache.k_cache(layer), kv_cache.v_cache(layer), batch.block_tables,
-                                       batch.context_lens, scale=self.scale, check=self.check)
-
-        if batch.query_start_loc is not None:
-            attend = self.paged_prefill_attention(batch.block_tables, batch.query_start_loc, batch.context_lens,
-                                                  kv_cache)
-
         x = self._embed(batch.token_ids)
-        x = self._layers(x, batch.positions, batch.slot_mapping, kv_cache, attend)
+        x = self._layers(x, batch.positions, self.attention.plan_rows(batch, kv_cache))
         return self._logits(x if batch.logit_rows is None else x[batch.logit_rows])
 
     # ---------------------------------------------------------------------------------------- shared
-    def _layers(self, x, positions, slots, kv_cache, attend):
-        """The decoder layers over rows ``x``; each residual add is fused with the norm after it (the last
-        layer's with nothing: the final norm runs on the logits rows only)."""
+    def _layers(self, x, positions, meta):
+        """The decoder layers over rows ``x``, one attention call each (``meta``: the forward's attention
+        metadata); each residual add is fused with the norm after it (the last layer's with nothing: the final
+        norm runs on the logits rows only)."""
         c, layers = self.config, self.weights.layers
         h = self.ops.norm(x, layers[0].input_norm)
         for layer, lw in enumerate(layers):
             q, k, v = self.ops.qkv_rope(self.matmul(h, lw.wqkv), lw.bqkv, positions)
-            ops.write_kv(k, v, kv_cache.k_cache(layer), kv_cache.v_cache(layer), slots, check=self.check)
-            attn = attend(layer, q, k, v)
+            attn = self.attention(layer, q, k, v, meta)
             out = self._reduce(self.matmul(attn.reshape(-1, c.num_heads * c.head_dim), lw.wo))
             x, h = self.ops.add_norm(x, out, lw.post_norm)
             mlp = self._reduce(self.matmul(self.ops.act(self.matmul(h, lw.w_gate_up)), lw.w_down))

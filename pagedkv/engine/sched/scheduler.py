@@ -1,12 +1,13 @@
 """Iteration-level scheduling on the paged KV cache: one token budget per step, shared by decodes and prefill
-chunks; the continuous or static policy decides admission (:mod:`pagedkv.engine.policy`).
+chunks; the continuous or static policy decides admission (:mod:`pagedkv.engine.sched.policy`).
 
 One :meth:`Scheduler.schedule` is one engine step, in named phases::
 
-    policy.begin     static: when a batch is over, release it and admit the next one (reserving its memory)
+    admit a batch    static: when a batch is over, release it and admit the next one (reserving its memory)
     decodes          one token for each running sequence with one pending, oldest request first
     prefill chunks   running requests' pending prompt (or recompute) tokens, within the budget left
-    policy.admit     continuous: waiting requests, while seats, blocks above the watermark and budget allow
+    admit            continuous: waiting requests, while seats, blocks above the watermark and budget allow
+    table changes    the new block tables of changed sequences and the freed ones, into the step plan
 
 A missing block preempts the newest running request (continuous policy). With chunked prefill a prompt
 longer than what is left of the budget is prefilled over several steps::
@@ -21,16 +22,20 @@ computes; its other branches fork from it (sharing every block) when the prompt'
 
 Preemption is by recompute: the request frees every block and goes to the *front* of the waiting queue; on
 re-admission each unfinished branch prefills ``prompt + generated`` and continues.
+
+Over 400 lines because one step's phases (admission in both modes, decodes, prefill chunks, preemption, forks,
+the table changes of the plan) all move the queues it owns; the mode-specific decisions live in the policy.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
-from ..cache.manager import PagedAttentionManager
+from ...cache.manager import PagedAttentionManager
 from .policy import ContinuousPolicy, StaticPolicy
 from .prefix_cache import PrefixHit
-from .request import Branch, Request
+from ..request import Branch, Request
 from .step_plan import ScheduledSeq, SchedulerOutput
 
 MODES = ("continuous", "static")
@@ -82,7 +87,7 @@ class Scheduler:
         self.changed_seq_ids: set[int] = set()
         self.freed_seq_ids: list[int] = []
         self.watermark_blocks = int(config.watermark * manager.num_blocks)
-        self.policy = StaticPolicy(self) if config.mode == "static" else ContinuousPolicy(self)
+        self.policy = StaticPolicy(config, self.block_size) if config.mode == "static" else ContinuousPolicy()
         # NOTE: static batches reserve and compute everything (the dense-tensor baseline): no prefix cache
         self.prefix_cache = prefix_cache if config.mode == "continuous" else None
 
@@ -113,11 +118,71 @@ class Scheduler:
     # ----------------------------------------------------------------------------------------- step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(budget=self.config.max_num_batched_tokens)
-        self.policy.begin(out)
+        if not self.policy.admits_each_step:
+            self._admit_batch(out)
         self._schedule_decodes(out)
         self._schedule_prefills(out)
-        self.policy.admit(out)
+        if self.policy.admits_each_step:
+            self._admit(out)
+        if out.seqs:
+            out.block_tables, out.freed_seq_ids = self._drain_table_changes()
         return out
+
+    def _admit_batch(self, out: SchedulerOutput) -> None:
+        """Static: when no request runs, release the last batch and admit the next (its prefill runs this step)."""
+        if self.running:
+            return
+        self.release_held()
+        batch, longest = self.policy.next_batch(self.waiting, self.manager, out.budget)
+        now = time.perf_counter()
+        for request in batch:
+            self.waiting.popleft()
+            self.manager.reserve(request.request_id, self.policy.reserved_blocks([request], longest))
+            self.start(request, now)
+
+    def _admit(self, out: SchedulerOutput) -> None:
+        """Continuous: waiting requests in order while seats, blocks (above the watermark) and the token budget
+        allow. None is admitted in a step that preempted (the pool is short). A re-admitted request's branches
+        that do not fit this step wait in the running list for the next steps' prefill phase."""
+        if out.preempted or not self.waiting:
+            return
+        now, cache = time.perf_counter(), self.prefix_cache
+        num_seqs = sum(r.num_seqs() for r in self.running)
+        pending = cache.pending_hashes(self.running) if cache is not None else set()
+        while self.waiting and out.budget > 0:
+            request = self.waiting[0]
+            if num_seqs + request.num_seqs() > self.config.max_num_seqs:
+                break
+            request.materialize()
+            first = request.computing_branches()[0]
+            start, size, hit = self.plan(request, first, out)
+            if size == 0 or self.manager.num_free_blocks - self.blocks_to_start(start + size, hit) < \
+                    self.watermark_blocks:
+                break
+            if pending and cache.waits_for(first, len(hit.block_ids), pending):
+                break
+            self.waiting.popleft()
+            self.start(request, now)
+            for branch in request.computing_branches():
+                if not self.schedule_branch(request, branch, out, preempt=False):
+                    break
+            if cache is not None and not request.started:
+                pending.update(first.block_hashes[first.num_registered:])
+            num_seqs += request.num_seqs()
+
+    def make_room(self, request: Request, num_blocks, out: SchedulerOutput, preempt: bool) -> bool:
+        """Make ``num_blocks()`` blocks allocatable for ``request``: the policy's room (static: from its
+        reservation), else preempt the newest running requests (continuous); False when it could not
+        (``preempt`` off, or ``request`` itself was the newest). ``num_blocks`` is asked again after each
+        preemption (a victim's blocks may be the cached ones ``request`` is about to take)."""
+        while not self.policy.room(request, num_blocks(), self.manager):
+            if not (preempt and self.policy.preempts and self.running):
+                return False
+            victim = self.running[-1]
+            self.preempt(victim, out)
+            if victim is request:
+                return False
+        return True
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
         """One token for every sequence with one pending (the hot path: no lookup, a block at most)."""
@@ -182,7 +247,7 @@ class Scheduler:
             return None
         end = start + size
         if branch.seq_id is None:
-            if not self.policy.make_room(request, lambda: self.blocks_to_start(end, hit), out, preempt):
+            if not self.make_room(request, lambda: self.blocks_to_start(end, hit), out, preempt):
                 return False
             self._start_sequence(branch, end, hit)
             branch.num_computed, branch.num_reserved = start, end
@@ -213,7 +278,7 @@ class Scheduler:
             return True
         target = (start // self.block_size + 1) * self.block_size if request.started and end - start == 1 else end
         count = target - branch.num_reserved
-        if not self.policy.make_room(request, lambda: self._blocks_to_append(branch, count), out, preempt):
+        if not self.make_room(request, lambda: self._blocks_to_append(branch, count), out, preempt):
             return False
         self.manager.append_slots(branch.seq_id, count)
         branch.num_reserved = target
@@ -279,12 +344,13 @@ class Scheduler:
         if branch.done:
             return
         branch.done = True
-        self.policy.on_branch_finished(branch)
+        if not self.policy.holds_finished:
+            self.free_branch(branch)
         if not request.done:
             return
         if request in self.running:
             self.running.remove(request)
-            self.policy.on_request_finished(request)
+            self._request_finished(request)
         elif request in self.waiting:  # preempted while its last token was in flight
             self.waiting.remove(request)
 
@@ -295,7 +361,7 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
             self.free_request(request)
-            self.policy.on_request_finished(request, aborted=True)
+            self._request_finished(request, aborted=True)
         elif request in self.waiting:
             self.waiting.remove(request)
             self.free_request(request)
@@ -320,11 +386,21 @@ class Scheduler:
                 self.manager.free_sequence(seq_id)
                 self.freed_seq_ids.append(seq_id)
 
-    def drain_table_changes(self) -> tuple[set[int], list[int]]:
-        """(sequences whose block table changed, sequences freed) since the last call."""
+    def _request_finished(self, request: Request, aborted: bool = False) -> None:
+        """Static: a finished request's blocks wait for its batch's end (released when no request runs)."""
+        if self.policy.holds_finished:
+            if not aborted:
+                self.held.append(request)
+            if not self.running:
+                self.release_held()
+
+    def _drain_table_changes(self) -> tuple[dict[int, list[int]], list[int]]:
+        """({sequence: its block table} for the sequences whose table changed, sequences freed) since the last
+        call: the block ids the model runner gets (it never reads the manager)."""
         changed, freed = self.changed_seq_ids, self.freed_seq_ids
         self.changed_seq_ids, self.freed_seq_ids = set(), []
-        return changed, freed
+        live = set(self.manager.seq_ids)
+        return {i: self.manager.block_table(i) for i in changed if i in live}, freed
 
     def release_held(self) -> None:
         for request in self.held:

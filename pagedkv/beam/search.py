@@ -17,7 +17,7 @@ tests/test_beam_search.py):
   ending EOS not counted (vLLM's ``get_beam_search_score``; Hugging Face counts only the generated tokens).
   There is no early stopping: the search runs until every beam finished or ``max_tokens`` tokens.
 
-Memory (:mod:`pagedkv.engine.beam_group`): beams share every common block; a beam that is dropped frees its
+Memory (:mod:`pagedkv.beam.group`): beams share every common block; a beam that is dropped frees its
 blocks at once. The engine must be idle (the search drives its manager, model and KV cache directly). Prompts
 are searched together in groups whose worst case fits the pool (and ``max_num_seqs`` rows); a prompt whose
 worst case alone does not fit is refused before anything is allocated, so a search never runs out of blocks.
@@ -26,14 +26,16 @@ eager. Any exception (``KeyboardInterrupt`` included) frees everything the searc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..cache.block_hash import BlockHasher
-from .beam_group import Beam, BeamGroup, worst_case_blocks
 from ..sampling_params import SamplingParams
+from .group import Beam, BeamGroup, worst_case_blocks
+from .handle import EngineHandle
 
 
 def _is_int(value) -> bool:
@@ -118,8 +120,9 @@ def beam_search(engine, prompts_token_ids, beam_width: int, max_tokens: int, len
     """
     params = BeamSearchParams(beam_width, max_tokens, ignore_eos, length_penalty,
                               None if eos_token_ids is None else eos_token_ids)
-    with engine.serial.lock:  # NOTE: the search drives the engine's manager and model: one caller at a time
-        return _search(engine, prompts_token_ids, params)
+    serial = getattr(engine, "serial", None)  # NOTE: the search drives the engine's manager and model
+    with serial.lock if serial is not None else contextlib.nullcontext():  # one caller at a time
+        return _search(EngineHandle.of(engine), prompts_token_ids, params)
 
 
 def _search(engine, prompts_token_ids, params: BeamSearchParams) -> list[BeamSearchOutput]:
@@ -157,6 +160,7 @@ def beam_search_text(llm, prompts, beam_width: int, max_tokens: int, length_pena
 def check_prompts(engine, prompts_token_ids, params: BeamSearchParams) -> list[list[int]]:
     """The prompts as lists of ints, each checked by the engine's own request rules (vocabulary, ``prompt +
     max_tokens <= max_model_len``); EOS ids checked against the vocabulary."""
+    handle = EngineHandle.of(engine)
     prompts = [prompts_token_ids] if _is_token_ids(prompts_token_ids) else prompts_token_ids
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__") or len(prompts) == 0:
         raise ValueError(f"prompts_token_ids must be a list of token id lists, got {prompts_token_ids!r:.80}")
@@ -166,11 +170,11 @@ def check_prompts(engine, prompts_token_ids, params: BeamSearchParams) -> list[l
         if isinstance(prompt, (str, bytes)):
             raise ValueError(f"prompt {i} is text: pass token ids (or use beam_search_text with a tokenizer)")
         try:
-            engine.check_request(prompt, probe)
+            handle.check_request(prompt, probe)
         except ValueError as exc:
             raise ValueError(f"prompt {i}: {exc}") from None
         out.append([int(t) for t in np.asarray(prompt)])
-    vocab = engine.model_config.vocab_size
+    vocab = handle.vocab_size
     bad = [t for t in params.eos_token_ids or () if t >= vocab]
     if bad:
         raise ValueError(f"eos_token_ids {bad} are outside the vocabulary [0, {vocab})")
@@ -180,13 +184,14 @@ def check_prompts(engine, prompts_token_ids, params: BeamSearchParams) -> list[l
 def plan_groups(engine, prompts: list[list[int]], params: BeamSearchParams, *, share: bool = True) -> list[list[int]]:
     """Consecutive prompts searched together: their worst cases fit the free blocks and their beams fit
     ``max_num_seqs`` rows. Refuses (``ValueError``) a busy engine and a prompt that can never fit alone."""
-    if engine.has_unfinished_requests() or engine.manager.seq_ids:
+    handle = EngineHandle.of(engine)
+    if handle.is_busy():
         raise ValueError("beam search needs an idle engine: it has unfinished requests or live sequences")
-    max_rows = engine.config.max_num_seqs
+    max_rows = handle.max_num_seqs
     if params.beam_width > max_rows:
         raise ValueError(f"beam_width={params.beam_width} exceeds max_num_seqs={max_rows}: its beams could never "
                          f"run in one step")
-    free, bs = engine.manager.num_free_blocks, engine.manager.block_size
+    free, bs = handle.manager.num_free_blocks, handle.manager.block_size
     groups: list[list[int]] = []
     used = rows = 0
     for i, prompt in enumerate(prompts):
@@ -203,18 +208,14 @@ def plan_groups(engine, prompts: list[list[int]], params: BeamSearchParams, *, s
 
 
 def eos_ids(engine, params: BeamSearchParams) -> frozenset[int]:
-    return frozenset(engine.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids)
+    eos = EngineHandle.of(engine).eos_token_ids
+    return frozenset(eos if params.eos_token_ids is None else params.eos_token_ids)
 
 
 def prefix_hasher(engine) -> BlockHasher | None:
     """The engine's block hasher when its manager caches prefixes (its prefix cache's, so that the search and
     the engine name the same blocks alike), else None."""
-    if not engine.manager.enable_prefix_caching:
-        return None
-    cache = getattr(engine.scheduler, "prefix_cache", None)
-    if cache is not None:
-        return cache.hasher
-    return BlockHasher.for_model(repr(engine.model_config), str(engine.kv_cache.dtype), engine.manager.block_size)
+    return EngineHandle.of(engine).hasher
 
 
 def best_sequences(prompt: list[int], beams: list[Beam], params: BeamSearchParams) -> BeamSearchOutput:

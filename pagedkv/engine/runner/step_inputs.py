@@ -26,15 +26,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..backend import array_module
-from .sampler import SamplingTensors
+from ...backend import array_module
+from .sampler import SAMPLING_FIELDS, SamplingTensors
 
-_FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), ("seed", np.uint64, "samples"),
-           ("step", np.int64, "samples"), ("token_ids", np.int32, "rows"), ("src_rows", np.int32, "rows"),
-           ("positions", np.int32, "rows"), ("context_lens", np.int32, "tables"),
-           ("query_start_loc", np.int32, "seqs1"), ("top_k", np.int32, "samples"),
-           ("temperature", np.float32, "samples"), ("top_p", np.float32, "samples"),
-           ("min_p", np.float32, "samples"))
+_SAMPLING_8 = tuple((f.name, f.dtype, "samples") for f in SAMPLING_FIELDS if np.dtype(f.dtype).itemsize == 8)
+_SAMPLING_4 = tuple((f.name, f.dtype, "samples") for f in SAMPLING_FIELDS if np.dtype(f.dtype).itemsize == 4)
+_FIELDS = (("slot_mapping", np.int64, "rows"), ("logit_rows", np.int64, "logits"), *_SAMPLING_8,
+           ("token_ids", np.int32, "rows"), ("src_rows", np.int32, "rows"), ("positions", np.int32, "rows"),
+           ("context_lens", np.int32, "tables"), ("query_start_loc", np.int32, "seqs1"), *_SAMPLING_4)
 H2D, D2H = 1, 2  # cudaMemcpyKind
 
 
@@ -63,8 +62,7 @@ class InputViews:
     """Typed views of one packed buffer (NumPy or CuPy): the fields above, ``block_tables [rows, blocks]`` and
     ``sampling`` (a :class:`SamplingTensors` over the sampling fields)."""
 
-    __slots__ = ("block_tables", "context_lens", "logit_rows", "min_p", "positions", "query_start_loc", "raw",
-                 "sampling", "seed", "slot_mapping", "src_rows", "step", "temperature", "token_ids", "top_k", "top_p")
+    __slots__ = ("block_tables", "raw", "sampling", *(name for name, _, _ in _FIELDS))
 
     def __init__(self, raw, shape: InputShape):
         self.raw, offset, sizes = raw, 0, shape.sizes()
@@ -74,8 +72,7 @@ class InputViews:
             offset += nbytes
         self.block_tables = raw[offset:offset + 4 * shape.tables * shape.blocks].view(np.int32).reshape(
             shape.tables, shape.blocks)
-        self.sampling = SamplingTensors(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                        min_p=self.min_p, seed=self.seed, step=self.step)
+        self.sampling = SamplingTensors(**{f.name: getattr(self, f.name) for f in SAMPLING_FIELDS})
 
 
 def table_offset(shape: InputShape) -> int:
@@ -147,7 +144,7 @@ def _reset(views: InputViews) -> None:
     views.slot_mapping[...] = -1
     views.src_rows[...] = -1
     views.context_lens[...] = 1
-    views.top_p[...] = 1
+    views.sampling.clear()
 
 
 class HostCopy:

@@ -22,9 +22,10 @@ from itertools import chain
 
 import numpy as np
 
-from .request import PLACEHOLDER
+from ..request import PLACEHOLDER
+from ..sched.step_plan import ScheduledSeq
+from .sampler import PARAM_FIELDS
 from .seq_tables import SequenceTables, seed_of
-from .step_plan import ScheduledSeq
 from .step_inputs import InputViews
 
 
@@ -159,9 +160,9 @@ def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: S
         v.logit_rows[len(lay.logit_rows):num_logits] = 0
     samples = lay.sample_row >= 0
     at, rows = lay.sample_row[samples], lay.table_rows[samples]
-    v.seed[at], v.temperature[at], v.top_k[at] = tables.seed[rows], tables.temperature[rows], tables.top_k[rows]
-    v.top_p[at], v.min_p[at] = tables.top_p[rows], tables.min_p[rows]
-    v.step[at] = lay.ends[samples] - tables.prompt_len[rows]
+    v.seed[at], v.step[at] = tables.seed[rows], lay.ends[samples] - tables.prompt_len[rows]
+    for f in PARAM_FIELDS:
+        getattr(v, f.name)[at] = getattr(tables, f.name)[rows]
     positions = [[p] if p >= 0 else [] for p in lay.sample_row.tolist()]
     extra = num_logits
     for i in np.flatnonzero(np.fromiter((len(s.sample_branches) > 1 for s in seqs), dtype=bool, count=len(seqs))):
@@ -176,4 +177,5 @@ def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: S
 def _fill_extra(v: InputViews, at: int, s: ScheduledSeq, branch, tables: SequenceTables) -> None:
     p = s.request.params
     v.seed[at], v.step[at] = seed_of(branch, p, tables.rng), s.end - s.request.prompt_len
-    v.temperature[at], v.top_k[at], v.top_p[at], v.min_p[at] = p.temperature, min(p.top_k, 2**31 - 1), p.top_p, p.min_p
+    for f in PARAM_FIELDS:
+        getattr(v, f.name)[at] = f.of_params(p)

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..backend import array_module, to_numpy
 from ..model import PrefillBatch
+from .handle import EngineHandle
 
 
 @dataclass(slots=True)
@@ -95,7 +96,8 @@ class BeamGroup:
 
     def __init__(self, engine, prompts: list[list[int]], params, eos_token_ids: frozenset[int], *,
                  share_blocks: bool = True, hasher=None):
-        self.engine, self.manager, self.params = engine, engine.manager, params
+        self.engine = EngineHandle.of(engine)
+        self.manager, self.params = self.engine.manager, params
         self.prompts, self.eos = prompts, frozenset(() if params.ignore_eos else eos_token_ids)
         self.share_blocks, self.hasher = share_blocks, hasher
         self.live: list[Beam] = []
@@ -126,7 +128,7 @@ class BeamGroup:
         m, seq_ids = self.manager, [b.seq_id for b in self.live]
         tokens = np.array([b.token_ids[-1] for b in self.live], dtype=np.int32)
         tables, lens, slots = m.block_tables(seq_ids), m.context_lens(seq_ids), m.slot_mapping(seq_ids)
-        self._advance(decode_logits(self.engine, tokens, lens, tables, slots))
+        self._advance(self.engine.decode_logits(tokens, lens, tables, slots))
 
     def release(self) -> None:
         """Free every sequence the search holds (after an error: the pool is as before the search)."""
@@ -216,7 +218,7 @@ class BeamGroup:
             self._owned.add(seq_id)
             self.live.append(Beam(i, seq_id=seq_id))
             parts.append((seq_id, prompt, len(cached) * self.manager.block_size, hashes))
-        budget = self.engine.config.max_num_batched_tokens
+        budget = self.engine.max_num_batched_tokens
         logits = [self._forward(chunk) for chunk in _chunks(parts, budget)]
         for seq_id, prompt, _, hashes in parts:
             if hashes:
@@ -257,11 +259,6 @@ def _chunks(parts: list, budget: int):
         yield chunk
 
 
-def decode_logits(engine, tokens, lens, tables, slots):
-    """One decode forward: the runner's captured CUDA graph when it has one (GPU, ``cuda_graph=True``), else
-    eager ``model.decode`` (see ``ModelRunner.decode_logits``). Returns logits [rows, vocab] on the device."""
-    return engine.runner.decode_logits(np.asarray(tokens), np.asarray(lens), np.asarray(tables), np.asarray(slots))
-
 
 def worst_case_blocks(prompt_len: int, max_tokens: int, beam_width: int, block_size: int, share: bool) -> int:
     """The most blocks a prompt's search ever holds: the prompt's full blocks once (shared) plus every beam's
@@ -276,4 +273,4 @@ def worst_case_blocks(prompt_len: int, max_tokens: int, beam_width: int, block_s
     return shared + beam_width * (longest - shared)
 
 
-__all__ = ["Beam", "BeamGroup", "beam_score", "decode_logits", "top_candidates", "worst_case_blocks"]
+__all__ = ["Beam", "BeamGroup", "beam_score", "top_candidates", "worst_case_blocks"]

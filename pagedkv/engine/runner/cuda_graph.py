@@ -14,7 +14,7 @@ What one replay does (``forward(rows, out)`` of the model runner, captured once 
     logits       = model.decode(static inputs[:bucket])             write K/V, attention, LM head
     out          = sample(logits, static sampling tensors)          device sampler: greedy rows are argmax
 
-Inputs live in one static device buffer (:class:`~pagedkv.engine.step_inputs.StepInputs`) that every replay
+Inputs live in one static device buffer (:class:`~pagedkv.engine.runner.step_inputs.StepInputs`) that every replay
 reads and that one host→device copy refills before each replay; the sampled tokens land in the runner's
 device buffer ``sampled`` (read back by one device→host copy, and read by the next step's first kernel).
 

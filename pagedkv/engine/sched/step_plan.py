@@ -1,9 +1,10 @@
-"""One step's work as values: which tokens of which sequences the forward computes, and who was preempted."""
+"""One step's plan as values: which tokens of which sequences the forward computes, who was preempted, and the
+block ids the model runner needs (the new tables of changed sequences, the freed ones)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .request import Branch, Request
+from ..request import Branch, Request
 
 
 @dataclass(slots=True)
@@ -28,10 +29,20 @@ class ScheduledSeq:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    seqs: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefill chunks
+    """The step plan handed to the model runner (vLLM's ``SchedulerOutput``)::
+
+        seqs            decodes first, then prefill chunks
+        block_tables    {seq_id: block ids} of every sequence whose table changed since the last plan (new,
+                        grown, forked, copied-on-write): the runner's persistent tables are updated from these
+        freed_seq_ids   sequences freed since the last plan (their rows are given back)
+    """
+
+    seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     budget: int = 0  # tokens left this step
     preempted_set: set = field(default_factory=set)
+    block_tables: dict[int, list[int]] = field(default_factory=dict)
+    freed_seq_ids: list[int] = field(default_factory=list)
 
     def add(self, seq: ScheduledSeq) -> None:
         self.seqs.append(seq)

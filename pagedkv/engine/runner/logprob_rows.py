@@ -1,7 +1,7 @@
 """Log-probabilities a step's rows ask for: computed on the device right after sampling, read back with it.
 
 Sampled tokens (``SamplingParams.logprobs``) and prompt tokens (``prompt_logprobs``) go through
-:func:`pagedkv.engine.sampler.logprobs` (the model's distribution before temperature and filters), eagerly,
+:func:`pagedkv.engine.runner.sampler.logprobs` (the model's distribution before temperature and filters), eagerly,
 after the step's graph and before the next step is launched (the graph's logits are still valid then). The
 results are copied to pinned host memory with the step's tokens; :meth:`LogprobRequests.results` turns them into
 the outputs' dicts: the ``k`` most likely ids from the most likely down, then the token itself if not among them.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..logprob import Logprob
+from ...logprob import Logprob
 from .sampler import logprobs
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cache.block_hash import BlockHasher
-from .request import Branch, Request
+from ...cache.block_hash import BlockHasher
+from ..request import Branch, Request
 
 MAX_COPY_CANDIDATES = 32  # cached siblings compared for a partial match (most recently named first)
 
@@ -130,7 +130,8 @@ class PrefixCache:
             return
         hashes, bs = self._hashes(request, branch, full), self.block_size
         for i in range(branch.num_registered, full):
-            if self.manager.register_block(branch.seq_id, i, hashes[i]):  # False: the same content is cached in another block already
+            # False: the same content is cached in another block already
+            if self.manager.register_block(branch.seq_id, i, hashes[i]):
                 parent = hashes[i - 1] if i else self.hasher.root
                 self._children.setdefault(parent, {})[hashes[i]] = tuple(request.token_slice(branch, i * bs,
                                                                                              (i + 1) * bs))

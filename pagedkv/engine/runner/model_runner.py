@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model import DecodeBatch, PrefillBatch
+from ...model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
 from .logprob_rows import LogprobRequests
-from .metrics import StepTiming
-from .sampler import SamplingTensors, sample
+from ..metrics import StepTiming
+from .sampler import SAMPLING_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
-from .step_plan import SchedulerOutput
+from ..sched.step_plan import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -58,21 +58,23 @@ class InFlight:
 
 
 class ModelRunner:
-    """Runs scheduled steps of ``model`` on ``kv_cache`` (sequences and block tables from ``manager``).
+    """Runs scheduled steps of ``model`` on ``kv_cache``; block ids come in the step plans (never from the
+    manager).
 
     Args:
+        block_size: tokens per block of ``kv_cache``.
         max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (buffer sizes).
         cuda_graph: replay decode (and small prefill) steps as CUDA graphs on a GPU.
         seed: draws the sampling seeds of requests that have none.
     """
 
-    def __init__(self, model, kv_cache, manager, *, max_num_seqs: int, max_num_batched_tokens: int,
+    def __init__(self, model, kv_cache, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, cuda_graph: bool, seed: int = 0):
-        self.model, self.kv_cache, self.manager = model, kv_cache, manager
+        self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.backend, self.xp = model.backend, model.backend.xp
-        self.max_blocks = -(-max_model_len // manager.block_size)
+        self.max_blocks = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.tables = SequenceTables(manager, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
+        self.tables = SequenceTables(block_size, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -91,11 +93,11 @@ class ModelRunner:
                 lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
 
     # ------------------------------------------------------------------------------------------- launch
-    def launch(self, out: SchedulerOutput, changes=((), ())) -> InFlight:
-        """Enqueue one step (``out.seqs`` non-empty); ``changes``: the scheduler's (changed, freed) sequence ids
-        since the last launch. Raises whatever the forward raises (nothing of this step is then enqueued)."""
+    def launch(self, out: SchedulerOutput) -> InFlight:
+        """Enqueue one step (``out.seqs`` non-empty; ``out.block_tables`` / ``out.freed_seq_ids`` update the
+        persistent tables first). Raises whatever the forward raises (nothing of this step is then enqueued)."""
         t0 = time.perf_counter()
-        self.tables.update(*changes)
+        self.tables.update(out.block_tables, out.freed_seq_ids)
         events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
         self._start_event = events[0] if events else None
         seqs = out.seqs
@@ -188,7 +190,8 @@ class ModelRunner:
         batch = PrefillBatch(token_ids=v.token_ids[:lay.num_rows].astype(np.int64), positions=lay.positions,
                              slot_mapping=v.slot_mapping[:lay.num_rows].copy(),
                              seq_lens=[s.num_tokens for s in seqs], num_cached=[s.start for s in seqs],
-                             block_tables=[self.manager.block_table(s.branch.seq_id) for s in seqs],
+                             block_tables=[self.tables.tables[row, :-(-s.end // self.block_size)].tolist()
+                                           for row, s in zip(lay.table_rows, seqs)],
                              logit_rows=lay.logit_rows)
         logits = self.model.prefill(batch, self.kv_cache)
         sample(logits, v.sampling, out=self.sampled[:logits.shape[0]])
@@ -201,8 +204,7 @@ class ModelRunner:
             return num_logits
         first, stop = num_logits, num_logits + len(extra)
         rows = self.xp.asarray(np.array([row for _, row in extra], dtype=np.int64))
-        tensors = SamplingTensors(**{name: getattr(v.sampling, name)[first:stop] for name in
-                                     ("temperature", "top_k", "top_p", "min_p", "seed", "step")})
+        tensors = SamplingTensors(**{f.name: getattr(v.sampling, f.name)[first:stop] for f in SAMPLING_FIELDS})
         sample(logits[rows], tensors, out=self.sampled[first:stop])
         return stop
 

@@ -25,22 +25,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter, itemgetter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_dtypes
 import numpy as np
 
-from ..backend import array_module
-from ..sampling_params import SamplingParams
+from ...backend import array_module
+from ...sampling_params import SamplingParams
 
 THREADS = 1024  # PAGEDKV_SAMPLE_THREADS in sampling.cu
 MASS_SCALE = np.float32(2.0**40)  # PAGEDKV_MASS_SCALE
-_LAYOUT = (("seed", np.uint64), ("step", np.int64), ("temperature", np.float32), ("top_k", np.int32),
-           ("top_p", np.float32), ("min_p", np.float32))  # 64-bit fields first: every view stays aligned
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingField:
+    """One per-row sampling parameter: its name, dtype, the value that turns it off (greedy and padding rows),
+    and how a request's :class:`SamplingParams` gives it (None: per branch, filled by the runner)."""
+
+    name: str
+    dtype: type
+    off: int | float = 0
+    of_params: Callable[[SamplingParams], int | float] | None = None
+
+
+# NOTE: the one declaration of the sampling fields: SamplingTensors, the runner's step inputs, its per-sequence
+# rows and the batch layout iterate it (64-bit fields first, so that every view of a packed buffer is aligned)
+SAMPLING_FIELDS = (SamplingField("seed", np.uint64), SamplingField("step", np.int64),
+                   SamplingField("temperature", np.float32, 0, attrgetter("temperature")),
+                   SamplingField("top_k", np.int32, 0, lambda p: min(p.top_k, 2**31 - 1)),  # top_k >= -1
+                   SamplingField("top_p", np.float32, 1, attrgetter("top_p")),
+                   SamplingField("min_p", np.float32, 0, attrgetter("min_p")))
+PARAM_FIELDS = tuple(f for f in SAMPLING_FIELDS if f.of_params is not None)  # the request's, not the branch's
+_LAYOUT = tuple((f.name, f.dtype) for f in SAMPLING_FIELDS)
 ROW_BYTES = sum(np.dtype(dt).itemsize for _, dt in _LAYOUT)
 _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _MASK32 = np.uint64(0xFFFFFFFF)
-_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P = (attrgetter(a) for a in ("temperature", "top_k", "top_p", "min_p"))
 
 
 def branch_seed(params: SamplingParams, index: int, rng: np.random.Generator) -> int:
@@ -88,8 +107,9 @@ class SamplingTensors:
             nbytes = np.dtype(dt).itemsize * int(capacity)
             views[name] = raw[offset:offset + nbytes].view(dt)
             offset += nbytes
-        views["top_p"][...] = 1
-        return cls(**views, raw=raw)
+        tensors = cls(**views, raw=raw)
+        tensors.clear()
+        return tensors
 
     @classmethod
     def from_rows(cls, rows: Sequence[tuple], xp=np) -> SamplingTensors:
@@ -105,6 +125,11 @@ class SamplingTensors:
     @property
     def num_rows(self) -> int:
         return int(self.temperature.shape[0])
+
+    def clear(self) -> None:
+        """Every row off: greedy, seed and step 0."""
+        for f in SAMPLING_FIELDS:
+            getattr(self, f.name)[...] = f.off
 
     def fill(self, rows: Sequence[tuple]) -> None:
         """Host side: row i from ``rows[i] = (params, seed, step)``; rows past ``len(rows)`` become greedy.
@@ -127,13 +152,10 @@ class SamplingTensors:
             raise ValueError(f"seeds must be ints in [0, 2**64) and steps ints in [0, 2**63): {exc}") from None
         if n and step.min() < 0:
             raise ValueError(f"step must be >= 0, got {int(step.min())}")
-        self.raw[...] = 0
-        self.top_p[...] = 1
+        self.clear()
         self.seed[:n], self.step[:n] = seed, step
-        self.top_k[:n] = np.minimum(np.fromiter(map(_TOP_K, params), np.int64, n), 2**31 - 1)  # top_k >= -1
-        self.temperature[:n] = np.fromiter(map(_TEMPERATURE, params), np.float32, n)
-        self.top_p[:n] = np.fromiter(map(_TOP_P, params), np.float32, n)
-        self.min_p[:n] = np.fromiter(map(_MIN_P, params), np.float32, n)
+        for f in PARAM_FIELDS:
+            getattr(self, f.name)[:n] = np.fromiter(map(f.of_params, params), f.dtype, n)
 
     def copy_to(self, other: SamplingTensors) -> None:
         """Copy every row into ``other`` (host→device: one copy on the current stream)."""
@@ -178,7 +200,7 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
 
 
 def _dt_code(logits, logits_dtype) -> int:
-    from ..kernels.compile import dt_code
+    from ...kernels.compile import dt_code
 
     return dt_code(logits.dtype, logits_dtype)
 
@@ -186,7 +208,7 @@ def _dt_code(logits, logits_dtype) -> int:
 def _launch(logits, tensors, out, dt, vocab) -> None:
     import cupy
 
-    from ..kernels.compile import load_function
+    from ...kernels.compile import load_function
 
     item = logits.itemsize
     row_stride = logits.strides[0] // item if logits.shape[0] > 1 else vocab

@@ -1,9 +1,9 @@
 """Per-sequence host rows kept between steps: block table, prompt length and sampling parameters.
 
-A sequence gets a row the first time a step schedules it; its table is re-read from the manager only when
-the scheduler reports a change (a new sequence, a new block, a copy-on-write, a fork) and the row is recycled
-when the sequence is freed. A step's batch arrays are gathered from these rows with fancy indexing, so a
-decode step costs no Python loop over blocks::
+A sequence gets a row the first time a step schedules it; its table is rewritten only when the step plan
+carries a new one (a new sequence, a new block, a copy-on-write, a fork: ``SchedulerOutput.block_tables``;
+the runner never reads the manager) and the row is recycled when the sequence is freed. A step's batch
+arrays are gathered from these rows with fancy indexing, so a decode step costs no Python loop over blocks::
 
     rows (a step)      [4, 0, 2]                 tables [capacity, max_blocks]   row 0: [ 7  3  9  0 ...]
     block_tables  =    tables[rows]              (one NumPy take)                row 2: [ 5  1  0  0 ...]
@@ -16,24 +16,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sampler import branch_seed
+from .sampler import PARAM_FIELDS, branch_seed
 
-_PARAMS = (("seed", np.uint64), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
-           ("min_p", np.float32), ("prompt_len", np.int64))
+_PARAMS = (("seed", np.uint64), *((f.name, f.dtype) for f in PARAM_FIELDS), ("prompt_len", np.int64))
 
 
 class SequenceTables:
     """Args:
-        manager: the paged KV cache's sequences (block tables are read from it on changes only).
+        block_size: tokens per block.
         max_blocks: the widest block table (``ceil(max_model_len / block_size)``).
         capacity: rows to start with (grows when more sequences are live).
         rng: draws the seed of branches whose request has none.
     """
 
-    def __init__(self, manager, max_blocks: int, capacity: int, rng: np.random.Generator):
-        self.manager, self.max_blocks, self.rng = manager, max_blocks, rng
-        self.block_size = manager.block_size
+    def __init__(self, block_size: int, max_blocks: int, capacity: int, rng: np.random.Generator):
+        self.block_size, self.max_blocks, self.rng = block_size, max_blocks, rng
         self.row_of: dict[int, int] = {}
+        self._pending: dict[int, list[int]] = {}  # tables of sequences without a row yet
         self.tables = np.zeros((0, max_blocks), dtype=np.int32)
         self._free: list[int] = []
         for name, dtype in _PARAMS:
@@ -47,16 +46,20 @@ class SequenceTables:
             setattr(self, name, np.concatenate([getattr(self, name), np.zeros(capacity - old, dtype)]))
         self._free.extend(range(capacity - 1, old - 1, -1))
 
-    def update(self, changed, freed) -> None:
-        """Apply the scheduler's report: freed sequences give their row back, changed ones re-read their table."""
+    def update(self, block_tables: dict[int, list[int]], freed) -> None:
+        """Apply the step plan's table changes: freed sequences give their row back, changed ones get their new
+        table (kept aside until their first step when they have no row yet)."""
         for seq_id in freed:
+            self._pending.pop(seq_id, None)
             row = self.row_of.pop(seq_id, None)
             if row is not None:
                 self._free.append(row)
-        for seq_id in changed:
+        for seq_id, table in block_tables.items():
             row = self.row_of.get(seq_id)
-            if row is not None:
-                self._load(seq_id, row)
+            if row is None:
+                self._pending[seq_id] = table
+            else:
+                self._load(table, row)
 
     def rows(self, seqs) -> np.ndarray:
         """int64 [len(seqs)]: each scheduled sequence's row (made at its first step)."""
@@ -70,15 +73,17 @@ class SequenceTables:
         row = self._free.pop()
         self.row_of[s.branch.seq_id] = row
         self.tables[row] = 0
-        self._load(s.branch.seq_id, row)
+        table = self._pending.pop(s.branch.seq_id, None)
+        if table is None:
+            raise RuntimeError(f"sequence {s.branch.seq_id} is scheduled but no step plan carried its block table")
+        self._load(table, row)
         p = s.request.params
-        self.seed[row] = seed_of(s.branch, p, self.rng)
-        self.temperature[row], self.top_k[row] = p.temperature, min(p.top_k, 2**31 - 1)
-        self.top_p[row], self.min_p[row], self.prompt_len[row] = p.top_p, p.min_p, s.request.prompt_len
+        self.seed[row], self.prompt_len[row] = seed_of(s.branch, p, self.rng), s.request.prompt_len
+        for f in PARAM_FIELDS:
+            getattr(self, f.name)[row] = f.of_params(p)
         return row
 
-    def _load(self, seq_id: int, row: int) -> None:
-        table = self.manager.block_table(seq_id)
+    def _load(self, table: list[int], row: int) -> None:
         self.tables[row, :len(table)] = table
 
     def slots(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:

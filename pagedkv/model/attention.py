@@ -1,0 +1,172 @@
+"""THE attention backend: a forward's attention metadata, built once, and the one call every layer makes.
+
+::
+
+    model.prefill(PrefillBatch) / model.decode(DecodeBatch)
+        meta = attention.plan_prefill(batch, kv_cache) | attention.plan_rows(batch, kv_cache)   (once a forward)
+        per layer:   attn = attention(layer, q, k, v, meta)      write this layer's K/V at meta.slot_mapping,
+                                                                 then attend along meta.path
+
+The path is chosen here, never by the model (FlashInfer's plan / run split; vLLM's metadata builder + forward)::
+
+    decode      ops.paged_attention: a table and a context length per query row    DecodeBatch, no query_start_loc
+    prefill     ops.prefill_attention: a table and a context length per sequence,  GPU default for PrefillBatch;
+                query_start_loc splitting the rows among sequences                  DecodeBatch with query_start_loc
+    reference   float64 dense attention over each sequence's gathered cache        CPU default (paged_prefill None)
+    dense       float32 products over padded groups, or per sequence over its      paged_prefill=False
+                gathered context when it has cached tokens
+
+Shapes: ``q [T, num_qo_heads, head_dim]``, ``k, v [T, num_kv_heads, head_dim]`` (this rank's heads), the
+result like ``q``. Device metadata (decode, prefill) has launch shapes that depend on array shapes only, so a
+model runner replays the forward in CUDA graphs from static buffers.
+
+Where the next features plug in (each touches this module, the kernels and the config; not ``llama.py``, not
+the runner):
+
+- **fp8 KV cache**: the pool's dtype differs from q's. :meth:`_write` quantizes K/V into the pool (scales from
+  the cache: ``kv_cache`` carries its dtype and per-layer scales) and :meth:`_attend` passes the scales and
+  the kv dtype to the kernels; :class:`AttentionMetadata` needs nothing new.
+- **cascade attention**: :meth:`plan_rows` / :meth:`plan_prefill` see every row's block table and decide
+  whether a shared prefix (the same first blocks in many rows) is read once per step; they add the prefix's
+  metadata to :class:`AttentionMetadata` (a new path, or fields beside ``block_tables``), and :meth:`_attend`
+  runs the shared prefix and the per-row suffixes and merges them by log-sum-exp.
+- **tensor parallelism**: a backend is built from the rank's local config (its ``num_heads`` /
+  ``num_kv_heads``); q, k, v and the pool hold the rank's heads only, so nothing here changes.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..kernels import ops
+from ..kernels.reference import dense_attention
+from .layers import causal_attention, varlen_causal_attention, varlen_plan
+
+PATHS = ("decode", "prefill", "reference", "dense")
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One forward's attention metadata (built once, read by every layer).
+
+    ``slot_mapping`` [T] int64 on the device: where each row's K/V is written. Device paths: ``block_tables``
+    int32 ``[rows, max_blocks]`` (decode) or ``[S, max_blocks]`` (prefill), ``context_lens`` likewise (new
+    tokens included), ``query_start_loc`` [S + 1] int32 (prefill). Host paths (reference, dense):
+    ``block_tables`` a list of each sequence's block ids, ``starts`` int64 [S + 1] row offsets, ``num_cached``
+    and ``seq_lens`` per sequence, ``varlen`` a padded-group plan (dense, no cached tokens) or None.
+    """
+
+    path: str
+    kv_cache: Any
+    slot_mapping: Any
+    block_tables: Any = None
+    context_lens: Any = None
+    query_start_loc: Any = None
+    starts: Any = None
+    num_cached: Any = None
+    seq_lens: Any = None
+    varlen: Any = None
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"attention path must be one of {PATHS}, got {self.path!r}")
+
+
+class AttentionBackend:
+    """Plans a forward's attention and runs it, layer by layer.
+
+    Args:
+        num_qo_heads, num_kv_heads, head_dim: this rank's attention shape.
+        xp: the array module; is_gpu: where it runs.
+        paged_prefill: prefill rows through the paged prefill op (None: on a GPU only; the CPU then takes the
+            float64 reference path), False: the dense path.
+        check: validate index ranges in the ops (off on a GPU: the engine's metadata is trusted, and a check
+            syncs the device).
+    """
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, xp, *, is_gpu: bool,
+                 paged_prefill: bool | None = None, check: bool = True):
+        self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.xp, self.is_gpu, self.paged_prefill, self.check = xp, is_gpu, paged_prefill, check
+
+    # ------------------------------------------------------------------------------------------ plan
+    def plan_rows(self, batch, kv_cache) -> AttentionMetadata:
+        """Metadata of a ``DecodeBatch`` (device arrays, as the model runner fills them): the decode path, or
+        the prefill path when the batch carries ``query_start_loc``."""
+        path = "decode" if batch.query_start_loc is None else "prefill"
+        return AttentionMetadata(path, kv_cache, batch.slot_mapping, batch.block_tables, batch.context_lens,
+                                 batch.query_start_loc)
+
+    def plan_prefill(self, batch, kv_cache) -> AttentionMetadata:
+        """Metadata of a ``PrefillBatch`` (host lists): the prefill, reference or dense path."""
+        xp = self.xp
+        slots = xp.asarray(np.asarray(batch.slot_mapping, dtype=np.int64))
+        starts = np.concatenate([[0], np.cumsum(batch.seq_lens)]).astype(np.int64)
+        if self.paged_prefill or (self.paged_prefill is None and self.is_gpu):
+            width = max(len(t) for t in batch.block_tables)
+            tables = np.zeros((len(batch.block_tables), width), dtype=np.int32)
+            for row, table in zip(tables, batch.block_tables):
+                row[: len(table)] = table
+            lens = (np.asarray(batch.num_cached) + np.asarray(batch.seq_lens)).astype(np.int32)
+            return AttentionMetadata("prefill", kv_cache, slots, xp.asarray(tables), xp.asarray(lens),
+                                     xp.asarray(starts.astype(np.int32)))
+        path = "reference" if self.paged_prefill is None else "dense"
+        varlen = None
+        if path == "dense" and not any(batch.num_cached):
+            varlen = varlen_plan(batch.seq_lens, self.num_qo_heads, self.num_kv_heads, xp)
+        return AttentionMetadata(path, kv_cache, slots, batch.block_tables, starts=starts,
+                                 num_cached=batch.num_cached, seq_lens=batch.seq_lens, varlen=varlen)
+
+    # ------------------------------------------------------------------------------------------- run
+    def __call__(self, layer: int, q, k, v, meta: AttentionMetadata):
+        """Write this layer's ``k, v`` at ``meta.slot_mapping``, then attend ``q`` along ``meta.path``."""
+        self._write(layer, k, v, meta)
+        return self._attend(layer, q, k, v, meta)
+
+    def _write(self, layer: int, k, v, meta: AttentionMetadata) -> None:
+        c = meta.kv_cache
+        ops.write_kv(k, v, c.k_cache(layer), c.v_cache(layer), meta.slot_mapping, check=self.check)
+
+    def _attend(self, layer: int, q, k, v, meta: AttentionMetadata):
+        c = meta.kv_cache
+        if meta.path == "decode":
+            return ops.paged_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
+                                       scale=self.scale, check=self.check)
+        if meta.path == "prefill":
+            return ops.prefill_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables,
+                                         meta.query_start_loc, meta.context_lens, scale=self.scale, check=self.check)
+        if meta.path == "reference":
+            return self._reference(layer, q, meta)
+        return self._dense(layer, q, k, v, meta)
+
+    def _reference(self, layer: int, q, meta: AttentionMetadata):
+        """Float64 attention of each sequence's new tokens over its whole cached context (the CPU default).
+
+        NOTE: the same float64 arithmetic as the CPU decode path, so a token's logits do not depend on whether
+        it was computed in a whole prompt, a chunk, a decode row or a mixed step (greedy outputs agree).
+        """
+        out = np.empty_like(q)
+        for i, (a, b) in enumerate(itertools.pairwise(meta.starts)):
+            ctx = meta.num_cached[i] + meta.seq_lens[i]
+            kc, vc = meta.kv_cache.gather(layer, meta.block_tables[i], ctx)
+            out[a:b] = dense_attention(q[a:b], kc, vc, scale=self.scale, causal=True)
+        return out
+
+    def _dense(self, layer: int, q, k, v, meta: AttentionMetadata):
+        """Causal attention with dense matrix products: padded groups of sequences, or per sequence over its
+        gathered context when it has cached tokens (the reference for the paged op)."""
+        if meta.varlen is not None:
+            return varlen_causal_attention(q, k, v, meta.varlen, self.scale)
+        out = self.xp.empty_like(q)
+        for i, (a, b) in enumerate(itertools.pairwise(meta.starts)):
+            if meta.num_cached[i]:
+                ctx = meta.num_cached[i] + meta.seq_lens[i]
+                kc, vc = meta.kv_cache.gather(layer, meta.block_tables[i], ctx)
+            else:
+                kc, vc = k[a:b], v[a:b]
+            out[a:b] = causal_attention(q[a:b], kc, vc, self.scale)
+        return out
