@@ -145,7 +145,7 @@ def beam_search_text(llm, prompts, beam_width: int, max_tokens: int, length_pena
     if not isinstance(listed, (list, tuple)) or not listed:
         raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
                          f"got {prompts!r:.80}")
-    ids = [llm.encode(p) for p in listed]
+    ids = [_encode(llm, p) for p in listed]
     outputs = beam_search(llm.engine, ids, beam_width, max_tokens, length_penalty, ignore_eos=ignore_eos)
     for out, prompt in zip(outputs, listed):
         out.prompt = prompt if isinstance(prompt, str) else None
@@ -154,6 +154,15 @@ def beam_search_text(llm, prompts, beam_width: int, max_tokens: int, length_pena
                 ids = s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids
                 s.text = llm.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     return outputs
+
+
+def _encode(llm, prompt) -> list[int]:
+    """A text prompt through the LLM's tokenizer; token ids as they are (checked by the engine's rules)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if llm.tokenizer is None:
+        raise ValueError("a text prompt needs a tokenizer on the LLM: pass token ids")
+    return llm.tokenizer.encode(prompt)
 
 
 # ----------------------------------------------------------------------------------------- validation
