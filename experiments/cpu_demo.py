@@ -51,6 +51,7 @@ def measure(llm, prompt: str, max_tokens: int) -> tuple[float, float, float, flo
         decode_s = m.last_token_time - m.first_token_time
         return (m.first_token_time - m.arrival_time, (max_tokens - 1) / decode_s, float("nan"),
                 max_tokens / max(cpu, 1e-9))
+    start, cpu_start = time.perf_counter(), time.process_time()
     first = cpu_first = None
     for _ in llm.stream(prompt, params):
         if first is None:
