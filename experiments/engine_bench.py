@@ -3,7 +3,8 @@
 W1: 128 requests, seed 0, random prompt token ids, prompt lengths U[64, 512], output lengths U[64, 512],
 ignore_eos, greedy; model llama-1b, random weights, float16. Sampled W1 (the ``+sampled`` run, on a GPU): the
 same with temperature 0.8, top_p 0.95 and a seed per request (sampling on the device, in the CUDA graph), on a
-fresh engine (nothing cached from the greedy run). Useful tokens/s = sum of requested output lengths / wall time
+fresh engine (nothing cached from the greedy run); ``--penalties`` adds presence 0.5, frequency 0.5 and
+repetition 1.1 penalties to it (applied on the device, per-row token counts kept there). Useful tokens/s = sum of requested output lengths / wall time
 of ``generate`` (after a warm-up that compiles every kernel).
 
 The decode step at full batch: 128 sequences with W1's prompts, timed over many steps:
@@ -75,15 +76,20 @@ def sync(engine):
 
 
 SAMPLED = dict(temperature=0.8, top_p=0.95)  # sampled W1: seeded per request (seed = its index)
+PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)  # --penalties: sampled W1
 
 
-def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False) -> dict:
-    params = [SamplingParams(**SAMPLED, seed=i, max_tokens=n, ignore_eos=True) if sampled else
+def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False, penalties: bool = False) -> dict:
+    extra = PENALTIES if penalties else {}
+    params = [SamplingParams(**SAMPLED, **extra, seed=i, max_tokens=n, ignore_eos=True) if sampled else
               SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for i, n in enumerate(output_lens)]
-    engine.warmup_graphs()
     room = engine.config.max_model_len
-    engine.generate(prompts[:4], [SamplingParams(temperature=0, max_tokens=min(8, room - len(p)), ignore_eos=True)
-                                  for p in prompts[:4]], progress=False)
+    warm = [SamplingParams(temperature=0, max_tokens=min(8, room - len(p)), ignore_eos=True, **extra)
+            for p in prompts[:4]]
+    if penalties:  # NOTE: first: the penalties' device state is allocated (graphs are made again) before capture
+        engine.generate(prompts[:4], warm, progress=False)
+    engine.warmup_graphs()
+    engine.generate(prompts[:4], warm, progress=False)
     before = engine.metrics().as_dict()
     sync(engine)
     start = time.perf_counter()
@@ -331,6 +337,9 @@ def parse_args(argv=None):
     p.add_argument("--compare-eager", action="store_true",
                    help="run W1 eager too, before the CUDA-graph run (GPU; default: CUDA graphs only)")
     p.add_argument("--static", action="store_true", help="also run static batching (max_num_seqs 64)")
+    p.add_argument("--penalties", action="store_true",
+                   help="the sampled run also applies presence 0.5, frequency 0.5 and repetition 1.1 penalties "
+                        "(on the device, in the CUDA graph)")
     cli.add_common(p, plot=False)
     args = p.parse_args(argv)
     cli.check_common(args)
@@ -403,7 +412,9 @@ def run_plan(args, backend, prompts, output_lens) -> dict:
                     runs[name]["profile"].update(profile_prefill(engine, prompts[:48]))
             if mode == "continuous" and graph == modes[-1] and backend.is_gpu:  # NOTE: fresh: no cached prefix
                 engine = make_engine(args, mode, graph, weights, max_num_seqs)
-                sampled = runs[name + "+sampled"] = run_w1(engine, prompts, output_lens, sampled=True)
+                sampled = runs[name + "+sampled"] = run_w1(engine, prompts, output_lens, sampled=True,
+                                                           penalties=args.penalties)
+                sampled["penalties"] = PENALTIES if args.penalties else None
                 sampled["sampled_over_greedy"] = sampled["useful_tokens_per_s"] / runs[name]["useful_tokens_per_s"]
         except Exception:  # a bug, not a user mistake (those are refused before the run): keep its traceback
             traceback.print_exc()

@@ -16,6 +16,9 @@
 #               BASE_EBENCH_FLAGS), then of this tree, in the same call: the before/after comparison
 #   agreement   python -m experiments.fp16_agreement: engine variants vs the eager reference in float16
 #   sbench      python -m experiments.sampler_bench: the device sampler vs cupy.argmax
+#   sampling    issue 19's measurements: engine_bench --penalties (sampled W1 with presence/frequency/repetition
+#               penalties against greedy W1, same engine build), structured_bench --libs (decode tokens/s with a
+#               JSON schema against without; llguidance vs xgrammar per-token masks)
 #   memory      python -m experiments.memory_share at full size
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
@@ -105,6 +108,11 @@ cupy.cuda.runtime.deviceSynchronize()"
     sbench)
         run sbench "${T_SBENCH:-60}" "$PY" -m experiments.sampler_bench \
             --output-json "benchmarks/results/sampler_bench_${GPU_NAME}_$(date -u +%F).json" ;;
+    sampling)
+        run penalties "${T_PENALTIES:-150}" "$PY" -m experiments.engine_bench --device gpu --penalties \
+            --output-json "benchmarks/results/engine_bench_penalties_${GPU_NAME}_$(date -u +%F).json"
+        run structured "${T_STRUCTURED:-120}" "$PY" -m experiments.structured_bench --device gpu --libs \
+            --output-json "benchmarks/results/structured_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     ebench)
         run ebench "${T_EBENCH:-240}" "$PY" -m experiments.engine_bench --device gpu --static \
             --output-json benchmarks/results/engine_bench_gpu.json ;;

@@ -17,6 +17,7 @@
 //                    included), B = 128: greedy 20 us, T=1 64 us, top-k 50 70 us, min-p 34 us, top-p 0.95 153 us
 //                    (cupy.argmax: 189 us). NOTE: one block per row, so B = 1 costs as much as B = 128 (one SM
 //                    does the row's work); splitting a row over several blocks would cut small-batch latency.
+//                    A row processed by logits_process.cu (penalties, masks) is read from its float32 copy.
 //
 // The distribution (pagedkv/engine/runner/sampler.py implements the same steps in NumPy, the test reference):
 //   x = logits as float32, z = x * (1 / T) (float32 reciprocal, then multiply), m = max(x) * (1 / T)
@@ -237,15 +238,15 @@ struct SampleShared {
 
 // sample_kernel1:
 //   out          [B] int32: the token of each row
-//   logits       [B, V] rows `row_stride` elements apart, unit stride along V (float32 / float16 / bfloat16)
-//   vec          1 when every row starts 16-byte aligned (16-byte loads), else 0
+//   x_row        this block's row of V logits, unit stride (float32 / float16 / bfloat16)
+//   vec          1 when the row starts 16-byte aligned (16-byte loads), else 0
 //   temperature  [B] float32 (<= 0: greedy);  top_k [B] int32 (<= 0 or >= V: off);
 //   top_p        [B] float32 (>= 1: off);  min_p [B] float32 (<= 0: off);
 //   seed         [B] uint64 (Philox key);  step [B] int64 (Philox counter: the branch's generated tokens)
 // grid: (B), block: PAGEDKV_SAMPLE_THREADS
 template <int DT>
-__device__ __forceinline__ void sample_kernel1(int* __restrict__ out, const typename KV<DT>::T* __restrict__ logits,
-                                               long long row_stride, int V, int vec,
+__device__ __forceinline__ void sample_kernel1(int* __restrict__ out, const typename KV<DT>::T* __restrict__ x_row,
+                                               int V, int vec,
                                                const float* __restrict__ temperature, const int* __restrict__ top_k,
                                                const float* __restrict__ top_p, const float* __restrict__ min_p,
                                                const unsigned long long* __restrict__ seed,
@@ -255,7 +256,6 @@ __device__ __forceinline__ void sample_kernel1(int* __restrict__ out, const type
   typedef SampleKey<DT> key;
   __shared__ SampleShared sh;
   const int row = blockIdx.x, tid = threadIdx.x, num_chunks = (V + 7) >> 3;
-  const T* x_row = logits + row * row_stride;
   const bool vec_ok = vec != 0;
   const float temp = temperature[row];
   T r[8];
@@ -419,13 +419,23 @@ __device__ __forceinline__ void sample_kernel1(int* __restrict__ out, const type
 
 }  // namespace pagedkv
 
-#define PAGEDKV_SAMPLE(SUFFIX, DT)                                                                          \
-  extern "C" __global__ void __launch_bounds__(PAGEDKV_SAMPLE_THREADS, 1)                                   \
-      sample_##SUFFIX(int* out, const pagedkv::KV<DT>::T* logits, long long row_stride, int vocab_size,     \
-                      int vec, const float* temperature, const int* top_k, const float* top_p,              \
-                      const float* min_p, const unsigned long long* seed, const long long* step) {          \
-    pagedkv::sample_kernel1<DT>(out, logits, row_stride, vocab_size, vec, temperature, top_k, top_p, min_p, \
-                                seed, step);                                                                \
+// The kernels: row r samples from logits row r, or, when flags[r] & 1 (logits_process.cu's PAGEDKV_LP_PROCESS),
+// from processed[proc_row[r]] (float32 [P, V], rows V apart; vec_processed: 16-byte aligned rows).
+// flags == nullptr: no row is processed.
+#define PAGEDKV_SAMPLE(SUFFIX, DT)                                                                            \
+  extern "C" __global__ void __launch_bounds__(PAGEDKV_SAMPLE_THREADS, 1)                                     \
+      sample_##SUFFIX(int* out, const pagedkv::KV<DT>::T* logits, long long row_stride, int vocab_size,       \
+                      int vec, const float* temperature, const int* top_k, const float* top_p,                \
+                      const float* min_p, const unsigned long long* seed, const long long* step,              \
+                      const float* processed, const int* flags, const int* proc_row, int vec_processed) {     \
+    const int row = blockIdx.x;                                                                               \
+    if (flags != nullptr && (flags[row] & 1)) {                                                               \
+      pagedkv::sample_kernel1<0>(out, processed + (long long)proc_row[row] * vocab_size, vocab_size,          \
+                                 vec_processed, temperature, top_k, top_p, min_p, seed, step);                \
+      return;                                                                                                 \
+    }                                                                                                         \
+    pagedkv::sample_kernel1<DT>(out, logits + row * row_stride, vocab_size, vec, temperature, top_k, top_p,   \
+                                min_p, seed, step);                                                           \
   }
 
 PAGEDKV_SAMPLE(f32, 0)

@@ -39,10 +39,10 @@ def test_defaults_are_mapped_to_sampling_params_names(tmp_path):
                                         "temperature": 0.7, "repetition_penalty": 1.1, "max_length": 4096,
                                         "pad_token_id": -1})
     g = read_generation_config(folder)
-    assert g.defaults == {"max_tokens": 256, "top_k": -1, "min_p": 0.05, "temperature": 0.0}
+    assert g.defaults == {"max_tokens": 256, "top_k": -1, "min_p": 0.05, "temperature": 0.0,
+                          "repetition_penalty": 1.1}
     assert g.pad_token_id is None
-    assert [n.split(": ", 1)[1].split()[0] for n in g.notes] == ["pad_token_id", "do_sample", "repetition_penalty",
-                                                                   "max_length"]
+    assert [n.split(": ", 1)[1].split()[0] for n in g.notes] == ["pad_token_id", "do_sample", "max_length"]
     SamplingParams(**g.defaults)
 
 
@@ -54,7 +54,8 @@ def test_defaults_are_mapped_to_sampling_params_names(tmp_path):
     ({}, {"temperature": float("nan")}, "temperature"), ({}, {"temperature": -1}, "temperature"),
     ({}, {"top_p": 0}, "top_p"), ({}, {"top_p": 1.5}, "top_p"), ({}, {"top_k": -3}, "top_k"),
     ({}, {"min_p": 2}, "min_p"), ({}, {"max_new_tokens": 0}, "max_new_tokens"),
-    ({}, {"do_sample": "yes"}, "do_sample"), ({}, "[1, 2]", "JSON object"), ({}, "{", "JSON"),
+    ({}, {"do_sample": "yes"}, "do_sample"), ({}, {"repetition_penalty": 0}, "repetition_penalty"),
+    ({}, {"min_new_tokens": -1}, "min_new_tokens"), ({}, "[1, 2]", "JSON object"), ({}, "{", "JSON"),
     ({"vocab_size": 0}, None, "vocab_size"),
 ])
 def test_bad_values_raise_value_error_naming_file_and_field(tmp_path, config, generation, field):
@@ -69,3 +70,11 @@ def test_bad_values_raise_value_error_naming_file_and_field(tmp_path, config, ge
 def test_missing_config_json_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         read_generation_config(tmp_path)
+
+
+def test_penalties_and_min_new_tokens_are_honoured_and_the_rest_noted(tmp_path):
+    g = read_generation_config(folder_with(tmp_path, {}, {"repetition_penalty": 1.3, "min_new_tokens": 4,
+                                                          "no_repeat_ngram_size": 3, "bad_words_ids": [[5]]}))
+    assert g.defaults == {"repetition_penalty": 1.3, "min_tokens": 4}
+    assert [n.split(": ", 1)[1].split()[0] for n in g.notes] == ["no_repeat_ngram_size", "bad_words_ids"]
+    assert SamplingParams(**g.defaults).repetition_penalty == 1.3

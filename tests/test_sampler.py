@@ -426,7 +426,8 @@ def test_kernel_fallback_pass_matches_numpy():
     t, out = SamplingTensors.from_rows(rows, cupy), cupy.full(66, -1, cupy.int32)
     xd = cupy.asarray(x)
     kernel((66,), (mod.THREADS,), (out, xd, cupy.int64(32000), cupy.int32(32000), cupy.int32(1), t.temperature,
-                                   t.top_k, t.top_p, t.min_p, t.seed, t.step))
+                                   t.top_k, t.top_p, t.min_p, t.seed, t.step, cupy.uint64(0), cupy.uint64(0),
+                                   cupy.uint64(0), cupy.int32(0)))  # no processed rows
     ref = sample(x, SamplingTensors.from_rows(rows))
     assert np.mean(out.get() == ref) >= 0.99
 

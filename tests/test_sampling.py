@@ -99,3 +99,68 @@ def test_sampling_params_are_frozen_and_normalised():
 def test_more_bad_sampling_params_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+# ---- vLLM's fields (issue 19) --------------------------------------------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from pagedkv.sampling_params import SamplingParamsError  # noqa: E402
+from pagedkv.structured_params import GuidedDecodingParams, StructuredOutputsParams  # noqa: E402
+
+
+def test_vllm_defaults_and_names():
+    p = SamplingParams()
+    assert (p.n, p.best_of, p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.temperature, p.top_p,
+            p.top_k, p.min_p, p.seed, p.max_tokens, p.min_tokens, p.logprobs, p.prompt_logprobs,
+            p.skip_special_tokens, p.spaces_between_special_tokens, p.include_stop_str_in_output,
+            p.truncate_prompt_tokens, p.structured_outputs, p.logit_bias, p.allowed_token_ids, p.bad_words) == \
+        (1, None, 0.0, 0.0, 1.0, 1.0, 1.0, 0, 0.0, None, 16, 0, None, None, True, True, False, None, None, None,
+         None, None)
+    assert SamplingParams(max_tokens=None).max_tokens is None
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
+
+
+def test_clone_is_an_equal_copy():
+    p = SamplingParams(temperature=0.5, logit_bias={"3": 1}, bad_words=["x"], stop="##")
+    q = p.clone()
+    assert q == p and q is not p and q.logit_bias == {3: 1.0} and q.bad_words == ("x",)
+    assert replace(p, max_tokens=3).max_tokens == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.1}, "frequency_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+    ({"best_of": 2}, "best_of"), ({"n": 3, "best_of": 2}, "best_of"), ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+    ({"logit_bias": {1: float("nan")}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"), ({"allowed_token_ids": [1, -2]}, "allowed_token_ids"),
+    ({"bad_words": [""]}, "bad_words"), ({"bad_words": 3}, "bad_words"), ({"truncate_prompt_tokens": 0},
+                                                                           "truncate_prompt_tokens"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"), ({"spaces_between_special_tokens": 0},
+                                                                  "spaces_between_special_tokens"),
+    ({"presence_penalty": "0.5"}, "presence_penalty"), ({"top_k": True}, "top_k"),
+    ({"structured_outputs": {"regex": "a+", "choice": ["x"]}}, "exactly one"),
+    ({"structured_outputs": {"jsn": {}}}, "unknown field"), ({"guided_decoding": 3}, "guided_decoding"),
+    ({"structured_outputs": {"json": "{"}}, "not valid JSON"), ({"structured_outputs": {"choice": []}}, "choice"),
+    ({"structured_outputs": {"regex": "a", "backend": "xgrammar"}}, "backend"),
+])
+def test_vllm_fields_are_validated_in_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        SamplingParams(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_fields_are_refused_naming_them():
+    with pytest.raises(SamplingParamsError, match="no field 'temprature'"):
+        SamplingParams(temprature=0.5)
+    with pytest.raises(TypeError):  # a vLLM user's except TypeError still catches it
+        SamplingParams(use_beam_search=True)
+
+
+def test_structured_outputs_and_guided_decoding_are_one_field():
+    p = SamplingParams(guided_decoding=GuidedDecodingParams(choice=["yes", "no"]))
+    assert p.structured_outputs == p.guided_decoding == StructuredOutputsParams(choice=("yes", "no"))
+    q = SamplingParams(structured_outputs={"json": {"type": "object"}})
+    assert q.structured_outputs.kind == "json" and q.guided_decoding is q.structured_outputs
+    assert SamplingParams(structured_outputs={"json_object": True}).structured_outputs.kind == "json_object"

@@ -31,8 +31,8 @@ def test_help_runs_without_a_gpu():
     (["--request-rate", "-1"], "--request-rate values must be > 0"),
     (["--device", "cpu", "--num-prompts", "0"], "--num-prompts must be in"),
     (["--device", "cpu", "--random-range-ratio", "1.5"], "--random-range-ratio must be in"),
-    (["--device", "tpu"], "--device must be in"),
-    (["--device", "cpu", "--dtype", "int4"], "--dtype must be in"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--device", "cpu", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -4,6 +4,7 @@ caching) and hands the model runner a step plan; ``runner/`` turns the plan into
 Beam search (``pagedkv.beam``) is re-exported here as part of the engine's public face."""
 from ..sampling_params import SamplingParams
 from ..beam.search import BeamSearchOutput, BeamSearchParams, BeamSequence, beam_search
+from ..structured_params import GuidedDecodingParams, StructuredOutputsParams
 from .config import EngineConfig
 from .engine import LLMEngine
 from .metrics import EngineMetrics, StepMetrics
@@ -11,4 +12,5 @@ from .request import CompletionOutput, RequestMetrics, RequestOutput
 from .sched.scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSequence", "CompletionOutput", "EngineConfig", "EngineMetrics", "LLMEngine", "RequestMetrics", "RequestOutput",
-           "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics", "beam_search"]
+           "GuidedDecodingParams", "SamplingParams", "Scheduler", "SchedulerConfig", "StepMetrics",
+           "StructuredOutputsParams", "beam_search"]

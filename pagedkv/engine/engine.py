@@ -64,6 +64,7 @@ from .output_processor import OutputProcessor
 from .sched.prefix_cache import PrefixCache
 from .request import Request, RequestOutput
 from ..sampling_params import SamplingParams
+from .request_params import resolve_params
 from .validation import check_prompt, check_request_id, check_stop_strings
 from .sched.scheduler import Scheduler
 from .sched.step_plan import SchedulerOutput
@@ -107,6 +108,7 @@ class LLMEngine:
         self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)
         self.eos_token_ids = config.eos_token_ids
         self.output_processor = OutputProcessor(self.eos_token_ids, tokenizer)
+        self.runner.lists.eos_token_ids, self.runner.lists.tokenizer = self.eos_token_ids, tokenizer
         self.default_params = SamplingParams()
         self.requests: dict = {}  # live requests (waiting or running) by id
         self._unreported: dict = {}  # requests with output not yet returned by step(), by id
@@ -137,7 +139,8 @@ class LLMEngine:
 
     @tokenizer.setter
     def tokenizer(self, tokenizer) -> None:
-        self.output_processor.tokenizer = tokenizer
+        self.output_processor.tokenizer = self.runner.lists.tokenizer = tokenizer
+        self.runner.grammars = None  # made again for this tokenizer at the next structured request
 
     # ---------------------------------------------------------------------------------------- requests
     @serialized
@@ -172,8 +175,17 @@ class LLMEngine:
         check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_len)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need a tokenizer on the engine (use stop_token_ids)")
+        ids, params = resolve_params(params, ids, self.max_model_len, self.runner.lists, self._grammars(params))
         self.scheduler.check_fits(len(ids), params)
         return ids, params
+
+    def _grammars(self, params: SamplingParams):
+        """The runner's structured-output grammars (made at the first structured request; None: no tokenizer)."""
+        if params.structured_outputs is not None and self.runner.grammars is None and self.tokenizer is not None:
+            from .runner.structured import Grammars
+
+            self.runner.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return self.runner.grammars
 
     def _new_id(self) -> int:
         while self._next_id in self.requests or self._next_id in self._unreported:
@@ -242,6 +254,8 @@ class LLMEngine:
         self._inflight = following
         try:
             advanced = self._retire(retired, timing)
+            if following is not None and following.deferred:  # structured rows: masks from the tokens just retired
+                self.runner.finish(following)
         except BaseException:
             self._abort_failed(_requests_of(retired, following))
             self._inflight = None

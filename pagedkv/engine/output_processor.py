@@ -7,6 +7,8 @@ A branch ends, checked in this order after each new token (vLLM's order):
     stop string   the detokenizer matched one of params.stop           finish "stop", stop_reason = the string
     length        max_tokens reached                                   finish "length"
 
+Before ``min_tokens`` outputs no stop rule applies (vLLM's order; the sampler masks EOS and stop ids too).
+
 EOS and stop tokens are kept in ``token_ids`` but not fed to the detokenizer (their text is not output).
 
 A token is placed when the step that samples it is launched (:meth:`OutputProcessor.place`: a placeholder, and
@@ -53,7 +55,9 @@ class OutputProcessor:
         m = request.metrics
         m.first_token_time = now if m.first_token_time is None else m.first_token_time
         m.last_token_time = now
-        if not p.ignore_eos and token in self.eos_token_ids:
+        if index + 1 < p.min_tokens:  # vLLM: no stop rule before min_tokens (EOS/stop ids are masked anyway)
+            self._detokenize(request, branch, token)
+        elif not p.ignore_eos and token in self.eos_token_ids:
             branch.finish_reason = "stop"
         elif token in p.stop_token_ids:
             branch.finish_reason, branch.stop_reason = "stop", token

@@ -7,10 +7,11 @@
                     tokenizer's EOS and on generation_config's ids alike)
     bos/pad         generation_config.json's value, else config.json's (a negative pad id means "none")
     defaults        generation_config.json's sampling keys under SamplingParams' names:
-                    temperature, top_p, top_k, min_p, max_new_tokens -> max_tokens; do_sample: false -> temperature 0
+                    temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens -> max_tokens,
+                    min_new_tokens -> min_tokens; do_sample: false -> temperature 0
 
-Keys pagedkv cannot honour (``repetition_penalty`` other than 1, ``max_length``, ``num_beams`` > 1) are not
-applied; each gets a line in ``notes``. Every value is checked for type and range (token ids within the
+Keys pagedkv cannot honour (``max_length``, ``num_beams`` > 1, ``no_repeat_ngram_size``,
+``encoder_repetition_penalty``, ``bad_words_ids``, ...) are not applied; each gets a line in ``notes``. Every value is checked for type and range (token ids within the
 vocabulary) and a bad one raises ``ValueError`` naming the file and the field.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ class GenerationConfig:
         if not isinstance(self.eos_token_ids, tuple) or not all(type(i) is int and i >= 0 for i in ids):
             raise ValueError(f"token ids must be ints >= 0 (eos a tuple), got eos={self.eos_token_ids!r}, "
                              f"bos={self.bos_token_id!r}, pad={self.pad_token_id!r}")
-        unknown = set(self.defaults) - {"temperature", "top_p", "top_k", "min_p", "max_tokens"}
+        unknown = set(self.defaults) - {"temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
+                                        "repetition_penalty"}
         if not isinstance(self.defaults, dict) or unknown:
             raise ValueError(f"defaults must map SamplingParams fields to values, got {self.defaults!r}")
 
@@ -105,6 +107,10 @@ def _defaults(f: Fields, notes: list) -> dict:
         out["top_k"] = top_k if top_k > 0 else -1  # Hugging Face: 0 disables it
     if f.present("max_new_tokens"):
         out["max_tokens"] = f.int("max_new_tokens")
+    if f.present("min_new_tokens"):
+        out["min_tokens"] = f.int("min_new_tokens", lo=0)
+    if f.present("repetition_penalty"):
+        out["repetition_penalty"] = f.float("repetition_penalty")  # > 0, finite (vLLM reads it too)
     if not f.bool("do_sample", True):
         out["temperature"] = 0.0
         notes.append(f"{f.source}: do_sample false: greedy decoding (temperature 0) by default")
@@ -112,9 +118,17 @@ def _defaults(f: Fields, notes: list) -> dict:
     return out
 
 
+NOT_HONOURED = {"no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+                "bad_words_ids": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+                "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_length": 0,
+                "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+                "forced_eos_token_id": None}  # key -> its no-op value
+
+
 def _not_honoured(f: Fields, notes: list) -> None:
-    if f.present("repetition_penalty") and f.float("repetition_penalty") != 1.0:
-        notes.append(f"{f.source}: repetition_penalty {f.obj['repetition_penalty']} ignored (pagedkv has none)")
+    for key, off in NOT_HONOURED.items():
+        if f.present(key) and f.obj[key] != off:
+            notes.append(f"{f.source}: {key} {f.obj[key]!r} ignored (pagedkv has no such sampling option)")
     if f.present("max_length"):
         notes.append(f"{f.source}: max_length {f.int('max_length')} ignored (set max_tokens per request)")
     if f.present("num_beams") and f.int("num_beams") > 1:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..request import PLACEHOLDER
 from ..sched.step_plan import ScheduledSeq
+from .logits_process import PROCESS, UPDATE
 from .sampler import PARAM_FIELDS
 from .seq_tables import SequenceTables, seed_of
 from .step_inputs import InputViews
@@ -154,7 +155,7 @@ def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: S
                  num_logits: int) -> list[list[int]]:
     """Sampling rows: logits rows ``[0, num_logits)`` (greedy unless a sequence samples there), then the extra
     branches from ``num_logits`` on. Returns each sequence's sampled positions (one per sampling branch)."""
-    v.temperature[:num_logits] = 0
+    v.temperature[:num_logits], v.flags[:num_logits] = 0, 0
     if lay.logit_rows is not None:
         v.logit_rows[:len(lay.logit_rows)] = lay.logit_rows
         v.logit_rows[len(lay.logit_rows):num_logits] = 0
@@ -163,19 +164,28 @@ def fill_samples(v: InputViews, lay: Layout, seqs: list[ScheduledSeq], tables: S
     v.seed[at], v.step[at] = tables.seed[rows], lay.ends[samples] - tables.prompt_len[rows]
     for f in PARAM_FIELDS:
         getattr(v, f.name)[at] = getattr(tables, f.name)[rows]
+    flags = tables.flags[rows]
+    v.flags[at], v.state_row[at] = flags, rows
+    processed = (flags & PROCESS) != 0
+    v.proc_row[at[processed]] = np.arange(np.count_nonzero(processed), dtype=np.int32)
     positions = [[p] if p >= 0 else [] for p in lay.sample_row.tolist()]
     extra = num_logits
     for i in np.flatnonzero(np.fromiter((len(s.sample_branches) > 1 for s in seqs), dtype=bool, count=len(seqs))):
         s = seqs[i]
         for b in s.sample_branches[1:]:
-            _fill_extra(v, extra, s, b, tables)
+            _fill_extra(v, extra, s, b, tables, lay.sample_row[i], extra - num_logits)
             positions[i].append(extra)
             extra += 1
     return positions
 
 
-def _fill_extra(v: InputViews, at: int, s: ScheduledSeq, branch, tables: SequenceTables) -> None:
+def _fill_extra(v: InputViews, at: int, s: ScheduledSeq, branch, tables: SequenceTables, parent: int,
+                proc_row: int) -> None:
+    """An extra branch's first token: the parent row's logits, processed with the parent's state (not counted:
+    the branch's own state row is made at its first step)."""
     p = s.request.params
     v.seed[at], v.step[at] = seed_of(branch, p, tables.rng), s.end - s.request.prompt_len
     for f in PARAM_FIELDS:
         getattr(v, f.name)[at] = f.of_params(p)
+    v.flags[at], v.state_row[at] = v.flags[parent] & ~UPDATE, v.state_row[parent]
+    v.proc_row[at], v.mask_row[at] = proc_row, v.mask_row[parent]

@@ -22,12 +22,15 @@ import numpy as np
 from ...model import DecodeBatch, PrefillBatch
 from .batch_layout import Layout, decode_layout, fill_rows, fill_samples, fill_seqs, prefill_layout
 from .cuda_graph import PREFILL_BUCKETS, PREFILL_LOGIT_ROWS, CudaGraphs
+from .logits_process import LogitsState, RequestLists, count_tokens, processes
 from .logprob_rows import LogprobRequests
 from ..metrics import StepTiming
+from ..request import PLACEHOLDER
 from .sampler import SAMPLING_FIELDS, SamplingTensors, sample
 from .seq_tables import SequenceTables
 from .step_inputs import HostCopy, InputShape, StepInputs, feed_tokens
 from ..sched.step_plan import SchedulerOutput
+from .structured_rows import StructuredRows
 
 
 @dataclass(slots=True)
@@ -47,14 +50,20 @@ class InFlight:
 
     out: SchedulerOutput
     positions: list
-    tokens: np.ndarray
-    copies: HostCopy
-    logprobs: LogprobRequests
+    tokens: np.ndarray | None = None
+    copies: HostCopy | None = None
+    logprobs: LogprobRequests | None = None
     keep: tuple = ()  # buffers the device still reads or writes (freed at retire)
     samples: list = field(default_factory=list)
     endings: list = field(default_factory=list)
     timing: StepTiming = field(default_factory=StepTiming)
     events: tuple | None = None
+    pending: tuple | None = None  # launched, not finished: (logits, device views, host views, layout, ...)
+
+    @property
+    def deferred(self) -> bool:
+        """Structured rows wait for the step before (their masks need its tokens): :meth:`ModelRunner.finish`."""
+        return self.pending is not None
 
 
 class ModelRunner:
@@ -74,7 +83,12 @@ class ModelRunner:
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // block_size)
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.tables = SequenceTables(block_size, self.max_blocks, max_num_seqs, np.random.default_rng(seed))
+        self.tables = SequenceTables(block_size, self.max_blocks, max_num_seqs, np.random.default_rng(seed),
+                                     on_state_row=self._init_state_row)
+        self.logits_state = LogitsState(model.config.vocab_size, max_num_seqs, self.xp)
+        self.lists = RequestLists(model.config.vocab_size)  # the engine sets its EOS ids and tokenizer
+        self.structured = StructuredRows(self.xp, self.logits_state, max_num_seqs)
+        self._graphs_version, self._host_views, self._max_num_seqs = 0, None, max_num_seqs
         capacity = max(max_num_batched_tokens, max_model_len) + 2 * max_num_seqs + PREFILL_LOGIT_ROWS
         self.sampled = self.xp.zeros(capacity, dtype=np.int32)  # every step's tokens, by sampled position
         self._host_tokens = [_pinned(self.xp, capacity) for _ in range(2)] if self.backend.is_gpu else None
@@ -83,19 +97,56 @@ class ModelRunner:
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
         if cuda_graph and self.backend.is_gpu:
-            self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
-                                     lambda rows: self.sampled[:rows], max_num_seqs)
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
                                                         PREFILL_LOGIT_ROWS + max_num_seqs, max_num_seqs), self.xp)
-            self.prefill_graphs = CudaGraphs(
-                lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
-                lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
+            self._make_graphs()
+
+    def _make_graphs(self) -> None:
+        """(Re)made empty: each bucket is captured at its first use (the logits state's buffers were allocated
+        or grown since the last capture)."""
+        self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
+                                 lambda rows: self.sampled[:rows], self._max_num_seqs)
+        rows = self.prefill_inputs.shape.rows
+        self.prefill_graphs = CudaGraphs(
+            lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
+            lambda rows: self.sampled[:PREFILL_LOGIT_ROWS], rows, PREFILL_BUCKETS)
+        self._graphs_version = self.logits_state.version
+
+    @property
+    def grammars(self):
+        """The structured outputs' grammars (:class:`~.structured.Grammars`; set by the engine)."""
+        return self.structured.grammars
+
+    @grammars.setter
+    def grammars(self, grammars) -> None:
+        self.structured.grammars = grammars
+
+    def _ensure_state(self) -> None:
+        """The logits state covers every table row. NOTE: twice max_num_seqs at first: rows of sequences that
+        ended are recycled one step late, and growing the state later means capturing the graphs again."""
+        self.logits_state.ensure(max(self.tables.capacity, 2 * self._max_num_seqs))
+
+    def _init_state_row(self, row: int, s) -> None:
+        """A sequence that needs logits state got table row ``row``: its device state row, from its prompt and
+        outputs (the last output may still be in flight: read on the device from the sampled buffer)."""
+        self._ensure_state()
+        b, p = s.branch, s.request.params
+        outputs = list(b.output_token_ids)
+        srcs = [-1] * len(outputs)
+        if outputs and outputs[-1] == PLACEHOLDER:
+            outputs[-1], srcs[-1] = 0, b.sample_pos
+        self.logits_state.init_row(row, self.lists.words(p), s.request.prompt_token_ids, outputs, srcs,
+                                   p.allowed_token_ids, self.sampled)
 
     # ------------------------------------------------------------------------------------------- launch
     def launch(self, out: SchedulerOutput) -> InFlight:
         """Enqueue one step (``out.seqs`` non-empty; ``out.block_tables`` / ``out.freed_seq_ids`` update the
-        persistent tables first). Raises whatever the forward raises (nothing of this step is then enqueued)."""
+        persistent tables first). Raises whatever the forward raises (nothing of this step is then enqueued).
+
+        A structured request whose previous token is still in flight cannot have its mask yet: its row is sampled
+        again by :meth:`finish`, which the engine calls once that token is on the host (``flight.deferred``);
+        the step's token counts, logprobs and read-back wait for it. Otherwise the step is finished here."""
         t0 = time.perf_counter()
         self.tables.update(out.block_tables, out.freed_seq_ids)
         events = self._events() if self.record_gpu_time and self.backend.is_gpu else None
@@ -103,22 +154,41 @@ class ModelRunner:
         seqs = out.seqs
         decode = all(s.num_tokens == 1 and s.sample_branches for s in seqs) and not _wants_prompt_logprobs(out)
         lay = decode_layout(seqs, self.tables) if decode else prefill_layout(seqs, self.tables)
+        if self.structured.grammars is not None and any(s.request.params.structured_outputs is not None
+                                                        for s in seqs):
+            self._ensure_state()
+        if self.graphs is not None and self._graphs_version != self.logits_state.version:
+            self._make_graphs()
         if self.backend.is_gpu:
             logits, positions, v, keep, t1 = self._launch_gpu(lay, seqs, decode)
         else:
             logits, positions, v, keep, t1 = self._launch_cpu(lay, seqs, decode)
         num_logits = logits.shape[0]
         num_sampled = self._sample_extras(logits, positions, seqs, v, num_logits)
-        logprobs = LogprobRequests(self.xp, logits, self.sampled, positions, seqs, lay.prompt_rows)
-        copies = HostCopy(self.xp)
-        logprobs.enqueue(copies)
-        tokens = self._read_back(num_sampled, copies)
-        copies.record()
-        if events is not None:
-            events[1].record()
-        flight = InFlight(out, positions, tokens, copies, logprobs, keep, events=events)
+        flight = InFlight(out, positions, keep=keep, events=events)
+        flight.pending = (logits, v, self._host_views, lay, num_logits, num_sampled, self.structured.deferred)
+        if not self.structured.deferred:
+            self.finish(flight)
         flight.timing.prepare_s, flight.timing.launch_s = t1 - t0, time.perf_counter() - t1
         return flight
+
+    def finish(self, flight: InFlight) -> None:
+        """The rest of a launched step: deferred structured rows sampled with their masks (needs the tokens of
+        the step before on the host), token counts, logprobs, the one device->host copy, the end event."""
+        logits, v, host, lay, num_logits, num_sampled, deferred = flight.pending
+        flight.pending = None
+        if deferred:
+            self.structured.resample(logits, host, deferred, flight.positions, flight.out.seqs, self.sampled)
+        if self.logits_state.allocated:  # NOTE: after the extras: they read their parent's counts before its token
+            count_tokens(self.sampled[:num_logits], v.sampling, self.logits_state)
+        flight.logprobs = LogprobRequests(self.xp, logits, self.sampled, flight.positions, flight.out.seqs,
+                                          lay.prompt_rows)
+        flight.copies = HostCopy(self.xp)
+        flight.logprobs.enqueue(flight.copies)
+        flight.tokens = self._read_back(num_sampled, flight.copies)
+        flight.copies.record()
+        if flight.events is not None:
+            flight.events[1].record()
 
     def _launch_gpu(self, lay: Layout, seqs, decode: bool):
         """Fill and upload the inputs, replay a graph (or run eagerly); returns logits and the sample positions.
@@ -138,11 +208,12 @@ class ModelRunner:
                                            len(seqs)), self.xp, buffers=1)
         rows = graphs.bucket(lay.num_rows) if fits else lay.num_rows
         num_logits = rows if decode else (PREFILL_LOGIT_ROWS if fits else lay.num_logits)
-        v = inputs.begin()
+        v = self._host_views = inputs.begin()
         fill_rows(v, lay, self.tables, rows, row_tables=decode)
         if not decode:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
+        self.structured.fill(v, seqs, positions, num_logits)
         if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
             self._start_event.record()
         inputs.upload(lay.num_rows if decode else len(seqs))
@@ -170,7 +241,7 @@ class ModelRunner:
                             logit_rows=None if num_logits is None else d.logit_rows[:num_logits],
                             query_start_loc=d.query_start_loc if per_seq else None)
         logits = self.model.decode(batch, self.kv_cache)
-        sample(logits, d.sampling, out=out[:logits.shape[0]])
+        sample(logits, d.sampling, out=out[:logits.shape[0]], state=self.logits_state)
         return logits
 
     def _launch_cpu(self, lay: Layout, seqs, decode: bool):
@@ -180,9 +251,10 @@ class ModelRunner:
         else:
             num = lay.num_logits + sum(len(s.sample_branches) for s in seqs)
             inputs = StepInputs(InputShape(lay.num_rows, 1, lay.num_logits, num), np, buffers=1)
-        v = inputs.begin()
+        v = self._host_views = inputs.begin()
         fill_rows(v, lay, self.tables, lay.num_rows, row_tables=decode)
         positions = fill_samples(v, lay, seqs, self.tables, lay.num_logits)
+        self.structured.fill(v, seqs, positions, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
             return self._forward(inputs, lay.num_rows, None, self.sampled), positions, v, (), t1
@@ -194,7 +266,7 @@ class ModelRunner:
                                            for row, s in zip(lay.table_rows, seqs)],
                              logit_rows=lay.logit_rows)
         logits = self.model.prefill(batch, self.kv_cache)
-        sample(logits, v.sampling, out=self.sampled[:logits.shape[0]])
+        sample(logits, v.sampling, out=self.sampled[:logits.shape[0]], state=self.logits_state)
         return logits, positions, v, (), t1
 
     def _sample_extras(self, logits, positions, seqs, v, num_logits: int) -> int:
@@ -205,7 +277,11 @@ class ModelRunner:
         first, stop = num_logits, num_logits + len(extra)
         rows = self.xp.asarray(np.array([row for _, row in extra], dtype=np.int64))
         tensors = SamplingTensors(**{f.name: getattr(v.sampling, f.name)[first:stop] for f in SAMPLING_FIELDS})
-        sample(logits[rows], tensors, out=self.sampled[first:stop])
+        processed = None
+        if self.logits_state.allocated and any(processes(s.request.params) for s in seqs if len(s.sample_branches) > 1):
+            processed = self.xp.empty((len(extra), logits.shape[1]), dtype=np.float32)
+        sample(logits[rows], tensors, out=self.sampled[first:stop], state=self.logits_state if processed is not None
+               else None, processed=processed)
         return stop
 
     def _read_back(self, num: int, copies: HostCopy) -> np.ndarray:
@@ -250,7 +326,7 @@ class ModelRunner:
         v = inputs.begin()
         v.token_ids[:num], v.positions[:num], v.context_lens[:num], v.slot_mapping[:num] = tokens, lens - 1, lens, slots
         v.token_ids[num:rows], v.positions[num:rows], v.context_lens[num:rows], v.slot_mapping[num:rows] = 0, 0, 1, -1
-        v.src_rows[:rows], v.temperature[:rows] = -1, 0
+        v.src_rows[:rows], v.temperature[:rows], v.flags[:rows] = -1, 0, 0
         v.block_tables[:num, :width], v.block_tables[:num, width:] = tables, 0
         inputs.upload(num)
         logits = self._replay(self.graphs, rows) if self.graphs is not None else None

@@ -54,7 +54,10 @@ SAMPLING_FIELDS = (SamplingField("seed", np.uint64), SamplingField("step", np.in
                    SamplingField("temperature", np.float32, 0, attrgetter("temperature")),
                    SamplingField("top_k", np.int32, 0, lambda p: min(p.top_k, 2**31 - 1)),  # top_k >= -1
                    SamplingField("top_p", np.float32, 1, attrgetter("top_p")),
-                   SamplingField("min_p", np.float32, 0, attrgetter("min_p")))
+                   SamplingField("min_p", np.float32, 0, attrgetter("min_p")),
+                   # logits processing (pagedkv.engine.runner.logits_process; flags 0: a plain row): the runner's
+                   SamplingField("flags", np.int32), SamplingField("proc_row", np.int32),
+                   SamplingField("state_row", np.int32), SamplingField("mask_row", np.int32))
 PARAM_FIELDS = tuple(f for f in SAMPLING_FIELDS if f.of_params is not None)  # the request's, not the branch's
 _LAYOUT = tuple((f.name, f.dtype) for f in SAMPLING_FIELDS)
 ROW_BYTES = sum(np.dtype(dt).itemsize for _, dt in _LAYOUT)
@@ -74,9 +77,10 @@ class SamplingTensors:
     """Per-row sampling parameters as fixed-shape arrays (NumPy or CuPy), ``[num_rows]`` each.
 
     ``temperature`` f32 (0: greedy), ``top_k`` i32 (<= 0 or >= V: off), ``top_p`` f32 (1: off), ``min_p`` f32
-    (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count). Made by
-    :meth:`allocate`, the six arrays are views of one byte buffer ``raw`` (seed | step | temperature | top_k |
-    top_p | min_p, each ``num_rows`` long), so :meth:`copy_to` moves them all in one copy.
+    (0: off), ``seed`` u64 (the branch's seed), ``step`` i64 (the branch's generated-token count); ``flags``,
+    ``proc_row``, ``state_row``, ``mask_row`` i32: logits processing (zeros when not given). Made by
+    :meth:`allocate`, the arrays are views of one byte buffer ``raw`` (SAMPLING_FIELDS' order, each ``num_rows``
+    long), so :meth:`copy_to` moves them all in one copy.
     """
 
     temperature: Any
@@ -85,10 +89,17 @@ class SamplingTensors:
     min_p: Any
     seed: Any
     step: Any
+    flags: Any = None
+    proc_row: Any = None
+    state_row: Any = None
+    mask_row: Any = None
     raw: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         n = self.temperature.shape[0] if getattr(self.temperature, "ndim", 0) == 1 else None
+        for name, dt in _LAYOUT:
+            if getattr(self, name) is None:
+                setattr(self, name, array_module(self.temperature).zeros(n or 0, dtype=dt))
         for name, dt in _LAYOUT:
             a = getattr(self, name)
             if getattr(a, "ndim", 0) != 1 or a.shape[0] != n or a.dtype != dt or not a.flags.c_contiguous:
@@ -101,7 +112,12 @@ class SamplingTensors:
         """``capacity`` greedy rows in one buffer of ``xp`` (``numpy`` for the host side, ``cupy`` for the device)."""
         if not isinstance(capacity, (int, np.integer)) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        raw = xp.zeros(ROW_BYTES * int(capacity), dtype=xp.uint8)
+        return cls.on_buffer(xp.zeros(ROW_BYTES * int(capacity), dtype=xp.uint8))
+
+    @classmethod
+    def on_buffer(cls, raw) -> SamplingTensors:
+        """Rows (all off) over the byte buffer ``raw`` (``ROW_BYTES`` a row; e.g. pinned host memory)."""
+        capacity = raw.shape[0] // ROW_BYTES
         views, offset = {}, 0
         for name, dt in _LAYOUT:
             nbytes = np.dtype(dt).itemsize * int(capacity)
@@ -169,9 +185,13 @@ class SamplingTensors:
         else:
             other.raw[...] = self.raw
 
-def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
+def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None, state=None, processed=None):
     """One token per row: ``int32 [B]``. ``logits [B, V]`` float32/float16/bfloat16 (a uint16 view with
     ``logits_dtype="bfloat16"``), unit stride along V; rows 0..B-1 of ``tensors`` are used.
+
+    ``state``: a :class:`~pagedkv.engine.runner.logits_process.LogitsState` (allocated): rows with
+    ``flags & PROCESS`` are first processed (penalties, masks) into ``processed`` (default ``state.processed``)
+    and sample from there.
 
     CuPy input: one kernel launch on the current stream, no host synchronisation, no allocation when ``out``
     (``int32 [B]``, contiguous) is given — capturable in a CUDA graph. NumPy input: the same algorithm on the host.
@@ -192,10 +212,22 @@ def sample(logits, tensors: SamplingTensors, out=None, *, logits_dtype=None):
                          f"got {out.dtype} {out.shape}")
     if num_rows == 0:
         return out
+    if state is not None and not state.allocated:
+        state = None
+    if state is not None:
+        from .logits_process import process
+
+        process(logits if xp is not np else _as_float32(logits, dt), tensors, state, dt, processed)
+        processed = state.processed if processed is None else processed
     if xp is np:
-        out[...] = _sample_numpy(_as_float32(logits, dt), tensors)
+        x = _as_float32(logits, dt)
+        if state is not None and (tensors.flags[:num_rows] & 1).any():
+            x = x.copy()
+            rows = np.flatnonzero(tensors.flags[:num_rows] & 1)
+            x[rows] = processed[tensors.proc_row[rows]]
+        out[...] = _sample_numpy(x, tensors)
         return out
-    _launch(logits, tensors, out, dt, vocab)
+    _launch(logits, tensors, out, dt, vocab, processed if state is not None else None)
     return out
 
 
@@ -205,7 +237,7 @@ def _dt_code(logits, logits_dtype) -> int:
     return dt_code(logits.dtype, logits_dtype)
 
 
-def _launch(logits, tensors, out, dt, vocab) -> None:
+def _launch(logits, tensors, out, dt, vocab, processed=None) -> None:
     import cupy
 
     from ...kernels.compile import load_function
@@ -217,8 +249,10 @@ def _launch(logits, tensors, out, dt, vocab) -> None:
     vec = int(logits.data.ptr % 16 == 0 and (row_stride * item) % 16 == 0)
     kernel = load_function("sampling.cu", f"sample_{_SUFFIX[dt]}")
     t = tensors
+    proc_args = (processed, t.flags, t.proc_row, cupy.int32(vocab % 4 == 0)) if processed is not None else \
+        (cupy.uint64(0), cupy.uint64(0), cupy.uint64(0), cupy.int32(0))
     kernel((logits.shape[0],), (THREADS,), (out, logits, cupy.int64(row_stride), cupy.int32(vocab), cupy.int32(vec),
-                                            t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step))
+                                            t.temperature, t.top_k, t.top_p, t.min_p, t.seed, t.step, *proc_args))
 
 
 def _as_float32(logits, dt: int):

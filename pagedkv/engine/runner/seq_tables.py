@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .logits_process import PROCESS, STATE, UPDATE, needs_state
 from .sampler import PARAM_FIELDS, branch_seed
 
-_PARAMS = (("seed", np.uint64), *((f.name, f.dtype) for f in PARAM_FIELDS), ("prompt_len", np.int64))
+_PARAMS = (("seed", np.uint64), *((f.name, f.dtype) for f in PARAM_FIELDS), ("prompt_len", np.int64),
+           ("flags", np.int32))
 
 
 class SequenceTables:
@@ -27,10 +29,13 @@ class SequenceTables:
         max_blocks: the widest block table (``ceil(max_model_len / block_size)``).
         capacity: rows to start with (grows when more sequences are live).
         rng: draws the seed of branches whose request has none.
+        on_state_row: ``(row, scheduled seq)``, called when a sequence whose parameters need device state
+            (penalties, logit_bias, bad_words, ...) gets a row; its ``flags`` then say so.
     """
 
-    def __init__(self, block_size: int, max_blocks: int, capacity: int, rng: np.random.Generator):
-        self.block_size, self.max_blocks, self.rng = block_size, max_blocks, rng
+    def __init__(self, block_size: int, max_blocks: int, capacity: int, rng: np.random.Generator,
+                 on_state_row=None):
+        self.block_size, self.max_blocks, self.rng, self.on_state_row = block_size, max_blocks, rng, on_state_row
         self.row_of: dict[int, int] = {}
         self._pending: dict[int, list[int]] = {}  # tables of sequences without a row yet
         self.tables = np.zeros((0, max_blocks), dtype=np.int32)
@@ -81,7 +86,14 @@ class SequenceTables:
         self.seed[row], self.prompt_len[row] = seed_of(s.branch, p, self.rng), s.request.prompt_len
         for f in PARAM_FIELDS:
             getattr(self, f.name)[row] = f.of_params(p)
+        self.flags[row] = PROCESS | STATE | UPDATE if needs_state(p) and self.on_state_row is not None else 0
+        if self.flags[row]:
+            self.on_state_row(row, s)
         return row
+
+    @property
+    def capacity(self) -> int:
+        return int(self.tables.shape[0])
 
     def _load(self, table: list[int], row: int) -> None:
         self.tables[row, :len(table)] = table
