@@ -166,7 +166,8 @@ def test_structured_output_choice_and_json(llm):
     params = SamplingParams(max_tokens=32, **{name: Params(choice=["Positive", "Negative"])})
     out = llm.generate("Classify this sentiment: vLLM is wonderful!", params)[0]
     assert out.outputs[0].text in ("Positive", "Negative")
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
-    params = SamplingParams(max_tokens=64, **{name: Params(json=schema)})
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}}, "required": ["name"],
+              "additionalProperties": False}
+    params = SamplingParams(max_tokens=200, seed=0, **{name: Params(json=schema, disable_any_whitespace=True)})
     out = llm.generate("Give me a JSON object with a name:", params)[0]
     assert "name" in json.loads(out.outputs[0].text)
