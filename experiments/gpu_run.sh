@@ -12,8 +12,8 @@
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
-#   base        W1 and the prefill kernels of the tree in ../baseline (BASE=...; its own flag names in
-#               BASE_EBENCH_FLAGS), then of this tree, in the same call: the before/after comparison
+#   base        W1 and the prefill kernels (BASE_PREFILL=0: W1 only) of the tree in ../baseline (BASE=..., an
+#               absolute path; its own flag names in BASE_EBENCH_FLAGS), then of this tree, in the same call
 #   agreement   python -m experiments.fp16_agreement: engine variants vs the eager reference in float16
 #   sbench      python -m experiments.sampler_bench: the device sampler vs cupy.argmax
 #   sampling    issue 19's measurements: engine_bench --penalties (sampled W1 with presence/frequency/repetition
@@ -24,6 +24,8 @@
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
 #   prefix      python -m experiments.prefix_workloads: prefix caching on/off, chunked prefill on/off
+#   cascade     prefix_workloads --workload cascade (shared document, n = 16 branches; cascade on/off) and
+#               python -m experiments.cascade_bench (the prefix / suffix / merge kernels vs plain decode)
 #   serve       experiments/gpu_run_serve.sh: the OpenAI-compatible server (llama-1b, a tokenizer trained on
 #               the spot), tests/test_serve.py through the openai client against it, serve_bench at 3 rates
 #   ncu         Nsight Compute on the decode kernels for cases 32 x 8192 and 1 x 32768
@@ -68,27 +70,28 @@ for stage in "$@"; do
             $PY -c 'import cupy, numpy, torch, transformers; print(\"cupy\", cupy.__version__, \"numpy\", numpy.__version__, \"torch\", torch.__version__, \"transformers\", transformers.__version__)';
             which compute-sanitizer ncu nvcc; nproc" ;;
     ktests)
-        run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider -n 4 \
-            --durations=10 -rs ;;
+        run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py tests/test_decode_fp8.py -q \
+            -p no:cacheprovider -n 4 --durations=10 -rs ${KTEST_K:+-k "$KTEST_K"} ;;
     sanitize)
         for tool in memcheck racecheck; do
             PAGEDKV_SANITIZER_GRID=1 run "$tool" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
                 --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist tests/test_kernels.py \
                 tests/test_prefill_attention.py tests/test_sampler.py tests/test_model_gpu.py \
-                -k 'grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add or padding' \
-                -k 'not compiles and not 16k and not torch'
+                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add or padding)
+                    and not compiles and not 16k and not torch'
         done ;;
     kbench)
-        run kbench "${T_KBENCH:-240}" "$PY" -m experiments.kernel_bench ;;
+        # shellcheck disable=SC2086
+        run kbench "${T_KBENCH:-240}" "$PY" -m experiments.kernel_bench ${KBENCH_ARGS:-} ;;
     ncu)
-        for case in "32 8192 32 8" "1 32768 32 8"; do
-            run "ncu_${case// /_}" "${T_NCU:-90}" ncu --clock-control none --kernel-name regex:paged_attention_v2 \
+        for case in "32 8192 32 8" "1 32768 32 8"; do  # batch, length, query heads, KV heads (head_dim 128)
+            run "ncu_${case// /_}" "${T_NCU:-90}" ncu --clock-control none --kernel-name regex:paged_attention_v \
                 --launch-skip 8 --launch-count 2 --section SpeedOfLight --section Occupancy \
                 --section WarpStateStats --section MemoryWorkloadAnalysis "$PY" -c "
 import cupy, numpy as np
-from experiments.kernel_bench import build_case
+from experiments.kernel_bench import Case, build_case
 from pagedkv.kernels import decode
-q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), *map(int, '$case'.split()))
+q, k, v, bt, cl = build_case(cupy, np.random.default_rng(0), Case(*map(int, '$case'.split())))
 for _ in range(6): decode.paged_attention(q, k, v, bt, cl, check=False)
 cupy.cuda.runtime.deviceSynchronize()"
         done ;;
@@ -99,8 +102,9 @@ cupy.cuda.runtime.deviceSynchronize()"
             # shellcheck disable=SC2086
             (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "w1_$name" "${T_BASE:-120}" "$PY" -m experiments.engine_bench \
                 --device gpu $flags --output-json "$OUT/logs/engine_bench_$name.json")
-            (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "prefill_$name" "${T_BASE:-120}" "$PY" -m experiments.prefill_bench \
-                --head-dims 64 128 --ttft-lens --output-json "$OUT/logs/prefill_bench_$name.json")
+            [ "${BASE_PREFILL:-1}" = 1 ] && (cd "$tree" && PYTHONPATH="$tree${PYTHONPATH#.}" run "prefill_$name" \
+                "${T_BASE:-120}" "$PY" -m experiments.prefill_bench --head-dims 64 128 --ttft-lens --no-variants \
+                --output-json "$OUT/logs/prefill_bench_$name.json")
         done ;;
     agreement)
         run agreement "${T_AGREEMENT:-90}" "$PY" -m experiments.fp16_agreement \
@@ -150,6 +154,11 @@ cupy.cuda.runtime.deviceSynchronize()"
     prefix)
         run prefix "${T_PREFIX:-330}" "$PY" -m experiments.prefix_workloads --device gpu --kv-cache-memory-bytes 40GiB \
             --output-json benchmarks/results/prefix_workloads_gpu.json ;;
+    cascade)
+        run cascade_workloads "${T_CASCADE:-200}" "$PY" -m experiments.prefix_workloads --device gpu --workload cascade \
+            --num-prompts "${CASCADE_PROMPTS:-128}" --output-json "benchmarks/results/prefix_workloads_cascade_gpu.json"
+        run cascade_bench "${T_CASCADE_BENCH:-120}" "$PY" -m experiments.cascade_bench \
+            --output-json "benchmarks/results/cascade_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     pbench)
         run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench \
             --output-json "benchmarks/results/prefill_bench_${GPU_NAME}_$(date -u +%F).json" ;;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The OpenAI-compatible server on the GPU: the llama-1b preset (random weights, float16) with a byte-level BPE
 # tokenizer of 128,256 ids trained on the spot, the openai-client tests against it (tests/test_serve.py with
-# PAGEDKV_SERVER_URL), then serve_bench at 3 arrival rates. Logs and JSON under $OUT (6 files).
+# PAGEDKV_SERVER_URL), then serve_bench at 3 arrival rates, 256 concurrent streams, and the same 3 rates through
+# the engine loop in-process (no HTTP: the TTFT/ITL baseline). Logs and JSON under $OUT.
 #
 #   device:  cd .dev/text && bash experiments/gpu_run_serve.sh
 #
@@ -21,14 +22,14 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 PY=python3
 
-SERVE_PACKAGES="fastapi uvicorn openai httpx jinja2"
-if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" 2>/dev/null; then
+SERVE_PACKAGES="fastapi uvicorn openai httpx jinja2 prometheus_client"
+if ! $PY -c "import fastapi, uvicorn, openai, httpx, jinja2, prometheus_client" 2>/dev/null; then
     # NOTE: a target folder on PYTHONPATH, not a venv: the device's python3 is itself a venv (torch, cupy), and a
     # venv made from it would not see those packages
     # shellcheck disable=SC2086
     $PY -m pip install --quiet --no-index --find-links "${WHEELS:-.whl}" --target "$WORK/site" $SERVE_PACKAGES
     export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$WORK/site"
-    $PY -c "import fastapi, uvicorn, openai, httpx, jinja2" \
+    $PY -c "import fastapi, uvicorn, openai, httpx, jinja2, prometheus_client" \
         || { echo "could not install the [serve] wheels from ${WHEELS:-.whl}" | tee "$OUT/env.txt"; exit 1; }
 fi
 {
@@ -75,6 +76,23 @@ $PY -m experiments.serve_bench --base-url "$URL" --request-rate $RATES --num-pro
     | tee "$OUT/serve_bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
+# no request lost at 256 concurrent streams (issue 20's target)
+$PY -m experiments.serve_bench --base-url "$URL" --request-rate inf --num-prompts "${STREAMS:-256}" \
+    --random-input-len 256 --random-output-len 128 --output-json "$OUT/serve_bench_256.json" 2>&1 \
+    | tee "$OUT/serve_bench_256.txt"
+streams_rc=${PIPESTATUS[0]}
+
 $PY -c "import urllib.request; print(urllib.request.urlopen('$URL/metrics').read().decode())" > "$OUT/metrics_after.txt"
-echo "tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$OUT/env.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null
+
+# the same rates through the engine loop in this process, no HTTP: the baseline of "TTFT and ITL within 1.2x"
+inproc_rc=0
+if [ "${INPROC:-1}" = 1 ]; then
+    # shellcheck disable=SC2086
+    timeout "${T_INPROC:-240}" $PY -m experiments.serve_bench --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
+        --max-model-len "$MAX_MODEL_LEN" --request-rate $RATES --num-prompts "$NUM_PROMPTS" --random-input-len 256 \
+        --random-output-len 128 --output-json "$OUT/serve_bench_inproc.json" 2>&1 | tee "$OUT/serve_bench_inproc.txt"
+    inproc_rc=${PIPESTATUS[0]}
+fi
+echo "tests rc=$tests_rc bench rc=$bench_rc streams rc=$streams_rc in-process rc=$inproc_rc" | tee -a "$OUT/env.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$streams_rc" -eq 0 ] && [ "$inproc_rc" -eq 0 ]

@@ -4,11 +4,15 @@ In one run:
   1. the read ceiling: a read-only reduction over a buffer far larger than L2 (bytes / time);
      the copy bandwidth: a device-to-device copy (bytes read + bytes written) / time;
   2. for each case (float16, block size 16, a shuffled block table = a random permutation of the pool):
-     kernel 1, kernel 2 (split-K from the table's capacity: the old plan), kernel 3 (split-K balanced over
-     the batch on the device: the new plan) and, for uniform batches, a non-paged baseline (torch
-     ``scaled_dot_product_attention`` on a contiguous copy of the same K/V, when torch is importable).
+     kernel 1, kernel 2 (split-K from the table's capacity), kernel 3 (the balanced walk planned on the
+     device), the default (kernel 3's launch with the on-device dispatcher: the walk or the partition
+     plan, per launch; the column "mode" says which it took) and, for uniform batches, a non-paged baseline
+     (torch ``scaled_dot_product_attention`` on a contiguous copy of the same K/V, when torch is importable);
+     then the same case with an fp8 e4m3 cache (uint8 bytes, scales 1/64; random bytes, NaN codes
+     excluded): kernel 2, kernel 3 and the default, % of the read ceiling counting the fp8 bytes.
      Uniform cases: issue 3's table (head_dim 128). Ragged cases: lengths drawn uniformly (seeded) from
-     a range, issue 11's table plus a mixed batch and head dims 64 and 80.
+     a range, issue 11's table plus a mixed batch, head dims 64 and 80, and issue 16's Qwen2.5-7B shape
+     (28 query / 4 KV heads). ``--variants`` also times the compile-time variants of kernels 2 and 3.
 
 Every timed launch is bracketed by CUDA events after an L2 flush (a 512 MB read), so no case is served from
 L2; the flush also lets the host enqueue the launch before the GPU reaches it. Median of RUNS launches.
@@ -81,8 +85,9 @@ CASES = (  # uniform: issue 3's table, then ragged: issue 11's table and a few m
     Case(256, 512, target_pct=90), Case(64, 2048, 32, 32, target_pct=97),
     Case(32, (1000, 32000), target_pct=88), Case(128, (64, 4096), target_pct=85), Case(200, (17, 700), target_pct=80),
     Case(128, (32768, 16, 512)), Case(64, (256, 8192), 32, 32), Case(128, (64, 4096), 32, 8, 64),
-    Case(128, (64, 4096), 32, 8, 80),
+    Case(128, (64, 4096), 32, 8, 80), Case(12, (1, 2048), 28, 4, target_pct=70),
 )
+FP8_SCALE = 1 / 64  # k_scale = v_scale of the fp8 cases
 # compile-time variants timed beside each kernel's default: name -> (tile bytes, stages, extra defines)
 V2_VARIANTS = {
     "default": (4096, 4, ()),
@@ -134,6 +139,16 @@ def ceilings(cupy, timer, read) -> dict:
            "copy_GBps": 2 * src.nbytes / copy_us / 1e3, "copy_bytes_moved": 2 * src.nbytes}
     del buf
     return out
+
+
+def fp8_pools(cupy, shape):
+    """Random e4m3 K/V bytes (uint8; the NaN codes 0x7f / 0xff moved to the largest finite values)."""
+    pools = []
+    for _ in range(2):
+        b = cupy.random.randint(0, 256, shape, dtype=cupy.int32).astype(cupy.uint8)
+        b[(b & 0x7F) == 0x7F] -= 1
+        pools.append(b)
+    return pools
 
 
 def build_case(cupy, rng, case: Case):
@@ -201,8 +216,27 @@ def _time_variants(cupy, timer, row, version, variants, attn, out, ref) -> None:
             row[f"{key}_rel_err"] = _rel_err(cupy, out, ref)
 
 
-def run_case(cupy, timer, rng, case: Case) -> dict:
+def run_fp8(cupy, timer, row, q, shape, bt, cl) -> None:
+    """The case with an fp8 e4m3 cache of the same shape: kernel 2, kernel 3, the default."""
+    k8, v8 = fp8_pools(cupy, shape)
+    out = cupy.empty_like(q)
+    kw = dict(kv_dtype="fp8_e4m3", k_scale=FP8_SCALE, v_scale=FP8_SCALE, out=out, check=False)
+    outs = {}
+    for key, version in (("fp8_v2", 2), ("fp8_v3", 3), ("fp8_default", None)):
+        run = lambda: decode.paged_attention(q, k8, v8, bt, cl, version=version, **kw)  # noqa: E731
+        us, times = timer.median_us(run)
+        row[f"{key}_us"], row[f"{key}_spread_us"] = us, [min(times), max(times)]
+        outs[key] = out.astype(cupy.float32)
+    plan = decode.v3_launch_plan(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
+    row["fp8_default_choice"] = decode.last_dispatch(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
+    row["fp8_v3_plan"] = {key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "smem", "num_regs", "tile_tokens")}
+    for key in ("fp8_v3", "fp8_default"):  # the same bytes: kernel 2 is the yardstick
+        row[f"{key}_vs_v2_rel_err"] = _rel_err(cupy, outs[key], outs["fp8_v2"])
+    row["fp8_kv_bytes"] = row["kv_bytes"] // 2
+    del k8, v8
 
+
+def run_case(cupy, timer, rng, case: Case, variants: bool = False) -> dict:
     q, k, v, bt, cl, kv_bytes = build_case(cupy, rng, case)
     out = cupy.empty_like(q)
     lens = cupy.asnumpy(cl)
@@ -220,9 +254,20 @@ def run_case(cupy, timer, rng, case: Case) -> dict:
     row["v1_runs"] = RUNS if first < SLOW_V1_US else V1_SLOW_RUNS
     row["v1_us"] = timer.median_us(attn(1), runs=row["v1_runs"])[0]
     ref = out.astype(cupy.float32)  # kernel 1: the obviously-correct one
-    _time_variants(cupy, timer, row, 2, V2_VARIANTS if not case.ragged else {"default": V2_VARIANTS["default"]},
-                   attn, out, ref)
-    _time_variants(cupy, timer, row, 3, V3_VARIANTS, attn, out, ref)
+    only_default = lambda table: table if variants else {"default": table["default"]}  # noqa: E731
+    _time_variants(cupy, timer, row, 2, only_default(V2_VARIANTS) if not case.ragged
+                   else {"default": V2_VARIANTS["default"]}, attn, out, ref)
+    _time_variants(cupy, timer, row, 3, only_default(V3_VARIANTS), attn, out, ref)
+    us, times = timer.median_us(attn(None))  # the default: kernel 3's launch with the dispatcher
+    row["default_us"], row["default_spread_us"] = us, [min(times), max(times)]
+    row["default_vs_v1_rel_err"] = _rel_err(cupy, out, ref)
+    row["default_choice"] = decode.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1])
+    group = case.num_qo_heads // case.num_kv_heads
+    if group & (group - 1):  # a group that is not a power of two (Qwen2.5's 7): GT 4 (two head tiles) beside GT 8
+        us, times = timer.median_us(attn(None, group_tile=4))
+        row["default_gt4_us"], row["default_gt4_spread_us"] = us, [min(times), max(times)]
+        row["default_gt4_rel_err"] = _rel_err(cupy, out, ref)
+        row["default_gt4_choice"] = decode.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1], gt=4)
     row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
         lambda: decode.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
     row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
@@ -231,11 +276,11 @@ def run_case(cupy, timer, rng, case: Case) -> dict:
         row["sdpa_us"], sdpa_out = sdpa_baseline(cupy, timer, q, k, v, bt)
         if sdpa_out is not None:
             row["sdpa_vs_v1_rel_err"] = _rel_err(cupy, sdpa_out, ref)
-    for name, (tile, stages, extra) in V2_VARIANTS.items():
+    for name, (tile, stages, extra) in (V2_VARIANTS if variants else {"default": V2_VARIANTS["default"]}).items():
         plan = decode.v2_launch_plan(q.shape, k.shape, bt.shape[1], 1, None, tile, stages, extra)
         row[f"v2_{name}_plan"] = {key: plan[key] for key in
                                   ("gt", "parts", "part_tokens", "smem", "resident_ctas", "num_regs")}
-    plan = decode.v3_launch_plan(q.shape, k.shape, 1)
+    plan = decode.v3_launch_plan(q.shape, k.shape, 1, max_blocks=bt.shape[1])
     balanced = decode_plan.balanced_plan(lens, case.num_kv_heads * plan["q_tiles"], plan["tile_tokens"],
                                          plan["ctas"], plan["min_tiles"])
     row["v3_default_plan"] = {**{key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "min_tiles", "smem",
@@ -243,7 +288,38 @@ def run_case(cupy, timer, rng, case: Case) -> dict:
                               "per_block_tiles": balanced.per_block, "pieces": len(balanced.pieces),
                               "merges": len(balanced.merges)}
     row["v2_partitions"] = row["v2_default_plan"]["parts"]
+    mode, parts, part_tokens = decode_plan.dispatch(lens, case.num_kv_heads * plan["q_tiles"], plan["tile_tokens"],
+                                                     plan["ctas"], plan["max_parts"])
+    row["default_host_mirror"] = {"mode": mode, "parts": parts, "part_tokens": part_tokens}
+    shape = k.shape
+    del k, v
+    cupy.get_default_memory_pool().free_all_blocks()
+    run_fp8(cupy, timer, row, q, shape, bt, cl)
     return row
+
+
+def prewarm(cases, variants: bool) -> float:
+    """Compile every module the cases will launch, 16 at a time (NVRTC runs outside the GIL), so the
+    compiles overlap instead of adding up; returns the seconds it took."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = set()
+    for case in cases:
+        gt = decode_plan.group_tile(case.num_qo_heads // case.num_kv_heads)
+        jobs.add(("v1", 1, case.head_dim, 0, 4096, 4, (), None))
+        for tile, stages, extra in (V2_VARIANTS if variants else {"d": V2_VARIANTS["default"]}).values():
+            jobs.add(("v2", 1, case.head_dim, gt, tile, stages, extra, None))
+        for tile, stages, extra in (V3_VARIANTS if variants else {"d": V3_VARIANTS["default"]}).values():
+            jobs.add(("v3", 1, case.head_dim, gt, tile, stages, extra, None))
+        for kind in ("v2", "v3"):
+            jobs.add((kind, 1, case.head_dim, gt, 4096, 4, (), 3))
+        if gt != case.num_qo_heads // case.num_kv_heads and gt == 8:  # the GT 4 variant of a group of 5-7
+            jobs.add(("v3", 1, case.head_dim, 4, 4096, 4, (), None))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda job: decode.attention_kernel(*job), sorted(jobs, key=str)))
+    return time.perf_counter() - t0
 
 
 def _writable(flag: str, path: Path, is_dir: bool) -> Path:
@@ -267,6 +343,8 @@ def parse_args(argv):
     parser.add_argument("--output-json", default=None, metavar="PATH",
                         help="write the JSON here instead of <out-dir>/kernel_bench_<gpu>_<date>.json")
     parser.add_argument("--plot", default=None, metavar="PATH", help="also draw the bandwidth PNG (needs matplotlib)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also time the compile-time variants of kernels 2 and 3 (tile bytes, stages, ...)")
     args = parser.parse_args(argv)
     for i in args.cases or ():
         cli.in_range("--cases", i, 0, len(CASES) - 1)
@@ -286,21 +364,30 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"paged decode attention, {result['gpu']}: read ceiling {result['read_GBps']:.0f} GB/s, "
-                        f"copy {result['copy_GBps']:.0f} GB/s (float16, block 16, shuffled tables); "
-                        f"v2 = capacity split-K (old plan), v3 = balanced on the device (new, default)")
-    for col in ("case", "KV MB", "v1 us", "v2 us", "v2 %", "v3 us", "v3 GB/s", "v3 %", "target %", "sdpa us",
-                "sdpa %", "v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us", "splits", "merges"):
+                        f"copy {result['copy_GBps']:.0f} GB/s (block 16, shuffled tables); v2 = capacity split-K, "
+                        f"v3 = balanced walk, dflt = default (dispatcher; mode P = partition plan, W = walk); "
+                        f"fp8 = e4m3 cache, % of the ceiling counting fp8 bytes, x16 = fp8 / fp16 time of the default")
+    cols = ["case", "KV MB", "v1 us", "v2 us", "v2 %", "v3 us", "v3 %", "dflt us", "dflt %", "mode", "target %",
+            "sdpa %", "fp8 v2 %", "fp8 v3 %", "fp8 dflt us", "fp8 dflt %", "fp8 mode", "x16", "dflt GT4 %"]
+    if result.get("variants"):
+        cols += ["v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us"]
+    for col in cols:
         table.add_column(col, justify="right")
     fmt = lambda r, key, spec=".1f": "-" if r.get(key) is None or r[key] != r[key] else format(r[key], spec)  # noqa: E731
+    mode = lambda c: "-" if not c else f"{'P' if c['mode'] == 2 else 'W'}{c['parts'] if c['mode'] == 2 else ''}"  # noqa: E731
     for r in result["cases"]:
         label = r.get("case") or f"{r['batch']} x {r['context']}, {r['num_qo_heads']}/{r['num_kv_heads']}"
-        table.add_row(label, f"{r['kv_bytes'] / 1e6:.0f}", fmt(r, "v1_us", ".0f"), fmt(r, "v2_us"), fmt(r, "v2_pct"),
-                      fmt(r, "v3_us"), fmt(r, "v3_GBps", ".0f"), fmt(r, "v3_pct"),
-                      "-" if r["target_pct"] is None else f">= {r['target_pct']}", fmt(r, "sdpa_us"),
-                      fmt(r, "sdpa_pct"), fmt(r, "v2_plain_us"), fmt(r, "v2_s6_us"), fmt(r, "v2_t8192_us"),
-                      fmt(r, "v3_s3_us"), fmt(r, "v3_t8192_us"), str(r["v2_partitions"]),
-                      str(r["v3_default_plan"]["merges"]))
-    Console(width=240).print(table)
+        cells = [label, f"{r['kv_bytes'] / 1e6:.0f}", fmt(r, "v1_us", ".0f"), fmt(r, "v2_us"), fmt(r, "v2_pct"),
+                 fmt(r, "v3_us"), fmt(r, "v3_pct"), fmt(r, "default_us"), fmt(r, "default_pct"),
+                 mode(r.get("default_choice")), "-" if r["target_pct"] is None else f">= {r['target_pct']}",
+                 fmt(r, "sdpa_pct"), fmt(r, "fp8_v2_pct"), fmt(r, "fp8_v3_pct"), fmt(r, "fp8_default_us"),
+                 fmt(r, "fp8_default_pct"), mode(r.get("fp8_default_choice")), fmt(r, "fp8_vs_fp16", ".2f"),
+                 fmt(r, "default_gt4_pct")]
+        if result.get("variants"):
+            cells += [fmt(r, "v2_plain_us"), fmt(r, "v2_s6_us"), fmt(r, "v2_t8192_us"), fmt(r, "v3_s3_us"),
+                      fmt(r, "v3_t8192_us")]
+        table.add_row(*cells)
+    Console(width=260).print(table)
 
 
 @cli.guarded
@@ -323,17 +410,26 @@ def main(argv=None) -> dict:
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))
     result = {"gpu": gpu, "sms": sms, "l2_bytes": props.get("l2CacheSize"), "date": str(datetime.date.today()),
               "runs": RUNS, "head_dim": 128, "block_size": BLOCK_SIZE, "dtype": "float16",
-              "default_version": decode.DEFAULT_VERSION}
+              "default_version": "dispatcher (kernel 3's launch, mode 0)", "fp8_kv_dtype": "fp8_e4m3",
+              "fp8_scale": FP8_SCALE, "variants": args.variants}
     result.update(ceilings(cupy, timer, read))
+    chosen = args.cases if args.cases else range(len(CASES))
+    result["prewarm_s"] = prewarm([CASES[i] for i in chosen], args.variants)
+    print(f"compiled the kernels in {result['prewarm_s']:.1f} s", flush=True)
     rows = []
-    for i in args.cases if args.cases else range(len(CASES)):
-        rows.append(run_case(cupy, timer, rng, CASES[i]))
+    for i in chosen:
+        rows.append(run_case(cupy, timer, rng, CASES[i], args.variants))
         cupy.get_default_memory_pool().free_all_blocks()
     for row in rows:
-        for key in ("v1", "v2", "v3", "sdpa"):
+        for key, nbytes in (("v1", "kv_bytes"), ("v2", "kv_bytes"), ("v3", "kv_bytes"), ("default", "kv_bytes"),
+                            ("default_gt4", "kv_bytes"),
+                            ("sdpa", "kv_bytes"), ("fp8_v2", "fp8_kv_bytes"), ("fp8_v3", "fp8_kv_bytes"),
+                            ("fp8_default", "fp8_kv_bytes")):
             if row.get(f"{key}_us"):
-                row[f"{key}_GBps"] = row["kv_bytes"] / row[f"{key}_us"] / 1e3
+                row[f"{key}_GBps"] = row[nbytes] / row[f"{key}_us"] / 1e3
                 row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / result["read_GBps"]
+        if row.get("fp8_default_us") and row.get("default_us"):
+            row["fp8_vs_fp16"] = row["fp8_default_us"] / row["default_us"]
     result["cases"] = rows
     print_table(result)
     name = f"kernel_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"

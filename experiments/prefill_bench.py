@@ -4,8 +4,13 @@
 In one run, on one GPU:
   1. Kernel (GQA 32/8 heads, float16, head_dim 64 and 128, block size 16, block tables = a random permutation
      of the pool): one sequence of 2k / 8k / 32k new tokens; a varlen batch of 16 prompts with lengths
-     U[64, 4096] (seed 0); 512 new tokens after a 4k cached prefix. Version 2 with its default tile and the
-     alternatives of ``BENCH_CONFIGS`` / ``BENCH_DEFINES`` and version 3 (wgmma, on sm_90), beside torch SDPA
+     U[64, 4096] (seed 0); 512 new tokens after a 4k cached prefix; issue 16's cases: 16 prompts of
+     U[256, 4096] (``varlen_u256``), 2,048 new tokens over a 16k cached context (``over_16k``), 8 sequences of
+     512 new tokens over one shared 4k cached prefix (``prefix_8x512``: the same physical blocks).
+     The default version (on sm_90: 5 at head_dim 64, 4 at 128; else 2), version 2 with its default tile, the
+     other Hopper version (on sm_90), and (unless ``--no-variants``) the alternatives of ``BENCH_CONFIGS`` /
+     ``BENCH_DEFINES``, version 3 (wgmma, on sm_90) and versions 4 and 5's options (``V4_VARIANTS``,
+     ``V5_VARIANTS``; ``--variants`` picks among them), beside torch SDPA
      on contiguous [1, heads, tokens, head_dim] tensors
      (``is_causal=True``; the cached case needs bottom-right alignment: ``causal_lower_right``; the varlen batch
      is one SDPA call per prompt, launched back to back). SDPA gets K/V expanded to 32 heads and
@@ -37,20 +42,52 @@ BLOCK_SIZE = 16
 NUM_QO_HEADS, NUM_KV_HEADS = 32, 8
 HEAD_DIMS = (64, 128)
 VARLEN = (16, 64, 4096)  # prompts, shortest, longest
-CASES = ("2k", "8k", "32k", "varlen", "cached")
-TARGETS = {"2k": 0.5, "8k": 0.6, "32k": 0.6, "varlen": 0.5, "cached": None}  # kernel / SDPA TFLOP/s (issue 12)
+VARLEN_U256 = (16, 256, 4096)
+CASES = ("2k", "8k", "32k", "varlen", "cached", "varlen_u256", "over_16k", "prefix_8x512")
+# kernel / SDPA TFLOP/s on one sequence (issue 16), by (case, head_dim)
+TARGETS = {("2k", 64): 0.75, ("8k", 64): 0.85, ("32k", 64): 0.9, ("2k", 128): 0.8, ("8k", 128): 0.85,
+           ("32k", 128): 0.9}
+# ours / ours on the 8k single sequence (issue 16): batches over cached contexts keep the single-sequence rate
+TARGETS_VS_8K = {"varlen_u256": 0.85, "over_16k": 0.85, "prefix_8x512": 0.85}
 TTFT_LENS = (2048, 8192, 32768)
 TTFT_TARGETS = {2048: 1.0, 8192: 1.3, 32768: 1.3}  # engine / transformers time (issue 12)
 
 
 def case_lengths(name: str) -> tuple[list[int], list[int]]:
     """(new tokens, cached tokens) per sequence of a named case."""
-    if name == "varlen":
-        n, lo, hi = VARLEN
+    if name in ("varlen", "varlen_u256"):
+        n, lo, hi = VARLEN if name == "varlen" else VARLEN_U256
         return np.random.default_rng(SEED).integers(lo, hi + 1, n).tolist(), [0] * n
     if name == "cached":
         return [512], [4096]
+    if name == "over_16k":
+        return [2048], [16384]
+    if name == "prefix_8x512":
+        return [512] * 8, [4096] * 8
     return [int(name[:-1]) * 1024], [0]
+
+
+def case_shared_tokens(name: str) -> int:
+    """Cached tokens every sequence of the case shares (the same physical blocks), a multiple of BLOCK_SIZE."""
+    return 4096 if name == "prefix_8x512" else 0
+
+
+# version 5's compile-time / launch options timed beside its default (kernels_cu/prefill_attention_sm90.cu)
+V5_VARIANTS = {"v5_no_pingpong": (("PAGEDKV_SM90_PINGPONG", 0),),
+               "v5_not_persistent": (("PAGEDKV_SM90_PERSISTENT", 0),),
+               "v5_exp2f": (("PAGEDKV_SM90_FAST_EXP", 0),),
+               "v5_stages2": (("PAGEDKV_SM90_STAGES", 2),),
+               "v5_stages3": (("PAGEDKV_SM90_STAGES", 3),)}
+V4_VARIANTS = {"v4_fast_exp": (("PAGEDKV_SM90_V4_FAST_EXP", 1),)}  # not yet measured
+
+
+def variant_labels() -> tuple[str, ...]:
+    """The optional kernel variants (``--variants``), beside the default version and version 2."""
+    from pagedkv.kernels import prefill as kp
+
+    default = kp.DEFAULT_CONFIGS[128].label
+    return (*(f"v2_{c.label}" for c in kp.BENCH_CONFIGS), *(f"v2_{default}_{n}" for n, _ in kp.BENCH_DEFINES),
+            "v3_wgmma", "v3_wgmma_line_loads", *V4_VARIANTS, *V5_VARIANTS)
 
 
 def parse(argv):
@@ -58,7 +95,10 @@ def parse(argv):
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="kernel cases (default: all)")
     parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS), choices=HEAD_DIMS)
     parser.add_argument("--runs", type=int, default=20, help="timed launches per kernel measurement (3..1000)")
-    parser.add_argument("--no-variants", action="store_true", help="time only the default version-2 tile")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="time only the default version and version 2's default tile")
+    parser.add_argument("--variants", nargs="*", default=None, choices=variant_labels(),
+                        help="the optional variants to time (default: all)")
     parser.add_argument("--ttft-lens", nargs="*", type=int, default=list(TTFT_LENS), choices=TTFT_LENS,
                         help="prompt lengths of the engine TTFT part (none: skip it)")
     parser.add_argument("--ttft-runs", type=int, default=3, help="timed calls per TTFT measurement (1..50)")
@@ -85,15 +125,19 @@ def median_ms(cp, fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def build_case(cp, rng, new, cached, head_dim):
-    """Random float16 q and a shuffled paged pool holding each sequence's context; host tables."""
+def build_case(cp, rng, new, cached, head_dim, shared=0):
+    """Random float16 q and a shuffled paged pool holding each sequence's context (the first ``shared``
+    tokens in the same physical blocks for every sequence); host tables."""
     ctx = [n + c for n, c in zip(new, cached)]
     used = [-(-c // BLOCK_SIZE) for c in ctx]
-    perm = rng.permutation(sum(used)).astype(np.int32)
+    share = shared // BLOCK_SIZE
+    own = [u - share for u in used]
+    perm = rng.permutation(share + sum(own)).astype(np.int32)
     tables = np.zeros((len(ctx), max(used)), dtype=np.int32)
-    for i, u in enumerate(used):
-        tables[i, :u] = perm[sum(used[:i]):sum(used[:i]) + u]
-    shape = (sum(used), NUM_KV_HEADS, BLOCK_SIZE, head_dim)
+    for i, u in enumerate(own):
+        tables[i, :share] = perm[:share]
+        tables[i, share:share + u] = perm[share + sum(own[:i]):share + sum(own[:i]) + u]
+    shape = (len(perm), NUM_KV_HEADS, BLOCK_SIZE, head_dim)
     k = cp.random.standard_normal(shape, dtype=cp.float32).astype(cp.float16)
     v = cp.random.standard_normal(shape, dtype=cp.float32).astype(cp.float16)
     q = cp.random.standard_normal((sum(new), NUM_QO_HEADS, head_dim), dtype=cp.float32).astype(cp.float16)
@@ -136,11 +180,13 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
     from pagedkv.kernels import prefill as kp
 
     new, cached = case_lengths(name)
-    q, k, v, tables, starts, ctx = build_case(cp, rng, new, cached, head_dim)
+    q, k, v, tables, starts, ctx = build_case(cp, rng, new, cached, head_dim, case_shared_tokens(name))
     bt, qsl, cl = cp.asarray(tables), cp.asarray(starts), cp.asarray(ctx)
     flops = sum(kp.causal_flops(n, c, NUM_QO_HEADS, head_dim) for n, c in zip(new, cached))
     row = {"case": name, "head_dim": head_dim, "num_seqs": len(new), "new_tokens": sum(new),
-           "cached_tokens": sum(cached), "flops": flops, "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS[name]}
+           "cached_tokens": sum(cached), "shared_tokens": case_shared_tokens(name), "flops": flops,
+           "kv_bytes": 2 * k.nbytes, "target_ratio": TARGETS.get((name, head_dim)),
+           "target_vs_8k": TARGETS_VS_8K.get(name)}
     seqs, ref = sdpa_inputs(cp, torch, q, k, v, tables, starts, ctx), None
     for label, expand in (("sdpa_expanded", True), ("sdpa_enable_gqa", False)):
         try:
@@ -155,32 +201,58 @@ def kernel_case(cp, torch, rng, name: str, head_dim: int, args) -> dict:
     row["sdpa"] = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
     del seqs
     out = cp.empty_like(q)
-    default = kp.DEFAULT_CONFIGS[head_dim]
-    variants = [(default.label, default, (), None)]
-    if not args.no_variants:
-        variants += [(c.label, c, (), None) for c in kp.BENCH_CONFIGS]
-        variants += [(f"{default.label}_{name}", default, defines, None) for name, defines in kp.BENCH_DEFINES]
-        if head_dim in kp.V3_HEAD_DIMS and kp.v3_available(cp.cuda.Device().id):
-            variants += [("v3_wgmma", None, (), 3), ("v3_wgmma_line_loads", None, (("PAGEDKV_V3_LINE_LOADS", 1),), 3)]
-    for label, cfg, defines, version in variants:
+    version = kp.default_version(1, head_dim, cp.cuda.Device().id)
+    for label, kwargs in _variants(kp, head_dim, args):
         def run():
-            kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, config=cfg, defines=defines,
-                                 version=version)
+            kp.prefill_attention(q, k, v, bt, qsl, cl, out=out, check=False, **kwargs)
         try:
             ms = median_ms(cp, run, args.runs)
         except Exception as exc:  # a variant may fail to build or launch; the default must not
-            if label == default.label:
+            if label == "default":
                 raise
             row[f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         err = None if ref is None else float(cp.linalg.norm((out - ref).astype(cp.float32))
                                              / cp.linalg.norm(ref.astype(cp.float32)))
         row.setdefault("variants", {})[label] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_sdpa": err}
-    row["ours"] = row["variants"][default.label] | {"config": default.label}
+    row["ours"] = row["variants"]["default"] | {"config": f"v{version}"}
     best = max(row["variants"], key=lambda c: row["variants"][c]["tflops"])
     row["best"] = row["variants"][best] | {"config": best}
     row["ratio"] = row["ours"]["tflops"] / row["sdpa"]["tflops"] if sdpa else None
     return row
+
+
+def _variants(kp, head_dim: int, args) -> list[tuple[str, dict]]:
+    """(label, prefill_attention keyword arguments): the default version, version 2's default tile, the other
+    Hopper version (on sm_90), then the optional variants that run here."""
+    import cupy
+
+    device = cupy.cuda.Device().id
+    default = kp.DEFAULT_CONFIGS[head_dim]
+    found = [("default", {}), (f"v2_{default.label}", {"version": 2})]
+    if kp.sm90.supports(1, head_dim, device):
+        found += [(f"v{v}", {"version": v}) for v in kp.sm90.VERSIONS if v != kp.sm90.DEFAULT_VERSION[head_dim]]
+    if args.no_variants:
+        return found
+    optional = [(f"v2_{c.label}", {"version": 2, "config": c}) for c in kp.BENCH_CONFIGS]
+    optional += [(f"v2_{kp.DEFAULT_CONFIGS[128].label}_{n}", {"version": 2, "defines": d}) for n, d in kp.BENCH_DEFINES]
+    if head_dim in kp.V3_HEAD_DIMS and kp.v3_available(device):
+        optional += [("v3_wgmma", {"version": 3}),
+                     ("v3_wgmma_line_loads", {"version": 3, "defines": (("PAGEDKV_V3_LINE_LOADS", 1),)})]
+    if kp.sm90.supports(1, head_dim, device):
+        optional += [(label, {"version": 4, "defines": d}) for label, d in V4_VARIANTS.items()]
+        optional += [(label, {"version": 5, "defines": d}) for label, d in V5_VARIANTS.items()
+                     if kp.sm90.stages_of(head_dim, d) != kp.sm90.STAGES[head_dim] or "STAGES" not in d[0][0]]
+    chosen = set(variant_labels()) if args.variants is None else set(args.variants)
+    return found + [(label, kw) for label, kw in optional if label in chosen]
+
+
+def rate_vs_8k(rows: list[dict]) -> None:
+    """Each row's TFLOP/s over the 8k single-sequence rate of the same head_dim (when that case ran)."""
+    at_8k = {r["head_dim"]: r["ours"]["tflops"] for r in rows if r["case"] == "8k"}
+    for r in rows:
+        if r["head_dim"] in at_8k:
+            r["ours_vs_8k"] = r["ours"]["tflops"] / at_8k[r["head_dim"]]
 
 
 def engine_ttft(cp, torch, lengths, runs: int) -> list[dict]:
@@ -248,16 +320,20 @@ def print_tables(result: dict) -> None:
     console = cli.console()
     table = Table(title=f"causal prefill attention, {result['gpu']}, {result['date']}: GQA 32/8, float16, block 16 "
                         f"(TFLOP/s = 4 * head_dim * heads * attended pairs / time)")
-    for col in ("case", "hd", "new / cached", "GFLOP", "ours ms", "ours TF/s", "best variant", "best TF/s",
-                "sdpa ms", "sdpa TF/s", "ours/sdpa", "target", "err vs sdpa"):
+    for col in ("case", "hd", "new / cached", "GFLOP", "ours", "ours ms", "ours TF/s", "v2 TF/s", "best variant",
+                "best TF/s", "sdpa ms", "sdpa TF/s", "ours/sdpa", "target", "ours/8k", "target", "err vs sdpa"):
         table.add_column(col, justify="right")
     for r in result["kernel"]:
         sdpa, nan = r["sdpa"] or {}, float("nan")
+        v2 = next((x["tflops"] for lab, x in r["variants"].items() if lab.startswith("v2_")), nan)
         table.add_row(r["case"], str(r["head_dim"]), f"{r['new_tokens']} / {r['cached_tokens']}",
-                      f"{r['flops'] / 1e9:.1f}", f"{r['ours']['ms']:.3f}", f"{r['ours']['tflops']:.0f}",
-                      r["best"]["config"], f"{r['best']['tflops']:.0f}", f"{sdpa.get('ms', nan):.3f}",
-                      f"{sdpa.get('tflops', nan):.0f}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                      f"{r['flops'] / 1e9:.1f}", r["ours"]["config"], f"{r['ours']['ms']:.3f}",
+                      f"{r['ours']['tflops']:.0f}", f"{v2:.0f}", r["best"]["config"], f"{r['best']['tflops']:.0f}",
+                      f"{sdpa.get('ms', nan):.3f}", f"{sdpa.get('tflops', nan):.0f}",
+                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
                       "-" if r["target_ratio"] is None else f">= {r['target_ratio']}x",
+                      f"{r['ours_vs_8k']:.2f}x" if "ours_vs_8k" in r else "-",
+                      "-" if r["target_vs_8k"] is None else f">= {r['target_vs_8k']}x",
                       f"{r['ours']['rel_err_vs_sdpa'] or nan:.1e}")
     console.print(table)
     if result.get("ttft"):
@@ -293,6 +369,7 @@ def main(argv=None) -> dict:
             result["kernel"].append(kernel_case(cp, torch, rng, name, head_dim, args))
             cp.get_default_memory_pool().free_all_blocks()
             torch.cuda.empty_cache()
+    rate_vs_8k(result["kernel"])
     if args.ttft_lens:
         result["ttft"] = engine_ttft(cp, torch, sorted(args.ttft_lens), args.ttft_runs)
     print_tables(result)

@@ -5,6 +5,8 @@ Two workloads through ``LLMEngine`` (greedy, ``ignore_eos``; random weights of `
     shared   N requests = one shared document + a few own tokens each, G tokens generated each, no explicit fork:
              prefix caching on vs off -> prompt tokens computed, peak KV blocks (vs the ideal of an explicit
              fork), requests/s, TTFT p50/p99, and whether the outputs agree
+    cascade  issue 17: cascade attention on vs off (shared document, n = 16 parallel sampling, W1; see
+             experiments/cascade_workloads.py; ``--cascade-parts`` picks among them)
     long     prompts U[min, max] tokens, outputs U[min, max]: chunked prefill on (at --chunk-budget, and at the
              unchunked budget) vs off (every prompt in one forward: budget = max_model_len) -> decode
              inter-token latency p50/p99, TTFT p50/p99, requests/s, agreement
@@ -40,7 +42,10 @@ def parse_args(argv=None):
     from pagedkv.model.config import PRESETS
 
     p = cli.Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", choices=["shared", "long", "both"], default="both")
+    p.add_argument("--workload", choices=["shared", "long", "both", "cascade"], default="both",
+                   help="both = shared and long")
+    p.add_argument("--cascade-parts", nargs="+", choices=["shared", "parallel", "w1"],
+                   default=["shared", "parallel", "w1"], help="the cascade workload's parts")
     p.add_argument("--model", choices=sorted(PRESETS), help="model preset (default: llama-1b on a GPU, tiny on a CPU)")
     for name in INT_FLAGS:
         p.add_argument(f"--{name}", type=int, help="(default: the device's)")
@@ -72,7 +77,7 @@ def resolve(args, backend) -> None:
     if args.long_max_len < args.long_min_len or args.long_max_output < args.long_min_output:
         raise cli.FlagError("--long-max-len / --long-max-output must be >= their minimum")
     lens = []
-    if args.workload in ("shared", "both"):
+    if args.workload in ("shared", "both", "cascade"):
         lens.append(args.shared_len + args.own_len + args.output_len)
     if args.workload in ("long", "both"):
         lens.append(args.long_max_len + args.long_max_output)
@@ -212,6 +217,8 @@ def main(argv=None) -> int:
     backend = cli.resolve_backend(args.device)
     resolve(args, backend)
     result = {"info": cli.run_info(backend), "args": vars(args)}
+    if args.workload == "cascade":
+        return _cascade(args, result)
     for name, fn in (("shared", shared_workload), ("long", long_workload)):
         if args.workload in (name, "both"):
             result[name] = fn(args)
@@ -233,6 +240,20 @@ def main(argv=None) -> int:
                                  for m in modes))
         console.print(table)
         console.print({k: v for k, v in r.items() if k not in modes})
+    return 0
+
+
+def _cascade(args, result: dict) -> int:
+    from rich.console import Console
+
+    from . import cascade_workloads
+
+    def sink(partial):  # NOTE: after each part, so a cut-off run keeps what it measured
+        result["cascade"] = partial
+        if args.json:
+            cli.write_json(args.json, result)
+    cascade_workloads.run_all(args, make_engine, args.cascade_parts, sink)
+    Console(width=200).print(result["cascade"])
     return 0
 
 

@@ -16,7 +16,15 @@
 //                              slot, each streams an equal share of the batch's K/V tiles, crossing from one
 //                              sequence to the next without draining its pipeline; only sequences cut
 //                              between blocks are merged, in the same launch, by the block whose piece of
-//                              the sequence finishes last.
+//                              the sequence finishes last. Its `mode` argument: 3 = that walk (version 3);
+//                              2 = the partition plan: kernel 2's per-item loop (sequence, head group,
+//                              partition of part_tokens) over the same persistent grid, items from an atomic
+//                              queue, split sequences merged by their last partition (no second launch);
+//                              0 = the dispatcher (the default): every block computes the same choice from
+//                              context_lens (near-uniform lengths or small pieces -> 2, else 3), so a captured
+//                              CUDA graph chooses again at every replay.
+//   Kernels 2 and 3 read float32/float16/bfloat16 caches, or fp8 (e4m3, e5m2) caches of raw bytes under
+//   float16/bfloat16 queries (template parameter CT, dequantized in registers: CacheType below).
 //   check_block_tables_kernel  GPU-side range check of block_tables / context_lens (one reduction).
 //
 // The balanced plan of kernel 3, computed again by every thread block from context_lens (so a captured CUDA
@@ -72,6 +80,7 @@
 #define PAGEDKV_V2_THREADS 128      // kernels 2 and 3
 #define PAGEDKV_REDUCE_THREADS 256  // kernel 2's split-K merge
 #define PAGEDKV_MERGE_THREADS 128   // kernel 3's merge
+#define PAGEDKV_MIN_PART_TOKENS 256 // the partition plan (kernel 3's mode 2) never cuts pieces shorter than this
 
 // NOTE: min blocks per SM caps registers (4 blocks: <= 128 registers for GT <= 4; 3 blocks for GT = 8,
 // 2 for GT = 8 with head_dim >= 160, which spilled at the 3-block cap); with the cap ptxas reports no
@@ -82,6 +91,97 @@
 #define PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT) ((GT) <= 4 ? 4 : ((DT) != 0 || (HEAD_DIM) >= 160 ? 2 : 3))
 
 using pagedkv::KV;
+
+// ---- cache element types of kernels 2 and 3 (template parameter CT) ------------------------------
+// CT = DT for float32 / float16 / bfloat16 caches (codes 0, 1, 2); 3 = fp8 e4m3 (e4m3fn), 4 = fp8 e5m2, with
+// q and out float16 or bfloat16. An fp8 cache holds raw bytes: x = float(byte) * scale (per-layer k_scale,
+// v_scale). The math reads a tile row in "math vectors" of VEC = 8 elements (4 for float32): 16 bytes of a
+// 16-bit cache, 8 bytes of an fp8 one, so q and the accumulator take the same registers for every cache
+// type; the copies into shared memory always move 16 bytes (16 fp8 elements).
+//
+// Dequantization in registers, exact for every finite byte:
+//   e5m2: the byte is the top byte of the float16 with the same value (same exponent bias, 2 mantissa
+//         bits): one byte permute gives two halves.
+//   e4m3: byte s.eeee.mmm -> float16 bits s.0eeee.mmm0000000 (permute, shift, lop3) is the value times 2^-8
+//         (subnormals included: float16 subnormals are exact); the 2^8 (UNIT) is folded into the k scale
+//         (q's pre-scale) and the v scale (the output). PAGEDKV_FP8_HW_CVT=1 uses the sm_89+ conversion
+//         instruction cvt.rn.f16x2.e4m3x2 instead (UNIT 1; NaN bytes stay NaN).
+// Then float16 -> float32 (cvt.f32.f16) per element, as for a float16 cache.
+#ifndef PAGEDKV_FP8_HW_CVT
+#define PAGEDKV_FP8_HW_CVT 0
+#endif
+#if PAGEDKV_FP8_HW_CVT && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define PAGEDKV_E4M3_HW 1
+#else
+#define PAGEDKV_E4M3_HW 0
+#endif
+
+__device__ __forceinline__ unsigned byte_perm(unsigned x, unsigned sel) {
+  unsigned r;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "r"(sel));
+  return r;
+}
+
+// two float16 (a packed pair) -> two floats
+__device__ __forceinline__ void half2_to_float2(unsigned h, float& lo, float& hi) {
+  lo = KV<1>::to_float((unsigned short)(h & 0xffffu));
+  hi = KV<1>::to_float((unsigned short)(h >> 16));
+}
+
+template <int CT> struct CacheType {  // float32 / float16 / bfloat16: the math vector is one 16-byte load
+  typedef typename KV<CT>::T T;
+  typedef uint4 MathVec;
+  static const int EB = sizeof(T);        // bytes per element
+  static const int VEC = 16 / EB;         // elements per math vector
+  static __device__ __forceinline__ float unit() { return 1.f; }
+  static __device__ __forceinline__ void unpack(const MathVec& v, float* x) { pagedkv::unpack16<CT>(v, x); }
+};
+
+template <> struct CacheType<3> {  // fp8 e4m3
+  typedef unsigned char T;
+  typedef uint2 MathVec;
+  static const int EB = 1, VEC = 8;
+  static __device__ __forceinline__ float unit() { return PAGEDKV_E4M3_HW ? 1.f : 256.f; }
+  static __device__ __forceinline__ unsigned to_half2(unsigned w, unsigned sel) {  // bytes of sel -> 2 halves
+#if PAGEDKV_E4M3_HW
+    unsigned h;
+    const unsigned short pair = (unsigned short)byte_perm(w, sel);
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(pair));
+    return h;
+#else
+    const unsigned d = byte_perm(w, sel == 0x10 ? 0x1404u : 0x3424u);  // [0, b_lo, 0, b_hi]
+    return (d & 0x80008000u) | ((d >> 1) & 0x3f803f80u);
+#endif
+  }
+  static __device__ __forceinline__ void unpack(const MathVec& v, float* x) {
+    const unsigned w[2] = {v.x, v.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      half2_to_float2(to_half2(w[i], 0x10), x[4 * i], x[4 * i + 1]);
+      half2_to_float2(to_half2(w[i], 0x32), x[4 * i + 2], x[4 * i + 3]);
+    }
+  }
+};
+
+template <> struct CacheType<4> {  // fp8 e5m2
+  typedef unsigned char T;
+  typedef uint2 MathVec;
+  static const int EB = 1, VEC = 8;
+  static __device__ __forceinline__ float unit() { return 1.f; }
+  static __device__ __forceinline__ void unpack(const MathVec& v, float* x) {
+    const unsigned w[2] = {v.x, v.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      half2_to_float2(byte_perm(w[i], 0x1404u), x[4 * i], x[4 * i + 1]);
+      half2_to_float2(byte_perm(w[i], 0x3424u), x[4 * i + 2], x[4 * i + 3]);
+    }
+  }
+};
+
+// q/out type DT with cache type CT: the same type, or an fp8 cache under float16/bfloat16 queries
+template <int DT, int CT> struct ValidPair {
+  static const bool value = DT == CT || ((CT == 3 || CT == 4) && (DT == 1 || DT == 2));
+};
 
 // Address of token `token` of a sequence, head `kv_head`, in a [num_blocks, num_kv_heads, bs, HEAD_DIM] cache.
 //
@@ -166,7 +266,9 @@ paged_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 // ================================================================================================
 // The tile machinery of kernels 2 and 3.
 //
-// A tile is TILE_TOKENS rows (tokens) x VPR 16-byte vectors (VPR = row bytes / 16) of K, and the same of V.
+// A tile is TILE_TOKENS rows (tokens) of K, and the same of V, in shared memory row after row. The copies
+// move flat 16-byte vectors (CVPR = row bytes / 16 per row); the math reads a row as VPR math vectors of VEC
+// elements (CacheType: 16 bytes of a 16/32-bit cache, 8 bytes of an fp8 one).
 // Thread layout for the math: lane_col = tid % LPR owns vectors lane_col + j*LPR (j < CPT) of each row it
 // touches; row group rg = tid / LPR handles rows rg, rg + RG, ...  LPR (lanes per row) is the power of two
 // >= VPR, capped at 32, so a row's partial dots meet by xor shuffles inside an LPR-lane group.
@@ -176,44 +278,47 @@ paged_attention_v1_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 // alternative, LPR = the largest power of two dividing VPR, keeps every lane busy but gives 32-64 row
 // groups and a cross-row-group reduction 4-8x larger.
 // ================================================================================================
-template <int DT, int HEAD_DIM>
+template <int CT, int HEAD_DIM>
 struct TileShape {
-  static const int VEC = pagedkv::Vec<DT>::N;                 // elements per 16-byte vector
-  static const int VPR = HEAD_DIM / VEC;                       // 16-byte vectors per K/V row
+  static const int EB = CacheType<CT>::EB;                     // bytes per cache element
+  static const int VEC = CacheType<CT>::VEC;                   // elements per math vector
+  static const int VPR = HEAD_DIM / VEC;                       // math vectors per K/V row
+  static const int CVEC = 16 / EB;                             // elements per 16-byte copy
+  static const int CVPR = HEAD_DIM * EB / 16;                  // 16-byte copies per row
   static const int LPR = VPR > 16 ? 32 : VPR > 8 ? 16 : VPR > 4 ? 8 : VPR > 2 ? 4 : 2;  // lanes per row
   static const int CPT = (VPR + LPR - 1) / LPR;                // vectors per lane per row
   static const bool PADDED = CPT * LPR != VPR;                 // some lanes idle in the last column
   static const int RG = PAGEDKV_V2_THREADS / LPR;              // row groups
-  static const int ROW_GROUP_BYTES = VPR * 16 * RG;
+  static const int ROW_GROUP_BYTES = HEAD_DIM * EB * RG;
   static const int ROWS_RAW = (PAGEDKV_V2_TILE_BYTES + ROW_GROUP_BYTES / 2) / ROW_GROUP_BYTES;
   static const int ROWS = ROWS_RAW < 1 ? 1 : ROWS_RAW;        // rows per thread per tile
   static const int TILE_TOKENS = ROWS * RG;
-  static const int TILE_VECS = TILE_TOKENS * VPR;
+  static const int TILE_VECS = TILE_TOKENS * CVPR;             // 16-byte copies per tile (K or V)
   static const int LOADS = (TILE_VECS + PAGEDKV_V2_THREADS - 1) / PAGEDKV_V2_THREADS;  // cp.async per thread
   static const int SR = (TILE_TOKENS + 31) / 32;               // softmax rows per lane
-  static_assert(HEAD_DIM % (VEC * 2) == 0 && VPR >= 2 && VPR <= 64, "head_dim: a multiple of 16 up to 256");
+  static_assert(HEAD_DIM % 16 == 0 && VPR >= 2 && VPR <= 64, "head_dim: a multiple of 16 up to 256");
 };
 
 // Issue the 16-byte copies of one K tile and one V tile: rows t0 .. t0 + TILE_TOKENS - 1 of a sequence,
 // rows at or past `end` zero-filled (nothing read). Thread tid copies flat vectors tid, tid + THREADS, ...
 //   s_dst        shared address (smem_u32) of the stage's K tile; its V tile is v_delta bytes further
 //   head_off     kv_head * block_size * HEAD_DIM (elements);  block_elems = num_kv_heads * block_size * HEAD_DIM
-template <int DT, int HEAD_DIM>
+template <int CT, int HEAD_DIM>
 __device__ __forceinline__ void issue_kv_tile(unsigned s_dst, unsigned v_delta,
-                                              const typename KV<DT>::T* __restrict__ k_cache,
-                                              const typename KV<DT>::T* __restrict__ v_cache,
+                                              const typename CacheType<CT>::T* __restrict__ k_cache,
+                                              const typename CacheType<CT>::T* __restrict__ v_cache,
                                               const int* __restrict__ block_table, int t0, int end,
                                               long long block_elems, long long head_off, int log2_block_size) {
-  typedef TileShape<DT, HEAD_DIM> S;
+  typedef TileShape<CT, HEAD_DIM> S;
   const int mask = (1 << log2_block_size) - 1;
-  if constexpr (PAGEDKV_V2_THREADS % S::VPR == 0 && S::TILE_VECS % PAGEDKV_V2_THREADS == 0) {
+  if constexpr (PAGEDKV_V2_THREADS % S::CVPR == 0 && S::TILE_VECS % PAGEDKV_V2_THREADS == 0) {
     // NOTE: a thread always copies the same column, so the column part of the address and the shared
     // address are worked out once, not per copy
-    const long long col_off = head_off + (threadIdx.x % S::VPR) * S::VEC;
+    const long long col_off = head_off + (threadIdx.x % S::CVPR) * S::CVEC;
     const unsigned dst = s_dst + threadIdx.x * 16;
 #pragma unroll
     for (int i = 0; i < S::LOADS; ++i) {
-      const int token = t0 + threadIdx.x / S::VPR + i * (PAGEDKV_V2_THREADS / S::VPR);
+      const int token = t0 + threadIdx.x / S::CVPR + i * (PAGEDKV_V2_THREADS / S::CVPR);
       const bool valid = token < end;
       long long off = 0;
       if (valid)  // block id widened to 64 bits before the multiply
@@ -226,13 +331,13 @@ __device__ __forceinline__ void issue_kv_tile(unsigned s_dst, unsigned v_delta,
     for (int i = 0; i < S::LOADS; ++i) {
       const int v = threadIdx.x + i * PAGEDKV_V2_THREADS;
       if (v < S::TILE_VECS) {
-        const int row = v / S::VPR, col = v - row * S::VPR;
+        const int row = v / S::CVPR, col = v - row * S::CVPR;
         const int token = t0 + row;
         const bool valid = token < end;
         long long off = 0;
         if (valid)
           off = (long long)block_table[token >> log2_block_size] * block_elems + head_off + (token & mask) * HEAD_DIM +
-                col * S::VEC;
+                col * S::CVEC;
         pagedkv::cp_async16(s_dst + v * 16, k_cache + off, valid);
         pagedkv::cp_async16(s_dst + v_delta + v * 16, v_cache + off, valid);
       }
@@ -242,9 +347,13 @@ __device__ __forceinline__ void issue_kv_tile(unsigned s_dst, unsigned v_delta,
 
 // The per-thread state of one (sequence piece, query-head tile): q in registers (log2 units), the fp32
 // accumulator, and the online-softmax running max and sum (owned by warp w for heads w, w + NW, ...).
-template <int DT, int HEAD_DIM, int GT>
+// q is DT (16-byte vectors of VEC elements: the math vector's width for every valid (DT, CT) pair); the
+// tiles are CT, read as CacheType<CT>::MathVec.
+template <int DT, int HEAD_DIM, int GT, int CT = DT>
 struct TileAttention {
-  typedef TileShape<DT, HEAD_DIM> S;
+  typedef TileShape<CT, HEAD_DIM> S;
+  typedef typename CacheType<CT>::MathVec MV;
+  static_assert(ValidPair<DT, CT>::value && 16 / sizeof(typename KV<DT>::T) == S::VEC, "q/cache type pair");
   static const int VEC = S::VEC, VPR = S::VPR, LPR = S::LPR, CPT = S::CPT, RG = S::RG, ROWS = S::ROWS;
   static const int TT = S::TILE_TOKENS, SR = S::SR;
   static const int NW = PAGEDKV_V2_THREADS / 32, GW = (GT + NW - 1) / NW;  // query heads per warp (softmax)
@@ -309,8 +418,10 @@ struct TileAttention {
   // NOTE: no lane-dependent branch may sit next to the shuffles (see pagedkv::select): padded columns read
   // a clamped (finite) vector and multiply it by q = 0, and a lane that owns no score stores it into its
   // own dump slot instead of skipping the store.
-  __device__ __forceinline__ void step(const uint4* k_tile, const uint4* v_tile, float* s_p, float* s_alpha,
+  __device__ __forceinline__ void step(const uint4* k_tile16, const uint4* v_tile16, float* s_p, float* s_alpha,
                                        int valid) {
+    const MV* k_tile = reinterpret_cast<const MV*>(k_tile16);
+    const MV* v_tile = reinterpret_cast<const MV*>(v_tile16);
     // q.k over the tile: partial dots over this lane's columns, then a shuffle reduction across the row
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
@@ -321,7 +432,7 @@ struct TileAttention {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         float x[VEC];
-        pagedkv::unpack16<DT>(k_tile[row * VPR + col(j)], x);
+        CacheType<CT>::unpack(k_tile[row * VPR + col(j)], x);
 #pragma unroll
         for (int g = 0; g < GT; ++g)
 #pragma unroll
@@ -409,7 +520,7 @@ struct TileAttention {
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {  // padded columns accumulate garbage that stage() never stores
         float x[VEC];
-        pagedkv::unpack16<DT>(v_tile[row * VPR + col(j)], x);  // zero-filled past `valid`
+        CacheType<CT>::unpack(v_tile[row * VPR + col(j)], x);  // zero-filled past `valid`
 #pragma unroll
         for (int g = 0; g < GT; ++g) {
           const float p = s_p[g * TT + row];
@@ -449,9 +560,9 @@ struct TileAttention {
 };
 
 // Shared memory of kernels 2 and 3 in bytes (mirrored by pagedkv.kernels.v2_smem_bytes / v3_smem_bytes).
-template <int DT, int HEAD_DIM, int GT>
+template <int DT, int HEAD_DIM, int GT, int CT = DT>
 struct TileSmem {
-  typedef TileShape<DT, HEAD_DIM> S;
+  typedef TileShape<CT, HEAD_DIM> S;
   static const int PIPE = 2 * PAGEDKV_V2_STAGES * S::TILE_VECS * 16;   // K and V stages
   // cross-row-group reduction; at least THREADS float4 (kernel 3's merge reuses it)
   static const int RED = S::RG * GT * HEAD_DIM * 4 > PAGEDKV_V2_THREADS * 16 ? S::RG * GT * HEAD_DIM * 4
@@ -472,22 +583,24 @@ struct TileSmem {
 //                kv_head * group_size + q_tile * GT ... (+ GT - 1, clipped to the group)
 //   partition_tokens  tokens per partition, a multiple of the tile
 //   scale_log2   softmax scale * log2(e): scores are kept in log2 units so exp2 does the softmax
+//   k_scale, v_scale  the cache's dequantization scales (fp8: x = float(byte) * scale; 1 otherwise);
+//                the partials (part_out) are in units of v_scale / CacheType::unit(), the output is not
 // grid: (num_partitions, num_kv_heads * q_tiles, batch), block: PAGEDKV_V2_THREADS,
 // dynamic shared memory: max(PIPE, RED) + SMALL (TileSmem)
 // ================================================================================================
-template <int DT, int HEAD_DIM, int GT>
+template <int DT, int HEAD_DIM, int GT, int CT = DT>
 __global__ void __launch_bounds__(PAGEDKV_V2_THREADS, PAGEDKV_V2_MIN_BLOCKS(HEAD_DIM, GT))
 paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restrict__ part_out,
                           float* __restrict__ part_max, float* __restrict__ part_sum,
                           const typename KV<DT>::T* __restrict__ q,
-                          const typename KV<DT>::T* __restrict__ k_cache,
-                          const typename KV<DT>::T* __restrict__ v_cache,
+                          const typename CacheType<CT>::T* __restrict__ k_cache,
+                          const typename CacheType<CT>::T* __restrict__ v_cache,
                           const int* __restrict__ block_tables, const int* __restrict__ context_lens,
                           int num_qo_heads, int num_kv_heads, int group_size, int log2_block_size,
-                          int max_blocks, int partition_tokens, float scale_log2) {
+                          int max_blocks, int partition_tokens, float scale_log2, float k_scale, float v_scale) {
   typedef KV<DT> kv;
-  typedef TileAttention<DT, HEAD_DIM, GT> A;
-  typedef TileSmem<DT, HEAD_DIM, GT> M;
+  typedef TileAttention<DT, HEAD_DIM, GT, CT> A;
+  typedef TileSmem<DT, HEAD_DIM, GT, CT> M;
   const int TT = A::TT, TILE_VECS = A::S::TILE_VECS, STAGES = PAGEDKV_V2_STAGES;
 
   // shared memory: [STAGES][TILE_VECS] K, then V (reused for the final cross-row-group reduction),
@@ -516,14 +629,14 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   // load q: this thread's columns for every query head of the tile, pre-scaled into log2 units
   A a;
   a.load_q(reinterpret_cast<const uint4*>(q + ((long long)seq * num_qo_heads + head0) * HEAD_DIM), num_q,
-           scale_log2);
+           scale_log2 * k_scale * CacheType<CT>::unit());
   a.reset();
 
   const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
   const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
   const unsigned s_base = pagedkv::smem_u32(smem), v_delta = STAGES * TILE_VECS * 16;
   auto load_tile = [&](int tile, int stage) {
-    issue_kv_tile<DT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache, block_table,
+    issue_kv_tile<CT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache, block_table,
                                 start + tile * TT, end, block_elems, head_off, log2_block_size);
   };
 
@@ -559,7 +672,7 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     const float sum = A::reduced_row(s_red, g, d);
     const long long head_row = (long long)seq * num_qo_heads + head0 + g;
     if (num_partitions == 1)
-      out[head_row * HEAD_DIM + d] = kv::from_float(sum / s_ml[2 * g + 1]);
+      out[head_row * HEAD_DIM + d] = kv::from_float(sum * (v_scale * CacheType<CT>::unit() / s_ml[2 * g + 1]));
     else
       part_out[(head_row * num_partitions + part) * HEAD_DIM + d] = sum;
   }
@@ -570,6 +683,7 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 //   out                         [batch, num_qo_heads, HEAD_DIM]
 //   part_out, part_max, part_sum: as written by paged_attention_v2_kernel
 //   only the first ceil(context_len / partition_tokens) partitions of a sequence are read
+//   v_scale: kernel 2's (the cache type CT is a template parameter, as for kernel 2)
 // grid: (num_qo_heads, batch), block: PAGEDKV_REDUCE_THREADS, dynamic shared memory: num_partitions floats
 //
 //   out = sum_p w_p * part_out[p] / sum_p w_p * part_sum[p],   w_p = exp2(part_max[p] - max_p part_max[p])
@@ -578,12 +692,12 @@ paged_attention_v2_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
 // loads; the block reads RPB = THREADS / TPR partitions at once (8 for HEAD_DIM 128), so a 64-partition
 // merge waits out a few memory latencies, not 64. The RPB partial sums meet in shared memory at the end.
 // ================================================================================================
-template <int DT, int HEAD_DIM>
+template <int DT, int HEAD_DIM, int CT = DT>
 __global__ void __launch_bounds__(PAGEDKV_REDUCE_THREADS)
 paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const float* __restrict__ part_out,
                                  const float* __restrict__ part_max, const float* __restrict__ part_sum,
                                  const int* __restrict__ context_lens, int num_qo_heads, int num_partitions,
-                                 int partition_tokens) {
+                                 int partition_tokens, float v_scale) {
   constexpr int TPR = HEAD_DIM / 4, RPB = PAGEDKV_REDUCE_THREADS / TPR;
   static_assert(HEAD_DIM % 4 == 0 && RPB >= 1, "a row must split into float4s");
   extern __shared__ float s_w[];  // [num_partitions] weights w_p
@@ -605,7 +719,8 @@ paged_attention_v2_reduce_kernel(typename KV<DT>::T* __restrict__ out, const flo
     s_w[p] = w;
     l += w * ps[p];
   }
-  const float inv_l = 1.f / pagedkv::block_reduce<false>(l, s_red);  // its barriers also publish s_w
+  // (its barriers also publish s_w); v_scale: the partials are in units of v_scale / unit (kernel 2)
+  const float inv_l = v_scale * CacheType<CT>::unit() / pagedkv::block_reduce<false>(l, s_red);
 
   // weighted sum of the partial outputs: thread (r, c) adds columns 4c..4c+3 of partitions r, r + RPB, ...
   const int r = tid / TPR, c = tid % TPR;
@@ -696,6 +811,22 @@ __device__ __forceinline__ int block_exclusive_scan(int x, int* s_scan, int& tot
   return before;
 }
 
+// Block-wide max and min of one int per thread (redux.sync, sm_80+), after block_exclusive_scan (it reuses
+// s_scan[NW .. 3 NW)). Every thread gets both.
+__device__ __forceinline__ void block_max_min(int mx, int mn, int* s_scan, int& out_max, int& out_min) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+  asm("redux.sync.max.s32 %0, %0, 0xffffffff;" : "+r"(mx));
+  asm("redux.sync.min.s32 %0, %0, 0xffffffff;" : "+r"(mn));
+  if (lane == 0) { s_scan[num_warps + warp] = mx; s_scan[2 * num_warps + warp] = mn; }
+  __syncthreads();
+  out_max = s_scan[num_warps];
+  out_min = s_scan[2 * num_warps];
+  for (int w = 1; w < num_warps; ++w) {
+    out_max = max(out_max, s_scan[num_warps + w]);
+    out_min = min(out_min, s_scan[2 * num_warps + w]);
+  }
+}
+
 // (m, l) <- the log-sum-exp combination of (m, l) and (m2, l2): both sums rescaled to the larger max
 // (an empty (-inf, 0) side contributes nothing)
 __device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l2) {
@@ -704,19 +835,20 @@ __device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l
   m = mx;
 }
 
-// Merge the `pieces` partials of one split sequence (first piece in block b_first) into out, by the
-// whole thread block. Piece p's slot: 2 * (b_first + p) + (p == 0). Partials are read past L1.
+// Merge the `pieces` partials of one split sequence into out, by the whole thread block. Piece p's slot:
+// slot0 + p * slot_step + (p == 0 ? first_extra : 0) (the walk: 2 * (b_first + p) + (p == 0); the partition
+// plan: item index). Partials are read past L1; out = sum / total * out_factor (the v scale).
 //   s_p    shared scratch: [GT][2] (max, 1 / sum) per head at s_p[0 ..], a dump slot per thread at
 //          s_p[dump_at + tid] (dump_at >= 2 * GT);  s_acc: THREADS float4 of shared scratch
 template <int DT, int HEAD_DIM, int GT>
 __device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ out, const float* part_out,
-                                             const float* part_ml, int b_first, int pieces, int seq,
-                                             int head0, int num_q, int num_qo_heads, float* s_p, int dump_at,
-                                             float4* s_acc) {
+                                             const float* part_ml, long long slot0, int slot_step, int first_extra,
+                                             int pieces, int seq, int head0, int num_q, int num_qo_heads,
+                                             float out_factor, float* s_p, int dump_at, float4* s_acc) {
   float* s_mw = s_p;
   constexpr int NW = PAGEDKV_V2_THREADS / 32, GW = (GT + NW - 1) / NW, TPR = HEAD_DIM / 4;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  auto slot = [&](int p) { return 2LL * (b_first + p) + (p == 0 ? 1 : 0); };
+  auto slot = [&](int p) { return slot0 + (long long)p * slot_step + (p == 0 ? first_extra : 0); };
   // per head: M = max_p m_p and L = sum_p 2^(m_p - M) l_p; warp w owns heads w, w + NW; lanes stride pieces
 #pragma unroll
   for (int i = 0; i < GW; ++i) {
@@ -735,7 +867,7 @@ __device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ ou
       // lane 0 writes (max, 1 / sum) to s_mw = s_p[0 .. 2 GT); the others to their dump slot (branch-free)
       const int dump = dump_at + tid;
       s_p[pagedkv::select(lane == 0, 2 * g, dump)] = m;
-      s_p[pagedkv::select(lane == 0, 2 * g + 1, dump)] = 1.f / l;
+      s_p[pagedkv::select(lane == 0, 2 * g + 1, dump)] = out_factor / l;
     }
   }
   __syncthreads();
@@ -748,13 +880,27 @@ __device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ ou
     if (r < rows && i < items) {
       const int g = i / TPR, c = i - g * TPR;
       const float mx = s_mw[2 * g];
-#pragma unroll 4
-      for (int p = r; p < pieces; p += rows) {
-        const long long sg = slot(p) * GT + g;
-        const float w = exp2f(pagedkv::ld_cg(part_ml + sg * 2) - mx);
-        const float4 x = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sg * HEAD_DIM) + c);
-        acc.x = fmaf(w, x.x, acc.x); acc.y = fmaf(w, x.y, acc.y);
-        acc.z = fmaf(w, x.z, acc.z); acc.w = fmaf(w, x.w, acc.w);
+      // NOTE: MERGE_BATCH pieces' loads in flight at once (a piece past the end reads piece r again with
+      // weight 0): a 64-piece merge waits out 8 L2 latencies, not 16 (1 x 32768 merges 63-66 pieces). 16
+      // (measured in device call 2) spilled 4-44 bytes at the 128-register cap (sm_80 and sm_90, head dim
+      // 80 and GT 1-4 among others)
+      constexpr int MERGE_BATCH = 8;
+      for (int p0 = r; p0 < pieces; p0 += MERGE_BATCH * rows) {
+        float w[MERGE_BATCH];
+        float4 x[MERGE_BATCH];
+#pragma unroll
+        for (int k = 0; k < MERGE_BATCH; ++k) {
+          const int p = p0 + k * rows;
+          const long long sg = slot(p < pieces ? p : r) * GT + g;
+          w[k] = pagedkv::ld_cg(part_ml + sg * 2);
+          x[k] = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sg * HEAD_DIM) + c);
+        }
+#pragma unroll
+        for (int k = 0; k < MERGE_BATCH; ++k) {
+          w[k] = pagedkv::select(p0 + k * rows < pieces, exp2f(w[k] - mx), 0.f);
+          acc.x = fmaf(w[k], x[k].x, acc.x); acc.y = fmaf(w[k], x[k].y, acc.y);
+          acc.z = fmaf(w[k], x[k].z, acc.z); acc.w = fmaf(w[k], x[k].w, acc.w);
+        }
       }
     }
     if (rows > 1) {  // uniform
@@ -779,21 +925,23 @@ __device__ __forceinline__ void merge_pieces(typename KV<DT>::T* __restrict__ ou
   }
 }
 
-template <int DT, int HEAD_DIM, int GT>
+template <int DT, int HEAD_DIM, int GT, int CT = DT>
 __global__ void __launch_bounds__(PAGEDKV_V2_THREADS, PAGEDKV_V3_MIN_BLOCKS(DT, HEAD_DIM, GT))
 paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restrict__ part_out,
                           float* __restrict__ part_ml, int* __restrict__ counters,
                           const typename KV<DT>::T* __restrict__ q,
-                          const typename KV<DT>::T* __restrict__ k_cache,
-                          const typename KV<DT>::T* __restrict__ v_cache,
+                          const typename CacheType<CT>::T* __restrict__ k_cache,
+                          const typename CacheType<CT>::T* __restrict__ v_cache,
                           const int* __restrict__ block_tables, const int* __restrict__ context_lens,
                           int batch, int num_qo_heads, int num_kv_heads, int group_size, int log2_block_size,
-                          int max_blocks, int min_tiles, float scale_log2) {
+                          int max_blocks, int min_tiles, float scale_log2, float k_scale, float v_scale, int mode,
+                          int max_parts) {
   typedef KV<DT> kv;
-  typedef TileAttention<DT, HEAD_DIM, GT> A;
-  typedef TileSmem<DT, HEAD_DIM, GT> M;
+  typedef TileAttention<DT, HEAD_DIM, GT, CT> A;
+  typedef TileSmem<DT, HEAD_DIM, GT, CT> M;
   const int TT = A::TT, VPR = A::VPR, VEC = A::VEC, TILE_VECS = A::S::TILE_VECS, STAGES = PAGEDKV_V2_STAGES;
   const int QV = GT * VPR;  // q vectors of one piece
+  const float q_scale = scale_log2 * k_scale * CacheType<CT>::unit(), v_factor = v_scale * CacheType<CT>::unit();
 
   // shared memory: K stages, V stages, q stages [STAGES][GT][VPR], s_red [RG][GT][HEAD_DIM], s_p [GT][TT]
   // + one dump slot per thread, s_alpha [GT], s_ml [GT][2], tile descriptors [2 * STAGES][PAGEDKV_META] int
@@ -804,25 +952,154 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
   float* s_alpha = s_p + GT * TT + PAGEDKV_V2_THREADS;
   float* s_ml = s_alpha + GT;
   int* s_meta = reinterpret_cast<int*>(s_ml + 2 * GT);
-  __shared__ int s_scan[PAGEDKV_V2_THREADS / 32];
+  __shared__ int s_scan[4 * PAGEDKV_V2_THREADS / 32];
   __shared__ int s_start[2];
   // thread 0's walk: seq, head group, the item's first unit (relative to this block's first), the seq's
   // length and tiles, the head group's first query head, query heads, KV head
   __shared__ int s_walk[8];
   __shared__ int s_per_block;
   __shared__ int s_last;     // this block finished a split sequence's last piece: it merges
+  __shared__ int s_item[2];  // partition plan: the next item, double-buffered
 
   const int tid = threadIdx.x;
   const int q_tiles = (group_size + GT - 1) / GT, num_hg = num_kv_heads * q_tiles;
   auto tiles_of = [&](int len) { return len > 0 ? (len + TT - 1) / TT : 0; };
 
-  // plan: tiles of every sequence (thread t sums a contiguous chunk), scanned across the block
+  // plan: tiles of every sequence (thread t sums a contiguous chunk), scanned across the block; the
+  // longest and shortest lengths
   const int chunk = (batch + PAGEDKV_V2_THREADS - 1) / PAGEDKV_V2_THREADS;
   const int lo = min(tid * chunk, batch), hi = min(lo + chunk, batch);
-  int local = 0;
-  for (int i = lo; i < hi; ++i) local += tiles_of(context_lens[i]);
-  int total;
+  int local = 0, local_max = 0, local_min = 0x7fffffff;
+  for (int i = lo; i < hi; ++i) {
+    const int len = context_lens[i];
+    local += tiles_of(len);
+    local_max = max(local_max, len);
+    local_min = min(local_min, len);
+  }
+  int total, max_len, min_len;
   const int before = block_exclusive_scan(local, s_scan, total);
+  block_max_min(local_max, local_min, s_scan, max_len, min_len);
+  if (total == 0) return;  // nothing to attend (uniform)
+
+  // The dispatcher (mode 0), the same decision in every block: the partition plan (kernel 2's, below) when
+  // the lengths are nearly equal or its pieces are small against a block's share, else the balanced walk.
+  // Partitions: the fewest (thread t tries t + 1) whose items fill >= 95 % of their last wave over the grid,
+  // else the fullest; whole tiles, at least PAGEDKV_MIN_PART_TOKENS, at most max_parts
+  // (pagedkv.decode_plan.dispatch mirrors this).
+  const int grid = gridDim.x;
+  int use_mode = mode, parts = 1, part_tokens = 0;
+  if (mode != 3) {  // uniform
+    const int items0 = num_hg * batch;
+    const int pmax = max(1, min(min(max_parts, PAGEDKV_V2_THREADS), max_len / PAGEDKV_MIN_PART_TOKENS));
+    int key = -1;
+    if (tid < pmax) {
+      const int pt = ((max_len + tid) / (tid + 1) + TT - 1) / TT * TT;
+      const int np = (max_len + pt - 1) / pt;
+      const long long items = (long long)items0 * np, waves = (items + grid - 1) / grid;
+      key = 20 * items >= 19 * grid * waves ? (1 << 30) + (1023 - np)
+                                             : (int)(items * 65536 / (grid * waves)) * 1024 + (1023 - np);
+    }
+    asm("redux.sync.max.s32 %0, %0, 0xffffffff;" : "+r"(key));
+    const int lane = tid & 31, warp = tid >> 5, num_warps = PAGEDKV_V2_THREADS / 32;
+    if (lane == 0) s_scan[3 * num_warps + warp] = key;
+    __syncthreads();
+    for (int w = 0; w < num_warps; ++w) key = max(key, s_scan[3 * num_warps + w]);
+    parts = 1023 - (key & 1023);
+    part_tokens = ((max_len + parts - 1) / parts + TT - 1) / TT * TT;
+    const long long work = (long long)num_hg * total;  // tiles
+    const bool near_uniform = (long long)(max_len - min_len) * 8 <= max_len;
+    if (mode == 0) use_mode = near_uniform || 5LL * tiles_of(min(max_len, part_tokens)) * grid <= work ? 2 : 3;
+  }
+  if (blockIdx.x == 0 && tid == 0) counters[2] = use_mode | (parts << 8);  // the choice, for tests and benchmarks
+
+  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
+  const unsigned s_base = pagedkv::smem_u32(smem), v_delta = STAGES * TILE_VECS * 16;
+
+  if (use_mode == 2) {
+    // Partition plan: kernel 2's tile loop over items (sequence, head group, partition) of part_tokens
+    // tokens, handed out by an atomic queue (counters[0]) as thread blocks free up; a sequence cut into
+    // several partitions leaves partials in slots item (of [batch * num_hg * parts]) and the partition that
+    // finishes last merges them (counters[4 + seq * num_hg + hg]). The last block out resets the queue.
+    // NOTE: a block whose first item (its index) is past the end takes nothing from the queue but still
+    // counts itself out, so the reset waits for every block.
+    const int items = num_hg * batch * parts;
+    int* seq_counters = counters + 4;
+    int item = blockIdx.x;  // every block's first item is its own index; the queue hands out grid, grid + 1, ...
+    for (int it = 1; item < items; ++it) {
+      int next = 0;
+      if (tid == 0) next = grid + atomicAdd(counters, 1);  // used after this item: its latency hides behind it
+      const int part = item % parts, rest = item / parts, hg = rest % num_hg, seq = rest / num_hg;
+      const int len = context_lens[seq], start = part * part_tokens;
+      if (start < len) {  // uniform
+        const int kv_head = hg / q_tiles, q_tile = hg - kv_head * q_tiles;
+        const int head0 = kv_head * group_size + q_tile * GT, num_q = min(GT, group_size - q_tile * GT);
+        const int end = min(len, start + part_tokens), num_tiles = (end - start + TT - 1) / TT;
+        const int n_parts = (len + part_tokens - 1) / part_tokens;
+        const int* block_table = block_tables + (long long)seq * max_blocks;
+        const long long head_off = ((long long)kv_head << log2_block_size) * HEAD_DIM;
+        A a;
+        a.load_q(reinterpret_cast<const uint4*>(q + ((long long)seq * num_qo_heads + head0) * HEAD_DIM), num_q,
+                 q_scale);
+        a.reset();
+        auto load_tile = [&](int tile, int stage) {
+          issue_kv_tile<CT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache, block_table,
+                                      start + tile * TT, end, block_elems, head_off, log2_block_size);
+        };
+#pragma unroll
+        for (int st = 0; st < STAGES - 1; ++st) {
+          if (st < num_tiles) load_tile(st, st);
+          pagedkv::cp_async_commit();
+        }
+        for (int tile = 0; tile < num_tiles; ++tile) {
+          pagedkv::cp_async_wait<STAGES - 2>();
+          __syncthreads();
+          if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
+          pagedkv::cp_async_commit();
+          const int stage = tile % STAGES, t0 = start + tile * TT;
+          a.step(smem + stage * TILE_VECS, smem + STAGES * TILE_VECS + stage * TILE_VECS, s_p, s_alpha, end - t0);
+        }
+        pagedkv::cp_async_wait<0>();
+        // s_red and s_ml were last read before the previous item's last barrier
+        a.stage(s_red, s_ml);
+        a.clear();
+        __syncthreads();
+        const long long slot = item;
+        for (int i = tid; i < num_q * HEAD_DIM; i += PAGEDKV_V2_THREADS) {
+          const int g = i / HEAD_DIM, d = i - g * HEAD_DIM;
+          const float sum = A::reduced_row(s_red, g, d);
+          if (n_parts == 1)
+            out[((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + d] = kv::from_float(sum * (v_factor / s_ml[2 * g + 1]));
+          else
+            part_out[(slot * GT + g) * HEAD_DIM + d] = sum;
+        }
+        if (n_parts > 1) {  // uniform
+          if (tid < 2 * num_q) part_ml[slot * GT * 2 + tid] = s_ml[tid];
+          __threadfence();
+          __syncthreads();
+          if (tid == 0) s_last = atomicAdd(seq_counters + rest, 1) == n_parts - 1;
+          __syncthreads();
+          if (s_last) {
+            __threadfence();
+            merge_pieces<DT, HEAD_DIM, GT>(out, part_out, part_ml, (long long)rest * parts, 1, 0, n_parts, seq, head0,
+                                           num_q, num_qo_heads, v_factor, s_p, GT * TT,
+                                           reinterpret_cast<float4*>(s_red));
+            if (tid == 0) seq_counters[rest] = 0;
+          }
+        }
+      }
+      if (tid == 0) s_item[it & 1] = next;
+      __syncthreads();
+      item = s_item[it & 1];
+    }
+    if (tid == 0) {  // the last block out resets the queue for the next launch (a graph replays)
+      __threadfence();
+      if (atomicAdd(counters + 1, 1) == grid - 1) { counters[0] = 0; counters[1] = 0; }
+    }
+    return;
+  }
+
+  // The balanced walk (kernel 3's own plan; picture in the file header)
+  counters += 4;  // split counters
   // NOTE: unit counts are 64-bit only here; a block's own units and offsets fit 32 bits
   const long long units = (long long)num_hg * total;
   const int per_block = (int)max((units + gridDim.x - 1) / gridDim.x, (long long)max(min_tiles, 1));
@@ -885,13 +1162,11 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     }
   };
 
-  const long long block_elems = ((long long)num_kv_heads << log2_block_size) * HEAD_DIM;
-  const unsigned s_base = pagedkv::smem_u32(smem), v_delta = STAGES * TILE_VECS * 16;
   const unsigned s_qbase = pagedkv::smem_u32(s_q);
   auto issue = [&](int u) {  // every thread: the copies of unit u (K, V, and q if a piece starts)
     const int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
     const int seq = meta[PAGEDKV_M_SEQ], t0 = meta[PAGEDKV_M_T0], stage = u % STAGES;
-    issue_kv_tile<DT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache,
+    issue_kv_tile<CT, HEAD_DIM>(s_base + stage * TILE_VECS * 16, v_delta, k_cache, v_cache,
                                 block_tables + (long long)seq * max_blocks, t0, meta[PAGEDKV_M_LEN], block_elems,
                                 ((long long)meta[PAGEDKV_M_KV_HEAD] << log2_block_size) * HEAD_DIM, log2_block_size);
     if (meta[PAGEDKV_M_FLAGS] & PAGEDKV_TILE_FIRST) {  // the piece's q rows ride with its first tile (rows past num_q: 0)
@@ -926,7 +1201,7 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     const int* meta = s_meta + (u % (2 * STAGES)) * PAGEDKV_META;
     const int flags = meta[PAGEDKV_M_FLAGS];  // the same for every thread: the branches below never diverge
     if (flags & PAGEDKV_TILE_FIRST) {  // load q, clear the accumulator
-      a.load_q(s_q + stage * QV, GT, scale_log2);
+      a.load_q(s_q + stage * QV, GT, q_scale);
       a.reset();
       seq_start = flags & PAGEDKV_TILE_SEQ_START;
     }
@@ -953,7 +1228,7 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
       const int g = i / HEAD_DIM, d = i - g * HEAD_DIM;
       const float sum = A::reduced_row(s_red, g, d);
       if (pieces == 1)
-        out[((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + d] = kv::from_float(sum / s_ml[2 * g + 1]);
+        out[((long long)seq * num_qo_heads + head0 + g) * HEAD_DIM + d] = kv::from_float(sum * (v_factor / s_ml[2 * g + 1]));
       else
         part_out[(slot * GT + g) * HEAD_DIM + d] = sum;
     }
@@ -965,8 +1240,8 @@ paged_attention_v3_kernel(typename KV<DT>::T* __restrict__ out, float* __restric
     __syncthreads();
     if (s_last) {  // uniform: every other piece is written
       __threadfence();
-      merge_pieces<DT, HEAD_DIM, GT>(out, part_out, part_ml, split_block, pieces, seq, head0, num_q, num_qo_heads,
-                                     s_p, GT * TT, reinterpret_cast<float4*>(s_red));
+      merge_pieces<DT, HEAD_DIM, GT>(out, part_out, part_ml, 2LL * split_block, 2, 1, pieces, seq, head0, num_q,
+                                     num_qo_heads, v_factor, s_p, GT * TT, reinterpret_cast<float4*>(s_red));
       if (tid == 0) counters[split_block] = 0;  // ready for the next launch
     }
   }

@@ -19,7 +19,7 @@ if importlib.util.find_spec("experiments") is None:  # plain `pytest` (not `pyth
 
 from experiments import BENCHMARKS, cli, engine_bench, memory_share, plots, profile_engine, throughput  # noqa: E402
 
-MODULES = sorted(BENCHMARKS.values())
+MODULES = sorted(module for module, _ in BENCHMARKS.values())
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -238,3 +238,19 @@ def test_plots_default_out_is_the_input_name_in_the_current_folder(tmp_path, mon
 def test_bare_plots_without_results_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     refused(plots.main, [], capsys, "nothing to draw", "--output-json")
+
+
+def test_bench_subcommands_dispatch_to_the_experiments(monkeypatch, capsys):
+    """``pagedkv bench NAME`` (here over the checkout's experiments package) runs NAME's module as that name."""
+    import pagedkv.cli_main as cli_main
+
+    monkeypatch.setattr(cli_main, "EXPERIMENTS", "experiments")
+    monkeypatch.setattr(cli_main, "COMMANDS", {**cli_main.COMMANDS, **cli_main._bench_rows()})
+    monkeypatch.delenv(cli.PROG_ENV, raising=False)
+    assert {f"bench {n}" for n in BENCHMARKS} <= set(cli_main.COMMANDS)
+    with pytest.raises(SystemExit) as info:
+        cli_main.main(["bench", "throughput", "--help"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("usage: pagedkv bench throughput")
+    assert cli_main.main(["bench", "--help"]) == 0 and "bench prefix" in capsys.readouterr().out
+    assert cli_main.main(["bench", "nosuch"]) == 2
+    monkeypatch.delenv(cli.PROG_ENV, raising=False)

@@ -34,9 +34,11 @@ RTOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2}
 HEADS = ((8, 8), (32, 8), (32, 4), (16, 1))
 ORIGINAL_HEAD_DIMS = (64, 128, 256)  # the full (block size x heads) cross; the others get one case of each
 NAN_BITS = {2: 0x7E00, 4: 0x7FC00000}  # a quiet NaN for 16-bit (f16; bf16 reads it as NaN too) and f32
-# (keyword arguments, versions) run on every grid case: defaults, forced split-K, forced balanced splits
-VARIANTS = (({}, (1, 2, 3)), ({"num_partitions": 1}, (2,)), ({"num_partitions": 3}, (2,)),
-            ({"num_ctas": 7, "min_tiles": 1}, (3,)), ({"num_ctas": 1}, (3,)))
+# (keyword arguments, versions) run on every grid case: defaults (None: the dispatcher), forced split-K,
+# forced balanced splits, the dispatcher's partition plan forced (small grids: partitions and merges)
+VARIANTS = (({}, (1, 2, 3, None)), ({"num_partitions": 1}, (2,)), ({"num_partitions": 3}, (2,)),
+            ({"num_ctas": 7, "min_tiles": 1}, (3,)), ({"num_ctas": 1}, (3,)), ({"mode": 2}, (None,)),
+            ({"mode": 2, "num_ctas": 7}, (None,)), ({"mode": 2, "num_ctas": 1}, (None,)), ({"group_tile": 4}, (None,)))
 
 
 def _group(name: str) -> list:
@@ -152,6 +154,97 @@ def test_balanced_plan_emulated(data):
     units = num_kv_heads * -(-group // gt) * sum(-(-int(n) // tile_tokens) for n in cl)
     assert sum(p.num_tiles for p in plan.pieces) == units
     assert all(p.num_tiles <= plan.per_block for p in plan.pieces)
+
+
+def emulate_partition_plan(q, k, v, block_tables, context_lens, tile_tokens, gt, grid, max_parts, order):
+    """The default's partition plan (kernel 3's mode 2) in float64, as the CUDA code runs it: items
+    (seq, head group, part) taken from the queue in ``order`` (any order), partials in slot ``item``, the
+    partition that finishes last merging. Returns (out, counters after)."""
+    batch, num_qo_heads, head_dim = q.shape
+    num_kv_heads, block_size = k.shape[1], k.shape[2]
+    group = num_qo_heads // num_kv_heads
+    q_tiles = -(-group // gt)
+    num_hg = num_kv_heads * q_tiles
+    _, parts, pt = decode_plan.dispatch(context_lens, num_hg, tile_tokens, grid, max_parts, mode=2)
+    assert 1 <= parts <= max_parts and pt % tile_tokens == 0
+    out = np.full(q.shape, np.nan)
+    part_out = np.full((batch * num_hg * parts, gt, head_dim), np.nan)
+    part_ml = np.full((batch * num_hg * parts, gt, 2), np.nan)
+    counters = np.zeros(batch * num_hg, dtype=int)
+    scale = head_dim**-0.5 * math.log2(math.e)
+    items = batch * num_hg * parts
+    for item in (order(items) if order else range(items)):
+        part, rest = item % parts, item // parts
+        hg, seq = rest % num_hg, rest // num_hg
+        length, start = int(context_lens[seq]), part * pt
+        if start >= length:
+            continue
+        kv_head, q_tile = divmod(hg, q_tiles)
+        head0, num_q = kv_head * group + q_tile * gt, min(gt, group - q_tile * gt)
+        n_parts = -(-length // pt)
+        t = np.arange(start, min(length, start + pt))
+        kk, vv = k[block_tables[seq, t // block_size], kv_head, t % block_size], \
+            v[block_tables[seq, t // block_size], kv_head, t % block_size]
+        for g in range(num_q):
+            sc = kk @ q[seq, head0 + g] * scale
+            m = sc.max()
+            p = np.exp2(sc - m)
+            if n_parts == 1:
+                out[seq, head0 + g] = p @ vv / p.sum()
+            else:
+                part_out[item, g], part_ml[item, g] = p @ vv, (m, p.sum())
+        if n_parts == 1:
+            continue
+        counters[rest] += 1
+        if counters[rest] == n_parts:
+            slots = [rest * parts + i for i in range(n_parts)]
+            for g in range(num_q):
+                m = max(part_ml[s, g, 0] for s in slots)
+                w = [np.exp2(part_ml[s, g, 0] - m) for s in slots]
+                out[seq, head0 + g] = sum(wi * part_out[s, g] for wi, s in zip(w, slots)) / sum(
+                    wi * part_ml[s, g, 1] for wi, s in zip(w, slots))
+            counters[rest] = 0
+    return out, counters
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_partition_plan_emulated(data):
+    """The dispatcher's partition plan (partitions from the longest length, queue order arbitrary, the last
+    partition merging) computes attention exactly; the merge counters end at zero."""
+    lens = data.draw(st.lists(st.one_of(st.integers(1, 40), st.integers(200, 1500)), min_size=1, max_size=6))
+    bs = data.draw(st.sampled_from((4, 8, 16)))
+    num_kv_heads, group = data.draw(st.sampled_from(((1, 1), (2, 3), (1, 8), (2, 2), (1, 7))))
+    gt = decode_plan.group_tile(group)
+    tile_tokens = data.draw(st.sampled_from((16, 32)))
+    grid = data.draw(st.integers(1, 40))
+    max_parts = data.draw(st.integers(1, 8))
+    perm = data.draw(st.randoms(use_true_random=False))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    q, k, v, bt, cl = make_problem(rng, F32, 16, bs, num_kv_heads * group, num_kv_heads, lens)
+    order = lambda n: perm.sample(range(n), n)  # noqa: E731
+    got, counters = emulate_partition_plan(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), bt, cl,
+                                           tile_tokens, gt, grid, max_parts, order)
+    np.testing.assert_allclose(got, paged_decode_attention(q, k, v, bt, cl), rtol=1e-9, atol=1e-12)
+    assert not counters.any()
+
+
+def test_dispatch_choices():
+    """The dispatcher's rule on the benchmark's shapes (H100-like grid of 528 blocks, tile 16, 8 head groups):
+    uniform batches take the partition plan with wave-filling partitions, ragged ones the walk."""
+    grid, tt, hg = 528, 16, 8
+    mp = lambda batch, cap: decode_plan.partition_max_parts(batch * hg, grid, cap)  # noqa: E731
+    assert decode_plan.dispatch([32768], hg, tt, grid, mp(1, 32768)) == (2, 63, 528)  # kernel 2 took 63 too
+    assert decode_plan.dispatch([8192] * 32, hg, tt, grid, mp(32, 8192)) == (2, 2, 4096)
+    assert decode_plan.dispatch([512] * 256, hg, tt, grid, mp(256, 512)) == (2, 1, 512)
+    rng = np.random.default_rng(0)
+    for lens in (rng.integers(17, 701, 200), rng.integers(1000, 32001, 32), rng.integers(64, 4097, 128),
+                 [32768] + rng.integers(16, 513, 127).tolist()):
+        assert decode_plan.dispatch(lens, hg, tt, grid, mp(len(lens), int(max(lens))))[0] == 3
+    # 32/32 heads (GT 1: 32 head groups), U[256, 8192]: small pieces against a block's share -> partitions
+    lens = rng.integers(256, 8193, 64)
+    assert decode_plan.dispatch(lens, 32, tt, 660, decode_plan.partition_max_parts(64 * 32, 660, 8192))[0] == 2
+    assert decode_plan.dispatch([5, 700], hg, tt, grid, 2, mode=3)[0] == 3
 
 
 def test_balanced_plan_picture():
@@ -314,14 +407,15 @@ def test_attention_ragged_balanced(dtype, head_dim, block_size, heads):
     """Ragged batches through kernel 3's plan: the default grid and small forced grids (splits, merges)."""
     rng = np.random.default_rng(head_dim * 1000 + block_size)
     tile = decode_plan.tile_shape(compile.dt_code(dtype), head_dim)["tile_tokens"]
-    variants = (({}, (2, 3)), ({"num_ctas": 3, "min_tiles": 1}, (3,)), ({"num_ctas": 64, "min_tiles": 1}, (3,)),
-                ({"num_ctas": 1000, "min_tiles": 1}, (3,)), ({"min_tiles": 40}, (3,)))
+    variants = (({}, (2, 3, None)), ({"num_ctas": 3, "min_tiles": 1}, (3,)), ({"num_ctas": 64, "min_tiles": 1}, (3,)),
+                ({"num_ctas": 1000, "min_tiles": 1}, (3,)), ({"min_tiles": 40}, (3,)), ({"mode": 2}, (None,)),
+                ({"mode": 2, "num_ctas": 5}, (None,)))
     check_attention(rng, dtype, head_dim, block_size, heads, _ragged_lens(rng, block_size, tile), variants)
     check_attention(rng, dtype, head_dim, block_size, heads, [1] * 37, variants)  # all length 1
 
 
 @gpu
-@pytest.mark.parametrize("version", [pytest.param(v, marks=_group(f"{F16}-128")) for v in (2, 3)])
+@pytest.mark.parametrize("version", [pytest.param(v, marks=_group(f"{F16}-128")) for v in (2, 3, None)])
 def test_attention_cuda_graph_replay(version):
     """Capture ops.paged_attention(..., check=False) once, replay it with new context_lens, block tables,
     q and cache contents (written in place): every replay matches the reference of its own inputs."""
@@ -332,6 +426,7 @@ def test_attention_cuda_graph_replay(version):
     q, k, v, bt, cl = make_problem(rng, F16, hd, bs, *heads, [4000, 3000, 2500, 1, 700, 64] + [300] * 10)
     dq, dk, dv, dbt, dcl = to_dev(q), to_dev(k), to_dev(v), to_dev(bt), to_dev(cl)
     out = poisoned_like(q.shape, F16)
+    cupy.cuda.Device().synchronize()  # NOTE: the uploads ran on the default stream; the launches do not
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     with cupy.cuda.using_allocator(pool.malloc), stream:
         ops.paged_attention(dq, dk, dv, dbt, dcl, version=version, out=out, check=False)  # warm the pool
@@ -351,7 +446,8 @@ def test_attention_cuda_graph_replay(version):
         k2, v2 = k2.astype(np.float16), v2.astype(np.float16)
         for dev, host in ((dq, q2), (dk, k2), (dv, v2), (dbt, new_bt), (dcl, new_lens)):
             dev.set(host, stream=stream)
-        out.view(np.uint16).fill(NAN_BITS[2])
+        with stream:
+            out.view(np.uint16).fill(NAN_BITS[2])
         graph.launch(stream)
         stream.synchronize()
         got = to_host_f64(out, F16)
@@ -435,6 +531,56 @@ def test_pool_over_2_pow_31_elements(_):
     assert cupy.array_equal(kc[last, :, 3], new_k[0])
     ops.copy_blocks(kc[None], vc[None], cupy.asarray([last]), cupy.asarray([num_blocks - 1000]))
     assert cupy.array_equal(kc[num_blocks - 1000], kc[last]) and cupy.array_equal(vc[num_blocks - 1000], vc[last])
+
+
+@gpu
+@pytest.mark.parametrize("heads", [pytest.param(h, marks=_group(f"{F16}-128")) for h in ((32, 8), (28, 4))], ids=str)
+def test_dispatcher_graph_replay_chooses_per_launch(heads):
+    """The default (version None) captured once in a CUDA graph, replayed with uniform, then ragged, then
+    uniform lengths: every replay chooses on the device as the host mirror does (decode_plan.dispatch: the
+    partition plan for the uniform batches, the walk for the ragged one) and matches the reference."""
+    import cupy
+
+    rng = np.random.default_rng(16)
+    bs, hd, batch, capacity = 16, 128, 24, 2048
+    q, k, v, bt, cl = make_problem(rng, F16, hd, bs, *heads, [capacity] * batch)
+    dq, dk, dv, dbt, dcl = to_dev(q), to_dev(k), to_dev(v), to_dev(bt), to_dev(cl)
+    out = poisoned_like(q.shape, F16)
+    cupy.cuda.Device().synchronize()  # NOTE: the uploads ran on the default stream; the launches do not
+    pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
+    with cupy.cuda.using_allocator(pool.malloc), stream:
+        ops.paged_attention(dq, dk, dv, dbt, dcl, out=out, check=False)
+        stream.synchronize()
+        stream.begin_capture()
+        ops.paged_attention(dq, dk, dv, dbt, dcl, out=out, check=False)
+        graph = stream.end_capture()
+    plan = decode.v3_launch_plan(q.shape, k.shape, 1, max_blocks=bt.shape[1])
+    ragged = rng.integers(1, capacity + 1, batch)
+    ragged[0] = capacity
+    for new_lens, want in (([capacity] * batch, 2), (ragged.tolist(), 3), ([1000] * batch, 2),
+                           ([1000] * (batch - 1) + [900], 2)):
+        new_lens = np.asarray(new_lens, dtype=np.int32)
+        expect = decode_plan.dispatch(new_lens, plan["q_tiles"] * heads[1], plan["tile_tokens"], plan["ctas"],
+                                      plan["max_parts"])
+        assert expect[0] == want, (new_lens.tolist(), expect)
+        q2 = rng.standard_normal(q.shape).astype(np.float16)
+        k2 = rng.standard_normal(k.shape).astype(np.float32)
+        v2 = rng.standard_normal(v.shape).astype(np.float32)
+        poison_unused(k2, v2, bt, new_lens)
+        k2, v2 = k2.astype(np.float16), v2.astype(np.float16)
+        for dev, host in ((dq, q2), (dk, k2), (dv, v2), (dcl, new_lens)):
+            dev.set(host, stream=stream)
+        with stream:
+            out.view(np.uint16).fill(NAN_BITS[2])
+        graph.launch(stream)
+        stream.synchronize()
+        got = to_host_f64(out, F16)
+        ref = paged_decode_attention(q2, k2, v2, bt, new_lens)
+        assert np.isfinite(got).all(), f"lens {new_lens.tolist()}: unwritten or NaN-contaminated output"
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= RTOL[F16]
+        choice = decode.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1])
+        assert (choice["mode"], choice["parts"]) == expect[:2], (new_lens.tolist(), choice, expect)
+        assert int(plan["counters"][0].get()) == 0 and int(plan["counters"][1].get()) == 0  # the queue reset
 
 
 # ---- GPU: cache ops -------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ HEAD_DIMS = decode.HEAD_DIMS if os.environ.get("PAGEDKV_COMPILE_ALL") == "1" els
 
 
 def _instantiations(dt: int) -> str:
-    names = [n for hd in HEAD_DIMS for n in decode.attention_names(dt, hd)]
+    fp8 = (3, 4) if dt in (1, 2) else ()  # fp8 caches under 16-bit queries
+    names = [n for hd in HEAD_DIMS for ct in (None, *fp8) for n in decode.attention_names(dt, hd, ct)]
     refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
     return f"\nconst void* pagedkv_instantiate[] = {{\n  {refs}\n}};\n"
 
@@ -72,9 +73,10 @@ def test_plain_kernels_compile(tmp_path, arch, filename, kernel_names):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_paged_attention_compiles_without_spills(tmp_path, arch, dt):
     report = ptxas_report(_compile(tmp_path, "paged_attention.cu", arch, _instantiations(dt), f".dt{dt}"))
+    cache_types = 3 if dt in (1, 2) else 1
     for kernel in ("paged_attention_v2_kernel", "paged_attention_v3_kernel"):
         found = {n: r for n, r in report.items() if kernel in n}
-        assert len(found) == len(HEAD_DIMS) * len(decode.GROUP_TILES), kernel
+        assert len(found) == len(HEAD_DIMS) * len(decode.GROUP_TILES) * cache_types, kernel
     assert "check_block_tables_kernel" in report
     spilled = {n: r for n, r in report.items() if r[1] or r[2]}
     assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
@@ -112,12 +114,14 @@ def test_tile_shape_and_smem_mirrors(tmp_path):
 
 def _expected_shuffles(kernel: str, dt: int, head_dim: int, gt: int, butterfly: bool) -> int:
     """xor shuffles in one kernel's code: per tile row the q.k reduction (butterfly: GT - 1 trades, then
-    log2(LPR / GT) sums; else log2(LPR) per head), per softmax head a max and a sum (5 + 5); kernel 3 adds
-    the merge's (max, sum) pair reduction (2 x 5 per head group of warps)."""
+    log2(LPR / GT) sums; else log2(LPR) per head), per softmax head a max and a sum (5 + 5); kernel 3 holds
+    the tile step twice (the balanced walk and the dispatcher's partition plan), each with the merge's
+    (max, sum) pair reduction (2 x 5 per head group of warps)."""
     shape = decode_plan.tile_shape(dt, head_dim)
     lpr, rows, warps_heads = shape["lpr"], shape["tile_tokens"] // shape["row_groups"], -(-gt // 4)
     per_row = (gt - 1) + int(math.log2(lpr // gt)) if butterfly and lpr >= gt else gt * int(math.log2(lpr))
-    return rows * per_row + warps_heads * 10 + (warps_heads * 10 if kernel == "v3" else 0)
+    step = rows * per_row + warps_heads * 10
+    return step if kernel == "v2" else 2 * (step + warps_heads * 10)
 
 
 @pytest.mark.parametrize("butterfly", (1, 0))

@@ -10,6 +10,7 @@ PAGEDKV_SANITIZER_GRID=1 shrinks the grid for compute-sanitizer runs (and skips 
 """
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -221,6 +222,27 @@ def test_default_configs_cover_every_head_dim():
 
 
 
+def test_default_version_dispatch(monkeypatch):
+    """The Hopper kernels where they run (sm_90, float16 / bfloat16: version 5 at head_dim 64, 4 at 128); 2 for
+    the other 16-bit cases, 1 for float32."""
+    sm90 = prefill.sm90
+    monkeypatch.setattr(sm90, "available", lambda device_id: True)
+    assert [prefill.default_version(dt, hd, 0) for dt, hd in ((1, 64), (2, 128), (1, 80), (2, 256), (0, 64))] \
+        == [5, 4, 2, 2, 1]
+    monkeypatch.setattr(sm90, "available", lambda device_id: False)
+    assert [prefill.default_version(dt, 128, 0) for dt in (0, 1, 2)] == [1, 2, 2]
+
+
+def test_sm90_launch_resources_fit_an_h100():
+    sm90 = prefill.sm90
+    for hd in sm90.HEAD_DIMS:
+        assert max(sm90.smem_bytes(v, hd) for v in sm90.VERSIONS) <= 227 * 1024
+    # setmaxnreg: producer + consumers within the 64K registers of the SM, as the kernel's constants say
+    src = compile.cu_source(sm90.FILENAME)
+    regs = {k: int(re.search(rf"#define PAGEDKV_SM90_{k}_REGS (\d+)", src).group(1)) for k in ("PRODUCER", "CONSUMER")}
+    assert 128 * regs["PRODUCER"] + 256 * regs["CONSUMER"] <= 65536 and regs["CONSUMER"] % 8 == 0
+
+
 # ---- CPU: the benchmark's command line -----------------------------------------------------------------
 
 def _bench(*args):
@@ -278,6 +300,24 @@ def test_prefill_kernels_compile_without_spills(tmp_path, arch):
     assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
+def test_sm90_kernel_compiles_without_spills(tmp_path):
+    """Versions 4 and 5 for sm_90a: every instantiation, no spills, no wgmma serialized by ptxas."""
+    names = prefill.sm90.names()
+    refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
+    src = tmp_path / "prefill_sm90.cu"
+    text = compile.cu_source(prefill.sm90.FILENAME)
+    src.write_text(text + f"\nconst void* instantiate[] = {{\n  {refs}\n}};\n")
+    proc = subprocess.run([NVCC, "-gencode=arch=compute_90a,code=sm_90a", "--cubin", "-std=c++17", "-Xptxas", "-v",
+                           "-o", str(src.with_suffix(".cubin")), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = ptxas_report(proc.stderr)
+    assert sum("prefill_attention_v4" in n or "prefill_attention_v5" in n for n in report) == len(names)
+    assert "serialized" not in proc.stderr
+    spilled = {n: r for n, r in report.items() if r[1] or r[2]}
+    assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------
 
 # _exact_allocations (autouse: plain cudaMalloc under compute-sanitizer), _bf16_native and to_dev: test_kernels's
@@ -312,13 +352,26 @@ def run_gpu(dev, dtype, version=None, **kw):
 
 
 def _versions(dtype, head_dim):
-    """Every version that runs this case here: 1 always, 2 (the default) for 16-bit, 3 on sm_90 (64 / 128)."""
+    """Every version that runs this case here: the default (None), 1, and 2, 3 (sm_90), 4, 5 (sm_90) where they
+    run and are not the default."""
     if dtype == F32:
         return (1,)
     import cupy
 
-    v3 = head_dim in prefill.V3_HEAD_DIMS and prefill.v3_available(cupy.cuda.Device().id)
-    return (None, 1, 3) if v3 else (None, 1)
+    dev, dt = cupy.cuda.Device().id, (1 if dtype == F16 else 2)
+    default = prefill.default_version(dt, head_dim, dev)
+    sm90 = prefill.sm90.supports(dt, head_dim, dev)
+    v3 = head_dim in prefill.V3_HEAD_DIMS and prefill.v3_available(dev)
+    runs = {2: True, 3: v3, 4: sm90, 5: sm90}
+    return (None, 1, *(v for v, ok in runs.items() if ok and v != default))
+
+
+def _runs_here(version, dtype=F16, head_dim=128) -> bool:
+    import cupy
+
+    dt = 1 if dtype == F16 else 2
+    return version == prefill.default_version(dt, head_dim, cupy.cuda.Device().id) or \
+        version in _versions(dtype, head_dim)
 
 
 def check_batch(batch, dtype, versions=None, what=""):
@@ -395,10 +448,10 @@ def test_padding_rows_and_sequences():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", (2, 3))
+@pytest.mark.parametrize("version", (2, 3, 4, 5))
 def test_chunked_prefill_equals_one_shot(version):
     """A prompt prefilled in two chunks (the second over the first's cached K/V) gives the one-shot rows."""
-    if version not in {v or 2 for v in _versions(F16, 128)}:
+    if not _runs_here(version):
         pytest.skip(f"version {version} does not run here")
     rng = np.random.default_rng(6)
     q, k, v, bt, qsl, cl = make_batch(rng, F16, 128, 16, (32, 8), [203], [0])
@@ -428,12 +481,12 @@ def test_hypothesis_small_batches(data):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("version", (2, 3))
+@pytest.mark.parametrize("version", (2, 3, 4, 5))
 def test_cuda_graph_capture_and_replay_with_new_values(version):
     """One capture (check=False, shapes fixed), replayed with new lengths, prefixes, tables and data."""
     import cupy
 
-    if version not in {v or 2 for v in _versions(F16, 64)}:
+    if not _runs_here(version, F16, 64):
         pytest.skip(f"version {version} does not run here")
     rng = np.random.default_rng(7)
     num_tokens, num_seqs, max_blocks, bs, heads, hd = 600, 4, 64, 16, (8, 2), 64
@@ -477,6 +530,100 @@ def test_cuda_graph_capture_and_replay_with_new_values(version):
         rows = ops.owned_rows(batch[4], num_tokens)
         assert (got.view(np.uint16)[~rows] == NAN_BITS[2]).all()
         assert_close(got.astype(np.float64), reference.prefill_attention(*batch), rows, F16, f"replay {new}")
+
+
+# ---- GPU: version 4 (Hopper) on its own grid -------------------------------------------------------------
+
+def _sm90_or_skip(dtype=F16, head_dim=128):
+    import cupy
+
+    if not prefill.sm90.supports(1 if dtype == F16 else 2, head_dim, cupy.cuda.Device().id):
+        pytest.skip("versions 4 and 5 need a compute capability 9.0 GPU")
+
+
+def _sm90_grid():
+    heads = HEADS if not SANITIZER else ((28, 4), (16, 1))
+    return [(dt, hd, h) for dt in (F16, BF16) for hd in prefill.sm90.HEAD_DIMS for h in heads]
+
+
+SM90_VERSIONS = prefill.sm90.VERSIONS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,head_dim,heads", _sm90_grid(), ids=str)
+def test_sm90_varlen_cached_prefixes_and_gqa(dtype, head_dim, heads):
+    """Versions 4 and 5: varlen (1 .. 400 new tokens: partial, whole and many 128-row tiles), cached prefixes ending
+    mid-block and longer than the new tokens, shared prefix blocks, a padding sequence, GQA 1/4/7/8/MQA."""
+    _sm90_or_skip(dtype, head_dim)
+    rng = np.random.default_rng(_seed("sm90", str(dtype), head_dim, heads))
+    new = [1, 15, 130, 0, 257, 100 if SANITIZER else 400]
+    cached = [0, 37, 5, 0, 300, 200 if SANITIZER else 600]
+    batch = make_batch(rng, dtype, head_dim, 16, heads, new, cached, share=2, lead_rows=1, pad_rows=3)
+    check_batch(batch, dtype, versions=SM90_VERSIONS, what=f"sm90 {dtype} hd={head_dim} heads={heads}")
+
+
+SM90_VARIANTS = {"not persistent": (5, (("PAGEDKV_SM90_PERSISTENT", 0),)),
+                 "no ping-pong": (5, (("PAGEDKV_SM90_PINGPONG", 0),)), "exp2f": (5, (("PAGEDKV_SM90_FAST_EXP", 0),)),
+                 "3 stages": (5, (("PAGEDKV_SM90_STAGES", 3),)), "v4 fast exp": (4, (("PAGEDKV_SM90_V4_FAST_EXP", 1),))}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", SM90_VARIANTS, ids=str)
+@pytest.mark.parametrize("dtype,head_dim", [(F16, 128), (BF16, 64)], ids=str)
+def test_sm90_variants(variant, dtype, head_dim):
+    """The benchmark's version-4/5 variants (compile-time and launch options) against the reference too."""
+    _sm90_or_skip(dtype, head_dim)
+    rng = np.random.default_rng(_seed("sm90 variant", variant, str(dtype)))
+    batch = make_batch(rng, dtype, head_dim, 16, (28, 4), [1, 130, 0, 300], [0, 5, 0, 333], share=1, pad_rows=2)
+    ref = reference.prefill_attention(*batch)
+    rows = ops.owned_rows(batch[4], len(batch[0]))
+    out = poisoned(batch[0].shape, dtype)
+    version, defines = SM90_VARIANTS[variant]
+    prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, version=version, defines=defines,
+                                      kv_dtype="bfloat16" if dtype == BF16 else None)
+    got = to_host(out, dtype)
+    assert (got.view(np.uint16)[~rows] == NAN_BITS[2]).all()
+    assert_close(got.astype(np.float64), ref, rows, dtype, f"v{version} {variant}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", (1, 4, 32, 64, 256))
+def test_sm90_block_sizes(block_size):
+    """Versions 4 and 5 gather rows of 128-key tiles through the table: blocks smaller and larger than a tile."""
+    _sm90_or_skip()
+    rng = np.random.default_rng(_seed("sm90 bs", block_size))
+    new, cached = [3, 129, 300 if not SANITIZER else 50], [block_size + 1, 0, 2 * block_size + 7]
+    batch = make_batch(rng, F16, 128, block_size, (32, 8), new, cached, share=1, pad_rows=2)
+    check_batch(batch, F16, versions=SM90_VERSIONS, what=f"sm90 bs={block_size}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SANITIZER, reason="long sequences are skipped under compute-sanitizer")
+@pytest.mark.parametrize("dtype,head_dim", [(F16, 128), (BF16, 64)], ids=str)
+def test_sm90_long_prompt_over_a_long_cached_context(dtype, head_dim):
+    """A 2,500-token chunk after 6,000 cached tokens (context longer than the new tokens, across many tiles)."""
+    _sm90_or_skip(dtype, head_dim)
+    rng = np.random.default_rng(_seed("sm90 long", str(dtype)))
+    batch = make_batch(rng, dtype, head_dim, 16, (32, 8), [2500, 40], [6000, 3])
+    check_batch(batch, dtype, versions=SM90_VERSIONS, what="sm90 long")
+
+
+@pytest.mark.gpu
+def test_default_version_on_this_gpu():
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    hopper = cupy.cuda.Device(dev).compute_capability == "90"
+    assert prefill.default_version(1, 128, dev) == (4 if hopper else 2)
+    assert prefill.default_version(2, 64, dev) == (5 if hopper else 2)
+    assert prefill.default_version(1, 80, dev) == 2
+    assert prefill.default_version(0, 128, dev) == 1
+    if not hopper:
+        with pytest.raises(ValueError, match="version 4 needs"):
+            z = cupy.zeros((2, 2, 16, 64), np.float16)
+            prefill.prefill_attention(cupy.zeros((3, 2, 64), np.float16), z, z,
+                                              cupy.zeros((1, 2), np.int32), cupy.asarray([0, 3], np.int32),
+                                              cupy.asarray([3], np.int32), version=4)
 
 
 @pytest.mark.gpu

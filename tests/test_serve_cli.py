@@ -17,7 +17,7 @@ def test_help_lists_the_vllm_named_flags():
         assert flag in run.stdout
 
 
-@pytest.mark.parametrize("argv", [[], ["--model", "x", "--port", "0"], ["--model", "x", "--port", "70000"],
+@pytest.mark.parametrize("argv", [["--model", "x", "--port", "0"], ["--model", "x", "--port", "70000"],
                                   ["--model", "x", "--dtype", "int8"], ["--model", "x", "--block-size", "12"],
                                   ["--model", "x", "--max-model-len", "-5"]])
 def test_bad_flags_exit_2(argv, capsys):
@@ -45,3 +45,46 @@ def test_a_model_without_tokenizer_is_refused_before_serving(capsys):
     pytest.importorskip("uvicorn")
     assert main(["--model", "tiny", "--device", "cpu", "--num-gpu-blocks-override", "16"]) == 2
     assert "has no tokenizer: pass --tokenizer DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["m", "--gpu-memory-utilization", "1.5"], ["m", "--kv-cache-dtype", "int4"],
+                                  ["m", "--dtype", "float8"], ["m", "--max-request-body-bytes", "0"],
+                                  ["m", "--chat-template-timeout", "-1"], ["m", "--num-gpu-blocks-override", "4",
+                                                                          "--kv-cache-memory-bytes", "4096"]])
+def test_bad_vllm_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_vllm_flags_map_onto_the_engine():
+    from dataclasses import fields
+
+    from pagedkv.engine import EngineConfig
+
+    known = {f.name for f in fields(EngineConfig)}
+    args = build_parser().parse_args(["tiny", "--device", "cpu", "--no-enable-prefix-caching", "--dtype", "auto",
+                                      "--seed", "3"])
+    options = engine_options(args)
+    assert options["enable_prefix_caching"] is False and options["seed"] == 3 and options["dtype"] == "float32"
+    args = build_parser().parse_args(["tiny", "--device", "cpu", "--kv-cache-dtype", "fp8"])
+    if "kv_cache_dtype" in known:
+        assert engine_options(args)["kv_cache_dtype"] == "fp8"
+    else:
+        with pytest.raises(ValueError, match="--kv-cache-dtype"):
+            engine_options(args)
+    args = build_parser().parse_args(["--model", "a", "b"])
+    with pytest.raises(ValueError, match="disagree"):
+        engine_options(args)
+
+
+def test_readme_serve_commands_parse_as_written():
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+             for line in block.replace("\\\n", " ").splitlines() if line.startswith("pagedkv serve ")]
+    assert lines
+    for line in lines:
+        build_parser().parse_args(shlex.split(line.replace("$KEY", "k"))[2:])

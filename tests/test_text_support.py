@@ -79,7 +79,7 @@ class FakeEngine:
     def add_request(self, prompt_token_ids, params=None, *, request_id=None, prompt=None):
         params, prompt = params or SamplingParams(), prompt_token_ids
         self.check_request(prompt, params)
-        rid, self.next_id = self.next_id, self.next_id + 1
+        rid, self.next_id = (self.next_id if request_id is None else request_id), self.next_id + 1
         branches = [dict(ids=[], finish=None, stop=None, rng=np.random.default_rng(params.branch_seed(i)),
                          detok=self.detokenizer_cls(self.tokenizer, prompt, params)) for i in range(params.n)]
         self.requests[rid] = dict(prompt=list(prompt), params=params, branches=branches)

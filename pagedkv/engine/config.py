@@ -38,6 +38,8 @@ class EngineConfig:
     ``async_scheduling``: each step call launches the next step before waiting for the current one's tokens
     (see :mod:`pagedkv.engine.engine`); None: on when the model runs on a GPU (on the CPU the forward runs
     while it is launched, so there is nothing to overlap).
+    ``cascade_attention``: decode steps whose rows share long prefixes read each shared prefix once per group
+    where the rule of :mod:`pagedkv.cascade` says it pays; None: on for float16 / bfloat16 models on a GPU.
     ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
     columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
     with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
@@ -69,6 +71,7 @@ class EngineConfig:
     host_matmul: str = "float64"  # CPU matmuls: "float64" (batch-invariant) or "float32" (BLAS, fast)
     max_stop_strings: int = 128  # stop strings per request (more: ValueError); the server's limit too
     max_stop_string_len: int = 512  # characters per stop string
+    cascade_attention: bool | None = None  # shared prefixes read once per decode step (None: GPU, 16-bit dtypes)
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
@@ -105,8 +108,9 @@ class EngineConfig:
         if self.tensor_parallel_size > 1 and self.cuda_graph:
             raise ValueError("cuda_graph=True with tensor_parallel_size > 1: the ranks run as threads of one process "
                              "here, without CUDA graphs; set cuda_graph=False (enforce_eager)")
-        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
-            raise ValueError(f"async_scheduling must be None or a bool, got {self.async_scheduling!r}")
+        for name in ("async_scheduling", "cascade_attention"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be None or a bool, got {getattr(self, name)!r}")
         w = self.watermark
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
             raise ValueError(f"watermark must be a number in [0, 1), got {w!r}")

@@ -102,7 +102,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, block_size=self.manager.block_size,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed)
+                                  max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed,
+                                  cascade_attention=_cascade_choice(config, self.backend, dtype))
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
             self.backend.is_gpu
         self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)
@@ -392,3 +393,13 @@ class LLMEngine:
 def _requests_of(*flights) -> list[Request]:
     """The requests of the launched steps (None entries skipped), each once."""
     return list({id(s.request): s.request for f in flights if f is not None for s in f.out.seqs}.values())
+
+
+def _cascade_choice(config: EngineConfig, backend, dtype) -> bool | None:
+    """The runner's ``cascade_attention``: None with tensor parallelism (its ranks' backends are not asked),
+    else the config's choice, by default on for 16-bit models on a GPU."""
+    if config.tensor_parallel_size > 1:
+        return None
+    if config.cascade_attention is not None:
+        return config.cascade_attention
+    return backend.is_gpu and np.dtype(dtype).itemsize == 2

@@ -1,4 +1,5 @@
-"""Launchers of ``kernels_cu/paged_attention.cu``: paged decode attention, kernels 1, 2 and 3.
+"""Launchers of ``kernels_cu/paged_attention.cu``: paged decode attention, kernels 1, 2 and 3 (430 lines: three
+versions, the default's dispatcher and the fp8 cache types share the cached launch plans).
 
 Modules come from :mod:`pagedkv.kernels.compile` (one per launch and option set: kernel version, element
 type, head_dim, GT, ``-D`` defines). Launch arithmetic that needs no GPU (tile shapes, shared memory, the
@@ -7,41 +8,63 @@ split-K plans) lives in :mod:`pagedkv.kernels.decode_plan`.
 The launchers take CuPy arrays already shape/dtype-checked by :mod:`pagedkv.kernels.ops`; they check what
 only they know (head_dim, block size, contiguity, alignment), run the GPU-side range check (one reduction
 and one small device-to-host read, skipped with ``check=False``), pick the launch shape, and launch.
+
+bfloat16: CuPy arrays of ``ml_dtypes.bfloat16`` are used directly when CuPy accepts them; otherwise pass
+uint16 views and ``kv_dtype="bfloat16"``; the kernels only see raw 16-bit words either way.
+
+fp8 KV caches (kernels 2, 3 and the default): uint8 pools of raw e4m3/e5m2 bytes with
+``kv_dtype="fp8_e4m3"`` (or ``"fp8"``) / ``"fp8_e5m2"`` and per-layer scales ``k_scale`` / ``v_scale``
+(stored x = byte value * scale); q and out stay float16/bfloat16.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
 
+import numpy as np
+
 from .compile import U64_MAX, dt_code, int32_contiguous, load_function, num_sms
-from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile, tile_shape,
+from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile,
+                          partition_max_parts, tile_shape,
                           v2_smem_bytes, v3_min_tiles, v3_smem_bytes)
 
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
 VERSIONS = (1, 2, 3)
-DEFAULT_VERSION = 3  # the fastest measured (kernels_cu/NOTES.md)
+# None: the default, kernel 3's launch with its on-device dispatcher (mode 0: the balanced walk or the
+# partition plan, picked per launch from context_lens; kernels_cu/NOTES.md)
+DEFAULT_VERSION = None
+MODES = {0: "auto", 2: "partition", 3: "walk"}  # kernel 3's `mode` argument
+FP8_KV_DTYPES = {"fp8": 3, "fp8_e4m3": 3, "fp8_e5m2": 4}  # kv_dtype -> cache type code (uint8 caches)
 GROUP_TILES = (1, 2, 4, 8)  # query heads per v2/v3 thread block (template parameter GT)
 REDUCE_THREADS = 256  # PAGEDKV_REDUCE_THREADS in paged_attention.cu
 
 
 # ---- paged attention ------------------------------------------------------------------------------
 
-def attention_names(dt: int, head_dim: int) -> tuple[str, ...]:
-    """Every template instantiation of paged_attention.cu for one element type and head_dim."""
-    return (f"paged_attention_v1_kernel<{dt}, {head_dim}>",
-            *(f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES),
-            f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}>",
-            *(f"paged_attention_v3_kernel<{dt}, {head_dim}, {gt}>" for gt in GROUP_TILES))
+def _ct_arg(dt: int, ct: int | None) -> str:
+    """The cache-type template argument (absent when the cache has q's type: the C++ default)."""
+    return "" if ct is None or ct == dt else f", {ct}"
 
 
-_KERNEL_NAMES = {"v1": "paged_attention_v1_kernel<{dt}, {hd}>", "v2": "paged_attention_v2_kernel<{dt}, {hd}, {gt}>",
-                 "reduce": "paged_attention_v2_reduce_kernel<{dt}, {hd}>",
-                 "v3": "paged_attention_v3_kernel<{dt}, {hd}, {gt}>"}
+def attention_names(dt: int, head_dim: int, ct: int | None = None) -> tuple[str, ...]:
+    """Every template instantiation of paged_attention.cu for one element type, cache type and head_dim
+    (kernel 1 only for a cache of q's type)."""
+    c = _ct_arg(dt, ct)
+    return ((f"paged_attention_v1_kernel<{dt}, {head_dim}>",) if not c else ()) + (
+            *(f"paged_attention_v2_kernel<{dt}, {head_dim}, {gt}{c}>" for gt in GROUP_TILES),
+            f"paged_attention_v2_reduce_kernel<{dt}, {head_dim}{c}>",
+            *(f"paged_attention_v3_kernel<{dt}, {head_dim}, {gt}{c}>" for gt in GROUP_TILES))
+
+
+_KERNEL_NAMES = {"v1": "paged_attention_v1_kernel<{dt}, {hd}>",
+                 "v2": "paged_attention_v2_kernel<{dt}, {hd}, {gt}{c}>",
+                 "reduce": "paged_attention_v2_reduce_kernel<{dt}, {hd}{c}>",
+                 "v3": "paged_attention_v3_kernel<{dt}, {hd}, {gt}{c}>"}
 _LAUNCH_GROUP = {"v1": ("v1",), "v2": ("v2", "reduce"), "reduce": ("v2", "reduce"), "v3": ("v3",)}
 
 
-def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
-                      stages=V2_STAGES, extra_defines: tuple = ()):
+def attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes=V2_TILE_BYTES,
+                      stages=V2_STAGES, extra_defines: tuple = (), ct: int | None = None):
     """One kernel of paged_attention.cu. A module holds one launch's kernels (kernel 2 with its merge, or
     kernel 3, for one GT), so a process compiles only the instantiations it launches.
 
@@ -50,10 +73,12 @@ def _attention_kernel(kind: str, dt: int, head_dim: int, gt: int = 0, tile_bytes
     """
     if kind == "check":  # extern "C", no templates instantiated: this module is disk-cached
         return load_function("paged_attention.cu", "check_block_tables_kernel")
-    names = tuple(_KERNEL_NAMES[k].format(dt=dt, hd=head_dim, gt=gt) for k in _LAUNCH_GROUP[kind])
+    c = _ct_arg(dt, ct)
+    names = tuple(_KERNEL_NAMES[k].format(dt=dt, hd=head_dim, gt=gt, c=c) for k in _LAUNCH_GROUP[kind])
     defines = () if kind == "v1" else (("PAGEDKV_V2_TILE_BYTES", tile_bytes), ("PAGEDKV_V2_STAGES", stages),
                                        *extra_defines)
-    return load_function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt), names, defines)
+    return load_function("paged_attention.cu", _KERNEL_NAMES[kind].format(dt=dt, hd=head_dim, gt=gt, c=c), names,
+                     defines)
 
 
 def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: int) -> None:
@@ -72,7 +97,7 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
     cupy.cuda.runtime.memsetAsync(bad.data.ptr, 0xFF, bad.nbytes, cupy.cuda.get_current_stream().ptr)  # UINT64_MAX
     total = batch * max_blocks
     grid = min(max(1, -(-total // 256)), 4 * num_sms(cupy.cuda.Device().id))
-    _attention_kernel("check", 0, 0)((grid,), (256,), (
+    attention_kernel("check", 0, 0)((grid,), (256,), (
         block_tables, context_lens, cupy.int32(batch), cupy.int32(max_blocks), cupy.int32(num_blocks),
         cupy.int32(block_size), bad))
     bad_len, bad_entry = (int(x) for x in bad.get())
@@ -121,15 +146,54 @@ def _blocks_per_sm(kernel, smem: int, kernel_key, device_id: int) -> int:
         return resident_ctas(kernel_key, kernel.num_regs, smem, device_id) // num_sms(device_id)
 
 
+def check_scale(name: str, value) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return x
+
+
+def cache_types(q_dtype, cache_dtype, kv_dtype=None) -> tuple[int, int]:
+    """``(dt, ct)``: the type codes of q/out and of the cache. ``kv_dtype``: None (the cache's own dtype),
+    ``"bfloat16"`` (uint16 arrays holding bfloat16 bits) or an fp8 name (:data:`FP8_KV_DTYPES`, uint8 caches
+    under float16/bfloat16 q). Raises ``ValueError`` for anything else."""
+    name = None if kv_dtype is None else str(kv_dtype)
+    cache_dtype = np.dtype(cache_dtype)
+    if name in FP8_KV_DTYPES:
+        if cache_dtype != np.uint8:
+            raise ValueError(f"kv_dtype={name!r} needs a uint8 cache (raw fp8 bytes), got {cache_dtype}")
+        dt = dt_code(q_dtype, "bfloat16" if np.dtype(q_dtype) == np.uint16 else None)
+        if dt == 0:
+            raise ValueError("fp8 KV caches need float16 or bfloat16 queries, got float32")
+        return dt, FP8_KV_DTYPES[name]
+    if cache_dtype == np.uint8:
+        raise ValueError(f"a uint8 cache holds fp8 bytes: pass kv_dtype= one of {sorted(FP8_KV_DTYPES)} "
+                         f"(got kv_dtype={kv_dtype!r})")
+    if name not in (None, "bfloat16", "bf16"):
+        raise ValueError(f"kv_dtype must be None, 'bfloat16' or one of {sorted(FP8_KV_DTYPES)}, got {kv_dtype!r}")
+    dt = dt_code(q_dtype, kv_dtype)
+    return dt, dt
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
-                    check=True, kv_dtype=None, num_partitions=None, num_ctas=None, min_tiles=None,
-                    tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()):
+                    check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0, num_partitions=None, num_ctas=None,
+                    min_tiles=None, mode=None, group_tile=None, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES,
+                    extra_defines: tuple = ()):
     """Launch paged decode attention (see :func:`pagedkv.kernels.ops.paged_attention` for shapes).
 
-    ``version``: 1, 2 or 3 (default :data:`DEFAULT_VERSION`). Kernel 2: ``num_partitions`` forces the
-    split-K count (default: :func:`choose_num_partitions`). Kernel 3: ``num_ctas`` forces the grid
-    (default: the resident thread blocks of the device) and ``min_tiles`` the fewest tiles per block
-    (default :func:`v3_min_tiles`); small values force splits and merges on small inputs (tests).
+    ``version``: 1, 2, 3 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
+    walk or the partition plan on the device from ``context_lens``, so a captured graph chooses again at
+    every replay). Kernel 2: ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`).
+    Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
+    ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
+    splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
+    dispatcher (the default's), 2 the partition plan, 3 the walk (version 3's); ``group_tile`` forces kernel 3's
+    query heads per block (one of :data:`GROUP_TILES`; default :func:`group_tile` of the group).
+    ``kv_dtype``/``k_scale``/``v_scale``: an fp8 cache (uint8, :data:`FP8_KV_DTYPES`) and its per-layer scales
+    (finite, > 0; stored x = byte value * scale); kernel 1 refuses fp8.
     ``tile_bytes`` / ``stages`` / ``extra_defines`` (e.g. ``(("PAGEDKV_V2_BUTTERFLY", 0),)``) pick a
     compile-time variant of kernels 2 and 3 (benchmarks). Every launch shape depends on shapes only, so a
     captured CUDA graph replays correctly with new ``context_lens`` and ``block_tables`` values.
@@ -138,10 +202,18 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
 
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
-    dt = dt_code(q.dtype, kv_dtype)
-    version = DEFAULT_VERSION if version is None else version
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    dt, ct = cache_types(q.dtype, k_cache.dtype, kv_dtype)
+    k_scale, v_scale = check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)
+    if version is not None and version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS} or None (the dispatcher), got {version!r}")
+    if version == 1 and ct != dt:
+        raise ValueError(f"kernel 1 reads float16/bfloat16/float32 caches only, not kv_dtype={kv_dtype!r}: use "
+                         f"version 2, 3 or None")
+    if mode is not None and (mode not in MODES or version in (1, 2)):
+        raise ValueError(f"mode must be one of {sorted(MODES)} with version 3 or None, got mode={mode!r} "
+                         f"version={version!r}")
+    if group_tile is not None and (group_tile not in GROUP_TILES or version in (1, 2)):
+        raise ValueError(f"group_tile must be one of {GROUP_TILES} with version 3 or None, got {group_tile!r}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
@@ -164,14 +236,16 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
             check_block_tables(block_tables, context_lens, num_blocks, block_size)
         return out
     scale = head_dim**-0.5 if scale is None else float(scale)
+    scales = (k_scale, v_scale)
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
-                             tile_bytes, stages, extra_defines)
+                             tile_bytes, stages, extra_defines, ct, scales)
     else:
+        mode = (3 if version == 3 else 0) if mode is None else mode
         launch = _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles,
-                             tile_bytes, stages, extra_defines)
+                             tile_bytes, stages, extra_defines, ct, scales, mode, group_tile)
     # NOTE: the range check makes the host wait for the GPU, so every host-side step of the launch (plan,
     # scratch buffers) is done before it: only the launch itself follows the wait.
     if check:
@@ -188,7 +262,7 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     batch, num_qo_heads, _ = q.shape
     max_blocks = block_tables.shape[1]
     logits = cupy.empty((batch, num_qo_heads, max_blocks * block_size), dtype=cupy.float32)
-    kernel = _attention_kernel("v1", dt, head_dim)
+    kernel = attention_kernel("v1", dt, head_dim)
     args = (out, logits, q, k_cache, v_cache, block_tables, context_lens, cupy.int32(num_qo_heads),
             cupy.int32(num_kv_heads), cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
             cupy.float32(scale))
@@ -196,30 +270,31 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
 
 
 def v2_launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, num_partitions=None,
-                   tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = ()) -> dict:
+                   tile_bytes=V2_TILE_BYTES, stages=V2_STAGES, extra_defines: tuple = (), ct: int | None = None) -> dict:
     """How kernel 2 will be launched: group tile, split-K partitions, shared memory (compiles if needed).
 
     Cached per shape and device: the engine asks for the same plan every layer of every step.
+    ``ct``: the cache type code (default: q's, ``dt``).
     """
     import cupy
 
     return dict(_v2_plan(tuple(q_shape), tuple(cache_shape), int(max_blocks), dt, num_partitions, tile_bytes, stages,
-                         tuple(extra_defines), cupy.cuda.Device().id))
+                         tuple(extra_defines), dt if ct is None else ct, cupy.cuda.Device().id))
 
 
 @lru_cache(maxsize=4096)
-def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, stages, extra_defines, device_id):
+def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, stages, extra_defines, ct, device_id):
     batch, num_qo_heads, _ = q_shape
     _, num_kv_heads, block_size, head_dim = cache_shape
     group = num_qo_heads // num_kv_heads
     gt = group_tile(group)
     q_tiles = -(-group // gt)
-    tile_tokens = tile_shape(dt, head_dim, tile_bytes)["tile_tokens"]
+    tile_tokens = tile_shape(ct, head_dim, tile_bytes)["tile_tokens"]
     max_context = max_blocks * block_size
-    kernel = _attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines)
-    smem = v2_smem_bytes(dt, head_dim, gt, tile_bytes, stages)
+    kernel = attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
+    smem = v2_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
     _opt_in_smem(kernel, smem)
-    key = ("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines)
+    key = ("v2", dt, ct, head_dim, gt, tile_bytes, stages, extra_defines)
     resident = _blocks_per_sm(kernel, smem, key, device_id) * num_sms(device_id)
     if num_partitions is None:
         parts, part_tokens = choose_num_partitions(batch, num_kv_heads * q_tiles, max_context, tile_tokens,
@@ -228,11 +303,13 @@ def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, s
         part_tokens = -(-(-(-max_context // num_partitions)) // tile_tokens) * tile_tokens
         parts = -(-max_context // part_tokens)
     return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": q_tiles, "parts": parts,
-            "part_tokens": part_tokens, "smem": smem, "resident_ctas": resident, "num_regs": kernel.num_regs}
+            "part_tokens": part_tokens, "smem": smem, "resident_ctas": resident, "num_regs": kernel.num_regs,
+            "reduce": None if parts == 1 else attention_kernel("reduce", dt, head_dim, gt, tile_bytes, stages,
+                                                                extra_defines, ct)}
 
 
 def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
-                tile_bytes, stages, extra_defines=()):
+                tile_bytes, stages, extra_defines=(), ct=None, scales=(1.0, 1.0)):
     """Kernel 2's launch (and the split-K merge when the plan splits) as a closure."""
     import cupy
 
@@ -240,7 +317,7 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
     batch, num_qo_heads, _ = q.shape
     max_blocks = block_tables.shape[1]
     plan = v2_launch_plan(q.shape, k_cache.shape, max_blocks, dt, num_partitions, tile_bytes, stages,
-                          extra_defines)
+                          extra_defines, ct)
     parts = plan["parts"]
     if parts == 1:
         part_out = part_max = part_sum = cupy.empty(1, dtype=cupy.float32)
@@ -248,16 +325,17 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
         part_out = cupy.empty((batch, num_qo_heads, parts, head_dim), dtype=cupy.float32)
         part_max = cupy.empty((batch, num_qo_heads, parts), dtype=cupy.float32)
         part_sum = cupy.empty((batch, num_qo_heads, parts), dtype=cupy.float32)
+    k_scale, v_scale = (cupy.float32(x) for x in scales)
     main_args = (out, part_out, part_max, part_sum, q, k_cache, v_cache, block_tables, context_lens,
                  cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
                  cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.int32(plan["part_tokens"]),
-                 cupy.float32(scale * math.log2(math.e)))
+                 cupy.float32(scale * math.log2(math.e)), k_scale, v_scale)
     grid = (parts, num_kv_heads * plan["q_tiles"], batch)
     if parts == 1:
         return lambda: plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
-    reduce = _attention_kernel("reduce", dt, head_dim, plan["gt"], tile_bytes, stages, extra_defines)
+    reduce = plan["reduce"]
     reduce_args = (out, part_out, part_max, part_sum, context_lens, cupy.int32(num_qo_heads), cupy.int32(parts),
-                   cupy.int32(plan["part_tokens"]))
+                   cupy.int32(plan["part_tokens"]), v_scale)
 
     def launch():
         plan["kernel"](grid, (V2_THREADS,), main_args, shared_mem=plan["smem"])
@@ -266,64 +344,88 @@ def _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt,
 
 
 def v3_launch_plan(q_shape, cache_shape, dt: int, num_ctas=None, min_tiles=None, tile_bytes=V2_TILE_BYTES,
-                   stages=V2_STAGES, extra_defines: tuple = ()) -> dict:
-    """How kernel 3 will be launched: group tile, grid (resident blocks), min tiles, shared memory.
+                   stages=V2_STAGES, extra_defines: tuple = (), ct: int | None = None, max_blocks: int = 0,
+                   gt: int | None = None) -> dict:
+    """How kernel 3 (and the default) will be launched: group tile, grid (resident blocks), min tiles, shared
+    memory, the partition plan's bound on partitions (``max_parts``, from the table's ``max_blocks``), the
+    counters (``[4 + max(grid, batch * head groups)]`` int32: queue, blocks done, the last choice, spare, then
+    the merge counters).
 
     Depends on shapes and the device only: the batch's lengths are planned on the device.
     """
     import cupy
 
     return dict(_v3_plan(tuple(q_shape), tuple(cache_shape), dt, num_ctas, min_tiles, tile_bytes, stages,
-                         tuple(extra_defines), cupy.cuda.Device().id))
+                         tuple(extra_defines), dt if ct is None else ct, int(max_blocks), gt, cupy.cuda.Device().id))
 
 
 @lru_cache(maxsize=4096)
-def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines, device_id):
-    _, num_qo_heads, _ = q_shape
-    _, num_kv_heads, _, head_dim = cache_shape
+def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines, ct, max_blocks,
+             gt, device_id):
+    batch, num_qo_heads, _ = q_shape
+    _, num_kv_heads, block_size, head_dim = cache_shape
     group = num_qo_heads // num_kv_heads
-    gt = group_tile(group)
-    kernel = _attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines)
-    smem = v3_smem_bytes(dt, head_dim, gt, tile_bytes, stages)
+    gt = group_tile(group) if gt is None else gt
+    kernel = attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
+    smem = v3_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
     _opt_in_smem(kernel, smem, prefer_shared=True)
-    per_sm = _blocks_per_sm(kernel, smem, ("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines), device_id)
-    tile_tokens = tile_shape(dt, head_dim, tile_bytes)["tile_tokens"]
+    per_sm = _blocks_per_sm(kernel, smem, ("v3", dt, ct, head_dim, gt, tile_bytes, stages, extra_defines), device_id)
+    tile_tokens = tile_shape(ct, head_dim, tile_bytes)["tile_tokens"]
     ctas = num_ctas or per_sm * num_sms(device_id)
-    return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": -(-group // gt), "smem": smem,
+    q_tiles = -(-group // gt)
+    items0 = batch * num_kv_heads * q_tiles
+    max_parts = partition_max_parts(items0, ctas, max_blocks * block_size)
+    return {"kernel": kernel, "group": group, "gt": gt, "q_tiles": q_tiles, "smem": smem,
             "blocks_per_sm": per_sm, "ctas": ctas, "tile_tokens": tile_tokens,
             "min_tiles": v3_min_tiles(tile_tokens) if min_tiles is None else max(1, int(min_tiles)),
-            "num_regs": kernel.num_regs, "counters": _split_counters(ctas, device_id)}
+            "num_regs": kernel.num_regs, "max_parts": max_parts,
+            "slots": max(2 * ctas, items0 * max_parts),
+            "counters": _split_counters(4 + max(ctas, items0), device_id)}
 
 
 @lru_cache(maxsize=None)
-def _split_counters(num_ctas: int, device_id: int):
-    """Kernel 3's split counters: ``[num_ctas]`` int32, zeroed once here; every launch leaves them zero.
+def _split_counters(size: int, device_id: int):
+    """Kernel 3's counters: ``[size]`` int32, zeroed once here; every launch leaves them zero (but entry 2,
+    the last launch's choice: ``mode | parts << 8``).
 
     NOTE: allocated with cudaMalloc outside any memory pool (a CUDA graph's private pool, say), so it
-    lives as long as the process; launches of kernel 3 with the same grid on two streams at the same
-    time would share it (not supported; the engine runs one stream).
+    lives as long as the process; launches of kernel 3 with the same counter size on two streams at the
+    same time would share it (not supported; the engine runs one stream).
     """
     import cupy
 
-    nbytes = 4 * num_ctas
+    nbytes = 4 * size
     memory = cupy.cuda.Memory(nbytes)
     cupy.cuda.runtime.memset(memory.ptr, 0, nbytes)
-    return cupy.ndarray((num_ctas,), dtype=cupy.int32, memptr=cupy.cuda.MemoryPointer(memory, 0))
+    return cupy.ndarray((size,), dtype=cupy.int32, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+
+def last_dispatch(q_shape, cache_shape, dt: int, ct: int | None = None, max_blocks: int = 0, num_ctas=None,
+                  gt: int | None = None) -> dict:
+    """What the last kernel-3 launch of this shape chose on the device (tests, benchmarks; reads the GPU):
+    ``{"mode": 2 (partition plan) or 3 (walk), "parts": partitions of the partition plan}``."""
+    plan = v3_launch_plan(q_shape, cache_shape, dt, num_ctas, ct=ct, max_blocks=max_blocks, gt=gt)
+    word = int(plan["counters"][2].get())
+    return {"mode": word & 0xFF, "parts": word >> 8}
 
 
 def _prepare_v3(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_ctas, min_tiles, tile_bytes,
-                stages, extra_defines=()):
-    """Kernel 3 (persistent, balanced plan made on the device, split sequences merged in-kernel) as a closure."""
+                stages, extra_defines=(), ct=None, scales=(1.0, 1.0), mode=0, gt=None):
+    """Kernel 3 (persistent, planned on the device: the balanced walk or the partition plan, split sequences
+    merged in-kernel) as a closure."""
     import cupy
 
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
-    plan = v3_launch_plan(q.shape, k_cache.shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines)
+    max_blocks = block_tables.shape[1]
+    plan = v3_launch_plan(q.shape, k_cache.shape, dt, num_ctas, min_tiles, tile_bytes, stages, extra_defines, ct,
+                          max_blocks, gt)
     ctas, gt = plan["ctas"], plan["gt"]
-    part_out = cupy.empty((2 * ctas, gt, head_dim), dtype=cupy.float32)  # slot 2b + (piece starts its sequence)
-    part_ml = cupy.empty((2 * ctas, gt, 2), dtype=cupy.float32)
+    part_out = cupy.empty((plan["slots"], gt, head_dim), dtype=cupy.float32)  # walk: slot 2b + (piece starts)
+    part_ml = cupy.empty((plan["slots"], gt, 2), dtype=cupy.float32)
     args = (out, part_out, part_ml, plan["counters"], q, k_cache, v_cache, block_tables, context_lens,
             cupy.int32(batch), cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(plan["group"]),
-            cupy.int32(block_size.bit_length() - 1), cupy.int32(block_tables.shape[1]),
-            cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)))
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
+            cupy.int32(plan["min_tiles"]), cupy.float32(scale * math.log2(math.e)), cupy.float32(scales[0]),
+            cupy.float32(scales[1]), cupy.int32(mode), cupy.int32(plan["max_parts"]))
     return lambda: plan["kernel"]((ctas,), (V2_THREADS,), args, shared_mem=plan["smem"])

@@ -1,8 +1,11 @@
 """Launchers of ``kernels_cu/prefill_attention.cu``: causal prefill attention over the paged KV cache.
 
 Version 1 runs on CUDA cores for every dtype (the float32 path, and a GPU oracle); version 2 runs on tensor
-cores (mma.sync) for float16 / bfloat16 (the default for them); version 3 (wgmma, sm_90a, head_dim 64 / 128)
-is opt-in: correct, but slower than version 2 on the benchmark (kernels_cu/NOTES_prefill.md). Both take arrays already shape/dtype-checked by
+cores (mma.sync) for float16 / bfloat16 (their default off Hopper, and the fallback); version 3 (wgmma,
+sm_90a, head_dim 64 / 128) is opt-in: correct, but slower than version 2 on the benchmark
+(kernels_cu/NOTES_prefill.md); versions 4 and 5 (prefill_sm90: warp-specialized wgmma,
+FlashAttention-3 structure) are the default on compute capability 9.0 for float16 / bfloat16 at head_dim 64 /
+128 (dispatch: :func:`default_version`). All take arrays already shape/dtype-checked by
 :func:`pagedkv.kernels.ops.prefill_attention`; here we check what only the launcher knows (head_dim, block size,
 contiguity, alignment), run the GPU-side range check (one small kernel and one 24-byte read, skipped with
 ``check=False``), work out the launch shape and launch.
@@ -19,11 +22,12 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from . import prefill_sm90 as sm90
 from .compile import U64_MAX, dt_code, int32_contiguous, load_function, load_sm90a, num_sms
 
 FILENAME = "prefill_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4, 5)  # 4, 5: prefill_sm90 (Hopper, the default where they run)
 V1_THREADS = 128  # PAGEDKV_PREFILL_V1_THREADS
 V3_HEAD_DIMS = (64, 128)  # version 3 (wgmma, sm_90a): two warpgroups of 64 rows, 64-key tiles, 4 stages
 V3_THREADS, V3_BLOCK_M, V3_BLOCK_N, V3_STAGES = 256, 128, 64, 4
@@ -145,6 +149,15 @@ def _v3_kernel(dt: int, head_dim: int, device_id: int, defines: tuple = ()):
     return module, function
 
 
+def default_version(dt: int, head_dim: int, device_id: int) -> int:
+    """The version run when none is named: the Hopper kernel where one supports the case (5 at head_dim 64, 4
+    at 128: :data:`prefill_sm90.DEFAULT_VERSION`), else 2 on tensor cores (16-bit dtypes), 1 for
+    float32."""
+    if dt == 0:
+        return 1
+    return sm90.DEFAULT_VERSION[head_dim] if sm90.supports(dt, head_dim, device_id) else 2
+
+
 def check_ranges(block_tables, query_start_loc, context_lens, num_blocks: int, block_size: int,
                  num_tokens: int) -> None:
     """GPU-side range check: one kernel, then one 24-byte device-to-host read.
@@ -180,9 +193,11 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
                       defines: tuple = ()):
     """Launch causal prefill attention (see :func:`pagedkv.kernels.ops.prefill_attention` for shapes).
 
-    ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16) or 3 (wgmma on sm_90, head_dim
-    64/128, float16/bfloat16); default 2 for 16-bit dtypes, 1 for float32. ``config`` picks a version-2 tile
-    shape (default :data:`DEFAULT_CONFIGS`) and ``defines`` the ``-D`` compile-time options of version 2 or 3,
+    ``version``: 1 (CUDA cores), 2 (tensor cores, mma.sync; float16/bfloat16), 3 (wgmma on sm_90, head_dim
+    64/128, float16/bfloat16), 4 or 5 (warp-specialized wgmma on sm_90, the same cases: prefill_sm90);
+    default :func:`default_version` (4 or 5 where they run, else 2 for 16-bit dtypes, 1 for float32). ``config``
+    picks a version-2 tile shape (default :data:`DEFAULT_CONFIGS`) and ``defines`` the ``-D`` compile-time
+    options of version 2, 3, 4 or 5,
     e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
@@ -191,7 +206,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
 
     num_blocks, _, block_size, head_dim = k_cache.shape
     dt = dt_code(q.dtype, kv_dtype)
-    version = (1 if dt == 0 else 2) if version is None else version
+    version = default_version(dt, head_dim, cupy.cuda.Device().id) if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     if version >= 2 and dt == 0:
@@ -199,6 +214,9 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     if version == 3 and (head_dim not in V3_HEAD_DIMS or not v3_available(cupy.cuda.Device().id)):
         raise ValueError(f"version 3 needs head_dim in {V3_HEAD_DIMS} and a compute capability 9.0 GPU, got "
                          f"head_dim {head_dim} on {cupy.cuda.Device().compute_capability}")
+    if version in sm90.VERSIONS and not sm90.supports(dt, head_dim, cupy.cuda.Device().id):
+        raise ValueError(f"version {version} needs float16 / bfloat16, head_dim in {sm90.HEAD_DIMS} and a compute "
+                         f"capability 9.0 GPU, got head_dim {head_dim} on {cupy.cuda.Device().compute_capability}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1):
@@ -221,6 +239,9 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
+    elif version in sm90.VERSIONS:
+        launch = sm90.prepare(version, out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
+                              _plain_kernel("prefill_plan_kernel"), capacity, defines)
     elif version == 3:
         launch = _prepare_v3(out, q, k_cache, v_cache, tables, starts, lens, scale, dt, defines)
     else:

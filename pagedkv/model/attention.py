@@ -10,6 +10,8 @@
 The path is chosen here, never by the model (FlashInfer's plan / run split; vLLM's metadata builder + forward)::
 
     decode      ops.paged_attention: a table and a context length per query row    DecodeBatch, no query_start_loc
+    cascade     decode rows whose tables share leading blocks: each group's shared  DecodeBatch whose variant is
+                prefix read once, each row's suffix, merged (pagedkv.cascade)       CASCADE (prepare_decode)
     prefill     ops.prefill_attention: a table and a context length per sequence,  GPU default for PrefillBatch;
                 query_start_loc splitting the rows among sequences                  DecodeBatch with query_start_loc
     reference   float64 dense attention over each sequence's gathered cache        CPU default (paged_prefill None)
@@ -26,10 +28,10 @@ the runner):
 - **fp8 KV cache**: the pool's dtype differs from q's. :meth:`_write` quantizes K/V into the pool (scales from
   the cache: ``kv_cache`` carries its dtype and per-layer scales) and :meth:`_attend` passes the scales and
   the kv dtype to the kernels; :class:`AttentionMetadata` needs nothing new.
-- **cascade attention**: :meth:`plan_rows` / :meth:`plan_prefill` see every row's block table and decide
-  whether a shared prefix (the same first blocks in many rows) is read once per step; they add the prefix's
-  metadata to :class:`AttentionMetadata` (a new path, or fields beside ``block_tables``), and :meth:`_attend`
-  runs the shared prefix and the per-row suffixes and merges them by log-sum-exp.
+- **cascade attention** (issue 17, built): :meth:`prepare_decode` sees a decode step's host block tables before
+  the runner uploads them and decides whether shared prefixes (the same first blocks in many rows) are read once
+  per group; its plan lives in the static buffers of :mod:`pagedkv.model.cascade_backend`, :meth:`plan_rows`
+  takes the ``cascade`` path for that variant, and :meth:`_attend` runs the prefix, suffix and merge kernels.
 - **tensor parallelism**: a backend is built from the rank's local config (its ``num_heads`` /
   ``num_kv_heads``); q, k, v and the pool hold the rank's heads only, so nothing here changes.
 """
@@ -45,7 +47,7 @@ from ..kernels import ops
 from ..kernels.reference import dense_attention
 from .layers import causal_attention, varlen_causal_attention, varlen_plan
 
-PATHS = ("decode", "prefill", "reference", "dense")
+PATHS = ("decode", "prefill", "reference", "dense", "cascade")
 
 
 @dataclass(slots=True)
@@ -92,12 +94,31 @@ class AttentionBackend:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.xp, self.is_gpu, self.paged_prefill, self.check = xp, is_gpu, paged_prefill, check
+        self.cascade = None  # CascadeBackend: the cascade decision and its static metadata (setup_decode)
+
+    # -------------------------------------------------------------------------------------- decode variants
+    def setup_decode(self, max_rows: int, block_size: int, *, cascade: bool) -> tuple:
+        """Decode variants beside plain decode that a model runner keeps CUDA graphs for: ``(CASCADE,)`` when
+        cascade attention is on for this model (16-bit GPU kernels for its head_dim, or the host reference), else
+        ``()``. Allocates the cascade metadata's static buffers (``max_rows`` decode rows)."""
+        from .cascade_backend import CASCADE, CascadeBackend
+
+        self.cascade = CascadeBackend(self.xp, max_rows, block_size, head_dim=self.head_dim, enabled=cascade)
+        return (CASCADE,) if self.cascade.enabled else ()
+
+    def prepare_decode(self, block_tables, context_lens, num_rows: int):
+        """A decode step's variant from its host rows (``block_tables`` [>= num_rows, max_blocks], ``context_lens``
+        [>= num_rows]): CASCADE when the rule says a shared prefix pays (its plan uploaded on the current stream,
+        before the step's inputs), else None."""
+        return None if self.cascade is None else self.cascade.prepare(block_tables, context_lens, num_rows)
 
     # ------------------------------------------------------------------------------------------ plan
     def plan_rows(self, batch, kv_cache) -> AttentionMetadata:
         """Metadata of a ``DecodeBatch`` (device arrays, as the model runner fills them): the decode path, or
         the prefill path when the batch carries ``query_start_loc``."""
         path = "decode" if batch.query_start_loc is None else "prefill"
+        if path == "decode" and batch.attention_variant is not None:
+            path = "cascade"  # the only variant (setup_decode)
         return AttentionMetadata(path, kv_cache, batch.slot_mapping, batch.block_tables, batch.context_lens,
                                  batch.query_start_loc)
 
@@ -133,9 +154,13 @@ class AttentionBackend:
 
     def _attend(self, layer: int, q, k, v, meta: AttentionMetadata):
         c = meta.kv_cache
-        if meta.path == "decode":
+        if meta.path == "decode" or meta.path == "cascade" and c.k_cache(layer).dtype != q.dtype:
+            # NOTE: the cascade kernels read caches of q's dtype only (no fp8): such a step decodes plainly
             return ops.paged_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
                                        scale=self.scale, check=self.check)
+        if meta.path == "cascade":
+            return self.cascade.attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
+                                          scale=self.scale)
         if meta.path == "prefill":
             return ops.prefill_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables,
                                          meta.query_start_loc, meta.context_lens, scale=self.scale, check=self.check)

@@ -82,6 +82,8 @@ class DecodeBatch:
     context_lens: object  # [B] int32, the new token included (prefill layout: [S], the new tokens included)
     logit_rows: object = None  # [R] int64, or None for every row
     query_start_loc: object = None  # [S + 1] int32 (prefill layout): sequence i owns rows qsl[i]..qsl[i+1]-1
+    # decode layout: the attention backend's variant of this step (its ``prepare_decode``; None: plain decode)
+    attention_variant: object = None
 
 
 class ElementwiseOps:

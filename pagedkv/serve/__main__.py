@@ -1,6 +1,6 @@
-"""``python -m pagedkv.serve --model DIR``: see :mod:`pagedkv.serve.cli`."""
+"""``python -m pagedkv.serve [MODEL | --model MODEL] ...``: the same as ``pagedkv serve`` (:mod:`pagedkv.serve.cli`)."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m pagedkv.serve"))

@@ -1,39 +1,51 @@
-"""The OpenAI-compatible HTTP API on FastAPI: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
-``/health`` and ``/metrics`` (Prometheus text: requests in the engine, free KV blocks).
+"""The OpenAI-compatible HTTP API on FastAPI.
 
-A request is validated (body, model name, unsupported options, context length, then the engine's own
-``check_request``) before anything is queued, so a caller's mistake is a 400 with OpenAI's error JSON and
-never reaches the engine. ``stream: true`` answers with server-sent events ending in ``data: [DONE]``.
-A client that disconnects has its requests aborted: streaming responses are cancelled by Starlette when the
-client goes; non-streamed ones poll ``request.is_disconnected()`` while they wait.
+::
+
+    /v1/models, /v1/models/{id}          the served model's card (404 model_not_found for another id)
+    /v1/completions, /v1/chat/completions    generate (see :mod:`pagedkv.serve.generate`)
+    /tokenize, /detokenize, /version     vLLM's utility routes
+    /health                              200 while the engine loop runs (answered on the event loop at once)
+    /metrics                             Prometheus text (see :mod:`pagedkv.serve.metrics`)
+
+A request is validated (body size, auth, body shape, model, limits, context length, then the engine's own
+``check_request``) before anything is queued, so a caller's mistake is a 4xx with OpenAI's error JSON and never
+reaches the engine; tokenizing and chat templates run off the event loop (:mod:`pagedkv.serve.prompts`).
+A 500's body never carries internal exception text (the log does, under the request id).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import time
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling_params import SamplingParams
-from .engine_loop import EngineError, EngineLoop, Sink
-from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
-from .responses import ResponseBuilder
+from ..engine.async_llm import AsyncLLM, EngineError
+from .generate import check_model, generate, token_ids
+from .limits import ServerLimits
+from .metrics import ServerMetrics, engine_snapshot
+from .middleware import ServerMiddleware
+from .prompts import PromptWorkers
+from .body_checks import early_fan_out_check, parse_json_body
+from .errors import OpenAIError
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks whether its client is still there
-RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt", "chat_template", "tokenize", "tools", "documents")
+logger = logging.getLogger("pagedkv.serve")
+STATS_LOG_INTERVAL_S = 5.0
 
 
 @dataclass(slots=True)
 class ServerState:
     """What the routes share: the engine loop and the model's tokenizer, name, context length and defaults."""
 
-    loop: EngineLoop
+    loop: AsyncLLM
     tokenizer: object
     model_name: str
     max_model_len: int
@@ -41,190 +53,156 @@ class ServerState:
     root: str = ""
     vocab_size: int | None = None  # the model's (an extension field of the /v1/models card, for benchmarks)
     created: int = field(default_factory=lambda: int(time.time()))
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    api_key: str | None = None
+    chat_template: str | None = None  # --chat-template: jinja2 source used instead of the tokenizer's
+    stats_log_interval_s: float = STATS_LOG_INTERVAL_S
+    workers: PromptWorkers | None = None
+    metrics: ServerMetrics | None = None
+
+    def __post_init__(self):
+        self.workers = self.workers or PromptWorkers(self.tokenizer, self.limits, self.max_model_len)
+        self.metrics = self.metrics or ServerMetrics(self.model_name)
 
 
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def create_app(state: ServerState) -> FastAPI:
-    """The FastAPI app; its lifespan starts the engine loop (if not running) and shuts it down."""
+def create_app(state: ServerState):
+    """The ASGI app (FastAPI inside the body-limit / auth middleware); its lifespan starts the engine loop (if
+    not running), the stats log, and shuts both down."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if not state.loop.is_alive:
             state.loop.start()
+        stats = asyncio.create_task(_stats_log(state))
         yield
+        stats.cancel()
         state.loop.shutdown()
+        state.workers.shutdown()
 
     app = FastAPI(title="pagedkv", lifespan=lifespan)
     app.state.server = state
     _add_error_handlers(app)
+    _add_info_routes(app, state)
+    _add_text_routes(app, state)
+    _add_generate_routes(app, state)
+    return ServerMiddleware(app, max_body_bytes=state.limits.max_request_body_bytes, api_key=state.api_key)
 
+
+async def snapshot(state: ServerState):
+    loop = state.loop
+    snap = await asyncio.wrap_future(loop.call(lambda engine: engine_snapshot(engine, loop.num_pending)))
+    state.metrics.update(snap, loop.num_step_errors)
+    return snap
+
+
+async def _stats_log(state: ServerState) -> None:
+    while True:
+        await asyncio.sleep(state.stats_log_interval_s)
+        try:
+            line = state.metrics.log_line(await snapshot(state))
+        except EngineError:
+            continue
+        if line is not None:
+            logger.info("%s", line)
+
+
+def _card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "pagedkv",
+            "root": state.root or state.model_name, "parent": None, "max_model_len": state.max_model_len,
+            "vocab_size": state.vocab_size}
+
+
+async def parse_body(request: Request, model, limits: ServerLimits | None = None):
+    """The body as ``model``: JSON parsed and lone surrogates refused (400), the fan-out cap checked on the raw
+    JSON (a 2,000-prompt body is refused before its prompts are validated), then pydantic (400 naming the field)."""
+    from pydantic import ValidationError
+
+    data = parse_json_body(await request.body())
+    if limits is not None:
+        early_fan_out_check(data, limits)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         return Response(status_code=200 if state.loop.is_alive else 503)
 
+    @app.get("/version")
+    async def version():
+        from .. import __version__
+
+        return {"version": __version__}
+
     @app.get("/metrics")
     async def metrics():
-        """Prometheus text: requests in the engine and the KV pool's blocks (read on the engine thread)."""
         try:
-            stats = await asyncio.wrap_future(state.loop.call(engine_stats))
-        except EngineError as exc:
-            raise OpenAIError(str(exc), status=503, type="service_unavailable") from None
-        stats["pagedkv_engine_step_errors_total"] = state.loop.num_step_errors
-        lines = [f"# TYPE {name} {'counter' if name.endswith('_total') else 'gauge'}\n{name} {value}"
-                 for name, value in stats.items()]
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+            await snapshot(state)
+        except EngineError:
+            raise OpenAIError("the engine loop is not running", status=503, type="service_unavailable") from None
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "pagedkv",
-                "root": state.root or state.model_name, "parent": None, "max_model_len": state.max_model_len,
-                "vocab_size": state.vocab_size}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [_card(state)]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(state, model_id)
+        return _card(state)
+
+
+def _add_text_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await parse_body(request, TokenizeRequest)
+        check_model(state, body.model)
+        if body.prompt is not None:
+            ids = await state.workers.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            text = await state.workers.render(body.messages, body.add_generation_prompt, body.chat_template_kwargs,
+                                              state.chat_template)
+            ids = await state.workers.encode(text, add_special_tokens=False, param="messages")
+        return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await parse_body(request, DetokenizeRequest)
+        check_model(state, body.model)
+        ids = token_ids(state, body.tokens) if body.tokens else []
+        return {"prompt": state.tokenizer.decode(ids, skip_special_tokens=False)}
+
+
+def _add_generate_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        _precheck(state, body)
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest, state.limits)
+        check_model(state, body.model)
+        body.refuse_unsupported()
         prompts = body.prompts()
-        ids = [_encode(state, p) for p in prompts]
+        body.check_limits(state.limits, len(prompts))
+        ids = [await state.workers.encode(p) if isinstance(p, str) else token_ids(state, p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        return await _generate(state, request, body, "completions", ids, texts, body.max_tokens, body.logprobs)
+        echo = None
+        if body.echo:
+            echo = [p if isinstance(p, str) else state.tokenizer.decode(i, skip_special_tokens=False)
+                    for p, i in zip(prompts, ids)]
+        return await generate(state, request, body, "completions", ids, texts, body.max_tokens, body.logprobs, echo)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        _precheck(state, body)
-        ids = [_chat_prompt(state, body)]
-        return await _generate(state, request, body, "chat", ids, [None], body.requested_max_tokens,
-                               body.num_logprobs)
-
-    return app
-
-
-def engine_stats(engine) -> dict:
-    """Gauges of the engine's state (call on the engine thread)."""
-    m = engine.manager
-    return {"pagedkv_num_requests_running": len(engine.scheduler.running),
-            "pagedkv_num_requests_waiting": len(engine.scheduler.waiting),
-            "pagedkv_kv_num_blocks": m.num_blocks, "pagedkv_kv_num_free_blocks": m.num_free_blocks}
-
-
-# -------------------------------------------------------------------------------------------- prompts
-def _encode(state: ServerState, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        return state.tokenizer.encode(prompt)
-    return [int(t) for t in prompt]
-
-
-def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
-    kwargs = dict(body.chat_template_kwargs or {})
-    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
-    if reserved:
-        raise OpenAIError(f"chat_template_kwargs may not set {reserved}", param="chat_template_kwargs")
-    messages = [m.as_template_dict() for m in body.messages]
-    try:
-        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                                   tokenize=True, **kwargs)
-    except ValueError as exc:
-        raise OpenAIError(str(exc), param="messages") from None
-
-
-def _params(state: ServerState, body, requested_max_tokens, num_logprobs, prompt_len: int) -> SamplingParams:
-    """SamplingParams of one prompt; refuses (400) a prompt + completion longer than the model's context."""
-    remaining = state.max_model_len - prompt_len
-    if requested_max_tokens is None and remaining < 1:
-        raise _context_error(state, prompt_len, 0)
-    max_tokens = remaining if requested_max_tokens is None else requested_max_tokens
-    params = body.sampling_params(state.defaults, max_tokens, num_logprobs)
-    if prompt_len + max_tokens > state.max_model_len:
-        raise _context_error(state, prompt_len, max_tokens)
-    return params
-
-
-def _context_error(state: ServerState, prompt_len: int, max_tokens: int) -> OpenAIError:
-    return OpenAIError(f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
-                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-                       f"completion). Please reduce the prompt or max_tokens.", param="prompt",
-                       code="context_length_exceeded")
-
-
-# --------------------------------------------------------------------------------------------- generate
-def _precheck(state: ServerState, body) -> None:
-    """The model name and the options this server cannot honour, before any tokenizing."""
-    if body.model != state.model_name:
-        raise OpenAIError(f"The model `{body.model}` does not exist; this server serves `{state.model_name}`.",
-                          param="model", code="model_not_found")
-    body.refuse_unsupported()
-
-
-async def _generate(state: ServerState, request: Request, body, kind: str, ids, texts, requested_max_tokens,
-                    num_logprobs):
-    params = [_params(state, body, requested_max_tokens, num_logprobs, len(p)) for p in ids]
-    try:
-        sink = await state.loop.submit(ids, params, texts)
-    except ValueError as exc:
-        raise OpenAIError(str(exc)) from None
-    except EngineError as exc:
-        raise OpenAIError(str(exc), status=503, type="service_unavailable") from None
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    builder = ResponseBuilder(kind, state.model_name, body.n, [len(p) for p in ids], state.tokenizer, num_logprobs,
-                              include_usage)
-    if body.stream:
-        return StreamingResponse(_stream(state, builder, sink), media_type="text/event-stream")
-    return await _complete(state, request, builder, sink)
-
-
-def _take(builder: ResponseBuilder, items) -> EngineError | None:
-    for index, item in items:
-        if index is None:
-            return item
-        builder.update(index, item)
-    return None
-
-
-async def _stream(state: ServerState, builder: ResponseBuilder, sink: Sink):
-    try:
-        if (chunk := builder.role_chunk()) is not None:
-            yield _sse(chunk)
-        while not builder.finished:
-            error = _take(builder, await sink.get_all())
-            if error is not None:
-                yield _sse(OpenAIError(str(error), status=500, type="internal_server_error").body())
-                break
-            if (chunk := builder.delta_chunk()) is not None:
-                yield _sse(chunk)
-        else:
-            if (chunk := builder.usage_chunk()) is not None:
-                yield _sse(chunk)
-        yield "data: [DONE]\n\n"
-    finally:  # NOTE: also runs when Starlette cancels the stream because the client disconnected
-        if not builder.finished:
-            state.loop.abort(sink.request_ids)
-
-
-async def _complete(state: ServerState, request: Request, builder: ResponseBuilder, sink: Sink):
-    pending, next_poll = None, time.monotonic() + DISCONNECT_POLL_S
-    try:
-        while not builder.finished:
-            pending = pending or asyncio.ensure_future(sink.get_all())
-            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
-            if time.monotonic() >= next_poll:  # NOTE: polled on a clock: outputs may never pause long enough
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; the finally clause aborts
-                next_poll = time.monotonic() + DISCONNECT_POLL_S
-            if not done:
-                continue
-            items, pending = pending.result(), None
-            error = _take(builder, items)
-            if error is not None:
-                raise OpenAIError(str(error), status=500, type="internal_server_error")
-        return JSONResponse(builder.response())
-    finally:
-        if pending is not None:
-            pending.cancel()
-        if not builder.finished:
-            state.loop.abort(sink.request_ids)
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatCompletionRequest, state.limits)
+        check_model(state, body.model)
+        body.refuse_unsupported()
+        body.check_limits(state.limits, 1)
+        ids = [await state.workers.chat_ids(body, state.chat_template)]
+        return await generate(state, request, body, "chat", ids, [None], body.requested_max_tokens,
+                              body.num_logprobs)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -241,6 +219,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = f"{'.'.join(loc) + ': ' if loc else ''}{first.get('msg', 'invalid request')}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        message = message.encode("utf-8", "replace").decode("utf-8")[:2000]  # NOTE: may quote a lone surrogate
         return JSONResponse(OpenAIError(message, param=loc[0] if loc else None).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -251,5 +230,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request, exc: Exception):
-        message = f"internal error: {type(exc).__name__}: {exc}"
+        request_id = request.scope.get("state", {}).get("request_id", "-")
+        logger.error("request %s: internal error", request_id, exc_info=exc)
+        message = f"internal server error (request id {request_id}; details in the server log)"
         return JSONResponse(OpenAIError(message, status=500, type="internal_server_error").body(), status_code=500)

@@ -1,8 +1,10 @@
 """OpenAI response bodies and stream chunks, built from the engine's cumulative outputs.
 
 One :class:`ResponseBuilder` per HTTP request. Choice ``prompt_index * n + branch`` follows a branch's
-cumulative ``CompletionOutput``; :meth:`ResponseBuilder.update` returns what is new since the last call
-(text, token logprobs, the finish reason), so outputs may be coalesced (only the newest one of a burst read)::
+cumulative ``CompletionOutput``; :meth:`ResponseBuilder.delta_chunks` returns what is new since the last call
+(text, token logprobs, the finish reason), so outputs may be coalesced (only the newest one of a burst read).
+A stream carries one choice per chunk, with its ``index`` (as OpenAI and vLLM send them); ``echo`` puts the
+prompt's text before the completion (the first chunk of each choice carries it)::
 
     completions chunk   {"id": "cmpl-…", "object": "text_completion", "created", "model",
                          "choices": [{"index", "text", "logprobs", "finish_reason"}]}
@@ -16,6 +18,10 @@ import uuid
 from dataclasses import dataclass, field
 
 MIN_LOGPROB = -9999.0  # JSON has no -inf (vLLM clamps the same way)
+
+
+def new_request_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
 @dataclass(slots=True)
@@ -50,12 +56,13 @@ class ResponseBuilder:
     """
 
     def __init__(self, kind: str, model: str, n: int, prompt_lens: list[int], tokenizer, num_logprobs: int | None,
-                 include_usage: bool = False):
+                 include_usage: bool = False, *, request_id: str | None = None, echo: list[str] | None = None):
         self.kind, self.model, self.n, self.prompt_lens = kind, model, n, list(prompt_lens)
         self.tokenizer, self.num_logprobs, self.include_usage = tokenizer, num_logprobs, include_usage
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.id = request_id or new_request_id(kind)
         self.created = int(time.time())
         self.choices = [ChoiceState(i) for i in range(len(prompt_lens) * n)]
+        self.echo = echo  # per prompt: text put before each of its choices' completions
         self._finished_prompts: set[int] = set()
 
     @property
@@ -64,10 +71,11 @@ class ResponseBuilder:
 
     def update(self, prompt_index: int, output) -> None:
         """Take a (cumulative) RequestOutput of prompt ``prompt_index``."""
+        prefix = self.echo[prompt_index] if self.echo else ""
         for c in output.outputs:
             s = self.choices[prompt_index * self.n + c.index]
-            s.text, s.token_ids, s.finish_reason, s.stop_reason = c.text, list(c.token_ids), c.finish_reason, \
-                c.stop_reason
+            s.text, s.token_ids, s.finish_reason, s.stop_reason = prefix + c.text, list(c.token_ids), \
+                c.finish_reason, c.stop_reason
             s.logprobs = list(c.logprobs or [])
         if output.finished:
             self._finished_prompts.add(prompt_index)
@@ -137,17 +145,16 @@ class ResponseBuilder:
             chunk["usage"] = None
         return chunk
 
-    def role_chunk(self) -> dict | None:
-        """Chat streams open with the assistant role for every choice."""
+    def role_chunks(self) -> list[dict]:
+        """Chat streams open with the assistant role, one chunk per choice."""
         if self.kind != "chat":
-            return None
-        return self._chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None} for s in self.choices])
+            return []
+        return [self._chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for s in self.choices]
 
-    def delta_chunk(self) -> dict | None:
-        """What changed since the last call, as one chunk (None when nothing did)."""
-        deltas = [d for s in self.choices if (d := self._delta(s)) is not None]
-        return self._chunk(deltas) if deltas else None
+    def delta_chunks(self) -> list[dict]:
+        """What changed since the last call: one chunk per choice that changed."""
+        return [self._chunk([d]) for s in self.choices if (d := self._delta(s)) is not None]
 
     def _delta(self, s: ChoiceState) -> dict | None:
         text = s.text[s.sent_text:]

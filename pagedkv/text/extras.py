@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import importlib
 
-EXTRAS = {"tokenizers": "text", "jinja2": "text", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve"}
+EXTRAS = {"tokenizers": "text", "jinja2": "text", "fastapi": "serve", "uvicorn": "serve", "httpx": "serve",
+          "prometheus_client": "serve"}
 
 
 def require(module: str, purpose: str):

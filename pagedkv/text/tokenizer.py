@@ -126,7 +126,20 @@ class Tokenizer:
         """Token ids of ``text``; ``add_special_tokens`` applies the post-processor and ``add_bos_token``."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._fix_bos(self.backend.encode(text, add_special_tokens=add_special_tokens).ids, add_special_tokens)
+
+    def encode_off_gil(self, text: str, add_special_tokens: bool = True, max_tokens: int | None = None):
+        """:meth:`encode`, but the work runs with the GIL released (``tokenizers``' batch path), so another
+        thread calling it does not stall this process's other threads. Returns None (no id list built) when the
+        text has more than ``max_tokens`` tokens."""
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a str, got {type(text).__name__}")
+        encoding = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        if max_tokens is not None and len(encoding) > max_tokens + 1:  # NOTE: +1: a BOS add_bos_token may drop
+            return None
+        return self._fix_bos(encoding.ids, add_special_tokens)
+
+    def _fix_bos(self, ids: list[int], add_special_tokens: bool) -> list[int]:
         if add_special_tokens and self.add_bos_token is not None and self.bos_token_id is not None:
             # NOTE: tokenizer.json's post-processor adds the BOS or not; tokenizer_config.json's add_bos_token
             # overrides it (as transformers' Llama tokenizers rebuild their post-processor)

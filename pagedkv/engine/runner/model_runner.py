@@ -75,10 +75,16 @@ class ModelRunner:
         max_num_seqs, max_num_batched_tokens, max_model_len: the engine's limits (buffer sizes).
         cuda_graph: replay decode (and small prefill) steps as CUDA graphs on a GPU.
         seed: draws the sampling seeds of requests that have none.
+        cascade_attention: let the attention backend run decode steps whose rows share long prefixes as cascade
+            attention where its rule says it pays: the backend names the decode variants
+            (``model.attention.setup_decode``), the runner keeps one set of decode graphs per variant and replays
+            the one ``model.attention.prepare_decode`` answers for each step (it knows no more than that).
+            False: set up, switched off; None: the backend is not asked (a model without one, e.g. tensor
+            parallel ranks).
     """
 
     def __init__(self, model, kv_cache, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, cuda_graph: bool, seed: int = 0):
+                 max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool | None = None):
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // block_size)
@@ -95,7 +101,11 @@ class ModelRunner:
         self._turn = 0
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
+        self.variants = () if cascade_attention is None else \
+            model.attention.setup_decode(max_num_seqs, block_size, cascade=cascade_attention)
+        self._ask_backend = cascade_attention is not None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
+        self.variant_graphs = {}  # decode graphs of the attention backend's variants (cascade), by variant
         if cuda_graph and self.backend.is_gpu:
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
@@ -107,6 +117,9 @@ class ModelRunner:
         or grown since the last capture)."""
         self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
                                  lambda rows: self.sampled[:rows], self._max_num_seqs)
+        self.variant_graphs = {variant: CudaGraphs(  # the attention backend's decode variants (cascade)
+            lambda rows, out, variant=variant: self._forward(self.decode_inputs, rows, None, out, variant),
+            lambda rows: self.sampled[:rows], self._max_num_seqs) for variant in self.variants}
         rows = self.prefill_inputs.shape.rows
         self.prefill_graphs = CudaGraphs(
             lambda rows, out: self._forward(self.prefill_inputs, rows, PREFILL_LOGIT_ROWS, out),
@@ -214,14 +227,26 @@ class ModelRunner:
             fill_seqs(v, lay, self.tables, inputs.shape.seqs)
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
         self.structured.fill(v, seqs, positions, num_logits)
+        # the attention backend's variant of this decode step (its metadata is uploaded with the inputs)
+        variant = self._decode_variant(v, lay.num_rows) if decode else None
+        if variant is not None:
+            graphs = self.variant_graphs.get(variant)
+            fits = fits and graphs is not None
         if self._start_event is not None:  # NOTE: here, not earlier: the GPU time excludes waiting for the host
             self._start_event.record()
         inputs.upload(lay.num_rows if decode else len(seqs))
         t1 = time.perf_counter()
         logits = self._replay(graphs, rows) if fits else None
         if logits is None:
-            logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled)
+            logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled, variant)
         return logits, positions, inputs.device, (inputs,), t1
+
+    def _decode_variant(self, v, num_rows: int):
+        """The attention backend's variant of a decode step from its host rows (None: plain decode); the backend
+        uploads whatever metadata the variant needs on the current stream."""
+        if not self._ask_backend:
+            return None
+        return self.model.attention.prepare_decode(v.block_tables, v.context_lens, num_rows)
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:
@@ -230,8 +255,9 @@ class ModelRunner:
             self._drop_graphs(exc)
             return None
 
-    def _forward(self, inputs: StepInputs, rows: int, num_logits: int | None, out):
-        """Feed, forward and sample on the device views of ``inputs`` (captured as one graph per bucket)."""
+    def _forward(self, inputs: StepInputs, rows: int, num_logits: int | None, out, variant=None):
+        """Feed, forward and sample on the device views of ``inputs`` (captured as one graph per bucket and
+        attention variant)."""
         d, per_seq = inputs.device, inputs.shape.seqs > 0
         feed_tokens(d.token_ids[:rows], d.src_rows[:rows], self.sampled)
         batch = DecodeBatch(token_ids=d.token_ids[:rows], positions=d.positions[:rows],
@@ -239,7 +265,8 @@ class ModelRunner:
                             block_tables=d.block_tables if per_seq else d.block_tables[:rows],
                             context_lens=d.context_lens if per_seq else d.context_lens[:rows],
                             logit_rows=None if num_logits is None else d.logit_rows[:num_logits],
-                            query_start_loc=d.query_start_loc if per_seq else None)
+                            query_start_loc=d.query_start_loc if per_seq else None,
+                            attention_variant=variant)
         logits = self.model.decode(batch, self.kv_cache)
         sample(logits, d.sampling, out=out[:logits.shape[0]], state=self.logits_state)
         return logits
@@ -257,7 +284,8 @@ class ModelRunner:
         self.structured.fill(v, seqs, positions, lay.num_logits)
         t1 = time.perf_counter()
         if decode:
-            return self._forward(inputs, lay.num_rows, None, self.sampled), positions, v, (), t1
+            variant = self._decode_variant(v, lay.num_rows)
+            return self._forward(inputs, lay.num_rows, None, self.sampled, variant), positions, v, (), t1
         feed_tokens(v.token_ids[:lay.num_rows], v.src_rows[:lay.num_rows], self.sampled)
         batch = PrefillBatch(token_ids=v.token_ids[:lay.num_rows].astype(np.int64), positions=lay.positions,
                              slot_mapping=v.slot_mapping[:lay.num_rows].copy(),
@@ -337,12 +365,14 @@ class ModelRunner:
     # --------------------------------------------------------------------------------------- graphs
     def _drop_graphs(self, exc: Exception) -> None:
         self.graph_error, self.graphs, self.prefill_graphs = f"{type(exc).__name__}: {exc}", None, None
+        self.variant_graphs = {}
 
     def warmup_graphs(self) -> None:
         """Capture the decode and prefill graphs of every bucket now (else lazily, at first use), then run the
         largest eager step once (vLLM's profile run: memory pools grown, cuBLAS heuristics cached)."""
         try:
-            for graphs, inputs in ((self.graphs, self.decode_inputs), (self.prefill_graphs, self.prefill_inputs)):
+            decode = [(g, self.decode_inputs) for g in (self.graphs, *self.variant_graphs.values())]
+            for graphs, inputs in (*decode, (self.prefill_graphs, self.prefill_inputs)):
                 if graphs is not None:
                     inputs.reset()  # NOTE: the warm-up runs write K/V of every row with a slot: none may have one
                     graphs.capture_all()
