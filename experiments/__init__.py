@@ -22,5 +22,6 @@ BENCHMARKS = {
     "structured": ("structured_bench", "decode throughput with a JSON schema vs without (llguidance)"),
     "agreement": ("fp16_agreement", "engine variants' greedy tokens vs the eager reference (float16)"),
     "fp8": ("fp8_accuracy", "fp8 KV cache vs the model-dtype cache: greedy agreement, next-token KL"),
+    "cpu": ("cpu_demo", "LLM('small') on the CPU: first token, tokens/s, float32 vs float64 matmuls"),
     "plots": ("plots", "PNGs from the JSON results"),
 }

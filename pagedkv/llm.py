@@ -1,41 +1,32 @@
-"""LLM: text in, text out over :class:`~pagedkv.engine.LLMEngine`, with vLLM's shape.
+"""LLM: text in, text out over :class:`~pagedkv.engine.LLMEngine`, with vLLM's offline surface.
 
 ::
 
-    llm = LLM("path/to/hf-checkpoint")                       # weights, tokenizer, chat template, EOS, defaults
-    llm.generate(["Hello, my name is"], SamplingParams(max_tokens=32))[0].outputs[0].text
-    llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text
+    llm = LLM("path/to/hf-checkpoint", dtype="auto", max_model_len=4096)     # or a preset: LLM("small")
+    outs = llm.generate(["Hello, my name is", {"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].logprobs            # list[dict[int, Logprob]] with logprobs=k
+    llm.chat([{"role": "user", "content": "Hi!"}], chat_template_kwargs={"enable_thinking": False})
+    llm.beam_search(["The best"], BeamSearchParams(beam_width=4, max_tokens=16))
     for delta in llm.stream("Once upon a time", SamplingParams(max_tokens=64)):
         print(delta, end="", flush=True)
 
-A preset name (``"tiny"``, ``"llama-1b"``) builds random weights and has no tokenizer unless one is given
-(``tokenizer="folder/with/tokenizer.json"``): token-id prompts work, text prompts are refused.
+A preset name (``"small"``, ``"tiny"``, ``"llama-1b"``) builds random weights; ``"small"`` ships a tokenizer
+(text works at once), the others take token ids unless one is given (``tokenizer="folder/with/tokenizer.json"``).
+
+Threads: one engine, one caller at a time. Every call that touches the engine holds its lock (``generate``,
+``chat`` and ``beam_search`` for their whole run, a stream for each step), so calls from several threads are
+served one after another and always get the single-threaded answer.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-from .engine import EngineConfig, LLMEngine, RequestOutput, SamplingParams
-
-
-def _is_token_ids(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and \
-        all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-
-
-def _as_prompt_list(prompts) -> list:
-    """One prompt (a string or a list of ids) or a list of them, as a list of prompts."""
-    if isinstance(prompts, str) or _is_token_ids(prompts):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts:
-        return list(prompts)
-    raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
-                     f"got {prompts!r:.80}")
-
-
-def _is_conversation(messages) -> bool:
-    return isinstance(messages, (list, tuple)) and len(messages) > 0 and all(isinstance(m, dict) for m in messages)
+from .engine import EngineConfig, LLMEngine, RequestOutput
+from .beam.search import BeamSearchOutput, BeamSearchParams, beam_search
+from .llm_inputs import config_field_names, engine_options, is_token_ids, parse_prompts, per_prompt
+from .llm_stream import Mailboxes, Stream
+from .logprob import Logprob
+from .sampling_params import SamplingParams
 
 
 class LLM:
@@ -45,121 +36,188 @@ class LLM:
         model: a Hugging Face checkpoint folder (``config.json`` + ``*.safetensors``, and ``tokenizer.json``
             for text) or a preset name (random weights).
         tokenizer: a :class:`pagedkv.text.Tokenizer` or a folder holding ``tokenizer.json``; default: the
-            checkpoint folder's, if it has one.
-        engine_options: :class:`~pagedkv.engine.EngineConfig` fields (``dtype``, ``device``, ``num_blocks``,
-            ``max_model_len``, ``max_num_seqs``, ...).
+            checkpoint folder's (or the preset's), if it has one.
+        options: vLLM's names (``dtype="auto"``, ``gpu_memory_utilization``, ``enforce_eager``,
+            ``kv_cache_dtype``, ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
+            ``enable_prefix_caching``, ``enable_chunked_prefill``, ``seed``, ``tensor_parallel_size``,
+            ``trust_remote_code``) and :class:`~pagedkv.engine.EngineConfig` fields (``device``, ``num_blocks``,
+            ...). See :mod:`pagedkv.llm_inputs`; a value pagedkv cannot honour raises ``ValueError``.
     """
 
-    def __init__(self, model: str | Path, *, tokenizer=None, **engine_options):
+    def __init__(self, model: str | Path, *, tokenizer=None, **options):
+        from .backend import get_backend
+
         folder = Path(model) if isinstance(model, (str, Path)) else None
         is_checkpoint = folder is not None and (folder / "config.json").is_file()
         if not is_checkpoint and (not isinstance(model, str) or model not in _presets()):
             raise ValueError(f"model must be a checkpoint folder (with config.json) or a preset {_presets()}, "
                              f"got {model!r}")
-        self.tokenizer = _load_tokenizer(tokenizer, folder if is_checkpoint else None)
+        on_gpu = get_backend(options.get("device", "auto")).is_gpu
+        engine_kwargs = engine_options(options, config_field_names(EngineConfig), on_gpu)
+        engine_kwargs.setdefault("host_matmul", "float32")  # NOTE: fast CPU products (the engine keeps float64)
+        self.tokenizer = _load_tokenizer(tokenizer, folder if is_checkpoint else None,
+                                         None if is_checkpoint else model)
         self.model_name = str(model)
         if is_checkpoint:  # dtype, EOS ids and sampling defaults: the checkpoint's (generation_config.json)
-            self.engine = LLMEngine.from_checkpoint(folder, EngineConfig(**engine_options), tokenizer=self.tokenizer)
+            self.engine = LLMEngine.from_checkpoint(folder, EngineConfig(**engine_kwargs), tokenizer=self.tokenizer)
             _check_vocab(self.tokenizer, self.engine.model_config.vocab_size)
         else:
             _check_vocab(self.tokenizer, _preset_vocab(model))  # before building random weights
             if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-                engine_options.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-            self.engine = LLMEngine(EngineConfig(model=model, **engine_options), tokenizer=self.tokenizer)
+                engine_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+            self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), tokenizer=self.tokenizer)
         self.default_sampling_params = self.engine.default_params
+        self._mailboxes = Mailboxes()
+        self._next_id = 0
 
-    # ------------------------------------------------------------------------------------------ prompts
+    # ----------------------------------------------------------------------------------- vLLM's accessors
+    @property
+    def llm_engine(self) -> LLMEngine:
+        return self.engine
+
+    def get_tokenizer(self):
+        """The :class:`pagedkv.text.Tokenizer` (``encode`` / ``decode`` / ``apply_chat_template``), or None."""
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's generation defaults (``generation_config.json``) as SamplingParams."""
+        return self.default_sampling_params
+
+    def encode(self, *args, **kwargs):
+        """Refused: in vLLM, ``LLM.encode`` is the pooling (embedding) API, which pagedkv does not implement."""
+        raise ValueError("LLM.encode is vLLM's pooling API, which pagedkv does not implement; to tokenize, use "
+                         "llm.get_tokenizer().encode(text)")
+
+    # ------------------------------------------------------------------------------------------ generate
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete ``prompts`` (strings, token-id lists, TextPrompt/TokensPrompt dicts, or a list of them) with
+        one SamplingParams or one per prompt; outputs in order. Everything is checked before anything is queued."""
+        parsed = parse_prompts(prompts)
+        ids = [p.token_ids if p.token_ids is not None else self._encode(p.text) for p in parsed]
+        return self._generate(ids, [p.text for p in parsed], sampling_params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+             use_tqdm: bool = True, chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools=None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of ``{"role", "content"}`` dicts) or a list of conversations.
+
+        Content is a string or OpenAI parts (``[{"type": "text", "text": ...}]``, joined with newlines as vLLM's
+        "string" format does; ``chat_template_content_format="openai"`` hands the parts to the template);
+        non-text parts are refused. ``chat_template``: jinja2 source or a template name; ``chat_template_kwargs``:
+        template variables (``enable_thinking``...); ``continue_final_message``: the model continues the last
+        (assistant) message instead of starting a new one.
+        """
+        from .text.chat_messages import conversations_of, render_conversation
+
+        tok = self._require_tokenizer("chat")
+        texts = [render_conversation(tok, c, chat_template=chat_template, content_format=chat_template_content_format,
+                                     add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message, tools=tools,
+                                     chat_template_kwargs=chat_template_kwargs)
+                 for c in conversations_of(messages)]
+        ids = [tok.encode(text, add_special_tokens=False) for text in texts]  # the template wrote them
+        return self._generate(ids, texts, sampling_params, use_tqdm)
+
+    def _generate(self, ids, texts, sampling_params, use_tqdm) -> list[RequestOutput]:
+        if not isinstance(use_tqdm, bool):
+            raise ValueError(f"use_tqdm must be a bool, got {use_tqdm!r}")
+        params = per_prompt(sampling_params, len(ids), self.default_sampling_params)
+        outputs = self.engine.generate(ids, params, progress=use_tqdm)
+        for out, text in zip(outputs, texts):
+            self._finish_output(out, text)
+        return outputs
+
+    def _finish_output(self, out: RequestOutput, text: str | None) -> RequestOutput:
+        """vLLM's shapes: a str request id, Logprob entries with their decoded token."""
+        out.prompt = text
+        out.request_id = str(self._new_id())
+        decode = self.tokenizer.token_text if self.tokenizer is not None else None
+        for c in out.outputs:
+            if c.logprobs is not None:
+                c.logprobs = [_logprob_dict(e, decode) for e in c.logprobs]
+        if out.prompt_logprobs is not None:
+            out.prompt_logprobs = [None if e is None else _logprob_dict(e, decode) for e in out.prompt_logprobs]
+        return out
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def _encode(self, text: str) -> list[int]:
+        return self._require_tokenizer("a text prompt").encode(text)
+
     def _require_tokenizer(self, what: str):
         if self.tokenizer is None:
             raise ValueError(f"{what} needs a tokenizer, and model {self.model_name!r} has none: pass token ids, or "
                              f"LLM(..., tokenizer=DIR) with a folder holding tokenizer.json")
         return self.tokenizer
 
-    def encode(self, prompt) -> list[int]:
-        """Token ids of a prompt given as text (special tokens added as the tokenizer says) or as ids."""
-        if isinstance(prompt, str):
-            return self._require_tokenizer("a text prompt").encode(prompt)
-        if _is_token_ids(prompt):
-            return [int(t) for t in prompt]
-        raise ValueError(f"a prompt must be a string or a non-empty list of token ids, got {prompt!r:.80}")
-
-    def chat_prompt(self, messages, *, chat_template: str | None = None, add_generation_prompt: bool = True,
-                    **template_kwargs) -> list[int]:
-        """Token ids of one conversation rendered by the chat template (the template writes special tokens)."""
-        tok = self._require_tokenizer("chat")
-        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                       chat_template=chat_template, tokenize=True, **template_kwargs)
-
-    # ------------------------------------------------------------------------------------------ generate
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-                 progress: bool = False) -> list[RequestOutput]:
-        """Complete ``prompts`` (strings or token-id lists); outputs in order, with text and token ids.
-
-        Every prompt is encoded and validated before any request is queued.
-        """
-        prompts = _as_prompt_list(prompts)
-        ids = [self.encode(p) for p in prompts]
-        return self._generate(ids, prompts, sampling_params, progress)
-
-    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True, progress: bool = False,
-             **template_kwargs) -> list[RequestOutput]:
-        """Answer one conversation (a list of ``{"role", "content"}`` dicts) or a list of conversations."""
-        conversations = [messages] if _is_conversation(messages) else messages
-        if not isinstance(conversations, (list, tuple)) or not conversations or \
-                not all(_is_conversation(c) for c in conversations):
-            raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) or a list of them")
-        tok = self._require_tokenizer("chat")
-        texts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
-                                         **template_kwargs) for c in conversations]
-        ids = [tok.encode(text, add_special_tokens=False) for text in texts]  # the template wrote them
-        return self._generate(ids, texts, sampling_params, progress)
-
-    def _generate(self, ids, texts, sampling_params, progress) -> list[RequestOutput]:
+    # -------------------------------------------------------------------------------------------- stream
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Stream:
+        """Text deltas of one prompt's completion as tokens arrive: ``str`` for ``n == 1``, ``(index, str)`` for
+        ``n > 1``. Closing it (``break``, ``close()``) or dropping it aborts the request (see
+        :mod:`pagedkv.llm_stream`)."""
+        parsed = parse_prompts(prompt)
+        if len(parsed) != 1 or not (isinstance(prompt, (str, dict)) or is_token_ids(prompt)):
+            raise ValueError(f"stream() takes one prompt, got {prompt!r:.80}")
+        parsed = parsed[0]
         params = self.default_sampling_params if sampling_params is None else sampling_params
-        outputs = self.engine.generate(ids, params, progress=progress)
-        for out, text in zip(outputs, texts):
-            out.prompt = text if isinstance(text, str) else None
+        self._require_tokenizer("stream()")
+        ids = parsed.token_ids if parsed.token_ids is not None else self._encode(parsed.text)
+        request_id = f"stream-{self._new_id()}"
+        self.engine.add_request(ids, params, request_id=request_id, prompt=parsed.text)
+        return Stream(self.engine, self._mailboxes, request_id, params.n)
+
+    # --------------------------------------------------------------------------------------- beam search
+    def beam_search(self, prompts, params: BeamSearchParams | int | None = None, max_tokens: int | None = None,
+                    length_penalty: float = 1.0, *, beam_width: int | None = None, ignore_eos: bool = False,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search of each prompt with vLLM's rules; beams share every common KV block (``fork_sequence``).
+
+        ``params``: vLLM's :class:`BeamSearchParams` (or ``beam_width=``, ``max_tokens=`` keywords). Returns
+        ``BeamSearchOutput``s whose ``sequences`` are best first, each with ``tokens`` (prompt + generated),
+        ``logprobs``, ``cum_logprob`` and ``text`` (the generated text, an ending EOS not decoded).
+        """
+        if isinstance(params, BeamSearchParams):
+            if beam_width is not None or max_tokens is not None:
+                raise ValueError("give a BeamSearchParams or beam_width/max_tokens, not both")
+        else:
+            width = params if params is not None else beam_width
+            if width is None or max_tokens is None:
+                raise ValueError("beam_search needs a BeamSearchParams (or beam_width= and max_tokens=)")
+            params = BeamSearchParams(width, max_tokens, ignore_eos, length_penalty)
+        parsed = parse_prompts(prompts)
+        ids = [p.token_ids if p.token_ids is not None else self._encode(p.text) for p in parsed]
+        with self.engine.serial.lock:
+            outputs = beam_search(self.engine, ids, params.beam_width, params.max_tokens, params.length_penalty,
+                                  ignore_eos=params.ignore_eos, eos_token_ids=params.eos_token_ids)
+        for out, p in zip(outputs, parsed):
+            out.prompt = p.text
+            for s in out.sequences:
+                self._finish_sequence(s, out.prompt_token_ids)
         return outputs
 
-    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one prompt's completion as tokens arrive (``n`` must be 1).
+    def _finish_sequence(self, s, prompt_ids: list[int]) -> None:
+        """vLLM's BeamSearchSequence fields: ``tokens`` prompt + generated, ``logprobs`` one ``{token: Logprob}``
+        per generated token, ``text`` the generated text (an ending EOS not decoded)."""
+        decode = self.tokenizer.token_text if self.tokenizer is not None else None
+        s.tokens = list(prompt_ids) + list(s.token_ids)
+        s.logprobs = [_logprob_dict({t: lp}, decode) for t, lp in zip(s.token_ids, s.logprobs)]
+        if self.tokenizer is not None:
+            ids = s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids
+            s.text = self.tokenizer.decode(ids)
 
-        Closing the iterator early (``break``) aborts the request and frees its blocks.
-        """
-        params = self.default_sampling_params if sampling_params is None else sampling_params
-        if params.n != 1:
-            raise ValueError(f"stream() streams one completion: n must be 1, got {params.n}")
-        ids = self.encode(prompt)
-        self._require_tokenizer("stream()")
-        request_id = self.engine.add_request(ids, params, prompt=prompt if isinstance(prompt, str) else None)
-        return self._stream(request_id)
 
-    def _stream(self, request_id) -> Iterator[str]:
-        sent, finished = 0, False
-        try:
-            while not finished:
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        text, finished = out.outputs[0].text, out.finished
-                        if len(text) > sent:
-                            yield text[sent:]
-                            sent = len(text)
-        finally:
-            if not finished:
-                self.engine.abort_request(request_id)
-
-    def beam_search(self, prompts, beam_width: int, max_tokens: int, length_penalty: float = 1.0, *,
-                    ignore_eos: bool = False) -> list:
-        """Beam search of each prompt (strings or token-id lists) with vLLM's rules; beams share every common
-        KV block (``fork_sequence``). Returns ``BeamSearchOutput``s: ``sequences`` best first, with text."""
-        from .beam.search import beam_search_text
-
-        return beam_search_text(self, prompts, beam_width, max_tokens, length_penalty, ignore_eos=ignore_eos)
-
-    def get_default_sampling_params(self) -> SamplingParams:
-        """The checkpoint's generation defaults (``generation_config.json``) as SamplingParams."""
-        return self.default_sampling_params
+def _logprob_dict(entries: dict, decode) -> dict[int, Logprob]:
+    out = {}
+    for token, value in entries.items():
+        lp = value if isinstance(value, Logprob) else Logprob(float(value))
+        if lp.decoded_token is None and decode is not None:
+            lp.decoded_token = decode(token)
+        out[token] = lp
+    return out
 
 
 def _presets() -> list[str]:
@@ -180,7 +238,7 @@ def _check_vocab(tokenizer, vocab_size: int) -> None:
                          f"they do not belong together")
 
 
-def _load_tokenizer(tokenizer, folder: Path | None):
+def _load_tokenizer(tokenizer, folder: Path | None, preset: str | None):
     from .text import Tokenizer
 
     if isinstance(tokenizer, Tokenizer):
@@ -189,4 +247,8 @@ def _load_tokenizer(tokenizer, folder: Path | None):
         return Tokenizer.from_folder(tokenizer)
     if folder is not None and (folder / "tokenizer.json").is_file():
         return Tokenizer.from_folder(folder)
+    if preset is not None:
+        from .text.presets import preset_tokenizer
+
+        return preset_tokenizer(preset)
     return None

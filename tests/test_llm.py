@@ -105,5 +105,16 @@ def test_bad_model_arguments(tmp_path):
         LLM(str(tmp_path), **ENGINE)
     with pytest.raises(ValueError, match="checkpoint folder .* or a preset"):
         LLM("no-such-preset", **ENGINE)
-    with pytest.raises(ValueError, match="n must be 1"):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
         LLM("tiny", **ENGINE).stream([1, 2], SamplingParams(n=2))
+
+
+def test_stream_with_n_branches_yields_each_branch_deltas(llm):
+    params = SamplingParams(n=3, max_tokens=12, seed=5, ignore_eos=True, temperature=1.0)
+    texts = ["", "", ""]
+    for index, delta in llm.stream("Three branches", params):
+        assert delta
+        texts[index] += delta
+    want = llm.generate("Three branches", params)[0].outputs
+    assert texts == [c.text for c in want]
+    assert pool_free(llm)

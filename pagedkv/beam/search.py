@@ -26,6 +26,7 @@ eager. Any exception (``KeyboardInterrupt`` included) frees everything the searc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -51,8 +52,12 @@ class BeamSearchParams:
     ignore_eos: bool = False
     length_penalty: float = 1.0
     eos_token_ids: tuple[int, ...] | None = None
+    temperature: float = 0.0  # vLLM's field; beams are scored on raw log-probabilities: only 0 is accepted
 
     def __post_init__(self):
+        if self.temperature != 0:
+            raise ValueError(f"temperature={self.temperature!r}: pagedkv scores beams on the model's raw "
+                             "log-probabilities (temperature=0 only)")
         if not _is_int(self.beam_width) or self.beam_width < 1:
             raise ValueError(f"beam_width must be an int >= 1, got {self.beam_width!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -83,7 +88,13 @@ class BeamSequence:
     score: float
     finish_reason: str
     logprobs: list[float] = field(default_factory=list)
-    text: str = ""  # the generated text (an ending EOS not included) when searched through beam_search_text
+    text: str = ""  # the generated text (an ending EOS not included) when searched through LLM.beam_search
+    tokens: list[int] = field(default_factory=list)  # vLLM's: prompt + generated ids (set by LLM.beam_search)
+
+    @property
+    def cum_logprob(self) -> float:
+        """vLLM's name of ``cumulative_logprob``."""
+        return self.cumulative_logprob
 
 
 @dataclass(slots=True)
@@ -109,7 +120,12 @@ def beam_search(engine, prompts_token_ids, beam_width: int, max_tokens: int, len
     """
     params = BeamSearchParams(beam_width, max_tokens, ignore_eos, length_penalty,
                               None if eos_token_ids is None else eos_token_ids)
-    engine = EngineHandle.of(engine)
+    serial = getattr(engine, "serial", None)  # NOTE: the search drives the engine's manager and model
+    with serial.lock if serial is not None else contextlib.nullcontext():  # one caller at a time
+        return _search(EngineHandle.of(engine), prompts_token_ids, params)
+
+
+def _search(engine, prompts_token_ids, params: BeamSearchParams) -> list[BeamSearchOutput]:
     prompts = check_prompts(engine, prompts_token_ids, params)
     groups = plan_groups(engine, prompts, params)
     outputs = []
@@ -129,7 +145,7 @@ def beam_search_text(llm, prompts, beam_width: int, max_tokens: int, length_pena
     if not isinstance(listed, (list, tuple)) or not listed:
         raise ValueError(f"prompts must be a string, a list of token ids, or a non-empty list of those; "
                          f"got {prompts!r:.80}")
-    ids = [llm.encode(p) for p in listed]
+    ids = [_encode(llm, p) for p in listed]
     outputs = beam_search(llm.engine, ids, beam_width, max_tokens, length_penalty, ignore_eos=ignore_eos)
     for out, prompt in zip(outputs, listed):
         out.prompt = prompt if isinstance(prompt, str) else None
@@ -138,6 +154,15 @@ def beam_search_text(llm, prompts, beam_width: int, max_tokens: int, length_pena
                 ids = s.token_ids[:-1] if s.finish_reason == "stop" else s.token_ids
                 s.text = llm.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     return outputs
+
+
+def _encode(llm, prompt) -> list[int]:
+    """A text prompt through the LLM's tokenizer; token ids as they are (checked by the engine's rules)."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if llm.tokenizer is None:
+        raise ValueError("a text prompt needs a tokenizer on the LLM: pass token ids")
+    return llm.tokenizer.encode(prompt)
 
 
 # ----------------------------------------------------------------------------------------- validation

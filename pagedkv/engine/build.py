@@ -29,10 +29,36 @@ def build_kv_cache(config: EngineConfig, model: ModelConfig, dtype, backend, kv_
     if config.num_blocks is None and budget is None:
         if not backend.is_gpu:
             return KVCache(num_blocks=CPU_DEFAULT_BLOCKS, **shape)
-        budget = int(GPU_FREE_MEMORY_SHARE * backend.xp.cuda.Device().mem_info[0])
+        free, total = backend.xp.cuda.Device().mem_info
+        budget = int(GPU_FREE_MEMORY_SHARE * free)
+        if config.gpu_memory_utilization is not None:  # vLLM: the process's share of the whole GPU
+            budget = int(free - (1 - config.gpu_memory_utilization) * total)
+            if budget <= 0:
+                raise ValueError(f"gpu_memory_utilization={config.gpu_memory_utilization} leaves no memory for the "
+                                 f"KV cache ({total - free} of {total} bytes are in use already)")
     if budget is not None:
+        _check_host_memory(budget, "kv_memory_bytes", backend)
         return KVCache.from_memory_budget(budget, **shape)
+    per_block = KVCache.block_bytes(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim, dtype)
+    _check_host_memory(config.num_blocks * per_block, f"num_blocks={config.num_blocks} ×", backend)
     return KVCache(num_blocks=config.num_blocks, **shape)
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_host_memory(nbytes: int, what: str, backend) -> None:
+    """A CPU pool larger than the host's memory is a caller's mistake: refused naming the size."""
+    total = None if backend.is_gpu else host_memory_bytes()
+    if total is not None and nbytes > total:
+        raise ValueError(f"{what} asks for a KV pool of {nbytes} bytes but this host has {total} bytes of memory")
 
 
 def build_model(config: EngineConfig, model: ModelConfig, weights, dtype, backend, kv_scales=None):
@@ -46,14 +72,16 @@ def build_model(config: EngineConfig, model: ModelConfig, weights, dtype, backen
     if tp == 1:
         kv_cache = build_kv_cache(config, model, dtype, backend, kv_scales)
         max_model_len = resolve_max_model_len(config, model, kv_cache.num_blocks)
-        return (LlamaModel(model, weights, backend, max_positions=max_model_len, fused=config.fused), kv_cache,
+        return (LlamaModel(model, weights, backend, max_positions=max_model_len, fused=config.fused,
+                           host_matmul=config.host_matmul), kv_cache,
                 max_model_len)
     from ..model.parallel_model import ParallelModel
     from ..model.tensor_parallel import TensorParallelPlan
 
     rank0 = build_kv_cache(config, TensorParallelPlan(model, tp, 0).local_config(), dtype, backend)
     max_model_len = resolve_max_model_len(config, model, rank0.num_blocks)
-    parallel = ParallelModel(model, weights, backend, tp, max_positions=max_model_len, fused=config.fused)
+    parallel = ParallelModel(model, weights, backend, tp, max_positions=max_model_len, fused=config.fused,
+                             host_matmul=config.host_matmul)
     kv_cache = parallel.make_kv_cache(rank0.num_blocks, config.block_size, dtype, backend.name, first=rank0)
     return parallel, kv_cache, max_model_len
 

@@ -9,6 +9,7 @@ import numpy as np
 from ..backend import DEVICES, dtype_of
 from ..fp8 import resolve_kv_cache_dtype
 from ..model.config import PRESETS, ModelConfig
+from ..model.host_matmul import HOST_MATMULS
 from .sched.scheduler import MODES, SchedulerConfig
 
 
@@ -73,6 +74,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks the model's heads and MLP are split over (pagedkv.model.parallel_model)
     kv_cache_dtype: str = "auto"  # "auto" | "fp8" | "fp8_e4m3" | "fp8_e5m2"
     calculate_kv_scales: bool = False  # fp8: K/V scales from the first prompts' amax (vLLM's name)
+    gpu_memory_utilization: float | None = None  # GPU: share of total memory for the process (vLLM's meaning)
+    host_matmul: str = "float64"  # CPU matmuls: "float64" (batch-invariant) or "float32" (BLAS, fast)
+    max_stop_strings: int = 128  # stop strings per request (more: ValueError); the server's limit too
+    max_stop_string_len: int = 512  # characters per stop string
     cascade_attention: bool | None = None  # shared prefixes read once per decode step (None: GPU, 16-bit dtypes)
 
     def __post_init__(self):
@@ -86,6 +91,15 @@ class EngineConfig:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         if not _is_int(self.block_size) or not 1 <= self.block_size <= 1024 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two in [1, 1024], got {self.block_size!r}")
+        u = self.gpu_memory_utilization
+        if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not math.isfinite(u)
+                              or not 0 < u <= 1):
+            raise ValueError(f"gpu_memory_utilization must be None or a number in (0, 1], got {u!r}")
+        if self.host_matmul not in HOST_MATMULS:
+            raise ValueError(f"host_matmul must be one of {HOST_MATMULS}, got {self.host_matmul!r}")
+        for name in ("max_stop_strings", "max_stop_string_len"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("num_blocks", "kv_memory_bytes", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):

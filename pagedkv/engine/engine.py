@@ -37,7 +37,9 @@ Promises (tested in tests/test_engine_lifecycle.py):
   retiring fails, those of the step in flight), frees their blocks and re-raises; their final outputs
   (finish_reason "abort") come with the next ``step()``. An exception inside ``generate`` aborts that call's
   requests. The engine stays usable.
-- Single-threaded: every method is called from one thread (a server runs one engine loop and queues to it).
+- One caller at a time: every public method holds the engine's reentrant lock (:mod:`serialized`), so calls
+  from several threads are served one after another, never interleaved inside a step (a server still runs
+  one engine loop and queues to it: a thread blocked on the lock waits for a whole ``generate``).
 """
 from __future__ import annotations
 
@@ -57,13 +59,14 @@ from .metrics import (EngineMetrics, StepMetrics, StepTiming, account_prefix_cac
                       step_metrics)
 from . import step_commit
 from .kv_calibration import calibrate_kv_scales
+from .serialized import Serialization, abort_soon, serialized
 from .runner.model_runner import InFlight, ModelRunner
 from .output_processor import OutputProcessor
 from .sched.prefix_cache import PrefixCache
 from .request import Request, RequestOutput
 from ..sampling_params import SamplingParams
 from .request_params import resolve_params
-from .validation import check_prompt, check_request_id
+from .validation import check_prompt, check_request_id, check_stop_strings
 from .sched.scheduler import Scheduler
 from .sched.step_plan import SchedulerOutput
 
@@ -81,6 +84,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, *, model_config: ModelConfig | None = None,
                  weights: ModelWeights | None = None, tokenizer=None, kv_scales=None):
         self.config = config = config or EngineConfig()
+        self.serial = Serialization()
         self.backend = get_backend(config.device)
         self.model_config = model_config or get_config(config.model)
         if weights is None:
@@ -145,11 +149,13 @@ class LLMEngine:
         self.runner.grammars = None  # made again for this tokenizer at the next structured request
 
     # ---------------------------------------------------------------------------------------- requests
+    @serialized
     def check_request(self, prompt_token_ids, params: SamplingParams | None = None, *, request_id=None,
                       prompt: str | None = None) -> None:
         """Raise the ``ValueError`` that :meth:`add_request` would raise; changes nothing."""
         self._validated(prompt_token_ids, params, request_id, prompt)
 
+    @serialized
     def add_request(self, prompt_token_ids, params: SamplingParams | None = None, *, request_id=None,
                     prompt: str | None = None):
         """Queue a request; returns its id (``request_id`` if given: a str or int unique among the requests
@@ -172,6 +178,7 @@ class LLMEngine:
             check_request_id(request_id, in_use=(self.requests, self._unreported))
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str or None, got {type(prompt).__name__}")
+        check_stop_strings(params.stop, self.config.max_stop_strings, self.config.max_stop_string_len)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop!r} need a tokenizer on the engine (use stop_token_ids)")
         ids, params = resolve_params(params, ids, self.max_model_len, self.runner.lists, self._grammars(params))
@@ -192,6 +199,7 @@ class LLMEngine:
         self._next_id += 1
         return self._next_id - 1
 
+    @serialized
     def abort_request(self, request_id) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (unfinished branches end with
         "abort"), or None for an unknown or already released id. Its output is not returned by ``step()``."""
@@ -207,6 +215,11 @@ class LLMEngine:
         self._abort(request)
         return request.output()
 
+    def abort_request_soon(self, request_id) -> None:
+        """Abort ``request_id`` as soon as no call holds the engine (at once if none does); safe from a
+        finalizer or ``__del__`` on any thread."""
+        abort_soon(self, request_id)
+
     def _abort(self, request: Request) -> None:
         self.scheduler.abort(request)
         request.aborted = True
@@ -217,11 +230,13 @@ class LLMEngine:
                 self.output_processor.flush(b)
         request.metrics.finished_time = time.perf_counter()
 
+    @serialized
     def has_unfinished_requests(self) -> bool:
         """True while a request waits, runs, has tokens in flight or output that ``step()`` has not returned yet."""
         return self.scheduler.has_unfinished or bool(self._unreported) or step_commit.live(self._inflight)
 
     # -------------------------------------------------------------------------------------------- step
+    @serialized
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample; returns every request that got tokens or finished (including
         those advanced by a ``generate`` call of another caller). Finished requests are then released."""
@@ -318,6 +333,7 @@ class LLMEngine:
         self.scheduler.free_orphans()
 
     # -------------------------------------------------------------------------------------- generate
+    @serialized
     def generate(self, prompts, params=None, *, progress: bool = True) -> list[RequestOutput]:
         """Run ``prompts`` (lists of token ids) to completion; outputs in the prompts' order.
 
@@ -364,6 +380,7 @@ class LLMEngine:
             self.step_metrics.append(step_metrics(self.scheduler, out, self.totals.num_steps, end - self._t0,
                                                   end - start))
 
+    @serialized
     def metrics(self) -> EngineMetrics:
         """Totals so far, with the KV pool's current block and token-slot usage."""
         (usage, used), t = slot_usage(self.scheduler), self.totals

@@ -115,11 +115,16 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
 class _Tensors:
     """Checked tensors → the backend in one dtype."""
 
-    def __init__(self, tensors, dtype, xp):
+    def __init__(self, tensors, dtype, xp, folder, allow_non_finite=False):
         self.tensors, self.dtype, self.xp = tensors, dtype, xp
+        self.folder, self.allow_non_finite = folder, allow_non_finite
 
     def host(self, name, transpose=False):
         a = self.tensors[name].astype(self.dtype)
+        if not self.allow_non_finite and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise ValueError(f"checkpoint {self.folder}: tensor {name!r} holds {bad} non-finite values (NaN or inf) "
+                             "in the load dtype; load_checkpoint(..., allow_non_finite=True) to load it anyway")
         return a.T if transpose else a
 
     def get(self, *names, transpose=False, axis=-1):
@@ -141,17 +146,21 @@ def _layer(t: _Tensors, i: int, config: ModelConfig) -> LayerWeights:
     )
 
 
-def load_checkpoint(folder, dtype=None, *, device="auto") -> tuple[ModelConfig, ModelWeights]:
+def load_checkpoint(folder, dtype=None, *, device="auto",
+                    allow_non_finite: bool = False) -> tuple[ModelConfig, ModelWeights]:
     """Read ``folder/config.json`` and every ``folder/*.safetensors``.
 
     Args:
         dtype: the weights' dtype; None (default) keeps the checkpoint's own (``dtype`` / ``torch_dtype`` of
             config.json, else its tensors'): a bfloat16 checkpoint stays bfloat16.
         device: ``"auto" | "gpu" | "cpu"`` or a :class:`pagedkv.backend.Backend`.
+        allow_non_finite: load tensors holding NaN or inf (refused by default: every request would decode
+            garbage).
     Returns:
         ``(config, weights)`` with the weights on ``device``'s backend.
     Raises:
-        ValueError: no config.json, a malformed or unsupported config field, a bad safetensors file
+        ValueError: no config.json, a malformed, unsupported or absurdly large (``hf_config.MAX_SIZES``) config
+            field, a non-finite weight, a bad safetensors file
             (``SafetensorsError``), a tensor missing, unexpected or of the wrong shape, before any copy.
     """
     folder = Path(folder)
@@ -165,7 +174,7 @@ def load_checkpoint(folder, dtype=None, *, device="auto") -> tuple[ModelConfig, 
     check_tensors(tensors, config, folder)
     target = dtype_of(dtype) if dtype is not None else checkpoint_dtype(hf, tensors, folder)
     backend = get_backend(device) if isinstance(device, str) else device
-    t = _Tensors(tensors, target, backend.xp)
+    t = _Tensors(tensors, target, backend.xp, folder, allow_non_finite)
     layers = [_layer(t, i, config) for i in range(config.num_layers)]
     embed = t.get("model.embed_tokens.weight")
     lm_head = embed.T if config.tie_word_embeddings else t.get("lm_head.weight", transpose=True)

@@ -83,6 +83,10 @@ PRESETS: dict[str, ModelConfig] = {
     # tiny: for CPU tests (float32, a few ms per step)
     "tiny": ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                         intermediate_size=128, rope_theta=10000.0, max_position_embeddings=1024),
+    # small: a text model that answers at once on a CPU (with LLM("small"), a tokenizer trained on text shipped
+    # in pagedkv/text/data); random weights
+    "small": ModelConfig(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                         intermediate_size=768, rope_theta=10000.0, max_position_embeddings=2048),
     "tiny-gpu": ModelConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=128, max_position_embeddings=1024),  # tiny, head_dim 32 (GPU)
     # llama-1b: the Llama-3.2-1B shapes (issue 4), tied embeddings
     "llama-1b": ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,

@@ -19,6 +19,11 @@ ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MAX_JSON_BYTES = 10_000_000
 REQUIRED = object()
+# NOTE: upper bounds of config.json's size fields, checked before anything is sized from them (a 10**9-layer
+# config would otherwise build 10**9 expected names); each is far above any released Llama/Qwen2 model
+MAX_SIZES = {"num_hidden_layers": 1024, "hidden_size": 65536, "intermediate_size": 1 << 20, "vocab_size": 1 << 22,
+             "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024,
+             "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24}
 
 
 def read_json_object(path: str | Path) -> dict:
@@ -69,6 +74,8 @@ class Fields:
             value = int(value)  # NOTE: 4096.0 is an int written by a float-happy tool; 4096.5 is not
         if type(value) is not int or value < lo:
             self.fail(key, f"an int >= {lo}", value)
+        if key in MAX_SIZES and value > MAX_SIZES[key]:
+            self.fail(key, f"at most {MAX_SIZES[key]} (pagedkv's cap on this size field)", value)
         return value
 
     def float(self, key: str, default=REQUIRED, *, lo: float = 0.0, lo_open: bool = True) -> float:

@@ -21,6 +21,7 @@ import numpy as np
 from ..backend import Backend
 from .attention import AttentionBackend
 from .config import ModelConfig
+from .host_matmul import float64_matmul, make_host_matmul
 from .layers import Rope, rms_norm, silu_mul
 from .weights import ModelWeights
 
@@ -131,12 +132,13 @@ class LlamaModel:
 
     On a GPU the matrix products go through :mod:`pagedkv.model.cublas` (capturable into CUDA graphs) when it
     loads and self-checks; ``gemm_error`` / ``fused_error`` say why a fallback was taken (None: none was).
-    On the CPU they accumulate in float64 and round to the activations' dtype (:func:`host_matmul`).
+    On the CPU they accumulate in float64 and round to the activations' dtype (``host_matmul="float64"``, the
+    default) or run in float32 BLAS (``"float32"``): see :mod:`pagedkv.model.host_matmul`.
     """
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, backend: Backend, *,
                  max_positions: int | None = None, fused: bool = True, paged_prefill: bool | None = None,
-                 parallel=None, collective=None):
+                 parallel=None, collective=None, host_matmul: str = "float64"):
         self.config, self.weights, self.backend, self.xp = config, weights, backend, backend.xp
         self.parallel, self.collective = parallel, collective
         self.dtype = np.dtype(weights.embed.dtype)
@@ -148,7 +150,7 @@ class LlamaModel:
             from .fused import make_fused_ops
 
             self.ops, self.fused_error = make_fused_ops(config, self.rope, self.dtype, self.ops)
-        self.matmul, self.gemm_error = host_matmul, None
+        self.matmul, self.gemm_error = make_host_matmul(host_matmul), None
         if backend.is_gpu:
             from .cublas import make_gemm
 
@@ -215,10 +217,5 @@ class LlamaModel:
 
 
 def host_matmul(x, w):
-    """``x @ w`` on the host, accumulated in float64 and rounded to ``x``'s dtype.
-
-    NOTE: a float32 BLAS product may round a row differently with the batch's row count (blocking, gemv for
-    one row); float64 accumulation rounded once makes each row's result independent of the batch, and gives
-    bfloat16 / float16 a product NumPy otherwise returns in float32.
-    """
-    return (x.astype(np.float64) @ w.astype(np.float64)).astype(x.dtype)
+    """``x @ w`` on the host, accumulated in float64 and rounded to ``x``'s dtype (:func:`float64_matmul`)."""
+    return float64_matmul(x, w)

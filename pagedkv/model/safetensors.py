@@ -96,6 +96,8 @@ def load_file(path: str | Path) -> dict[str, np.ndarray]:
 
 def save_file(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict | None = None) -> None:
     """Write NumPy arrays as a ``.safetensors`` file (8-byte aligned header, tensors in name order)."""
+    if METADATA_KEY in tensors:  # NOTE: the header's reserved key: the reader would refuse the file
+        raise ValueError(f"tensor name {METADATA_KEY!r} is reserved for the header's metadata")
     header, offset, blobs = {}, 0, []
     for name in sorted(tensors):
         a = np.asarray(tensors[name])  # NOTE: not ascontiguousarray, which turns a 0-d array into [1]

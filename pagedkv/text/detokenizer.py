@@ -20,6 +20,8 @@ to *end* wins (the longest of those ending at the same character); the text is c
 """
 from __future__ import annotations
 
+from .stop_matcher import StopMatcher, stop_matcher
+
 REPLACEMENT = "\ufffd"
 CONTEXT_TOKENS = 5  # prompt tokens decoded ahead of the output (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
 
@@ -50,7 +52,8 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stop_reason: str | None = None
         self.finished = False
-        self._max_stop = max((len(s) for s in self.stop), default=0)
+        self._matcher = stop_matcher(self.stop) if self.stop else None
+        self._state = StopMatcher.start
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=self.skip_special_tokens)
@@ -94,18 +97,22 @@ class IncrementalDetokenizer:
         return None
 
     def _match_stop(self, old_len: int) -> str | None:
-        """The stop string completed first by the characters after ``old_len``; cuts the text there."""
-        best = None
-        for s in self.stop:  # NOTE: a match ending at or before old_len was found by an earlier call
-            i = self._full.find(s, max(0, old_len - len(s) + 1))
-            if i >= 0 and (best is None or (i + len(s), -len(s)) < (best[0] + len(best[1]), -len(best[1]))):
-                best = (i, s)
-        if best is None:
+        """The stop string completed first by the characters after ``old_len``; cuts the text there.
+
+        NOTE: the automaton reads each character once (:mod:`pagedkv.text.stop_matcher`): the work per token is
+        its new characters, not the number or length of the stop strings."""
+        if self._matcher is None:
             return None
-        i, s = best
-        self._full = self._full[:i + len(s) if self.include_stop else i]
-        self.text, self.stop_reason, self.finished = self._full, s, True
-        return s
+        state, feed = self._state, self._matcher.feed
+        for j in range(old_len, len(self._full)):
+            state, s = feed(state, self._full[j])
+            if s is not None:
+                i = j + 1 - len(s)
+                self._full = self._full[:i + len(s) if self.include_stop else i]
+                self.text, self.stop_reason, self.finished = self._full, s, True
+                return s
+        self._state = state
+        return None
 
     def _release(self, flush: bool) -> None:
         keep = len(self._full) if flush or self.include_stop else len(self._full) - self._withheld()
@@ -113,10 +120,6 @@ class IncrementalDetokenizer:
             self.text = self._full[:keep]
 
     def _withheld(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        full = self._full
-        for n in range(min(self._max_stop - 1, len(full)), 0, -1):
-            tail = full[-n:]
-            if any(len(s) > n and s.startswith(tail) for s in self.stop):
-                return n
-        return 0
+        """Length of the longest tail of the text that is a proper prefix of a stop string (the automaton's
+        depth: a whole stop string there would have matched)."""
+        return 0 if self._matcher is None else self._matcher.depth(self._state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...logprob import Logprob
 from .sampler import logprobs
 
 
@@ -33,12 +34,14 @@ class LogprobRequests:
         if self.sampled_rows:
             pos, rows, num_top = zip(*self.sampled_rows)
             tokens = self.sampled[xp.asarray(np.array(pos, dtype=np.int64))]
-            self._sampled = tuple(map(copies, logprobs(self._rows(rows), tokens, max(num_top))))
+            x = self._rows(rows)
+            self._sampled = tuple(map(copies, (*logprobs(x, tokens, max(num_top)), _ranks(xp, x, tokens))))
         if self.prompt_rows:
             rows, targets = zip(*((row, r.prompt_token_ids[p]) for row, r, p in self.prompt_rows))
             num_top = max(r.params.prompt_logprobs for _, r, _ in self.prompt_rows)
             ids = xp.asarray(np.array(targets, dtype=np.int64))
-            self._prompt = tuple(map(copies, logprobs(self._rows(rows), ids, num_top)))
+            x = self._rows(rows)
+            self._prompt = tuple(map(copies, (*logprobs(x, ids, num_top), _ranks(xp, x, ids))))
         self.logits = self.sampled = None  # NOTE: the graph's buffers: not touched after this step's launch
 
     def _rows(self, rows):
@@ -48,20 +51,26 @@ class LogprobRequests:
         """(sampled position -> (entries, logprob), [(request, prompt position, entries)]) once the copies landed."""
         sampled, prompt = {}, []
         if self._sampled is not None:
-            lp, ids, top = self._sampled
+            lp, ids, top, rank = self._sampled
             for j, (p, _, k) in enumerate(self.sampled_rows):
-                entries = _entries(ids[j, :k], top[j, :k], int(tokens[p]), float(lp[j]))
+                entries = _entries(ids[j, :k], top[j, :k], int(tokens[p]), float(lp[j]), int(rank[j]))
                 sampled[p] = (entries, float(lp[j]))
         if self._prompt is not None:
-            lp, ids, top = self._prompt
+            lp, ids, top, rank = self._prompt
             for j, (_, request, position) in enumerate(self.prompt_rows):
                 k = request.params.prompt_logprobs
-                prompt.append((request, position, _entries(ids[j, :k], top[j, :k],
-                                                           request.prompt_token_ids[position], float(lp[j]))))
+                prompt.append((request, position, _entries(ids[j, :k], top[j, :k], request.prompt_token_ids[position],
+                                                           float(lp[j]), int(rank[j]))))
         return sampled, prompt
 
 
-def _entries(top_ids, top_logprobs, token: int, logprob: float) -> dict[int, float]:
-    entries = {int(i): float(v) for i, v in zip(top_ids, top_logprobs)}
-    entries.setdefault(token, logprob)
+def _ranks(xp, logits, token_ids):
+    """int32 [R]: each token's rank in its row (1 = the most likely), counted on the device."""
+    picked = xp.take_along_axis(logits, token_ids.astype(xp.int64)[:, None], axis=1)
+    return ((logits > picked).sum(axis=1) + 1).astype(xp.int32)
+
+
+def _entries(top_ids, top_logprobs, token: int, logprob: float, rank: int) -> dict[int, Logprob]:
+    entries = {int(i): Logprob(float(v), r + 1) for r, (i, v) in enumerate(zip(top_ids, top_logprobs))}
+    entries.setdefault(token, Logprob(logprob, rank))
     return entries
