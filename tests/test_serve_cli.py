@@ -88,3 +88,10 @@ def test_readme_serve_commands_parse_as_written():
     assert lines
     for line in lines:
         build_parser().parse_args(shlex.split(line.replace("$KEY", "k"))[2:])
+
+
+def test_tensor_parallel_size_reaches_the_engine_without_graphs():
+    """Issue 22: --tensor-parallel-size in pagedkv serve (ranks as threads here: CUDA graphs off)."""
+    args = build_parser().parse_args(["tiny", "--tensor-parallel-size", "2", "--device", "cpu"])
+    options = engine_options(args)
+    assert options["tensor_parallel_size"] == 2 and options["cuda_graph"] is False

@@ -107,6 +107,8 @@ def build_parser(prog: str = "pagedkv serve") -> argparse.ArgumentParser:
                         help="reuse the KV blocks of shared prompt prefixes (default: on)")
     engine.add_argument("--seed", type=_int_at_least(0), default=None, help="seed (a preset's random weights)")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    engine.add_argument("--tensor-parallel-size", type=_positive, default=None,
+                        help="split the model over N ranks (threads of this process in this build; no CUDA graphs)")
     limits = p.add_argument_group("request limits (pagedkv's; see pagedkv.serve.limits)")
     default = ServerLimits()
     limits.add_argument("--max-request-body-bytes", type=_positive, default=default.max_request_body_bytes,
@@ -154,7 +156,8 @@ def engine_options(args) -> dict:
              "max_num_batched_tokens": "max_num_batched_tokens", "seed": "seed",
              "enable_prefix_caching": "enable_prefix_caching",
              "num_gpu_blocks_override": "num_blocks", "kv_cache_memory_bytes": "kv_memory_bytes",
-             "gpu_memory_utilization": "gpu_memory_utilization", "kv_cache_dtype": "kv_cache_dtype"}
+             "gpu_memory_utilization": "gpu_memory_utilization", "kv_cache_dtype": "kv_cache_dtype",
+             "tensor_parallel_size": "tensor_parallel_size"}
     options = {}
     for flag, field in flags.items():
         value = getattr(args, flag)
@@ -167,8 +170,8 @@ def engine_options(args) -> dict:
     options["device"] = args.device
     if "enforce_eager" in known:
         options["enforce_eager"] = args.enforce_eager
-    else:
-        options["cuda_graph"] = not args.enforce_eager
+    else:  # NOTE: tensor-parallel ranks run as threads of this process, without CUDA graphs
+        options["cuda_graph"] = not args.enforce_eager and (args.tensor_parallel_size or 1) == 1
     if args.dtype != "auto":
         options["dtype"] = args.dtype
     elif not Path(model_of(args)).is_dir():  # NOTE: random weights would be float32
