@@ -82,8 +82,15 @@ def main(argv=None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     if not name.startswith("bench "):
         return module.main(rest, prog=f"pagedkv {name}")
+    before = os.environ.get(PROG_ENV)
     os.environ[PROG_ENV] = f"pagedkv {name}"
-    result = module.main(rest)
+    try:
+        result = module.main(rest)
+    finally:  # NOTE: restored, so that nothing started later (a subprocess, another command) inherits the name
+        if before is None:
+            os.environ.pop(PROG_ENV, None)
+        else:
+            os.environ[PROG_ENV] = before
     return result if isinstance(result, int) else 0  # NOTE: some experiments return their results
 
 
