@@ -93,7 +93,7 @@ def variant_labels() -> tuple[str, ...]:
             "v3_wgmma", "v3_wgmma_line_loads", *V4_VARIANTS, *V5_VARIANTS)
 
 
-def parse(argv):
+def parse_args(argv=None):
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="kernel cases (default: all)")
     parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS), choices=HEAD_DIMS)
@@ -386,7 +386,7 @@ def print_tables(result: dict) -> None:
 
 @cli.guarded
 def main(argv=None) -> dict:
-    args = parse(argv)
+    args = parse_args(argv)
     from pagedkv.backend import gpu_status
 
     usable, reason = gpu_status()
