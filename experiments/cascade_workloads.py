@@ -10,13 +10,12 @@ cascade`` (its flags) or directly.
                with cascade on vs off (the same engine)
     w1         engine_bench's W1 (no sharing: the rule never fires) with cascade on vs off: requests/s
 
-``python -m experiments.cascade_workloads [flags]`` = ``python -m experiments.prefix_workloads --workload cascade
-[flags]``. Cascade on/off is the attention backend's switch (``model.attention.cascade.enabled``) on one engine, so both runs use the
+A library of ``python -m experiments.prefix_workloads --workload cascade [flags]`` (its one entry point, so the
+flags are parsed and checked in one place). Cascade on/off is the attention backend's switch (``model.attention.cascade.enabled``) on one engine, so both runs use the
 same weights, pool and captured graphs.
 """
 from __future__ import annotations
 
-import sys
 import time
 from types import SimpleNamespace
 
@@ -233,13 +232,3 @@ def _vocab(args) -> int:
     from pagedkv.model import get_config
 
     return get_config(args.model).vocab_size
-
-
-def main(argv=None) -> int:
-    from . import prefix_workloads
-
-    return prefix_workloads.main(["--workload", "cascade", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,6 +26,9 @@ The decode step at full batch: 128 sequences with W1's prompts, timed over many 
 ``--fp8-preemption``: W1 twice in the same KV byte budget, sized so that the fp8 cache holds every request at
 its full length (blocks of the whole workload + 5 %) and the model-dtype cache half as many blocks (it preempts):
 the ``fp8_over_auto`` ratio is the fp8 run's useful tokens/s over the other's (issue 18's target: >= 1.3).
+
+Over 400 lines because W1's runs, the decode-step profile (GEMMs, attention, host work) and the fp8 and
+penalty variants share one workload, one engine builder and one table.
 """
 from __future__ import annotations
 

@@ -18,6 +18,9 @@ Every timed launch is bracketed by CUDA events after an L2 flush (a 512 MB read)
 L2; the flush also lets the host enqueue the launch before the GPU reaches it. Median of RUNS launches.
 GB/s counts the K/V bytes (each cached K and V element of every sequence's context read once); % is of the
 measured read ceiling. Writes ``benchmarks/results/kernel_bench_<gpu>_<date>.json`` (or ``--output-json``).
+
+Over 400 lines because the read ceiling, every case, every kernel version, the fp8 column and the SDPA
+baseline are timed by one timer in one process (a ratio compares two things timed in the same run).
 """
 from __future__ import annotations
 

@@ -28,6 +28,9 @@ on quantized bytes.
     python -m experiments.memory_share                       # small sizes on the CPU: seconds
     python -m experiments.memory_share --device gpu --num-requests 256 --prompt-len 4000 --gen-len 128
     python -m experiments.memory_share --kv-cache-dtype fp8
+
+Over 400 lines because its three scenarios (parallel sampling, shared prefix, beams) report from one pool
+model and one table, with the memory checks that refuse a run before it allocates.
 """
 from __future__ import annotations
 

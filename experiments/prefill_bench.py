@@ -27,6 +27,9 @@ In one run, on one GPU:
 Kernel times: median of ``--runs`` CUDA-event-timed launches after 3 warm-ups. TTFT: median wall time of
 ``--ttft-runs`` calls after one warm-up (each call ends with the sampled token on the host).
 JSON with ``--output-json [PATH]`` (default path ``benchmarks/results/prefill_bench_<gpu>_<date>.json``).
+
+Over 400 lines because the kernel cases, the Hopper variants, the fp8 cache and the TTFT comparison with
+transformers share one timer and one JSON (ratios compare things timed in the same run).
 """
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ Promises (tested in tests/test_engine_lifecycle.py):
 - One caller at a time: every public method holds the engine's reentrant lock (:mod:`serialized`), so calls
   from several threads are served one after another, never interleaved inside a step (a server still runs
   one engine loop and queues to it: a thread blocked on the lock waits for a whole ``generate``).
+
+Over 400 lines because add / abort / step / outputs and their failure handling share the request table and
+the one lock that serializes callers.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ default ``raw_logprobs``).
 NOTE: memory: ``counts`` is ``int32 [rows, V]`` and ``processed`` ``float32 [max_num_seqs, V]`` (128 MiB each
 for V = 128256 and 256 rows); both are allocated at the first request that needs them (captured graphs are
 then recaptured once), never for a run without penalties or grammars.
+
+Over 400 lines because the device state, its launchers and the NumPy twin of each kernel stay side by side
+(the twin is the CPU path and the GPU test's oracle, line for line).
 """
 from __future__ import annotations
 

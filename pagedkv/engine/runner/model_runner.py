@@ -11,6 +11,9 @@ the device runs this one. A row whose token the step before is still sampling re
 buffer of sampled tokens (nothing waits for the host). Rows that want logits: the last token of every sequence
 that samples (a decode, or a prompt's last chunk) and, for requests asking for ``prompt_logprobs``, every prompt
 token whose successor is a prompt token. The runner reads the scheduler's work and changes no request.
+
+Over 400 lines because the eager and captured forwards, the cascade variants and device sampling share the
+static buffers they launch from.
 """
 from __future__ import annotations
 
