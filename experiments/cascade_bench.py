@@ -127,7 +127,7 @@ def run_case(cupy, timer, rng, case: Case, ceiling_gbps: float) -> dict:
 
 
 def parse_args(argv=None):
-    p = cli.Parser(prog="python -m experiments.cascade_bench", description=__doc__.splitlines()[0],
+    p = cli.Parser(description=__doc__.splitlines()[0],
                    epilog="cases: " + "; ".join(f"{i}: {c.label}" for i, c in enumerate(CASES)))
     p.add_argument("--cases", type=int, nargs="*", help="indices into the case list below (default: all)")
     p.add_argument("--output-json", help="write the JSON here")

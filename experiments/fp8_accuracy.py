@@ -145,7 +145,7 @@ def write_checkpoint(args, prompts) -> None:
 def parse_args(argv=None):
     from pagedkv.model.config import PRESETS
 
-    p = cli.Parser(prog="python -m experiments.fp8_accuracy", description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="auto", choices=("auto", *PRESETS),
                    help="random-weight preset (default: llama-1b on a GPU, tiny on the CPU)")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="also evaluate this Hugging Face folder")
