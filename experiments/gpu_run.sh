@@ -7,8 +7,9 @@
 #   probe       GPU, driver, CuPy / torch / transformers versions, tools on the PATH
 #   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
 #   ktests      pytest -m gpu tests/test_kernels.py (the decode grid; 4 workers share the GPU)
-#   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1) of the
-#               decode kernels, the prefill kernels, the sampler and the fused norms
+#   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1): set
+#               "decode" (decode kernels incl. fp8, the sampler, the fused norms), set "attention" (prefill
+#               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
@@ -75,13 +76,20 @@ for stage in "$@"; do
     ktests)
         run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py tests/test_decode_fp8.py -q \
             -p no:cacheprovider -n 4 --durations=10 -rs ${KTEST_K:+-k "$KTEST_K"} ;;
-    sanitize)
+    sanitize)  # SANITIZE_SETS: which of "decode attention" (default both)
+        sets=" ${SANITIZE_SETS:-decode attention} "
         for tool in memcheck racecheck; do
-            PAGEDKV_SANITIZER_GRID=1 run "$tool" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
-                --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist tests/test_kernels.py \
-                tests/test_prefill_attention.py tests/test_sampler.py tests/test_model_gpu.py \
-                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add or padding)
-                    and not compiles and not 16k and not torch'
+            [[ $sets == *" decode "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_decode" "${T_SANITIZE:-150}" \
+                compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+                -p no:xdist tests/test_kernels.py tests/test_sampler.py tests/test_model_gpu.py tests/test_decode_fp8.py \
+                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add)
+                    and not compiles and not torch'
+            # the prefill kernels (versions 2, 4, 5; fp8 too), fp8 cache writes and copies, the cascade kernels
+            [[ $sets == *" attention "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_attention" "${T_SANITIZE:-150}" \
+                compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+                -p no:xdist tests/test_prefill_attention.py tests/test_fp8_gpu.py tests/test_cascade.py \
+                -k '(every_head_dim or block_sizes or sm90_varlen or padding or fp8 or gpu_cascade or gpu_kernel_parts)
+                    and not compiles and not engine and not 16k and not torch and not long_prompt'
         done ;;
     kbench)
         # shellcheck disable=SC2086
@@ -150,8 +158,8 @@ cupy.cuda.runtime.deviceSynchronize()"
         kernel_json=$(ls -t benchmarks/results/kernel_bench_*.json 2>/dev/null | head -1)
         [ -n "$kernel_json" ] && plot --kernel-json "$kernel_json" docs/kernel_bandwidth.png ;;
     gputests)
-        run gputests "${T_GPUTESTS:-330}" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -n 6 \
-            --dist loadfile --durations=15 -rs ;;
+        run gputests "${T_GPUTESTS:-330}" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -n "${GPUTEST_WORKERS:-6}" \
+            --dist loadfile --durations=15 -rfEs ;;
     serve)
         run serve "${T_SERVE:-420}" env OUT="$OUT/serve" bash experiments/gpu_run_serve.sh ;;
     prefix)

@@ -8,6 +8,9 @@
 //                         8-byte store)
 //   copy_blocks_kernel1   one thread block per (pair, layer, K|V); copies one whole block, every layer in
 //                         one launch
+//   dequant_gather_fp8_kernel  the fp8 blocks a prefill reads, gathered into a 16-bit scratch pool in table
+//                         order (scratch block i * max_blocks + j = sequence i's j-th block), each element
+//                         DT(fp8 * mul): the Hopper prefill kernels (16-bit caches only) then run over it
 //   check_index_kernel    one reduction over an index array: the first entry outside [lo, hi) (GPU-side
 //                         range check used by the launchers; one small device->host read)
 //
@@ -165,6 +168,77 @@ PAGEDKV_WRITE_KV_FP8(bf16_e4m3, 2, 1)
 PAGEDKV_WRITE_KV_FP8(f32_e5m2, 0, 2)
 PAGEDKV_WRITE_KV_FP8(f16_e5m2, 1, 2)
 PAGEDKV_WRITE_KV_FP8(bf16_e5m2, 2, 2)
+
+// Two fp8 bytes (`lo` the low byte) -> two floats, exactly (every e4m3 / e5m2 value, NaN included, is a float16).
+template <int FMT>
+__device__ __forceinline__ float2 fp8x2_to_float2(unsigned short x) {
+  unsigned h = 0;
+#if __CUDA_ARCH__ >= 890
+  if constexpr (FMT == 1) asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"(x));
+  else asm("cvt.rn.f16x2.e5m2x2 %0, %1;" : "=r"(h) : "h"(x));
+#else
+  __trap();
+#endif
+  return make_float2(pagedkv::KV<1>::to_float((unsigned short)(h & 0xffffu)),
+                     pagedkv::KV<1>::to_float((unsigned short)(h >> 16)));
+}
+
+// dequant_gather_fp8_kernel: scratch[i * max_blocks + j] = DT(cache[block_tables[i, j]] * mul) for every block
+// j < ceil(context_lens[i] / block_size) of every sequence i with new tokens (query_start_loc[i+1] >
+// query_start_loc[i]: the blocks prefill reads; other scratch blocks are left as they are, never read).
+//   k_out, v_out      [num_seqs * max_blocks, num_kv_heads, block_size, head_dim] KV<DT>::T
+//   k_cache, v_cache  [num_blocks, num_kv_heads, block_size, head_dim] uint8 (fp8 bytes)
+//   k_mul, v_mul      the factor of each element (the launcher folds k_scale into the softmax scale: k_mul 1)
+// grid: (max_blocks, num_seqs, 2), blockIdx.z = 0 for K, 1 for V; block: any multiple of 32;
+// block_bytes (= num_kv_heads * block_size * head_dim) % 8 == 0; 8 bytes in, 16 (16-bit DT) out per step
+template <int DT, int FMT>
+__device__ __forceinline__ void dequant_gather_fp8_kernel(
+    typename pagedkv::KV<DT>::T* __restrict__ k_out, typename pagedkv::KV<DT>::T* __restrict__ v_out,
+    const unsigned char* __restrict__ k_cache, const unsigned char* __restrict__ v_cache,
+    const int* __restrict__ block_tables, const int* __restrict__ query_start_loc,
+    const int* __restrict__ context_lens, int max_blocks, int block_size, long long block_bytes, float k_mul,
+    float v_mul) {
+  static_assert(DT == 1 || DT == 2, "16-bit outputs only");
+#if __CUDA_ARCH__ >= 890  // NOTE: no fp8 below sm_89 (the launcher refuses first); cvt to bfloat16 needs sm_80
+  const int seq = blockIdx.y, j = blockIdx.x;
+  if (query_start_loc[seq + 1] <= query_start_loc[seq] || (long long)j * block_size >= context_lens[seq]) return;
+  const long long dst_block = (long long)seq * max_blocks + j;
+  const long long src_block = block_tables[dst_block];
+  const bool is_v = blockIdx.z == 1;
+  const float mul = is_v ? v_mul : k_mul;
+  const uint2* src = reinterpret_cast<const uint2*>((is_v ? v_cache : k_cache) + src_block * block_bytes);
+  uint4* dst = reinterpret_cast<uint4*>((is_v ? v_out : k_out) + dst_block * block_bytes);
+  for (long long i = threadIdx.x; i < block_bytes / 8; i += blockDim.x) {
+    const uint2 raw = src[i];
+    const unsigned short b[4] = {(unsigned short)(raw.x & 0xffffu), (unsigned short)(raw.x >> 16),
+                                 (unsigned short)(raw.y & 0xffffu), (unsigned short)(raw.y >> 16)};
+    unsigned w[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const float2 f = fp8x2_to_float2<FMT>(b[p]);
+      w[p] = pagedkv::KV<DT>::from_float(f.x * mul) | ((unsigned)pagedkv::KV<DT>::from_float(f.y * mul) << 16);
+    }
+    dst[i] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+#else
+  __trap();
+#endif
+}
+
+#define PAGEDKV_DEQUANT_GATHER_FP8(SUFFIX, DT, FMT)                                                        \
+  extern "C" __global__ void dequant_gather_fp8_##SUFFIX(                                                 \
+      pagedkv::KV<DT>::T* k_out, pagedkv::KV<DT>::T* v_out, const unsigned char* k_cache,                  \
+      const unsigned char* v_cache, const int* block_tables, const int* query_start_loc,                   \
+      const int* context_lens, int max_blocks, int block_size, long long block_bytes, float k_mul,         \
+      float v_mul) {                                                                                       \
+    dequant_gather_fp8_kernel<DT, FMT>(k_out, v_out, k_cache, v_cache, block_tables, query_start_loc,      \
+                                       context_lens, max_blocks, block_size, block_bytes, k_mul, v_mul);   \
+  }
+
+PAGEDKV_DEQUANT_GATHER_FP8(f16_e4m3, 1, 1)
+PAGEDKV_DEQUANT_GATHER_FP8(bf16_e4m3, 2, 1)
+PAGEDKV_DEQUANT_GATHER_FP8(f16_e5m2, 1, 2)
+PAGEDKV_DEQUANT_GATHER_FP8(bf16_e5m2, 2, 2)
 
 // check_index_kernel: bad[0] = min i such that ids[i] is outside [lo, hi), else left as is.
 //   ids   [n] int64;  bad  [1] int64, set to n (or larger) by the caller before the launch

@@ -131,16 +131,33 @@ def fp8_batch(batch, kv_dtype, k_scale, v_scale):
     return q, fp8.quantize(k, kv_dtype, k_scale), fp8.quantize(v, kv_dtype, v_scale), bt, qsl, cl
 
 
-def check_fp8(batch, dtype, kv_dtype, k_scale, v_scale, what=""):
+def _fp8_versions(dtype, head_dim) -> tuple:
+    """None (the op's default: 4 or 5 over the gathered copy on sm_90 for head_dim 64 / 128), then every other
+    version that reads an fp8 cache on this GPU."""
+    import cupy
+
+    dt = 1 if dtype == F16 else 2
+    hopper = kernels_prefill.sm90.supports(dt, head_dim, cupy.cuda.Device().id)
+    return (None, 2) + (tuple(v for v in kernels_prefill.sm90.VERSIONS
+                              if v != kernels_prefill.sm90.DEFAULT_VERSION[head_dim]) if hopper else ())
+
+
+def check_fp8(batch, dtype, kv_dtype, k_scale, v_scale, what="", versions=(None,)):
     q, kc, vc, bt, qsl, cl = batch
     ref = reference.prefill_attention(q, kc, vc, bt, qsl, cl, kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
     rows = ops.owned_rows(qsl, len(q))
-    out = poisoned(q.shape, dtype)
-    ops.prefill_attention(*(to_dev(a) for a in batch), out=out, kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
-    got = to_host(out, dtype)
-    bits = got.view(np.uint16)
-    assert (bits[~rows] == 0x7E00).all(), f"{what}: an unowned row was written"
-    assert_close(got.astype(np.float64), ref, rows, dtype, what)
+    for version in versions:
+        out = poisoned(q.shape, dtype)
+        if version is None:
+            ops.prefill_attention(*(to_dev(a) for a in batch), out=out, kv_dtype=kv_dtype, k_scale=k_scale,
+                                  v_scale=v_scale)
+        else:
+            kernels_prefill.prefill_attention(*(to_dev(a) for a in batch), out=out, kv_dtype=kv_dtype,
+                                              k_scale=k_scale, v_scale=v_scale, version=version)
+        got = to_host(out, dtype)
+        bits = got.view(np.uint16)
+        assert (bits[~rows] == 0x7E00).all(), f"{what} v{version or 'default'}: an unowned row was written"
+        assert_close(got.astype(np.float64), ref, rows, dtype, f"{what} v{version or 'default'}")
 
 
 def _prefill_grid():
@@ -154,7 +171,7 @@ def _prefill_grid():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,head_dim,kv_dtype", _prefill_grid(), ids=str)
-def test_prefill_v2_fp8_every_head_dim(dtype, head_dim, kv_dtype):
+def test_prefill_fp8_every_head_dim(dtype, head_dim, kv_dtype):
     if dtype == BF16 and not _bf16_native():
         pytest.skip("this CuPy has no bfloat16 dtype")
     rng = np.random.default_rng(_seed("fp8", str(dtype), head_dim, kv_dtype))
@@ -163,17 +180,75 @@ def test_prefill_v2_fp8_every_head_dim(dtype, head_dim, kv_dtype):
                        share=1, pad_rows=3)
     q = batch[0].astype(dtype)
     ks, vs = 0.011, 0.0037  # NOTE: not powers of two: the folded scales are checked for real
-    check_fp8(fp8_batch((q, *batch[1:]), kv_dtype, ks, vs), dtype, kv_dtype, ks, vs, f"{dtype} hd={head_dim}")
+    check_fp8(fp8_batch((q, *batch[1:]), kv_dtype, ks, vs), dtype, kv_dtype, ks, vs, f"{dtype} hd={head_dim}",
+              versions=_fp8_versions(dtype, head_dim))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size,heads", [(1, (8, 8)), (8, (28, 4)), (32, (16, 1))], ids=str)
-def test_prefill_v2_fp8_block_sizes_and_gqa(block_size, heads):
+def test_prefill_fp8_block_sizes_and_gqa(block_size, heads):
     rng = np.random.default_rng(_seed("fp8", block_size, heads))
     new = [1, block_size + 1, 45, 300]
     batch = make_batch(rng, np.float32, 128, block_size, heads, new, [0, 3, 2 * block_size + 1, 7], share=2)
     q = batch[0].astype(F16)
-    check_fp8(fp8_batch((q, *batch[1:]), "fp8_e4m3", 1.0, 1.0), F16, "fp8_e4m3", 1.0, 1.0, f"bs={block_size}")
+    check_fp8(fp8_batch((q, *batch[1:]), "fp8_e4m3", 1.0, 1.0), F16, "fp8_e4m3", 1.0, 1.0, f"bs={block_size}",
+              versions=_fp8_versions(F16, 128))
+
+
+def _sm90_fp8_grid():
+    heads = ((28, 4), (16, 1)) if SANITIZER else ((8, 8), (32, 8), (28, 4), (16, 1))
+    return [(dt, hd, f, h) for dt, hd, f in ((F16, 128, "fp8_e4m3"), (BF16, 64, "fp8_e4m3"), (F16, 64, "fp8_e5m2"),
+                                             (BF16, 128, "fp8_e5m2")) for h in heads]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,head_dim,kv_dtype,heads", _sm90_fp8_grid(), ids=str)
+def test_prefill_fp8_hopper_gather_varlen_cached_prefixes(dtype, head_dim, kv_dtype, heads):
+    """Versions 4 and 5 over the gathered 16-bit copy: varlen, cached prefixes ending mid-block, shared blocks, a
+    padding sequence (garbage table row, never gathered), GQA 1/4/7/MQA, scales that are not powers of two, large
+    values that saturate."""
+    import cupy
+
+    dt = 1 if dtype == F16 else 2
+    if not kernels_prefill.sm90.supports(dt, head_dim, cupy.cuda.Device().id):
+        pytest.skip("versions 4 and 5 need a compute capability 9.0 GPU")
+    if dtype == BF16 and not _bf16_native():
+        pytest.skip("this CuPy has no bfloat16 dtype")
+    rng = np.random.default_rng(_seed("fp8 sm90", str(dtype), head_dim, kv_dtype, heads))
+    new, cached = [1, 15, 130, 0, 257, 100 if SANITIZER else 400], [0, 37, 5, 0, 300, 200 if SANITIZER else 600]
+    batch = make_batch(rng, np.float32, head_dim, 16, heads, new, cached, share=2, lead_rows=1, pad_rows=3)
+    q, k, v = batch[0].astype(dtype), batch[1] * 3.0, batch[2] * 3.0
+    ks, vs = 0.0071, 0.0043  # NOTE: |x| / scale runs past e4m3's 448 for the largest values: saturated bytes
+    bt = batch[3].copy()
+    bt[3] = -5  # the padding sequence's table row is garbage: the gather must not follow it
+    check_fp8(fp8_batch((q, k, v, bt, *batch[4:]), kv_dtype, ks, vs), dtype, kv_dtype, ks, vs,
+              f"sm90 fp8 {dtype} hd={head_dim} heads={heads}", versions=(None, *kernels_prefill.sm90.VERSIONS))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", (1, 64))
+def test_prefill_fp8_hopper_gather_block_sizes(block_size):
+    import cupy
+
+    if not kernels_prefill.sm90.supports(1, 128, cupy.cuda.Device().id):
+        pytest.skip("versions 4 and 5 need a compute capability 9.0 GPU")
+    rng = np.random.default_rng(_seed("fp8 sm90 bs", block_size))
+    batch = make_batch(rng, np.float32, 128, block_size, (32, 8), [3, 129, 50 if SANITIZER else 300],
+                       [block_size + 1, 0, 2 * block_size + 7], share=1, pad_rows=2)
+    q = batch[0].astype(F16)
+    check_fp8(fp8_batch((q, *batch[1:]), "fp8_e4m3", 0.02, 0.5), F16, "fp8_e4m3", 0.02, 0.5, f"bs={block_size}",
+              versions=(None, *kernels_prefill.sm90.VERSIONS))
+
+
+def test_fp8_default_version_falls_back_past_the_gather_limit(monkeypatch):
+    """CPU: the Hopper default over the gathered copy while it fits FP8_GATHER_LIMIT, version 2 past it."""
+    monkeypatch.setattr(kernels_prefill.sm90, "supports", lambda dt, hd, dev: True)
+    small = kernels_prefill.fp8_default_version(1, 128, (4, 64), (1000, 8, 16, 128), 0)
+    assert small == kernels_prefill.sm90.DEFAULT_VERSION[128]
+    monkeypatch.setattr(kernels_prefill, "FP8_GATHER_LIMIT", 4 * 64 * 8 * 16 * 128 * 4 - 1)
+    assert kernels_prefill.fp8_default_version(1, 128, (4, 64), (1000, 8, 16, 128), 0) == 2
+    monkeypatch.setattr(kernels_prefill.sm90, "supports", lambda dt, hd, dev: False)
+    assert kernels_prefill.fp8_default_version(1, 128, (1, 1), (10, 8, 16, 128), 0) == 2
 
 
 @pytest.mark.gpu
@@ -183,9 +258,9 @@ def test_prefill_fp8_refusals():
     rng = np.random.default_rng(12)
     q, kc, vc, bt, qsl, cl = (to_dev(a) for a in fp8_batch(make_batch(rng, np.float32, 64, 16, (4, 2), [5], [0]),
                                                             "fp8_e4m3", 1.0, 1.0))
-    with pytest.raises(ValueError, match="runs version 2"):  # float32 q
+    with pytest.raises(ValueError, match="runs version 2, 4 or 5"):  # float32 q
         kernels_prefill.prefill_attention(q, kc, vc, bt, qsl, cl, kv_dtype="fp8_e4m3")
-    with pytest.raises(ValueError, match="runs version 2"):
+    with pytest.raises(ValueError, match="runs version 2, 4 or 5"):
         kernels_prefill.prefill_attention(q.astype(cupy.float16), kc, vc, bt, qsl, cl, kv_dtype="fp8", version=1)
     with pytest.raises(ValueError, match="v_scale"):
         ops.prefill_attention(q.astype(cupy.float16), kc, vc, bt, qsl, cl, kv_dtype="fp8", v_scale=0.0)

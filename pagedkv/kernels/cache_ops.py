@@ -136,3 +136,36 @@ def write_kv_fp8(k, v, k_cache, v_cache, slot_mapping, kv_dtype, k_scale, v_scal
     load_function("cache_ops.cu", f"write_kv_fp8_{suffix}")((slots.size,), (128,), (
         k_cache, v_cache, k, v, slots, cupy.int32(num_kv_heads), cupy.int32(block_size), cupy.int32(head_dim),
         cupy.float32(k_scale), cupy.float32(v_scale)))
+
+
+def prepare_dequant_gather(k_cache, v_cache, block_tables, query_start_loc, context_lens, kv_dtype: str, dt: int,
+                           k_mul: float, v_mul: float):
+    """The blocks a prefill reads from uint8 fp8 caches, as a 16-bit (``dt`` 1 float16 / 2 bfloat16) scratch pool
+    in table order: ``(k_scratch, v_scratch, tables, launch)``. Sequence i's j-th block lands in scratch block
+    ``tables[i, j] = i * max_blocks + j`` as ``dt(fp8 * mul)`` when ``launch()`` runs (the blocks of
+    ``j < ceil(context_lens[i] / block_size)``, sequences with new tokens only); scratch allocated now, so the
+    launch is captured in a CUDA graph like the kernel after it. int32 device arrays, checked by the caller.
+    """
+    import cupy
+
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    num_seqs, max_blocks = block_tables.shape
+    fmt = FP8_CODES[check_kv_dtype(kv_dtype)]
+    dtype = cupy.float16 if dt == 1 else cupy.uint16  # NOTE: bfloat16 bits travel as uint16 (kv_dtype="bfloat16")
+    shape = (num_seqs * max_blocks, num_kv_heads, block_size, head_dim)
+    k_out, v_out = cupy.empty(shape, dtype=dtype), cupy.empty(shape, dtype=dtype)
+    tables = cupy.arange(num_seqs * max_blocks, dtype=cupy.int32).reshape(num_seqs, max_blocks)
+    block_bytes = num_kv_heads * block_size * head_dim
+    kernel = load_function("cache_ops.cu", f"dequant_gather_fp8_{DT_SUFFIXES[dt]}_{'e4m3' if fmt == 1 else 'e5m2'}")
+    args = (k_out, v_out, k_cache, v_cache, block_tables, query_start_loc, context_lens, cupy.int32(max_blocks),
+            cupy.int32(block_size), cupy.int64(block_bytes), cupy.float32(k_mul), cupy.float32(v_mul))
+
+    def launch():
+        if num_seqs and max_blocks:
+            kernel((max_blocks, num_seqs, 2), (128,), args)
+    return k_out, v_out, tables, launch
+
+
+def dequant_gather_bytes(num_seqs: int, max_blocks: int, num_kv_heads: int, block_size: int, head_dim: int) -> int:
+    """The scratch of :func:`prepare_dequant_gather`: K and V, 2 bytes an element."""
+    return 2 * 2 * num_seqs * max_blocks * num_kv_heads * block_size * head_dim

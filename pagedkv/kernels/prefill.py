@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..fp8 import FP8_CODES, check_device_supports_fp8, check_kv_dtype, check_scale
+from . import cache_ops
 from . import prefill_sm90 as sm90
 from .compile import U64_MAX, dt_code, int32_contiguous, load_function, load_sm90a, num_sms
 
@@ -210,7 +211,9 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``kv_dtype="fp8_e4m3" | "fp8_e5m2"``: uint8 caches of fp8 bytes read back as ``byte * k_scale`` (V:
-    ``v_scale``), version 2 only, q float16 / bfloat16 (a GPU of compute capability >= 8.9).
+    ``v_scale``), q float16 / bfloat16 (a GPU of compute capability >= 8.9): version 2 converts the fp8 tiles as
+    it loads them; versions 4 / 5 (the default where they run, :func:`fp8_default_version`) read a 16-bit copy
+    of the blocks the batch reads, gathered first (:func:`_prepare_sm90_fp8`).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
     """
     import cupy
@@ -218,13 +221,15 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     num_blocks, _, block_size, head_dim = k_cache.shape
     fmt = FP8_CODES[check_kv_dtype(kv_dtype)] if kv_dtype not in (None, "bfloat16", "bf16") else 0
     dt = dt_code(q.dtype, None if fmt else kv_dtype)
-    if fmt and (dt == 0 or version not in (None, 2) or k_cache.dtype != cupy.uint8 or v_cache.dtype != cupy.uint8):
-        raise ValueError(f"an fp8 cache ({kv_dtype}) runs version 2 with uint8 caches and float16 / bfloat16 q, got "
-                         f"version {version}, q {q.dtype}, caches {k_cache.dtype}")
+    if fmt and (dt == 0 or version not in (None, 2, *sm90.VERSIONS) or k_cache.dtype != cupy.uint8
+                or v_cache.dtype != cupy.uint8):
+        raise ValueError(f"an fp8 cache ({kv_dtype}) runs version 2, 4 or 5 with uint8 caches and float16 / bfloat16 "
+                         f"q, got version {version}, q {q.dtype}, caches {k_cache.dtype}")
     k_scale, v_scale = (check_scale("k_scale", k_scale), check_scale("v_scale", v_scale)) if fmt else (1.0, 1.0)
     if fmt:
         check_device_supports_fp8(cupy.cuda.Device().compute_capability)
-        version = 2  # NOTE: the fp8 load path is version 2's (the Hopper versions read 16-bit caches only)
+        if version is None:
+            version = fp8_default_version(dt, head_dim, block_tables.shape, k_cache.shape, cupy.cuda.Device().id)
     version = default_version(dt, head_dim, cupy.cuda.Device().id) if version is None else version
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
@@ -258,6 +263,9 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, tables, starts, lens, scale, dt)
+    elif version in sm90.VERSIONS and fmt:
+        launch = _prepare_sm90_fp8(version, out, q, k_cache, v_cache, tables, starts, lens, scale, dt, defines,
+                                   kv_dtype, k_scale, v_scale)
     elif version in sm90.VERSIONS:
         launch = sm90.prepare(version, out, q, k_cache, v_cache, tables, starts, lens, scale, dt,
                               _plain_kernel("prefill_plan_kernel"), capacity, defines)
@@ -287,6 +295,41 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, query_start_loc, context
             cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(block_size.bit_length() - 1),
             cupy.int32(max_blocks), cupy.float32(scale))
     return lambda: kernel((num_tokens, num_qo_heads), (V1_THREADS,), args)
+
+
+# The most scratch (bytes) the Hopper versions may take for an fp8 cache's gathered 16-bit copy; a larger batch
+# (sequences x table width) runs version 2's fp8 load path instead
+FP8_GATHER_LIMIT = 1 << 30
+
+
+def fp8_default_version(dt: int, head_dim: int, table_shape, cache_shape, device_id: int) -> int:
+    """The version an fp8 cache runs by default: 4 or 5 (the Hopper default of the head_dim, over a gathered
+    16-bit copy of the blocks read) where they run and the copy fits :data:`FP8_GATHER_LIMIT`, else 2 (which
+    converts fp8 tiles in its own load path)."""
+    _, num_kv_heads, block_size, _ = cache_shape
+    scratch = cache_ops.dequant_gather_bytes(*table_shape, num_kv_heads, block_size, head_dim)
+    if sm90.supports(dt, head_dim, device_id) and scratch <= FP8_GATHER_LIMIT:
+        return sm90.DEFAULT_VERSION[head_dim]
+    return 2
+
+
+def _prepare_sm90_fp8(version, out, q, k_cache, v_cache, tables, starts, lens, scale, dt, defines, kv_dtype,
+                      k_scale, v_scale):
+    """Versions 4 / 5 over an fp8 cache, two launches: the blocks the batch reads, gathered into a 16-bit scratch
+    pool (``K = fp8`` exactly, ``V = dt(fp8 * v_scale)``; cache_ops.cu: dequant_gather_fp8), then the kernel over
+    that pool with ``k_scale`` folded into the softmax scale.
+
+    NOTE: prefill is compute-bound: the gather moves 1 + 2 bytes per element read once, while the kernel reads each
+    K/V tile once per 128-row query tile (measured: kernels_cu/NOTES_prefill.md, "fp8 cache on Hopper")."""
+    k16, v16, gathered, gather = cache_ops.prepare_dequant_gather(k_cache, v_cache, tables, starts, lens, kv_dtype,
+                                                                  dt, 1.0, v_scale)
+    attend = sm90.prepare(version, out, q, k16, v16, gathered, starts, lens, scale * k_scale, dt,
+                          _plain_kernel("prefill_plan_kernel"), capacity, defines)
+
+    def launch():
+        gather()
+        attend()
+    return launch
 
 
 def v2_launch_plan(q_shape, cache_shape, num_seqs: int, max_blocks: int, config: TileConfig, fp8: bool = False) -> dict:
