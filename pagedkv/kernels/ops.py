@@ -80,6 +80,20 @@ def _check_arrays(**arrays) -> None:
             raise ValueError(f"{name} must be an array, got {type(a).__name__}")
 
 
+def _check_q_against_cache(q, k_cache, rows: str, fp8_cache: bool) -> None:
+    """q is [rows, num_qo_heads, head_dim] of the cache's head_dim, its dtype the cache's (an fp8 cache: any model
+    dtype), and its heads a multiple of the cache's KV heads."""
+    _, num_kv_heads, _, head_dim = k_cache.shape
+    if q.ndim != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [{rows}, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
+    if fp8_cache and np.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    if not fp8_cache and q.dtype != k_cache.dtype:
+        raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+    if q.shape[1] % num_kv_heads:
+        raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
+
+
 def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version: int | None = None,
                          fp8_cache: bool = False) -> None:
     """Shape and dtype checks for :func:`paged_attention` (metadata only: no data is read)."""
@@ -87,15 +101,7 @@ def check_attention_args(q, k_cache, v_cache, block_tables, context_lens, versio
     if version is not None and version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS} or None, got {version!r}")
     check_cache_pair(k_cache, v_cache, allow_bytes=fp8_cache)
-    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
-    if q.ndim != 3 or q.shape[2] != head_dim:
-        raise ValueError(f"q must be [batch, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
-    if fp8_cache and np.dtype(q.dtype) not in SUPPORTED_DTYPES:
-        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if not fp8_cache and q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
+    _check_q_against_cache(q, k_cache, "batch", fp8_cache)
     _check_int_array("block_tables", block_tables, 2)
     _check_int_array("context_lens", context_lens, 1)
     if block_tables.shape[0] != q.shape[0] or context_lens.shape[0] != q.shape[0]:
@@ -172,15 +178,7 @@ def check_prefill_args(q, k_cache, v_cache, block_tables, query_start_loc, conte
     _check_arrays(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                   query_start_loc=query_start_loc, context_lens=context_lens)
     check_cache_pair(k_cache, v_cache, allow_bytes=fp8_cache)
-    _, num_kv_heads, _, head_dim = k_cache.shape
-    if q.ndim != 3 or q.shape[2] != head_dim:
-        raise ValueError(f"q must be [num_tokens, num_qo_heads, head_dim={head_dim}], got shape {q.shape}")
-    if fp8_cache and np.dtype(q.dtype) not in SUPPORTED_DTYPES:
-        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    if not fp8_cache and q.dtype != k_cache.dtype:
-        raise ValueError(f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
-    if q.shape[1] % num_kv_heads:
-        raise ValueError(f"num_qo_heads={q.shape[1]} is not divisible by num_kv_heads={num_kv_heads}")
+    _check_q_against_cache(q, k_cache, "num_tokens", fp8_cache)
     _check_int_array("block_tables", block_tables, 2)
     _check_int_array("query_start_loc", query_start_loc, 1)
     _check_int_array("context_lens", context_lens, 1)
