@@ -140,11 +140,7 @@ def parse_args(argv=None):
 @cli.guarded
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from pagedkv.backend import gpu_status
-
-    usable, reason = gpu_status()
-    if not usable:  # one line and exit code 2, no traceback
-        raise cli.FlagError(f"cascade_bench measures a GPU and none is usable: {reason}")
+    cli.require_gpu("cascade_bench measures a GPU")
     import cupy
     from rich.console import Console
     from rich.table import Table

@@ -238,6 +238,16 @@ def check_output_path(path, flag: str) -> Path | None:
     return p
 
 
+def require_gpu(what: str) -> None:
+    """A one-line :class:`FlagError` (exit code 2, no traceback) unless a GPU is usable; ``what`` names who needs
+    it, e.g. ``"kernel_bench measures a GPU"``."""
+    from pagedkv.backend import gpu_status
+
+    usable, reason = gpu_status()
+    if not usable:
+        raise FlagError(f"{what} and none is usable: {reason}")
+
+
 def resolve_backend(device: str):
     """The :class:`pagedkv.Backend` for ``--device``; a requested but unusable GPU is a :class:`FlagError`."""
     from pagedkv.backend import get_backend, gpu_status

@@ -396,11 +396,7 @@ def print_table(result: dict) -> None:
 @cli.guarded
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from pagedkv.backend import gpu_status
-
-    usable, reason = gpu_status()
-    if not usable:  # one line and exit code 2, no traceback
-        raise cli.FlagError(f"kernel_bench measures a GPU and none is usable: {reason}")
+    cli.require_gpu("kernel_bench measures a GPU")
 
     import cupy
 

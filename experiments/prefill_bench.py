@@ -399,11 +399,7 @@ def print_tables(result: dict) -> None:
 @cli.guarded
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from pagedkv.backend import gpu_status
-
-    usable, reason = gpu_status()
-    if not usable:  # one line and exit code 2, no traceback
-        raise cli.FlagError(f"prefill_bench measures a GPU and none is usable: {reason}")
+    cli.require_gpu("prefill_bench measures a GPU")
     import cupy as cp
     try:
         import torch
