@@ -159,7 +159,7 @@ cupy.cuda.runtime.deviceSynchronize()"
         [ -n "$kernel_json" ] && plot --kernel-json "$kernel_json" docs/kernel_bandwidth.png ;;
     gputests)
         run gputests "${T_GPUTESTS:-330}" "$PY" -m pytest -m gpu tests/ -q -p no:cacheprovider -n "${GPUTEST_WORKERS:-6}" \
-            --dist loadfile --durations=15 -rfEs ;;
+            --dist "${GPUTEST_DIST:-loadfile}" --durations=15 -rfEs ${GPUTEST_ARGS:-} ;;
     serve)
         run serve "${T_SERVE:-420}" env OUT="$OUT/serve" bash experiments/gpu_run_serve.sh ;;
     prefix)
