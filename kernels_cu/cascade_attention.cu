@@ -56,6 +56,7 @@
 //   64-key tiles, per = ceil(T / num_splits), gathered through the table of the group's first row (every row
 //   of the group holds the same ids there). Keys >= prefix_len are zero-filled and masked to -inf.
 #include "common.cuh"
+#include "mma.cuh"
 
 #define PAGEDKV_CASCADE_ROWS_THREADS 128
 #define PAGEDKV_CASCADE_MERGE_THREADS 128
@@ -65,43 +66,11 @@ using pagedkv::KV;
 
 namespace cascade {
 
-// ---- tensor-core helpers (sm_80+), as in prefill_attention.cu ---------------------------------------
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-// d += a * b, m16n8k16, f32 accumulate. g = lane / 4, t = lane % 4:
-//   a[0] = A[g][2t..], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..]; b0 = B[2t..][g],
-//   b1 = B[2t+8..][g]; d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..2t+1]
-template <int DT>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (DT == 1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-template <int DT>
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-  unsigned r;
-  if constexpr (DT == 1) asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  else asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
+// ---- tensor-core helpers (sm_80+): mma.cuh ----------------------------------------------------------
+using pagedkv::ldsm_x4;
+using pagedkv::ldsm_x4_trans;
+using pagedkv::mma_16816;
+using pagedkv::pack2;
 
 // The work item of prefix-kernel block `tile`: (group, first packed row, packed rows of the group, the group's
 // first entry in group_rows), or group -1 past the last tile. Warp 0 scans the groups' tile counts 32 at a

@@ -73,6 +73,7 @@
 // Shared memory rows are HEAD_DIM + 8 elements (16 bytes of padding): the 8 row addresses of an ldmatrix
 // phase then fall in distinct 16-byte bank groups (row stride = odd multiple of 16 bytes).
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef PAGEDKV_PREFILL_LAZY_RESCALE
 #define PAGEDKV_PREFILL_LAZY_RESCALE 1  // skip a warp's O rescale when none of its rows changed its max
@@ -119,49 +120,11 @@ __device__ __forceinline__ long long token_offset(const int* block_table, int to
   return (((block * num_kv_heads + kv_head) << log2_block_size) + in_block) * HEAD_DIM;
 }
 
-// ---- tensor-core helpers (sm_80+) -------------------------------------------------------------------
-
-// Four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i.
-// Lane l receives row l/4, columns 2(l%4), 2(l%4)+1 of each matrix (one register per matrix).
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-// The same, transposed: lane l receives rows 2(l%4), 2(l%4)+1 of column l/4 of each matrix.
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], unsigned addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-// d += a * b for one m16n8k16 tile. Fragments (PTX ISA, "mma.m16n8k16 with floating point type"),
-// g = lane / 4, t = lane % 4:
-//   a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..]   a[2] = A[g][2t+8..]   a[3] = A[g+8][2t+8..]
-//   b0   = B[2t..2t+1][g]   b1   = B[2t+8..2t+9][g]
-//   d[0..1] = D[g][2t..2t+1]   d[2..3] = D[g+8][2t..2t+1]
-template <int DT>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (DT == 1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats -> one register of two 16-bit values, `lo` in the low half (cvt puts its first source high).
-template <int DT>
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-  unsigned r;
-  if constexpr (DT == 1) asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  else asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
+// ---- tensor-core helpers (sm_80+): mma.cuh ----------------------------------------------------------
+using pagedkv::ldsm_x4;
+using pagedkv::ldsm_x4_trans;
+using pagedkv::mma_16816;
+using pagedkv::pack2;
 
 // Four fp8 bytes (e4m3 when FMT == 1, e5m2 when FMT == 2) -> four 16-bit values of type DT, exactly:
 // lo = bytes 0, 1 (byte 0 in the low half), hi = bytes 2, 3. e5m2 is float16's top byte (same exponent bias).

@@ -56,6 +56,7 @@
 //   MN-major descriptor: start + 2048 bytes per k16 step (16 keys), LBO = 128 keys * 128 B (next 64 dims),
 //                        SBO = 1024 (next 8 keys)
 #include "common.cuh"
+#include "mma.cuh"
 
 #ifndef PAGEDKV_SM90_PINGPONG
 #define PAGEDKV_SM90_PINGPONG 1
@@ -144,14 +145,7 @@ __device__ __forceinline__ unsigned swz(int r, int c, int rows) {
   return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
 }
 
-// Two floats -> one register of two 16-bit values, `lo` in the low half (cvt puts its first source high).
-template <int DT>
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-  unsigned r;
-  if constexpr (DT == 1) asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  else asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
+using pagedkv::pack2;  // mma.cuh
 
 // ---- wgmma wrappers (sm_90a), generated per shape for float16 and bfloat16 by one macro ------------------
 // D[64 x N] (+)= A[64 x 16] B[16 x N] with f32 accumulators; d[j][e] = this thread's fragment: n8 tile j, the

@@ -147,3 +147,17 @@ def test_no_divergent_shuffles(tmp_path, butterfly):
     wrong = {c: (n, _expected_shuffles(*c, bool(butterfly))) for c, n in found.items()
              if n != _expected_shuffles(*c, bool(butterfly))}
     assert not wrong, f"(kernel, dtype, head_dim, GT): (shuffles in the PTX, expected) {wrong}"
+
+
+def test_cu_source_inlines_every_local_header():
+    """What CuPy compiles has no ``#include "...cuh"`` left (NVRTC gets no include path) and holds each header's
+    text, so a header edit changes the cache key of every file that includes it."""
+    from pagedkv.kernels import compile as kcompile
+
+    folder = kcompile.cu_dir()
+    for path in sorted(folder.glob("*.cu")):
+        text = kcompile.cu_source(path.name)
+        assert '#include "' not in text, path.name
+        for header in ("common.cuh", "mma.cuh"):
+            if f'#include "{header}"' in path.read_text():
+                assert (folder / header).read_text() in text, (path.name, header)

@@ -37,11 +37,14 @@ def cu_dir() -> Path:
 
 
 def cu_source(filename: str) -> str:
-    """The text of ``kernels_cu/<filename>`` with ``#include "common.cuh"`` inlined (so the cache key
-    covers the header too)."""
+    """The text of ``kernels_cu/<filename>`` with its ``#include "<name>.cuh"`` lines (common.cuh, mma.cuh: the
+    headers of kernels_cu/) inlined, so CuPy's cache key covers the headers too."""
     folder = cu_dir()
-    common = (folder / "common.cuh").read_text()
-    return (folder / filename).read_text().replace('#include "common.cuh"', common)
+    lines = []
+    for line in (folder / filename).read_text().splitlines(keepends=True):
+        header = line.strip()[len('#include "'):-1] if line.startswith('#include "') else None
+        lines.append((folder / header).read_text() if header and header.endswith(".cuh") else line)
+    return "".join(lines)
 
 
 @lru_cache(maxsize=None)
