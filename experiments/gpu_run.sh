@@ -9,9 +9,11 @@
 #   ktests      pytest -m gpu tests/test_kernels.py (the decode grid; 4 workers share the GPU)
 #   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1): set
 #               "decode" (decode kernels incl. fp8, the sampler, the fused norms), set "attention" (prefill
-#               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...
+#               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...,
+#               SANITIZE_TOOLS=... (default "memcheck racecheck")
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
+#               (PBENCH_ARGS: its flags, e.g. "--cases 2k --ttft-lens"; PBENCH_TAG: a suffix of the JSON name)
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
 #   base        W1 and the prefill kernels (BASE_PREFILL=0: W1 only) of the tree in ../baseline (BASE=..., an
 #               absolute path; its own flag names in BASE_EBENCH_FLAGS), then of this tree, in the same call
@@ -78,7 +80,7 @@ for stage in "$@"; do
             -p no:cacheprovider -n 4 --durations=10 -rs ${KTEST_K:+-k "$KTEST_K"} ;;
     sanitize)  # SANITIZE_SETS: which of "decode attention" (default both)
         sets=" ${SANITIZE_SETS:-decode attention} "
-        for tool in memcheck racecheck; do
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
             [[ $sets == *" decode "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_decode" "${T_SANITIZE:-150}" \
                 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
                 -p no:xdist tests/test_kernels.py tests/test_sampler.py tests/test_model_gpu.py tests/test_decode_fp8.py \
@@ -181,8 +183,9 @@ cupy.cuda.runtime.deviceSynchronize()"
         [ "${CASCADE_BENCH:-1}" = 1 ] && run cascade_bench "${T_CASCADE_BENCH:-120}" "$PY" -m experiments.cascade_bench \
             --output-json "benchmarks/results/cascade_bench_${GPU_NAME}_$(date -u +%F).json" ;;
     pbench)
-        run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench \
-            --output-json "benchmarks/results/prefill_bench_${GPU_NAME}_$(date -u +%F).json" ;;
+        # shellcheck disable=SC2086
+        run pbench "${T_PBENCH:-240}" "$PY" -m experiments.prefill_bench ${PBENCH_ARGS:-} \
+            --output-json "benchmarks/results/prefill_bench_${GPU_NAME}_$(date -u +%F)${PBENCH_TAG:-}.json" ;;
     *)
         echo "unknown stage $stage" | tee -a "$OUT/logs/summary.log"; status=1 ;;
     esac
