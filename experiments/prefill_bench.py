@@ -22,9 +22,9 @@ In one run, on one GPU:
      random tokens, beside a transformers ``LlamaForCausalLM`` of the same shape (random weights, SDPA,
      float16, logits of the last position only) in the same process.
   3. ``--kv-cache-dtype fp8`` (or fp8_e5m2): each kernel case also runs the default fp8 path over fp8 copies of
-     the same K/V (uint8 caches, scales 1): on sm_90 versions 4 / 5 over a gathered float16 copy of the blocks
-     read, elsewhere version 2's fp8 load path; it reports the rate over the default version on the float16
-     cache (issue 18's target: >= 0.9x) and over version 2 on the float16 cache, and version 2's own fp8 rate.
+     the same K/V (uint8 caches, scales 1; ``prefill.fp8_default_version``), version 2's fp8 load path and, on
+     sm_90, versions 4 / 5 over a gathered float16 copy of the blocks read; it reports their rates over the
+     default version on the float16 cache (issue 18's target: >= 0.9x) and over version 2 on it.
 Kernel times: median of ``--runs`` CUDA-event-timed launches after 3 warm-ups. TTFT: median wall time of
 ``--ttft-runs`` calls after one warm-up (each call ends with the sampled token on the host).
 JSON with ``--output-json [PATH]`` (default path ``benchmarks/results/prefill_bench_<gpu>_<date>.json``).
@@ -242,9 +242,13 @@ def fp8_case(cp, kp, batch, out, args, flops: int, v2_ms: float, default_ms: flo
     q, k, v, bt, qsl, cl = batch
     ref = out.copy()
     k8, v8 = (cp.asarray(fp8.quantize(cp.asnumpy(x), args.kv_cache_dtype)) for x in (k, v))
-    version = kp.fp8_default_version(1, q.shape[2], bt.shape, k8.shape, cp.cuda.Device().id)
+    device = cp.cuda.Device().id
+    version = kp.fp8_default_version(1, q.shape[2], bt.shape, k8.shape, device)
     result = {"kv_cache_dtype": args.kv_cache_dtype, "version": version}
-    for label, kwargs in (("default", {}), ("v2", {"version": 2})):
+    paths = [("default", {}), ("v2", {"version": 2})]
+    if kp.sm90.supports(1, q.shape[2], device):  # versions 4 / 5 over the gathered float16 copy
+        paths.append(("gather", {"version": kp.sm90.DEFAULT_VERSION[q.shape[2]]}))
+    for label, kwargs in paths:
         def run():
             kp.prefill_attention(q, k8, v8, bt, qsl, cl, out=out, check=False, kv_dtype=args.kv_cache_dtype,
                                  **kwargs)
@@ -255,6 +259,7 @@ def fp8_case(cp, kp, batch, out, args, flops: int, v2_ms: float, default_ms: flo
                "rate_over_default_fp16": default_ms / result["default"]["ms"],
                "rate_over_fp16_cache": v2_ms / result["default"]["ms"],
                "v2_rate_over_fp16_v2": v2_ms / result["v2"]["ms"],
+               "gather_rate_over_default_fp16": default_ms / result["gather"]["ms"] if "gather" in result else None,
                "rel_err_vs_fp16_cache": result["default"]["rel_err_vs_fp16_cache"]}
     return result
 
@@ -377,14 +382,15 @@ def print_tables(result: dict) -> None:
     if fp8_rows:
         table = Table(title="prefill over an fp8 KV cache vs the float16 cache (same K/V, same run)")
         for col in ("case", "hd", "cache", "fp8 version", "fp8 ms", "fp8 TF/s", "fp8 / fp16 default", "target",
-                    "fp8 / fp16 v2", "v2: fp8 / fp16", "rel err vs fp16 cache"):
+                    "fp8 / fp16 v2", "v2: fp8 / fp16", "gather + v4/5 / fp16 default", "rel err vs fp16 cache"):
             table.add_column(col, justify="right")
         for r in fp8_rows:
             f = r["fp8"]
             table.add_row(r["case"], str(r["head_dim"]), f["kv_cache_dtype"], f"v{f['version']}", f"{f['ms']:.3f}",
                           f"{f['tflops']:.0f}", f"{f['rate_over_default_fp16']:.2f}x", ">= 0.9x",
                           f"{f['rate_over_fp16_cache']:.2f}x", f"{f['v2_rate_over_fp16_v2']:.2f}x",
-                          f"{f['rel_err_vs_fp16_cache']:.1e}")
+                          "-" if f["gather_rate_over_default_fp16"] is None
+                          else f"{f['gather_rate_over_default_fp16']:.2f}x", f"{f['rel_err_vs_fp16_cache']:.1e}")
         console.print(table)
     if result.get("ttft"):
         table = Table(title="time to first token: LLMEngine (llama-1b, float16, cuda_graph off) vs transformers (SDPA)")

@@ -132,14 +132,13 @@ def fp8_batch(batch, kv_dtype, k_scale, v_scale):
 
 
 def _fp8_versions(dtype, head_dim) -> tuple:
-    """None (the op's default: 4 or 5 over the gathered copy on sm_90 for head_dim 64 / 128), then every other
-    version that reads an fp8 cache on this GPU."""
+    """None (the op's default, :func:`pagedkv.kernels.prefill.fp8_default_version`), then every version that reads
+    an fp8 cache on this GPU (2; 4 and 5 over the gathered copy on sm_90 for head_dim 64 / 128)."""
     import cupy
 
     dt = 1 if dtype == F16 else 2
     hopper = kernels_prefill.sm90.supports(dt, head_dim, cupy.cuda.Device().id)
-    return (None, 2) + (tuple(v for v in kernels_prefill.sm90.VERSIONS
-                              if v != kernels_prefill.sm90.DEFAULT_VERSION[head_dim]) if hopper else ())
+    return (None, 2) + (kernels_prefill.sm90.VERSIONS if hopper else ())
 
 
 def check_fp8(batch, dtype, kv_dtype, k_scale, v_scale, what="", versions=(None,)):
@@ -243,11 +242,15 @@ def test_prefill_fp8_hopper_gather_block_sizes(block_size):
 def test_fp8_default_version_falls_back_past_the_gather_limit(monkeypatch):
     """CPU: the Hopper default over the gathered copy while it fits FP8_GATHER_LIMIT, version 2 past it."""
     monkeypatch.setattr(kernels_prefill.sm90, "supports", lambda dt, hd, dev: True)
+    monkeypatch.setattr(kernels_prefill, "FP8_HOPPER_DEFAULT", True)
     small = kernels_prefill.fp8_default_version(1, 128, (4, 64), (1000, 8, 16, 128), 0)
     assert small == kernels_prefill.sm90.DEFAULT_VERSION[128]
     monkeypatch.setattr(kernels_prefill, "FP8_GATHER_LIMIT", 4 * 64 * 8 * 16 * 128 * 4 - 1)
     assert kernels_prefill.fp8_default_version(1, 128, (4, 64), (1000, 8, 16, 128), 0) == 2
     monkeypatch.setattr(kernels_prefill.sm90, "supports", lambda dt, hd, dev: False)
+    assert kernels_prefill.fp8_default_version(1, 128, (1, 1), (10, 8, 16, 128), 0) == 2
+    monkeypatch.setattr(kernels_prefill.sm90, "supports", lambda dt, hd, dev: True)
+    monkeypatch.setattr(kernels_prefill, "FP8_HOPPER_DEFAULT", False)
     assert kernels_prefill.fp8_default_version(1, 128, (1, 1), (10, 8, 16, 128), 0) == 2
 
 
