@@ -235,6 +235,39 @@ __device__ __forceinline__ bool load_item(int w, int num_work, const int* __rest
   return true;
 }
 
+// The consumer warp's write-out: O / l (l summed over the quad) into the warp's own 16 rows (from r0) of the Q
+// tile (swizzled, 16-bit; the tile is free once the last PV is in registers), then 16-byte row chunks to out;
+// packed rows from wm0 at or past `rows` are not written. Called after fence_proxy_async by versions 4 and 5.
+template <int DT, int HEAD_DIM, int BLOCK_M>
+__device__ __forceinline__ void store_output(const float (&o)[HEAD_DIM / 8][4], const float (&l_run)[2],
+                                             unsigned char* smem_bytes, int r0, int wm0, int rows, int lane,
+                                             unsigned short* __restrict__ out, int q_start, int group,
+                                             int num_qo_heads, int kv_head) {
+  constexpr int NT_O = HEAD_DIM / 8, CPR = HEAD_DIM / 8;
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = l_run[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = 1.f / l;
+    const int r = r0 + g + 8 * h;
+#pragma unroll
+    for (int j = 0; j < NT_O; ++j)
+      *reinterpret_cast<unsigned*>(smem_bytes + swz(r, j, BLOCK_M) + 4 * t4) =
+          pack2<DT>(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * CPR; i += 32) {
+    const int r = i / CPR, col = i % CPR, pr = wm0 + r;
+    if (pr < rows) {
+      unsigned short* dst = out + packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8;
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(smem_bytes + swz(r0 + r, col, BLOCK_M));
+    }
+  }
+}
+
 }  // namespace sm90
 
 // ================================================================================================
@@ -517,27 +550,8 @@ prefill_attention_v4_kernel(unsigned short* __restrict__ out, const unsigned sho
   // then 16-byte row chunks to out; rows past the sequence are not written
   sm90::fence_proxy_async();
   const int r0 = cw * 64 + warp * 16;  // the warp's first row in the tile
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = l_run[h];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = 1.f / l;
-    const int r = r0 + g + 8 * h;
-#pragma unroll
-    for (int j = 0; j < NT_O; ++j)
-      *reinterpret_cast<unsigned*>(smem_bytes + sm90::swz(r, j, BLOCK_M) + 4 * t4) =
-          sm90::pack2<DT>(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-  }
-  __syncwarp();
-#pragma unroll
-  for (int i = lane; i < 16 * CPR; i += 32) {
-    const int r = i / CPR, col = i % CPR, pr = wm0 + r;
-    if (pr < rows) {
-      unsigned short* dst = out + sm90::packed_row<HEAD_DIM>(q_start, pr, group, num_qo_heads, kv_head) + col * 8;
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(smem_bytes + sm90::swz(r0 + r, col, BLOCK_M));
-    }
-  }
+  sm90::store_output<DT, HEAD_DIM, BLOCK_M>(o, l_run, smem_bytes, r0, wm0, rows, lane, out, q_start, group,
+                                            num_qo_heads, kv_head);
 }
 
 // ================================================================================================
@@ -834,28 +848,8 @@ prefill_attention_v5_kernel(unsigned short* __restrict__ out, const unsigned sho
     // write out: O / l (l summed over the quad) into this warp's own 16 rows of the Q tile (swizzled, 16-bit),
     // then 16-byte row chunks to out; rows past the sequence are not written. Then the Q tile is free.
     sm90::fence_proxy_async();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float l = l_run[h];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = 1.f / l;
-      const int r = r0 + g + 8 * h;
-#pragma unroll
-      for (int j = 0; j < NT_O; ++j)
-        *reinterpret_cast<unsigned*>(smem_bytes + sm90::swz(r, j, BLOCK_M) + 4 * t4) =
-            sm90::pack2<DT>(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int i = lane; i < 16 * CPR; i += 32) {
-      const int r = i / CPR, col = i % CPR, pr = wm0 + r;
-      if (pr < it.rows) {
-        unsigned short* dst =
-            out + sm90::packed_row<HEAD_DIM>(it.q_start, pr, group, num_qo_heads, it.kv_head) + col * 8;
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(smem_bytes + sm90::swz(r0 + r, col, BLOCK_M));
-      }
-    }
+    sm90::store_output<DT, HEAD_DIM, BLOCK_M>(o, l_run, smem_bytes, r0, wm0, it.rows, lane, out, it.q_start, group,
+                                              num_qo_heads, it.kv_head);
     release(q_empty);
   }
 }
