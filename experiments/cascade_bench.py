@@ -149,8 +149,7 @@ def main(argv=None) -> dict:
 
     rng = np.random.default_rng(SEED)
     cupy.random.seed(SEED)
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    gpu = cli.gpu_name()
     read = make_read_kernel(cupy, kcompile.num_sms(cupy.cuda.Device().id))
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))
     result = {"gpu": gpu, "date": str(datetime.date.today()), "runs": RUNS, "block_size": BLOCK_SIZE,

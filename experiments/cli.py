@@ -325,14 +325,18 @@ def fmt_bytes(n: float) -> str:
 
 
 # -- output ----------------------------------------------------------------------------------------------------
+def gpu_name() -> str:
+    """The current CUDA device's name, e.g. "NVIDIA H100 80GB HBM3"."""
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def device_name(backend) -> str:
     """A human name of the device: the GPU's name, or the host CPU's."""
     if backend.is_gpu:
-        import cupy
-
-        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-        name = props["name"]
-        return name.decode() if isinstance(name, bytes) else str(name)
+        return gpu_name()
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 

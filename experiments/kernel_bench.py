@@ -403,7 +403,7 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(SEED)
     cupy.random.seed(SEED)
     props = cupy.cuda.runtime.getDeviceProperties(0)
-    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    gpu = cli.gpu_name()
     sms = compile.num_sms(cupy.cuda.Device().id)
     read = make_read_kernel(cupy, sms)
     timer = Timer(cupy, read, cupy.ones(FLUSH_BYTES // 4, dtype=cupy.int32))

@@ -414,8 +414,7 @@ def main(argv=None) -> dict:
 
     cp.random.seed(SEED)
     rng = np.random.default_rng(SEED)
-    props = cp.cuda.runtime.getDeviceProperties(0)
-    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    gpu = cli.gpu_name()
     result = {"gpu": gpu, "date": str(datetime.date.today()), "runs": args.runs, "block_size": BLOCK_SIZE,
               "heads": [NUM_QO_HEADS, NUM_KV_HEADS], "dtype": "float16", "torch": getattr(torch, "__version__", None),
               "flops": "4 * head_dim * num_qo_heads * sum_i (n_i * cached_i + n_i (n_i + 1) / 2)", "kernel": []}
