@@ -148,7 +148,7 @@ def prepare_dequant_gather(k_cache, v_cache, block_tables, query_start_loc, cont
     """
     import cupy
 
-    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
     num_seqs, max_blocks = block_tables.shape
     fmt = FP8_CODES[check_kv_dtype(kv_dtype)]
     dtype = cupy.float16 if dt == 1 else cupy.uint16  # NOTE: bfloat16 bits travel as uint16 (kv_dtype="bfloat16")

@@ -212,9 +212,8 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``kv_dtype="fp8_e4m3" | "fp8_e5m2"``: uint8 caches of fp8 bytes read back as ``byte * k_scale`` (V:
     ``v_scale``), q float16 / bfloat16 (a GPU of compute capability >= 8.9): version 2 converts the fp8 tiles as
-    it loads them; versions 4 / 5 (the default where they run, :func:`fp8_default_version`) read a 16-bit copy
-    of the blocks the batch reads, gathered first (:func:`_prepare_sm90_fp8`; the default only with
-    :data:`FP8_HOPPER_DEFAULT`).
+    it loads them (the default, :func:`fp8_default_version`); versions 4 / 5 on sm_90 read a 16-bit copy of the
+    blocks the batch reads, gathered first (:func:`_prepare_sm90_fp8`; opt-in until :data:`FP8_HOPPER_DEFAULT`).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
     """
     import cupy
@@ -301,9 +300,9 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, query_start_loc, context
 # The most scratch (bytes) the Hopper versions may take for an fp8 cache's gathered 16-bit copy; a larger batch
 # (sequences x table width) runs version 2's fp8 load path instead
 FP8_GATHER_LIMIT = 1 << 30
-# Whether an fp8 cache on sm_90 runs versions 4 / 5 over the gathered copy by default. NOTE: off until the gather
-# has run on a GPU (tests/test_fp8_gpu.py: test_prefill_fp8_hopper_gather_*; prefill_bench --kv-cache-dtype fp8):
-# the device calls of the session that wrote it were all refused. version=4 / 5 with an fp8 cache opts in.
+# Whether an fp8 cache on sm_90 runs versions 4 / 5 over the gathered copy by default. NOTE: off until its
+# float64-reference tests (tests/test_fp8_gpu.py: test_prefill_fp8_hopper_gather_*) and the sanitizers have run on
+# a GPU; its one benchmark run is in kernels_cu/NOTES_fp8.md. version=4 / 5 with an fp8 cache opts in.
 FP8_HOPPER_DEFAULT = False
 
 
@@ -325,7 +324,7 @@ def _prepare_sm90_fp8(version, out, q, k_cache, v_cache, tables, starts, lens, s
     that pool with ``k_scale`` folded into the softmax scale.
 
     NOTE: prefill is compute-bound: the gather moves 1 + 2 bytes per element read once, while the kernel reads each
-    K/V tile once per 128-row query tile (measured: kernels_cu/NOTES_prefill.md, "fp8 cache on Hopper")."""
+    K/V tile once per 128-row query tile (measured: kernels_cu/NOTES_fp8.md, "fp8 cache on Hopper")."""
     k16, v16, gathered, gather = cache_ops.prepare_dequant_gather(k_cache, v_cache, tables, starts, lens, kv_dtype,
                                                                   dt, 1.0, v_scale)
     attend = sm90.prepare(version, out, q, k16, v16, gathered, starts, lens, scale * k_scale, dt,
