@@ -12,7 +12,9 @@ In one run:
      excluded): kernel 2, kernel 3 and the default, % of the read ceiling counting the fp8 bytes.
      Uniform cases: issue 3's table (head_dim 128). Ragged cases: lengths drawn uniformly (seeded) from
      a range, issue 11's table plus a mixed batch, head dims 64 and 80, and issue 16's Qwen2.5-7B shape
-     (28 query / 4 KV heads). ``--variants`` also times the compile-time variants of kernels 2 and 3.
+     (28 query / 4 KV heads). ``--variants`` also times the compile-time variants of kernels 2 and 3;
+     ``--v4`` also times version 4 (tensor cores, opt-in; head dims 64 / 128 only) on the float16 and the fp8
+     cache (columns v4 and fp8 v4; its output compared with kernel 1's and the fp8 kernel 2's).
 
 Every timed launch is bracketed by CUDA events after an L2 flush (a 512 MB read), so no case is served from
 L2; the flush also lets the host enqueue the launch before the GPU reaches it. Median of RUNS launches.
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pagedkv.kernels import compile, decode, decode_plan
+from pagedkv.kernels import compile, decode, decode_plan, decode_tc
 
 from . import cli
 
@@ -219,8 +221,8 @@ def _time_variants(cupy, timer, row, version, variants, attn, out, ref) -> None:
             row[f"{key}_rel_err"] = _rel_err(cupy, out, ref)
 
 
-def run_fp8(cupy, timer, row, q, shape, bt, cl) -> None:
-    """The case with an fp8 e4m3 cache of the same shape: kernel 2, kernel 3, the default."""
+def run_fp8(cupy, timer, row, q, shape, bt, cl, v4: bool = False) -> None:
+    """The case with an fp8 e4m3 cache of the same shape: kernel 2, kernel 3, the default (and version 4)."""
     k8, v8 = fp8_pools(cupy, shape)
     out = cupy.empty_like(q)
     kw = dict(kv_dtype="fp8_e4m3", k_scale=FP8_SCALE, v_scale=FP8_SCALE, out=out, check=False)
@@ -233,13 +235,30 @@ def run_fp8(cupy, timer, row, q, shape, bt, cl) -> None:
     plan = decode.v3_launch_plan(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
     row["fp8_default_choice"] = decode.last_dispatch(q.shape, shape, 1, ct=3, max_blocks=bt.shape[1])
     row["fp8_v3_plan"] = {key: plan[key] for key in ("gt", "ctas", "blocks_per_sm", "smem", "num_regs", "tile_tokens")}
+    if v4:
+        _time_v4(cupy, timer, row, "fp8_v4", lambda: decode.paged_attention(q, k8, v8, bt, cl, version=4, **kw), out,
+                 outs["fp8_v2"], decode_tc.launch_plan, (q.shape, shape, bt.shape[1], 1, 3))
     for key in ("fp8_v3", "fp8_default"):  # the same bytes: kernel 2 is the yardstick
         row[f"{key}_vs_v2_rel_err"] = _rel_err(cupy, outs[key], outs["fp8_v2"])
     row["fp8_kv_bytes"] = row["kv_bytes"] // 2
     del k8, v8
 
 
-def run_case(cupy, timer, rng, case: Case, variants: bool = False) -> dict:
+def _time_v4(cupy, timer, row, key, run, out, ref, plan_fn, plan_args) -> None:
+    """Version 4 (tensor cores): time, plan, error against ``ref``; a shape it refuses leaves ``<key>_error``."""
+    try:
+        us, times = timer.median_us(run)
+    except ValueError as exc:  # head_dim 80 and other shapes version 4 does not serve
+        row[f"{key}_error"] = str(exc)[:300]
+        return
+    row[f"{key}_us"], row[f"{key}_spread_us"] = us, [min(times), max(times)]
+    ref_name = "v2" if key.startswith("fp8") else "v1"
+    row[f"{key}_vs_{ref_name}_rel_err"] = _rel_err(cupy, out, ref)
+    plan = plan_fn(*plan_args)
+    row[f"{key}_plan"] = {k: plan[k] for k in ("parts", "part_tokens", "smem", "blocks_per_sm", "num_regs")}
+
+
+def run_case(cupy, timer, rng, case: Case, variants: bool = False, v4: bool = False) -> dict:
     q, k, v, bt, cl, kv_bytes = build_case(cupy, rng, case)
     out = cupy.empty_like(q)
     lens = cupy.asnumpy(cl)
@@ -271,6 +290,9 @@ def run_case(cupy, timer, rng, case: Case, variants: bool = False) -> dict:
         row["default_gt4_us"], row["default_gt4_spread_us"] = us, [min(times), max(times)]
         row["default_gt4_rel_err"] = _rel_err(cupy, out, ref)
         row["default_gt4_choice"] = decode.last_dispatch(q.shape, k.shape, 1, max_blocks=bt.shape[1], gt=4)
+    if v4:
+        _time_v4(cupy, timer, row, "v4", attn(4), out, ref, decode_tc.launch_plan,
+                 (q.shape, k.shape, bt.shape[1], 1, 1))
     row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
         lambda: decode.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
     row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
@@ -297,11 +319,11 @@ def run_case(cupy, timer, rng, case: Case, variants: bool = False) -> dict:
     shape = k.shape
     del k, v
     cupy.get_default_memory_pool().free_all_blocks()
-    run_fp8(cupy, timer, row, q, shape, bt, cl)
+    run_fp8(cupy, timer, row, q, shape, bt, cl, v4)
     return row
 
 
-def prewarm(cases, variants: bool) -> float:
+def prewarm(cases, variants: bool, v4: bool = False) -> float:
     """Compile every module the cases will launch, 16 at a time (NVRTC runs outside the GIL), so the
     compiles overlap instead of adding up; returns the seconds it took."""
     import time
@@ -319,9 +341,11 @@ def prewarm(cases, variants: bool) -> float:
             jobs.add((kind, 1, case.head_dim, gt, 4096, 4, (), 3))
         if gt != case.num_qo_heads // case.num_kv_heads and gt == 8:  # the GT 4 variant of a group of 5-7
             jobs.add(("v3", 1, case.head_dim, 4, 4096, 4, (), None))
+    v4_jobs = sorted({(1, c.head_dim, ct) for c in cases for ct in (1, 3) if v4 and c.head_dim in decode_tc.HEAD_DIMS})
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda job: decode.attention_kernel(*job), sorted(jobs, key=str)))
+        list(pool.map(lambda job: decode_tc.attention_kernel(*job), v4_jobs))
     return time.perf_counter() - t0
 
 
@@ -348,6 +372,8 @@ def parse_args(argv):
     parser.add_argument("--plot", default=None, metavar="PATH", help="also draw the bandwidth PNG (needs matplotlib)")
     parser.add_argument("--variants", action="store_true",
                         help="also time the compile-time variants of kernels 2 and 3 (tile bytes, stages, ...)")
+    parser.add_argument("--v4", action="store_true",
+                        help="also time decode version 4 (tensor cores, opt-in) on the float16 and fp8 caches")
     args = parser.parse_args(argv)
     for i in args.cases or ():
         cli.in_range("--cases", i, 0, len(CASES) - 1)
@@ -374,6 +400,8 @@ def print_table(result: dict) -> None:
             "sdpa %", "fp8 v2 %", "fp8 v3 %", "fp8 dflt us", "fp8 dflt %", "fp8 mode", "x16", "dflt GT4 %"]
     if result.get("variants"):
         cols += ["v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us"]
+    if result.get("v4"):
+        cols += ["v4 us", "v4 %", "fp8 v4 us", "fp8 v4 %", "v4 x16"]
     for col in cols:
         table.add_column(col, justify="right")
     fmt = lambda r, key, spec=".1f": "-" if r.get(key) is None or r[key] != r[key] else format(r[key], spec)  # noqa: E731
@@ -389,6 +417,9 @@ def print_table(result: dict) -> None:
         if result.get("variants"):
             cells += [fmt(r, "v2_plain_us"), fmt(r, "v2_s6_us"), fmt(r, "v2_t8192_us"), fmt(r, "v3_s3_us"),
                       fmt(r, "v3_t8192_us")]
+        if result.get("v4"):
+            cells += [fmt(r, "v4_us"), fmt(r, "v4_pct"), fmt(r, "fp8_v4_us"), fmt(r, "fp8_v4_pct"),
+                      fmt(r, "fp8_v4_vs_fp16", ".2f")]
         table.add_row(*cells)
     Console(width=260).print(table)
 
@@ -410,25 +441,27 @@ def main(argv=None) -> dict:
     result = {"gpu": gpu, "sms": sms, "l2_bytes": props.get("l2CacheSize"), "date": str(datetime.date.today()),
               "runs": RUNS, "head_dim": 128, "block_size": BLOCK_SIZE, "dtype": "float16",
               "default_version": "dispatcher (kernel 3's launch, mode 0)", "fp8_kv_dtype": "fp8_e4m3",
-              "fp8_scale": FP8_SCALE, "variants": args.variants}
+              "fp8_scale": FP8_SCALE, "variants": args.variants, "v4": args.v4}
     result.update(ceilings(cupy, timer, read))
     chosen = args.cases if args.cases else range(len(CASES))
-    result["prewarm_s"] = prewarm([CASES[i] for i in chosen], args.variants)
+    result["prewarm_s"] = prewarm([CASES[i] for i in chosen], args.variants, args.v4)
     print(f"compiled the kernels in {result['prewarm_s']:.1f} s", flush=True)
     rows = []
     for i in chosen:
-        rows.append(run_case(cupy, timer, rng, CASES[i], args.variants))
+        rows.append(run_case(cupy, timer, rng, CASES[i], args.variants, args.v4))
         cupy.get_default_memory_pool().free_all_blocks()
     for row in rows:
         for key, nbytes in (("v1", "kv_bytes"), ("v2", "kv_bytes"), ("v3", "kv_bytes"), ("default", "kv_bytes"),
                             ("default_gt4", "kv_bytes"),
                             ("sdpa", "kv_bytes"), ("fp8_v2", "fp8_kv_bytes"), ("fp8_v3", "fp8_kv_bytes"),
-                            ("fp8_default", "fp8_kv_bytes")):
+                            ("fp8_default", "fp8_kv_bytes"), ("v4", "kv_bytes"), ("fp8_v4", "fp8_kv_bytes")):
             if row.get(f"{key}_us"):
                 row[f"{key}_GBps"] = row[nbytes] / row[f"{key}_us"] / 1e3
                 row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / result["read_GBps"]
         if row.get("fp8_default_us") and row.get("default_us"):
             row["fp8_vs_fp16"] = row["fp8_default_us"] / row["default_us"]
+        if row.get("fp8_v4_us") and row.get("v4_us"):
+            row["fp8_v4_vs_fp16"] = row["fp8_v4_us"] / row["v4_us"]
     result["cases"] = rows
     print_table(result)
     name = f"kernel_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from pagedkv.kernels import compile, decode, decode_plan
+from pagedkv.kernels import compile, decode, decode_plan, decode_tc
 
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH")
@@ -80,6 +80,37 @@ def test_paged_attention_compiles_without_spills(tmp_path, arch, dt):
     assert "check_block_tables_kernel" in report
     spilled = {n: r for n, r in report.items() if r[1] or r[2]}
     assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paged_attention_tc_compiles_without_spills(tmp_path, arch):
+    """Decode version 4 (paged_attention_tc.cu): every instantiation the launcher asks for (float16 / bfloat16 q,
+    head dims 64 / 128, a cache of q's type, e4m3, e5m2) compiles without spills."""
+    names = [n for dt in (1, 2) for hd in decode_tc.HEAD_DIMS for n in decode_tc.kernel_names(dt, hd)]
+    refs = ",\n  ".join(f"(const void*)&{n}" for n in names)
+    report = ptxas_report(_compile(tmp_path, "paged_attention_tc.cu", arch,
+                                   f"\nconst void* pagedkv_instantiate[] = {{\n  {refs}\n}};\n"))
+    found = {n: r for n, r in report.items() if "paged_attention_tc_kernel" in n}
+    assert len(found) == len(names)
+    spilled = {n: r for n, r in found.items() if r[1] or r[2]}
+    assert not spilled, f"spills (registers, store bytes, load bytes): {spilled}"
+
+
+def test_tc_smem_mirror(tmp_path):
+    """decode_tc.smem_bytes equals Tc<DT, HEAD_DIM, CT>::SMEM_BYTES in paged_attention_tc.cu."""
+    cases = [(dt, hd, ct) for dt in (1, 2) for hd in decode_tc.HEAD_DIMS for ct in (dt, *decode_tc.FP8_CTS)]
+    body = "\n".join(f'  printf("{dt} {hd} {ct} %d\\n", decode_tc::Tc<{dt}, {hd}, {ct}>::SMEM_BYTES);'
+                     for dt, hd, ct in cases)
+    src = tmp_path / "tc_smem.cu"
+    src.write_text(compile.cu_source("paged_attention_tc.cu") + f"\n#include <cstdio>\nint main() {{\n{body}\n}}\n")
+    exe = tmp_path / "tc_smem"
+    proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == len(cases)
+    for line in lines:
+        dt, hd, ct, smem = map(int, line.split())
+        assert decode_tc.smem_bytes(ct, hd) == smem, line
 
 
 def test_tile_shape_and_smem_mirrors(tmp_path):

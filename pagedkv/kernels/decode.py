@@ -23,13 +23,14 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import decode_tc
 from .compile import U64_MAX, dt_code, int32_contiguous, load_function, num_sms
 from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile,
                           partition_max_parts, tile_shape,
                           v2_smem_bytes, v3_min_tiles, v3_smem_bytes)
 
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)  # 4: tensor cores, opt-in (pagedkv.kernels.decode_tc)
 # None: the default, kernel 3's launch with its on-device dispatcher (mode 0: the balanced walk or the
 # partition plan, picked per launch from context_lens; kernels_cu/NOTES.md)
 DEFAULT_VERSION = None
@@ -184,9 +185,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
                     extra_defines: tuple = ()):
     """Launch paged decode attention (see :func:`pagedkv.kernels.ops.paged_attention` for shapes).
 
-    ``version``: 1, 2, 3 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
+    ``version``: 1, 2, 3, 4 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
     walk or the partition plan on the device from ``context_lens``, so a captured graph chooses again at
-    every replay). Kernel 2: ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`).
+    every replay). Version 4 (opt-in): tensor-core decode (:mod:`pagedkv.kernels.decode_tc`; head_dim 64 / 128,
+    float16 / bfloat16 q, 1-8 query heads per KV head). Kernels 2 and 4: ``num_partitions`` forces the split-K
+    count (default: :func:`choose_num_partitions`).
     Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
     ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
     splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
@@ -209,11 +212,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     if version == 1 and ct != dt:
         raise ValueError(f"kernel 1 reads float16/bfloat16/float32 caches only, not kv_dtype={kv_dtype!r}: use "
                          f"version 2, 3 or None")
-    if mode is not None and (mode not in MODES or version in (1, 2)):
+    if mode is not None and (mode not in MODES or version in (1, 2, 4)):
         raise ValueError(f"mode must be one of {sorted(MODES)} with version 3 or None, got mode={mode!r} "
                          f"version={version!r}")
-    if group_tile is not None and (group_tile not in GROUP_TILES or version in (1, 2)):
+    if group_tile is not None and (group_tile not in GROUP_TILES or version in (1, 2, 4)):
         raise ValueError(f"group_tile must be one of {GROUP_TILES} with version 3 or None, got {group_tile!r}")
+    if version == 4:
+        decode_tc.check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
@@ -239,6 +244,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     scales = (k_scale, v_scale)
     if version == 1:
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
+    elif version == 4:
+        launch = decode_tc.prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, ct, scales,
+                                   num_partitions)
     elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
                              tile_bytes, stages, extra_defines, ct, scales)

@@ -1,0 +1,171 @@
+"""Launcher of ``kernels_cu/paged_attention_tc.cu``: paged decode attention version 4 on tensor cores (opt-in,
+``pagedkv.kernels.decode.paged_attention(..., version=4)``).
+
+One thread block per (KV partition, KV head, sequence); the GQA group's query heads are the rows of an
+``mma.sync.m16n8k16`` A operand (padded to 16), K/V tiles of :data:`BLOCK_N` keys come through a cp.async ring,
+split sequences are merged in the same launch by their last partition. The plan depends on shapes only
+(``max_blocks * block_size``, the device's resident blocks), so a captured CUDA graph replays with new
+``context_lens``. Caches: q's type (float16 / bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
+
+Launch arithmetic that needs no GPU (:func:`smem_bytes`, :func:`partition_plan`, :func:`check_args`) is pure
+Python and tested on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from .compile import load_function, num_sms
+from .decode_plan import choose_num_partitions
+
+HEAD_DIMS = (64, 128)
+MAX_GROUP = 8  # PAGEDKV_TC_MAX_GROUP: query heads per KV head (the MMA's 16 rows, 8 used)
+THREADS = 128  # PAGEDKV_TC_THREADS
+WARPS = 4
+WARP_N = 16  # keys per warp per tile
+BLOCK_N = WARPS * WARP_N  # keys per tile; partitions are whole tiles
+STAGES_16, STAGES_8 = 3, 4  # PAGEDKV_TC_STAGES16 / PAGEDKV_TC_STAGES8: cp.async stages (16-bit / fp8 cache)
+FP8_CTS = (3, 4)  # cache type codes of e4m3 / e5m2 (decode.FP8_KV_DTYPES)
+UNIT = {3: 256.0, 4: 1.0}  # e4m3's converted tile holds value * 2^-8 (kernels_cu/paged_attention_tc.cu)
+
+
+def kernel_name(dt: int, head_dim: int, ct: int) -> str:
+    return f"paged_attention_tc_kernel<{dt}, {head_dim}, {ct}>"
+
+
+def kernel_names(dt: int, head_dim: int) -> tuple[str, ...]:
+    """Every instantiation for one q type and head_dim: a cache of q's type, e4m3, e5m2."""
+    return tuple(kernel_name(dt, head_dim, ct) for ct in (dt, *FP8_CTS))
+
+
+def check_args(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads: int) -> None:
+    """What version 4 supports; ``ValueError`` naming the offending value otherwise."""
+    if dt not in (1, 2):
+        raise ValueError("version 4 needs float16 or bfloat16 queries (tensor-core MMA), got float32")
+    if ct != dt and ct not in FP8_CTS:
+        raise ValueError(f"version 4 reads a cache of q's type or fp8, got cache type code {ct} for q code {dt}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"version 4 supports head_dim {HEAD_DIMS}, got head_dim={head_dim}")
+    group = num_qo_heads // num_kv_heads
+    if not 1 <= group <= MAX_GROUP:
+        raise ValueError(f"version 4 serves 1..{MAX_GROUP} query heads per KV head, got "
+                         f"num_qo_heads / num_kv_heads = {num_qo_heads} / {num_kv_heads} = {group}")
+
+
+def smem_bytes(ct: int, head_dim: int) -> int:
+    """Dynamic shared memory of one block (``Tc<DT, HEAD_DIM, CT>::SMEM_BYTES``): the pipeline (reused by the
+    end-of-block merge) and the ring of 64-bit row offsets."""
+    fp8 = ct in FP8_CTS
+    stages = STAGES_8 if fp8 else STAGES_16
+    row = head_dim + 8
+    stage = BLOCK_N * head_dim if fp8 else BLOCK_N * row * 2
+    pipe = 2 * stages * stage + (WARPS * 2 * WARP_N * row * 2 if fp8 else 0)
+    end = WARPS * MAX_GROUP * (head_dim + 2) * 4 + MAX_GROUP * 2 * 4 + THREADS * 16
+    return max(pipe, end) + stages * BLOCK_N * 8
+
+
+def partition_plan(batch: int, num_kv_heads: int, capacity: int, resident_ctas: int,
+                   num_partitions: int | None = None) -> tuple[int, int]:
+    """``(num_partitions, partition_tokens)``: kernel 2's wave-filling split-K rule
+    (:func:`pagedkv.kernels.decode_plan.choose_num_partitions`) over ``batch * num_kv_heads`` blocks per
+    partition and tiles of :data:`BLOCK_N` keys; ``capacity`` = max_blocks * block_size (no device read).
+    ``num_partitions`` forces the count (tests: merges on small inputs)."""
+    if num_partitions is None:
+        return choose_num_partitions(batch, num_kv_heads, capacity, BLOCK_N, resident_ctas)
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    part_tokens = -(-(-(-capacity // num_partitions)) // BLOCK_N) * BLOCK_N
+    return -(-capacity // part_tokens), part_tokens
+
+
+def attention_kernel(dt: int, head_dim: int, ct: int):
+    """The version-4 kernel of one (q type, head_dim, cache type); one module per instantiation."""
+    name = kernel_name(dt, head_dim, ct)
+    return load_function("paged_attention_tc.cu", name, (name,))
+
+
+def launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, ct: int, num_partitions=None) -> dict:
+    """How version 4 will be launched (compiles if needed): partitions, shared memory, resident blocks."""
+    import cupy
+
+    return dict(_plan(tuple(q_shape), tuple(cache_shape), int(max_blocks), dt, ct, num_partitions,
+                      cupy.cuda.Device().id))
+
+
+@lru_cache(maxsize=4096)
+def _plan(q_shape, cache_shape, max_blocks, dt, ct, num_partitions, device_id):
+    batch, num_qo_heads, _ = q_shape
+    _, num_kv_heads, block_size, head_dim = cache_shape
+    kernel = attention_kernel(dt, head_dim, ct)
+    smem = smem_bytes(ct, head_dim)
+    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+    per_sm = _blocks_per_sm(kernel, smem, device_id)
+    parts, part_tokens = partition_plan(batch, num_kv_heads, max_blocks * block_size, per_sm * num_sms(device_id),
+                                        num_partitions)
+    return {"kernel": kernel, "group": num_qo_heads // num_kv_heads, "parts": parts, "part_tokens": part_tokens,
+            "smem": smem, "blocks_per_sm": per_sm, "resident_ctas": per_sm * num_sms(device_id),
+            "num_regs": kernel.num_regs}
+
+
+def _blocks_per_sm(kernel, smem: int, device_id: int) -> int:
+    """Resident blocks per SM from the driver's occupancy calculator (registers and shared memory otherwise)."""
+    import cupy
+
+    try:
+        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, THREADS, smem)))
+    except Exception:  # noqa: BLE001 - the formula below is the calculator's, less its rounding details
+        attrs = cupy.cuda.Device(device_id).attributes
+        by_regs = attrs["MaxRegistersPerMultiprocessor"] // (-(-kernel.num_regs * 32 // 256) * 256 * WARPS)
+        by_smem = attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024)
+        return max(1, min(by_regs, by_smem, attrs["MaxThreadsPerMultiProcessor"] // THREADS))
+
+
+@lru_cache(maxsize=None)
+def merge_counters(size: int, device_id: int):
+    """Merge counters ``[size]`` int32, zeroed once; every launch leaves them zero.
+
+    NOTE: allocated outside any memory pool (a CUDA graph's included), so they live as long as the process;
+    two launches of the same counter size on two streams at once would share them (not supported, as for
+    kernel 3).
+    """
+    import cupy
+
+    memory = cupy.cuda.Memory(4 * size)
+    cupy.cuda.runtime.memset(memory.ptr, 0, 4 * size)
+    return cupy.ndarray((size,), dtype=cupy.int32, memptr=cupy.cuda.MemoryPointer(memory, 0))
+
+
+def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, dt: int, ct: int,
+            scales=(1.0, 1.0), num_partitions=None):
+    """Version 4's launch as a closure (scratch partials allocated now). Arguments as
+    :func:`pagedkv.kernels.decode.paged_attention` leaves them: checked, contiguous, int32 tables.
+
+    Args:
+        out, q: [batch, num_qo_heads, head_dim] float16 / bfloat16 (raw 16-bit words).
+        k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim], q's type or uint8 fp8 bytes.
+        block_tables: [batch, max_blocks] int32; context_lens: [batch] int32.
+        scale: softmax scale; dt / ct: q / cache type codes; scales: (k_scale, v_scale).
+    """
+    import cupy
+
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    batch, num_qo_heads, _ = q.shape
+    check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
+    max_blocks = block_tables.shape[1]
+    plan = launch_plan(q.shape, k_cache.shape, max_blocks, dt, ct, num_partitions)
+    parts, group = plan["parts"], plan["group"]
+    if parts == 1:
+        part_out = part_ml = cupy.empty(1, dtype=cupy.float32)
+    else:
+        slots = batch * num_kv_heads * parts
+        part_out = cupy.empty((slots, group, head_dim), dtype=cupy.float32)
+        part_ml = cupy.empty((slots, group, 2), dtype=cupy.float32)
+    unit = UNIT.get(ct, 1.0)
+    counters = merge_counters(max(1, batch * num_kv_heads), cupy.cuda.Device().id)
+    args = (out, part_out, part_ml, counters, q, k_cache, v_cache, block_tables, context_lens,
+            cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(group),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.int32(plan["part_tokens"]),
+            cupy.float32(scale * math.log2(math.e) * scales[0] * unit), cupy.float32(scales[1] * unit))
+    grid = (parts, num_kv_heads, batch)
+    return lambda: plan["kernel"](grid, (THREADS,), args, shared_mem=plan["smem"])
