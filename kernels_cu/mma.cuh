@@ -1,7 +1,8 @@
 // mma.cuh: the tensor-core building blocks the attention kernels share (sm_80+): ldmatrix loads of 8x8 b16
 // matrices from shared memory, the m16n8k16 mma.sync with float32 accumulators, and the float -> 16-bit pair
-// pack. Included by prefill_attention.cu (version 2), prefill_attention_sm90.cu (versions 4 / 5: pack2) and
-// cascade_attention.cu; each file names them in its own namespace with using-declarations.
+// pack. Included by prefill_attention.cu (version 2), prefill_attention_sm90.cu (versions 4 / 5: pack2),
+// cascade_attention.cu and paged_attention_tc.cu (decode version 4); each file names them in its own namespace
+// with using-declarations.
 
 namespace pagedkv {
 

@@ -13,9 +13,9 @@
 //                              by the partition that finishes last (kernel 3's fence / count / merge).
 //   Float16 / bfloat16 q with a cache of q's type, or an fp8 cache (CT 3 = e4m3, 4 = e5m2: uint8 bytes): the
 //   cp.async stages hold the raw bytes and each warp converts its 16 rows of K and V into a 16-bit tile of its
-//   own before the MMAs (exactly as prefill_attention_v2_fp8_kernel: e5m2 = the top byte of a float16, e4m3 =
-//   float16 bits s.0eeee.mmm0000000 = value * 2^-8, the 2^8 and k_scale folded into the softmax scale; under
-//   bfloat16 q through float32, exact).
+//   own before the MMAs (fp8_convert.cuh, as prefill_attention_v2_fp8_kernel: e5m2 = the top byte of a
+//   float16, e4m3 = float16 bits s.0eeee.mmm0000000 = value * 2^-8, the 2^8 and k_scale folded into the
+//   softmax scale; under bfloat16 q through float32, exact).
 //
 // Layouts (one layer):
 //   q             [batch, num_qo_heads, HEAD_DIM]  float16 / bfloat16
@@ -47,6 +47,8 @@
 // fp8 cache (pagedkv.kernels.decode_tc mirrors them and the shared memory sizes).
 #include "common.cuh"
 #include "mma.cuh"
+#include "fp8_convert.cuh"
+#include "split_merge.cuh"
 
 #ifndef PAGEDKV_TC_STAGES16
 #define PAGEDKV_TC_STAGES16 3  // 16-bit cache: 34 KB a stage at head_dim 128 (K + V, padded rows)
@@ -59,7 +61,6 @@
 #define PAGEDKV_TC_WARP_N 16                                   // keys per warp per tile
 #define PAGEDKV_TC_BLOCK_N (PAGEDKV_TC_WARPS * PAGEDKV_TC_WARP_N)  // keys per tile
 #define PAGEDKV_TC_MAX_GROUP 8                                 // query heads per KV head (A rows used)
-#define PAGEDKV_TC_MERGE_BATCH 8                               // partials' loads in flight per thread (merge)
 // NOTE: 2 blocks per SM at head_dim 128 (shared memory allows 2), 4 at 64 (<= 128 registers)
 #define PAGEDKV_TC_MIN_BLOCKS(HEAD_DIM) ((HEAD_DIM) > 64 ? 2 : 4)
 
@@ -72,43 +73,11 @@ using pagedkv::ldsm_x4_trans;
 using pagedkv::mma_16816;
 using pagedkv::pack2;
 
-// Four fp8 bytes (FMT 1 = e4m3, 2 = e5m2) -> four 16-bit values of type DT, exactly: lo = bytes 0, 1 (byte 0 in
-// the low half), hi = bytes 2, 3. A copy of prefill_attention.cu's prefill::fp8x4_to_16 (kept there unchanged):
-// e5m2 is float16's top byte; e4m3 s.eeee.mmm becomes float16 bits s.0eeee.mmm0000000 = value * 2^-8
-// (subnormals too); bfloat16 goes through float32 (exact).
-__device__ __forceinline__ unsigned prmt(unsigned x, unsigned sel) {  // bytes of (x, 0) picked by sel
-  unsigned r;
-  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "r"(sel));
-  return r;
-}
-
-template <int DT, int FMT>
-__device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& hi) {
-  lo = prmt(x, 0x1404u);  // {0, b0, 0, b1}: each half = byte << 8
-  hi = prmt(x, 0x3424u);  // {0, b2, 0, b3}
-  if constexpr (FMT == 1) {
-    lo = (lo & 0x80008000u) | ((lo >> 1) & 0x3f803f80u);
-    hi = (hi & 0x80008000u) | ((hi >> 1) & 0x3f803f80u);
-  }
-  if constexpr (DT == 2) {
-    lo = pack2<2>(KV<1>::to_float((unsigned short)(lo & 0xffffu)), KV<1>::to_float((unsigned short)(lo >> 16)));
-    hi = pack2<2>(KV<1>::to_float((unsigned short)(hi & 0xffffu)), KV<1>::to_float((unsigned short)(hi >> 16)));
-  }
-}
-
-// (m, l) <- the log-sum-exp combination of (m, l) and (m2, l2), maxima in log2 units (an empty (-inf, 0) side
-// contributes nothing)
-__device__ __forceinline__ void combine_ml(float& m, float& l, float m2, float l2) {
-  const float mx = fmaxf(m, m2);
-  l = l * pagedkv::select(m == mx, 1.f, exp2f(m - mx)) + l2 * pagedkv::select(m2 == mx, 1.f, exp2f(m2 - mx));
-  m = mx;
-}
-
 // Compile-time shape of a version-4 thread block (mirrored by pagedkv.kernels.decode_tc.smem_bytes).
 template <int DT, int HEAD_DIM, int CT>
 struct Tc {
   static constexpr bool FP8 = CT == 3 || CT == 4;
-  static constexpr int FMT = CT == 3 ? 1 : CT == 4 ? 2 : 0;   // fp8x4_to_16's format code
+  static constexpr int FMT = CT == 3 ? 1 : CT == 4 ? 2 : 0;   // fp8_convert.cuh's format code
   static constexpr int THREADS = PAGEDKV_TC_THREADS, BLOCK_N = PAGEDKV_TC_BLOCK_N, WARP_N = PAGEDKV_TC_WARP_N;
   static constexpr int STAGES = FP8 ? PAGEDKV_TC_STAGES8 : PAGEDKV_TC_STAGES16;
   static constexpr int ROW = HEAD_DIM + 8;                    // 16-bit shared row, elements (+16 bytes)
@@ -125,9 +94,9 @@ struct Tc {
   static constexpr int CONV_BYTES = FP8 ? PAGEDKV_TC_WARPS * 2 * WARP_N * ROW * 2 : 0;
   static constexpr int PIPE_BYTES = 2 * STAGES * STAGE_BYTES + CONV_BYTES;
   // after the loop the pipeline is reused: [WARPS][MAX_GROUP][HEAD_DIM] O, [WARPS][MAX_GROUP][2] (m, l),
-  // [MAX_GROUP][2] (M, out factor / L) of the merge, [THREADS] float4 merge sums
+  // [MAX_GROUP][2] (M, out factor / L) of the merge + a dump slot per thread, [THREADS] float4 merge sums
   static constexpr int END_BYTES = PAGEDKV_TC_WARPS * PAGEDKV_TC_MAX_GROUP * (HEAD_DIM + 2) * 4 +
-                                   PAGEDKV_TC_MAX_GROUP * 2 * 4 + THREADS * 16;
+                                   (PAGEDKV_TC_MAX_GROUP * 2 + THREADS) * 4 + THREADS * 16;
   static constexpr int SMEM_BYTES = (PIPE_BYTES > END_BYTES ? PIPE_BYTES : END_BYTES) + STAGES * BLOCK_N * 8;
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "version 4: head_dim 64 or 128");
   static_assert(DT == 1 || DT == 2, "version 4: float16 or bfloat16 q");
@@ -144,10 +113,10 @@ template <> struct TcCache<4> { typedef unsigned char T; };
 // ================================================================================================
 // paged_attention_tc_kernel (version 4): tensor-core decode attention for one GQA group, split-K.
 //   out          [batch, num_qo_heads, HEAD_DIM]  DT; rows of a sequence written once (directly, or by the merge)
-//   part_out     [batch * num_kv_heads * num_partitions, group_size, HEAD_DIM] float32: unnormalised partial
-//                O of each (sequence, KV head, partition), slot (seq * num_kv_heads + kv_head) * num_partitions
+//   part_out     [batch * num_kv_heads * num_partitions, PAGEDKV_TC_MAX_GROUP, HEAD_DIM] float32: unnormalised
+//                partial O (rows 0 .. group_size - 1 used) of each (sequence, KV head, partition), slot (seq * num_kv_heads + kv_head) * num_partitions
 //                + partition; unused (may be a 1-element dummy) when num_partitions == 1
-//   part_ml      [same slots, group_size, 2] float32: (max in log2 units, sum of exp2(s - max)) per head
+//   part_ml      [same slots, PAGEDKV_TC_MAX_GROUP, 2] float32: (max in log2 units, sum of exp2(s - max)) per head
 //   counters     [batch * num_kv_heads] int32, zero before the launch and zero after it: finished partitions of
 //                each (sequence, KV head); the one that brings the count to the sequence's live partitions
 //                merges and resets it (so a captured CUDA graph replays)
@@ -313,10 +282,7 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
             const uint4 raw =
                 *reinterpret_cast<const uint4*>(rk + kv * STAGES * S::STAGE_BYTES + r * HEAD_DIM + col * 16);
             uint4 a, b;
-            decode_tc::fp8x4_to_16<DT, S::FMT>(raw.x, a.x, a.y);
-            decode_tc::fp8x4_to_16<DT, S::FMT>(raw.y, a.z, a.w);
-            decode_tc::fp8x4_to_16<DT, S::FMT>(raw.z, b.x, b.y);
-            decode_tc::fp8x4_to_16<DT, S::FMT>(raw.w, b.z, b.w);
+            pagedkv::fp8x16_to_16<DT, S::FMT>(raw, a, b);
             uint4* dst = reinterpret_cast<uint4*>(conv_ptr + (kv * WARP_N + r) * ROW + col * 16);
             dst[0] = a;
             dst[1] = b;
@@ -395,11 +361,12 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
   pagedkv::cp_async_wait<0>();
   __syncthreads();  // every warp is done with the pipeline: it becomes the merge's scratch
 
-  // stage the warps' (m, l, O) rows: [WARPS][MG][HEAD_DIM] O, [WARPS][MG][2] (m in log2 units, l)
+  // stage the warps' (m, l, O) rows: [WARPS][MG][HEAD_DIM] O, [WARPS][MG][2] (m in log2 units, l); then the
+  // merge's scratch: [MG][2] (max, out factor / sum) + a dump slot per thread, and THREADS float4 sums
   float* const s_o = reinterpret_cast<float*>(smem);
   float* const s_ml = s_o + PAGEDKV_TC_WARPS * MG * HEAD_DIM;
-  float* const s_mw = s_ml + PAGEDKV_TC_WARPS * MG * 2;  // merge: [MG][2] (max, out factor / sum)
-  float4* const s_acc = reinterpret_cast<float4*>(s_mw + MG * 2);
+  float* const s_p = s_ml + PAGEDKV_TC_WARPS * MG * 2;
+  float4* const s_acc = reinterpret_cast<float4*>(s_p + 2 * MG + THREADS);
   {
     float l = l_run;
     l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -415,15 +382,15 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
   __syncthreads();
 
   // merge the 4 warps (log-sum-exp) per (head, float4 column): the output (one live partition) or this
-  // partition's partial
+  // partition's partial (rows of MG heads per slot: split_merge.cuh's layout with GT = MG)
   const bool split = num_live > 1;
-  const long long slot = ((long long)seq * num_kv_heads + kv_head) * num_parts + part;
+  const long long slot0 = ((long long)seq * num_kv_heads + kv_head) * num_parts, slot = slot0 + part;
   for (int i = tid; i < group_size * TPR; i += THREADS) {
     const int h = i / TPR, col = i - h * TPR;
     float m = PAGEDKV_NEG_INF, l = 0.f;
 #pragma unroll
     for (int w = 0; w < PAGEDKV_TC_WARPS; ++w)
-      decode_tc::combine_ml(m, l, s_ml[(w * MG + h) * 2], s_ml[(w * MG + h) * 2 + 1]);
+      pagedkv::combine_ml(m, l, s_ml[(w * MG + h) * 2], s_ml[(w * MG + h) * 2 + 1]);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < PAGEDKV_TC_WARPS; ++w) {
@@ -439,10 +406,10 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
       *reinterpret_cast<uint2*>(o) =
           make_uint2(pack2<DT>(acc.x * inv, acc.y * inv), pack2<DT>(acc.z * inv, acc.w * inv));
     } else {
-      reinterpret_cast<float4*>(part_out + (slot * group_size + h) * HEAD_DIM)[col] = acc;
+      reinterpret_cast<float4*>(part_out + (slot * MG + h) * HEAD_DIM)[col] = acc;
       if (col == 0) {
-        part_ml[(slot * group_size + h) * 2] = m;
-        part_ml[(slot * group_size + h) * 2 + 1] = l;
+        part_ml[(slot * MG + h) * 2] = m;
+        part_ml[(slot * MG + h) * 2 + 1] = l;
       }
     }
   }
@@ -457,70 +424,8 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
   if (!s_last) return;
   __threadfence();  // the other partitions' partials are read after their counts were seen
   if (tid == 0) *counter = 0;  // every live partition has counted: reset for the next launch (graph replay)
-
-  // merge the partitions: per head M = max_p m_p, L = sum_p 2^(m_p - M) l_p (warp w: heads w, w + 4; lanes
-  // stride the partitions), then the weighted sum of the partial rows, MERGE_BATCH partials in flight
-  const long long slot0 = ((long long)seq * num_kv_heads + kv_head) * num_parts;
-  for (int h = warp; h < group_size; h += PAGEDKV_TC_WARPS) {  // warp-uniform
-    float m = PAGEDKV_NEG_INF, l = 0.f;
-    for (int p = lane; p < num_live; p += 32) {
-      const float* ml = part_ml + ((slot0 + p) * group_size + h) * 2;
-      decode_tc::combine_ml(m, l, pagedkv::ld_cg(ml), pagedkv::ld_cg(ml + 1));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
-      decode_tc::combine_ml(m, l, m2, l2);
-    }
-    if (lane == 0) {
-      s_mw[2 * h] = m;
-      s_mw[2 * h + 1] = v_factor / l;
-    }
-  }
-  __syncthreads();
-  const int items = group_size * TPR;                   // (head, float4 column) outputs
-  const int rows = max(1, THREADS / items);             // partitions summed side by side
-  for (int base = 0; base < items; base += THREADS) {   // more than one pass only when rows == 1
-    const int r = rows > 1 ? tid / items : 0, i = rows > 1 ? tid % items : base + tid;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < rows && i < items) {
-      const int h = i / TPR, col = i - h * TPR;
-      const float mx = s_mw[2 * h];
-      for (int p0 = r; p0 < num_live; p0 += PAGEDKV_TC_MERGE_BATCH * rows) {
-        float w[PAGEDKV_TC_MERGE_BATCH];
-        float4 x[PAGEDKV_TC_MERGE_BATCH];
-#pragma unroll
-        for (int k = 0; k < PAGEDKV_TC_MERGE_BATCH; ++k) {  // a partition past the end re-reads r, weight 0
-          const int p = p0 + k * rows;
-          const long long sh = (slot0 + (p < num_live ? p : r)) * group_size + h;
-          w[k] = pagedkv::ld_cg(part_ml + sh * 2);
-          x[k] = pagedkv::ld_cg4(reinterpret_cast<const float4*>(part_out + sh * HEAD_DIM) + col);
-        }
-#pragma unroll
-        for (int k = 0; k < PAGEDKV_TC_MERGE_BATCH; ++k) {
-          w[k] = pagedkv::select(p0 + k * rows < num_live, exp2f(w[k] - mx), 0.f);
-          acc.x = fmaf(w[k], x[k].x, acc.x); acc.y = fmaf(w[k], x[k].y, acc.y);
-          acc.z = fmaf(w[k], x[k].z, acc.z); acc.w = fmaf(w[k], x[k].w, acc.w);
-        }
-      }
-    }
-    if (rows > 1) {  // uniform: the side-by-side sums meet in shared memory
-      s_acc[tid] = acc;
-      __syncthreads();
-      if (tid < items) {
-        for (int k = 1; k < rows; ++k) {
-          const float4 x = s_acc[k * items + tid];
-          acc.x += x.x; acc.y += x.y; acc.z += x.z; acc.w += x.w;
-        }
-      }
-    }
-    const int it = rows > 1 ? tid : i;
-    if (it < items) {
-      const int h = it / TPR, col = it - h * TPR;
-      const float inv = s_mw[2 * h + 1];
-      unsigned short* o = out + ((long long)seq * num_qo_heads + head0 + h) * HEAD_DIM + 4 * col;
-      *reinterpret_cast<uint2*>(o) =
-          make_uint2(pack2<DT>(acc.x * inv, acc.y * inv), pack2<DT>(acc.z * inv, acc.w * inv));
-    }
-  }
+  // the partitions' partials (slots slot0 .. slot0 + num_live - 1) -> out, kernels 2 and 3's merge
+  pagedkv::merge_pieces<DT, HEAD_DIM, MG, THREADS>(out, part_out, part_ml, slot0, 1, 0, num_live, seq, head0,
+                                                   group_size, num_qo_heads, v_factor, s_p, 2 * MG, s_acc);
 }
+

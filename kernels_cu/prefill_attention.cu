@@ -74,6 +74,7 @@
 // phase then fall in distinct 16-byte bank groups (row stride = odd multiple of 16 bytes).
 #include "common.cuh"
 #include "mma.cuh"
+#include "fp8_convert.cuh"
 
 #ifndef PAGEDKV_PREFILL_LAZY_RESCALE
 #define PAGEDKV_PREFILL_LAZY_RESCALE 1  // skip a warp's O rescale when none of its rows changed its max
@@ -126,31 +127,9 @@ using pagedkv::ldsm_x4_trans;
 using pagedkv::mma_16816;
 using pagedkv::pack2;
 
-// Four fp8 bytes (e4m3 when FMT == 1, e5m2 when FMT == 2) -> four 16-bit values of type DT, exactly:
-// lo = bytes 0, 1 (byte 0 in the low half), hi = bytes 2, 3. e5m2 is float16's top byte (same exponent bias).
-// e4m3 s.eeee.mmm becomes the float16 bits s.0eeee.mmm0000000, the value times 2^-8 (FP8_UNIT: subnormals
-// too, both formats' subnormals line up), so the launcher multiplies k_scale and v_scale by 256 (decode
-// kernels 2 and 3 read e4m3 the same way). NaN bytes of e4m3 then read as finite values: never read here.
-// bfloat16 goes through float32 (exact).
-__device__ __forceinline__ unsigned prmt(unsigned x, unsigned sel) {  // bytes of (x, 0) picked by sel
-  unsigned r;
-  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(x), "r"(sel));
-  return r;
-}
-
-template <int DT, int FMT>
-__device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& hi) {
-  lo = prmt(x, 0x1404u);  // {0, b0, 0, b1}: each half = byte << 8
-  hi = prmt(x, 0x3424u);  // {0, b2, 0, b3}
-  if constexpr (FMT == 1) {
-    lo = (lo & 0x80008000u) | ((lo >> 1) & 0x3f803f80u);
-    hi = (hi & 0x80008000u) | ((hi >> 1) & 0x3f803f80u);
-  }
-  if constexpr (DT == 2) {
-    lo = pack2<2>(KV<1>::to_float((unsigned short)(lo & 0xffffu)), KV<1>::to_float((unsigned short)(lo >> 16)));
-    hi = pack2<2>(KV<1>::to_float((unsigned short)(hi & 0xffffu)), KV<1>::to_float((unsigned short)(hi >> 16)));
-  }
-}
+// fp8 bytes -> 16-bit values in registers (fp8_convert.cuh): e5m2 float16's top byte, e4m3 the float16 bits
+// s.0eeee.mmm0000000 = value * 2^-8, so the launcher multiplies k_scale and v_scale by 256 (FP8_UNIT)
+using pagedkv::fp8x16_to_16;
 
 // Compile-time shape of a version-2 thread block (mirrored by pagedkv/kernels_prefill.py: TileConfig), and the
 // per-warp stages of one K/V tile. Fragment arrays live in registers: every index below is a compile-time
@@ -602,10 +581,7 @@ __device__ __forceinline__ void v2_body(unsigned short* __restrict__ out, const 
           for (int kv = 0; kv < 2; ++kv) {
             const uint4 raw = *reinterpret_cast<const uint4*>(rk + kv * RAW_BYTES + r * HEAD_DIM + col * 16);
             uint4 a, b;
-            fp8x4_to_16<DT, KV_FMT>(raw.x, a.x, a.y);
-            fp8x4_to_16<DT, KV_FMT>(raw.y, a.z, a.w);
-            fp8x4_to_16<DT, KV_FMT>(raw.z, b.x, b.y);
-            fp8x4_to_16<DT, KV_FMT>(raw.w, b.z, b.w);
+            fp8x16_to_16<DT, KV_FMT>(raw, a, b);
             uint4* dst = reinterpret_cast<uint4*>(s_q_ptr + (BLOCK_M + kv * BLOCK_N + r) * ROW + col * 16);
             dst[0] = a;
             dst[1] = b;

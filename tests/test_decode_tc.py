@@ -173,8 +173,9 @@ def emulate_v4(q, k, v, block_tables, context_lens, part_tokens, num_parts, orde
     group = num_qo_heads // num_kv_heads
     c = head_dim**-0.5 * math.log2(math.e)
     out = np.full(q.shape, np.nan)
-    part_out = np.full((batch * num_kv_heads * num_parts, group, head_dim), np.nan)
-    part_ml = np.full((batch * num_kv_heads * num_parts, group, 2), np.nan)
+    # partial rows of MAX_GROUP heads per slot, as the kernel (split_merge.cuh's layout); rows >= group stay NaN
+    part_out = np.full((batch * num_kv_heads * num_parts, decode_tc.MAX_GROUP, head_dim), np.nan)
+    part_ml = np.full((batch * num_kv_heads * num_parts, decode_tc.MAX_GROUP, 2), np.nan)
     counters = np.zeros(batch * num_kv_heads, dtype=int)
     for part, kvh, seq in order:
         length, start = int(context_lens[seq]), part * part_tokens

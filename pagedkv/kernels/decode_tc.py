@@ -60,7 +60,7 @@ def smem_bytes(ct: int, head_dim: int) -> int:
     row = head_dim + 8
     stage = BLOCK_N * head_dim if fp8 else BLOCK_N * row * 2
     pipe = 2 * stages * stage + (WARPS * 2 * WARP_N * row * 2 if fp8 else 0)
-    end = WARPS * MAX_GROUP * (head_dim + 2) * 4 + MAX_GROUP * 2 * 4 + THREADS * 16
+    end = WARPS * MAX_GROUP * (head_dim + 2) * 4 + (MAX_GROUP * 2 + THREADS) * 4 + THREADS * 16
     return max(pipe, end) + stages * BLOCK_N * 8
 
 
@@ -159,8 +159,9 @@ def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, 
         part_out = part_ml = cupy.empty(1, dtype=cupy.float32)
     else:
         slots = batch * num_kv_heads * parts
-        part_out = cupy.empty((slots, group, head_dim), dtype=cupy.float32)
-        part_ml = cupy.empty((slots, group, 2), dtype=cupy.float32)
+        # NOTE: rows of MAX_GROUP heads per slot (kernels_cu/split_merge.cuh's layout), group of them used
+        part_out = cupy.empty((slots, MAX_GROUP, head_dim), dtype=cupy.float32)
+        part_ml = cupy.empty((slots, MAX_GROUP, 2), dtype=cupy.float32)
     unit = UNIT.get(ct, 1.0)
     counters = merge_counters(max(1, batch * num_kv_heads), cupy.cuda.Device().id)
     args = (out, part_out, part_ml, counters, q, k_cache, v_cache, block_tables, context_lens,
