@@ -233,17 +233,7 @@ cascade_prefix_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, 
       }
     }
   };
-#pragma unroll
-  for (int s = 0; s < STAGES; ++s) {
-    load_id(s);
-    store_offset(s);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) issue(s);
-    pagedkv::cp_async_commit();
-  }
+  pagedkv::ring_prologue<STAGES>(num_tiles, load_id, store_offset, issue);
 
   // lane addresses for ldmatrix (as prefill v2): Q rows (lane & 15), dims + 8 for lanes 16-31; K keys
   // (lane & 7) + 8 * bit 4, dims + 8 * bit 3; V (transposed) keys (lane & 7) + 8 * bit 3, dims + 8 * bit 4

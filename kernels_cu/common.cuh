@@ -147,4 +147,25 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
 }
 
+// The prologue of a paged cp.async ring of STAGES stages (prefill version 2, the cascade kernels, decode
+// version 4): the row offsets of tiles 0 .. STAGES - 1 (load_id(n) reads tile n's block ids, store_offset(n)
+// keeps their offsets in shared memory; past num_tiles every row is past the end and gets -1), a barrier, then
+// tiles 0 .. STAGES - 2 in flight, one cp.async group each (empty groups past num_tiles keep the group count
+// per iteration fixed for cp_async_wait<STAGES - 2> in the tile loop).
+template <int STAGES, class LoadId, class StoreOffset, class Issue>
+__device__ __forceinline__ void ring_prologue(int num_tiles, LoadId&& load_id, StoreOffset&& store_offset,
+                                              Issue&& issue) {
+#pragma unroll
+  for (int s = 0; s < STAGES; ++s) {
+    load_id(s);
+    store_offset(s);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < num_tiles) issue(s);
+    cp_async_commit();
+  }
+}
+
 }  // namespace pagedkv

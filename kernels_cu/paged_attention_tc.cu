@@ -213,19 +213,8 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
     }
   };
 
-  // prologue: the offsets of tiles 0 .. STAGES - 1, then STAGES - 1 tiles in flight (one cp.async group each;
-  // empty groups past the end keep the count per iteration fixed)
-#pragma unroll
-  for (int s = 0; s < STAGES; ++s) {
-    load_id(s);  // past num_tiles every key is >= end: the slot gets -1 and is never issued
-    store_offset(s);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) issue(s);
-    pagedkv::cp_async_commit();
-  }
+  // prologue: the offsets of tiles 0 .. STAGES - 1, then STAGES - 1 tiles in flight (common.cuh)
+  pagedkv::ring_prologue<STAGES>(num_tiles, load_id, store_offset, issue);
 
   // load q: the A fragments of every k16 step, rows g (< group_size; the rest zero) straight from global memory
   // (a[0] = Q[g][16ks + 2t, +1], a[2] = Q[g][16ks + 8 + 2t, +1]; a[1], a[3] are the zero rows g + 8)

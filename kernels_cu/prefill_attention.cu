@@ -519,19 +519,9 @@ __device__ __forceinline__ void v2_body(unsigned short* __restrict__ out, const 
     }
   };
 
-  // prologue: the offsets of tiles 0 .. STAGES - 1, then STAGES - 1 tiles in flight (one group each; empty
-  // groups past the end keep the group count per iteration fixed)
-#pragma unroll
-  for (int s = 0; s < STAGES; ++s) {
-    load_id(s);  // NOTE: past num_tiles every key is >= kv_end: the slot gets -1 and is never issued
-    store_offset(s);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < num_tiles) issue(s);
-    pagedkv::cp_async_commit();
-  }
+  // prologue: the offsets of tiles 0 .. STAGES - 1, then STAGES - 1 tiles in flight (common.cuh; past
+  // num_tiles every key is >= kv_end: the slot gets -1 and is never issued)
+  pagedkv::ring_prologue<STAGES>(num_tiles, load_id, store_offset, issue);
 
   // q fragments into registers when they fit (A operand of Q K^T for every k16 step); lane addresses for
   // ldmatrix: Q rows (lane & 15), dims +8 for lanes 16-31; K: keys (lane & 7) + 8 * bit 4, dims + 8 * bit 3
