@@ -263,12 +263,7 @@ cascade_prefix_kernel(float* __restrict__ o_part, float* __restrict__ lse_part, 
   }
 
   for (int n = 0; n < num_tiles; ++n) {
-    pagedkv::cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    if (n + STAGES - 1 < num_tiles) issue(n + STAGES - 1);
-    pagedkv::cp_async_commit();
-    const bool more = n + STAGES < num_tiles;
-    if (more) load_id(n + STAGES);
+    const bool more = pagedkv::ring_step<STAGES>(n, num_tiles, load_id, issue);  // common.cuh
 #pragma unroll
     for (int sub = 0; sub < BLOCK_N / SUB_N; ++sub) {
       const int n0 = n * BLOCK_N + sub * SUB_N;

@@ -168,4 +168,19 @@ __device__ __forceinline__ void ring_prologue(int num_tiles, LoadId&& load_id, S
   }
 }
 
+// The head of iteration n of that ring's tile loop: wait until tile n has landed (one group per iteration) for
+// every thread, so the stage read in iteration n - 1 is free; issue tile n + STAGES - 1 into it; read the
+// block ids of tile n + STAGES. Returns whether that tile exists: the loop stores its offsets at the end of
+// the iteration (store_offset), after every thread has issued from the slot they replace.
+template <int STAGES, class LoadId, class Issue>
+__device__ __forceinline__ bool ring_step(int n, int num_tiles, LoadId&& load_id, Issue&& issue) {
+  cp_async_wait<STAGES - 2>();
+  __syncthreads();
+  if (n + STAGES - 1 < num_tiles) issue(n + STAGES - 1);
+  cp_async_commit();
+  const bool more = n + STAGES < num_tiles;
+  if (more) load_id(n + STAGES);
+  return more;
+}
+
 }  // namespace pagedkv

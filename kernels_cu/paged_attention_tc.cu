@@ -250,12 +250,7 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
 
   // walk the tiles
   for (int n = 0; n < num_tiles; ++n) {
-    pagedkv::cp_async_wait<STAGES - 2>();  // tile n has landed (one group per iteration)
-    __syncthreads();                         // ... for every thread; the stage read in iteration n - 1 is free
-    if (n + STAGES - 1 < num_tiles) issue(n + STAGES - 1);
-    pagedkv::cp_async_commit();
-    const bool more = n + STAGES < num_tiles;
-    if (more) load_id(n + STAGES);
+    const bool more = pagedkv::ring_step<STAGES>(n, num_tiles, load_id, issue);  // common.cuh
     const int stage = n % STAGES;
     const int key0 = start + n * BLOCK_N + warp * WARP_N;  // this warp's first key
     if (key0 < end) {  // warp-uniform: a warp whose keys all lie past the end skips the tile

@@ -554,12 +554,7 @@ __device__ __forceinline__ void v2_body(unsigned short* __restrict__ out, const 
 
   // walk the K/V tiles 0 .. num_tiles - 1
   for (int n = 0; n < num_tiles; ++n) {
-    pagedkv::cp_async_wait<STAGES - 2>();  // tile n has landed (one group per iteration)
-    __syncthreads();                         // ... for every thread; the stage read in iteration n - 1 is free
-    if (n + STAGES - 1 < num_tiles) issue(n + STAGES - 1);
-    pagedkv::cp_async_commit();
-    const bool more = n + STAGES < num_tiles;
-    if (more) load_id(n + STAGES);
+    const bool more = pagedkv::ring_step<STAGES>(n, num_tiles, load_id, issue);  // common.cuh
     if constexpr (FP8) {  // raw stage n % STAGES -> the converted tile (free: every warp passed the barrier)
       const unsigned char* rk = s_raw_ptr + (n % STAGES) * BLOCK_N * HEAD_DIM;
 #pragma unroll
