@@ -8,10 +8,11 @@
 #   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
 #   ktests      pytest -m gpu tests/test_kernels.py (the decode grid; 4 workers share the GPU)
 #   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1): set
-#               "decode" (decode kernels incl. fp8, the sampler, the fused norms), set "attention" (prefill
+#               "decode" (decode kernels 1-4 incl. fp8, the sampler, the fused norms), set "attention" (prefill
 #               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...,
 #               SANITIZE_TOOLS=... (default "memcheck racecheck")
-#   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/)
+#   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/; KBENCH_ARGS: its flags, e.g.
+#               "--v4 --cases 0 2 4 7 10 13 15" for the tensor-core version 4 beside kernels 2 and 3)
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
 #               (PBENCH_ARGS: its flags, e.g. "--cases 2k --ttft-lens"; PBENCH_TAG: a suffix of the JSON name)
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
@@ -84,6 +85,7 @@ for stage in "$@"; do
             [[ $sets == *" decode "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_decode" "${T_SANITIZE:-150}" \
                 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
                 -p no:xdist tests/test_kernels.py tests/test_sampler.py tests/test_model_gpu.py tests/test_decode_fp8.py \
+                tests/test_decode_tc.py \
                 -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add)
                     and not compiles and not torch'
             # the prefill kernels (versions 2, 4, 5; fp8 too), fp8 cache writes and copies, the cascade kernels
