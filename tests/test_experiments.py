@@ -154,3 +154,59 @@ def test_kernel_bench_without_a_gpu_is_one_line_error():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: kernel_bench measures a GPU and none is usable")
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+# -- fp8_accuracy's measures and train_checkpoint's helpers (no torch needed) --------------------------------
+
+def _log_softmax(x):
+    import numpy as np
+
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def test_fp8_accuracy_compare_measures_kl_entropy_and_agreement():
+    import numpy as np
+
+    from experiments.fp8_accuracy import compare
+
+    rng = np.random.default_rng(0)
+    flat, peaked = np.zeros((3, 8)), rng.standard_normal((3, 8)) * 50
+    same = compare([[1, 2, 3]], [[1, 2, 3]], [_log_softmax(flat)], [_log_softmax(flat)])
+    assert same["mean_kl"] == 0 and same["token_agreement"] == 1 and same["mean_common_prefix"] == 3
+    assert abs(same["mean_entropy_nats"] - np.log(8)) < 1e-12  # uniform over 8 tokens
+    assert compare([[1]], [[1]], [_log_softmax(peaked)], [_log_softmax(peaked)])["mean_entropy_nats"] < 0.1
+    ref = _log_softmax(flat + np.eye(8)[[7, 7, 7]])  # every position leans to token 7 ...
+    moved = _log_softmax(flat + np.eye(3, 8))  # ... and, moved, to tokens 0, 1, 2
+    got = compare([[1, 2, 3]], [[1, 5, 3]], [ref], [moved])
+    assert got["mean_kl"] > 0 and got["top1_agreement_teacher_forced"] == 0
+    assert got["token_agreement"] == 2 / 3 and got["mean_common_prefix"] == 1 and got["sequences_identical"] == 0
+
+
+def test_train_checkpoint_reads_text_and_schedules_the_rate(tmp_path):
+    from experiments.train_checkpoint import lr_at, read_text
+
+    for name, text in (("a.py", "x = 1\n"), ("tests/b.py", "skipped\n"), ("c.py", "y = 2\n" * 100)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert read_text(tmp_path, 1 << 20) == ["x = 1\n", "y = 2\n" * 100]
+    assert read_text(tmp_path, 1) == ["x = 1\n"]  # stops once max_bytes is reached
+    with pytest.raises(SystemExit, match="no readable"):
+        read_text(tmp_path / "tests" / "none", 10)
+    rates = [lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert rates[9] == 1.0 and max(rates) == 1.0 and abs(rates[-1] - 0.1) < 0.01
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:10]))  # warm-up rises
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # then decays
+
+
+def test_fp8_accuracy_scratch_cache_holds_the_largest_group():
+    """Teacher forcing runs KL_GROUP sequences per prefill through one scratch cache: it must hold the largest
+    group, not the first (a later, longer group ran past its slots)."""
+    from experiments.fp8_accuracy import KL_GROUP, scratch_cache, teacher_forced_logprobs
+    from pagedkv.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu", block_size=16, max_model_len=512))
+    seqs = [[1] * 10] * KL_GROUP + [[2] * 200] * KL_GROUP  # the second group needs 13x the first's blocks
+    out = teacher_forced_logprobs(engine, scratch_cache(engine, seqs, "auto", engine.kv_cache), seqs,
+                                  [5] * len(seqs), 4)
+    assert len(out) == len(seqs) and all(x.shape == (4, engine.model_config.vocab_size) for x in out)
