@@ -25,8 +25,8 @@
 #               JSON schema against without; llguidance vs xgrammar per-token masks)
 #   memory      python -m experiments.memory_share at full size
 #   fp8         issue 18: experiments.fp8_accuracy (llama-1b preset + an HF-saved checkpoint with its scale
-#               tensors), engine_bench --fp8-preemption (W1 where float16 preempts, fp8 not), prefill_bench
-#               --kv-cache-dtype fp8 (the fp8 GPU tests run in gputests)
+#               tensors; the trained checkpoint FP8_PROBE when carried), engine_bench --fp8-preemption (W1 where
+#               float16 preempts, fp8 not), prefill_bench --kv-cache-dtype fp8 (the fp8 GPU tests run in gputests)
 #   throughput  python -m experiments.throughput, W1 and longtail, llama-1b float16, same 512 MiB KV pool
 #   unpadded    the W1 throughput run again with --static-padding off (static reserves per request)
 #   profile     python -m experiments.profile_engine: cProfile of continuous W1, prefill forwards timed
@@ -54,6 +54,7 @@ if [ -d "$WHEELS" ] && ! "$PY" -c "import xdist, fastapi, prometheus_client" 2>/
 fi
 [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 BASE=${BASE:-../baseline}
+FP8_PROBE=${FP8_PROBE:-models/pystdlib-llama}  # a trained HF folder for the fp8 accuracy stage (if present)
 
 run() {  # run STAGE LIMIT CMD...: one command, its output tee'd to $OUT/logs/STAGE.log
     local stage=$1 limit=$2
@@ -174,6 +175,11 @@ cupy.cuda.runtime.deviceSynchronize()"
         [[ $parts == *" accuracy "* ]] && run fp8_accuracy "${T_FP8:-150}" "$PY" -m experiments.fp8_accuracy --device gpu --model llama-1b \
             --kv-cache-dtypes fp8_e4m3 fp8_e5m2 --num-gpu-blocks-override 4096 --write-checkpoint /tmp/fp8_ckpt \
             --checkpoint /tmp/fp8_ckpt --output-json benchmarks/results/fp8_accuracy_gpu.json
+        # the trained probe (README section 11: the random preset's distributions are one-hot), when carried:
+        # python -m experiments.train_checkpoint --out models/pystdlib-llama, then carry ["models", ".whl"]
+        [[ $parts == *" accuracy "* && -f $FP8_PROBE/config.json ]] && run fp8_accuracy_trained "${T_FP8:-150}" \
+            "$PY" -m experiments.fp8_accuracy --device gpu --checkpoint "$FP8_PROBE" --skip-preset \
+            --kv-cache-dtypes fp8_e4m3 fp8_e5m2 --output-json "benchmarks/results/fp8_accuracy_gpu_trained_$(date -u +%F).json"
         [[ $parts == *" ebench "* ]] && run fp8_ebench "${T_FP8:-150}" "$PY" -m experiments.engine_bench --device gpu --fp8-preemption --no-profile \
             --output-json benchmarks/results/engine_bench_fp8_preemption_gpu.json
         [[ $parts == *" pbench "* ]] && run fp8_pbench "${T_FP8:-150}" "$PY" -m experiments.prefill_bench --kv-cache-dtype fp8 --cases 8k varlen \
