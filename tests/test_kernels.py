@@ -665,7 +665,7 @@ def test_attention_errors(version):
     with pytest.raises(ValueError, match="head_dim"):
         ops.paged_attention(to_dev(q72), to_dev(k72), to_dev(v72), to_dev(bt72), to_dev(cl72), version=version)
     with pytest.raises(ValueError, match="version"):
-        ops.paged_attention(q, k, v, bt, cl, version=4)
+        ops.paged_attention(q, k, v, bt, cl, version=5)
 
 
 def test_attention_bad_version_cpu():

@@ -218,7 +218,7 @@ def test_paged_attention_cpu_returns_q_dtype(attn_args):
     (lambda a: a.update(q=a["q"][:1]), "batch mismatch"),
     (lambda a: a.update(tables=a["tables"].astype(np.float32)), "float32"),
     (lambda a: a.update(lens=a["lens"][:, None]), "context_lens"),
-    (lambda a: a.update(version=4), "4"),
+    (lambda a: a.update(version=5), "5"),
 ])
 def test_paged_attention_bad_input(attn_args, change, match):
     q, k_cache, v_cache, tables, lens = attn_args

@@ -140,8 +140,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         scale: softmax scale, default ``head_dim ** -0.5``.
         version: 1 (two-pass, correctness first), 2 (one-pass online softmax, split-K by the table's
             capacity) or 3 (kernel 2's tile loop in a persistent grid, split-K balanced over the batch on the
-            device); None: the default, kernel 3's launch with its on-device dispatcher (the walk or a partition plan
-            per launch, ``pagedkv.kernels.decode.DEFAULT_VERSION``). GPU only; the host
+            device), 4 (tensor cores for GQA groups, opt-in: head_dim 64 / 128, float16 / bfloat16 q;
+            ``pagedkv.kernels.decode_tc``); None: the default, kernel 3's launch with its on-device dispatcher
+            (the walk or a partition plan per launch, ``pagedkv.kernels.decode.DEFAULT_VERSION``). GPU only; the host
             path always uses the float64 reference.
         out: optional [batch, num_qo_heads, head_dim] output, q's dtype.
         check: validate index ranges (on the GPU: one reduction). Turn off only for benchmarks.
