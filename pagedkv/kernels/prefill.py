@@ -211,9 +211,10 @@ def prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, contex
     e.g. ``(("PAGEDKV_PREFILL_LAZY_RESCALE", 0),)`` (benchmarks).
     ``kv_dtype="bfloat16"`` marks uint16 arrays as bfloat16 bits (a CuPy without a bfloat16 dtype).
     ``kv_dtype="fp8_e4m3" | "fp8_e5m2"``: uint8 caches of fp8 bytes read back as ``byte * k_scale`` (V:
-    ``v_scale``), q float16 / bfloat16 (a GPU of compute capability >= 8.9): version 2 converts the fp8 tiles as
-    it loads them (the default, :func:`fp8_default_version`); versions 4 / 5 on sm_90 read a 16-bit copy of the
-    blocks the batch reads, gathered first (:func:`_prepare_sm90_fp8`; opt-in until :data:`FP8_HOPPER_DEFAULT`).
+    ``v_scale``), q float16 / bfloat16 (a GPU of compute capability >= 8.9): versions 4 / 5 on sm_90 read a
+    16-bit copy of the blocks the batch reads, gathered first (:func:`_prepare_sm90_fp8`; the default there while
+    :data:`FP8_HOPPER_DEFAULT`); version 2 converts the fp8 tiles as it loads them (the default elsewhere, and
+    past :data:`FP8_GATHER_LIMIT`: :func:`fp8_default_version`).
     ``out`` None: a zeroed array (rows no sequence owns stay 0); else only owned rows are written.
     """
     import cupy
@@ -300,10 +301,10 @@ def _prepare_v1(out, q, k_cache, v_cache, block_tables, query_start_loc, context
 # The most scratch (bytes) the Hopper versions may take for an fp8 cache's gathered 16-bit copy; a larger batch
 # (sequences x table width) runs version 2's fp8 load path instead
 FP8_GATHER_LIMIT = 1 << 30
-# Whether an fp8 cache on sm_90 runs versions 4 / 5 over the gathered copy by default. NOTE: off until its
-# float64-reference tests (tests/test_fp8_gpu.py: test_prefill_fp8_hopper_gather_*) and the sanitizers have run on
-# a GPU; its one benchmark run is in kernels_cu/NOTES_fp8.md. version=4 / 5 with an fp8 cache opts in.
-FP8_HOPPER_DEFAULT = False
+# Whether an fp8 cache on sm_90 runs versions 4 / 5 over the gathered copy by default (on since stop 25: its
+# float64-reference tests, memcheck and racecheck passed on an H100, and the engine's fp8 tests with CUDA graphs
+# passed with it on; measurements in kernels_cu/NOTES_fp8.md). False sends every fp8 prefill to version 2.
+FP8_HOPPER_DEFAULT = True
 
 
 def fp8_default_version(dt: int, head_dim: int, table_shape, cache_shape, device_id: int) -> int:
