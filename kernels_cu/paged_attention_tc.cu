@@ -68,11 +68,6 @@ using pagedkv::KV;
 
 namespace decode_tc {
 
-using pagedkv::ldsm_x4;
-using pagedkv::ldsm_x4_trans;
-using pagedkv::mma_16816;
-using pagedkv::pack2;
-
 // Compile-time shape of a version-4 thread block (mirrored by pagedkv.kernels.decode_tc.smem_bytes).
 template <int DT, int HEAD_DIM, int CT>
 struct Tc {

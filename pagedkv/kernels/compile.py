@@ -37,8 +37,8 @@ def cu_dir() -> Path:
 
 
 def cu_source(filename: str) -> str:
-    """The text of ``kernels_cu/<filename>`` with its ``#include "<name>.cuh"`` lines (common.cuh, mma.cuh, fp8_convert.cuh: the
-    headers of kernels_cu/) inlined, so CuPy's cache key covers the headers too."""
+    """The text of ``kernels_cu/<filename>`` with its ``#include "<name>.cuh"`` lines (the headers of kernels_cu/:
+    common.cuh, mma.cuh, ...) inlined, so CuPy's cache key covers the headers too."""
     folder = cu_dir()
     lines = []
     for line in (folder / filename).read_text().splitlines(keepends=True):

@@ -74,7 +74,8 @@ def partition_plan(batch: int, num_kv_heads: int, capacity: int, resident_ctas: 
         return choose_num_partitions(batch, num_kv_heads, capacity, BLOCK_N, resident_ctas)
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    part_tokens = -(-(-(-capacity // num_partitions)) // BLOCK_N) * BLOCK_N
+    tokens = -(-capacity // num_partitions)  # per partition, then rounded up to whole tiles of BLOCK_N
+    part_tokens = -(-tokens // BLOCK_N) * BLOCK_N
     return -(-capacity // part_tokens), part_tokens
 
 
@@ -139,7 +140,8 @@ def merge_counters(size: int, device_id: int):
 def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, dt: int, ct: int,
             scales=(1.0, 1.0), num_partitions=None):
     """Version 4's launch as a closure (scratch partials allocated now). Arguments as
-    :func:`pagedkv.kernels.decode.paged_attention` leaves them: checked, contiguous, int32 tables.
+    :func:`pagedkv.kernels.decode.paged_attention` leaves them: checked (:func:`check_args` included),
+    contiguous, int32 tables.
 
     Args:
         out, q: [batch, num_qo_heads, head_dim] float16 / bfloat16 (raw 16-bit words).
@@ -151,7 +153,6 @@ def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, 
 
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
-    check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
     max_blocks = block_tables.shape[1]
     plan = launch_plan(q.shape, k_cache.shape, max_blocks, dt, ct, num_partitions)
     parts, group = plan["parts"], plan["group"]
