@@ -10,7 +10,8 @@ loader. This machine has no Hub access; the text is the Python standard library'
 Method: a byte-level BPE (``pagedkv.text.train.train_tokenizer``, ``--vocab-size``) on the text; a
 ``transformers`` ``LlamaForCausalLM`` (``--layers``, ``--hidden``, GQA 4 / 2 heads of 64) trained with AdamW
 (warm-up, cosine decay) on random windows of ``--context`` tokens; the last 2 % of the tokens held out. The
-report (losses, sizes, time) goes to ``<out>/train_report.json``.
+report (losses, sizes, time, and the loader check: pagedkv's next-token log-probabilities on the saved folder
+against the trained model's) goes to ``<out>/train_report.json``; ``--verify`` runs that check alone.
 
 Needs ``torch`` and ``transformers`` (not pagedkv dependencies: a CPU build of torch is enough).
 
@@ -71,6 +72,36 @@ def held_out_loss(torch, model, ids, context: int, windows: int = 16) -> float:
         return float(model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone()).loss)
 
 
+def logprob_gap_vs_pagedkv(torch, model, folder: Path, prompt_len: int = 40, top: int = 20) -> float:
+    """The largest |log-probability difference| over the top ``top`` next tokens of one random prompt between
+    ``model`` (transformers, float32) and pagedkv's ``LLM`` on the saved ``folder`` (float32): the loader check."""
+    from pagedkv import LLM, SamplingParams
+
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len)]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].double().numpy()
+    ref = logits - logits.max()
+    ref -= np.log(np.exp(ref).sum())
+    out = LLM(str(folder), dtype="float32").generate([{"prompt_token_ids": ids}],
+                                                     SamplingParams(max_tokens=1, temperature=0, logprobs=top))
+    return max(abs(v.logprob - ref[k]) for k, v in out[0].outputs[0].logprobs[0].items())
+
+
+def verify(folder: Path) -> int:
+    """``--verify``: the loader check on a folder this tool wrote, added to its train_report.json."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    gap = logprob_gap_vs_pagedkv(torch, model, folder)
+    report_path = folder / "train_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report["max_logprob_gap_vs_pagedkv"] = gap
+    report_path.write_text(json.dumps(report, indent=1))
+    print(f"pagedkv vs transformers on {folder}: max |log-probability gap| over the top 20 tokens {gap:.2e}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
@@ -85,7 +116,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verify", action="store_true",
+                   help="only compare pagedkv with transformers on the folder --out (already trained)")
     args = p.parse_args(argv)
+    if args.verify:
+        return verify(Path(args.out))
     try:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -130,12 +165,14 @@ def main(argv=None) -> int:
     model.eval()
     test_loss = held_out_loss(torch, model, test_ids, args.context)
     model.save_pretrained(out, safe_serialization=True)
+    gap = logprob_gap_vs_pagedkv(torch, model, out)
     report = {"text": str(args.text), "files": len(docs), "tokens": int(len(ids)), "vocab_size": args.vocab_size,
               "layers": args.layers, "hidden": args.hidden, "heads": heads, "kv_heads": kv_heads,
               "head_dim": head_dim, "parameters": sum(t.numel() for t in model.parameters()),
               "steps": args.steps, "batch": args.batch, "context": args.context, "lr": args.lr,
               "final_train_loss": float(np.mean(losses[-50:])), "held_out_loss": test_loss,
-              "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+              "max_logprob_gap_vs_pagedkv": gap, "seconds": round(time.perf_counter() - t0, 1),
+              "torch": torch.__version__}
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report), flush=True)
     return 0
