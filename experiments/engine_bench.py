@@ -79,6 +79,7 @@ def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: i
     if not {"kv_memory_bytes", "num_blocks", "gpu_memory_utilization"} & options.keys():
         options.update({"kv_memory_bytes": KV_BUDGET_BYTES} if args.device != "cpu" else {"num_blocks": CPU_NUM_BLOCKS})
     options["cuda_graph"] = cuda_graph
+    options["tensor_core_decode"] = not getattr(args, "no_tensor_core_decode", False)
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=BLOCK_SIZE,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len),
@@ -107,6 +108,7 @@ def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False, penal
     engine.warmup_graphs()
     engine.generate(prompts[:4], warm, progress=False)
     before = engine.metrics().as_dict()
+    tc_before = getattr(getattr(engine.model, "attention", None), "num_tensor_core_steps", 0)
     sync(engine)
     start = time.perf_counter()
     outs = engine.generate(prompts, params, progress=True)
@@ -119,6 +121,7 @@ def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False, penal
     return {"wall_s": wall, "useful_tokens": sum(output_lens), "useful_tokens_per_s": sum(output_lens) / wall,
             **delta, "graph_error": engine.graph_error, "fused_error": engine.model.fused_error,
             "gemm_error": engine.model.gemm_error,
+            "tensor_core_decode_steps": getattr(getattr(engine.model, "attention", None), "num_tensor_core_steps", 0) - tc_before,
             "tokens": [o.outputs[0].token_ids for o in outs]}
 
 
@@ -357,6 +360,9 @@ def parse_args(argv=None):
                    help="instead: W1 with the model-dtype cache and with fp8 in one KV byte budget where only the "
                         "former preempts")
     p.add_argument("--no-profile", action="store_true", help="skip the decode / prefill step profiles")
+    p.add_argument("--no-tensor-core-decode", action="store_true",
+                   help="EngineConfig(tensor_core_decode=False): every decode step on the default kernel (the "
+                        "W1 baseline of issue 16's per-step choice)")
     p.add_argument("--penalties", action="store_true",
                    help="the sampled run also applies presence 0.5, frequency 0.5 and repetition 1.1 penalties "
                         "(on the device, in the CUDA graph)")

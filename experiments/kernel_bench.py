@@ -14,7 +14,9 @@ In one run:
      a range, issue 11's table plus a mixed batch, head dims 64 and 80, and issue 16's Qwen2.5-7B shape
      (28 query / 4 KV heads). ``--variants`` also times the compile-time variants of kernels 2 and 3;
      ``--v4`` also times version 4 (tensor cores, opt-in; head dims 64 / 128 only) on the float16 and the fp8
-     cache (columns v4 and fp8 v4; its output compared with kernel 1's and the fp8 kernel 2's).
+     cache (columns v4 and fp8 v4; its output compared with kernel 1's and the fp8 kernel 2's), and the engine's
+     kernel per step (``decode.choose_version`` on the case's lengths: version 4 or the default; columns engine,
+     engine %, fp8 engine %: the time of the kernel it picks, from the same run).
 
 Every timed launch is bracketed by CUDA events after an L2 flush (a 512 MB read), so no case is served from
 L2; the flush also lets the host enqueue the launch before the GPU reaches it. Median of RUNS launches.
@@ -320,6 +322,11 @@ def run_case(cupy, timer, rng, case: Case, variants: bool = False, v4: bool = Fa
     del k, v
     cupy.get_default_memory_pool().free_all_blocks()
     run_fp8(cupy, timer, row, q, shape, bt, cl, v4)
+    if v4:  # the engine's kernel per step (decode.choose_version on the host lengths): version 4 or the default
+        for prefix, ct in (("", 1), ("fp8_", 3)):
+            choice = decode.choose_version(q.shape, shape, bt.shape[1], 1, ct, lens)
+            row[f"{prefix}engine_choice"] = "v4" if choice == 4 else "default"
+            row[f"{prefix}engine_us"] = row.get(f"{prefix}{'v4' if choice == 4 else 'default'}_us")
     return row
 
 
@@ -401,7 +408,7 @@ def print_table(result: dict) -> None:
     if result.get("variants"):
         cols += ["v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us"]
     if result.get("v4"):
-        cols += ["v4 us", "v4 %", "fp8 v4 us", "fp8 v4 %", "v4 x16"]
+        cols += ["v4 us", "v4 %", "fp8 v4 us", "fp8 v4 %", "v4 x16", "engine", "engine %", "fp8 engine %"]
     for col in cols:
         table.add_column(col, justify="right")
     fmt = lambda r, key, spec=".1f": "-" if r.get(key) is None or r[key] != r[key] else format(r[key], spec)  # noqa: E731
@@ -419,7 +426,8 @@ def print_table(result: dict) -> None:
                       fmt(r, "v3_t8192_us")]
         if result.get("v4"):
             cells += [fmt(r, "v4_us"), fmt(r, "v4_pct"), fmt(r, "fp8_v4_us"), fmt(r, "fp8_v4_pct"),
-                      fmt(r, "fp8_v4_vs_fp16", ".2f")]
+                      fmt(r, "fp8_v4_vs_fp16", ".2f"), r.get("engine_choice", "-"), fmt(r, "engine_pct"),
+                      fmt(r, "fp8_engine_pct")]
         table.add_row(*cells)
     Console(width=260).print(table)
 
@@ -454,7 +462,8 @@ def main(argv=None) -> dict:
         for key, nbytes in (("v1", "kv_bytes"), ("v2", "kv_bytes"), ("v3", "kv_bytes"), ("default", "kv_bytes"),
                             ("default_gt4", "kv_bytes"),
                             ("sdpa", "kv_bytes"), ("fp8_v2", "fp8_kv_bytes"), ("fp8_v3", "fp8_kv_bytes"),
-                            ("fp8_default", "fp8_kv_bytes"), ("v4", "kv_bytes"), ("fp8_v4", "fp8_kv_bytes")):
+                            ("fp8_default", "fp8_kv_bytes"), ("v4", "kv_bytes"), ("fp8_v4", "fp8_kv_bytes"),
+                            ("engine", "kv_bytes"), ("fp8_engine", "fp8_kv_bytes")):
             if row.get(f"{key}_us"):
                 row[f"{key}_GBps"] = row[nbytes] / row[f"{key}_us"] / 1e3
                 row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / result["read_GBps"]

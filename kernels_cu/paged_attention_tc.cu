@@ -8,9 +8,11 @@
 //                              gathered row by row through the block table into a cp.async ring of STAGES
 //                              stages; warp w owns keys 16w .. 16w + 15 of every tile and keeps its own online
 //                              softmax (FlashAttention-2 style, registers only); the four warps merge in shared
-//                              memory at the end. Split-K: the capacity plan of kernel 2 (shapes only); a
-//                              sequence cut into several partitions leaves partials, merged in the same launch
-//                              by the partition that finishes last (kernel 3's fence / count / merge).
+//                              memory at the end. Split-K: the partition count of kernel 2's plan (shapes
+//                              only); each sequence cut into that many pieces of its own length (the length
+//                              split, the default) or of the table's capacity (split_tokens > 0); a sequence
+//                              cut into several partitions leaves partials, merged in the same launch by the
+//                              partition that finishes last (kernel 3's fence / count / merge).
 //   Float16 / bfloat16 q with a cache of q's type, or an fp8 cache (CT 3 = e4m3, 4 = e5m2: uint8 bytes): the
 //   cp.async stages hold the raw bytes and each warp converts its 16 rows of K and V into a 16-bit tile of its
 //   own before the MMAs (fp8_convert.cuh, as prefill_attention_v2_fp8_kernel: e5m2 = the top byte of a
@@ -118,8 +120,10 @@ template <> struct TcCache<4> { typedef unsigned char T; };
 //   q, k_cache, v_cache, block_tables, context_lens: see the file header (cache elements: TcCache<CT>::T)
 //   num_qo_heads, num_kv_heads;  group_size  num_qo_heads / num_kv_heads, 1..8
 //   log2_block_size, max_blocks  the block size's log2, block_tables' columns
-//   partition_tokens  tokens per partition, a multiple of BLOCK_N; sequence s has ceil(len / partition_tokens)
-//                live partitions (partitions at or past its end exit at once)
+//   split_tokens  tokens per partition, a multiple of BLOCK_N (the capacity split: the same cut for every
+//                sequence), or 0: each sequence cut into num_partitions pieces of its own length, rounded up
+//                to whole tiles (the length split: ceil(len / (num_partitions * BLOCK_N)) * BLOCK_N tokens);
+//                sequence s has ceil(len / partition_tokens) live partitions (those at or past its end exit)
 //   scale_log2   softmax scale * log2(e), times k_scale * unit for an fp8 cache (unit = 256 for e4m3, whose
 //                converted tile holds value * 2^-8, else 1): p = exp2(s * scale_log2 - m * scale_log2)
 //   v_factor     v_scale * unit for an fp8 cache, 1 otherwise: multiplies O / l at the end
@@ -134,7 +138,7 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
                           const typename decode_tc::TcCache<CT>::T* __restrict__ v_cache,
                           const int* __restrict__ block_tables, const int* __restrict__ context_lens,
                           int num_qo_heads, int num_kv_heads, int group_size, int log2_block_size, int max_blocks,
-                          int partition_tokens, float scale_log2, float v_factor) {
+                          int split_tokens, float scale_log2, float v_factor) {
   using pagedkv::ldsm_x4;
   using pagedkv::ldsm_x4_trans;
   using pagedkv::mma_16816;
@@ -156,6 +160,8 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
   const int g = lane >> 2, t4 = lane & 3;  // mma fragment coordinates: row g, column pair t4
   const int part = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z, num_parts = gridDim.x;
   const int len = context_lens[seq];
+  const int partition_tokens =
+      split_tokens > 0 ? split_tokens : max(1, (len + num_parts * BLOCK_N - 1) / (num_parts * BLOCK_N)) * BLOCK_N;
   const int start = part * partition_tokens;
   if (start >= len) return;  // a partition past this sequence's end (uniform over the block)
   const int end = min(len, start + partition_tokens);

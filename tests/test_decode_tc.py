@@ -164,10 +164,10 @@ def combine_ml(m, l, m2, l2):
     return mx, l * (1.0 if m == mx else 2.0 ** (m - mx)) + l2 * (1.0 if m2 == mx else 2.0 ** (m2 - mx))
 
 
-def emulate_v4(q, k, v, block_tables, context_lens, part_tokens, num_parts, order):
+def emulate_v4(q, k, v, block_tables, context_lens, split_tokens, num_parts, order):
     """The kernel's control flow in float64: blocks (part, kv head, seq) in ``order``; per block tiles of 64 keys,
     warp w keys 16w..16w+15, the kernel's online softmax (log2 units), warp merge, partials, last-partition
-    merge. Returns (out, counters after)."""
+    merge. ``split_tokens`` as the kernel's argument (0: the length split). Returns (out, counters after)."""
     batch, num_qo_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k.shape
     group = num_qo_heads // num_kv_heads
@@ -178,7 +178,9 @@ def emulate_v4(q, k, v, block_tables, context_lens, part_tokens, num_parts, orde
     part_ml = np.full((batch * num_kv_heads * num_parts, decode_tc.MAX_GROUP, 2), np.nan)
     counters = np.zeros(batch * num_kv_heads, dtype=int)
     for part, kvh, seq in order:
-        length, start = int(context_lens[seq]), part * part_tokens
+        length = int(context_lens[seq])
+        part_tokens = split_tokens or max(1, -(-length // (num_parts * 64))) * 64  # the kernel's two splits
+        start = part * part_tokens
         if start >= length:
             continue
         end, live = min(length, start + part_tokens), -(-length // part_tokens)
@@ -238,10 +240,23 @@ def test_control_flow_emulated(seed):
     for n_parts in (1, 3, 7):
         num_parts, pt = decode_tc.partition_plan(len(cl), num_kv_heads, bt.shape[1] * bs, 100, n_parts)
         blocks = [(p, h, s) for p in range(num_parts) for h in range(num_kv_heads) for s in range(len(cl))]
-        order = [blocks[i] for i in rng.permutation(len(blocks))]
-        got, counters = emulate_v4(q, k, v, bt, cl, pt, num_parts, order)
-        np.testing.assert_allclose(got, paged_decode_attention(q, k, v, bt, cl), rtol=1e-9, atol=1e-12)
-        assert not counters.any()
+        for split_tokens in (pt, 0):  # the capacity split, the length split
+            order = [blocks[i] for i in rng.permutation(len(blocks))]
+            got, counters = emulate_v4(q, k, v, bt, cl, split_tokens, num_parts, order)
+            np.testing.assert_allclose(got, paged_decode_attention(q, k, v, bt, cl), rtol=1e-9, atol=1e-12)
+            assert not counters.any()
+
+
+def test_length_split_pieces():
+    """The length split's pieces (the kernel's arithmetic, mirrored by decode_plan.tc_longest_piece): whole tiles,
+    every sequence in at most num_parts live partitions, the longest piece ceil(len / parts) rounded up."""
+    from pagedkv.kernels.decode_plan import tc_longest_piece
+
+    for length in (1, 63, 64, 65, 700, 2048, 30141, 32768):
+        for parts in (1, 2, 5, 32):
+            piece = tc_longest_piece(length, parts)
+            assert piece % decode_tc.BLOCK_N == 0 and piece >= -(-length // parts)
+            assert -(-length // piece) <= parts and piece - -(-length // parts) < decode_tc.BLOCK_N
 
 
 # ---- GPU -----------------------------------------------------------------------------------------------
@@ -294,7 +309,8 @@ def test_tc_attention_grid(q_dtype, cache, head_dim, block_size, group):
     lens = [1, 2, block_size - 1, block_size, block_size + 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, long]
     lens = rng.permutation(lens + rng.integers(1, 300, 4).tolist()).tolist()
     dev, kw, ref = _problem(rng, q_dtype, cache, head_dim, block_size, heads, lens)
-    for extra in ({}, {"num_partitions": 3}, {"num_partitions": 40}):  # the plan, forced merges (many pieces)
+    for extra in ({}, {"num_partitions": 3}, {"num_partitions": 40},  # the plan, forced merges (many pieces)
+                  {"num_partitions": 3, "split": "capacity"}, {"split": "capacity"}):  # ... cut by the capacity
         _assert_close(_run(dev, kw, q_dtype, **extra), ref, q_dtype,
                       f"{cache} q {q_dtype} hd={head_dim} bs={block_size} group={group} {extra}")
     dev, kw, ref = _problem(rng, q_dtype, cache, head_dim, block_size, heads, [700] * 5)  # uniform
@@ -375,6 +391,10 @@ def test_tc_errors():
         decode.paged_attention(*dev, version=4, group_tile=4)
     with pytest.raises(ValueError, match="num_partitions"):
         decode.paged_attention(*dev, version=4, num_partitions=0)
+    with pytest.raises(ValueError, match="split"):
+        decode.paged_attention(*dev, version=4, split="halves")
+    with pytest.raises(ValueError, match="split"):
+        decode.paged_attention(*dev, version=3, split="length")  # version 4's argument only
     bad = cupy.asarray(cl).copy()
     bad[1] = 10**6
     with pytest.raises(ValueError, match="context_lens"):

@@ -45,6 +45,10 @@ class EngineConfig:
     (scale = amax / the format's max over the first step's prompts, set before any CUDA graph is captured).
     ``cascade_attention``: decode steps whose rows share long prefixes read each shared prefix once per group
     where the rule of :mod:`pagedkv.cascade` says it pays; None: on for float16 / bfloat16 models on a GPU.
+    ``tensor_core_decode``: decode steps run decode version 4 (tensor cores) where
+    :func:`pagedkv.kernels.decode.choose_version` says it beats the default kernel for the step's lengths (GPU,
+    float16 / bfloat16 models of head_dim 64 / 128 with 2-8 query heads per KV head; one more set of decode
+    CUDA graphs); False: always the default kernel.
     ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
     columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
     with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
@@ -79,6 +83,7 @@ class EngineConfig:
     max_stop_strings: int = 128  # stop strings per request (more: ValueError); the server's limit too
     max_stop_string_len: int = 512  # characters per stop string
     cascade_attention: bool | None = None  # shared prefixes read once per decode step (None: GPU, 16-bit dtypes)
+    tensor_core_decode: bool = True  # decode version 4 on the steps where it pays (decode.choose_version)
 
     def __post_init__(self):
         if not isinstance(self.model, ModelConfig) and not (isinstance(self.model, str) and self.model in PRESETS):
@@ -122,6 +127,8 @@ class EngineConfig:
         for name in ("async_scheduling", "cascade_attention"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be None or a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.tensor_core_decode, bool):
+            raise ValueError(f"tensor_core_decode must be a bool, got {self.tensor_core_decode!r}")
         w = self.watermark
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 <= w < 1:
             raise ValueError(f"watermark must be a number in [0, 1), got {w!r}")

@@ -108,7 +108,8 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len, cuda_graph=config.cuda_graph, seed=config.seed,
-                                  cascade_attention=_cascade_choice(config, self.backend, dtype))
+                                  cascade_attention=_cascade_choice(config, self.backend, dtype),
+                                  tensor_core_decode=config.tensor_core_decode)
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else \
             self.backend.is_gpu
         self._inflight: InFlight | None = None  # a launched step not yet retired (between step() calls)

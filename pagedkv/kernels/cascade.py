@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .compile import dt_code, int32_contiguous, load_function, num_sms
+from .compile import blocks_per_sm, dt_code, int32_contiguous, load_function, num_sms
 
 FILENAME = "cascade_attention.cu"
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # the rows and merge kernels
@@ -106,15 +106,9 @@ def choose_num_splits(num_rows: int, group: int, num_kv_heads: int, head_dim: in
 
 @lru_cache(maxsize=None)
 def prefix_blocks_per_sm(dt: int, head_dim: int, m_tiles: int, stages: int, device_id: int) -> int:
-    """Resident prefix-kernel blocks per SM (the driver's occupancy calculator; 1 if it is unavailable)."""
-    import cupy
-
-    kernel = _prefix_kernel(dt, head_dim, m_tiles, stages)
-    try:
-        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-            kernel.ptr, PREFIX_THREADS, prefix_smem_bytes(head_dim, m_tiles, stages))))
-    except Exception:  # noqa: BLE001 - a hint for the split count only
-        return 1
+    """Resident prefix-kernel blocks per SM (:func:`pagedkv.kernels.compile.blocks_per_sm`)."""
+    return blocks_per_sm(_prefix_kernel(dt, head_dim, m_tiles, stages), PREFIX_THREADS,
+                         prefix_smem_bytes(head_dim, m_tiles, stages), device_id)
 
 
 def uses_tensor_cores(dt: int, head_dim: int) -> bool:

@@ -122,6 +122,35 @@ def num_sms(device_id: int) -> int:
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
+def opt_in_smem(kernel, smem: int, prefer_shared: bool = False) -> None:
+    """Allow ``smem`` bytes of dynamic shared memory (above the 48 KB default); with ``prefer_shared`` also ask
+    for the largest shared-memory carveout (a persistent grid that counts on every resident block)."""
+    import cupy
+
+    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
+        kernel.max_dynamic_shared_size_bytes = smem
+    if prefer_shared:
+        try:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: 100 % shared memory
+            cupy.cuda.driver.funcSetAttribute(kernel.ptr, 9, 100)
+        except Exception:  # noqa: BLE001 - a hint; the occupancy query tells what the launch gets
+            pass
+
+
+def blocks_per_sm(kernel, threads: int, smem: int, device_id: int) -> int:
+    """Resident thread blocks of ``threads`` per SM with ``smem`` bytes of dynamic shared memory: the driver's
+    occupancy calculator, else its formula from registers, shared memory and threads (less its rounding
+    details)."""
+    import cupy
+
+    try:
+        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, threads, smem)))
+    except Exception:  # noqa: BLE001 - the formula below
+        attrs = cupy.cuda.Device(device_id).attributes
+        by_regs = attrs["MaxRegistersPerMultiprocessor"] // (-(-kernel.num_regs * 32 // 256) * 256 * (threads // 32))
+        by_smem = attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024)
+        return max(1, min(by_regs, by_smem, attrs["MaxThreadsPerMultiProcessor"] // threads, 32))
+
+
 def int32_contiguous(a):
     """``a`` as a C-contiguous int32 CuPy array (a copy only when needed): the kernels' index arguments."""
     import cupy

@@ -24,9 +24,9 @@ from functools import lru_cache
 import numpy as np
 
 from . import decode_tc
-from .compile import U64_MAX, dt_code, int32_contiguous, load_function, num_sms
+from .compile import U64_MAX, blocks_per_sm, dt_code, int32_contiguous, load_function, num_sms, opt_in_smem
 from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile,
-                          partition_max_parts, tile_shape,
+                          partition_max_parts, tc_decode_pays, tile_shape,
                           v2_smem_bytes, v3_min_tiles, v3_smem_bytes)
 
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
@@ -110,43 +110,6 @@ def check_block_tables(block_tables, context_lens, num_blocks: int, block_size: 
         raise ValueError(f"block_tables[{i}, {j}]={int(block_tables[i, j])} outside [0, {num_blocks})")
 
 
-@lru_cache(maxsize=None)
-def resident_ctas(kernel_key, num_regs: int, smem: int, device_id: int) -> int:
-    """Thread blocks of V2_THREADS that fit on the whole GPU at once (registers and shared memory)."""
-    import cupy
-
-    attrs = cupy.cuda.Device(device_id).attributes
-    regs_per_warp = -(-num_regs * 32 // 256) * 256
-    by_regs = attrs["MaxRegistersPerMultiprocessor"] // (regs_per_warp * (V2_THREADS // 32))
-    by_smem = attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024)
-    by_threads = attrs["MaxThreadsPerMultiProcessor"] // V2_THREADS
-    return max(1, min(by_regs, by_smem, by_threads, 32)) * attrs["MultiProcessorCount"]
-
-
-def _opt_in_smem(kernel, smem: int, prefer_shared: bool = False) -> None:
-    """Allow ``smem`` bytes of dynamic shared memory (above the 48 KB default); with ``prefer_shared``
-    also ask for the largest shared-memory carveout (kernel 3: its grid counts on every resident block)."""
-    import cupy
-
-    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
-        kernel.max_dynamic_shared_size_bytes = smem
-    if prefer_shared:
-        try:  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9: 100 % shared memory
-            cupy.cuda.driver.funcSetAttribute(kernel.ptr, 9, 100)
-        except Exception:  # noqa: BLE001 - a hint; the occupancy query tells what the launch gets
-            pass
-
-
-def _blocks_per_sm(kernel, smem: int, kernel_key, device_id: int) -> int:
-    """Resident thread blocks per SM, from the driver's occupancy calculator (the formula if unavailable)."""
-    import cupy
-
-    try:
-        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, V2_THREADS, smem)))
-    except Exception:  # noqa: BLE001
-        return resident_ctas(kernel_key, kernel.num_regs, smem, device_id) // num_sms(device_id)
-
-
 def check_scale(name: str, value) -> float:
     try:
         x = float(value)
@@ -182,14 +145,16 @@ def cache_types(q_dtype, cache_dtype, kv_dtype=None) -> tuple[int, int]:
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
                     check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0, num_partitions=None, num_ctas=None,
                     min_tiles=None, mode=None, group_tile=None, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES,
-                    extra_defines: tuple = ()):
+                    extra_defines: tuple = (), split=None):
     """Launch paged decode attention (see :func:`pagedkv.kernels.ops.paged_attention` for shapes).
 
     ``version``: 1, 2, 3, 4 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
     walk or the partition plan on the device from ``context_lens``, so a captured graph chooses again at
     every replay). Version 4 (opt-in): tensor-core decode (:mod:`pagedkv.kernels.decode_tc`; head_dim 64 / 128,
-    float16 / bfloat16 q, 1-8 query heads per KV head). Kernels 2 and 4: ``num_partitions`` forces the split-K
-    count (default: :func:`choose_num_partitions`).
+    float16 / bfloat16 q, 1-8 query heads per KV head; :func:`choose_version` is the engine's rule for when it
+    pays). Kernels 2 and 4: ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`);
+    version 4: ``split`` cuts each sequence into pieces of its own length (``"length"``, default) or of the
+    table's capacity (``"capacity"``, kernel 2's cut).
     Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
     ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
     splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
@@ -217,6 +182,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
                          f"version={version!r}")
     if group_tile is not None and (group_tile not in GROUP_TILES or version in (1, 2, 4)):
         raise ValueError(f"group_tile must be one of {GROUP_TILES} with version 3 or None, got {group_tile!r}")
+    if split is not None and (split not in decode_tc.SPLITS or version != 4):
+        raise ValueError(f"split must be one of {decode_tc.SPLITS} with version 4, got split={split!r} "
+                         f"version={version!r}")
     if version == 4:
         decode_tc.check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
     if head_dim not in HEAD_DIMS:
@@ -246,7 +214,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     elif version == 4:
         launch = decode_tc.prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, ct, scales,
-                                   num_partitions)
+                                   num_partitions, split or "length")
     elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
                              tile_bytes, stages, extra_defines, ct, scales)
@@ -260,6 +228,29 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         check_block_tables(block_tables, context_lens, num_blocks, block_size)
     launch()
     return out
+
+
+def choose_version(q_shape, cache_shape, max_blocks: int, dt: int, ct: int | None, context_lens) -> int | None:
+    """The engine's decode kernel for one step whose host ``context_lens`` it knows: 4 (tensor cores) where
+    version 4 serves the shape (:func:`pagedkv.kernels.decode_tc.check_args`, a GPU of compute capability 8.0 or
+    later) and :func:`pagedkv.kernels.decode_plan.tc_decode_pays` says its grid is balanced enough, else None
+    (the default: kernel 3's dispatcher, which balances any batch on the device). Host-side, so a model runner
+    keeps a CUDA graph per answer (:mod:`pagedkv.model.attention`'s decode variants); compiles version 4 at its
+    first call for a shape."""
+    import cupy
+
+    _, num_qo_heads, head_dim = q_shape
+    _, num_kv_heads, _, _ = cache_shape
+    ct = dt if ct is None else ct
+    try:
+        decode_tc.check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
+    except ValueError:
+        return None
+    if int(cupy.cuda.Device().compute_capability) < 80:  # mma.m16n8k16 on bfloat16, cp.async
+        return None
+    plan = decode_tc.launch_plan(q_shape, cache_shape, max_blocks, dt, ct)
+    pays = tc_decode_pays(context_lens, num_qo_heads, num_kv_heads, plan["parts"], plan["resident_ctas"])
+    return 4 if pays else None
 
 
 def _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt):
@@ -301,9 +292,8 @@ def _v2_plan(q_shape, cache_shape, max_blocks, dt, num_partitions, tile_bytes, s
     max_context = max_blocks * block_size
     kernel = attention_kernel("v2", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
     smem = v2_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
-    _opt_in_smem(kernel, smem)
-    key = ("v2", dt, ct, head_dim, gt, tile_bytes, stages, extra_defines)
-    resident = _blocks_per_sm(kernel, smem, key, device_id) * num_sms(device_id)
+    opt_in_smem(kernel, smem)
+    resident = blocks_per_sm(kernel, V2_THREADS, smem, device_id) * num_sms(device_id)
     if num_partitions is None:
         parts, part_tokens = choose_num_partitions(batch, num_kv_heads * q_tiles, max_context, tile_tokens,
                                                    resident)
@@ -376,8 +366,8 @@ def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, 
     gt = group_tile(group) if gt is None else gt
     kernel = attention_kernel("v3", dt, head_dim, gt, tile_bytes, stages, extra_defines, ct)
     smem = v3_smem_bytes(ct, head_dim, gt, tile_bytes, stages)
-    _opt_in_smem(kernel, smem, prefer_shared=True)
-    per_sm = _blocks_per_sm(kernel, smem, ("v3", dt, ct, head_dim, gt, tile_bytes, stages, extra_defines), device_id)
+    opt_in_smem(kernel, smem, prefer_shared=True)
+    per_sm = blocks_per_sm(kernel, V2_THREADS, smem, device_id)
     tile_tokens = tile_shape(ct, head_dim, tile_bytes)["tile_tokens"]
     ctas = num_ctas or per_sm * num_sms(device_id)
     q_tiles = -(-group // gt)
@@ -388,13 +378,16 @@ def _v3_plan(q_shape, cache_shape, dt, num_ctas, min_tiles, tile_bytes, stages, 
             "min_tiles": v3_min_tiles(tile_tokens) if min_tiles is None else max(1, int(min_tiles)),
             "num_regs": kernel.num_regs, "max_parts": max_parts,
             "slots": max(2 * ctas, items0 * max_parts),
-            "counters": _split_counters(4 + max(ctas, items0), device_id)}
+            "counters": _split_counters(4 + max(ctas, items0), device_id,
+                                        (q_shape, cache_shape, dt, ct, gt, num_ctas, min_tiles, tile_bytes, stages,
+                                         extra_defines, max_blocks))}
 
 
 @lru_cache(maxsize=None)
-def _split_counters(size: int, device_id: int):
+def _split_counters(size: int, device_id: int, owner: tuple = ()):
     """Kernel 3's counters: ``[size]`` int32, zeroed once here; every launch leaves them zero (but entry 2,
-    the last launch's choice: ``mode | parts << 8``).
+    the last launch's choice: ``mode | parts << 8``, which :func:`last_dispatch` reads). One array per plan
+    (``owner``: the plan's shapes and options), so a plan's entry 2 is its own launch's.
 
     NOTE: allocated with cudaMalloc outside any memory pool (a CUDA graph's private pool, say), so it
     lives as long as the process; launches of kernel 3 with the same counter size on two streams at the

@@ -3,9 +3,10 @@
 
 One thread block per (KV partition, KV head, sequence); the GQA group's query heads are the rows of an
 ``mma.sync.m16n8k16`` A operand (padded to 16), K/V tiles of :data:`BLOCK_N` keys come through a cp.async ring,
-split sequences are merged in the same launch by their last partition. The plan depends on shapes only
-(``max_blocks * block_size``, the device's resident blocks), so a captured CUDA graph replays with new
-``context_lens``. Caches: q's type (float16 / bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
+split sequences are merged in the same launch by their last partition. The partition count depends on shapes
+only (``max_blocks * block_size``, the device's resident blocks); each sequence is cut into that many pieces of
+its own length on the device (:data:`SPLITS` ``"length"``, the default) or of the table's capacity
+(``"capacity"``), so a captured CUDA graph replays with new ``context_lens``. Caches: q's type (float16 / bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
 
 Launch arithmetic that needs no GPU (:func:`smem_bytes`, :func:`partition_plan`, :func:`check_args`) is pure
 Python and tested on the CPU.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from .compile import load_function, num_sms
+from .compile import blocks_per_sm, load_function, num_sms, opt_in_smem
 from .decode_plan import choose_num_partitions
 
 HEAD_DIMS = (64, 128)
@@ -26,7 +27,11 @@ WARP_N = 16  # keys per warp per tile
 BLOCK_N = WARPS * WARP_N  # keys per tile; partitions are whole tiles
 STAGES_16, STAGES_8 = 3, 4  # PAGEDKV_TC_STAGES16 / PAGEDKV_TC_STAGES8: cp.async stages (16-bit / fp8 cache)
 FP8_CTS = (3, 4)  # cache type codes of e4m3 / e5m2 (decode.FP8_KV_DTYPES)
-UNIT = {3: 256.0, 4: 1.0}  # e4m3's converted tile holds value * 2^-8 (kernels_cu/paged_attention_tc.cu)
+UNIT = {3: 256.0, 4: 1.0}
+# how a sequence is cut into the plan's partitions: pieces of ceil(len / parts) tokens rounded up to whole tiles
+# (worked out on the device from context_lens), or pieces of the plan's partition_tokens (the table's capacity
+# / parts: short sequences of a wide table live in few partitions)
+SPLITS = ("length", "capacity")  # e4m3's converted tile holds value * 2^-8 (kernels_cu/paged_attention_tc.cu)
 
 
 def kernel_name(dt: int, head_dim: int, ct: int) -> str:
@@ -99,27 +104,13 @@ def _plan(q_shape, cache_shape, max_blocks, dt, ct, num_partitions, device_id):
     _, num_kv_heads, block_size, head_dim = cache_shape
     kernel = attention_kernel(dt, head_dim, ct)
     smem = smem_bytes(ct, head_dim)
-    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
-        kernel.max_dynamic_shared_size_bytes = smem
-    per_sm = _blocks_per_sm(kernel, smem, device_id)
+    opt_in_smem(kernel, smem)
+    per_sm = blocks_per_sm(kernel, THREADS, smem, device_id)
     parts, part_tokens = partition_plan(batch, num_kv_heads, max_blocks * block_size, per_sm * num_sms(device_id),
                                         num_partitions)
     return {"kernel": kernel, "group": num_qo_heads // num_kv_heads, "parts": parts, "part_tokens": part_tokens,
             "smem": smem, "blocks_per_sm": per_sm, "resident_ctas": per_sm * num_sms(device_id),
             "num_regs": kernel.num_regs}
-
-
-def _blocks_per_sm(kernel, smem: int, device_id: int) -> int:
-    """Resident blocks per SM from the driver's occupancy calculator (registers and shared memory otherwise)."""
-    import cupy
-
-    try:
-        return max(1, int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, THREADS, smem)))
-    except Exception:  # noqa: BLE001 - the formula below is the calculator's, less its rounding details
-        attrs = cupy.cuda.Device(device_id).attributes
-        by_regs = attrs["MaxRegistersPerMultiprocessor"] // (-(-kernel.num_regs * 32 // 256) * 256 * WARPS)
-        by_smem = attrs["MaxSharedMemoryPerMultiprocessor"] // (smem + 1024)
-        return max(1, min(by_regs, by_smem, attrs["MaxThreadsPerMultiProcessor"] // THREADS))
 
 
 @lru_cache(maxsize=None)
@@ -138,7 +129,7 @@ def merge_counters(size: int, device_id: int):
 
 
 def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, dt: int, ct: int,
-            scales=(1.0, 1.0), num_partitions=None):
+            scales=(1.0, 1.0), num_partitions=None, split: str = "length"):
     """Version 4's launch as a closure (scratch partials allocated now). Arguments as
     :func:`pagedkv.kernels.decode.paged_attention` leaves them: checked (:func:`check_args` included),
     contiguous, int32 tables.
@@ -148,7 +139,10 @@ def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, 
         k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim], q's type or uint8 fp8 bytes.
         block_tables: [batch, max_blocks] int32; context_lens: [batch] int32.
         scale: softmax scale; dt / ct: q / cache type codes; scales: (k_scale, v_scale).
+        num_partitions: forces the plan's partition count; split: one of :data:`SPLITS`.
     """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     import cupy
 
     _, num_kv_heads, block_size, head_dim = k_cache.shape
@@ -167,7 +161,8 @@ def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, 
     counters = merge_counters(max(1, batch * num_kv_heads), cupy.cuda.Device().id)
     args = (out, part_out, part_ml, counters, q, k_cache, v_cache, block_tables, context_lens,
             cupy.int32(num_qo_heads), cupy.int32(num_kv_heads), cupy.int32(group),
-            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks), cupy.int32(plan["part_tokens"]),
+            cupy.int32(block_size.bit_length() - 1), cupy.int32(max_blocks),
+            cupy.int32(plan["part_tokens"] if split == "capacity" else 0),  # 0: the length split, on the device
             cupy.float32(scale * math.log2(math.e) * scales[0] * unit), cupy.float32(scales[1] * unit))
     grid = (parts, num_kv_heads, batch)
     return lambda: plan["kernel"](grid, (THREADS,), args, shared_mem=plan["smem"])

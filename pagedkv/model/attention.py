@@ -10,6 +10,8 @@
 The path is chosen here, never by the model (FlashInfer's plan / run split; vLLM's metadata builder + forward)::
 
     decode      ops.paged_attention: a table and a context length per query row    DecodeBatch, no query_start_loc
+                (version 4, tensor cores, where decode.choose_version says it pays:  (variant TENSOR_CORES)
+                the step's host lengths are balanced enough for its grid)
     cascade     decode rows whose tables share leading blocks: each group's shared  DecodeBatch whose variant is
                 prefix read once, each row's suffix, merged (pagedkv.cascade)       CASCADE (prepare_decode)
     prefill     ops.prefill_attention: a table and a context length per sequence,  GPU default for PrefillBatch;
@@ -50,6 +52,7 @@ from ..kernels.reference import dense_attention
 from .layers import causal_attention, varlen_causal_attention, varlen_plan
 
 PATHS = ("decode", "prefill", "reference", "dense", "cascade")
+TENSOR_CORES = "tensor_cores"  # the decode variant of a step that version 4 runs (None: the default dispatcher)
 
 
 @dataclass(slots=True)
@@ -61,6 +64,7 @@ class AttentionMetadata:
     tokens included), ``query_start_loc`` [S + 1] int32 (prefill). Host paths (reference, dense):
     ``block_tables`` a list of each sequence's block ids, ``starts`` int64 [S + 1] row offsets, ``num_cached``
     and ``seq_lens`` per sequence, ``varlen`` a padded-group plan (dense, no cached tokens) or None.
+    ``decode_version``: the decode kernel (None: the default dispatcher; 4: tensor cores).
     """
 
     path: str
@@ -73,6 +77,7 @@ class AttentionMetadata:
     num_cached: Any = None
     seq_lens: Any = None
     varlen: Any = None
+    decode_version: Any = None
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -97,32 +102,68 @@ class AttentionBackend:
         self.scale = head_dim ** -0.5
         self.xp, self.is_gpu, self.paged_prefill, self.check = xp, is_gpu, paged_prefill, check
         self.cascade = None  # CascadeBackend: the cascade decision and its static metadata (setup_decode)
+        self._tc_types = None  # (dt, ct) when decode steps may run version 4 (setup_decode)
+        self.num_tensor_core_steps = 0  # decode steps prepare_decode gave to version 4
 
     # -------------------------------------------------------------------------------------- decode variants
-    def setup_decode(self, max_rows: int, block_size: int, *, cascade: bool) -> tuple:
-        """Decode variants beside plain decode that a model runner keeps CUDA graphs for: ``(CASCADE,)`` when
-        cascade attention is on for this model (16-bit GPU kernels for its head_dim, or the host reference), else
-        ``()``. Allocates the cascade metadata's static buffers (``max_rows`` decode rows)."""
+    def setup_decode(self, max_rows: int, block_size: int, *, cascade: bool, kv_cache=None,
+                     tensor_cores: bool = True) -> tuple:
+        """Decode variants beside plain decode that a model runner keeps CUDA graphs for: CASCADE when cascade
+        attention is on for this model (16-bit GPU kernels for its head_dim, or the host reference), and
+        :data:`TENSOR_CORES` on a GPU whose ``kv_cache`` version 4 reads (decode_tc.check_args: float16 /
+        bfloat16 model, its cache or fp8, head_dim 64 / 128, 2-8 query heads per KV head; ``tensor_cores``
+        False: never). Allocates the cascade metadata's static buffers (``max_rows`` decode rows)."""
         from .cascade_backend import CASCADE, CascadeBackend
 
         self.cascade = CascadeBackend(self.xp, max_rows, block_size, head_dim=self.head_dim, enabled=cascade)
-        return (CASCADE,) if self.cascade.enabled else ()
+        self._tc_types = self._tensor_core_types(kv_cache) if tensor_cores and self.is_gpu else None
+        self._block_size = block_size
+        return (CASCADE,) * self.cascade.enabled + (TENSOR_CORES,) * (self._tc_types is not None)
 
-    def prepare_decode(self, block_tables, context_lens, num_rows: int):
+    def _tensor_core_types(self, kv_cache):
+        """``(dt, ct)`` of version 4 for this model and cache, or None where it does not serve them."""
+        from ..kernels import decode, decode_tc
+
+        if kv_cache is None or self.num_qo_heads // self.num_kv_heads < 2:
+            return None  # NOTE: one query head per KV head: version 4 measured slower (decode_plan.tc_decode_pays)
+        try:
+            dt, ct = decode.cache_types(kv_cache.dtype, kv_cache.cache_dtype, kv_cache.kv_dtype)
+            decode_tc.check_args(dt, ct, self.head_dim, self.num_qo_heads, self.num_kv_heads)
+        except ValueError:
+            return None
+        return (dt, ct) if int(self.xp.cuda.Device().compute_capability) >= 80 else None
+
+    def prepare_decode(self, block_tables, context_lens, num_rows: int, launch_rows: int | None = None):
         """A decode step's variant from its host rows (``block_tables`` [>= num_rows, max_blocks], ``context_lens``
-        [>= num_rows]): CASCADE when the rule says a shared prefix pays (its plan uploaded on the current stream,
-        before the step's inputs), else None."""
-        return None if self.cascade is None else self.cascade.prepare(block_tables, context_lens, num_rows)
+        [>= num_rows]) launched as ``launch_rows`` rows (the graph's bucket; default ``num_rows``): CASCADE when
+        the rule says a shared prefix pays (its plan uploaded on the current stream, before the step's inputs),
+        else :data:`TENSOR_CORES` where :func:`pagedkv.kernels.decode.choose_version` picks version 4, else
+        None."""
+        variant = None if self.cascade is None else self.cascade.prepare(block_tables, context_lens, num_rows)
+        if variant is None and self._tc_types is not None and num_rows > 0:
+            from ..kernels import decode
+
+            dt, ct = self._tc_types
+            rows = num_rows if launch_rows is None else launch_rows
+            cache_shape = (0, self.num_kv_heads, self._block_size, self.head_dim)
+            if decode.choose_version((rows, self.num_qo_heads, self.head_dim), cache_shape, block_tables.shape[1],
+                                     dt, ct, context_lens[:num_rows]) == 4:
+                variant = TENSOR_CORES
+                self.num_tensor_core_steps += 1
+        return variant
 
     # ------------------------------------------------------------------------------------------ plan
     def plan_rows(self, batch, kv_cache) -> AttentionMetadata:
         """Metadata of a ``DecodeBatch`` (device arrays, as the model runner fills them): the decode path, or
         the prefill path when the batch carries ``query_start_loc``."""
         path = "decode" if batch.query_start_loc is None else "prefill"
-        if path == "decode" and batch.attention_variant is not None:
-            path = "cascade"  # the only variant (setup_decode)
+        version = None
+        if path == "decode" and batch.attention_variant == TENSOR_CORES:
+            version = 4
+        elif path == "decode" and batch.attention_variant is not None:
+            path = "cascade"  # the other variant (setup_decode)
         return AttentionMetadata(path, kv_cache, batch.slot_mapping, batch.block_tables, batch.context_lens,
-                                 batch.query_start_loc)
+                                 batch.query_start_loc, decode_version=version)
 
     def plan_prefill(self, batch, kv_cache) -> AttentionMetadata:
         """Metadata of a ``PrefillBatch`` (host lists): the prefill, reference or dense path."""
@@ -160,7 +201,8 @@ class AttentionBackend:
         if meta.path == "decode" or meta.path == "cascade" and c.k_cache(layer).dtype != q.dtype:
             # NOTE: the cascade kernels read caches of q's dtype only (no fp8): such a step decodes plainly
             return ops.paged_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
-                                       scale=self.scale, check=self.check, **_fp8_args(c, layer))
+                                       scale=self.scale, check=self.check, version=meta.decode_version,
+                                       **_fp8_args(c, layer))
         if meta.path == "cascade":
             return self.cascade.attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
                                           scale=self.scale)

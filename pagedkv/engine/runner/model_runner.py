@@ -84,10 +84,14 @@ class ModelRunner:
             the one ``model.attention.prepare_decode`` answers for each step (it knows no more than that).
             False: set up, switched off; None: the backend is not asked (a model without one, e.g. tensor
             parallel ranks).
+        tensor_core_decode: let the backend name its tensor-core decode variant too (decode version 4 on the
+            steps where ``pagedkv.kernels.decode.choose_version`` says it pays; not asked when
+            ``cascade_attention`` is None).
     """
 
     def __init__(self, model, kv_cache, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool | None = None):
+                 max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool | None = None,
+                 tensor_core_decode: bool = True):
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // block_size)
@@ -105,10 +109,11 @@ class ModelRunner:
         self.decode_inputs = StepInputs(InputShape(max_num_seqs, self.max_blocks, 1, 2 * max_num_seqs), self.xp)
         self.last_timing, self.record_gpu_time, self._start_event = StepTiming(), False, None
         self.variants = () if cascade_attention is None else \
-            model.attention.setup_decode(max_num_seqs, block_size, cascade=cascade_attention)
+            model.attention.setup_decode(max_num_seqs, block_size, cascade=cascade_attention, kv_cache=kv_cache,
+                                         tensor_cores=tensor_core_decode)
         self._ask_backend = cascade_attention is not None
         self.graphs = self.prefill_graphs = self.prefill_inputs = self.graph_error = None
-        self.variant_graphs = {}  # decode graphs of the attention backend's variants (cascade), by variant
+        self.variant_graphs = {}  # decode graphs of the attention backend's variants (cascade, tensor cores)
         if cuda_graph and self.backend.is_gpu:
             rows = min(PREFILL_BUCKETS[-1], max_num_batched_tokens)
             self.prefill_inputs = StepInputs(InputShape(rows, self.max_blocks, PREFILL_LOGIT_ROWS,
@@ -120,7 +125,7 @@ class ModelRunner:
         or grown since the last capture)."""
         self.graphs = CudaGraphs(lambda rows, out: self._forward(self.decode_inputs, rows, None, out),
                                  lambda rows: self.sampled[:rows], self._max_num_seqs)
-        self.variant_graphs = {variant: CudaGraphs(  # the attention backend's decode variants (cascade)
+        self.variant_graphs = {variant: CudaGraphs(  # the attention backend's decode variants
             lambda rows, out, variant=variant: self._forward(self.decode_inputs, rows, None, out, variant),
             lambda rows: self.sampled[:rows], self._max_num_seqs) for variant in self.variants}
         rows = self.prefill_inputs.shape.rows
@@ -231,7 +236,7 @@ class ModelRunner:
         positions = fill_samples(v, lay, seqs, self.tables, num_logits)
         self.structured.fill(v, seqs, positions, num_logits)
         # the attention backend's variant of this decode step (its metadata is uploaded with the inputs)
-        variant = self._decode_variant(v, lay.num_rows) if decode else None
+        variant = self._decode_variant(v, lay.num_rows, rows) if decode else None
         if variant is not None:
             graphs = self.variant_graphs.get(variant)
             fits = fits and graphs is not None
@@ -244,12 +249,12 @@ class ModelRunner:
             logits = self._forward(inputs, rows, None if decode else num_logits, self.sampled, variant)
         return logits, positions, inputs.device, (inputs,), t1
 
-    def _decode_variant(self, v, num_rows: int):
-        """The attention backend's variant of a decode step from its host rows (None: plain decode); the backend
-        uploads whatever metadata the variant needs on the current stream."""
+    def _decode_variant(self, v, num_rows: int, launch_rows: int | None = None):
+        """The attention backend's variant of a decode step from its host rows, launched as ``launch_rows`` rows
+        (None: plain decode); the backend uploads whatever metadata the variant needs on the current stream."""
         if not self._ask_backend:
             return None
-        return self.model.attention.prepare_decode(v.block_tables, v.context_lens, num_rows)
+        return self.model.attention.prepare_decode(v.block_tables, v.context_lens, num_rows, launch_rows)
 
     def _replay(self, graphs: CudaGraphs, rows: int):
         try:
