@@ -108,7 +108,8 @@ def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False, penal
     engine.warmup_graphs()
     engine.generate(prompts[:4], warm, progress=False)
     before = engine.metrics().as_dict()
-    tc_before = getattr(getattr(engine.model, "attention", None), "num_tensor_core_steps", 0)
+    tc_steps = lambda: getattr(getattr(engine.model, "attention", None), "num_tensor_core_steps", 0)  # noqa: E731
+    tc_before = tc_steps()
     sync(engine)
     start = time.perf_counter()
     outs = engine.generate(prompts, params, progress=True)
@@ -121,7 +122,7 @@ def run_w1(engine: LLMEngine, prompts, output_lens, sampled: bool = False, penal
     return {"wall_s": wall, "useful_tokens": sum(output_lens), "useful_tokens_per_s": sum(output_lens) / wall,
             **delta, "graph_error": engine.graph_error, "fused_error": engine.model.fused_error,
             "gemm_error": engine.model.gemm_error,
-            "tensor_core_decode_steps": getattr(getattr(engine.model, "attention", None), "num_tensor_core_steps", 0) - tc_before,
+            "tensor_core_decode_steps": tc_steps() - tc_before,
             "tokens": [o.outputs[0].token_ids for o in outs]}
 
 

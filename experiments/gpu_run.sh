@@ -7,6 +7,8 @@
 #   probe       GPU, driver, CuPy / torch / transformers versions, tools on the PATH
 #   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
 #   ktests      pytest -m gpu tests/test_kernels.py (the decode grid; 4 workers share the GPU)
+#   dtests      issue 16's per-step decode choice: pytest -m gpu of version 4, the dispatch rule, the engine's
+#               decode variants (cascade, tensor cores) and the engine GPU tests (8 workers)
 #   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1): set
 #               "decode" (decode kernels 1-4 incl. fp8, the sampler, the fused norms), set "attention" (prefill
 #               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...,
@@ -80,6 +82,9 @@ for stage in "$@"; do
     ktests)
         run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py tests/test_decode_fp8.py -q \
             -p no:cacheprovider -n 4 --durations=10 -rs ${KTEST_K:+-k "$KTEST_K"} ;;
+    dtests)
+        run dtests "${T_DTESTS:-240}" "$PY" -m pytest -m gpu tests/test_decode_tc.py tests/test_decode_dispatch.py \
+            tests/test_engine_cascade.py tests/test_engine_gpu.py -q -p no:cacheprovider -n 8 --tb=short -rfE ;;
     sanitize)  # SANITIZE_SETS: which of "decode attention" (default both)
         sets=" ${SANITIZE_SETS:-decode attention} "
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do

@@ -6,7 +6,8 @@ One thread block per (KV partition, KV head, sequence); the GQA group's query he
 split sequences are merged in the same launch by their last partition. The partition count depends on shapes
 only (``max_blocks * block_size``, the device's resident blocks); each sequence is cut into that many pieces of
 its own length on the device (:data:`SPLITS` ``"length"``, the default) or of the table's capacity
-(``"capacity"``), so a captured CUDA graph replays with new ``context_lens``. Caches: q's type (float16 / bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
+(``"capacity"``), so a captured CUDA graph replays with new ``context_lens``. Caches: q's type (float16 /
+bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
 
 Launch arithmetic that needs no GPU (:func:`smem_bytes`, :func:`partition_plan`, :func:`check_args`) is pure
 Python and tested on the CPU.

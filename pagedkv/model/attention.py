@@ -118,7 +118,7 @@ class AttentionBackend:
         self.cascade = CascadeBackend(self.xp, max_rows, block_size, head_dim=self.head_dim, enabled=cascade)
         self._tc_types = self._tensor_core_types(kv_cache) if tensor_cores and self.is_gpu else None
         self._block_size = block_size
-        return (CASCADE,) * self.cascade.enabled + (TENSOR_CORES,) * (self._tc_types is not None)
+        return tuple(v for v, on in ((CASCADE, self.cascade.enabled), (TENSOR_CORES, self._tc_types is not None)) if on)
 
     def _tensor_core_types(self, kv_cache):
         """``(dt, ct)`` of version 4 for this model and cache, or None where it does not serve them."""
