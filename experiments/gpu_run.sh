@@ -8,7 +8,7 @@
 #   gputests    every GPU test of tests/ (pytest -m gpu; pytest-xdist from the carried wheels, 6 workers)
 #   ktests      pytest -m gpu tests/test_kernels.py (the decode grid; 4 workers share the GPU)
 #   dtests      issue 16's per-step decode choice: pytest -m gpu of version 4, the dispatch rule, the engine's
-#               decode variants (cascade, tensor cores) and the engine GPU tests (8 workers)
+#               decode variants (cascade, tensor cores); DTESTS_MORE: more test files (8 workers)
 #   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1): set
 #               "decode" (decode kernels 1-4 incl. fp8, the sampler, the fused norms), set "attention" (prefill
 #               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...,
@@ -83,8 +83,8 @@ for stage in "$@"; do
         run ktests "${T_KTESTS:-300}" "$PY" -m pytest -m gpu tests/test_kernels.py tests/test_decode_fp8.py -q \
             -p no:cacheprovider -n 4 --durations=10 -rs ${KTEST_K:+-k "$KTEST_K"} ;;
     dtests)
-        run dtests "${T_DTESTS:-240}" "$PY" -m pytest -m gpu tests/test_decode_tc.py tests/test_decode_dispatch.py \
-            tests/test_engine_cascade.py tests/test_engine_gpu.py -q -p no:cacheprovider -n 8 --tb=short -rfE ;;
+        run dtests "${T_DTESTS:-180}" "$PY" -m pytest -m gpu tests/test_decode_tc.py tests/test_decode_dispatch.py \
+            tests/test_engine_cascade.py ${DTESTS_MORE:-} -q -p no:cacheprovider -n 8 --tb=short -rfE ;;
     sanitize)  # SANITIZE_SETS: which of "decode attention" (default both)
         sets=" ${SANITIZE_SETS:-decode attention} "
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
