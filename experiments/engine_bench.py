@@ -79,7 +79,7 @@ def make_engine(args, mode: str, cuda_graph: bool, weights=None, max_num_seqs: i
     if not {"kv_memory_bytes", "num_blocks", "gpu_memory_utilization"} & options.keys():
         options.update({"kv_memory_bytes": KV_BUDGET_BYTES} if args.device != "cpu" else {"num_blocks": CPU_NUM_BLOCKS})
     options["cuda_graph"] = cuda_graph
-    options["tensor_core_decode"] = not getattr(args, "no_tensor_core_decode", False)
+    options["tensor_core_decode"] = getattr(args, "tensor_core_decode", False)
     config = EngineConfig(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, block_size=BLOCK_SIZE,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max(MAX_BATCHED_TOKENS, args.max_len),
@@ -361,9 +361,9 @@ def parse_args(argv=None):
                    help="instead: W1 with the model-dtype cache and with fp8 in one KV byte budget where only the "
                         "former preempts")
     p.add_argument("--no-profile", action="store_true", help="skip the decode / prefill step profiles")
-    p.add_argument("--no-tensor-core-decode", action="store_true",
-                   help="EngineConfig(tensor_core_decode=False): every decode step on the default kernel (the "
-                        "W1 baseline of issue 16's per-step choice)")
+    p.add_argument("--tensor-core-decode", action="store_true",
+                   help="EngineConfig(tensor_core_decode=True): decode version 4 on the steps where "
+                        "decode.choose_version says it pays (issue 16's per-step choice; without: the default kernel)")
     p.add_argument("--penalties", action="store_true",
                    help="the sampled run also applies presence 0.5, frequency 0.5 and repetition 1.1 penalties "
                         "(on the device, in the CUDA graph)")

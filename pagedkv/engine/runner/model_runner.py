@@ -91,7 +91,7 @@ class ModelRunner:
 
     def __init__(self, model, kv_cache, *, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, cuda_graph: bool, seed: int = 0, cascade_attention: bool | None = None,
-                 tensor_core_decode: bool = True):
+                 tensor_core_decode: bool = False):
         self.model, self.kv_cache, self.block_size = model, kv_cache, block_size
         self.backend, self.xp = model.backend, model.backend.xp
         self.max_blocks = -(-max_model_len // block_size)
