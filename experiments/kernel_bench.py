@@ -15,8 +15,8 @@ In one run:
      (28 query / 4 KV heads). ``--variants`` also times the compile-time variants of kernels 2 and 3;
      ``--v4`` also times version 4 (tensor cores, opt-in; head dims 64 / 128 only) on the float16 and the fp8
      cache (columns v4 and fp8 v4; its output compared with kernel 1's and the fp8 kernel 2's), and the engine's
-     kernel per step (``decode.choose_version`` on the case's lengths: version 4 or the default; columns engine,
-     engine %, fp8 engine %: the time of the kernel it picks, from the same run).
+     kernel per step (``decode.choose_version`` on the case's lengths: version 4 with the length split, column
+     v4 len, or the default; columns engine, engine %, fp8 engine %: the time of the kernel it picks, same run).
 
 Every timed launch is bracketed by CUDA events after an L2 flush (a 512 MB read), so no case is served from
 L2; the flush also lets the host enqueue the launch before the GPU reaches it. Median of RUNS launches.
@@ -240,6 +240,9 @@ def run_fp8(cupy, timer, row, q, shape, bt, cl, v4: bool = False) -> None:
     if v4:
         _time_v4(cupy, timer, row, "fp8_v4", lambda: decode.paged_attention(q, k8, v8, bt, cl, version=4, **kw), out,
                  outs["fp8_v2"], decode_tc.launch_plan, (q.shape, shape, bt.shape[1], 1, 3))
+        _time_v4(cupy, timer, row, "fp8_v4_length",
+                 lambda: decode.paged_attention(q, k8, v8, bt, cl, version=4, split="length", **kw), out,
+                 outs["fp8_v2"], decode_tc.launch_plan, (q.shape, shape, bt.shape[1], 1, 3))
     for key in ("fp8_v3", "fp8_default"):  # the same bytes: kernel 2 is the yardstick
         row[f"{key}_vs_v2_rel_err"] = _rel_err(cupy, outs[key], outs["fp8_v2"])
     row["fp8_kv_bytes"] = row["kv_bytes"] // 2
@@ -295,6 +298,8 @@ def run_case(cupy, timer, rng, case: Case, variants: bool = False, v4: bool = Fa
     if v4:
         _time_v4(cupy, timer, row, "v4", attn(4), out, ref, decode_tc.launch_plan,
                  (q.shape, k.shape, bt.shape[1], 1, 1))
+        _time_v4(cupy, timer, row, "v4_length", attn(4, split="length"), out, ref, decode_tc.launch_plan,
+                 (q.shape, k.shape, bt.shape[1], 1, 1))
     row["default_with_check_us"] = timer.median_us(  # check=True: one reduction + a 16-byte read, host waits
         lambda: decode.paged_attention(q, k, v, bt, cl, out=out, check=True), runs=20)[0]
     row["v2_vs_v1_rel_err"], row["v3_vs_v1_rel_err"] = row["v2_default_rel_err"], row["v3_default_rel_err"]
@@ -326,7 +331,7 @@ def run_case(cupy, timer, rng, case: Case, variants: bool = False, v4: bool = Fa
         for prefix, ct in (("", 1), ("fp8_", 3)):
             choice = decode.choose_version(q.shape, shape, bt.shape[1], 1, ct, lens)
             row[f"{prefix}engine_choice"] = "v4" if choice == 4 else "default"
-            row[f"{prefix}engine_us"] = row.get(f"{prefix}{'v4' if choice == 4 else 'default'}_us")
+            row[f"{prefix}engine_us"] = row.get(f"{prefix}{'v4_length' if choice == 4 else 'default'}_us")
     return row
 
 
@@ -408,7 +413,8 @@ def print_table(result: dict) -> None:
     if result.get("variants"):
         cols += ["v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us"]
     if result.get("v4"):
-        cols += ["v4 us", "v4 %", "fp8 v4 us", "fp8 v4 %", "v4 x16", "engine", "engine %", "fp8 engine %"]
+        cols += ["v4 us", "v4 %", "fp8 v4 us", "fp8 v4 %", "v4 x16", "v4 len %", "engine", "engine %",
+                 "fp8 engine %"]
     for col in cols:
         table.add_column(col, justify="right")
     fmt = lambda r, key, spec=".1f": "-" if r.get(key) is None or r[key] != r[key] else format(r[key], spec)  # noqa: E731
@@ -426,7 +432,8 @@ def print_table(result: dict) -> None:
                       fmt(r, "v3_t8192_us")]
         if result.get("v4"):
             cells += [fmt(r, "v4_us"), fmt(r, "v4_pct"), fmt(r, "fp8_v4_us"), fmt(r, "fp8_v4_pct"),
-                      fmt(r, "fp8_v4_vs_fp16", ".2f"), r.get("engine_choice", "-"), fmt(r, "engine_pct"),
+                      fmt(r, "fp8_v4_vs_fp16", ".2f"), fmt(r, "v4_length_pct"), r.get("engine_choice", "-"),
+                      fmt(r, "engine_pct"),
                       fmt(r, "fp8_engine_pct")]
         table.add_row(*cells)
     Console(width=260).print(table)
@@ -463,7 +470,8 @@ def main(argv=None) -> dict:
                             ("default_gt4", "kv_bytes"),
                             ("sdpa", "kv_bytes"), ("fp8_v2", "fp8_kv_bytes"), ("fp8_v3", "fp8_kv_bytes"),
                             ("fp8_default", "fp8_kv_bytes"), ("v4", "kv_bytes"), ("fp8_v4", "fp8_kv_bytes"),
-                            ("engine", "kv_bytes"), ("fp8_engine", "fp8_kv_bytes")):
+                            ("engine", "kv_bytes"), ("fp8_engine", "fp8_kv_bytes"), ("v4_length", "kv_bytes"),
+                            ("fp8_v4_length", "fp8_kv_bytes")):
             if row.get(f"{key}_us"):
                 row[f"{key}_GBps"] = row[nbytes] / row[f"{key}_us"] / 1e3
                 row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / result["read_GBps"]

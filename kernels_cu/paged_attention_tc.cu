@@ -10,7 +10,7 @@
 //                              softmax (FlashAttention-2 style, registers only); the four warps merge in shared
 //                              memory at the end. Split-K: the partition count of kernel 2's plan (shapes
 //                              only); each sequence cut into that many pieces of its own length (the length
-//                              split, the default) or of the table's capacity (split_tokens > 0); a sequence
+//                              split, split_tokens 0) or of the table's capacity (split_tokens > 0); a sequence
 //                              cut into several partitions leaves partials, merged in the same launch by the
 //                              partition that finishes last (kernel 3's fence / count / merge).
 //   Float16 / bfloat16 q with a cache of q's type, or an fp8 cache (CT 3 = e4m3, 4 = e5m2: uint8 bytes): the
@@ -121,8 +121,9 @@ template <> struct TcCache<4> { typedef unsigned char T; };
 //   num_qo_heads, num_kv_heads;  group_size  num_qo_heads / num_kv_heads, 1..8
 //   log2_block_size, max_blocks  the block size's log2, block_tables' columns
 //   split_tokens  tokens per partition, a multiple of BLOCK_N (the capacity split: the same cut for every
-//                sequence), or 0: each sequence cut into num_partitions pieces of its own length, rounded up
-//                to whole tiles (the length split: ceil(len / (num_partitions * BLOCK_N)) * BLOCK_N tokens);
+//                sequence; the launcher's default), or 0: each sequence cut into num_partitions pieces of its
+//                own length, rounded up to whole tiles (the length split: ceil(len / (num_partitions * BLOCK_N))
+//                * BLOCK_N tokens);
 //                sequence s has ceil(len / partition_tokens) live partitions (those at or past its end exit)
 //   scale_log2   softmax scale * log2(e), times k_scale * unit for an fp8 cache (unit = 256 for e4m3, whose
 //                converted tile holds value * 2^-8, else 1): p = exp2(s * scale_log2 - m * scale_log2)

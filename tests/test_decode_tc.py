@@ -310,7 +310,7 @@ def test_tc_attention_grid(q_dtype, cache, head_dim, block_size, group):
     lens = rng.permutation(lens + rng.integers(1, 300, 4).tolist()).tolist()
     dev, kw, ref = _problem(rng, q_dtype, cache, head_dim, block_size, heads, lens)
     for extra in ({}, {"num_partitions": 3}, {"num_partitions": 40},  # the plan, forced merges (many pieces)
-                  {"num_partitions": 3, "split": "capacity"}, {"split": "capacity"}):  # ... cut by the capacity
+                  {"num_partitions": 3, "split": "length"}, {"split": "length"}):  # ... cut by each length
         _assert_close(_run(dev, kw, q_dtype, **extra), ref, q_dtype,
                       f"{cache} q {q_dtype} hd={head_dim} bs={block_size} group={group} {extra}")
     dev, kw, ref = _problem(rng, q_dtype, cache, head_dim, block_size, heads, [700] * 5)  # uniform

@@ -153,8 +153,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     every replay). Version 4 (opt-in): tensor-core decode (:mod:`pagedkv.kernels.decode_tc`; head_dim 64 / 128,
     float16 / bfloat16 q, 1-8 query heads per KV head; :func:`choose_version` is the engine's rule for when it
     pays). Kernels 2 and 4: ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`);
-    version 4: ``split`` cuts each sequence into pieces of its own length (``"length"``, default) or of the
-    table's capacity (``"capacity"``, kernel 2's cut).
+    version 4: ``split`` cuts each sequence into pieces of the table's capacity (``"capacity"``, kernel 2's cut,
+    the default) or of its own length (``"length"``, worked out on the device; what :func:`choose_version`
+    models and the engine's tensor-core variant launches).
     Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
     ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
     splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
@@ -214,7 +215,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     elif version == 4:
         launch = decode_tc.prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, ct, scales,
-                                   num_partitions, split or "length")
+                                   num_partitions, split or "capacity")
     elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
                              tile_bytes, stages, extra_defines, ct, scales)

@@ -5,8 +5,8 @@ One thread block per (KV partition, KV head, sequence); the GQA group's query he
 ``mma.sync.m16n8k16`` A operand (padded to 16), K/V tiles of :data:`BLOCK_N` keys come through a cp.async ring,
 split sequences are merged in the same launch by their last partition. The partition count depends on shapes
 only (``max_blocks * block_size``, the device's resident blocks); each sequence is cut into that many pieces of
-its own length on the device (:data:`SPLITS` ``"length"``, the default) or of the table's capacity
-(``"capacity"``), so a captured CUDA graph replays with new ``context_lens``. Caches: q's type (float16 /
+its own length on the device (:data:`SPLITS` ``"length"``) or of the table's capacity (``"capacity"``, the
+default), so a captured CUDA graph replays with new ``context_lens``. Caches: q's type (float16 /
 bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
 
 Launch arithmetic that needs no GPU (:func:`smem_bytes`, :func:`partition_plan`, :func:`check_args`) is pure
@@ -130,7 +130,7 @@ def merge_counters(size: int, device_id: int):
 
 
 def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, dt: int, ct: int,
-            scales=(1.0, 1.0), num_partitions=None, split: str = "length"):
+            scales=(1.0, 1.0), num_partitions=None, split: str = "capacity"):
     """Version 4's launch as a closure (scratch partials allocated now). Arguments as
     :func:`pagedkv.kernels.decode.paged_attention` leaves them: checked (:func:`check_args` included),
     contiguous, int32 tables.

@@ -129,7 +129,7 @@ def check_ranges_host(block_tables, context_lens, num_blocks: int, block_size: i
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
-                    check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0):
+                    check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0, split=None):
     """Decode attention: one query token per sequence over its paged K/V.
 
     Args:
@@ -147,6 +147,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         out: optional [batch, num_qo_heads, head_dim] output, q's dtype.
         check: validate index ranges (on the GPU: one reduction). Turn off only for benchmarks.
         kv_dtype, k_scale, v_scale: an fp8 cache (uint8 bytes) and its scales; None: the cache is in q's dtype.
+        split: version 4's cut of each sequence into partitions (GPU; ``pagedkv.kernels.decode_tc.SPLITS``).
     Returns:
         out: [batch, num_qo_heads, head_dim], q's dtype.
     """
@@ -159,7 +160,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         out = None if out is None else _as_device(out)
         fp8_args = {} if kv_dtype is None else {"kv_dtype": kv_dtype, "k_scale": k_scale, "v_scale": v_scale}
         return decode.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                       scale=scale, version=version, out=out, check=check, **fp8_args)
+                                       scale=scale, version=version, out=out, check=check, split=split, **fp8_args)
     check_attention_args(q, k_cache, v_cache, block_tables, context_lens, version, kv_dtype is not None)
     if check:
         check_ranges_host(block_tables, context_lens, k_cache.shape[0], k_cache.shape[2])

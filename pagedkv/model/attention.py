@@ -202,7 +202,7 @@ class AttentionBackend:
             # NOTE: the cascade kernels read caches of q's dtype only (no fp8): such a step decodes plainly
             return ops.paged_attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
                                        scale=self.scale, check=self.check, version=meta.decode_version,
-                                       **_fp8_args(c, layer))
+                                       split="length" if meta.decode_version == 4 else None, **_fp8_args(c, layer))
         if meta.path == "cascade":
             return self.cascade.attention(q, c.k_cache(layer), c.v_cache(layer), meta.block_tables, meta.context_lens,
                                           scale=self.scale)
