@@ -92,14 +92,12 @@ for stage in "$@"; do
                 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
                 -p no:xdist tests/test_kernels.py tests/test_sampler.py tests/test_model_gpu.py tests/test_decode_fp8.py \
                 tests/test_decode_tc.py \
-                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add)
-                    and not compiles and not torch'
+                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add) and not compiles and not torch'
             # the prefill kernels (versions 2, 4, 5; fp8 too), fp8 cache writes and copies, the cascade kernels
             [[ $sets == *" attention "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_attention" "${T_SANITIZE:-150}" \
                 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
                 -p no:xdist tests/test_prefill_attention.py tests/test_fp8_gpu.py tests/test_cascade.py \
-                -k '(every_head_dim or block_sizes or sm90_varlen or padding or fp8 or gpu_cascade or gpu_kernel_parts)
-                    and not compiles and not engine and not 16k and not torch and not long_prompt'
+                -k '(every_head_dim or block_sizes or sm90_varlen or padding or fp8 or gpu_cascade or gpu_kernel_parts) and not compiles and not engine and not 16k and not torch and not long_prompt'
         done ;;
     kbench)
         # shellcheck disable=SC2086

@@ -79,7 +79,7 @@ def test_backend_plumbing_on_the_cpu():
 
 
 def test_engine_config_tensor_core_decode():
-    assert EngineConfig(device="cpu").tensor_core_decode is False  # opt-in until it has run on a GPU
+    assert EngineConfig(device="cpu").tensor_core_decode is False  # opt-in until it is timed
     assert EngineConfig(device="cpu", tensor_core_decode=True).tensor_core_decode is True
     with pytest.raises(ValueError, match="tensor_core_decode"):
         EngineConfig(device="cpu", tensor_core_decode="no")

@@ -418,7 +418,7 @@ def test_kernel_fallback_pass_matches_numpy():
     """A build whose top-p bound is always the largest logit: the redo-over-every-token pass decides."""
     import cupy
 
-    from pagedkv.engine import sampler as mod
+    from pagedkv.engine.runner import sampler as mod
 
     rng = np.random.default_rng(5)
     rows, x = gpu_batch(rng, 66, 32000, np.dtype(np.float16))

@@ -49,7 +49,7 @@ def test_a_rank_model_over_nccl_matches_the_unsharded_model(collective):
     import cupy
 
     from pagedkv.backend import get_backend
-    from pagedkv.kv_cache import KVCache
+    from pagedkv.cache import KVCache
     from pagedkv.model import LlamaModel, ModelConfig, random_weights
     from pagedkv.model.llama import DecodeBatch
     from pagedkv.model.tensor_parallel import TensorParallelPlan, shard_weights

@@ -48,8 +48,8 @@ class EngineConfig:
     ``tensor_core_decode``: decode steps run decode version 4 (tensor cores) where
     :func:`pagedkv.kernels.decode.choose_version` says it beats the default kernel for the step's lengths (GPU,
     float16 / bfloat16 models of head_dim 64 / 128 with 2-8 query heads per KV head; one more set of decode
-    CUDA graphs); False (the default until the choice has run on a GPU, CHANGELOG stop 26): always the default
-    kernel.
+    CUDA graphs); False (the default until the choice is timed against W1, CHANGELOG stop 26): always the
+    default kernel.
     ``tensor_parallel_size`` > 1: the model is split over that many ranks (Megatron-style: heads and MLP
     columns); in this build the ranks are threads of this process (:mod:`pagedkv.model.parallel_model`), each
     with a pool of its KV heads whose size ``num_blocks`` / ``kv_memory_bytes`` gives per rank; without CUDA
