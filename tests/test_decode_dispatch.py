@@ -1,5 +1,5 @@
 """The engine's choice of decode kernel per step (issue 16): decode version 4 (tensor cores) where
-``decode_plan.tc_decode_pays`` says its grid is balanced enough for the step's lengths, else the default
+``decode_tc.tc_decode_pays`` says its grid is balanced enough for the step's lengths, else the default
 dispatcher (kernel 3).
 
 CPU: the rule on the benchmark's cases (its answers are the kernels kernel_bench measured fastest on an H100,
@@ -13,7 +13,7 @@ import pytest
 from experiments.kernel_bench import BLOCK_SIZE, CASES, SEED
 from pagedkv.engine import EngineConfig
 from pagedkv.kernels import decode_tc
-from pagedkv.kernels.decode_plan import TC_SMALL_PIECE, tc_decode_pays, tc_longest_piece
+from pagedkv.kernels.decode_tc import TC_SMALL_PIECE, tc_decode_pays, tc_longest_piece
 
 gpu = pytest.mark.gpu
 H100_RESIDENT = {64: 4 * 132, 128: 2 * 132}  # version 4's resident blocks on an H100 (kernel_bench's v4_plan)

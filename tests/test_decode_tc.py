@@ -248,9 +248,9 @@ def test_control_flow_emulated(seed):
 
 
 def test_length_split_pieces():
-    """The length split's pieces (the kernel's arithmetic, mirrored by decode_plan.tc_longest_piece): whole tiles,
+    """The length split's pieces (the kernel's arithmetic, mirrored by decode_tc.tc_longest_piece): whole tiles,
     every sequence in at most num_parts live partitions, the longest piece ceil(len / parts) rounded up."""
-    from pagedkv.kernels.decode_plan import tc_longest_piece
+    from pagedkv.kernels.decode_tc import tc_longest_piece
 
     for length in (1, 63, 64, 65, 700, 2048, 30141, 32768):
         for parts in (1, 2, 5, 32):

@@ -26,7 +26,7 @@ import numpy as np
 from . import decode_tc
 from .compile import U64_MAX, blocks_per_sm, dt_code, int32_contiguous, load_function, num_sms, opt_in_smem
 from .decode_plan import (V2_STAGES, V2_THREADS, V2_TILE_BYTES, choose_num_partitions, group_tile,
-                          partition_max_parts, tc_decode_pays, tile_shape,
+                          partition_max_parts, tile_shape,
                           v2_smem_bytes, v3_min_tiles, v3_smem_bytes)
 
 HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 256)  # every multiple of 16 that Llama/Qwen-family models use
@@ -233,8 +233,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
 
 def choose_version(q_shape, cache_shape, max_blocks: int, dt: int, ct: int | None, context_lens) -> int | None:
     """The engine's decode kernel for one step whose host ``context_lens`` it knows: 4 (tensor cores) where
-    version 4 serves the shape (:func:`pagedkv.kernels.decode_tc.check_args`, a GPU of compute capability 8.0 or
-    later) and :func:`pagedkv.kernels.decode_plan.tc_decode_pays` says its grid is balanced enough, else None
+    version 4 serves the shape on this GPU (:func:`pagedkv.kernels.decode_tc.runs_on`) and
+    :func:`pagedkv.kernels.decode_tc.tc_decode_pays` says its grid is balanced enough, else None
     (the default: kernel 3's dispatcher, which balances any batch on the device). Host-side, so a model runner
     keeps a CUDA graph per answer (:mod:`pagedkv.model.attention`'s decode variants); compiles version 4 at its
     first call for a shape."""
@@ -243,14 +243,10 @@ def choose_version(q_shape, cache_shape, max_blocks: int, dt: int, ct: int | Non
     _, num_qo_heads, head_dim = q_shape
     _, num_kv_heads, _, _ = cache_shape
     ct = dt if ct is None else ct
-    try:
-        decode_tc.check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
-    except ValueError:
-        return None
-    if int(cupy.cuda.Device().compute_capability) < 80:  # mma.m16n8k16 on bfloat16, cp.async
+    if not decode_tc.runs_on(dt, ct, head_dim, num_qo_heads, num_kv_heads, cupy.cuda.Device().id):
         return None
     plan = decode_tc.launch_plan(q_shape, cache_shape, max_blocks, dt, ct)
-    pays = tc_decode_pays(context_lens, num_qo_heads, num_kv_heads, plan["parts"], plan["resident_ctas"])
+    pays = decode_tc.tc_decode_pays(context_lens, num_qo_heads, num_kv_heads, plan["parts"], plan["resident_ctas"])
     return 4 if pays else None
 
 

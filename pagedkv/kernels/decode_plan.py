@@ -202,38 +202,3 @@ def balanced_plan(context_lens, num_head_groups: int, tile_tokens: int, num_bloc
                 merges.append(Merge(b0, hg, seq, b1 - b0 + 1))
     return BalancedPlan(per_block, tuple(pieces), tuple(merges))
 
-
-# ---- the engine's choice of decode kernel (version 4 or the default dispatcher) ------------------------------
-TC_BLOCK_N = 64  # version 4's keys per tile (decode_tc.BLOCK_N): its pieces are whole tiles
-TC_BALANCE = 1.25  # version 4 when its longest piece is at most this many times the mean work per resident block
-TC_SMALL_PIECE = 1024  # ... or at most this many tokens (the launch is short whatever its balance)
-
-
-def tc_longest_piece(max_len: int, parts: int) -> int:
-    """Version 4's longest piece (tokens) under its length split: ``ceil(max_len / parts)`` in whole tiles."""
-    return -(-max_len // (parts * TC_BLOCK_N)) * TC_BLOCK_N
-
-
-def tc_decode_pays(context_lens, num_qo_heads: int, num_kv_heads: int, parts: int, resident_ctas: int) -> bool:
-    """Whether version 4 (tensor cores, one thread block per (partition, KV head, sequence)) should run a decode
-    step instead of the default dispatcher (kernel 3's balanced walk / partition plan), from the step's host
-    ``context_lens``.
-
-    Version 4 reads a tile at kernel 2's cost and beats kernel 3 on uniform batches and on small or short ragged
-    ones (kernels_cu/NOTES_decode_tc.md), but its grid is planned from shapes only: its time is at least the
-    longest piece's, where kernel 3 balances the tokens over the resident blocks. So version 4 runs when its
-    longest piece (:func:`tc_longest_piece` under its ``parts`` partitions) is within :data:`TC_BALANCE` of the
-    mean work per resident block (``num_kv_heads * sum(lens) / resident_ctas`` tokens), or short
-    (:data:`TC_SMALL_PIECE`); never for one query head per KV head (its MMA rows would be 15/16 padding:
-    measured slower). ``parts`` and ``resident_ctas``: version 4's launch plan
-    (:func:`pagedkv.kernels.decode_tc.launch_plan`).
-    """
-    lens = np.asarray(context_lens)
-    if num_qo_heads // num_kv_heads < 2 or lens.size == 0:
-        return False
-    max_len = int(lens.max())
-    if max_len <= 0:
-        return False
-    piece = tc_longest_piece(max_len, parts)
-    mean_work = num_kv_heads * float(lens.clip(min=0).sum()) / resident_ctas
-    return piece <= TC_SMALL_PIECE or piece <= TC_BALANCE * mean_work

@@ -9,13 +9,16 @@ its own length on the device (:data:`SPLITS` ``"length"``) or of the table's cap
 default), so a captured CUDA graph replays with new ``context_lens``. Caches: q's type (float16 /
 bfloat16) or fp8 (uint8 bytes, ``decode.FP8_KV_DTYPES``).
 
-Launch arithmetic that needs no GPU (:func:`smem_bytes`, :func:`partition_plan`, :func:`check_args`) is pure
-Python and tested on the CPU.
+Launch arithmetic that needs no GPU (:func:`smem_bytes`, :func:`partition_plan`, :func:`check_args`) and the
+engine's per-step rule for when version 4 pays (:func:`tc_decode_pays`, used by ``decode.choose_version``) are
+pure Python and tested on the CPU.
 """
 from __future__ import annotations
 
 import math
 from functools import lru_cache
+
+import numpy as np
 
 from .compile import blocks_per_sm, load_function, num_sms, opt_in_smem
 from .decode_plan import choose_num_partitions
@@ -58,6 +61,19 @@ def check_args(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads:
                          f"num_qo_heads / num_kv_heads = {num_qo_heads} / {num_kv_heads} = {group}")
 
 
+
+@lru_cache(maxsize=None)
+def runs_on(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads: int, device_id: int) -> bool:
+    """Whether version 4 serves this shape (:func:`check_args`) on this GPU (compute capability 8.0 or later:
+    mma.m16n8k16 on bfloat16, cp.async); cached, so a per-step caller pays a dictionary lookup."""
+    import cupy
+
+    try:
+        check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
+    except ValueError:
+        return False
+    return int(cupy.cuda.Device(device_id).compute_capability) >= 80
+
 def smem_bytes(ct: int, head_dim: int) -> int:
     """Dynamic shared memory of one block (``Tc<DT, HEAD_DIM, CT>::SMEM_BYTES``): the pipeline (reused by the
     end-of-block merge) and the ring of 64-bit row offsets."""
@@ -83,6 +99,41 @@ def partition_plan(batch: int, num_kv_heads: int, capacity: int, resident_ctas: 
     tokens = -(-capacity // num_partitions)  # per partition, then rounded up to whole tiles of BLOCK_N
     part_tokens = -(-tokens // BLOCK_N) * BLOCK_N
     return -(-capacity // part_tokens), part_tokens
+
+
+# ---- the engine's choice per step: version 4 or the default dispatcher (pure arithmetic) --------------
+TC_BALANCE = 1.25  # version 4 when its longest piece is at most this many times the mean work per resident block
+TC_SMALL_PIECE = 1024  # ... or at most this many tokens (the launch is short whatever its balance)
+
+
+def tc_longest_piece(max_len: int, parts: int) -> int:
+    """Version 4's longest piece (tokens) under its length split: ``ceil(max_len / parts)`` in whole tiles."""
+    return -(-max_len // (parts * BLOCK_N)) * BLOCK_N
+
+
+def tc_decode_pays(context_lens, num_qo_heads: int, num_kv_heads: int, parts: int, resident_ctas: int) -> bool:
+    """Whether version 4 (tensor cores, one thread block per (partition, KV head, sequence)) should run a decode
+    step instead of the default dispatcher (kernel 3's balanced walk / partition plan), from the step's host
+    ``context_lens``.
+
+    Version 4 reads a tile at kernel 2's cost and beats kernel 3 on uniform batches and on small or short ragged
+    ones (kernels_cu/NOTES_decode_tc.md), but its grid is planned from shapes only: its time is at least the
+    longest piece's, where kernel 3 balances the tokens over the resident blocks. So version 4 runs when its
+    longest piece (:func:`tc_longest_piece` under its ``parts`` partitions) is within :data:`TC_BALANCE` of the
+    mean work per resident block (``num_kv_heads * sum(lens) / resident_ctas`` tokens), or short
+    (:data:`TC_SMALL_PIECE`); never for one query head per KV head (its MMA rows would be 15/16 padding:
+    measured slower). ``parts`` and ``resident_ctas``: version 4's launch plan
+    (:func:`launch_plan`).
+    """
+    lens = np.asarray(context_lens)
+    if num_qo_heads // num_kv_heads < 2 or lens.size == 0:
+        return False
+    max_len = int(lens.max())
+    if max_len <= 0:
+        return False
+    piece = tc_longest_piece(max_len, parts)
+    mean_work = num_kv_heads * float(lens.clip(min=0).sum()) / resident_ctas
+    return piece <= TC_SMALL_PIECE or piece <= TC_BALANCE * mean_work
 
 
 def attention_kernel(dt: int, head_dim: int, ct: int):

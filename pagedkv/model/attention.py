@@ -125,13 +125,13 @@ class AttentionBackend:
         from ..kernels import decode, decode_tc
 
         if kv_cache is None or self.num_qo_heads // self.num_kv_heads < 2:
-            return None  # NOTE: one query head per KV head: version 4 measured slower (decode_plan.tc_decode_pays)
+            return None  # NOTE: the rule never picks version 4 for MHA (decode_tc.tc_decode_pays): no graphs for it
         try:
             dt, ct = decode.cache_types(kv_cache.dtype, kv_cache.cache_dtype, kv_cache.kv_dtype)
-            decode_tc.check_args(dt, ct, self.head_dim, self.num_qo_heads, self.num_kv_heads)
         except ValueError:
             return None
-        return (dt, ct) if int(self.xp.cuda.Device().compute_capability) >= 80 else None
+        ok = decode_tc.runs_on(dt, ct, self.head_dim, self.num_qo_heads, self.num_kv_heads, self.xp.cuda.Device().id)
+        return (dt, ct) if ok else None
 
     def prepare_decode(self, block_tables, context_lens, num_rows: int, launch_rows: int | None = None):
         """A decode step's variant from its host rows (``block_tables`` [>= num_rows, max_blocks], ``context_lens``
