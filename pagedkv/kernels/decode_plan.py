@@ -201,4 +201,3 @@ def balanced_plan(context_lens, num_head_groups: int, tile_tokens: int, num_bloc
             if b1 > b0:
                 merges.append(Merge(b0, hg, seq, b1 - b0 + 1))
     return BalancedPlan(per_block, tuple(pieces), tuple(merges))
-
