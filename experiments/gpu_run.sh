@@ -12,7 +12,8 @@
 #   sanitize    compute-sanitizer memcheck and racecheck on the reduced grids (PAGEDKV_SANITIZER_GRID=1): set
 #               "decode" (decode kernels 1-4 incl. fp8, the sampler, the fused norms), set "attention" (prefill
 #               versions 2/4/5 incl. fp8, fp8 cache writes and copies, the cascade kernels); SANITIZE_SETS=...,
-#               SANITIZE_TOOLS=... (default "memcheck racecheck")
+#               SANITIZE_TOOLS=... (default "memcheck racecheck"), SANITIZE_SHARDS=N (N sanitizer processes
+#               side by side, the selected tests dealt round-robin; racecheck is slow, one process can't finish)
 #   kbench      python -m experiments.kernel_bench (JSON into benchmarks/results/; KBENCH_ARGS: its flags, e.g.
 #               "--v4 --cases 0 2 4 7 10 13 15" for the tensor-core version 4 beside kernels 2 and 3)
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
@@ -69,6 +70,25 @@ run() {  # run STAGE LIMIT CMD...: one command, its output tee'd to $OUT/logs/ST
     [ "$rc" -eq 0 ] || status=1
 }
 
+sanitize_set() {  # sanitize_set TOOL SET KEXPR FILES...: compute-sanitizer over the selected GPU tests, in
+    # SANITIZE_SHARDS processes side by side (the selected test ids dealt round-robin), each its own log
+    local tool=$1 set=$2 kexpr=$3
+    shift 3
+    local shards=${SANITIZE_SHARDS:-1} ids=() shard i j
+    mapfile -t ids < <(PAGEDKV_SANITIZER_GRID=1 "$PY" -m pytest -m gpu --collect-only -q -p no:cacheprovider "$@" \
+        -k "$kexpr" | grep '::')
+    echo "=== ${tool}_$set: ${#ids[@]} tests in $shards shard(s)" | tee -a "$OUT/logs/summary.log"
+    for ((i = 0; i < shards; i++)); do
+        shard=()  # test ids may hold spaces: an array, never word splitting
+        for ((j = i; j < ${#ids[@]}; j += shards)); do shard+=("${ids[j]}"); done
+        PAGEDKV_SANITIZER_GRID=1 run "${tool}_${set}_$i" "${T_SANITIZE:-150}" compute-sanitizer --tool "$tool" \
+            --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider -p no:xdist "${shard[@]}" &
+    done
+    wait
+    # a shard's exit status is lost in its subshell: read it back from the summary
+    grep -E "^=== ${tool}_${set}_[0-9]+: exit [^0]" "$OUT/logs/summary.log" && status=1
+}
+
 plot() {  # plot FLAG JSON PNG
     [ -f "$2" ] && run plots 60 "$PY" -m experiments.plots "$1" "$2" --out "$3"
 }
@@ -85,19 +105,16 @@ for stage in "$@"; do
     dtests)
         run dtests "${T_DTESTS:-180}" "$PY" -m pytest -m gpu tests/test_decode_tc.py tests/test_decode_dispatch.py \
             tests/test_engine_cascade.py ${DTESTS_MORE:-} -q -p no:cacheprovider -n 8 --tb=short -rfE ;;
-    sanitize)  # SANITIZE_SETS: which of "decode attention" (default both)
+    sanitize)  # SANITIZE_SETS: which of "decode attention" (default both); SANITIZE_SHARDS=N: N sanitizer processes
         sets=" ${SANITIZE_SETS:-decode attention} "
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-            [[ $sets == *" decode "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_decode" "${T_SANITIZE:-150}" \
-                compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-                -p no:xdist tests/test_kernels.py tests/test_sampler.py tests/test_model_gpu.py tests/test_decode_fp8.py \
-                tests/test_decode_tc.py \
-                -k '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add) and not compiles and not torch'
+            [[ $sets == *" decode "* ]] && sanitize_set "$tool" decode \
+                '(grid or hypothesis or exact or errors or sampler or sample or rms_norm or fused_add) and not compiles and not torch' \
+                tests/test_kernels.py tests/test_sampler.py tests/test_model_gpu.py tests/test_decode_fp8.py tests/test_decode_tc.py
             # the prefill kernels (versions 2, 4, 5; fp8 too), fp8 cache writes and copies, the cascade kernels
-            [[ $sets == *" attention "* ]] && PAGEDKV_SANITIZER_GRID=1 run "${tool}_attention" "${T_SANITIZE:-150}" \
-                compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-                -p no:xdist tests/test_prefill_attention.py tests/test_fp8_gpu.py tests/test_cascade.py \
-                -k '(every_head_dim or block_sizes or sm90_varlen or padding or fp8 or gpu_cascade or gpu_kernel_parts) and not compiles and not engine and not 16k and not torch and not long_prompt'
+            [[ $sets == *" attention "* ]] && sanitize_set "$tool" attention \
+                '(every_head_dim or block_sizes or sm90_varlen or padding or fp8 or gpu_cascade or gpu_kernel_parts) and not compiles and not engine and not 16k and not torch and not long_prompt' \
+                tests/test_prefill_attention.py tests/test_fp8_gpu.py tests/test_cascade.py
         done ;;
     kbench)
         # shellcheck disable=SC2086
