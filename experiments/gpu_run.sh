@@ -19,6 +19,8 @@
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
 #               (PBENCH_ARGS: its flags, e.g. "--cases 2k --ttft-lens"; PBENCH_TAG: a suffix of the JSON name)
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
+#   w1tc        W1 with the engine's per-step tensor-core decode choice off, then on, twice (alternating, same
+#               process order each round: issue 16's "no regression in W1"; EngineConfig(tensor_core_decode))
 #   base        W1 and the prefill kernels (BASE_PREFILL=0: W1 only) of the tree in ../baseline (BASE=..., an
 #               absolute path; its own flag names in BASE_EBENCH_FLAGS), then of this tree, in the same call
 #   agreement   python -m experiments.fp16_agreement: engine variants vs the eager reference in float16
@@ -153,6 +155,14 @@ cupy.cuda.runtime.deviceSynchronize()"
             --output-json "benchmarks/results/engine_bench_penalties_${GPU_NAME}_$(date -u +%F).json"
         run structured "${T_STRUCTURED:-120}" "$PY" -m experiments.structured_bench --device gpu --libs \
             --output-json "benchmarks/results/structured_bench_${GPU_NAME}_$(date -u +%F).json" ;;
+    w1tc)
+        for round in 1 2; do
+            for tc in off on; do
+                run "w1tc_${tc}_$round" "${T_W1TC:-90}" "$PY" -m experiments.engine_bench --device gpu --no-profile \
+                    $( [ "$tc" = on ] && echo --tensor-core-decode ) \
+                    --output-json "benchmarks/results/engine_bench_w1tc_${tc}_${round}_${GPU_NAME}_$(date -u +%F).json"
+            done
+        done ;;
     ebench)
         run ebench "${T_EBENCH:-240}" "$PY" -m experiments.engine_bench --device gpu --static \
             --output-json benchmarks/results/engine_bench_gpu.json ;;

@@ -14,7 +14,8 @@ In one run:
      a range, issue 11's table plus a mixed batch, head dims 64 and 80, and issue 16's Qwen2.5-7B shape
      (28 query / 4 KV heads). ``--variants`` also times the compile-time variants of kernels 2 and 3;
      ``--v4`` also times version 4 (tensor cores, opt-in; head dims 64 / 128 only) on the float16 and the fp8
-     cache (columns v4 and fp8 v4; its output compared with kernel 1's and the fp8 kernel 2's), and the engine's
+     cache (columns v4 and fp8 v4; its output compared with kernel 1's and the fp8 kernel 2's; fp8 v4 regs: the
+     fp8 register path, regs x16 its time over the float16 v4's), and the engine's
      kernel per step (``decode.choose_version`` on the case's lengths: version 4 with the length split, column
      v4 len, or the default; columns engine, engine %, fp8 engine %: the time of the kernel it picks, same run).
 
@@ -243,6 +244,9 @@ def run_fp8(cupy, timer, row, q, shape, bt, cl, v4: bool = False) -> None:
         _time_v4(cupy, timer, row, "fp8_v4_length",
                  lambda: decode.paged_attention(q, k8, v8, bt, cl, version=4, split="length", **kw), out,
                  outs["fp8_v2"], decode_tc.launch_plan, (q.shape, shape, bt.shape[1], 1, 3))
+        _time_v4(cupy, timer, row, "fp8_v4_regs",  # the register path (no converted tile), capacity split
+                 lambda: decode.paged_attention(q, k8, v8, bt, cl, version=4, fp8_path="registers", **kw), out,
+                 outs["fp8_v2"], decode_tc.launch_plan, (q.shape, shape, bt.shape[1], 1, 3, None, "registers"))
     for key in ("fp8_v3", "fp8_default"):  # the same bytes: kernel 2 is the yardstick
         row[f"{key}_vs_v2_rel_err"] = _rel_err(cupy, outs[key], outs["fp8_v2"])
     row["fp8_kv_bytes"] = row["kv_bytes"] // 2
@@ -353,7 +357,8 @@ def prewarm(cases, variants: bool, v4: bool = False) -> float:
             jobs.add((kind, 1, case.head_dim, gt, 4096, 4, (), 3))
         if gt != case.num_qo_heads // case.num_kv_heads and gt == 8:  # the GT 4 variant of a group of 5-7
             jobs.add(("v3", 1, case.head_dim, 4, 4096, 4, (), None))
-    v4_jobs = sorted({(1, c.head_dim, ct) for c in cases for ct in (1, 3) if v4 and c.head_dim in decode_tc.HEAD_DIMS})
+    v4_jobs = sorted({(1, c.head_dim, ct, path) for c in cases for ct, path in ((1, "tile"), (3, "tile"), (3, "registers"))
+                      if v4 and c.head_dim in decode_tc.HEAD_DIMS})
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda job: decode.attention_kernel(*job), sorted(jobs, key=str)))
@@ -414,7 +419,7 @@ def print_table(result: dict) -> None:
         cols += ["v2 plain us", "v2 s6 us", "v2 t8192 us", "v3 s3 us", "v3 t8192 us"]
     if result.get("v4"):
         cols += ["v4 us", "v4 %", "fp8 v4 us", "fp8 v4 %", "v4 x16", "v4 len %", "engine", "engine %",
-                 "fp8 engine %"]
+                 "fp8 engine %", "fp8 v4 regs %", "regs x16"]
     for col in cols:
         table.add_column(col, justify="right")
     fmt = lambda r, key, spec=".1f": "-" if r.get(key) is None or r[key] != r[key] else format(r[key], spec)  # noqa: E731
@@ -434,7 +439,7 @@ def print_table(result: dict) -> None:
             cells += [fmt(r, "v4_us"), fmt(r, "v4_pct"), fmt(r, "fp8_v4_us"), fmt(r, "fp8_v4_pct"),
                       fmt(r, "fp8_v4_vs_fp16", ".2f"), fmt(r, "v4_length_pct"), r.get("engine_choice", "-"),
                       fmt(r, "engine_pct"),
-                      fmt(r, "fp8_engine_pct")]
+                      fmt(r, "fp8_engine_pct"), fmt(r, "fp8_v4_regs_pct"), fmt(r, "fp8_v4_regs_vs_fp16", ".2f")]
         table.add_row(*cells)
     Console(width=260).print(table)
 
@@ -471,7 +476,7 @@ def main(argv=None) -> dict:
                             ("sdpa", "kv_bytes"), ("fp8_v2", "fp8_kv_bytes"), ("fp8_v3", "fp8_kv_bytes"),
                             ("fp8_default", "fp8_kv_bytes"), ("v4", "kv_bytes"), ("fp8_v4", "fp8_kv_bytes"),
                             ("engine", "kv_bytes"), ("fp8_engine", "fp8_kv_bytes"), ("v4_length", "kv_bytes"),
-                            ("fp8_v4_length", "fp8_kv_bytes")):
+                            ("fp8_v4_length", "fp8_kv_bytes"), ("fp8_v4_regs", "fp8_kv_bytes")):
             if row.get(f"{key}_us"):
                 row[f"{key}_GBps"] = row[nbytes] / row[f"{key}_us"] / 1e3
                 row[f"{key}_pct"] = 100 * row[f"{key}_GBps"] / result["read_GBps"]
@@ -479,6 +484,8 @@ def main(argv=None) -> dict:
             row["fp8_vs_fp16"] = row["fp8_default_us"] / row["default_us"]
         if row.get("fp8_v4_us") and row.get("v4_us"):
             row["fp8_v4_vs_fp16"] = row["fp8_v4_us"] / row["v4_us"]
+        if row.get("fp8_v4_regs_us") and row.get("v4_us"):
+            row["fp8_v4_regs_vs_fp16"] = row["fp8_v4_regs_us"] / row["v4_us"]
     result["cases"] = rows
     print_table(result)
     name = f"kernel_bench_{re.sub(r'[^A-Za-z0-9]+', '_', gpu).strip('_')}_{result['date']}.json"

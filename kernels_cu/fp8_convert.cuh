@@ -1,6 +1,6 @@
 // fp8_convert.cuh: fp8 cache bytes -> the 16-bit values the tensor-core kernels read, exactly, in registers.
 // Needs common.cuh (KV) and mma.cuh (pack2) before it. Included by prefill_attention.cu (version 2 over an fp8
-// cache) and paged_attention_tc.cu (decode version 4); decode kernels 2 and 3 have their own per-element path
+// cache) and paged_attention_tc.cu (decode version 4, both its paths); decode kernels 2 and 3 have their own per-element path
 // (paged_attention.cu: CacheType), the gather before the Hopper prefill its conversion instruction
 // (cache_ops.cu).
 //
@@ -32,6 +32,25 @@ __device__ __forceinline__ void fp8x4_to_16(unsigned x, unsigned& lo, unsigned& 
     lo = pack2<2>(KV<1>::to_float((unsigned short)(lo & 0xffffu)), KV<1>::to_float((unsigned short)(lo >> 16)));
     hi = pack2<2>(KV<1>::to_float((unsigned short)(hi & 0xffffu)), KV<1>::to_float((unsigned short)(hi >> 16)));
   }
+}
+
+// Byte k (0..3) of x and byte k of y: two fp8 values of two rows (two keys of one dimension) -> one register of
+// two 16-bit values of DT, x's in the low half: the B fragment of a P V step built without a transpose in shared
+// memory (decode version 4's register path). One byte permute puts each byte in its half's high byte; e4m3's
+// shift drops the low byte, e5m2 clears it.
+template <int DT, int FMT>
+__device__ __forceinline__ unsigned fp8pair_to_16(unsigned x, unsigned y, int k) {
+  unsigned r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(0x4400u + 0x1111u * k));  // {xk, xk, yk, yk}
+  if constexpr (FMT == 1) {
+    r = (r & 0x80008000u) | ((r >> 1) & 0x3f803f80u);
+  } else {
+    r &= 0xff00ff00u;
+  }
+  if constexpr (DT == 2) {
+    r = pack2<2>(KV<1>::to_float((unsigned short)(r & 0xffffu)), KV<1>::to_float((unsigned short)(r >> 16)));
+  }
+  return r;
 }
 
 // One 16-byte chunk of fp8 bytes (16 elements) -> two 16-byte chunks of DT: a = elements 0-7, b = 8-15.

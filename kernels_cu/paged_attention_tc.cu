@@ -18,6 +18,16 @@
 //   own before the MMAs (fp8_convert.cuh, as prefill_attention_v2_fp8_kernel: e5m2 = the top byte of a
 //   float16, e4m3 = float16 bits s.0eeee.mmm0000000 = value * 2^-8, the 2^8 and k_scale folded into the
 //   softmax scale; under bfloat16 q through float32, exact).
+//   fp8 register path (FRAG 1, opt-in: decode_tc.FP8_PATHS "registers"): no converted tile. Each lane reads the
+//   raw bytes its MMA fragments need straight from the stage (rows padded by 16 bytes: no bank conflicts) and
+//   converts them in registers. K: the head dimension is permuted for Q and K alike (a dot product does not
+//   care), so that lane t's fragments of all k16 steps are the HEAD_DIM / 4 contiguous bytes t * HEAD_DIM / 4 ..
+//   of its key's row (4 bytes a step: b0 = bytes 0, 1, b1 = bytes 2, 3). V: the output dimensions are permuted
+//   (n8 tile j, column c = dimension c * HEAD_DIM / 8 + j), so that lane g's B columns of all n8 tiles are the
+//   HEAD_DIM / 8 contiguous bytes g * HEAD_DIM / 8 .. of its 4 key rows (2t, 2t + 1, 2t + 8, 2t + 9); byte j of
+//   two rows makes one B register (fp8pair_to_16: one byte permute and the conversion). The permutation is undone
+//   when the warps' O rows are staged for their merge. Half the shared memory of the tile path's conversion
+//   rows is gone, so 3 blocks fit an SM at head_dim 128 (2 on the tile path).
 //
 // Layouts (one layer):
 //   q             [batch, num_qo_heads, HEAD_DIM]  float16 / bfloat16
@@ -46,7 +56,7 @@
 // zero q, finite scores, and are never written.
 //
 // Compile-time options (-D): PAGEDKV_TC_STAGES16 (3) / PAGEDKV_TC_STAGES8 (4): cp.async stages of a 16-bit /
-// fp8 cache (pagedkv.kernels.decode_tc mirrors them and the shared memory sizes).
+// fp8 cache, both fp8 paths (pagedkv.kernels.decode_tc mirrors them and the shared memory sizes).
 #include "common.cuh"
 #include "mma.cuh"
 #include "fp8_convert.cuh"
@@ -63,41 +73,48 @@
 #define PAGEDKV_TC_WARP_N 16                                   // keys per warp per tile
 #define PAGEDKV_TC_BLOCK_N (PAGEDKV_TC_WARPS * PAGEDKV_TC_WARP_N)  // keys per tile
 #define PAGEDKV_TC_MAX_GROUP 8                                 // query heads per KV head (A rows used)
-// NOTE: 2 blocks per SM at head_dim 128 (shared memory allows 2), 4 at 64 (<= 128 registers)
-#define PAGEDKV_TC_MIN_BLOCKS(HEAD_DIM) ((HEAD_DIM) > 64 ? 2 : 4)
 
 using pagedkv::KV;
 
 namespace decode_tc {
 
-// Compile-time shape of a version-4 thread block (mirrored by pagedkv.kernels.decode_tc.smem_bytes).
-template <int DT, int HEAD_DIM, int CT>
+// Compile-time shape of a version-4 thread block (mirrored by pagedkv.kernels.decode_tc.smem_bytes). FRAG: how
+// an fp8 cache reaches the MMAs: 0 a converted 16-bit tile per warp and ldmatrix, 1 fragments built in registers.
+template <int DT, int HEAD_DIM, int CT, int FRAG = 0>
 struct Tc {
   static constexpr bool FP8 = CT == 3 || CT == 4;
+  static constexpr bool REGS = FRAG == 1;                     // the fp8 register path
   static constexpr int FMT = CT == 3 ? 1 : CT == 4 ? 2 : 0;   // fp8_convert.cuh's format code
   static constexpr int THREADS = PAGEDKV_TC_THREADS, BLOCK_N = PAGEDKV_TC_BLOCK_N, WARP_N = PAGEDKV_TC_WARP_N;
   static constexpr int STAGES = FP8 ? PAGEDKV_TC_STAGES8 : PAGEDKV_TC_STAGES16;
   static constexpr int ROW = HEAD_DIM + 8;                    // 16-bit shared row, elements (+16 bytes)
   static constexpr int CPR = HEAD_DIM / 8;                    // 16-byte chunks per 16-bit row
   static constexpr int CPR8 = HEAD_DIM / 16;                  // 16-byte chunks per fp8 row
+  static constexpr int ROW8 = HEAD_DIM + (REGS ? 16 : 0);      // fp8 shared row, bytes (register path: padded)
+  static constexpr int KB = HEAD_DIM / 4, VB = HEAD_DIM / 8;   // register path: bytes a lane reads of a K / V row
   static constexpr int CHUNKS = BLOCK_N * (FP8 ? CPR8 : CPR);  // copies per tile (K; V alike)
   static constexpr int LOADS = CHUNKS / THREADS;               // per thread
   static constexpr int CONV = WARP_N * CPR8 / 32;              // fp8 chunks a lane converts per tile (K; V alike)
   static constexpr int KSTEPS = HEAD_DIM / 16;                // k16 steps of Q K^T
   static constexpr int NT_O = HEAD_DIM / 8;                   // n8 tiles of O
-  // shared memory: the pipeline (16-bit: [STAGES][BLOCK_N][ROW] K, then V; fp8: [STAGES][BLOCK_N][HEAD_DIM]
-  // bytes K, then V, then per warp [WARP_N][ROW] K and V converted), then [STAGES][BLOCK_N] int64 row offsets
-  static constexpr int STAGE_BYTES = FP8 ? BLOCK_N * HEAD_DIM : BLOCK_N * ROW * 2;  // K (or V) of one stage
-  static constexpr int CONV_BYTES = FP8 ? PAGEDKV_TC_WARPS * 2 * WARP_N * ROW * 2 : 0;
+  // shared memory: the pipeline (16-bit: [STAGES][BLOCK_N][ROW] K, then V; fp8: [STAGES][BLOCK_N][ROW8]
+  // bytes K, then V, then (tile path) per warp [WARP_N][ROW] K and V converted), then [STAGES][BLOCK_N] int64
+  // row offsets
+  static constexpr int STAGE_BYTES = FP8 ? BLOCK_N * ROW8 : BLOCK_N * ROW * 2;  // K (or V) of one stage
+  static constexpr int CONV_BYTES = FP8 && !REGS ? PAGEDKV_TC_WARPS * 2 * WARP_N * ROW * 2 : 0;
   static constexpr int PIPE_BYTES = 2 * STAGES * STAGE_BYTES + CONV_BYTES;
   // after the loop the pipeline is reused: [WARPS][MAX_GROUP][HEAD_DIM] O, [WARPS][MAX_GROUP][2] (m, l),
   // [MAX_GROUP][2] (M, out factor / L) of the merge + a dump slot per thread, [THREADS] float4 merge sums
   static constexpr int END_BYTES = PAGEDKV_TC_WARPS * PAGEDKV_TC_MAX_GROUP * (HEAD_DIM + 2) * 4 +
                                    (PAGEDKV_TC_MAX_GROUP * 2 + THREADS) * 4 + THREADS * 16;
   static constexpr int SMEM_BYTES = (PIPE_BYTES > END_BYTES ? PIPE_BYTES : END_BYTES) + STAGES * BLOCK_N * 8;
+  // NOTE: blocks per SM the registers are capped for: at head_dim 128 shared memory allows 2 (3 on the fp8
+  // register path: <= 168 registers), at 64 4 (<= 128 registers)
+  static constexpr int MIN_BLOCKS = HEAD_DIM > 64 ? (REGS ? 3 : 2) : 4;
   static_assert(HEAD_DIM == 64 || HEAD_DIM == 128, "version 4: head_dim 64 or 128");
   static_assert(DT == 1 || DT == 2, "version 4: float16 or bfloat16 q");
   static_assert(CT == DT || FP8, "version 4: a cache of q's type, or fp8");
+  static_assert(FRAG == 0 || (REGS && FP8), "version 4: the register path (FRAG 1) reads an fp8 cache");
   static_assert(CHUNKS % THREADS == 0 && (WARP_N * CPR8) % 32 == 0 && BLOCK_N <= THREADS, "tile shapes");
 };
 
@@ -128,11 +145,12 @@ template <> struct TcCache<4> { typedef unsigned char T; };
 //   scale_log2   softmax scale * log2(e), times k_scale * unit for an fp8 cache (unit = 256 for e4m3, whose
 //                converted tile holds value * 2^-8, else 1): p = exp2(s * scale_log2 - m * scale_log2)
 //   v_factor     v_scale * unit for an fp8 cache, 1 otherwise: multiplies O / l at the end
+// FRAG (fp8 caches): 0 the converted tile, 1 the register path (file header)
 // grid: (num_partitions, num_kv_heads, batch), block: PAGEDKV_TC_THREADS, dynamic shared memory:
-// Tc<DT, HEAD_DIM, CT>::SMEM_BYTES
+// Tc<DT, HEAD_DIM, CT, FRAG>::SMEM_BYTES
 // ================================================================================================
-template <int DT, int HEAD_DIM, int CT>
-__global__ void __launch_bounds__(PAGEDKV_TC_THREADS, PAGEDKV_TC_MIN_BLOCKS(HEAD_DIM))
+template <int DT, int HEAD_DIM, int CT, int FRAG = 0>
+__global__ void __launch_bounds__(PAGEDKV_TC_THREADS, (decode_tc::Tc<DT, HEAD_DIM, CT, FRAG>::MIN_BLOCKS))
 paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ part_out,
                           float* __restrict__ part_ml, int* __restrict__ counters, const unsigned short* __restrict__ q,
                           const typename decode_tc::TcCache<CT>::T* __restrict__ k_cache,
@@ -144,7 +162,7 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
   using pagedkv::ldsm_x4_trans;
   using pagedkv::mma_16816;
   using pagedkv::pack2;
-  typedef decode_tc::Tc<DT, HEAD_DIM, CT> S;
+  typedef decode_tc::Tc<DT, HEAD_DIM, CT, FRAG> S;
   constexpr int THREADS = S::THREADS, BLOCK_N = S::BLOCK_N, WARP_N = S::WARP_N, STAGES = S::STAGES;
   constexpr int ROW = S::ROW, KSTEPS = S::KSTEPS, NT_O = S::NT_O, MG = PAGEDKV_TC_MAX_GROUP;
   constexpr int TPR = HEAD_DIM / 4;  // float4 columns of an output row
@@ -195,12 +213,12 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
 #pragma unroll
     for (int i = 0; i < S::LOADS; ++i) {
       const int c = tid + i * THREADS;
-      if constexpr (S::FP8) {  // raw rows of HEAD_DIM bytes
+      if constexpr (S::FP8) {  // raw rows of HEAD_DIM bytes (ROW8 apart)
         const int r = c / S::CPR8, col = c - r * S::CPR8;
         const long long off = s_off[stage * BLOCK_N + r];
         const bool valid = off >= 0;
         const long long src = valid ? off + col * 16 : 0;
-        const unsigned dst = stage * S::STAGE_BYTES + r * HEAD_DIM + col * 16;
+        const unsigned dst = stage * S::STAGE_BYTES + r * S::ROW8 + col * 16;
         pagedkv::cp_async16(s_k + dst, k_cache + src, valid);
         pagedkv::cp_async16(s_v + dst, v_cache + src, valid);
       } else {  // 16-bit rows padded to ROW elements
@@ -219,7 +237,9 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
   pagedkv::ring_prologue<STAGES>(num_tiles, load_id, store_offset, issue);
 
   // load q: the A fragments of every k16 step, rows g (< group_size; the rest zero) straight from global memory
-  // (a[0] = Q[g][16ks + 2t, +1], a[2] = Q[g][16ks + 8 + 2t, +1]; a[1], a[3] are the zero rows g + 8)
+  // (a[0] = Q[g][16ks + 2t, +1], a[2] = Q[g][16ks + 8 + 2t, +1]; a[1], a[3] are the zero rows g + 8). The fp8
+  // register path permutes the head dimension as its K fragments do: a[0] = Q[g][t KB + 4ks, +1], a[2] =
+  // Q[g][t KB + 4ks + 2, +3] (one 8-byte load)
   unsigned q_frag[KSTEPS][2];
   {
     const bool real = g < group_size;
@@ -227,8 +247,14 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
         reinterpret_cast<const unsigned*>(q + ((long long)seq * num_qo_heads + head0 + (real ? g : 0)) * HEAD_DIM);
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
-      q_frag[ks][0] = real ? q_row[ks * 8 + t4] : 0u;
-      q_frag[ks][1] = real ? q_row[ks * 8 + 4 + t4] : 0u;
+      if constexpr (S::REGS) {
+        const uint2 w = real ? reinterpret_cast<const uint2*>(q_row)[(S::KB * t4 + 4 * ks) / 4] : make_uint2(0u, 0u);
+        q_frag[ks][0] = w.x;
+        q_frag[ks][1] = w.y;
+      } else {
+        q_frag[ks][0] = real ? q_row[ks * 8 + t4] : 0u;
+        q_frag[ks][1] = real ? q_row[ks * 8 + 4 + t4] : 0u;
+      }
     }
   }
 
@@ -256,17 +282,41 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
     const int stage = n % STAGES;
     const int key0 = start + n * BLOCK_N + warp * WARP_N;  // this warp's first key
     if (key0 < end) {  // warp-uniform: a warp whose keys all lie past the end skips the tile
-      unsigned k_base, v_base;
-      if constexpr (S::FP8) {
+      unsigned k_base = 0, v_base = 0;
+      // register path: this warp's raw rows; K words of keys g and 8 + g (bytes KB t .. KB t + KB - 1), V words
+      // of keys 2t, 2t + 1, 2t + 8, 2t + 9 (bytes VB g .. VB g + VB - 1), read before the MMAs need them
+      unsigned kw[2][S::REGS ? S::KB / 4 : 1], vw[4][S::REGS ? S::VB / 4 : 1];
+      if constexpr (S::REGS) {
+        const unsigned char* rk = s_bytes + stage * S::STAGE_BYTES + warp * WARP_N * S::ROW8;
+        const unsigned char* rv = rk + STAGES * S::STAGE_BYTES;
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int ch = 0; ch < S::KB / 16; ++ch) {
+            const uint4 x = *reinterpret_cast<const uint4*>(rk + (8 * j + g) * S::ROW8 + S::KB * t4 + 16 * ch);
+            kw[j][4 * ch] = x.x; kw[j][4 * ch + 1] = x.y; kw[j][4 * ch + 2] = x.z; kw[j][4 * ch + 3] = x.w;
+          }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const unsigned char* src = rv + (2 * t4 + (r & 1) + 8 * (r >> 1)) * S::ROW8 + S::VB * g;
+          if constexpr (S::VB == 16) {
+            const uint4 x = *reinterpret_cast<const uint4*>(src);
+            vw[r][0] = x.x; vw[r][1] = x.y; vw[r][2] = x.z; vw[r][3] = x.w;
+          } else {
+            const uint2 x = *reinterpret_cast<const uint2*>(src);
+            vw[r][0] = x.x; vw[r][1] = x.y;
+          }
+        }
+      } else if constexpr (S::FP8) {
         // convert this warp's 16 raw rows of K and V into its own 16-bit rows (lane: chunks lane, lane + 32, ..)
-        const unsigned char* rk = s_bytes + stage * S::STAGE_BYTES + warp * WARP_N * HEAD_DIM;
+        const unsigned char* rk = s_bytes + stage * S::STAGE_BYTES + warp * WARP_N * S::ROW8;
 #pragma unroll
         for (int i = 0; i < S::CONV; ++i) {
           const int ch = lane + i * 32, r = ch / S::CPR8, col = ch - r * S::CPR8;
 #pragma unroll
           for (int kv = 0; kv < 2; ++kv) {
             const uint4 raw =
-                *reinterpret_cast<const uint4*>(rk + kv * STAGES * S::STAGE_BYTES + r * HEAD_DIM + col * 16);
+                *reinterpret_cast<const uint4*>(rk + kv * STAGES * S::STAGE_BYTES + r * S::ROW8 + col * 16);
             uint4 a, b;
             pagedkv::fp8x16_to_16<DT, S::FMT>(raw, a, b);
             uint4* dst = reinterpret_cast<uint4*>(conv_ptr + (kv * WARP_N + r) * ROW + col * 16);
@@ -277,7 +327,7 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
         __syncwarp();  // the converted rows are read by other lanes' ldmatrix
         k_base = s_conv;
         v_base = s_conv + WARP_N * ROW * 2;
-      } else {
+      } else {  // 16-bit cache
         k_base = s_k + stage * S::STAGE_BYTES + warp * WARP_N * ROW * 2;
         v_base = s_v + stage * S::STAGE_BYTES + warp * WARP_N * ROW * 2;
       }
@@ -291,10 +341,19 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
 #pragma unroll
       for (int ks = 0; ks < KSTEPS; ++ks) {
         const unsigned a[4] = {q_frag[ks][0], 0u, q_frag[ks][1], 0u};
-        unsigned b[4];
-        ldsm_x4(b, k_base + k_lane + ks * 16 * 2);
-        mma_16816<DT>(s[0], a, b[0], b[1]);
-        mma_16816<DT>(s[1], a, b[2], b[3]);
+        if constexpr (S::REGS) {  // b0 = K[key][t KB + 4ks, +1], b1 = K[key][t KB + 4ks + 2, +3]: word ks
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            unsigned b0, b1;
+            pagedkv::fp8x4_to_16<DT, S::FMT>(kw[j][ks], b0, b1);
+            mma_16816<DT>(s[j], a, b0, b1);
+          }
+        } else {
+          unsigned b[4];
+          ldsm_x4(b, k_base + k_lane + ks * 16 * 2);
+          mma_16816<DT>(s[0], a, b[0], b[1]);
+          mma_16816<DT>(s[1], a, b[2], b[3]);
+        }
       }
 
       // mask: keys at or past the partition's end (their rows were zero-filled) -> -inf
@@ -334,12 +393,21 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
 
       // O += P V: the accumulators of keys 0-7 and 8-15 are the A fragment of the one k16 step
       const unsigned a[4] = {pack2<DT>(s[0][0], s[0][1]), 0u, pack2<DT>(s[1][0], s[1][1]), 0u};
+      if constexpr (S::REGS) {  // n8 tile j, column g = dimension VB g + j: byte j of the 4 key rows
 #pragma unroll
-      for (int dp = 0; dp < NT_O / 2; ++dp) {  // dims 16dp .. 16dp + 15: two n8 tiles from one ldmatrix
-        unsigned b[4];
-        ldsm_x4_trans(b, v_base + v_lane + dp * 16 * 2);
-        mma_16816<DT>(o_acc[2 * dp], a, b[0], b[1]);
-        mma_16816<DT>(o_acc[2 * dp + 1], a, b[2], b[3]);
+        for (int j = 0; j < NT_O; ++j) {
+          const unsigned b0 = pagedkv::fp8pair_to_16<DT, S::FMT>(vw[0][j / 4], vw[1][j / 4], j % 4);
+          const unsigned b1 = pagedkv::fp8pair_to_16<DT, S::FMT>(vw[2][j / 4], vw[3][j / 4], j % 4);
+          mma_16816<DT>(o_acc[j], a, b0, b1);
+        }
+      } else {
+#pragma unroll
+        for (int dp = 0; dp < NT_O / 2; ++dp) {  // dims 16dp .. 16dp + 15: two n8 tiles from one ldmatrix
+          unsigned b[4];
+          ldsm_x4_trans(b, v_base + v_lane + dp * 16 * 2);
+          mma_16816<DT>(o_acc[2 * dp], a, b[0], b[1]);
+          mma_16816<DT>(o_acc[2 * dp + 1], a, b[2], b[3]);
+        }
       }
     }
     if (more) store_offset(n + STAGES);  // read after the next iteration's barrier
@@ -357,9 +425,19 @@ paged_attention_tc_kernel(unsigned short* __restrict__ out, float* __restrict__ 
     float l = l_run;
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    float* row = s_o + (warp * MG + g) * HEAD_DIM + 2 * t4;  // rows g >= group_size: padding, never read
+    float* row = s_o + (warp * MG + g) * HEAD_DIM;  // rows g >= group_size: padding, never read
+    if constexpr (S::REGS) {  // o_acc[j][e] = O[g][VB (2t + e) + j]: this lane's dims 2 VB t .. 2 VB t + 2 VB - 1
 #pragma unroll
-    for (int j = 0; j < NT_O; ++j) *reinterpret_cast<float2*>(row + 8 * j) = make_float2(o_acc[j][0], o_acc[j][1]);
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int i = 0; i < NT_O / 4; ++i)
+          *reinterpret_cast<float4*>(row + S::VB * (2 * t4 + e) + 4 * i) =
+              make_float4(o_acc[4 * i][e], o_acc[4 * i + 1][e], o_acc[4 * i + 2][e], o_acc[4 * i + 3][e]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < NT_O; ++j)
+        *reinterpret_cast<float2*>(row + 2 * t4 + 8 * j) = make_float2(o_acc[j][0], o_acc[j][1]);
+    }
     if (t4 == 0) {
       s_ml[(warp * MG + g) * 2] = m_run * c;  // -inf for a warp that saw no key
       s_ml[(warp * MG + g) * 2 + 1] = l;

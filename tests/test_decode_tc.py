@@ -7,7 +7,8 @@ whichever partition finishes last).
 
 GPU (``gpu`` mark): head dims 64 / 128 x float16 / bfloat16 q x a cache of q's type, e4m3 or e5m2 x GQA 1, 4, 7,
 8 x block sizes 8 / 16 / 32, ragged lengths (1, block and tile boundaries), the plan's split and a forced one,
-a 32k sequence, CUDA graph replays with new lengths, bad inputs. Unused cache slots hold NaN (fp8: NaN bytes)
+a 32k sequence, CUDA graph replays with new lengths, bad inputs; fp8 caches through both paths (the converted tile
+and the fragments built in registers). Unused cache slots hold NaN (fp8: NaN bytes)
 and outputs start as NaN, so a finite result within tolerance proves every row written and nothing unused read.
 """
 import math
@@ -40,6 +41,37 @@ def test_smem_fits_and_occupancy():
     # the pipeline: 3 stages x (K + V) x 64 keys x 136-element rows + the offset ring
     assert decode_tc.smem_bytes(1, 128) == 3 * 2 * 64 * 136 * 2 + 3 * 64 * 8
     assert decode_tc.smem_bytes(3, 128) == 4 * 2 * 64 * 128 + 4 * 2 * 16 * 136 * 2 + 4 * 64 * 8
+
+
+def test_smem_of_the_fp8_register_path():
+    """The register path has no converted rows and pads each raw row by 16 bytes: 3 blocks an SM at head_dim
+    128 (the tile path 2), and at 64 room for 5 (its registers, <= 102, decide)."""
+    sm = 228 * 1024
+    for ct in decode_tc.FP8_CTS:
+        assert decode_tc.smem_bytes(ct, 128, "registers") == 4 * 2 * 64 * 144 + 4 * 64 * 8
+        assert decode_tc.smem_bytes(ct, 64, "registers") == 4 * 2 * 64 * 80 + 4 * 64 * 8
+        assert sm // (decode_tc.smem_bytes(ct, 128, "registers") + 1024) == 3
+        assert sm // (decode_tc.smem_bytes(ct, 64, "registers") + 1024) == 5
+        for hd in decode_tc.HEAD_DIMS:
+            assert decode_tc.smem_bytes(ct, hd, "registers") < decode_tc.smem_bytes(ct, hd, "tile")
+
+
+def test_kernel_names_cover_both_fp8_paths():
+    names = decode_tc.kernel_names(1, 128)
+    assert names == ("paged_attention_tc_kernel<1, 128, 1>", "paged_attention_tc_kernel<1, 128, 3>",
+                     "paged_attention_tc_kernel<1, 128, 3, 1>", "paged_attention_tc_kernel<1, 128, 4>",
+                     "paged_attention_tc_kernel<1, 128, 4, 1>")
+
+
+def test_check_fp8_path():
+    for ct in decode_tc.FP8_CTS:
+        for path in decode_tc.FP8_PATHS:
+            decode_tc.check_fp8_path(path, ct)
+    decode_tc.check_fp8_path("tile", 1)  # the 16-bit cache's only path
+    with pytest.raises(ValueError, match="needs an fp8 cache"):
+        decode_tc.check_fp8_path("registers", 1)
+    with pytest.raises(ValueError, match="fp8_path must be one of"):
+        decode_tc.check_fp8_path("shared", 3)
 
 
 def test_partition_plan_on_benchmark_shapes():
@@ -157,6 +189,86 @@ def test_fragments_emulated(head_dim, group):
         g, t = lane // 4, lane % 4
         for j in range(head_dim // 8):
             np.testing.assert_allclose(o[j, lane, :2], want[g, 8 * j + 2 * t:8 * j + 2 * t + 2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("head_dim", decode_tc.HEAD_DIMS)
+@pytest.mark.parametrize("group", GROUPS)
+def test_register_fragments_emulated(head_dim, group):
+    """The fp8 register path's fragments (FRAG 1), values standing for the converted bytes: q loaded with the
+    permuted head dimension, K words of keys g and 8 + g at bytes KB t.., S accumulators; V words of keys 2t, 2t + 1,
+    2t + 8, 2t + 9 at bytes VB g.., byte j of two rows one B register of n8 tile j; then the O rows as the kernel
+    stages them (dimension VB (2t + e) + j): S = Q K^T and O = P V in the natural order."""
+    rng = np.random.default_rng(7 * group + head_dim)
+    kb, vb = head_dim // 4, head_dim // 8  # Tc::KB, Tc::VB
+    q = rng.standard_normal((group, head_dim))
+    kt, vt = rng.standard_normal((16, head_dim)), rng.standard_normal((16, head_dim))
+    s = np.zeros((2, 32, 4))
+    for ks in range(head_dim // 16):
+        a = np.zeros((32, 4, 2))
+        b = np.zeros((2, 2, 32, 2))  # [key half j][b0, b1][lane]
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            if g < group:  # one 8-byte load: Q[g][t KB + 4ks .. + 3]
+                w = q[g, kb * t + 4 * ks:kb * t + 4 * ks + 4]
+                a[lane, 0], a[lane, 2] = w[:2], w[2:]
+            for j in range(2):  # kw[j][ks]: 4 bytes of key 8j + g at KB t + 4ks, fp8x4_to_16 -> b0, b1
+                w = kt[8 * j + g, kb * t + 4 * ks:kb * t + 4 * ks + 4]
+                b[j, 0, lane], b[j, 1, lane] = w[:2], w[2:]
+        for j in range(2):
+            mma_16816(s[j], a, b[j, 0], b[j, 1])
+    want = q @ kt.T
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        if g < group:
+            for j in range(2):
+                np.testing.assert_allclose(s[j, lane, :2], want[g, 8 * j + 2 * t:8 * j + 2 * t + 2], rtol=1e-12)
+        assert not s[:, lane, 2:].any()
+    p = rng.random((2, 32, 4))
+    a = np.zeros((32, 4, 2))
+    a[:, 0], a[:, 2] = p[0, :, :2], p[1, :, :2]
+    o = np.zeros((head_dim // 8, 32, 4))
+    for j in range(head_dim // 8):
+        b0, b1 = np.zeros((32, 2)), np.zeros((32, 2))
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            rows = [2 * t + (r & 1) + 8 * (r >> 1) for r in range(4)]  # vw[r]: bytes VB g .. of key rows[r]
+            vw = [vt[r, vb * g:vb * g + vb] for r in rows]
+            b0[lane] = vw[0][j], vw[1][j]  # fp8pair_to_16(vw[0][j / 4], vw[1][j / 4], j % 4)
+            b1[lane] = vw[2][j], vw[3][j]
+        mma_16816(o[j], a, b0, b1)
+    staged = np.full((8, head_dim), np.nan)  # the s_o rows of this warp: float4 stores of 4 n8 tiles
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for e in range(2):
+            for i in range(head_dim // 32):
+                staged[g, vb * (2 * t + e) + 4 * i:vb * (2 * t + e) + 4 * i + 4] = o[4 * i:4 * i + 4, lane, e]
+    pm = np.zeros((8, 16))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for j in range(2):
+            pm[g, 8 * j + 2 * t:8 * j + 2 * t + 2] = p[j, lane, :2]
+    np.testing.assert_allclose(staged[:group], (pm @ vt)[:group], rtol=1e-12)
+    assert not np.isnan(staged).any()  # every dimension of every row staged once (padding rows too)
+
+
+def test_register_path_lane_bytes_tile_the_rows():
+    """Every byte of a warp's 16 K rows and 16 V rows is read by exactly one lane, with 16-byte (K; V at 128)
+    or 8-byte (V at 64) loads at aligned offsets of the padded row (ROW8 = HEAD_DIM + 16)."""
+    for head_dim in decode_tc.HEAD_DIMS:
+        kb, vb, row8 = head_dim // 4, head_dim // 8, head_dim + 16
+        k_hits, v_hits = np.zeros((16, head_dim), int), np.zeros((16, head_dim), int)
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for j in range(2):
+                for ch in range(kb // 16):
+                    off = kb * t + 16 * ch
+                    assert ((8 * j + g) * row8 + off) % 16 == 0
+                    k_hits[8 * j + g, off:off + 16] += 1
+            for r in range(4):
+                key = 2 * t + (r & 1) + 8 * (r >> 1)
+                assert (key * row8 + vb * g) % vb == 0
+                v_hits[key, vb * g:vb * g + vb] += 1
+        assert (k_hits == 1).all() and (v_hits == 1).all(), head_dim
 
 
 def combine_ml(m, l, m2, l2):
@@ -309,12 +421,15 @@ def test_tc_attention_grid(q_dtype, cache, head_dim, block_size, group):
     lens = [1, 2, block_size - 1, block_size, block_size + 1, 15, 16, 17, 63, 64, 65, 127, 128, 129, long]
     lens = rng.permutation(lens + rng.integers(1, 300, 4).tolist()).tolist()
     dev, kw, ref = _problem(rng, q_dtype, cache, head_dim, block_size, heads, lens)
-    for extra in ({}, {"num_partitions": 3}, {"num_partitions": 40},  # the plan, forced merges (many pieces)
-                  {"num_partitions": 3, "split": "length"}, {"split": "length"}):  # ... cut by each length
-        _assert_close(_run(dev, kw, q_dtype, **extra), ref, q_dtype,
-                      f"{cache} q {q_dtype} hd={head_dim} bs={block_size} group={group} {extra}")
+    paths = decode_tc.FP8_PATHS if cache != "same" else ("tile",)
+    for path in paths:
+        for extra in ({}, {"num_partitions": 3}, {"num_partitions": 40},  # the plan, forced merges (many pieces)
+                      {"num_partitions": 3, "split": "length"}, {"split": "length"}):  # ... cut by each length
+            _assert_close(_run(dev, kw, q_dtype, fp8_path=path, **extra), ref, q_dtype,
+                          f"{cache} {path} q {q_dtype} hd={head_dim} bs={block_size} group={group} {extra}")
     dev, kw, ref = _problem(rng, q_dtype, cache, head_dim, block_size, heads, [700] * 5)  # uniform
-    _assert_close(_run(dev, kw, q_dtype, num_partitions=2), ref, q_dtype, f"{cache} uniform")
+    for path in paths:
+        _assert_close(_run(dev, kw, q_dtype, num_partitions=2, fp8_path=path), ref, q_dtype, f"{cache} {path} uniform")
 
 
 @gpu
@@ -325,14 +440,16 @@ def test_tc_long_context(cache):
     rng = np.random.default_rng(32768)
     for lens in ([32768], [32768, 5000]):
         dev, kw, ref = _problem(rng, F16, cache, 128, 16, (32, 8), lens)
-        plan = decode_tc.launch_plan(dev[0].shape, dev[1].shape, dev[3].shape[1], 1, 1 if cache == "same" else 3)
-        assert plan["parts"] > 1
-        _assert_close(_run(dev, kw, F16), ref, F16, f"{cache} {lens}")
+        ct = 1 if cache == "same" else decode.FP8_KV_DTYPES[cache]
+        for path in decode_tc.FP8_PATHS if cache != "same" else ("tile",):
+            plan = decode_tc.launch_plan(dev[0].shape, dev[1].shape, dev[3].shape[1], 1, ct, fp8_path=path)
+            assert plan["parts"] > 1
+            _assert_close(_run(dev, kw, F16, fp8_path=path), ref, F16, f"{cache} {path} {lens}")
 
 
 @gpu
-@pytest.mark.parametrize("cache", ("same", "fp8_e4m3"))
-def test_tc_graph_replay(cache):
+@pytest.mark.parametrize("cache,fp8_path", [("same", "tile"), ("fp8_e4m3", "tile"), ("fp8_e4m3", "registers")])
+def test_tc_graph_replay(cache, fp8_path):
     """Captured once (check=False), replayed with new context_lens (and a split plan): correct every time,
     counters back at zero."""
     import cupy
@@ -342,7 +459,7 @@ def test_tc_graph_replay(cache):
     host = [cupy.asnumpy(x) for x in dev]
     out = poisoned_like(dev[0].shape, F16)
     cupy.cuda.Device().synchronize()  # NOTE: the uploads ran on the default stream; the launches do not
-    args = dict(version=4, out=out, check=False, num_partitions=4, **kw)
+    args = dict(version=4, out=out, check=False, num_partitions=4, fp8_path=fp8_path, **kw)
     pool, stream = cupy.cuda.MemoryPool(), cupy.cuda.Stream(non_blocking=True)
     with cupy.cuda.using_allocator(pool.malloc), stream:
         decode.paged_attention(*dev, **args)  # compiles, opts in to shared memory, allocates the counters
@@ -395,6 +512,10 @@ def test_tc_errors():
         decode.paged_attention(*dev, version=4, split="halves")
     with pytest.raises(ValueError, match="split"):
         decode.paged_attention(*dev, version=3, split="length")  # version 4's argument only
+    with pytest.raises(ValueError, match="needs an fp8 cache"):
+        decode.paged_attention(*dev, version=4, fp8_path="registers")  # a float16 cache
+    with pytest.raises(ValueError, match="fp8_path is an option of version 4"):
+        decode.paged_attention(*dev, version=3, fp8_path="tile")
     bad = cupy.asarray(cl).copy()
     bad[1] = 10**6
     with pytest.raises(ValueError, match="context_lens"):

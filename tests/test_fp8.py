@@ -143,6 +143,44 @@ def _byte_perm(x: np.ndarray, sel: int) -> np.ndarray:
     return out
 
 
+def _prmt(x: np.ndarray, y: np.ndarray, sel: int) -> np.ndarray:
+    """PTX prmt.b32 d, x, y, sel (default mode) on uint32 arrays: result byte i = byte (sel >> 4i) & 7 of the
+    eight bytes (x: 0-3, y: 4-7); the sign-replicate bit (8) is not used here."""
+    both = x.astype(np.uint64) | (y.astype(np.uint64) << np.uint64(32))
+    out = np.zeros_like(x)
+    for i in range(4):
+        s = (sel >> (4 * i)) & 7
+        out |= ((both >> np.uint64(8 * s)) & np.uint64(0xFF)).astype(np.uint32) << np.uint32(8 * i)
+    return out
+
+
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+def test_the_register_paths_byte_pair_conversion_is_exact(kv_dtype):
+    """fp8_convert.cuh's fp8pair_to_16 (decode version 4's register path) emulated on every pair of bytes at
+    every byte position k: byte k of x in the low half, byte k of y in the high half, e4m3 as the value times
+    2^-8 (the junk low byte of each half dropped by the shift), e5m2 as the byte on top of a float16."""
+    rng = np.random.default_rng(18)
+    codes = np.arange(256, dtype=np.uint32)
+    xs, ys = np.meshgrid(codes, codes, indexing="ij")
+    xs, ys = xs.ravel(), ys.ravel()  # every (x byte, y byte) pair
+    unit = 256.0 if kv_dtype == "fp8_e4m3" else 1.0
+    for k in range(4):
+        noise_x = rng.integers(0, 2**32, xs.size, dtype=np.uint64).astype(np.uint32)
+        noise_y = rng.integers(0, 2**32, xs.size, dtype=np.uint64).astype(np.uint32)
+        keep = np.uint32(~(0xFF << (8 * k)) & 0xFFFFFFFF)
+        x = (noise_x & keep) | (xs << np.uint32(8 * k))  # the other bytes: other dimensions' values
+        y = (noise_y & keep) | (ys << np.uint32(8 * k))
+        r = _prmt(x, y, 0x4400 + 0x1111 * k)
+        if kv_dtype == "fp8_e4m3":
+            r = (r & np.uint32(0x80008000)) | ((r >> np.uint32(1)) & np.uint32(0x3F803F80))
+        else:
+            r &= np.uint32(0xFF00FF00)
+        halves = np.stack([r & 0xFFFF, r >> 16], axis=1).astype(np.uint16).view(np.float16).astype(np.float64)
+        want = fp8.dequantize(np.stack([xs, ys], axis=1).astype(np.uint8), kv_dtype)
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(halves[finite] * unit, want[finite])
+
+
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 def test_the_kernels_fp8_to_float16_bit_trick_is_exact(kv_dtype):
     """prefill_attention.cu's fp8x4_to_16 (and decode's e4m3 path) emulated on every byte: e5m2 -> its byte as

@@ -97,10 +97,12 @@ def test_paged_attention_tc_compiles_without_spills(tmp_path, arch):
 
 
 def test_tc_smem_mirror(tmp_path):
-    """decode_tc.smem_bytes equals Tc<DT, HEAD_DIM, CT>::SMEM_BYTES in paged_attention_tc.cu."""
-    cases = [(dt, hd, ct) for dt in (1, 2) for hd in decode_tc.HEAD_DIMS for ct in (dt, *decode_tc.FP8_CTS)]
-    body = "\n".join(f'  printf("{dt} {hd} {ct} %d\\n", decode_tc::Tc<{dt}, {hd}, {ct}>::SMEM_BYTES);'
-                     for dt, hd, ct in cases)
+    """decode_tc.smem_bytes equals Tc<DT, HEAD_DIM, CT, FRAG>::SMEM_BYTES in paged_attention_tc.cu (fp8 caches:
+    both paths, FRAG 1 = "registers")."""
+    cases = [(dt, hd, ct, frag) for dt in (1, 2) for hd in decode_tc.HEAD_DIMS for ct in (dt, *decode_tc.FP8_CTS)
+             for frag in ((0, 1) if ct in decode_tc.FP8_CTS else (0,))]
+    body = "\n".join(f'  printf("{dt} {hd} {ct} {frag} %d\\n", decode_tc::Tc<{dt}, {hd}, {ct}, {frag}>::SMEM_BYTES);'
+                     for dt, hd, ct, frag in cases)
     src = tmp_path / "tc_smem.cu"
     src.write_text(compile.cu_source("paged_attention_tc.cu") + f"\n#include <cstdio>\nint main() {{\n{body}\n}}\n")
     exe = tmp_path / "tc_smem"
@@ -109,8 +111,8 @@ def test_tc_smem_mirror(tmp_path):
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(lines) == len(cases)
     for line in lines:
-        dt, hd, ct, smem = map(int, line.split())
-        assert decode_tc.smem_bytes(ct, hd) == smem, line
+        dt, hd, ct, frag, smem = map(int, line.split())
+        assert decode_tc.smem_bytes(ct, hd, decode_tc.FP8_PATHS[frag]) == smem, line
 
 
 def test_tile_shape_and_smem_mirrors(tmp_path):

@@ -145,7 +145,7 @@ def cache_types(q_dtype, cache_dtype, kv_dtype=None) -> tuple[int, int]:
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=None, version=None, out=None,
                     check=True, kv_dtype=None, k_scale=1.0, v_scale=1.0, num_partitions=None, num_ctas=None,
                     min_tiles=None, mode=None, group_tile=None, tile_bytes=V2_TILE_BYTES, stages=V2_STAGES,
-                    extra_defines: tuple = (), split=None):
+                    extra_defines: tuple = (), split=None, fp8_path=None):
     """Launch paged decode attention (see :func:`pagedkv.kernels.ops.paged_attention` for shapes).
 
     ``version``: 1, 2, 3, 4 or None (default: kernel 3's launch with its dispatcher, which picks the balanced
@@ -155,7 +155,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     pays). Kernels 2 and 4: ``num_partitions`` forces the split-K count (default: :func:`choose_num_partitions`);
     version 4: ``split`` cuts each sequence into pieces of the table's capacity (``"capacity"``, kernel 2's cut,
     the default) or of its own length (``"length"``, worked out on the device; what :func:`choose_version`
-    models and the engine's tensor-core variant launches).
+    models and the engine's tensor-core variant launches); ``fp8_path`` how an fp8 cache reaches its MMAs
+    (:data:`pagedkv.kernels.decode_tc.FP8_PATHS`: ``"tile"``, the default, or ``"registers"``).
     Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
     ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
     splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
@@ -186,8 +187,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     if split is not None and (split not in decode_tc.SPLITS or version != 4):
         raise ValueError(f"split must be one of {decode_tc.SPLITS} with version 4, got split={split!r} "
                          f"version={version!r}")
+    if fp8_path is not None and version != 4:
+        raise ValueError(f"fp8_path is an option of version 4, got fp8_path={fp8_path!r} version={version!r}")
     if version == 4:
         decode_tc.check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
+        decode_tc.check_fp8_path(fp8_path or "tile", ct)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
@@ -215,7 +219,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     elif version == 4:
         launch = decode_tc.prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, ct, scales,
-                                   num_partitions, split or "capacity")
+                                   num_partitions, split or "capacity", fp8_path or "tile")
     elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
                              tile_bytes, stages, extra_defines, ct, scales)

@@ -31,20 +31,37 @@ WARP_N = 16  # keys per warp per tile
 BLOCK_N = WARPS * WARP_N  # keys per tile; partitions are whole tiles
 STAGES_16, STAGES_8 = 3, 4  # PAGEDKV_TC_STAGES16 / PAGEDKV_TC_STAGES8: cp.async stages (16-bit / fp8 cache)
 FP8_CTS = (3, 4)  # cache type codes of e4m3 / e5m2 (decode.FP8_KV_DTYPES)
-UNIT = {3: 256.0, 4: 1.0}
+UNIT = {3: 256.0, 4: 1.0}  # e4m3's converted values are value * 2^-8 (kernels_cu/fp8_convert.cuh), both paths
 # how a sequence is cut into the plan's partitions: pieces of ceil(len / parts) tokens rounded up to whole tiles
 # (worked out on the device from context_lens), or pieces of the plan's partition_tokens (the table's capacity
 # / parts: short sequences of a wide table live in few partitions)
-SPLITS = ("length", "capacity")  # e4m3's converted tile holds value * 2^-8 (kernels_cu/paged_attention_tc.cu)
+SPLITS = ("length", "capacity")
+# how an fp8 cache reaches the MMAs (the kernel's FRAG): "tile" each warp converts its rows into a 16-bit tile read
+# by ldmatrix (timed, the default); "registers" each lane builds its fragments from the raw bytes (permuted head
+# dimension for Q and K, permuted output dimensions for V), no converted tile, 3 blocks an SM at head_dim 128
+FP8_PATHS = ("tile", "registers")
+FP8_ROW_PAD = {"tile": 0, "registers": 16}  # bytes after each raw fp8 row of a stage (Tc::ROW8)
 
 
-def kernel_name(dt: int, head_dim: int, ct: int) -> str:
+def kernel_name(dt: int, head_dim: int, ct: int, fp8_path: str = "tile") -> str:
+    if fp8_path == "registers":
+        return f"paged_attention_tc_kernel<{dt}, {head_dim}, {ct}, 1>"
     return f"paged_attention_tc_kernel<{dt}, {head_dim}, {ct}>"
 
 
 def kernel_names(dt: int, head_dim: int) -> tuple[str, ...]:
-    """Every instantiation for one q type and head_dim: a cache of q's type, e4m3, e5m2."""
-    return tuple(kernel_name(dt, head_dim, ct) for ct in (dt, *FP8_CTS))
+    """Every instantiation for one q type and head_dim: a cache of q's type, e4m3, e5m2 (both fp8 paths)."""
+    return (kernel_name(dt, head_dim, dt), *(kernel_name(dt, head_dim, ct, path)
+                                             for ct in FP8_CTS for path in FP8_PATHS))
+
+
+def check_fp8_path(fp8_path: str, ct: int) -> None:
+    """``fp8_path`` is one of :data:`FP8_PATHS`; "registers" needs an fp8 cache (``ValueError`` otherwise)."""
+    if fp8_path not in FP8_PATHS:
+        raise ValueError(f"fp8_path must be one of {FP8_PATHS}, got {fp8_path!r}")
+    if fp8_path == "registers" and ct not in FP8_CTS:
+        raise ValueError("fp8_path='registers' builds fragments from fp8 bytes: it needs an fp8 cache, got "
+                         f"cache type code {ct}")
 
 
 def check_args(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads: int) -> None:
@@ -74,14 +91,14 @@ def runs_on(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads: in
         return False
     return int(cupy.cuda.Device(device_id).compute_capability) >= 80
 
-def smem_bytes(ct: int, head_dim: int) -> int:
-    """Dynamic shared memory of one block (``Tc<DT, HEAD_DIM, CT>::SMEM_BYTES``): the pipeline (reused by the
-    end-of-block merge) and the ring of 64-bit row offsets."""
+def smem_bytes(ct: int, head_dim: int, fp8_path: str = "tile") -> int:
+    """Dynamic shared memory of one block (``Tc<DT, HEAD_DIM, CT, FRAG>::SMEM_BYTES``): the pipeline (reused by
+    the end-of-block merge) and the ring of 64-bit row offsets."""
     fp8 = ct in FP8_CTS
     stages = STAGES_8 if fp8 else STAGES_16
     row = head_dim + 8
-    stage = BLOCK_N * head_dim if fp8 else BLOCK_N * row * 2
-    pipe = 2 * stages * stage + (WARPS * 2 * WARP_N * row * 2 if fp8 else 0)
+    stage = BLOCK_N * (head_dim + FP8_ROW_PAD[fp8_path]) if fp8 else BLOCK_N * row * 2
+    pipe = 2 * stages * stage + (WARPS * 2 * WARP_N * row * 2 if fp8 and fp8_path == "tile" else 0)
     end = WARPS * MAX_GROUP * (head_dim + 2) * 4 + (MAX_GROUP * 2 + THREADS) * 4 + THREADS * 16
     return max(pipe, end) + stages * BLOCK_N * 8
 
@@ -136,26 +153,27 @@ def tc_decode_pays(context_lens, num_qo_heads: int, num_kv_heads: int, parts: in
     return piece <= TC_SMALL_PIECE or piece <= TC_BALANCE * mean_work
 
 
-def attention_kernel(dt: int, head_dim: int, ct: int):
-    """The version-4 kernel of one (q type, head_dim, cache type); one module per instantiation."""
-    name = kernel_name(dt, head_dim, ct)
+def attention_kernel(dt: int, head_dim: int, ct: int, fp8_path: str = "tile"):
+    """The version-4 kernel of one (q type, head_dim, cache type, fp8 path); one module per instantiation."""
+    name = kernel_name(dt, head_dim, ct, fp8_path)
     return load_function("paged_attention_tc.cu", name, (name,))
 
 
-def launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, ct: int, num_partitions=None) -> dict:
+def launch_plan(q_shape, cache_shape, max_blocks: int, dt: int, ct: int, num_partitions=None,
+                fp8_path: str = "tile") -> dict:
     """How version 4 will be launched (compiles if needed): partitions, shared memory, resident blocks."""
     import cupy
 
     return dict(_plan(tuple(q_shape), tuple(cache_shape), int(max_blocks), dt, ct, num_partitions,
-                      cupy.cuda.Device().id))
+                      cupy.cuda.Device().id, fp8_path))
 
 
 @lru_cache(maxsize=4096)
-def _plan(q_shape, cache_shape, max_blocks, dt, ct, num_partitions, device_id):
+def _plan(q_shape, cache_shape, max_blocks, dt, ct, num_partitions, device_id, fp8_path="tile"):
     batch, num_qo_heads, _ = q_shape
     _, num_kv_heads, block_size, head_dim = cache_shape
-    kernel = attention_kernel(dt, head_dim, ct)
-    smem = smem_bytes(ct, head_dim)
+    kernel = attention_kernel(dt, head_dim, ct, fp8_path)
+    smem = smem_bytes(ct, head_dim, fp8_path)
     opt_in_smem(kernel, smem)
     per_sm = blocks_per_sm(kernel, THREADS, smem, device_id)
     parts, part_tokens = partition_plan(batch, num_kv_heads, max_blocks * block_size, per_sm * num_sms(device_id),
@@ -181,7 +199,7 @@ def merge_counters(size: int, device_id: int):
 
 
 def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, dt: int, ct: int,
-            scales=(1.0, 1.0), num_partitions=None, split: str = "capacity"):
+            scales=(1.0, 1.0), num_partitions=None, split: str = "capacity", fp8_path: str = "tile"):
     """Version 4's launch as a closure (scratch partials allocated now). Arguments as
     :func:`pagedkv.kernels.decode.paged_attention` leaves them: checked (:func:`check_args` included),
     contiguous, int32 tables.
@@ -192,15 +210,17 @@ def prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale: float, 
         block_tables: [batch, max_blocks] int32; context_lens: [batch] int32.
         scale: softmax scale; dt / ct: q / cache type codes; scales: (k_scale, v_scale).
         num_partitions: forces the plan's partition count; split: one of :data:`SPLITS`.
+        fp8_path: one of :data:`FP8_PATHS` ("registers": fp8 caches only).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_fp8_path(fp8_path, ct)
     import cupy
 
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     batch, num_qo_heads, _ = q.shape
     max_blocks = block_tables.shape[1]
-    plan = launch_plan(q.shape, k_cache.shape, max_blocks, dt, ct, num_partitions)
+    plan = launch_plan(q.shape, k_cache.shape, max_blocks, dt, ct, num_partitions, fp8_path)
     parts, group = plan["parts"], plan["group"]
     if parts == 1:
         part_out = part_ml = cupy.empty(1, dtype=cupy.float32)
