@@ -357,7 +357,8 @@ def prewarm(cases, variants: bool, v4: bool = False) -> float:
             jobs.add((kind, 1, case.head_dim, gt, 4096, 4, (), 3))
         if gt != case.num_qo_heads // case.num_kv_heads and gt == 8:  # the GT 4 variant of a group of 5-7
             jobs.add(("v3", 1, case.head_dim, 4, 4096, 4, (), None))
-    v4_jobs = sorted({(1, c.head_dim, ct, path) for c in cases for ct, path in ((1, "tile"), (3, "tile"), (3, "registers"))
+    v4_jobs = sorted({(1, c.head_dim, ct, path) for c in cases
+                      for ct, path in ((1, "tile"), (3, "tile"), (3, "registers"))
                       if v4 and c.head_dim in decode_tc.HEAD_DIMS})
     t0 = time.perf_counter()
     with ThreadPoolExecutor(16) as pool:

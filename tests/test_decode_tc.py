@@ -74,6 +74,20 @@ def test_check_fp8_path():
         decode_tc.check_fp8_path("shared", 3)
 
 
+def test_resolve_fp8_path(monkeypatch):
+    """No path named: an fp8 cache takes decode_tc.FP8_PATH (what decode.paged_attention and the engine's
+    choose_version plan with), a 16-bit cache the tile; a named path is checked."""
+    assert decode_tc.FP8_PATH in decode_tc.FP8_PATHS
+    for ct in decode_tc.FP8_CTS:
+        assert decode_tc.resolve_fp8_path(None, ct) == decode_tc.FP8_PATH
+        assert decode_tc.resolve_fp8_path("registers", ct) == "registers"
+    monkeypatch.setattr(decode_tc, "FP8_PATH", "registers")
+    assert decode_tc.resolve_fp8_path(None, 3) == "registers"
+    assert decode_tc.resolve_fp8_path(None, 1) == "tile"  # the 16-bit cache's only path
+    with pytest.raises(ValueError, match="needs an fp8 cache"):
+        decode_tc.resolve_fp8_path("registers", 2)
+
+
 def test_partition_plan_on_benchmark_shapes():
     """Kernel 2's wave-filling rule over (KV head, sequence) blocks, 264 resident (an H100 at 2 per SM)."""
     res = 264

@@ -156,7 +156,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
     version 4: ``split`` cuts each sequence into pieces of the table's capacity (``"capacity"``, kernel 2's cut,
     the default) or of its own length (``"length"``, worked out on the device; what :func:`choose_version`
     models and the engine's tensor-core variant launches); ``fp8_path`` how an fp8 cache reaches its MMAs
-    (:data:`pagedkv.kernels.decode_tc.FP8_PATHS`: ``"tile"``, the default, or ``"registers"``).
+    (:data:`pagedkv.kernels.decode_tc.FP8_PATHS`; default :data:`pagedkv.kernels.decode_tc.FP8_PATH`).
     Kernel 3 and the default: ``num_ctas`` forces the grid (default: the resident thread blocks of the device),
     ``min_tiles`` the fewest tiles per block of the walk (default :func:`v3_min_tiles`); small values force
     splits and merges on small inputs (tests). ``mode`` (tests, benchmarks) forces kernel 3's path: 0 the
@@ -191,7 +191,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         raise ValueError(f"fp8_path is an option of version 4, got fp8_path={fp8_path!r} version={version!r}")
     if version == 4:
         decode_tc.check_args(dt, ct, head_dim, num_qo_heads, num_kv_heads)
-        decode_tc.check_fp8_path(fp8_path or "tile", ct)
+        fp8_path = decode_tc.resolve_fp8_path(fp8_path, ct)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
@@ -219,7 +219,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, *, scale=No
         launch = _prepare_v1(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt)
     elif version == 4:
         launch = decode_tc.prepare(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, ct, scales,
-                                   num_partitions, split or "capacity", fp8_path or "tile")
+                                   num_partitions, split or "capacity", fp8_path)
     elif version == 2:
         launch = _prepare_v2(out, q, k_cache, v_cache, block_tables, context_lens, scale, dt, num_partitions,
                              tile_bytes, stages, extra_defines, ct, scales)
@@ -249,7 +249,8 @@ def choose_version(q_shape, cache_shape, max_blocks: int, dt: int, ct: int | Non
     ct = dt if ct is None else ct
     if not decode_tc.runs_on(dt, ct, head_dim, num_qo_heads, num_kv_heads, cupy.cuda.Device().id):
         return None
-    plan = decode_tc.launch_plan(q_shape, cache_shape, max_blocks, dt, ct)
+    path = decode_tc.resolve_fp8_path(None, ct)
+    plan = decode_tc.launch_plan(q_shape, cache_shape, max_blocks, dt, ct, None, path)
     pays = decode_tc.tc_decode_pays(context_lens, num_qo_heads, num_kv_heads, plan["parts"], plan["resident_ctas"])
     return 4 if pays else None
 

@@ -40,6 +40,7 @@ SPLITS = ("length", "capacity")
 # by ldmatrix (timed, the default); "registers" each lane builds its fragments from the raw bytes (permuted head
 # dimension for Q and K, permuted output dimensions for V), no converted tile, 3 blocks an SM at head_dim 128
 FP8_PATHS = ("tile", "registers")
+FP8_PATH = "tile"  # the path an fp8 cache takes when none is named (decode.paged_attention, the engine's choice)
 FP8_ROW_PAD = {"tile": 0, "registers": 16}  # bytes after each raw fp8 row of a stage (Tc::ROW8)
 
 
@@ -53,6 +54,14 @@ def kernel_names(dt: int, head_dim: int) -> tuple[str, ...]:
     """Every instantiation for one q type and head_dim: a cache of q's type, e4m3, e5m2 (both fp8 paths)."""
     return (kernel_name(dt, head_dim, dt), *(kernel_name(dt, head_dim, ct, path)
                                              for ct in FP8_CTS for path in FP8_PATHS))
+
+
+def resolve_fp8_path(fp8_path: str | None, ct: int) -> str:
+    """The path a launch takes: ``fp8_path`` if named, else :data:`FP8_PATH` for an fp8 cache and "tile" (the
+    only path) for a 16-bit one; checked (:func:`check_fp8_path`)."""
+    path = fp8_path if fp8_path is not None else FP8_PATH if ct in FP8_CTS else "tile"
+    check_fp8_path(path, ct)
+    return path
 
 
 def check_fp8_path(fp8_path: str, ct: int) -> None:
