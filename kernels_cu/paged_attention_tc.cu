@@ -19,15 +19,16 @@
 //   float16, e4m3 = float16 bits s.0eeee.mmm0000000 = value * 2^-8, the 2^8 and k_scale folded into the
 //   softmax scale; under bfloat16 q through float32, exact).
 //   fp8 register path (FRAG 1, opt-in: decode_tc.FP8_PATHS "registers"): no converted tile. Each lane reads the
-//   raw bytes its MMA fragments need straight from the stage (rows padded by 16 bytes: no bank conflicts) and
+//   raw bytes its MMA fragments need straight from the stage (rows padded by 16 bytes: no bank conflicts at
+//   head_dim 128; at 64, 2-way on one lane pair of each quarter-warp's K read) and
 //   converts them in registers. K: the head dimension is permuted for Q and K alike (a dot product does not
 //   care), so that lane t's fragments of all k16 steps are the HEAD_DIM / 4 contiguous bytes t * HEAD_DIM / 4 ..
 //   of its key's row (4 bytes a step: b0 = bytes 0, 1, b1 = bytes 2, 3). V: the output dimensions are permuted
 //   (n8 tile j, column c = dimension c * HEAD_DIM / 8 + j), so that lane g's B columns of all n8 tiles are the
 //   HEAD_DIM / 8 contiguous bytes g * HEAD_DIM / 8 .. of its 4 key rows (2t, 2t + 1, 2t + 8, 2t + 9); byte j of
 //   two rows makes one B register (fp8pair_to_16: one byte permute and the conversion). The permutation is undone
-//   when the warps' O rows are staged for their merge. Half the shared memory of the tile path's conversion
-//   rows is gone, so 3 blocks fit an SM at head_dim 128 (2 on the tile path).
+//   when the warps' O rows are staged for their merge. Without the tile path's conversion rows, 3 blocks fit an
+//   SM at head_dim 128 (2 on the tile path).
 //
 // Layouts (one layer):
 //   q             [batch, num_qo_heads, HEAD_DIM]  float16 / bfloat16
