@@ -142,10 +142,17 @@ def bandwidth_gbs(xp) -> float:
 
 
 def gpu_time(xp, fn, reps: int = 10) -> float:
-    """Median seconds of ``fn`` measured with CUDA events (host launch gaps included)."""
-    start, end = xp.cuda.Event(), xp.cuda.Event()
+    """Median seconds of ``fn`` measured with CUDA events (host launch gaps included); with NumPy (the CPU
+    backend) the wall clock."""
     fn()
     times = []
+    if not hasattr(xp, "cuda"):  # the CPU: every call is synchronous
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+    start, end = xp.cuda.Event(), xp.cuda.Event()
     for _ in range(reps):
         start.record()
         fn()
@@ -210,9 +217,12 @@ def step_breakdown(walls: list, timings: list) -> dict:
     return out
 
 
-def _gemms(engine: LLMEngine, batch: int):
+def _gemms(engine: LLMEngine, batch: int, head_rows: int | None = None):
+    """The forward's GEMMs at ``batch`` rows (every layer's QKV, O, gate/up, down) and the LM head at
+    ``head_rows`` (default ``batch``: a decode step; a prefill's logits are its sequences' last rows)."""
     xp, w, c = engine.backend.xp, engine.model.weights, engine.model_config
     x = xp.ones((batch, c.hidden_size), dtype=engine.model.dtype)
+    x_head = x if head_rows is None else x[:head_rows]
     a = xp.ones((batch, c.num_heads * c.head_dim), dtype=engine.model.dtype)
     g = xp.ones((batch, c.intermediate_size), dtype=engine.model.dtype)
 
@@ -221,7 +231,7 @@ def _gemms(engine: LLMEngine, batch: int):
     def run():
         for lw in w.layers:
             mm(x, lw.wqkv), mm(a, lw.wo), mm(x, lw.w_gate_up), mm(g, lw.w_down)
-        mm(x, w.lm_head)
+        mm(x_head, w.lm_head)
     return run
 
 
@@ -239,9 +249,10 @@ def _attention(engine: LLMEngine, batch):
 
 
 def profile_prefill(engine: LLMEngine, prompts) -> dict:
-    """One prefill forward of ``prompts`` (CUDA events), and the share of its causal attention."""
+    """One prefill forward of ``prompts`` (CUDA events; the wall clock on the CPU), and the time of its attention:
+    the model's attention backend on the same batch's metadata, every layer (cache write and attention), so the
+    path the forward runs (the paged prefill kernel on a GPU, the float64 reference on the CPU)."""
     from pagedkv.model import PrefillBatch
-    from pagedkv.model.layers import varlen_causal_attention, varlen_plan
 
     xp, m, c = engine.backend.xp, engine.manager, engine.model_config
     seq_ids = [m.add_sequence(len(p)) for p in prompts]
@@ -254,11 +265,12 @@ def profile_prefill(engine: LLMEngine, prompts) -> dict:
         total = sum(lens)
         q = xp.ones((total, c.num_heads, c.head_dim), dtype=engine.model.dtype)
         kv = xp.ones((total, c.num_kv_heads, c.head_dim), dtype=engine.model.dtype)
+        backend = engine.model.attention
 
         def attention():
-            plan = varlen_plan(lens, c.num_heads, c.num_kv_heads, xp)
-            for _ in range(c.num_layers):
-                varlen_causal_attention(q, kv, kv, plan, engine.model.scale)
+            meta = backend.plan_prefill(batch, engine.kv_cache)  # NOTE: once per forward there too
+            for layer in range(c.num_layers):
+                backend(layer, q, kv, kv, meta)
         return {"prefill_tokens": total, "prefill_forward_s": forward,
                 "prefill_attention_s": gpu_time(xp, attention, reps=3)}
     finally:
