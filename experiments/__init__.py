@@ -13,6 +13,7 @@ BENCHMARKS = {
     "serve": ("serve_bench", "an OpenAI-compatible server (or the engine in-process) under load"),
     "kernels": ("kernel_bench", "decode attention kernels against the read ceiling"),
     "prefill": ("prefill_bench", "prefill attention vs torch SDPA, engine TTFT vs transformers"),
+    "ttft": ("ttft_breakdown", "engine time to first token split into GEMMs, attention, the rest, host"),
     "memory": ("memory_share", "KV memory of naive copies vs shared, forked prompts (+ beams)"),
     "beams": ("memory_beam", "KV blocks of beam search, shared vs copied"),
     "cascade": ("cascade_bench", "cascade attention's kernels vs plain decode and the read ceiling"),

@@ -19,6 +19,8 @@
 #   pbench      python -m experiments.prefill_bench: prefill kernels vs SDPA, engine TTFT vs transformers
 #               (PBENCH_ARGS: its flags, e.g. "--cases 2k --ttft-lens"; PBENCH_TAG: a suffix of the JSON name)
 #   ebench      python -m experiments.engine_bench --static (workload W1, llama-1b float16, CUDA graphs)
+#   ttft        python -m experiments.ttft_breakdown: engine TTFT split into GEMMs / attention / rest / host beside
+#               transformers' forward and SDPA alone (2k, 8k, 32k; llama-1b float16)
 #   w1tc        W1 with the engine's per-step tensor-core decode choice off, then on, twice (alternating, same
 #               process order each round: issue 16's "no regression in W1"; EngineConfig(tensor_core_decode))
 #   base        W1 and the prefill kernels (BASE_PREFILL=0: W1 only) of the tree in ../baseline (BASE=..., an
@@ -155,6 +157,9 @@ cupy.cuda.runtime.deviceSynchronize()"
             --output-json "benchmarks/results/engine_bench_penalties_${GPU_NAME}_$(date -u +%F).json"
         run structured "${T_STRUCTURED:-120}" "$PY" -m experiments.structured_bench --device gpu --libs \
             --output-json "benchmarks/results/structured_bench_${GPU_NAME}_$(date -u +%F).json" ;;
+    ttft)
+        run ttft "${T_TTFT:-150}" "$PY" -m experiments.ttft_breakdown --device gpu \
+            --output-json "benchmarks/results/ttft_breakdown_${GPU_NAME}_$(date -u +%F).json" ;;
     w1tc)
         for round in 1 2; do
             for tc in off on; do

@@ -69,3 +69,36 @@ def test_gemms_put_the_lm_head_on_its_own_rows(engine, monkeypatch):
     head = engine.model.weights.lm_head.shape
     assert (1, head) in shapes and all(rows == 48 for rows, w in shapes if w != head)
     assert len(shapes) == 4 * engine.model_config.num_layers + 1
+
+
+def test_ttft_breakdown_on_the_cpu_adds_up(tmp_path):
+    """experiments.ttft_breakdown: every asked length, rest = forward - gemms - attention, host = engine -
+    forward, the prompt itself not written, no transformers columns on the CPU."""
+    import json
+
+    from experiments import ttft_breakdown
+
+    out = tmp_path / "ttft.json"
+    assert ttft_breakdown.main(["--device", "cpu", "--lens", "48", "16", "--runs", "1", "--output-json",
+                                str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["prompt_tokens"] for r in rows] == [16, 48] and result["model"] == "tiny"
+    for r in rows:
+        assert r["engine_s"] > 0 and r["forward_s"] > 0 and r["gemms_s"] > 0 and r["attention_s"] > 0
+        assert r["rest_s"] == pytest.approx(r["forward_s"] - r["gemms_s"] - r["attention_s"])
+        assert r["host_s"] == pytest.approx(r["engine_s"] - r["forward_s"])
+        assert "prompt" not in r and "hf_s" not in r
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lens", "8"], "error: --lens must be in [16, 131072]"),
+    (["--runs", "0"], "error: --runs must be in [1, 50]"),
+])
+def test_ttft_breakdown_bad_flags(argv, expected, capsys):
+    from experiments import ttft_breakdown
+
+    with pytest.raises(SystemExit) as info:
+        ttft_breakdown.main(["--device", "cpu", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
