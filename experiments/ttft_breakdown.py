@@ -16,8 +16,9 @@ prompt in one prefill step, as ``prefill_bench``'s TTFT part), all in one proces
   attention for 0.8x   the attention time that would put engine / hf at 0.8 with everything else unchanged
                        (issue 16's TTFT target): 0.8 * hf - (engine - attention)
 
-GPU parts are CUDA-event medians of ``--runs`` calls after a warm-up, wall times medians likewise; on the CPU
-every time is the wall clock and the transformers columns are left out.
+forward, gemms and attention are CUDA-event medians of ``--runs`` calls after a warm-up; engine, hf and hf_sdpa
+wall-time medians (the device synchronised around each call); on the CPU every time is the wall clock and the
+transformers columns are left out.
 
     python -m experiments.ttft_breakdown --device gpu --lens 2048 8192 32768
 """
@@ -96,7 +97,7 @@ def engine_split(backend, model: str, dtype: str, lens, runs: int, seed: int) ->
     return rows
 
 
-def hf_split(model: str, rows: list[dict], runs: int, seed: int) -> None:
+def hf_split(backend, model: str, rows: list[dict], runs: int, seed: int) -> None:
     """The transformers columns (GPU): the whole forward, SDPA alone; added to ``rows``."""
     import torch
     import torch.nn.functional as F
@@ -111,7 +112,7 @@ def hf_split(model: str, rows: list[dict], runs: int, seed: int) -> None:
         n = row["prompt_tokens"]
         ids = torch.tensor([row["prompt"]], device="cuda")
         with torch.no_grad():
-            row["hf_s"] = _torch_median(torch, lambda: hf(ids, logits_to_keep=1).logits.argmax(-1).item(), runs)
+            row["hf_s"] = _wall_s(backend, lambda: hf(ids, logits_to_keep=1).logits.argmax(-1).item(), runs)
             g = torch.Generator(device="cuda").manual_seed(seed)
             q = torch.randn(1, c.num_heads, n, c.head_dim, device="cuda", dtype=torch.float16, generator=g)
             kv = torch.randn(1, c.num_kv_heads, n, c.head_dim, device="cuda", dtype=torch.float16, generator=g)
@@ -121,23 +122,11 @@ def hf_split(model: str, rows: list[dict], runs: int, seed: int) -> None:
                 for _ in range(c.num_layers):  # transformers' repeat_kv, then SDPA (its sdpa_attention_forward)
                     k = kv[:, :, None].expand(1, c.num_kv_heads, groups, n, c.head_dim).reshape(q.shape)
                     F.scaled_dot_product_attention(q, k, k, is_causal=True)
-            row["hf_sdpa_s"] = _torch_median(torch, sdpa, runs)
+            row["hf_sdpa_s"] = _wall_s(backend, sdpa, runs)  # NOTE: a device-wide sync covers torch's stream
         row["hf_rest_s"] = row["hf_s"] - row["hf_sdpa_s"]
         row["engine_over_hf"] = row["engine_s"] / row["hf_s"]
         row["attention_over_sdpa"] = row["attention_s"] / row["hf_sdpa_s"]
         row["attention_for_target_s"] = TARGET * row["hf_s"] - (row["engine_s"] - row["attention_s"])
-
-
-def _torch_median(torch, fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def render(rows: list[dict], device: str):
@@ -189,7 +178,8 @@ def main(argv=None) -> int:
     cli.require_memory(host=0 if backend.is_gpu else need, device=need, parts=parts, backend=backend)
     rows = engine_split(backend, model, dtype, lens, args.runs, args.seed)
     if backend.is_gpu and not args.no_hf:
-        hf_split(model, rows, args.runs, args.seed)
+        backend.xp.get_default_memory_pool().free_all_blocks()  # the engine is gone: its pool goes to torch
+        hf_split(backend, model, rows, args.runs, args.seed)
     for r in rows:
         del r["prompt"]
     info = cli.run_info(backend)
