@@ -297,20 +297,33 @@ def rate_vs_8k(rows: list[dict]) -> None:
             r["ours_vs_8k"] = r["ours"]["tflops"] / at_8k[r["head_dim"]]
 
 
+def ttft_num_blocks(max_prompt: int) -> int:
+    """KV blocks of the TTFT engine: one prompt of ``max_prompt`` tokens and its first token, plus slack."""
+    return -(-(max_prompt + BLOCK_SIZE) // BLOCK_SIZE) + 64
+
+
+def ttft_engine(model: str, dtype: str, device: str, max_prompt: int, seed: int = 0):
+    """The engine of the TTFT measurements (here and experiments.ttft_breakdown): one sequence at a time, the
+    whole prompt in one prefill step, CUDA graphs off, prefix caching off."""
+    from pagedkv.engine import EngineConfig, LLMEngine
+
+    max_len = max_prompt + BLOCK_SIZE
+    # NOTE: prefix caching off: every timed run repeats the warm-up's prompt, which the cache would otherwise
+    # serve whole (the first run of this bench after caching landed timed 25 ms for 32k tokens: a cache hit)
+    return LLMEngine(EngineConfig(model=model, dtype=dtype, device=device, block_size=BLOCK_SIZE,
+                                  num_blocks=ttft_num_blocks(max_prompt), max_model_len=max_len,
+                                  max_num_batched_tokens=max_len, max_num_seqs=1, cuda_graph=False,
+                                  enable_prefix_caching=False, seed=seed))
+
+
 def engine_ttft(cp, torch, lengths, runs: int) -> list[dict]:
     """Time to first token: the engine beside a transformers model of the same shape (random weights)."""
-    from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
+    from pagedkv.engine import SamplingParams
     from pagedkv.model.config import PRESETS
 
     c, rng = PRESETS["llama-1b"], np.random.default_rng(SEED)
     prompts = {n: rng.integers(0, c.vocab_size, n).tolist() for n in lengths}
-    max_len = max(lengths) + BLOCK_SIZE
-    engine = LLMEngine(EngineConfig(model="llama-1b", dtype="float16", device="gpu", block_size=BLOCK_SIZE,
-                                    num_blocks=-(-max_len // BLOCK_SIZE) + 64, max_model_len=max_len,
-                                    max_num_batched_tokens=max_len, max_num_seqs=1, cuda_graph=False,
-                                    enable_prefix_caching=False))
-    # NOTE: prefix caching off: every timed run repeats the warm-up's prompt, which the cache would otherwise
-    # serve whole (the first run of this bench after caching landed timed 25 ms for 32k tokens: a cache hit)
+    engine = ttft_engine("llama-1b", "float16", "gpu", max(lengths))
     params = SamplingParams(max_tokens=1, temperature=0.0)
     rows = []
     for n in lengths:
@@ -327,14 +340,17 @@ def engine_ttft(cp, torch, lengths, runs: int) -> list[dict]:
     return rows
 
 
-def _wall_ms(cp, fn, runs: int) -> float:
+def _wall_ms(xp, fn, runs: int) -> float:
+    """Median wall milliseconds of ``fn`` after a warm-up, the device synchronised around each call (CuPy: the
+    whole device, so torch's work too; NumPy: nothing to wait for)."""
+    sync = xp.cuda.Device().synchronize if hasattr(xp, "cuda") else (lambda: None)
     fn()  # warm-up: kernel compiles, plans, allocator
     times = []
     for _ in range(runs):
-        cp.cuda.Device().synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        cp.cuda.Device().synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

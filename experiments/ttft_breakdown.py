@@ -24,18 +24,16 @@ transformers columns are left out.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from . import cli
 from .engine_bench import _gemms, gpu_time, profile_prefill
+from .prefill_bench import BLOCK_SIZE, _hf_model, _wall_ms, ttft_engine, ttft_num_blocks
 
 DEFAULT_LENS = {"gpu": (2048, 8192, 32768), "cpu": (64, 128)}
 DEFAULT_MODEL = {"gpu": "llama-1b", "cpu": "tiny"}
-BLOCK_SIZE = 16
 TARGET = 0.8  # issue 16: engine TTFT <= 0.8x transformers at 2k, 8k and 32k
 
 
@@ -58,36 +56,18 @@ def parse_args(argv=None):
     return args
 
 
-def _wall_s(backend, fn, runs: int) -> float:
-    """Median wall seconds of ``fn`` (the device synchronised before and after each call), after a warm-up."""
-    sync = backend.xp.cuda.Device().synchronize if backend.is_gpu else (lambda: None)
-    fn()
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def engine_split(backend, model: str, dtype: str, lens, runs: int, seed: int) -> list[dict]:
     """The engine columns of every length (see the module docstring), seconds."""
-    from pagedkv.engine import EngineConfig, LLMEngine, SamplingParams
+    from pagedkv.engine import SamplingParams
     from pagedkv.model.config import PRESETS
 
     c, rng = PRESETS[model], np.random.default_rng(seed)
-    max_len = max(lens) + BLOCK_SIZE
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, device=backend.name, block_size=BLOCK_SIZE,
-                                    num_blocks=-(-max_len // BLOCK_SIZE) + 64, max_model_len=max_len,
-                                    max_num_batched_tokens=max_len, max_num_seqs=1, cuda_graph=False,
-                                    enable_prefix_caching=False, seed=seed))
+    engine = ttft_engine(model, dtype, backend.name, max(lens), seed)
     params = SamplingParams(max_tokens=1, temperature=0.0)
     rows = []
     for n in lens:
         prompt = rng.integers(0, c.vocab_size, n).tolist()
-        wall = _wall_s(backend, lambda: engine.generate([prompt], params, progress=False), runs)
+        wall = _wall_ms(backend.xp, lambda: engine.generate([prompt], params, progress=False), runs) / 1e3
         prof = profile_prefill(engine, [prompt])
         gemms = gpu_time(backend.xp, _gemms(engine, n, head_rows=1), reps=runs)
         forward, attention = prof["prefill_forward_s"], prof["prefill_attention_s"]
@@ -104,15 +84,14 @@ def hf_split(backend, model: str, rows: list[dict], runs: int, seed: int) -> Non
 
     from pagedkv.model.config import PRESETS
 
-    from .prefill_bench import _hf_model
-
     c = PRESETS[model]
     hf = _hf_model(torch, c)
     for row in rows:
         n = row["prompt_tokens"]
         ids = torch.tensor([row["prompt"]], device="cuda")
         with torch.no_grad():
-            row["hf_s"] = _wall_s(backend, lambda: hf(ids, logits_to_keep=1).logits.argmax(-1).item(), runs)
+            row["hf_s"] = _wall_ms(backend.xp, lambda: hf(ids, logits_to_keep=1).logits.argmax(-1).item(),
+                                   runs) / 1e3
             g = torch.Generator(device="cuda").manual_seed(seed)
             q = torch.randn(1, c.num_heads, n, c.head_dim, device="cuda", dtype=torch.float16, generator=g)
             kv = torch.randn(1, c.num_kv_heads, n, c.head_dim, device="cuda", dtype=torch.float16, generator=g)
@@ -122,7 +101,7 @@ def hf_split(backend, model: str, rows: list[dict], runs: int, seed: int) -> Non
                 for _ in range(c.num_layers):  # transformers' repeat_kv, then SDPA (its sdpa_attention_forward)
                     k = kv[:, :, None].expand(1, c.num_kv_heads, groups, n, c.head_dim).reshape(q.shape)
                     F.scaled_dot_product_attention(q, k, k, is_causal=True)
-            row["hf_sdpa_s"] = _wall_s(backend, sdpa, runs)  # NOTE: a device-wide sync covers torch's stream
+            row["hf_sdpa_s"] = _wall_ms(backend.xp, sdpa, runs) / 1e3
         row["hf_rest_s"] = row["hf_s"] - row["hf_sdpa_s"]
         row["engine_over_hf"] = row["engine_s"] / row["hf_s"]
         row["attention_over_sdpa"] = row["attention_s"] / row["hf_sdpa_s"]
@@ -170,7 +149,7 @@ def main(argv=None) -> int:
 
     c = PRESETS[model]
     max_len = max(lens) + BLOCK_SIZE
-    kv_bytes = ((-(-max_len // BLOCK_SIZE) + 64) * BLOCK_SIZE * 2 * c.num_layers * c.num_kv_heads * c.head_dim
+    kv_bytes = (ttft_num_blocks(max(lens)) * BLOCK_SIZE * 2 * c.num_layers * c.num_kv_heads * c.head_dim
                 * dtype_of(dtype).itemsize)
     parts = cli.engine_bytes(c, dtype, kv_bytes=kv_bytes, max_num_batched_tokens=max_len, max_len=max_len,
                              max_num_seqs=1)

@@ -87,7 +87,6 @@ def check_args(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads:
                          f"num_qo_heads / num_kv_heads = {num_qo_heads} / {num_kv_heads} = {group}")
 
 
-
 @lru_cache(maxsize=None)
 def runs_on(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads: int, device_id: int) -> bool:
     """Whether version 4 serves this shape (:func:`check_args`) on this GPU (compute capability 8.0 or later:
@@ -99,6 +98,7 @@ def runs_on(dt: int, ct: int, head_dim: int, num_qo_heads: int, num_kv_heads: in
     except ValueError:
         return False
     return int(cupy.cuda.Device(device_id).compute_capability) >= 80
+
 
 def smem_bytes(ct: int, head_dim: int, fp8_path: str = "tile") -> int:
     """Dynamic shared memory of one block (``Tc<DT, HEAD_DIM, CT, FRAG>::SMEM_BYTES``): the pipeline (reused by
